@@ -1,0 +1,498 @@
+"""The aggregator's round state machine. Everything that decides what a round
+does lives here; nothing here touches a socket, a file or a clock.
+
+Theory of operation
+-------------------
+The shell feeds events (``ClientStatus``, ``MessageArrived``,
+``TimerFired``) with the current monotonic time and carries out the actions
+returned, in order. The core is in one of three states:
+
+* ``waiting``: fewer than ``min_clients`` eligible clients are online; the
+  next round opens as soon as enough are.
+* ``open``: round r was announced to a selected set with a deadline. Each
+  update that passes every check is folded into the running sum at once and
+  acknowledged; anything else is dropped with a reason counted (and, when the
+  sender can be told, a ``rejected``/``late`` receipt). The round closes when
+  ``quorum`` of the selected clients have responded, or at the deadline.
+  At close, with at least ``min_updates`` updates, the server optimizer turns
+  the average delta into the next global model; with fewer, the round fails
+  and the model stays. Either way the job moves on: nothing waits forever.
+* ``done``: all rounds ran.
+
+Exactly once
+------------
+An update is identified by (job, round, client, update id). Per round the
+core keeps the set of clients it has folded; a second copy (QoS 1
+redelivery, an agent's resend) is acknowledged as ``duplicate`` and never
+folded. The running sum and that set live and die together: a crash loses
+both, so the restarted core re-opens the same round (same selection, next
+``attempt``) with an empty sum, the agents resend the update they kept, and
+each is folded once into the sum that is finally applied.
+
+Durability
+----------
+When a round closes the core emits ``SaveCheckpoint`` before anything about
+the next round leaves: a crash after it resumes after that round, a crash
+before it redoes that round. When a round opens, ``SaveRoundOpen`` records
+its selection so a restart re-announces the same round to the same clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from aggregator.fold import RunningSum
+from aggregator.strategies import ServerOptimizer
+from fedge import tensors, wire
+from fedge.codecs import CodecError, make_codec
+from fedge.messages import Ack, Decline, GlobalModel, ProtocolError, RoundAnnouncement, TrainingPlan, Update
+from fedge.tensors import ModelArrays, TensorError, TensorSpec
+from fedge.wire import Kind, WireError
+
+log = logging.getLogger("fedge.aggregator")
+
+# --- configuration ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    rounds: int = 30
+    fraction: float = 1.0
+    min_clients: int = 2
+    max_clients: int = 0
+    quorum: float = 1.0
+    min_updates: int = 1
+    deadline_s: float = 120.0
+    max_samples: int = 1_000_000
+    max_update_bytes: int = 64 << 20
+    seed: int = 0
+
+
+# --- events ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    client: str
+    online: bool
+    info: dict[str, Any]
+    now: float
+
+
+@dataclass(frozen=True)
+class MessageArrived:
+    """A whole (reassembled) message from ``fedge/v1/<job>/update/<client>``."""
+
+    client: str
+    message: bytes
+    now: float
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    now: float
+
+
+Event = ClientStatus | MessageArrived | TimerFired
+
+# --- actions ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublishModel:
+    message: bytes  # GlobalModel envelope; the shell chunks it, retained
+
+
+@dataclass(frozen=True)
+class PublishAnnouncement:
+    message: bytes  # RoundAnnouncement envelope, retained
+
+
+@dataclass(frozen=True)
+class SendAck:
+    client: str
+    message: bytes
+
+
+@dataclass(frozen=True)
+class SaveCheckpoint:
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SaveRoundOpen:
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RoundFinished:
+    """A round closed (ok or failed). ``record`` is its JSON log line, minus
+    the evaluation the shell adds; ``model`` is the global model after it."""
+
+    record: dict[str, Any]
+    model: ModelArrays
+    last: bool
+
+
+Action = PublishModel | PublishAnnouncement | SendAck | SaveCheckpoint | SaveRoundOpen | RoundFinished
+
+
+@dataclass
+class _OpenRound:
+    round: int
+    attempt: int
+    selected: tuple[str, ...]
+    opened_at: float
+    deadline: float
+    bytes_down: int
+    accepted: dict[str, str] = field(default_factory=dict)  # client -> update id
+    declined: set[str] = field(default_factory=set)
+    rejected: Counter[str] = field(default_factory=Counter)
+    late: int = 0
+    bytes_up: int = 0
+    num_samples: int = 0
+    loss_sum: float = 0.0
+    loss_weight: float = 0.0
+
+
+class RoundCore:
+    def __init__(
+        self,
+        *,
+        job: str,
+        policy: RoundPolicy,
+        plan: TrainingPlan,
+        codec: dict[str, Any],
+        optimizer: ServerOptimizer,
+        model_factory: str,
+        model_args: dict[str, Any],
+        initial_model: ModelArrays,
+    ) -> None:
+        self.job = job
+        self.policy = policy
+        self.plan = plan
+        self.codec_params = dict(codec)
+        self.codec = make_codec(self.codec_params)
+        self.optimizer = optimizer
+        self.model_factory = model_factory
+        self.model_args = dict(model_args)
+        self.model: ModelArrays = {k: np.asarray(v, dtype=np.float32) for k, v in initial_model.items()}
+        self.spec = TensorSpec.of(self.model)
+        self.sum = RunningSum(self.spec)
+        self.model_round = 0  # round that produced self.model
+        self.model_samples = 0
+        self.next_round = 1
+        self.attempt = 0
+        self.state = "waiting"
+        self.open: _OpenRound | None = None
+        self.online: dict[str, dict[str, Any]] = {}
+        self.known: set[str] = set()
+        self.counters: Counter[str] = Counter()
+        self.history: list[dict[str, Any]] = []  # the last few records, for restarts
+        self._restored_open: dict[str, Any] | None = None
+        self._waiting_announced = 0
+        self._model_message = b""
+        self._model_digest = ""
+        self._encode_model()
+
+    # --- public --------------------------------------------------------------
+
+    @property
+    def model_digest(self) -> str:
+        return self._model_digest
+
+    def start(self, now: float) -> list[Action]:
+        """Publish the current model, then open (or re-open) a round."""
+        actions: list[Action] = [PublishModel(self._model_message)]
+        restored, self._restored_open = self._restored_open, None
+        if restored and restored.get("round") == self.next_round and restored.get("model_digest") == self._model_digest:
+            self.known.update(restored.get("selected", []))
+            actions += self._announce(now, tuple(restored["selected"]), int(restored.get("attempt", 0)) + 1)
+        else:
+            actions += self._try_open(now)
+        return actions
+
+    def handle(self, event: Event) -> list[Action]:
+        if isinstance(event, ClientStatus):
+            return self._on_status(event)
+        if isinstance(event, MessageArrived):
+            return self._on_message(event)
+        if isinstance(event, TimerFired):
+            return self._on_timer(event.now)
+        raise TypeError(f"unknown event {event!r}")
+
+    def next_deadline(self) -> float | None:
+        return self.open.deadline if self.open else None
+
+    # --- events --------------------------------------------------------------
+
+    def _on_status(self, ev: ClientStatus) -> list[Action]:
+        self.known.add(ev.client)
+        if ev.online:
+            self.online[ev.client] = ev.info
+        else:
+            self.online.pop(ev.client, None)
+        if self.state == "waiting":
+            return self._try_open(ev.now)
+        return []
+
+    def _on_timer(self, now: float) -> list[Action]:
+        if self.open and now >= self.open.deadline:
+            return self._close(now, reason="deadline")
+        if self.state == "waiting":
+            return self._try_open(now)
+        return []
+
+    def _reject(self, reason: str, detail: str, client: str, upd: Update | None) -> list[Action]:
+        self.counters[reason] += 1
+        if self.open:
+            if reason == "late":
+                self.open.late += 1
+            else:
+                self.open.rejected[reason] += 1
+        log.warning("dropped message from %s: %s (%s)", client, detail, reason)
+        if upd is None:
+            return []
+        status = "late" if reason == "late" else "rejected"
+        ack = Ack(self.job, upd.round, self.open.attempt if self.open else self.attempt, client, upd.update_id,
+                  status, f"{reason}: {detail}"[:300])
+        return [SendAck(client, ack.encode())]
+
+    def _on_message(self, ev: MessageArrived) -> list[Action]:
+        if self.open:
+            self.open.bytes_up += len(ev.message)
+        try:
+            env = wire.decode(ev.message, max_body=self.policy.max_update_bytes)
+            if env.kind == Kind.DECLINE:
+                return self._on_decline(ev.client, Decline.parse(env), ev.now)
+            upd = Update.parse(env)
+        except (WireError, ProtocolError) as exc:
+            return self._reject(exc.reason, str(exc), ev.client, None)
+        if upd.job != self.job:
+            return self._reject("wrong_job", f"update for job {upd.job!r}", ev.client, None)
+        if upd.sender != ev.client:
+            return self._reject("sender_mismatch", f"header says {upd.sender!r}", ev.client, upd)
+        selected = self.open.selected if self.open else ()
+        if ev.client not in self.known and ev.client not in selected:
+            return self._reject("unknown_sender", "client never announced itself", ev.client, upd)
+        op = self.open
+        if op is None or upd.round < op.round:
+            return self._reject("late", f"round {upd.round} is closed", ev.client, upd)
+        if upd.round > op.round:
+            return self._reject("future_round", f"round {upd.round} is not open (round {op.round} is)", ev.client, upd)
+        if ev.client not in op.selected:
+            return self._reject("not_selected", f"not selected for round {op.round}", ev.client, upd)
+        if ev.client in op.accepted:
+            self.counters["duplicate"] += 1
+            ack = Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "duplicate",
+                      f"already counted update {op.accepted[ev.client]}")
+            return [SendAck(ev.client, ack.encode())]
+        if upd.base_model != self._model_digest:
+            return self._reject("stale_base", "trained from another global model", ev.client, upd)
+        if upd.codec != self.codec_params:
+            return self._reject("wrong_codec", f"codec {upd.codec} but the round asked {self.codec_params}",
+                                ev.client, upd)
+        if not 1 <= upd.num_samples <= self.policy.max_samples:
+            return self._reject("bad_samples", f"num_samples={upd.num_samples} outside 1..{self.policy.max_samples}",
+                                ev.client, upd)
+        try:
+            self.sum.fold(self.codec, upd.body, float(upd.num_samples))
+        except (CodecError, TensorError) as exc:
+            return self._reject(exc.reason, str(exc), ev.client, upd)
+        op.accepted[ev.client] = upd.update_id
+        op.num_samples += upd.num_samples
+        if math.isfinite(upd.loss):
+            op.loss_sum += upd.loss * upd.num_samples
+            op.loss_weight += upd.num_samples
+        self.counters["accepted"] += 1
+        actions: list[Action] = [
+            SendAck(ev.client, Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "accepted").encode())
+        ]
+        return actions + self._maybe_close_early(ev.now)
+
+    def _on_decline(self, client: str, dec: Decline, now: float) -> list[Action]:
+        op = self.open
+        if dec.sender != client or dec.job != self.job:
+            return self._reject("sender_mismatch", "decline for another client or job", client, None)
+        if op is None or dec.round != op.round or client not in op.selected or client in op.accepted:
+            self.counters["stray_decline"] += 1
+            return []
+        op.declined.add(client)
+        self.counters["declined"] += 1
+        log.info("%s declined round %d: %s", client, dec.round, dec.reason)
+        return self._maybe_close_early(now)
+
+    # --- round lifecycle -------------------------------------------------------
+
+    def _maybe_close_early(self, now: float) -> list[Action]:
+        op = self.open
+        assert op is not None
+        responded = len(op.accepted) + len(op.declined)
+        needed = max(1, math.ceil(self.policy.quorum * len(op.selected) - 1e-9))
+        if responded >= min(needed, len(op.selected)):
+            return self._close(now, reason="quorum")
+        return []
+
+    def _eligible(self) -> list[str]:
+        name = self.codec_params.get("name")
+        out = []
+        for client, info in self.online.items():
+            codecs = info.get("codecs")
+            if isinstance(codecs, list) and name not in codecs:
+                continue
+            out.append(client)
+        return sorted(out)
+
+    def _select(self, candidates: list[str]) -> tuple[str, ...]:
+        p = self.policy
+        k = max(p.min_clients, math.ceil(p.fraction * len(candidates) - 1e-9), 1)
+        if p.max_clients:
+            k = min(k, p.max_clients)
+        k = min(k, len(candidates))
+        rng = np.random.default_rng([p.seed, self.next_round])
+        picked = rng.choice(len(candidates), size=k, replace=False)
+        return tuple(sorted(candidates[i] for i in picked))
+
+    def _try_open(self, now: float) -> list[Action]:
+        if self.next_round > self.policy.rounds:
+            return self._finish_job(now)
+        candidates = self._eligible()
+        if len(candidates) < self.policy.min_clients:
+            self.state = "waiting"
+            if self._waiting_announced != self.next_round:
+                self._waiting_announced = self.next_round
+                return [PublishAnnouncement(self._announcement("waiting", (), now))]
+            return []
+        return self._announce(now, self._select(candidates), 1)
+
+    def _announce(self, now: float, selected: tuple[str, ...], attempt: int) -> list[Action]:
+        self.attempt = attempt
+        msg = self._announcement("open", selected, now)
+        fanout = max(len(self.online), len(selected))
+        self.open = _OpenRound(
+            round=self.next_round, attempt=attempt, selected=selected, opened_at=now,
+            deadline=now + self.policy.deadline_s,
+            bytes_down=(len(self._model_message) + len(msg)) * fanout,
+        )
+        self.sum.reset()
+        self.state = "open"
+        record = {"round": self.next_round, "attempt": attempt, "selected": list(selected),
+                  "model_digest": self._model_digest}
+        return [SaveRoundOpen(record), PublishAnnouncement(msg)]
+
+    def _announcement(self, state: str, selected: tuple[str, ...], now: float) -> bytes:
+        return RoundAnnouncement(
+            job=self.job, round=self.next_round, attempt=self.attempt, state=state,
+            model_digest=self._model_digest, selected=selected, deadline_s=self.policy.deadline_s,
+            training=self.plan, codec=self.codec_params, issued_at=round(now, 3),
+        ).encode()
+
+    def _close(self, now: float, reason: str) -> list[Action]:
+        op = self.open
+        assert op is not None
+        ok = len(op.accepted) >= self.policy.min_updates
+        if ok:
+            avg = self.sum.mean()
+            self.model = self.optimizer.step(self.model, avg)
+            self.model_round = op.round
+            self.model_samples = op.num_samples
+            self._encode_model()
+            self.counters["rounds_ok"] += 1
+        else:
+            self.counters["rounds_failed"] += 1
+        record = {
+            "round": op.round,
+            "attempt": op.attempt,
+            "status": "ok" if ok else "failed",
+            "closed_by": reason,
+            "selected": len(op.selected),
+            "clients": len(op.accepted),
+            "declined": len(op.declined),
+            "late": op.late,
+            "rejected": dict(op.rejected),
+            "num_samples": op.num_samples,
+            "train_loss": op.loss_sum / op.loss_weight if op.loss_weight else None,
+            "bytes_up": op.bytes_up,
+            "bytes_down": op.bytes_down,
+            "seconds": round(now - op.opened_at, 4),
+            "model_digest": self._model_digest,
+            "accepted": sorted(op.accepted),
+        }
+        self.history = [*self.history[-9:], record]
+        self.open = None
+        self.sum.reset()
+        self.next_round = op.round + 1
+        self.state = "waiting"
+        actions: list[Action] = [SaveCheckpoint(*self.snapshot())]
+        if ok:
+            actions.append(PublishModel(self._model_message))
+        last = self.next_round > self.policy.rounds
+        follow = self._finish_job(now) if last else self._try_open(now)
+        return [*actions, *follow, RoundFinished(record, self.model, last)]
+
+    def _finish_job(self, now: float) -> list[Action]:
+        if self.state == "done":
+            return []
+        self.state = "done"
+        self.open = None
+        return [PublishAnnouncement(self._announcement("done", (), now))]
+
+    def _encode_model(self) -> None:
+        self._model_message = GlobalModel(
+            job=self.job, round=self.model_round, model=self.model_factory, model_args=self.model_args,
+            spec=self.spec, body=tensors.pack(self.model), num_samples=self.model_samples,
+        ).encode()
+        self._model_digest = wire.digest_of(self._model_message)
+
+    # --- persistence -----------------------------------------------------------
+
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {f"global/{k}": v for k, v in self.model.items()}
+        for slot, named in self.optimizer.state().items():
+            arrays.update({f"opt/{slot}/{k}": v for k, v in named.items()})
+        meta = {
+            "format": 1,
+            "job": self.job,
+            "next_round": self.next_round,
+            "model_round": self.model_round,
+            "model_samples": self.model_samples,
+            "model_digest": self._model_digest,
+            "known": sorted(self.known),
+            "counters": dict(self.counters),
+            "history": self.history,
+            "checkpoint_id": uuid.uuid4().hex,
+        }
+        return arrays, meta
+
+    def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], open_round: dict[str, Any] | None) -> None:
+        """Load a checkpoint written by ``snapshot`` (and the last round-open
+        record); call before ``start``."""
+        if meta.get("job") != self.job:
+            raise ValueError(f"checkpoint belongs to job {meta.get('job')!r}, not {self.job!r}")
+        model = {k[len("global/"):]: v for k, v in arrays.items() if k.startswith("global/")}
+        self.spec.check(model, what="checkpoint")
+        slots: dict[str, ModelArrays] = {}
+        for k, v in arrays.items():
+            if k.startswith("opt/"):
+                _, slot, name = k.split("/", 2)
+                slots.setdefault(slot, {})[name] = v
+        self.model = {k: np.asarray(v, dtype=np.float32) for k, v in model.items()}
+        self.optimizer.load_state(slots)
+        self.next_round = int(meta["next_round"])
+        self.model_round = int(meta["model_round"])
+        self.model_samples = int(meta.get("model_samples", 0))
+        self.known = set(meta.get("known", []))
+        self.counters = Counter(meta.get("counters", {}))
+        self.history = list(meta.get("history", []))
+        self._encode_model()
+        if self._model_digest != meta.get("model_digest"):
+            raise ValueError("checkpoint model digest does not match its tensors; the file is damaged")
+        self._restored_open = open_round

@@ -1,0 +1,226 @@
+"""The aggregator's I/O shell: one MQTT connection, the state directory, the
+clock and evaluation around ``RoundCore``.
+
+Start-up order matters: the checkpoint is restored into the core *before*
+the connection opens, because the broker delivers the QoS 1 updates it
+queued for our persistent session the moment we reconnect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aggregator.checkpoint import StateDir
+from aggregator.rounds import (
+    Action,
+    ClientStatus,
+    MessageArrived,
+    PublishAnnouncement,
+    PublishModel,
+    RoundCore,
+    RoundFinished,
+    RoundPolicy,
+    SaveCheckpoint,
+    SaveRoundOpen,
+    SendAck,
+    TimerFired,
+)
+from aggregator.strategies import make_server_optimizer
+from fedge import messages, wire
+from fedge.chunks import ChunkError, Reassembler
+from fedge.config import AggregatorConfig
+from fedge.messages import ProtocolError, Status, TrainingPlan
+from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
+from fedge.topics import JobTopics
+from fedge.wire import WireError
+
+log = logging.getLogger("fedge.aggregator")
+
+RecordHook = Callable[[dict[str, Any]], None]
+
+
+def build_core(cfg: AggregatorConfig) -> RoundCore:
+    from fedge import torchkit
+
+    model = torchkit.build_model(cfg.job.model, cfg.job.model_args, seed=cfg.job.seed)
+    sel = cfg.selection
+    policy = RoundPolicy(
+        rounds=cfg.job.rounds, fraction=sel.fraction, min_clients=sel.min_clients, max_clients=sel.max_clients,
+        quorum=sel.quorum, min_updates=sel.min_updates, deadline_s=sel.deadline_s,
+        max_samples=cfg.server.max_samples_per_update, max_update_bytes=cfg.limits.max_update_bytes,
+        seed=cfg.job.seed,
+    )
+    plan = TrainingPlan.from_json(dict(cfg.training.__dict__))
+    return RoundCore(
+        job=cfg.job.name, policy=policy, plan=plan, codec={"name": cfg.codec.name, **cfg.codec.params},
+        optimizer=make_server_optimizer(cfg.server), model_factory=cfg.job.model,
+        model_args=cfg.job.model_args, initial_model=torchkit.federated_arrays(model),
+    )
+
+
+class AggregatorService:
+    def __init__(self, cfg: AggregatorConfig, on_record: RecordHook | None = None) -> None:
+        self.cfg = cfg
+        self.on_record = on_record
+        self.topics = JobTopics(cfg.job.name)
+        self.state = StateDir(cfg.job.state_dir)
+        self.core = build_core(cfg)
+        self._restore()
+        self.inbox = Inbox(maxsize=4096)
+        self.updates = Reassembler(
+            max_bytes=cfg.limits.reassembly_bytes, max_message_bytes=cfg.limits.max_update_bytes,
+            max_partials_per_stream=2, timeout_s=cfg.limits.reassembly_timeout_s,
+        )
+        self.link = MqttLink(
+            cfg.broker, f"fedge-aggregator-{cfg.job.name}", self.inbox.put,
+            subscriptions=[self.topics.update_filter, self.topics.status_filter],
+            will=(self.topics.server, Status(messages.AGGREGATOR, "offline").encode()),
+            name="aggregator",
+        )
+        self._eval_data: Any = None
+        self._eval_model: Any = None
+        self._stop = threading.Event()
+        self.done = threading.Event()
+        self.dropped_chunks = 0
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def _restore(self) -> None:
+        loaded = self.state.load_checkpoint()
+        if loaded is None:
+            return
+        arrays, meta = loaded
+        self.core.restore(arrays, meta, self.state.load_open_round())
+        # A crash between checkpoint and log append loses a log line; the
+        # checkpoint keeps the last records, so write back what is missing.
+        logged = self.state.logged_rounds()
+        for record in self.core.history:
+            if record["round"] not in logged:
+                self.state.append_round({**record, "recovered": True})
+        log.info("resumed job %s from checkpoint: next round %d", self.cfg.job.name, self.core.next_round)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Run until the job is done (returns 0) or ``stop()`` (returns 0)."""
+        now = monotonic()
+        self._execute(self.core.start(now))
+        self.link.start()
+        try:
+            while not self._stop.is_set() and not self.done.is_set():
+                deadline = self.core.next_deadline()
+                wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - monotonic()))
+                item = self.inbox.get(timeout=wait)
+                now = monotonic()
+                if item is not None:
+                    try:
+                        self._dispatch(item, now)
+                    except Exception:  # one bad message must never stop the job
+                        log.exception("failed to handle %s", type(item).__name__)
+                self.updates.expire(now)
+                self._execute(self.core.handle(TimerFired(now)))
+        finally:
+            self.link.stop(final=(self.topics.server, Status(messages.AGGREGATOR, "offline").encode()))
+        return 0
+
+    # --- events ----------------------------------------------------------------
+
+    def _dispatch(self, item: object, now: float) -> None:
+        if isinstance(item, LinkUp):
+            log.info("connected to %s:%d (session present: %s)", self.link.host, self.link.port, item.session_present)
+            self.link.publish(self.topics.server, Status(messages.AGGREGATOR, "online").encode(), retain=True)
+            return
+        if isinstance(item, LinkDown):
+            log.warning("lost the broker (%s); reconnecting", item.reason)
+            return
+        if not isinstance(item, Inbound):
+            return
+        channel, client = self.topics.parse(item.topic)
+        if channel == "status" and client:
+            self._execute(self.core.handle(self._status_event(client, item.payload, now)))
+        elif channel == "update" and client:
+            try:
+                message = self.updates.feed(client, item.payload, now)
+            except ChunkError as exc:
+                self.dropped_chunks += 1
+                self.core.counters[f"chunk_{exc.reason}"] += 1
+                log.warning("dropped a chunk from %s: %s", client, exc)
+                return
+            if message is not None:
+                self._execute(self.core.handle(MessageArrived(client, message, now)))
+
+    def _status_event(self, client: str, payload: bytes, now: float) -> ClientStatus:
+        if not payload:
+            return ClientStatus(client, False, {}, now)
+        try:
+            status = Status.parse(wire.decode(payload, max_body=0))
+        except (WireError, ProtocolError) as exc:
+            self.core.counters["bad_status"] += 1
+            log.warning("ignored status of %s: %s", client, exc)
+            return ClientStatus(client, False, {}, now)
+        if status.sender != client:
+            self.core.counters["bad_status"] += 1
+            return ClientStatus(client, False, {}, now)
+        return ClientStatus(client, status.state == "online", status.info, now)
+
+    # --- actions ---------------------------------------------------------------
+
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SaveCheckpoint):
+                self.state.save_checkpoint(action.arrays, action.meta)
+            elif isinstance(action, SaveRoundOpen):
+                self.state.save_open_round(action.record)
+            elif isinstance(action, PublishModel):
+                self.link.publish_chunked(self.topics.model_chunk, action.message, retain=True)
+            elif isinstance(action, PublishAnnouncement):
+                if len(action.message) > self.cfg.broker.max_packet_bytes - 1024:
+                    log.error("round announcement is %d bytes, over broker.max_packet_bytes; "
+                              "lower selection.max_clients", len(action.message))
+                self.link.publish(self.topics.round, action.message, retain=True)
+            elif isinstance(action, SendAck):
+                self.link.publish(self.topics.ack(action.client), action.message)
+            elif isinstance(action, RoundFinished):
+                self._finish_round(action)
+
+    def _finish_round(self, fin: RoundFinished) -> None:
+        record = dict(fin.record)
+        ev = self.cfg.evaluate
+        due = fin.last or (record["round"] % max(1, ev.every) == 0)
+        if ev.data and due:
+            started = time.perf_counter()
+            metrics = self._evaluate(fin.model)
+            record["accuracy"] = metrics.get("accuracy")
+            record["loss"] = metrics.get("loss")
+            record["eval_seconds"] = round(time.perf_counter() - started, 4)
+        record["dropped_chunks"] = self.dropped_chunks
+        record["time"] = round(time.time(), 3)
+        self.state.append_round(record)
+        self.link.publish(self.topics.events, messages.encode_event(self.cfg.job.name, record))
+        acc = record.get("accuracy")
+        log.info("round %d %s: %d/%d clients%s", record["round"], record["status"], record["clients"],
+                 record["selected"], "" if acc is None else f", accuracy {acc:.4f}")
+        if self.on_record is not None:
+            self.on_record(record)
+        if fin.last:
+            self.done.set()
+
+    def _evaluate(self, model_arrays: dict) -> dict[str, float]:
+        from fedge import torchkit
+
+        if self._eval_model is None:
+            self._eval_model = torchkit.build_model(self.cfg.job.model, self.cfg.job.model_args)
+            self._eval_data = torchkit.load_data(self.cfg.evaluate.data, self.cfg.evaluate.args)
+        torchkit.load_federated(self._eval_model, model_arrays)
+        return torchkit.evaluate(self._eval_model, self._eval_data, self.cfg.training.loss,
+                                 self.cfg.evaluate.batch_size)
+
+
+def dump_record(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True)

@@ -1,0 +1,59 @@
+"""What a device tells the aggregator about itself (in its presence message):
+memory, cores, architecture, board, software versions and supported codecs.
+Reads files and package metadata only; never imports PyTorch."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import fedge
+from fedge.codecs import CODECS
+
+
+def _mem_mb() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _board() -> str:
+    for path in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):
+        try:
+            return Path(path).read_text().strip("\x00\n ")
+        except OSError:
+            continue
+    return ""
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def describe(role: str = "trainer") -> dict[str, Any]:
+    return {
+        "role": role,
+        "ram_mb": _mem_mb(),
+        "cpus": os.cpu_count() or 1,
+        "arch": platform.machine(),
+        "board": _board(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "fedge": fedge.__version__,
+        "torch": _version("torch"),
+        "onnxruntime": _version("onnxruntime"),
+        "codecs": sorted(CODECS),
+    }

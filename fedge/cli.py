@@ -1,0 +1,264 @@
+"""The ``fedge`` command: one entry point that dispatches to the roles.
+
+Each subcommand imports its role only when it runs, so ``fedge agent`` on a
+device never loads the aggregator's or the export CLI's dependencies.
+
+Exit codes: 0 success, 1 a run that failed, 2 a user mistake (bad config,
+bad import path, missing file), reported as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fedge import __version__
+
+log = logging.getLogger("fedge")
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("FEDGE_LOG_LEVEL", level.upper())
+
+
+def _on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+# --- subcommands ---------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedge.demo import DemoOptions, run_demo
+
+    if args.agents < 2:
+        raise UsageError("--agents must be at least 2")
+    opts = DemoOptions(
+        agents=args.agents, rounds=args.rounds, broker=args.broker, protocol=args.protocol, codec=args.codec,
+        seed=args.seed, alpha=args.alpha, workers=args.workers, json_path=args.json, state_dir=args.state_dir,
+    )
+    summary = run_demo(opts)
+    return 0 if summary["finished"] else 1
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from aggregator.service import AggregatorService
+    from fedge import config
+
+    cfg = config.load(args.config, config.AggregatorConfig, args.set)
+    _check_job(cfg)
+    service = AggregatorService(cfg)
+    _on_signals(service.stop)
+    log.info("aggregator for job %s on %s (state in %s)", cfg.job.name, cfg.broker.url, cfg.job.state_dir)
+    return service.run()
+
+
+def _check_job(cfg: Any) -> None:
+    from aggregator.strategies import SERVER_OPTIMIZERS
+    from fedge.codecs import CODECS
+    from fedge.topics import check_id
+
+    try:
+        check_id(cfg.job.name, "job.name")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if cfg.codec.name not in CODECS:
+        raise UsageError(f"codec.name {cfg.codec.name!r} is not known; use one of {', '.join(sorted(CODECS))}")
+    if cfg.server.optimizer not in SERVER_OPTIMIZERS:
+        raise UsageError(f"server.optimizer {cfg.server.optimizer!r} is not known; "
+                         f"use one of {', '.join(SERVER_OPTIMIZERS)}")
+    sel = cfg.selection
+    if not 0 < sel.fraction <= 1 or not 0 < sel.quorum <= 1:
+        raise UsageError("selection.fraction and selection.quorum must be in (0, 1]")
+    if sel.min_clients < 1 or sel.min_updates < 1:
+        raise UsageError("selection.min_clients and selection.min_updates must be at least 1")
+
+
+def _devices(cfg: Any, count: int | None) -> list[Any]:
+    from pathlib import Path
+
+    from edge_agent.runtime import DeviceSpec
+    from fedge.topics import check_id
+
+    base = cfg.client_id()
+    try:
+        check_id(base, "agent.id")
+        check_id(cfg.agent.job, "agent.job")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    common = dict(job=cfg.agent.job, data=cfg.data.factory, accepted_model=cfg.agent.model,
+                  max_model_bytes=cfg.agent.max_model_bytes, resend_after_s=cfg.agent.resend_after_s)
+    if count is None:
+        return [DeviceSpec(client_id=base, data_args=dict(cfg.data.args), state_dir=Path(cfg.agent.state_dir),
+                           **common)]
+    return [
+        DeviceSpec(client_id=f"{base}-{i:03d}", data_args={**cfg.data.args, "client": i, "clients": count},
+                   state_dir=Path(cfg.agent.state_dir) / f"{base}-{i:03d}", **common)
+        for i in range(count)
+    ]
+
+
+def _run_agents(cfg: Any, devices: list[Any], pool_size: int, mode: str, threads: int) -> int:
+    from edge_agent.pool import TrainingPool
+    from edge_agent.runtime import AgentRuntime
+
+    pool = TrainingPool(size=pool_size, mode=mode, threads=threads, timeout_s=cfg.worker.timeout_s)
+    runtime = AgentRuntime(devices, cfg.broker, pool)
+    _on_signals(runtime.stop)
+    runtime.start()
+    try:
+        runtime.run()
+    finally:
+        runtime.close()
+        pool.close()
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from fedge import config
+
+    cfg = config.load(args.config, config.AgentConfig, args.set)
+    devices = _devices(cfg, None)
+    log.info("agent %s for job %s on %s (worker %s)", devices[0].client_id, cfg.agent.job, cfg.broker.url,
+             cfg.worker.mode)
+    return _run_agents(cfg, devices, 1, cfg.worker.mode, cfg.worker.threads)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from fedge import config
+
+    cfg = config.load(args.config, config.AgentConfig, args.set)
+    if args.agents < 1:
+        raise UsageError("--agents must be at least 1")
+    devices = _devices(cfg, args.agents)
+    log.info("simulated fleet of %d agents for job %s on %s, %d warm workers", args.agents, cfg.agent.job,
+             cfg.broker.url, args.workers)
+    return _run_agents(cfg, devices, args.workers, "warm", cfg.worker.threads or 1)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from fedge import config
+
+    cls = config.AggregatorConfig if args.role == "aggregator" else config.AgentConfig
+    sys.stdout.write(config.render_defaults(cls))
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import queue as _queue
+
+    from fedge import config, messages, wire
+    from fedge.demo import RoundTable
+    from fedge.mqtt import Inbound, MqttLink
+    from fedge.topics import JobTopics
+
+    cfg = config.load(args.config, config.AggregatorConfig, args.set)
+    topics = JobTopics(cfg.job.name)
+    events: _queue.Queue[object] = _queue.Queue()
+    link = MqttLink(cfg.broker, f"fedge-watch-{os.getpid()}", events.put, subscriptions=[topics.events],
+                    persistent=False)
+    table = RoundTable(sys.stdout)
+    table.header()
+    stopped = []
+    _on_signals(lambda: stopped.append(True))
+    link.start()
+    try:
+        while not stopped:
+            try:
+                item = events.get(timeout=0.5)
+            except _queue.Empty:
+                continue
+            if isinstance(item, Inbound):
+                try:
+                    table.row(messages.parse_event(wire.decode(item.payload)))
+                except (ValueError, KeyError) as exc:
+                    log.warning("ignored an event: %s", exc)
+    finally:
+        link.stop()
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedge", description="Federated learning for fleets of small devices over MQTT.")
+    p.add_argument("--version", action="version", version=f"fedge {__version__}")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="run a whole federation (broker, aggregator, agents) in one command")
+    d.add_argument("--agents", type=int, default=10, help="number of edge agents (default 10)")
+    d.add_argument("--rounds", type=int, default=30, help="rounds to run (default 30)")
+    d.add_argument("--broker", default=None, help="use this broker (mqtt://host:port) instead of the embedded one")
+    d.add_argument("--protocol", default="3.1.1", choices=["3.1.1", "5"], help="MQTT version (embedded: 3.1.1)")
+    d.add_argument("--codec", default="int8", help="update codec (default int8)")
+    d.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha (default 0.5)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--workers", type=int, default=2, help="training worker processes (default 2)")
+    d.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    d.add_argument("--state-dir", default=None, help="keep state here instead of a temporary directory")
+    d.set_defaults(func=cmd_demo, default_level="WARNING")
+
+    for name, func, helptext in (
+        ("aggregator", cmd_aggregator, "run the aggregator of a job (beside the broker)"),
+        ("agent", cmd_agent, "run the edge agent on this device"),
+        ("watch", cmd_watch, "print a job's per-round records as they are published"),
+    ):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--config", required=name != "watch" or None, default=None, help="TOML config file")
+        s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config key (not for secrets)")
+        s.set_defaults(func=func, default_level="INFO")
+
+    f = sub.add_parser("fleet", help="simulate N agents in one process (testing, benchmarks)")
+    f.add_argument("--config", default=None, help="agent TOML config (agent.id is the id prefix)")
+    f.add_argument("--agents", type=int, required=True)
+    f.add_argument("--workers", type=int, default=2, help="shared training worker processes")
+    f.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    f.set_defaults(func=cmd_fleet, default_level="INFO")
+
+    c = sub.add_parser("config", help="print a complete config file with every default, documented")
+    c.add_argument("role", choices=["aggregator", "agent"])
+    c.set_defaults(func=cmd_config, default_level="WARNING")
+
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args.log_level or args.default_level)
+    from fedge.config import ConfigError
+    from fedge.imports import ImportSpecError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ConfigError, ImportSpecError, FileNotFoundError) as exc:
+        print(f"fedge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

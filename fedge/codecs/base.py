@@ -1,0 +1,56 @@
+"""What every update codec provides.
+
+A codec turns a model delta (named float32 arrays) into a body of bytes and
+back. The aggregator never asks for the dense delta: it asks the codec to
+``fold`` a body straight into its running sum, which each codec does in time
+linear in the body (dequantize-and-axpy, scatter-add, ...). ``fold`` must
+validate the whole body before touching the sum, so a bad update never leaves
+half of itself behind.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fedge.tensors import ModelArrays, TensorError, TensorSpec
+
+
+class CodecError(TensorError):
+    """A body this codec cannot accept (reason is a short counter tag)."""
+
+
+class UpdateCodec(ABC):
+    name: ClassVar[str]
+    # True when E[decode(encode(x))] == x over the codec's own randomness.
+    unbiased: ClassVar[bool] = True
+
+    @abstractmethod
+    def encode(self, delta: Mapping[str, np.ndarray], rng: np.random.Generator) -> bytes: ...
+
+    @abstractmethod
+    def decode(self, body: bytes, spec: TensorSpec) -> ModelArrays:
+        """Dense float32 arrays, validated against ``spec``."""
+
+    def fold(self, body: bytes, spec: TensorSpec, acc: Mapping[str, np.ndarray], weight: float) -> None:
+        """``acc[name] += weight * decode(body)[name]`` for every tensor."""
+        dense = self.decode(body, spec)
+        for name, arr in dense.items():
+            acc_arr = acc[name]
+            np.add(acc_arr, np.multiply(arr, weight, dtype=acc_arr.dtype), out=acc_arr)
+
+    def params(self) -> dict[str, Any]:
+        """What goes into a round announcement to make this exact codec."""
+        return {"name": self.name}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params()})"
+
+
+def require_finite(arrays: Mapping[str, np.ndarray], what: str) -> None:
+    for name, arr in arrays.items():
+        if not np.isfinite(arr).all():
+            raise CodecError("nonfinite", f"{what} {name!r} contains NaN or Inf")

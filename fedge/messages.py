@@ -1,0 +1,332 @@
+"""The vocabulary of the fedge protocol: one small immutable class per message.
+
+Each class knows its header fields, how to ``encode`` itself into a wire
+envelope and how to ``parse`` one back, checking every field a peer could get
+wrong. Anything else about a message (is it late? a duplicate? is the sender
+selected?) is a decision of the round logic, not of this module.
+
+Field names that appear in every header: ``job``, ``round``, ``sender``,
+``num_samples`` and ``codec``; the envelope adds the sha256 of the whole.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedge import wire
+from fedge.tensors import TensorError, TensorSpec
+from fedge.topics import check_id
+from fedge.wire import Envelope, Kind, WireError
+
+AGGREGATOR = "aggregator"
+
+
+class ProtocolError(WireError):
+    """A well-formed envelope whose header breaks the protocol."""
+
+
+def _field(h: dict[str, Any], key: str, typ: type | tuple[type, ...], what: str) -> Any:
+    if key not in h:
+        raise ProtocolError("malformed", f"{what} header lacks {key!r}")
+    value = h[key]
+    if isinstance(value, bool) and typ in (int, float, (int, float)):
+        raise ProtocolError("malformed", f"{what} header field {key!r} must be a number, got a boolean")
+    if not isinstance(value, typ):
+        raise ProtocolError("malformed", f"{what} header field {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _id(h: dict[str, Any], key: str, what: str) -> str:
+    value = _field(h, key, str, what)
+    try:
+        return check_id(value, f"{what} {key}")
+    except ValueError as exc:
+        raise ProtocolError("malformed", str(exc)) from None
+
+
+def _expect(env: Envelope, kind: Kind) -> dict[str, Any]:
+    if env.kind != kind:
+        raise ProtocolError("kind", f"expected a {kind.name} message, got {env.kind.name}")
+    return env.header
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """The full global model (float32), retained on the model topic."""
+
+    job: str
+    round: int  # the round whose aggregation produced it; 0 is the initial model
+    model: str  # factory "module:attr"
+    model_args: dict[str, Any]
+    spec: TensorSpec
+    body: bytes  # safetensors, float32
+    num_samples: int = 0  # samples aggregated into it in that round
+
+    def encode(self) -> bytes:
+        header = {
+            "job": self.job,
+            "round": self.round,
+            "sender": AGGREGATOR,
+            "num_samples": self.num_samples,
+            "codec": {"name": "none"},
+            "model": self.model,
+            "model_args": self.model_args,
+            "spec": self.spec.to_json(),
+        }
+        return wire.encode(Kind.MODEL, header, self.body)
+
+    @classmethod
+    def parse(cls, env: Envelope) -> GlobalModel:
+        h = _expect(env, Kind.MODEL)
+        try:
+            spec = TensorSpec.from_json(h.get("spec"))
+        except TensorError as exc:
+            raise ProtocolError("malformed", str(exc)) from None
+        return cls(
+            job=_id(h, "job", "model"),
+            round=_field(h, "round", int, "model"),
+            model=_field(h, "model", str, "model"),
+            model_args=_field(h, "model_args", dict, "model"),
+            spec=spec,
+            body=env.body,
+            num_samples=_field(h, "num_samples", int, "model"),
+        )
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How selected clients train this round; sent inside the announcement."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    prox_mu: float = 0.0
+    loss: str = "cross_entropy"
+    max_steps: int = 0  # 0: no cap on local steps
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, obj: object) -> TrainingPlan:
+        if not isinstance(obj, dict):
+            raise ProtocolError("malformed", "training plan must be an object")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(obj) - known
+        if unknown:
+            raise ProtocolError("malformed", f"training plan has unknown fields {sorted(unknown)}")
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for key, value in obj.items():
+            want = type(getattr(defaults, key))
+            ok = isinstance(value, want) or (want is float and isinstance(value, int))
+            if isinstance(value, bool) or not ok:
+                raise ProtocolError("malformed", f"training plan field {key!r} must be {want.__name__}")
+            values[key] = want(value)
+        plan = cls(**values)
+        if plan.epochs < 1 or plan.batch_size < 1 or not (plan.lr > 0) or plan.prox_mu < 0:
+            raise ProtocolError("malformed", f"training plan out of range: {obj}")
+        return plan
+
+
+@dataclass(frozen=True)
+class RoundAnnouncement:
+    """Retained on the round topic. ``state`` is ``open`` while a round runs,
+    ``waiting`` while the aggregator waits for enough clients, ``done`` when
+    the job has finished."""
+
+    job: str
+    round: int
+    attempt: int
+    state: str
+    model_digest: str
+    selected: tuple[str, ...] = ()
+    deadline_s: float = 0.0
+    training: TrainingPlan = field(default_factory=TrainingPlan)
+    codec: dict[str, Any] = field(default_factory=lambda: {"name": "int8"})
+    issued_at: float = 0.0
+
+    def encode(self) -> bytes:
+        header = {
+            "job": self.job,
+            "round": self.round,
+            "attempt": self.attempt,
+            "state": self.state,
+            "sender": AGGREGATOR,
+            "num_samples": 0,
+            "model_digest": self.model_digest,
+            "selected": list(self.selected),
+            "deadline_s": self.deadline_s,
+            "training": self.training.to_json(),
+            "codec": self.codec,
+            "issued_at": self.issued_at,
+        }
+        return wire.encode(Kind.ROUND, header)
+
+    @classmethod
+    def parse(cls, env: Envelope) -> RoundAnnouncement:
+        h = _expect(env, Kind.ROUND)
+        state = _field(h, "state", str, "round")
+        if state not in ("open", "waiting", "done"):
+            raise ProtocolError("malformed", f"unknown round state {state!r}")
+        selected = _field(h, "selected", list, "round")
+        if not all(isinstance(s, str) for s in selected):
+            raise ProtocolError("malformed", "round 'selected' must list client ids")
+        training = TrainingPlan.from_json(h.get("training"))
+        return cls(
+            job=_id(h, "job", "round"),
+            round=_field(h, "round", int, "round"),
+            attempt=_field(h, "attempt", int, "round"),
+            state=state,
+            model_digest=_field(h, "model_digest", str, "round"),
+            selected=tuple(selected),
+            deadline_s=float(_field(h, "deadline_s", (int, float), "round")),
+            training=training,
+            codec=_field(h, "codec", dict, "round"),
+            issued_at=float(_field(h, "issued_at", (int, float), "round")),
+        )
+
+
+@dataclass(frozen=True)
+class Update:
+    """A client's compressed delta for one round. Identified by
+    (job, round, sender, update_id) and counted at most once."""
+
+    job: str
+    round: int
+    sender: str
+    update_id: str
+    num_samples: int
+    codec: dict[str, Any]
+    base_model: str  # digest of the global model it was trained from
+    body: bytes
+    loss: float = 0.0
+    train_seconds: float = 0.0
+
+    def encode(self) -> bytes:
+        header = {
+            "job": self.job,
+            "round": self.round,
+            "sender": self.sender,
+            "update_id": self.update_id,
+            "num_samples": self.num_samples,
+            "codec": self.codec,
+            "base_model": self.base_model,
+            "loss": self.loss if math.isfinite(self.loss) else None,
+            "train_seconds": self.train_seconds,
+        }
+        return wire.encode(Kind.UPDATE, header, self.body)
+
+    @classmethod
+    def parse(cls, env: Envelope) -> Update:
+        h = _expect(env, Kind.UPDATE)
+        loss = h.get("loss")
+        return cls(
+            job=_id(h, "job", "update"),
+            round=_field(h, "round", int, "update"),
+            sender=_id(h, "sender", "update"),
+            update_id=_field(h, "update_id", str, "update"),
+            num_samples=_field(h, "num_samples", int, "update"),
+            codec=_field(h, "codec", dict, "update"),
+            base_model=_field(h, "base_model", str, "update"),
+            body=env.body,
+            loss=float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else math.nan,
+            train_seconds=float(h.get("train_seconds") or 0.0),
+        )
+
+
+@dataclass(frozen=True)
+class Decline:
+    """A selected client that will not deliver this round (training failed,
+    out of memory, no data), so the round need not wait for it."""
+
+    job: str
+    round: int
+    sender: str
+    reason: str
+
+    def encode(self) -> bytes:
+        header = {"job": self.job, "round": self.round, "sender": self.sender, "num_samples": 0,
+                  "codec": None, "reason": self.reason[:500]}
+        return wire.encode(Kind.DECLINE, header)
+
+    @classmethod
+    def parse(cls, env: Envelope) -> Decline:
+        h = _expect(env, Kind.DECLINE)
+        return cls(
+            job=_id(h, "job", "decline"),
+            round=_field(h, "round", int, "decline"),
+            sender=_id(h, "sender", "decline"),
+            reason=str(h.get("reason", ""))[:500],
+        )
+
+
+@dataclass(frozen=True)
+class Status:
+    """Retained presence of a client (or the aggregator). The last will
+    carries ``state='offline'``."""
+
+    sender: str
+    state: str  # "online" | "offline"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        header = {"sender": self.sender, "state": self.state, "info": self.info}
+        return wire.encode(Kind.STATUS, header)
+
+    @classmethod
+    def parse(cls, env: Envelope) -> Status:
+        h = _expect(env, Kind.STATUS)
+        state = _field(h, "state", str, "status")
+        if state not in ("online", "offline"):
+            raise ProtocolError("malformed", f"unknown presence state {state!r}")
+        return cls(sender=_id(h, "sender", "status"), state=state, info=h.get("info") or {})
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The aggregator's receipt for one update: ``accepted``, ``duplicate``
+    (already counted), ``late`` or ``rejected`` (with a reason)."""
+
+    job: str
+    round: int
+    attempt: int
+    client: str
+    update_id: str
+    status: str
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        header = {"job": self.job, "round": self.round, "attempt": self.attempt, "sender": AGGREGATOR,
+                  "client": self.client, "update_id": self.update_id, "status": self.status,
+                  "reason": self.reason, "num_samples": 0, "codec": None}
+        return wire.encode(Kind.ACK, header)
+
+    @classmethod
+    def parse(cls, env: Envelope) -> Ack:
+        h = _expect(env, Kind.ACK)
+        return cls(
+            job=_id(h, "job", "ack"),
+            round=_field(h, "round", int, "ack"),
+            attempt=_field(h, "attempt", int, "ack"),
+            client=_id(h, "client", "ack"),
+            update_id=_field(h, "update_id", str, "ack"),
+            status=_field(h, "status", str, "ack"),
+            reason=str(h.get("reason", "")),
+        )
+
+
+def encode_event(job: str, record: dict[str, Any]) -> bytes:
+    header = {"job": job, "round": record.get("round", 0), "sender": AGGREGATOR, "num_samples": 0,
+              "codec": None, "record": record}
+    return wire.encode(Kind.EVENT, header)
+
+
+def parse_event(env: Envelope) -> dict[str, Any]:
+    h = _expect(env, Kind.EVENT)
+    return _field(h, "record", dict, "event")

@@ -1,0 +1,144 @@
+"""The envelope every fedge payload travels in.
+
+Owns the byte layout of one message and nothing else: no topics, no MQTT, no
+meaning of header fields (that is ``fedge.messages``). Decoding never trusts a
+length it has not bounded first, and never unpickles anything.
+
+Layout (all integers little-endian)::
+
+    offset  size  field
+    0       4     magic  b"FEDG"
+    4       1     wire version (this build speaks 1)
+    5       1     kind (``Kind``)
+    6       2     flags (reserved, 0)
+    8       4     header length H
+    12      8     body length B
+    20      32    sha256 over header bytes + body bytes
+    52      H     header: UTF-8 JSON object
+    52+H    B     body: opaque bytes (safetensors for tensors)
+
+The digest covers everything after the fixed preamble, so a flipped bit in
+the header or the body, or a truncated message, is caught before anyone acts
+on it. The digest also names the message: a device verifies the global model
+it received against the digest the round announcement carries.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+MAGIC = b"FEDG"
+WIRE_VERSION = 1
+PREAMBLE = struct.Struct("<4sBBHIQ32s")
+MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_BODY_BYTES = 1 << 30
+
+
+class Kind(enum.IntEnum):
+    MODEL = 1
+    ROUND = 2
+    UPDATE = 3
+    DECLINE = 4
+    STATUS = 5
+    ACK = 6
+    EVENT = 7
+    ARTIFACT = 8
+    # Local only: between the agent and its training worker process.
+    TRAIN_REQUEST = 32
+    TRAIN_RESULT = 33
+    TRAIN_ERROR = 34
+
+
+class WireError(ValueError):
+    """A payload that is not a well-formed fedge message. ``reason`` is a short
+    machine-friendly tag used for counters; ``str(err)`` is the log line."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Envelope:
+    kind: Kind
+    header: dict[str, Any]
+    body: bytes
+    digest: str  # hex sha256 over header bytes + body bytes
+
+    @property
+    def size(self) -> int:
+        return PREAMBLE.size + len(_header_bytes(self.header)) + len(self.body)
+
+
+def _header_bytes(header: dict[str, Any]) -> bytes:
+    return json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+
+def encode(kind: Kind, header: dict[str, Any], body: bytes = b"") -> bytes:
+    """Build one message. ``header`` must be JSON-serialisable (no NaN)."""
+    hb = _header_bytes(header)
+    if len(hb) > MAX_HEADER_BYTES:
+        raise ValueError(f"header is {len(hb)} bytes; the limit is {MAX_HEADER_BYTES}")
+    h = hashlib.sha256(hb)
+    h.update(body)
+    pre = PREAMBLE.pack(MAGIC, WIRE_VERSION, int(kind), 0, len(hb), len(body), h.digest())
+    return b"".join((pre, hb, body))
+
+
+def digest_of(message: bytes) -> str:
+    """The digest a well-formed message claims, without verifying it."""
+    if len(message) < PREAMBLE.size or message[:4] != MAGIC:
+        raise WireError("malformed", "not a fedge message (bad magic)")
+    return message[20:52].hex()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in a header")
+
+
+def decode(message: bytes, *, max_body: int = DEFAULT_MAX_BODY_BYTES) -> Envelope:
+    """Parse and verify one message; raise ``WireError`` naming the problem."""
+    n = len(message)
+    if n < PREAMBLE.size:
+        raise WireError("truncated", f"message is {n} bytes, shorter than the {PREAMBLE.size}-byte preamble")
+    magic, version, kind, _flags, hlen, blen, digest = PREAMBLE.unpack_from(message, 0)
+    if magic != MAGIC:
+        raise WireError("malformed", f"not a fedge message (magic {magic!r}, expected {MAGIC!r})")
+    if version != WIRE_VERSION:
+        raise WireError(
+            "version",
+            f"wire version {version} is not supported (this build speaks {WIRE_VERSION}); "
+            "run the same fedge release on agent and aggregator",
+        )
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise WireError("malformed", f"unknown message kind {kind}") from None
+    if hlen > MAX_HEADER_BYTES:
+        raise WireError("oversized", f"header claims {hlen} bytes; the limit is {MAX_HEADER_BYTES}")
+    if blen > max_body:
+        raise WireError("oversized", f"body claims {blen} bytes; the limit is {max_body}")
+    expected = PREAMBLE.size + hlen + blen
+    if n != expected:
+        what = "truncated" if n < expected else "malformed"
+        raise WireError(what, f"message is {n} bytes but its preamble describes {expected}")
+    view = memoryview(message)
+    hb = view[PREAMBLE.size : PREAMBLE.size + hlen]
+    body_view = view[PREAMBLE.size + hlen :]
+    h = hashlib.sha256(hb)
+    h.update(body_view)
+    if h.digest() != digest:
+        raise WireError("checksum", "sha256 mismatch: the message was corrupted or truncated in transit")
+    try:
+        header = json.loads(bytes(hb), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WireError("malformed", f"header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError("malformed", "header is not a JSON object")
+    body = message[PREAMBLE.size + hlen :] if blen else b""
+    return Envelope(kind=kind, header=header, body=body, digest=digest.hex())
