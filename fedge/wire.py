@@ -13,12 +13,12 @@ Layout (all integers little-endian)::
     6       2     flags (reserved, 0)
     8       4     header length H
     12      8     body length B
-    20      32    sha256 over header bytes + body bytes
+    20      32    sha256 over bytes 0..19, the header and the body
     52      H     header: UTF-8 JSON object
     52+H    B     body: opaque bytes (safetensors for tensors)
 
-The digest covers everything after the fixed preamble, so a flipped bit in
-the header or the body, or a truncated message, is caught before anyone acts
+The digest covers every byte but itself, so a flipped bit anywhere (kind,
+lengths, header, body) or a truncated message is caught before anyone acts
 on it. The digest also names the message: a device verifies the global model
 it received against the digest the round announcement carries.
 """
@@ -35,6 +35,7 @@ from typing import Any
 MAGIC = b"FEDG"
 WIRE_VERSION = 1
 PREAMBLE = struct.Struct("<4sBBHIQ32s")
+_COVERED = 20  # preamble bytes before the digest
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_BODY_BYTES = 1 << 30
 
@@ -68,7 +69,7 @@ class Envelope:
     kind: Kind
     header: dict[str, Any]
     body: bytes
-    digest: str  # hex sha256 over header bytes + body bytes
+    digest: str  # hex sha256 over the preamble's first 20 bytes, header and body
 
     @property
     def size(self) -> int:
@@ -84,10 +85,11 @@ def encode(kind: Kind, header: dict[str, Any], body: bytes = b"") -> bytes:
     hb = _header_bytes(header)
     if len(hb) > MAX_HEADER_BYTES:
         raise ValueError(f"header is {len(hb)} bytes; the limit is {MAX_HEADER_BYTES}")
-    h = hashlib.sha256(hb)
+    fixed = PREAMBLE.pack(MAGIC, WIRE_VERSION, int(kind), 0, len(hb), len(body), bytes(32))[:_COVERED]
+    h = hashlib.sha256(fixed)
+    h.update(hb)
     h.update(body)
-    pre = PREAMBLE.pack(MAGIC, WIRE_VERSION, int(kind), 0, len(hb), len(body), h.digest())
-    return b"".join((pre, hb, body))
+    return b"".join((fixed, h.digest(), hb, body))
 
 
 def digest_of(message: bytes) -> str:
@@ -106,7 +108,7 @@ def decode(message: bytes, *, max_body: int = DEFAULT_MAX_BODY_BYTES) -> Envelop
     n = len(message)
     if n < PREAMBLE.size:
         raise WireError("truncated", f"message is {n} bytes, shorter than the {PREAMBLE.size}-byte preamble")
-    magic, version, kind, _flags, hlen, blen, digest = PREAMBLE.unpack_from(message, 0)
+    magic, version, kind, flags, hlen, blen, digest = PREAMBLE.unpack_from(message, 0)
     if magic != MAGIC:
         raise WireError("malformed", f"not a fedge message (magic {magic!r}, expected {MAGIC!r})")
     if version != WIRE_VERSION:
@@ -119,6 +121,8 @@ def decode(message: bytes, *, max_body: int = DEFAULT_MAX_BODY_BYTES) -> Envelop
         kind = Kind(kind)
     except ValueError:
         raise WireError("malformed", f"unknown message kind {kind}") from None
+    if flags != 0:
+        raise WireError("malformed", f"unknown flags {flags:#06x} (this build sets none)")
     if hlen > MAX_HEADER_BYTES:
         raise WireError("oversized", f"header claims {hlen} bytes; the limit is {MAX_HEADER_BYTES}")
     if blen > max_body:
@@ -130,7 +134,8 @@ def decode(message: bytes, *, max_body: int = DEFAULT_MAX_BODY_BYTES) -> Envelop
     view = memoryview(message)
     hb = view[PREAMBLE.size : PREAMBLE.size + hlen]
     body_view = view[PREAMBLE.size + hlen :]
-    h = hashlib.sha256(hb)
+    h = hashlib.sha256(view[:_COVERED])
+    h.update(hb)
     h.update(body_view)
     if h.digest() != digest:
         raise WireError("checksum", "sha256 mismatch: the message was corrupted or truncated in transit")

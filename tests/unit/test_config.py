@@ -1,0 +1,85 @@
+"""Config files: documented defaults, typo detection, secrets never in the file."""
+
+import sys
+
+import pytest
+
+from fedge import config
+from fedge.config import AgentConfig, AggregatorConfig, ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+@pytest.mark.parametrize("cls", [AggregatorConfig, AgentConfig])
+def test_rendered_defaults_document_every_key_and_load_back(cls, tmp_path):
+    text = config.render_defaults(cls)
+    data = tomllib.loads(text)
+    for section, body in config.to_dict(cls()).items():
+        assert set(data[section]) == set(body)
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert config.load(path, cls) == cls()
+    comments = [line for line in text.splitlines() if line.startswith("# ")]
+    keys = [line for line in text.splitlines() if " = " in line and not line.startswith("#")]
+    assert len(comments) >= len(keys)
+
+
+def test_a_typo_is_named_with_a_suggestion(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text("[selection]\nfractoin = 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, AggregatorConfig)
+    msg = str(err.value)
+    assert "selection.fractoin" in msg and "fraction" in msg and "\n" not in msg
+
+
+def test_a_wrong_type_names_the_key(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('[job]\nrounds = "ten"\n')
+    with pytest.raises(ConfigError, match="job.rounds must be int"):
+        config.load(path, AggregatorConfig)
+
+
+def test_missing_file_and_bad_toml_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml", AgentConfig)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[agent\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(bad, AgentConfig)
+
+
+def test_overrides_and_int_to_float():
+    cfg = config.load(None, AggregatorConfig, ["selection.fraction=1", "job.name=mnist", "codec.name=none"])
+    assert cfg.selection.fraction == 1.0 and isinstance(cfg.selection.fraction, float)
+    assert cfg.job.name == "mnist" and cfg.codec.name == "none"
+    with pytest.raises(ConfigError, match="section.key=value"):
+        config.load(None, AgentConfig, ["nodot"])
+
+
+def test_password_comes_from_the_environment_or_a_file(tmp_path, monkeypatch):
+    b = config.BrokerSettings(password_env="FEDGE_TEST_PW")
+    monkeypatch.delenv("FEDGE_TEST_PW", raising=False)
+    assert b.password() is None
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    b.password_file = str(secret)
+    assert b.password() == "s3cret"
+    monkeypatch.setenv("FEDGE_TEST_PW", "fromenv")
+    assert b.password() == "fromenv"
+    with pytest.raises(ConfigError, match="unknown key 'password'"):
+        config.from_dict(config.BrokerSettings, {"password": "nope"})
+
+
+def test_example_configs_in_deploy_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+    files = sorted(root.glob("*.toml"))
+    assert files, "deploy/examples holds the example configs"
+    for f in files:
+        cls = AgentConfig if "agent" in f.name else AggregatorConfig
+        config.load(f, cls)

@@ -1,0 +1,318 @@
+"""The aggregator's round state machine: quorum, deadline, duplicates, late and
+hostile updates, restarts. No network, no sleeps: time is an argument."""
+
+import numpy as np
+import pytest
+
+from aggregator.rounds import (
+    ClientStatus,
+    MessageArrived,
+    PublishAnnouncement,
+    PublishModel,
+    RoundCore,
+    RoundFinished,
+    RoundPolicy,
+    SaveCheckpoint,
+    SaveRoundOpen,
+    SendAck,
+    TimerFired,
+)
+from aggregator.strategies.fedavg import FedAvg
+from fedge import tensors, wire
+from fedge.codecs import make_codec
+from fedge.messages import Ack, Decline, GlobalModel, RoundAnnouncement, TrainingPlan, Update
+
+JOB = "unit"
+INITIAL = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.ones(2, np.float32)}
+
+
+def make_core(codec="none", **kw):
+    policy = RoundPolicy(**{"rounds": 5, "min_clients": 2, "deadline_s": 60.0, **kw})
+    return RoundCore(job=JOB, policy=policy, plan=TrainingPlan(), codec={"name": codec}, optimizer=FedAvg(),
+                     model_factory="fedge.models:digits_mlp", model_args={}, initial_model=INITIAL)
+
+
+def online(core, *clients, now=0.0, info=None):
+    out = []
+    for c in clients:
+        out += core.handle(ClientStatus(c, True, info or {}, now))
+    return out
+
+
+def announcement(actions):
+    anns = [a for a in actions if isinstance(a, PublishAnnouncement)]
+    return RoundAnnouncement.parse(wire.decode(anns[-1].message)) if anns else None
+
+
+def delta_for(client, scale=1.0):
+    seed = sum(map(ord, client))
+    rng = np.random.default_rng(seed)
+    return {k: (rng.normal(size=v.shape) * scale).astype(np.float32) for k, v in INITIAL.items()}
+
+
+def update(core, client, *, delta=None, round=None, samples=10, codec=None, base=None, job=JOB, sender=None,
+           update_id=None):
+    delta = delta if delta is not None else delta_for(client)
+    params = codec or core.codec_params
+    return Update(job=job, round=core.next_round if round is None else round, sender=sender or client,
+                  update_id=update_id or f"u-{client}", num_samples=samples, codec=params,
+                  base_model=base or core.model_digest,
+                  body=make_codec(params).encode(delta, np.random.default_rng(0))).encode()
+
+
+def send(core, client, message, now=1.0):
+    return core.handle(MessageArrived(client, message, now))
+
+
+def acks(actions):
+    return [Ack.parse(wire.decode(a.message)) for a in actions if isinstance(a, SendAck)]
+
+
+def finished(actions):
+    return [a for a in actions if isinstance(a, RoundFinished)]
+
+
+def reference_fedavg(model, deltas_and_weights):
+    total = sum(w for _, w in deltas_and_weights)
+    return {k: model[k] + sum(d[k].astype(np.float64) * w for d, w in deltas_and_weights) / total for k in model}
+
+
+def test_waits_for_min_clients_then_announces_with_a_saved_selection():
+    core = make_core(min_clients=3)
+    start = core.start(0.0)
+    assert isinstance(start[0], PublishModel)
+    assert announcement(start).state == "waiting"
+    assert online(core, "a", "b") == []
+    acts = online(core, "c")
+    kinds = [type(a) for a in acts]
+    assert kinds.index(SaveRoundOpen) < kinds.index(PublishAnnouncement)
+    ann = announcement(acts)
+    assert ann.state == "open" and ann.round == 1 and set(ann.selected) == {"a", "b", "c"}
+    assert ann.model_digest == wire.decode(start[0].message).digest
+
+
+def test_selection_takes_a_fraction_with_a_minimum_and_is_seeded():
+    clients = [f"d{i:02d}" for i in range(20)]
+    picks = []
+    for _ in range(2):
+        core = make_core(fraction=0.1, min_clients=3)
+        core.start(0)
+        acts = online(core, *clients)
+        picks.append(announcement(acts).selected)
+    assert len(picks[0]) == 3 and picks[0] == picks[1]
+
+
+def test_full_round_applies_the_weighted_average_then_checkpoints_before_announcing():
+    core = make_core()
+    core.start(0)
+    online(core, "a", "b")
+    d_a, d_b = delta_for("a"), delta_for("b")
+    out_a = send(core, "a", update(core, "a", delta=d_a, samples=30))
+    assert [k.status for k in acks(out_a)] == ["accepted"]
+    out_b = send(core, "b", update(core, "b", delta=d_b, samples=10), now=2.5)
+    kinds = [type(a) for a in out_b]
+    assert kinds.index(SaveCheckpoint) < kinds.index(PublishModel) < kinds.index(PublishAnnouncement)
+    fin = finished(out_b)[0]
+    ref = reference_fedavg(INITIAL, [(d_a, 30), (d_b, 10)])
+    for k in ref:
+        np.testing.assert_allclose(fin.model[k], ref[k], rtol=1e-5, atol=1e-6)
+    assert fin.record["clients"] == 2 and fin.record["num_samples"] == 40 and fin.record["seconds"] == 2.5
+    assert fin.record["accepted"] == ["a", "b"]
+    model = GlobalModel.parse(wire.decode([a for a in out_b if isinstance(a, PublishModel)][0].message))
+    assert model.round == 1
+    assert announcement(out_b).round == 2
+
+
+def test_int8_round_matches_reference_within_quantization_error():
+    core = make_core(codec="int8")
+    core.start(0)
+    online(core, "a", "b")
+    send(core, "a", update(core, "a", samples=5))
+    fin = finished(send(core, "b", update(core, "b", samples=15)))[0]
+    ref = reference_fedavg(INITIAL, [(delta_for("a"), 5), (delta_for("b"), 15)])
+    step = max(np.abs(delta_for(c)[k]).max() / 127 for c in "ab" for k in INITIAL)
+    for k in ref:
+        assert np.abs(fin.model[k] - ref[k]).max() <= step
+
+
+def test_a_duplicate_is_acknowledged_but_counted_once():
+    core = make_core(min_clients=3)
+    core.start(0)
+    online(core, "a", "b", "c")
+    msg = update(core, "a")
+    assert acks(send(core, "a", msg))[0].status == "accepted"
+    assert acks(send(core, "a", msg))[0].status == "duplicate"
+    # A different update for the same round from the same client is also refused.
+    again = update(core, "a", delta=delta_for("zz"), update_id="other")
+    assert acks(send(core, "a", again))[0].status == "duplicate"
+    send(core, "b", update(core, "b", samples=10))
+    fin = finished(send(core, "c", update(core, "c", samples=10)))[0]
+    ref = reference_fedavg(INITIAL, [(delta_for("a"), 10), (delta_for("b"), 10), (delta_for("c"), 10)])
+    for k in ref:
+        np.testing.assert_allclose(fin.model[k], ref[k], rtol=1e-5, atol=1e-6)
+    assert fin.record["clients"] == 3 and core.counters["duplicate"] == 2
+
+
+HOSTILE = {
+    "garbage": lambda core: b"\x00garbage",
+    "truncated": lambda core: update(core, "a")[:-7],
+    "wrong_job": lambda core: update(core, "a", job="other"),
+    "sender_mismatch": lambda core: update(core, "a", sender="b"),
+    "future_round": lambda core: update(core, "a", round=core.next_round + 3),
+    "stale_base": lambda core: update(core, "a", base="0" * 64),
+    "wrong_codec": lambda core: update(core, "a", codec={"name": "int8"}),
+    "bad_samples_zero": lambda core: update(core, "a", samples=0),
+    "bad_samples_huge": lambda core: update(core, "a", samples=10**9),
+    "nan": lambda core: update(core, "a", delta={k: np.full(v.shape, np.nan, np.float32) for k, v in INITIAL.items()}),
+    "wrong_shape": lambda core: update(core, "a", delta={"w": np.ones((2, 3), np.float32), "b": np.ones(2, np.float32)}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_bad_updates_are_dropped_counted_and_the_round_goes_on(case):
+    core = make_core()
+    core.start(0)
+    online(core, "a", "b")
+    out = send(core, "a", HOSTILE[case](core))
+    assert not finished(out)
+    assert sum(core.counters.values()) >= 1 and core.counters["accepted"] == 0
+    assert all(a.status in ("rejected", "late") for a in acks(out))
+    send(core, "a", update(core, "a"))
+    fin = finished(send(core, "b", update(core, "b")))[0]
+    assert fin.record["status"] == "ok" and fin.record["clients"] == 2
+    assert sum(fin.record["rejected"].values()) == 1
+
+
+def test_unknown_and_unselected_senders_are_refused():
+    core = make_core(fraction=0.5, min_clients=2)
+    core.start(0)
+    acts = online(core, "a", "b", "c", "d")
+    selected = announcement(acts).selected
+    outsider = next(c for c in "abcd" if c not in selected)
+    assert acks(send(core, outsider, update(core, outsider)))[0].reason.startswith("not_selected")
+    assert acks(send(core, "zed", update(core, "zed")))[0].reason.startswith("unknown_sender")
+    assert core.counters["not_selected"] == 1 and core.counters["unknown_sender"] == 1
+
+
+def test_deadline_closes_with_what_arrived_and_late_updates_are_refused():
+    core = make_core(min_clients=3, deadline_s=10)
+    core.start(0)
+    online(core, "a", "b", "c", now=100.0)
+    send(core, "a", update(core, "a"), now=101)
+    send(core, "b", update(core, "b"), now=102)
+    assert core.handle(TimerFired(109.9)) == []
+    out = core.handle(TimerFired(110.0))
+    rec = finished(out)[0].record
+    assert rec["status"] == "ok" and rec["clients"] == 2 and rec["closed_by"] == "deadline"
+    late = update(core, "c", round=1)
+    assert acks(send(core, "c", late, now=111))[0].status == "late"
+    assert core.counters["late"] == 1
+
+
+def test_a_round_without_enough_updates_fails_and_the_job_moves_on():
+    core = make_core(min_clients=2, deadline_s=5, min_updates=2)
+    core.start(0)
+    online(core, "a", "b")
+    digest = core.model_digest
+    send(core, "a", update(core, "a"), now=1)
+    out = core.handle(TimerFired(5.0))
+    rec = finished(out)[0].record
+    assert rec["status"] == "failed" and core.model_digest == digest
+    assert announcement(out).round == 2 and not any(isinstance(a, PublishModel) for a in out)
+    assert core.counters["rounds_failed"] == 1
+
+
+def test_quorum_closes_early_over_selection():
+    core = make_core(min_clients=4, quorum=0.5)
+    core.start(0)
+    online(core, "a", "b", "c", "d")
+    assert not finished(send(core, "a", update(core, "a")))
+    rec = finished(send(core, "b", update(core, "b")))[0].record
+    assert rec["clients"] == 2 and rec["selected"] == 4 and rec["closed_by"] == "quorum"
+
+
+def test_declines_count_as_responses():
+    core = make_core()
+    core.start(0)
+    online(core, "a", "b")
+    send(core, "a", update(core, "a"))
+    out = send(core, "b", Decline(JOB, 1, "b", "out of memory").encode())
+    rec = finished(out)[0].record
+    assert rec["clients"] == 1 and rec["declined"] == 1 and rec["status"] == "ok"
+
+
+def test_the_job_ends_after_its_rounds():
+    core = make_core(rounds=2)
+    core.start(0)
+    online(core, "a", "b")
+    for r in (1, 2):
+        send(core, "a", update(core, "a"))
+        out = send(core, "b", update(core, "b"))
+    assert finished(out)[0].last and announcement(out).state == "done" and core.state == "done"
+    assert acks(send(core, "a", update(core, "a", round=2)))[0].status == "late"
+
+
+def test_clients_without_the_job_codec_are_not_selected():
+    core = make_core(codec="int8", min_clients=2)
+    core.start(0)
+    online(core, "old", info={"codecs": ["none"]})
+    online(core, "a", "b", info={"codecs": ["none", "int8"]})
+    assert core.open is not None and set(core.open.selected) == {"a", "b"}
+
+
+def _restart(core):
+    arrays, meta = core.snapshot()
+    fresh = make_core()
+    open_record = {"round": core.next_round, "attempt": core.attempt, "selected": list(core.open.selected),
+                   "model_digest": core.model_digest} if core.open else None
+    fresh.restore({k: v.copy() for k, v in arrays.items()}, meta, open_record)
+    return fresh
+
+
+def test_restart_mid_round_reannounces_the_same_round_and_counts_each_update_once():
+    core = make_core()
+    core.start(0)
+    online(core, "a", "b")
+    send(core, "a", update(core, "a"))
+    send(core, "b", update(core, "b"))  # round 1 closes and is checkpointed
+    round1 = {k: v.copy() for k, v in core.model.items()}
+    msg_a = update(core, "a", samples=7)
+    send(core, "a", msg_a)  # folded into round 2's sum, then the process dies
+    arrays, meta = core.snapshot()
+    assert meta["next_round"] == 2
+    fresh = _restart(core)
+    out = fresh.start(50.0)
+    ann = announcement(out)
+    assert ann.round == 2 and ann.attempt == 2 and set(ann.selected) == {"a", "b"}
+    # The agent resends the same bytes; the new sum counts it once.
+    assert acks(fresh.handle(MessageArrived("a", msg_a, 51)))[0].status == "accepted"
+    assert acks(fresh.handle(MessageArrived("a", msg_a, 52)))[0].status == "duplicate"
+    fin = finished(fresh.handle(MessageArrived("b", update(fresh, "b", samples=3), 53)))[0]
+    ref = reference_fedavg(round1, [(delta_for("a"), 7), (delta_for("b"), 3)])
+    for k in ref:
+        np.testing.assert_allclose(fin.model[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_restart_refuses_another_jobs_checkpoint():
+    core = make_core()
+    arrays, meta = core.snapshot()
+    meta["job"] = "someone-else"
+    with pytest.raises(ValueError, match="job"):
+        make_core().restore(arrays, meta, None)
+
+
+def test_checkpoint_detects_damaged_tensors():
+    core = make_core()
+    arrays, meta = core.snapshot()
+    arrays["global/w"] = arrays["global/w"] + 1
+    with pytest.raises(ValueError, match="damaged"):
+        make_core().restore(arrays, meta, None)
+
+
+def test_model_message_round_trips_through_tensors():
+    core = make_core()
+    model = GlobalModel.parse(wire.decode(core.start(0)[0].message))
+    arrays = tensors.unpack(model.body)
+    for k in INITIAL:
+        np.testing.assert_array_equal(arrays[k], INITIAL[k])
+    assert model.spec.num_params == 8
