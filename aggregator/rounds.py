@@ -7,8 +7,10 @@ The shell feeds events (``ClientStatus``, ``MessageArrived``,
 ``TimerFired``) with the current monotonic time and carries out the actions
 returned, in order. The core is in one of three states:
 
-* ``waiting``: fewer than ``min_clients`` eligible clients are online; the
-  next round opens as soon as enough are.
+* ``waiting``: fewer than ``min_clients`` eligible clients are online. Once
+  enough are, the core waits ``settle_s`` more before selecting, because
+  presence arrives one retained message at a time after a (re)connect or a
+  power cut, and selecting at the first moment would pick only the first few.
 * ``open``: round r was announced to a selected set with a deadline. Each
   update that passes every check is folded into the running sum at once and
   acknowledged; anything else is dropped with a reason counted (and, when the
@@ -70,6 +72,7 @@ class RoundPolicy:
     quorum: float = 1.0
     min_updates: int = 1
     deadline_s: float = 120.0
+    settle_s: float = 2.0
     max_samples: int = 1_000_000
     max_update_bytes: int = 64 << 20
     seed: int = 0
@@ -199,6 +202,7 @@ class RoundCore:
         self.history: list[dict[str, Any]] = []  # the last few records, for restarts
         self._restored_open: dict[str, Any] | None = None
         self._waiting_announced = 0
+        self._ready_since: float | None = None
         self._model_message = b""
         self._model_digest = ""
         self._encode_model()
@@ -230,7 +234,11 @@ class RoundCore:
         raise TypeError(f"unknown event {event!r}")
 
     def next_deadline(self) -> float | None:
-        return self.open.deadline if self.open else None
+        if self.open:
+            return self.open.deadline
+        if self._ready_since is not None:
+            return self._ready_since + self.policy.settle_s
+        return None
 
     # --- events --------------------------------------------------------------
 
@@ -361,16 +369,25 @@ class RoundCore:
         picked = rng.choice(len(candidates), size=k, replace=False)
         return tuple(sorted(candidates[i] for i in picked))
 
-    def _try_open(self, now: float) -> list[Action]:
+    def _try_open(self, now: float, settle: bool = True) -> list[Action]:
         if self.next_round > self.policy.rounds:
             return self._finish_job(now)
         candidates = self._eligible()
         if len(candidates) < self.policy.min_clients:
             self.state = "waiting"
+            self._ready_since = None
             if self._waiting_announced != self.next_round:
                 self._waiting_announced = self.next_round
+                log.info("round %d waits for %d eligible clients online (%d now)", self.next_round,
+                         self.policy.min_clients, len(candidates))
                 return [PublishAnnouncement(self._announcement("waiting", (), now))]
             return []
+        if settle and self.policy.settle_s > 0:
+            if self._ready_since is None:
+                self._ready_since = now
+            if now < self._ready_since + self.policy.settle_s:
+                return []
+        self._ready_since = None
         return self._announce(now, self._select(candidates), 1)
 
     def _announce(self, now: float, selected: tuple[str, ...], attempt: int) -> list[Action]:
@@ -435,7 +452,7 @@ class RoundCore:
         if ok:
             actions.append(PublishModel(self._model_message))
         last = self.next_round > self.policy.rounds
-        follow = self._finish_job(now) if last else self._try_open(now)
+        follow = self._finish_job(now) if last else self._try_open(now, settle=False)
         return [*actions, *follow, RoundFinished(record, self.model, last)]
 
     def _finish_job(self, now: float) -> list[Action]:

@@ -51,7 +51,7 @@ def build_core(cfg: AggregatorConfig) -> RoundCore:
     sel = cfg.selection
     policy = RoundPolicy(
         rounds=cfg.job.rounds, fraction=sel.fraction, min_clients=sel.min_clients, max_clients=sel.max_clients,
-        quorum=sel.quorum, min_updates=sel.min_updates, deadline_s=sel.deadline_s,
+        quorum=sel.quorum, min_updates=sel.min_updates, deadline_s=sel.deadline_s, settle_s=sel.settle_s,
         max_samples=cfg.server.max_samples_per_update, max_update_bytes=cfg.limits.max_update_bytes,
         seed=cfg.job.seed,
     )
@@ -111,8 +111,14 @@ class AggregatorService:
         """Run until the job is done (returns 0) or ``stop()`` (returns 0)."""
         now = monotonic()
         self._execute(self.core.start(now))
+        if self.core.state == "done":
+            log.info("job %s already ran all %d rounds; publishing its final state", self.cfg.job.name,
+                     self.cfg.job.rounds)
+            self.done.set()
         self.link.start()
         try:
+            if self.done.is_set():
+                self.link.wait_connected(self.cfg.broker.keepalive_s)
             while not self._stop.is_set() and not self.done.is_set():
                 deadline = self.core.next_deadline()
                 wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - monotonic()))

@@ -335,7 +335,7 @@ class AgentCore:
         p = self.state.pending
         if r is None or p is None or now < r.at:
             return []
-        if not self._needs_sending(p):
+        if not self._needs_sending(p) or self.update_bytes is None:
             self.resend = None
             return []
         interval = min(r.interval * 2, MAX_RESEND_S)

@@ -21,6 +21,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO, cast
 
 from edge_agent.worker import read_frame, write_frame
 from fedge import wire
@@ -53,8 +54,8 @@ class _Worker:
         timer.start()
         try:
             assert self.proc.stdin is not None and self.proc.stdout is not None
-            write_frame(self.proc.stdin, request)
-            reply = read_frame(self.proc.stdout)
+            write_frame(cast(BinaryIO, self.proc.stdin), request)
+            reply = read_frame(cast(BinaryIO, self.proc.stdout))
         except (BrokenPipeError, OSError, ValueError):
             reply = None
         finally:

@@ -57,6 +57,7 @@ class DeviceSpec:
     max_model_bytes: int = 256 << 20
     resend_after_s: float = 20.0
     info: dict[str, Any] = field(default_factory=dict)
+    broker: BrokerSettings | None = None  # this device's own credentials; default: the runtime's
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class _Device:
             max_partials_per_stream=2, timeout_s=300.0,
         )
         self.link = MqttLink(
-            broker, spec.client_id, inbox.put,
+            spec.broker or broker, spec.client_id, inbox.put,
             subscriptions=[self.topics.model_filter, self.topics.round, self.topics.ack(spec.client_id)],
             will=(self.topics.status(spec.client_id), self.core.status("offline")),
         )
@@ -187,8 +188,12 @@ class AgentRuntime:
         elif isinstance(action, PublishStatus):
             dev.link.publish(dev.topics.status(cid), action.message, retain=True)
         elif isinstance(action, StartTraining):
-            self.pool.submit(self._request(dev, action.job),
-                             lambda outcome, j=action.job.job_id: self.inbox.put(_Trained(cid, j, outcome)))
+            job_id = action.job.job_id
+
+            def done(outcome: Outcome) -> None:
+                self.inbox.put(_Trained(cid, job_id, outcome))
+
+            self.pool.submit(self._request(dev, action.job), done)
 
     def _request(self, dev: _Device, job: TrainJob) -> bytes:
         header = {

@@ -26,6 +26,34 @@ PyTorch (``onnx_export``, ``sources``) import it themselves, and nothing
 here imports the agent or the aggregator.
 """
 
+from typing import Any
+
 from export.errors import ExportError, QualityError
 
-__all__ = ["ExportError", "QualityError"]
+# The public API, imported on first use so that ``import export`` stays
+# free of PyTorch and ONNX (``from export import OnnxPredictor`` on a device
+# loads ONNX Runtime and NumPy only).
+_LAZY = {
+    "InputSpec": "export.signature",
+    "parse_input_spec": "export.signature",
+    "export_model": "export.onnx_export",
+    "export_from_factory": "export.onnx_export",
+    "export_global_model": "export.onnx_export",
+    "verify_parity": "export.onnx_export",
+    "ExportResult": "export.onnx_export",
+    "quantize_model": "export.quantize",
+    "QuantizeResult": "export.quantize",
+    "compare_models": "export.report",
+    "inspect_model": "export.inspection",
+    "OnnxPredictor": "export.runtime",
+}
+
+__all__ = ["ExportError", "QualityError", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'export' has no attribute {name!r}")

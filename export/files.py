@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
+from fedge.files import atomic_write
 
 
 def sha256_file(path: str | Path) -> str:
@@ -20,6 +21,10 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def check_outputs(paths: Iterable[str | Path], force: bool) -> None:
@@ -47,16 +52,5 @@ def replace_atomically(tmp: str | Path, final: str | Path) -> None:
 
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     """Write atomically (temp file, fsync, rename): a reader never sees half a file."""
-    p = Path(path)
-    tmp = temp_path_beside(p)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return p
+    atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
+    return Path(path)

@@ -122,3 +122,17 @@ def _uses_new_types(model: ModelProto) -> bool:
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         types.add(vi.type.tensor_type.elem_type)
     return bool(types & _NEW_IR_TYPES)
+
+
+def drop_unused_domains(model: ModelProto) -> None:
+    """Remove opset imports of domains no node uses (ORT's quantizer declares
+    every domain it knows, training and PyTorch-ATen ones included, which
+    stricter parsers such as TensorRT's then have to ignore)."""
+    used = {n.domain or "" for n in model.graph.node}
+    for f in model.functions:
+        used.update(n.domain or "" for n in f.node)
+        used.add(f.domain)
+    keep = [imp for imp in model.opset_import if (imp.domain or "") in used or imp.domain in ("", "ai.onnx")]
+    if len(keep) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(keep)

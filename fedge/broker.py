@@ -52,8 +52,9 @@ class EmbeddedBroker:
             self._loop = loop
             asyncio.set_event_loop(loop)
             try:
-                self._broker = Broker(config, loop=loop)
-                loop.run_until_complete(self._broker.start())  # type: ignore[attr-defined]
+                broker = Broker(config, loop=loop)
+                self._broker = broker
+                loop.run_until_complete(broker.start())
             except BaseException as exc:
                 self._error = exc
                 self._ready.set()

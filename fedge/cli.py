@@ -62,11 +62,21 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from fedge import config
 
     cfg = config.load(args.config, config.AggregatorConfig, args.set)
+    _check_broker(cfg.broker)
     _check_job(cfg)
     service = AggregatorService(cfg)
     _on_signals(service.stop)
     log.info("aggregator for job %s on %s (state in %s)", cfg.job.name, cfg.broker.url, cfg.job.state_dir)
     return service.run()
+
+
+def _check_broker(settings: Any) -> None:
+    from fedge.config import ConfigError
+    from fedge.mqtt import parse_url
+
+    parse_url(settings.url)
+    if settings.protocol not in ("3.1.1", "311", "5"):
+        raise ConfigError(f"broker.protocol {settings.protocol!r} is not supported; use \"3.1.1\" or \"5\"")
 
 
 def _check_job(cfg: Any) -> None:
@@ -134,6 +144,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from fedge import config
 
     cfg = config.load(args.config, config.AgentConfig, args.set)
+    _check_broker(cfg.broker)
     devices = _devices(cfg, None)
     log.info("agent %s for job %s on %s (worker %s)", devices[0].client_id, cfg.agent.job, cfg.broker.url,
              cfg.worker.mode)
@@ -144,6 +155,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     from fedge import config
 
     cfg = config.load(args.config, config.AgentConfig, args.set)
+    _check_broker(cfg.broker)
     if args.agents < 1:
         raise UsageError("--agents must be at least 1")
     devices = _devices(cfg, args.agents)
@@ -222,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("watch", cmd_watch, "print a job's per-round records as they are published"),
     ):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("--config", required=name != "watch" or None, default=None, help="TOML config file")
+        s.add_argument("--config", required=name != "watch", default=None, help="TOML config file")
         s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config key (not for secrets)")
         s.set_defaults(func=func, default_level="INFO")
@@ -238,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("role", choices=["aggregator", "agent"])
     c.set_defaults(func=cmd_config, default_level="WARNING")
 
+    from export import cli as export_cli
+
+    export_cli.add_commands(sub)
     return p
 
 

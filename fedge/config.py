@@ -106,6 +106,9 @@ class SelectionSection:
     )
     min_updates: int = setting(1, "Fewest updates a round may aggregate; below it at the deadline the round fails.")
     deadline_s: float = setting(120.0, "Seconds a round stays open; stragglers after it are late.")
+    settle_s: float = setting(
+        2.0, "Once enough clients are online, wait this long for more before selecting (presence arrives in bursts)."
+    )
 
 
 @dataclass
@@ -238,7 +241,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         path = f"{where}{key}"
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {where}{close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
+            hint = f" (did you mean '{where}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
             raise ConfigError(f"unknown key {path!r}{hint}")
         want = hints[key]
         if fields[key].metadata.get("section"):

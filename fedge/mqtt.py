@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -136,7 +137,7 @@ class MqttLink:
 
     def start(self) -> None:
         props = None
-        clean_start: bool | int = paho.MQTT_CLEAN_START_FIRST_ONLY
+        clean_start: Any = paho.MQTT_CLEAN_START_FIRST_ONLY
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
             if self._persistent:
@@ -227,7 +228,7 @@ class MqttLink:
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         self.bytes_in += len(msg.payload)
-        self.sink(Inbound(self.name, msg.topic, msg.payload, bool(msg.retain)))
+        self.sink(Inbound(self.name, msg.topic, bytes(msg.payload), bool(msg.retain)))
 
 
 class Inbox:

@@ -69,7 +69,7 @@ def test_connect_publishes_presence_with_capabilities():
 
 
 def test_trains_when_selected_and_holding_the_announced_model():
-    core, m, acts = selected_core()
+    _core, m, acts = selected_core()
     job = only(acts, StartTraining)[0].job
     assert job.round == 1 and job.base_model == wire.digest_of(m)
     assert job.model == "fedge.models:digits_mlp" and tensors.unpack(job.model_body)["w"].shape == (2, 2)
@@ -106,7 +106,7 @@ def test_update_is_persisted_before_it_is_published_and_carries_the_round_contra
 
 
 def test_resends_the_same_bytes_with_backoff_until_acknowledged():
-    core, m, _ = selected_core()
+    core, _m, _ = selected_core()
     sent = only(train(core, now=5.0), PublishUpdate)[0].message
     assert core.handle(Tick(14.9)) == []
     assert only(core.handle(Tick(15.0)), PublishUpdate)[0].message == sent
@@ -150,7 +150,7 @@ def test_a_restarted_agent_never_trains_twice_for_a_round():
 
 
 def test_training_that_outlives_its_round_is_dropped():
-    core, m, _ = selected_core()
+    core, _m, _ = selected_core()
     m2 = model_msg(round_=1, scale=2.0)
     core.handle(ModelArrived(m2, 2))
     core.handle(AnnouncementArrived(ann_msg(m2, round_=2, selected=("other",)), 3))
@@ -167,7 +167,7 @@ def test_failed_training_declines_the_round():
 
 
 def test_a_rejected_update_is_not_resent():
-    core, m, _ = selected_core()
+    core, _m, _ = selected_core()
     upd = Update.parse(wire.decode(only(train(core), PublishUpdate)[0].message))
     core.handle(AckArrived(Ack(JOB, 1, 1, ME, upd.update_id, "rejected", "wrong_shape").encode(), 6))
     assert core.handle(Tick(10_000)) == []
@@ -175,7 +175,7 @@ def test_a_rejected_update_is_not_resent():
 
 
 def test_receipts_for_someone_else_are_ignored():
-    core, m, _ = selected_core()
+    core, _m, _ = selected_core()
     upd = Update.parse(wire.decode(only(train(core), PublishUpdate)[0].message))
     assert core.handle(AckArrived(Ack(JOB, 1, 1, "pi-2", upd.update_id, "accepted").encode(), 6)) == []
     assert core.handle(AckArrived(Ack(JOB, 1, 1, ME, "not-mine", "accepted").encode(), 6)) == []

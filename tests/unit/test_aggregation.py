@@ -23,7 +23,7 @@ def test_streaming_fold_is_the_weighted_mean():
     weights = rng.integers(1, 500, size=7).astype(float)
     s = RunningSum(SPEC)
     codec = make_codec("none")
-    for d, w in zip(deltas, weights):
+    for d, w in zip(deltas, weights, strict=False):
         s.fold(codec, codec.encode(d, rng), w)
     mean = s.mean()
     for k in SHAPES:

@@ -17,7 +17,7 @@ def test_reordered_and_duplicated_chunks_reassemble_once(message, size, data):
     last = order[-1]
     # QoS 1 redeliveries of any chunk but the completing one, arriving before it.
     dups = data.draw(st.lists(st.sampled_from(order[:-1]), max_size=5)) if len(parts) > 1 else []
-    feed = data.draw(st.permutations(list(order[:-1]) + dups)) + [last]
+    feed = [*data.draw(st.permutations(list(order[:-1]) + dups)), last]
     r = Reassembler(max_bytes=1 << 20, max_message_bytes=1 << 20)
     done = [out for i in feed if (out := r.feed("dev", parts[i], 0.0)) is not None]
     assert done == [message]

@@ -27,7 +27,7 @@ INITIAL = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.ones(2, np
 
 
 def make_core(codec="none", **kw):
-    policy = RoundPolicy(**{"rounds": 5, "min_clients": 2, "deadline_s": 60.0, **kw})
+    policy = RoundPolicy(**{"rounds": 5, "min_clients": 2, "deadline_s": 60.0, "settle_s": 0.0, **kw})
     return RoundCore(job=JOB, policy=policy, plan=TrainingPlan(), codec={"name": codec}, optimizer=FedAvg(),
                      model_factory="fedge.models:digits_mlp", model_args={}, initial_model=INITIAL)
 
@@ -91,6 +91,20 @@ def test_waits_for_min_clients_then_announces_with_a_saved_selection():
     assert ann.model_digest == wire.decode(start[0].message).digest
 
 
+def test_selection_settles_so_a_burst_of_presence_is_seen_whole():
+    core = make_core(min_clients=2, settle_s=2.0)
+    core.start(0)
+    assert online(core, "a", "b", now=10.0) == []  # enough, but more may be arriving
+    online(core, "c", now=10.5)
+    assert core.handle(TimerFired(11.9)) == [] and core.next_deadline() == 12.0
+    ann = announcement(core.handle(TimerFired(12.0)))
+    assert set(ann.selected) == {"a", "b", "c"}
+    # The next round follows the close at once: nobody is missing.
+    send(core, "a", update(core, "a"), now=13)
+    send(core, "b", update(core, "b"), now=13)
+    assert announcement(send(core, "c", update(core, "c"), now=13)).round == 2
+
+
 def test_selection_takes_a_fraction_with_a_minimum_and_is_seeded():
     clients = [f"d{i:02d}" for i in range(20)]
     picks = []
@@ -118,7 +132,7 @@ def test_full_round_applies_the_weighted_average_then_checkpoints_before_announc
         np.testing.assert_allclose(fin.model[k], ref[k], rtol=1e-5, atol=1e-6)
     assert fin.record["clients"] == 2 and fin.record["num_samples"] == 40 and fin.record["seconds"] == 2.5
     assert fin.record["accepted"] == ["a", "b"]
-    model = GlobalModel.parse(wire.decode([a for a in out_b if isinstance(a, PublishModel)][0].message))
+    model = GlobalModel.parse(wire.decode(next(a for a in out_b if isinstance(a, PublishModel)).message))
     assert model.round == 1
     assert announcement(out_b).round == 2
 
@@ -164,7 +178,9 @@ HOSTILE = {
     "bad_samples_zero": lambda core: update(core, "a", samples=0),
     "bad_samples_huge": lambda core: update(core, "a", samples=10**9),
     "nan": lambda core: update(core, "a", delta={k: np.full(v.shape, np.nan, np.float32) for k, v in INITIAL.items()}),
-    "wrong_shape": lambda core: update(core, "a", delta={"w": np.ones((2, 3), np.float32), "b": np.ones(2, np.float32)}),
+    "wrong_shape": lambda core: update(
+        core, "a", delta={"w": np.ones((2, 3), np.float32), "b": np.ones(2, np.float32)}
+    ),
 }
 
 
@@ -245,7 +261,7 @@ def test_the_job_ends_after_its_rounds():
     core = make_core(rounds=2)
     core.start(0)
     online(core, "a", "b")
-    for r in (1, 2):
+    for _r in (1, 2):
         send(core, "a", update(core, "a"))
         out = send(core, "b", update(core, "b"))
     assert finished(out)[0].last and announcement(out).state == "done" and core.state == "done"
@@ -278,7 +294,7 @@ def test_restart_mid_round_reannounces_the_same_round_and_counts_each_update_onc
     round1 = {k: v.copy() for k, v in core.model.items()}
     msg_a = update(core, "a", samples=7)
     send(core, "a", msg_a)  # folded into round 2's sum, then the process dies
-    arrays, meta = core.snapshot()
+    _arrays, meta = core.snapshot()
     assert meta["next_round"] == 2
     fresh = _restart(core)
     out = fresh.start(50.0)

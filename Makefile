@@ -1,0 +1,53 @@
+# fedge: the two quick-start commands are `make demo` and `make test`.
+# Both create .venv on first use and install what they need into it.
+#
+#   make demo                 one command: broker + aggregator + 10 agents
+#   make test                 lint + the whole test suite (needs mosquitto)
+#   make bench                the benchmarks in bench/ (JSON under bench/results)
+#
+# PyTorch is pinned through TORCH_SPEC; on a machine without a GPU, point
+# TORCH_INDEX at the CPU wheels to skip gigabytes of CUDA libraries:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedge-installed
+
+.PHONY: install demo test lint unit integration bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedge demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy fedge aggregator edge_agent
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest -q tests/integration tests/e2e
+
+bench: $(STAMP)
+	mkdir -p bench/results
+	$(BIN)/python bench/round_latency.py --out bench/results/round_latency.json
+	$(BIN)/python bench/aggregate.py --out bench/results/aggregate.json
+	$(BIN)/python bench/export.py --out bench/results/export.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

@@ -1,0 +1,209 @@
+"""Benchmark: float32 ONNX vs int8 ONNX on the models fedge ships.
+
+Trains each model briefly with plain PyTorch, exports it with
+``export.export_model`` (parity-checked), quantizes it with static QDQ int8
+for this CPU, and measures size, test accuracy, top-1 agreement and ONNX
+Runtime latency (ORT_ENABLE_ALL, p50/p90 over 200 runs after warm-up).
+Prints JSON; ``--out FILE`` also writes it.
+
+Models:
+- ``fedge.models:digits_mlp`` on scikit-learn digits (30 epochs, seconds);
+- ``fedge.models:mnist_cnn`` (McMahan et al. 2017's CNN, 1.66 M parameters)
+  on MNIST from ``--mnist`` (default ../shared/data/mnist.npz), trained for
+  one epoch on a subset: enough for a realistic weight distribution, not a
+  converged model. Skipped, with the reason in the JSON, if the file is
+  absent.
+
+Bars (DESIGN.md, "quantized ONNX vs float32"): int8 <= 0.3x the float size,
+faster on this CPU (p50, batch 1), <= 0.5 point accuracy loss, >= 99% top-1
+agreement. Each is reported as measured, pass or fail.
+
+    python bench/export.py [--out bench-export.json] [--mnist PATH] [--cnn-train-rows 12000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder comes first on sys.path and its name
+# would shadow the ``export`` package: put the repository there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(REPO))
+
+BARS = {"size_ratio_max": 0.3, "accuracy_loss_points_max": 0.5, "top1_agreement_min": 0.99}
+
+
+def cpu_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                     None)
+        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        info["cpu"] = model
+        info["vnni"] = any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    except OSError:
+        info["cpu"], info["vnni"] = None, False
+    from export.runtime import default_threads
+
+    info["cores_available"] = default_threads()
+    return info
+
+
+def train(model: Any, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, batch: int) -> float:
+    import torch
+
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(xt))
+        for i in range(0, len(xt), batch):
+            idx = order[i:i + batch]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    model.eval()
+    return time.perf_counter() - start
+
+
+def run_case(name: str, factory: str, model: Any, spec: str, x_cal: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
+             target: str, vnni: bool | None, workdir: Path, training: dict[str, Any]) -> dict[str, Any]:
+    from export.data import Dataset
+    from export.onnx_export import export_model
+    from export.quantize import quantize_model
+    from export.report import compare_models
+    from export.signature import parse_input_spec
+
+    float_path = workdir / f"{name}.onnx"
+    exported = export_model(model, [parse_input_spec(spec)], float_path,
+                            source={"factory": factory, "factory_args": {}})
+    q = quantize_model(float_path, workdir / f"{name}.int8.onnx", mode="static", calibration={"x": x_cal},
+                       method="minmax", per_channel=True, target=target, vnni=vnni)
+    eval_set = Dataset({"x": x_te}, y_te)
+    cmp = compare_models(float_path, q.path, eval_set=eval_set, labels=("float32", "int8"), latency_batch=1,
+                         runs=200, warmup=20)
+    batch32 = compare_models(float_path, q.path, eval_set=eval_set, latency_batch=32, runs=100, warmup=10)
+    ref, cand = cmp.reference, cmp.candidate
+    loss = cmp.accuracy_drop_points or 0.0
+    bars = {
+        "size_ratio_le_0.3": {"value": round(cmp.size_ratio, 4), "pass": cmp.size_ratio <= BARS["size_ratio_max"]},
+        "faster_p50_batch1": {"value": round(ref["latency"]["p50_ms"] / cand["latency"]["p50_ms"], 3),
+                              "pass": cand["latency"]["p50_ms"] < ref["latency"]["p50_ms"], "unit": "speed-up x"},
+        "accuracy_loss_le_0.5_points": {"value": round(loss, 3), "pass": loss <= BARS["accuracy_loss_points_max"]},
+        "top1_agreement_ge_99pct": {"value": round(cmp.top1_agreement or 0.0, 5),
+                                    "pass": (cmp.top1_agreement or 0.0) >= BARS["top1_agreement_min"]},
+    }
+    return {
+        "model": factory,
+        "parameters": exported.manifest["parameters"],
+        "training": training,
+        "export": {"opset": exported.opset, "parity_passed": exported.parity.ok,
+                   "max_abs_diff": max(r.max_abs for r in exported.parity.rows)},
+        "quantization": {k: v for k, v in q.manifest["quantization"].items() if k != "calibration"}
+        | {"calibration_rows": len(x_cal)},
+        "float32": {"size_bytes": ref["size_bytes"], "accuracy": ref["accuracy"], "latency_batch1": ref["latency"],
+                    "latency_batch32": batch32.reference["latency"]},
+        "int8": {"size_bytes": cand["size_bytes"], "accuracy": cand["accuracy"], "latency_batch1": cand["latency"],
+                 "latency_batch32": batch32.candidate["latency"]},
+        "eval_rows": cmp.eval_rows,
+        "top1_agreement": cmp.top1_agreement,
+        "bars": bars,
+        "all_bars_pass": all(b["pass"] for b in bars.values()),
+    }
+
+
+def _small_model_notes(result: dict[str, Any]) -> list[str]:
+    """Why a tiny model misses the size/speed bars, from what was measured."""
+    notes = []
+    bars = result["bars"]
+    weights_kb = result["parameters"] / 1024
+    if not bars["size_ratio_le_0.3"]["pass"]:
+        fixed_kb = result["int8"]["size_bytes"] / 1024 - weights_kb
+        notes.append(
+            f"{result['model']}: {result['parameters']:,} parameters are {weights_kb:.1f} kB as int8, but the file "
+            f"also carries ~{fixed_kb:.1f} kB that does not shrink (graph structure, tensor names, int32 biases, "
+            "per-channel scales and zero points), so it ends at "
+            f"{bars['size_ratio_le_0.3']['value']:.2f}x, not 0.3x; the ratio approaches 0.25x as weights dominate")
+    if not bars["faster_p50_batch1"]["pass"]:
+        float_us = result["float32"]["latency_batch1"]["p50_ms"] * 1e3
+        notes.append(
+            f"{result['model']}: at batch 1 a whole inference takes ~{float_us:.0f} us in float32; the "
+            "QuantizeLinear/DequantizeLinear steps and int8 kernel setup around each tiny GEMM cost more than "
+            "the GEMM saves, so int8 is not faster. The size and speed bars are for models like the CNN, where "
+            "the weights and multiply-adds dominate")
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--mnist", default=str(REPO.parent / "shared" / "data" / "mnist.npz"))
+    parser.add_argument("--cnn-train-rows", type=int, default=12000)
+    args = parser.parse_args(argv)
+    wall = time.perf_counter()
+
+    import torch
+
+    from export.manifest import tool_versions
+    from fedge.datasets import digits, mnist
+    from fedge.models import digits_mlp, mnist_cnn
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    machine = cpu_info()
+    target, vnni = "x86", machine["vnni"]
+    if machine["machine"] in ("aarch64", "arm64"):
+        target, vnni = "arm64", None
+    out: dict[str, Any] = {"benchmark": "export: float32 ONNX vs int8 ONNX", "machine": machine,
+                           "tools": tool_versions(), "target": target, "vnni": vnni, "bars": BARS, "results": {},
+                           "notes": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        x_tr, y_tr = digits(split="train")
+        x_te, y_te = digits(split="test")
+        model = digits_mlp()
+        seconds = train(model, x_tr, y_tr, epochs=30, lr=0.01, batch=64)
+        out["results"]["digits_mlp"] = run_case(
+            "digits_mlp", "fedge.models:digits_mlp", model, "x:1x64", x_tr[:512], x_te, y_te, target, vnni, work,
+            {"data": "fedge.datasets:digits", "train_rows": len(x_tr), "epochs": 30, "optimizer": "Adam lr=0.01",
+             "seconds": round(seconds, 1)})
+        out["notes"].extend(_small_model_notes(out["results"]["digits_mlp"]))
+
+        mnist_path = Path(args.mnist)
+        if not mnist_path.is_file():
+            out["results"]["mnist_cnn"] = {"skipped": f"MNIST file {mnist_path} not found; pass --mnist PATH"}
+        else:
+            xm, ym = mnist(path=str(mnist_path), split="train", shape="image")
+            xm_te, ym_te = mnist(path=str(mnist_path), split="test", shape="image")
+            rows = min(args.cnn_train_rows, len(xm))
+            model = mnist_cnn()
+            seconds = train(model, xm[:rows], ym[:rows], epochs=1, lr=1e-3, batch=64)
+            out["results"]["mnist_cnn"] = run_case(
+                "mnist_cnn", "fedge.models:mnist_cnn", model, "x:1x1x28x28", xm[rows:rows + 512], xm_te, ym_te,
+                target, vnni, work,
+                {"data": "fedge.datasets:mnist(shape='image')", "train_rows": rows, "epochs": 1,
+                 "optimizer": "Adam lr=1e-3", "seconds": round(seconds, 1),
+                 "note": "1 epoch on a subset: a benchmark model, not a converged one"})
+    out["wall_seconds"] = round(time.perf_counter() - wall, 1)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

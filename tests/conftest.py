@@ -1,0 +1,115 @@
+"""Shared fixtures: a real Mosquitto per test, on a free loopback port, with
+its own config (limits, ACLs, TLS), which a test may restart or kill."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mosquitto:
+    def __init__(self, workdir: Path, extra: str = "", port: int | None = None, tls: bool = False) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.extra = extra
+        self.tls = tls
+        self.proc: subprocess.Popen | None = None
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
+
+    def start(self) -> Mosquitto:
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            # Started as root, mosquitto would drop to its own user, which
+            # cannot read the test's private temporary directory.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + f"persistence true\npersistence_location {self.workdir}/\n"
+            f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n"
+            "max_queued_messages 20000\n"
+            + (self.extra if "allow_anonymous" in self.extra else "allow_anonymous true\n" + self.extra)
+        )
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log.read_text() if self.log.exists() else ''}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not open its port")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path):
+    if shutil.which("mosquitto") is None:
+        pytest.fail("mosquitto is not installed: apt-get install mosquitto mosquitto-clients")
+    brokers: list[Mosquitto] = []
+
+    def make(extra: str = "", tls: bool = False, name: str = "broker") -> Mosquitto:
+        b = Mosquitto(tmp_path / name, extra=extra, tls=tls)
+        brokers.append(b)
+        return b.start()
+
+    yield make
+    for b in brokers:
+        b.kill()
+
+
+@pytest.fixture
+def mosquitto(mosquitto_factory):
+    return mosquitto_factory()
+
+
+def fedge_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedge.cli", *args]
+
+
+@pytest.fixture
+def cli_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,87 @@
+"""The `fedge` command as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import fedge_cmd
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+pytestmark = pytest.mark.e2e
+
+
+def run(cli_env, *args, timeout=300):
+    return subprocess.run(fedge_cmd(*args), env=cli_env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_runs_end_to_end_with_the_embedded_broker(tmp_path, cli_env):
+    out = tmp_path / "demo.json"
+    proc = run(cli_env, "demo", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "round  clients  accuracy" in proc.stdout and "done:" in proc.stdout
+    result = json.loads(out.read_text())
+    assert len(result["rounds"]) == 30
+    for r in result["rounds"]:
+        assert set(r) >= {"round", "accuracy", "loss", "clients", "bytes_up", "bytes_down", "seconds"}
+        assert r["clients"] == 10 and r["bytes_up"] > 0 and r["bytes_down"] > 0
+    assert [r["round"] for r in result["rounds"]] == list(range(1, 31))
+    assert result["final_accuracy"] >= 0.90
+    assert "Traceback" not in proc.stderr
+
+
+def test_demo_against_an_external_broker_over_mqtt5(mosquitto, tmp_path, cli_env):
+    out = tmp_path / "d.json"
+    proc = run(cli_env, "demo", "--broker", mosquitto.url, "--protocol", "5", "--agents", "3", "--rounds", "3",
+               "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "(embedded)" not in proc.stdout
+    assert len(json.loads(out.read_text())["rounds"]) == 3
+
+
+@pytest.mark.parametrize("role", ["aggregator", "agent"])
+def test_config_prints_a_complete_documented_file(cli_env, role):
+    proc = run(cli_env, "config", role)
+    assert proc.returncode == 0
+    data = tomllib.loads(proc.stdout)
+    assert "broker" in data and data["broker"]["max_packet_bytes"] == 262144
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_user_mistakes_get_one_clear_line_and_exit_2(tmp_path, cli_env):
+    _one_line_error(run(cli_env, "aggregator", "--config", str(tmp_path / "missing.toml")), "does not exist")
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[agent]\nidd = 'x'\n")
+    _one_line_error(run(cli_env, "agent", "--config", str(typo)), "agent.idd", "did you mean 'agent.id'")
+    bad_model = tmp_path / "model.toml"
+    bad_model.write_text("[job]\nmodel = 'nosuch.pkg:net'\n")
+    _one_line_error(run(cli_env, "aggregator", "--config", str(bad_model)), "module 'nosuch' not found")
+    not_module = tmp_path / "notmodule.toml"
+    not_module.write_text("[job]\nmodel = 'fedge.datasets:digits'\n")
+    _one_line_error(run(cli_env, "aggregator", "--config", str(not_module)), "not a torch.nn.Module")
+    bad_name = tmp_path / "name.toml"
+    bad_name.write_text("[job]\nname = 'my/job'\n")
+    _one_line_error(run(cli_env, "aggregator", "--config", str(bad_name)), "job.name")
+    bad_codec = tmp_path / "codec.toml"
+    bad_codec.write_text("[codec]\nname = 'zip'\n")
+    _one_line_error(run(cli_env, "aggregator", "--config", str(bad_codec)), "codec.name 'zip'")
+    bad_url = tmp_path / "url.toml"
+    bad_url.write_text("[broker]\nurl = 'http://x'\n")
+    _one_line_error(run(cli_env, "agent", "--config", str(bad_url)), "broker.url")
+
+
+def test_version(cli_env):
+    proc = run(cli_env, "--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("fedge ")
