@@ -81,6 +81,7 @@ class _Device:
         self.models = Reassembler(
             max_bytes=2 * spec.max_model_bytes, max_message_bytes=spec.max_model_bytes,
             max_partials_per_stream=2, timeout_s=300.0,
+            check_ids=False,  # AgentCore verifies the envelope's sha256
         )
         self.link = MqttLink(
             spec.broker or broker, spec.client_id, inbox.put,

@@ -15,9 +15,9 @@ queued by paho while disconnected and sent after reconnecting.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
-import queue
 import ssl
 import threading
 import time
@@ -232,21 +232,47 @@ class MqttLink:
 
 
 class Inbox:
-    """A bounded queue of events for one role thread, plus a wake-up for
-    timers. Bounded so a flood cannot exhaust memory: when full, the network
-    thread waits, and the broker holds the rest."""
+    """The queue between network threads and a role's own thread.
 
-    def __init__(self, maxsize: int = 1024) -> None:
-        self._q: queue.Queue[object] = queue.Queue(maxsize=maxsize)
+    Bounded in items and in payload bytes, so a flood or a slow consumer
+    cannot grow memory: when full, the network thread waits, paho stops
+    reading its socket, and the broker keeps the rest queued for us. One item
+    is always admitted into an empty inbox, however large, so nothing can
+    deadlock."""
+
+    def __init__(self, maxsize: int = 1024, max_bytes: int = 32 << 20) -> None:
+        self.maxsize = maxsize
+        self.max_bytes = max_bytes
+        self._items: collections.deque[object] = collections.deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+
+    @staticmethod
+    def _size(item: object) -> int:
+        return len(item.payload) if isinstance(item, Inbound) else 0
 
     def put(self, item: object) -> None:
-        self._q.put(item)
+        size = self._size(item)
+        with self._cond:
+            while self._items and (len(self._items) >= self.maxsize or self._bytes + size > self.max_bytes):
+                self._cond.wait()
+            self._items.append(item)
+            self._bytes += size
+            self._cond.notify_all()
 
     def get(self, timeout: float | None) -> object | None:
-        try:
-            return self._q.get(timeout=None if timeout is None else max(0.0, timeout))
-        except queue.Empty:
-            return None
+        with self._cond:
+            if not self._items:
+                self._cond.wait(None if timeout is None else max(0.0, timeout))
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self._bytes -= self._size(item)
+            self._cond.notify_all()
+            return item
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def monotonic() -> float:

@@ -36,19 +36,60 @@ def pack(arrays: Mapping[str, np.ndarray]) -> bytes:
     return save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
 
 
-def unpack(data: bytes) -> ModelArrays:
-    """Parse bytes written by ``pack``; raise ``TensorError`` on anything else."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_MAX_HEADER = 100 << 20
 
-    if len(data) < 8:
+
+def unpack(data: bytes | memoryview) -> ModelArrays:
+    """Parse a safetensors buffer; raise ``TensorError`` on anything else.
+
+    The arrays are read-only views into ``data`` (no copy: a device holding
+    a model, or an aggregator folding updates at wire speed, keeps one copy).
+    Every offset, length and shape is checked against the buffer first, as
+    the format requires: the tensors tile the data region exactly, without
+    gaps or overlaps."""
+    n = len(data)
+    if n < 8:
         raise TensorError("malformed", "tensor payload is shorter than its 8-byte length prefix")
+    hlen = int.from_bytes(bytes(data[:8]), "little")
+    if hlen > min(n - 8, _MAX_HEADER):
+        raise TensorError("malformed", f"tensor header claims {hlen} bytes; the payload has {n - 8}")
     try:
-        return load(bytes(data))
-    except SafetensorError as exc:
-        raise TensorError("malformed", f"tensor payload is not valid safetensors: {exc}") from None
-    except Exception as exc:  # the Rust reader may raise other errors on hostile input
-        raise TensorError("malformed", f"tensor payload could not be read: {exc}") from None
+        header = json.loads(bytes(data[8 : 8 + hlen]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise TensorError("malformed", f"tensor header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise TensorError("malformed", "tensor header is not a JSON object")
+    header.pop("__metadata__", None)
+    base, size = 8 + hlen, n - 8 - hlen
+    spans: list[tuple[int, int, str, np.dtype, tuple[int, ...], int]] = []
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise TensorError("malformed", f"tensor {name!r} has a bad description: {info!r}") from None
+        count = int(np.prod(shape, dtype=np.int64))
+        if any(d < 0 for d in shape) or not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize:
+            raise TensorError("malformed", f"tensor {name!r} does not fit its {dtype} {shape} description")
+        spans.append((begin, end, name, dtype, shape, count))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    cursor = 0
+    out: ModelArrays = {}
+    for begin, end, name, dtype, shape, count in spans:
+        if begin != cursor:
+            raise TensorError("malformed", "tensor data has gaps or overlaps")
+        cursor = end
+        out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=base + begin).reshape(shape)
+    if cursor != size:
+        raise TensorError("malformed", "tensor data is not fully covered by its header")
+    return {name: out[name] for name in header}
 
 
 @dataclass(frozen=True)

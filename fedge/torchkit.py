@@ -57,11 +57,14 @@ def load_federated(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
         raise ValueError(f"model tensors missing from the global model: {missing[:3]}")
     with torch.no_grad():
         for name in wanted:
-            src = torch.from_numpy(np.asarray(arrays[name], dtype=np.float32))
-            if tuple(src.shape) != tuple(state[name].shape):
-                want = tuple(state[name].shape)
-                raise ValueError(f"tensor {name!r} has shape {tuple(src.shape)}, the model has {want}")
-            state[name].copy_(src)
+            src = np.asarray(arrays[name])
+            dst = state[name]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"tensor {name!r} has shape {tuple(src.shape)}, the model has {tuple(dst.shape)}")
+            if dst.dtype == torch.float32 and dst.device.type == "cpu" and dst.is_contiguous():
+                dst.numpy()[...] = src  # one copy, straight from the (read-only) wire buffer
+            else:
+                dst.copy_(torch.from_numpy(np.array(src, dtype=np.float32)))
 
 
 def load_data(factory: str, args: Mapping[str, Any] | None = None) -> Data:

@@ -71,8 +71,23 @@ class Int8Codec(UpdateCodec):
 
     def fold(self, body: bytes, spec: TensorSpec, acc: Mapping[str, np.ndarray], weight: float) -> None:
         for name, q, scale in self._parse(body, spec):
-            if scale == 0.0:
-                continue
-            acc_arr = acc[name]
-            tmp = np.multiply(q, np.float32(weight * scale), dtype=np.float32)
-            np.add(acc_arr, tmp, out=acc_arr)
+            if scale != 0.0:
+                axpy_blocked(acc[name], q, weight * scale)
+
+
+_BLOCK = 1 << 18
+
+
+def axpy_blocked(acc: np.ndarray, q: np.ndarray, factor: float) -> None:
+    """``acc += factor * q`` in cache-sized blocks: the float temporary stays
+    in cache instead of streaming a whole tensor through memory. Blocks are
+    large enough (1 MiB of float32) that the few GIL releases per tensor do
+    not stall behind the network thread."""
+    a, x = acc.reshape(-1), q.reshape(-1)
+    f = np.asarray(factor, dtype=acc.dtype)
+    tmp = np.empty(min(_BLOCK, x.size), dtype=acc.dtype)
+    for start in range(0, x.size, _BLOCK):
+        stop = min(start + _BLOCK, x.size)
+        t = tmp[: stop - start]
+        np.multiply(x[start:stop], f, out=t, dtype=acc.dtype)
+        np.add(a[start:stop], t, out=a[start:stop])

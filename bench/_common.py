@@ -1,0 +1,94 @@
+"""What every benchmark needs: the machine it ran on, a private Mosquitto, and
+JSON output. Benchmarks print JSON on stdout (and to --out when given)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"arch": platform.machine(), "python": platform.python_version(),
+                            "cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                            if line.startswith("model name")), None)
+        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        info["vnni"] = any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+        mem = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+        info["ram_gb"] = round(int(mem.split()[1]) / 1024 / 1024, 1)
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for dist in ("fedge", "torch", "numpy", "paho-mqtt", "onnxruntime", "amqtt"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    mosq = shutil.which("mosquitto")
+    if mosq:
+        out = subprocess.run([mosq, "-h"], capture_output=True, text=True).stdout.splitlines()
+        versions["mosquitto"] = out[0].split()[-1] if out else "?"
+    info["versions"] = versions
+    return info
+
+
+def emit(result: dict[str, Any], out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateMosquitto:
+    """A Mosquitto of the benchmark's own on a free loopback port."""
+
+    def __init__(self, extra: str = "") -> None:
+        if shutil.which("mosquitto") is None:
+            raise SystemExit("this benchmark needs mosquitto (apt-get install mosquitto)")
+        self.dir = Path(tempfile.mkdtemp(prefix="fedge-bench-mqtt-"))
+        self.port = free_port()
+        conf = self.dir / "m.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + "max_queued_messages 100000\nmax_queued_bytes 0\n" + extra
+        )
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)

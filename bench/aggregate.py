@@ -1,0 +1,208 @@
+"""Aggregator throughput and memory: int8 updates of the FedAvg paper's MNIST
+CNN (1,663,370 parameters) arriving over a real local Mosquitto.
+
+For each fleet size N the benchmark starts a private Mosquitto and a real
+`fedge aggregator` process (job: mnist_cnn, fraction 1, quorum 1, codec
+int8, no evaluation). N simulated clients announce themselves, wait for the
+round, and publish one int8 update each (real wire format and chunking),
+from a few MQTT connections in this process. Throughput is N over the time
+from the first update published to the aggregator's receipt for the last
+one (the aggregator acknowledges an update after folding it), so it covers
+transport, reassembly, hashing, validation and folding. Peak RSS is the
+aggregator process's VmHWM. Each size runs several rounds in one aggregator
+and reports the median.
+
+Bars (DESIGN.md): >= 100 updates/s; peak RSS flat as N grows.
+
+    python bench/aggregate.py [--clients 20 100 200] [--publishers 8] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import REPO, PrivateMosquitto, emit, machine
+from fedge import chunks, wire
+from fedge.chunks import Reassembler
+from fedge.codecs import make_codec
+from fedge.messages import GlobalModel, RoundAnnouncement, Status, Update, parse_event
+from fedge.topics import JobTopics
+
+JOB = "agg-bench"
+
+
+def vm(pid: int, key: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def connect(port: int, name: str, on_message=None) -> paho.Client:
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=name)
+    c.max_inflight_messages_set(64)
+    if on_message:
+        c.on_message = on_message
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    return c
+
+
+def run_one(n: int, publishers: int, rounds: int, workdir: Path) -> dict:
+    mosq = PrivateMosquitto()
+    topics = JobTopics(JOB)
+    state = workdir / f"agg-{n}"
+    conf = workdir / f"job-{n}.toml"
+    conf.write_text(
+        f'[job]\nname = "{JOB}"\nmodel = "fedge.models:mnist_cnn"\nrounds = {rounds + 1}\nstate_dir = "{state}"\n'
+        f'[selection]\nmin_clients = {n}\nfraction = 1.0\nquorum = 1.0\ndeadline_s = 600\nsettle_s = 1.0\n'
+        f'[codec]\nname = "int8"\n[broker]\nurl = "{mosq.url}"\n'
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    agg = subprocess.Popen([sys.executable, "-m", "fedge.cli", "--log-level", "WARNING", "aggregator",
+                            "--config", str(conf)], env=env)
+    inbox: queue.Queue = queue.Queue()
+    watcher = connect(mosq.port, "bench-watch", lambda c, u, m: inbox.put((time.perf_counter(), m.topic, m.payload)))
+    watcher.subscribe([(topics.round, 1), (topics.events, 1), (topics.model_filter, 1), (f"{topics.base}/ack/+", 1)])
+    conns = [connect(mosq.port, f"bench-pub-{i}") for i in range(publishers)]
+    clients = [f"c{i:04d}" for i in range(n)]
+    models = Reassembler()
+    latest: dict = {"ann": None, "model": None}
+
+    def absorb(topic: str, payload: bytes) -> None:
+        """Keep the newest announcement and model, whichever loop hears them."""
+        if topic == topics.round:
+            latest["ann"] = RoundAnnouncement.parse(wire.decode(payload))
+        elif topics.parse(topic)[0] == "model" and (whole := models.feed("model", payload, 0.0)):
+            latest["model"] = whole
+
+    measured = []
+    try:
+        info = {"codecs": ["none", "int8"], "role": "trainer"}
+        for i, c in enumerate(clients):
+            conns[i % publishers].publish(topics.status(c), Status(c, "online", info).encode(), qos=1, retain=True)
+        rss_ready = 0.0
+        last_round = 0
+        for _ in range(rounds):
+            def ready(after: int) -> bool:
+                a, m = latest["ann"], latest["model"]
+                return (a is not None and a.state == "open" and a.round > after and m is not None
+                        and wire.digest_of(m) == a.model_digest)
+
+            while not ready(last_round):
+                absorb(*inbox.get(timeout=300)[1:])
+            ann, model = latest["ann"], latest["model"]
+            assert len(ann.selected) == n, f"selected {len(ann.selected)} of {n}"
+            last_round = ann.round
+            rss_ready = rss_ready or vm(agg.pid, "VmRSS")
+            spec = GlobalModel.parse(wire.decode(model)).spec
+            # Every client's update, encoded before the clock starts.
+            codec = make_codec(ann.codec)
+            rng = np.random.default_rng(ann.round)
+            base = {k: (rng.normal(size=s) * 0.01).astype(np.float32) for k, s in spec.entries}
+            data_size = chunks.chunk_data_size(262144)
+            payloads: list[list[tuple[str, bytes]]] = [[] for _ in range(publishers)]
+            for i, c in enumerate(clients):
+                body = codec.encode(base, np.random.default_rng([ann.round, i]))
+                msg = Update(job=JOB, round=ann.round, sender=c, update_id=f"u{ann.round}-{i}", num_samples=600,
+                             codec=ann.codec, base_model=ann.model_digest, body=body).encode()
+                payloads[i % publishers].extend((topics.update(c), p) for p in chunks.split(msg, data_size))
+
+            def publish(k: int, batch=payloads) -> None:
+                for inf in [conns[k].publish(t, p, qos=1) for t, p in batch[k]]:
+                    inf.wait_for_publish(600)
+
+            threads = [threading.Thread(target=publish, args=(k,)) for k in range(publishers)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            acked, last_ack, record = 0, t0, None
+            while record is None:
+                stamp, topic, payload = inbox.get(timeout=600)
+                if topics.parse(topic)[0] == "ack":
+                    acked += 1
+                    last_ack = stamp
+                elif topic == topics.events:
+                    record, closed = parse_event(wire.decode(payload)), stamp
+                else:
+                    absorb(topic, payload)
+            for t in threads:
+                t.join()
+            fold_s = last_ack - t0
+            measured.append({"round": ann.round, "accepted": record["clients"], "receipts": acked,
+                             "fold_seconds": round(fold_s, 3), "updates_per_s": round(n / fold_s, 1),
+                             "close_seconds": round(closed - last_ack, 3)})
+        peak = vm(agg.pid, "VmHWM")
+        rates = sorted(m["updates_per_s"] for m in measured)
+        return {
+            "clients": n,
+            "parameters": spec.num_params,
+            "update_bytes": len(msg),
+            "updates_per_s": {"median": statistics.median(rates), "min": rates[0], "max": rates[-1]},
+            "megabytes_per_s_median": round(statistics.median(rates) * len(msg) / 1e6, 1),
+            "round_close_seconds_median": statistics.median(m["close_seconds"] for m in measured),
+            "aggregator_rss_mb_ready": round(rss_ready, 1),
+            "aggregator_peak_rss_mb": round(peak, 1),
+            "rounds": measured,
+        }
+    finally:
+        agg.send_signal(signal.SIGTERM)
+        try:
+            agg.wait(20)
+        except subprocess.TimeoutExpired:
+            agg.kill()
+        for c in [watcher, *conns]:
+            c.loop_stop()
+            c.disconnect()
+        mosq.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[20, 100, 200])
+    ap.add_argument("--publishers", type=int, default=8, help="MQTT connections the clients publish through")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds measured per fleet size")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-agg-") as tmp:
+        runs = [run_one(n, args.publishers, args.rounds, Path(tmp)) for n in args.clients]
+    peaks = [r["aggregator_peak_rss_mb"] for r in runs]
+    slowest = min(r["updates_per_s"]["median"] for r in runs)
+    growth = (max(peaks) - min(peaks)) / min(peaks)
+    emit({
+        "benchmark": "aggregate",
+        "workload": {"model": "fedge.models:mnist_cnn", "parameters": runs[0]["parameters"], "codec": "int8",
+                     "publishers": args.publishers, "broker": "mosquitto (private, loopback)",
+                     "rounds_per_size": args.rounds,
+                     "timing": "updates/s = clients / (last receipt - first publish); the aggregator sends a "
+                               "receipt after folding each update. The round close (optimizer step, checkpoint "
+                               "with fsync, republishing the model) is reported apart as round_close_seconds.",
+                     "note": "aggregator, broker and the publishing clients all share the machine's cores"},
+        "machine": machine(),
+        "runs": runs,
+        "bars": {
+            "updates_per_s_ge_100": {"value": slowest, "pass": slowest >= 100},
+            "peak_rss_flat": {"value": f"{min(peaks):.0f}-{max(peaks):.0f} MB across {args.clients} clients",
+                              "growth": round(growth, 3), "pass": growth < 0.15},
+        },
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()
