@@ -37,9 +37,9 @@ class Outcome:
 
 
 class _Worker:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, python: str, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent.worker"],
+            [python, "-m", "edge_agent.worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -89,12 +89,17 @@ class _Worker:
 
 
 class TrainingPool:
-    def __init__(self, size: int = 1, mode: str = "per_round", threads: int = 0, timeout_s: float = 3600.0) -> None:
+    def __init__(self, size: int = 1, mode: str = "per_round", threads: int = 0, timeout_s: float = 3600.0,
+                 python: str = "") -> None:
         if mode not in ("per_round", "warm"):
             raise ValueError(f"worker.mode {mode!r} is not known; use per_round or warm")
         self.mode = mode
         self.timeout_s = timeout_s
+        self.python = python or sys.executable
         self.env = dict(os.environ)
+        # The worker imports fedge from wherever this process found it.
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (here, self.env.get("PYTHONPATH", "")) if p)
         if threads > 0:
             self.env["FEDGE_WORKER_THREADS"] = str(threads)
         self._jobs: queue.Queue[tuple[bytes, Callable[[Outcome], None]] | None] = queue.Queue()
@@ -121,7 +126,7 @@ class TrainingPool:
             self._workers.clear()
 
     def _spawn(self) -> _Worker:
-        w = _Worker(self.env)
+        w = _Worker(self.python, self.env)
         with self._lock:
             self._workers.append(w)
         return w

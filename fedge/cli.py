@@ -50,8 +50,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.agents < 2:
         raise UsageError("--agents must be at least 2")
     opts = DemoOptions(
-        agents=args.agents, rounds=args.rounds, broker=args.broker, protocol=args.protocol, codec=args.codec,
-        seed=args.seed, alpha=args.alpha, workers=args.workers, json_path=args.json, state_dir=args.state_dir,
+        agents=args.agents, rounds=args.rounds, data=args.data, broker=args.broker, protocol=args.protocol,
+        codec=args.codec, seed=args.seed, alpha=args.alpha, workers=args.workers, json_path=args.json,
+        state_dir=args.state_dir,
     )
     summary = run_demo(opts)
     return 0 if summary["finished"] else 1
@@ -125,10 +126,15 @@ def _devices(cfg: Any, count: int | None) -> list[Any]:
 
 
 def _run_agents(cfg: Any, devices: list[Any], pool_size: int, mode: str, threads: int) -> int:
+    import shutil
+
     from edge_agent.pool import TrainingPool
     from edge_agent.runtime import AgentRuntime
 
-    pool = TrainingPool(size=pool_size, mode=mode, threads=threads, timeout_s=cfg.worker.timeout_s)
+    if cfg.worker.python and not shutil.which(cfg.worker.python):
+        raise UsageError(f"worker.python {cfg.worker.python!r} is not an executable; give the full path")
+    pool = TrainingPool(size=pool_size, mode=mode, threads=threads, timeout_s=cfg.worker.timeout_s,
+                        python=cfg.worker.python)
     runtime = AgentRuntime(devices, cfg.broker, pool)
     _on_signals(runtime.stop)
     runtime.start()
@@ -218,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run a whole federation (broker, aggregator, agents) in one command")
     d.add_argument("--agents", type=int, default=10, help="number of edge agents (default 10)")
     d.add_argument("--rounds", type=int, default=30, help="rounds to run (default 30)")
+    d.add_argument("--data", default="digits", choices=["digits", "breast-cancer"],
+                   help="built-in data set (default digits)")
     d.add_argument("--broker", default=None, help="use this broker (mqtt://host:port) instead of the embedded one")
     d.add_argument("--protocol", default="3.1.1", choices=["3.1.1", "5"], help="MQTT version (embedded: 3.1.1)")
     d.add_argument("--codec", default="int8", help="update codec (default int8)")

@@ -199,6 +199,9 @@ class WorkerSection:
         "per_round", "Training worker: per_round (no PyTorch in memory while idle) or warm (kept between rounds)."
     )
     threads: int = setting(0, "PyTorch threads in the worker; 0: all cores.")
+    python: str = setting(
+        "", "Python interpreter that runs training (one with PyTorch, e.g. JetPack's); empty: the agent's own."
+    )
     timeout_s: float = setting(3600.0, "A training run longer than this is killed and declined.")
 
 

@@ -2,8 +2,8 @@
 
 Starts an MQTT broker (embedded amqtt on a loopback port, or ``--broker`` for
 an existing one), the aggregator, and N edge agents, each with its own MQTT
-connection and its own non-IID share of scikit-learn's digits (Dirichlet
-over labels, alpha 0.5), sharing a small pool of warm training workers. It
+connection and its own non-IID share of scikit-learn's digits or breast
+cancer set (Dirichlet over labels, alpha 0.5), sharing a small pool of warm training workers. It
 prints one row per round and a summary, and can write the same as JSON.
 
 The pieces are the real ones (``aggregator.service``, ``edge_agent.runtime``):
@@ -24,13 +24,18 @@ from typing import Any, TextIO
 
 from fedge.config import AggregatorConfig, BrokerSettings
 
-JOB = "demo-digits"
+DATASETS = {
+    # name: (data callable, model factory, job name)
+    "digits": ("fedge.datasets:digits", "fedge.models:digits_mlp", "demo-digits"),
+    "breast-cancer": ("fedge.datasets:breast_cancer", "fedge.models:tabular_mlp", "demo-breast-cancer"),
+}
 
 
 @dataclass
 class DemoOptions:
     agents: int = 10
     rounds: int = 30
+    data: str = "digits"
     broker: str | None = None
     protocol: str = "3.1.1"
     codec: str = "int8"
@@ -68,9 +73,10 @@ class RoundTable:
 
 
 def job_config(opts: DemoOptions, broker_url: str, state_dir: Path) -> AggregatorConfig:
+    data, model, job = DATASETS[opts.data]
     cfg = AggregatorConfig()
-    cfg.job.name = JOB
-    cfg.job.model = "fedge.models:digits_mlp"
+    cfg.job.name = job
+    cfg.job.model = model
     cfg.job.seed = opts.seed
     cfg.job.rounds = opts.rounds
     cfg.job.state_dir = str(state_dir / "aggregator")
@@ -81,7 +87,7 @@ def job_config(opts: DemoOptions, broker_url: str, state_dir: Path) -> Aggregato
     cfg.training.batch_size = opts.batch_size
     cfg.training.lr = opts.lr
     cfg.codec.name = opts.codec
-    cfg.evaluate.data = "fedge.datasets:digits"
+    cfg.evaluate.data = data
     cfg.evaluate.args = {"split": "test"}
     cfg.broker.url = broker_url
     cfg.broker.protocol = opts.protocol
@@ -114,9 +120,10 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     cfg = job_config(opts, url, state_dir)
     aggregator = AggregatorService(cfg, on_record=on_record)
     broker = BrokerSettings(url=url, protocol=opts.protocol)
+    data, _, job = DATASETS[opts.data]
     devices = [
         DeviceSpec(
-            client_id=f"agent-{i:02d}", job=JOB, data="fedge.datasets:digits",
+            client_id=f"agent-{i:02d}", job=job, data=data,
             data_args={"client": i, "clients": opts.agents, "partition": "dirichlet", "alpha": opts.alpha,
                        "seed": opts.seed},
             state_dir=state_dir / "agents" / f"agent-{i:02d}",
@@ -125,7 +132,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     ]
     pool = TrainingPool(size=opts.workers, mode="warm", threads=1)
     fleet = AgentRuntime(devices, broker, pool)
-    out.write(f"fedge demo: {opts.agents} agents, {opts.rounds} rounds, digits (Dirichlet alpha={opts.alpha}), "
+    out.write(f"fedge demo: {opts.agents} agents, {opts.rounds} rounds, {opts.data} (Dirichlet alpha={opts.alpha}), "
               f"codec {opts.codec}, broker {url}{' (embedded)' if embedded else ''}\n")
     table.header()
     started = time.perf_counter()

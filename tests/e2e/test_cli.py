@@ -44,6 +44,14 @@ def test_demo_against_an_external_broker_over_mqtt5(mosquitto, tmp_path, cli_env
     assert len(json.loads(out.read_text())["rounds"]) == 3
 
 
+def test_demo_on_the_tabular_data_set(tmp_path, cli_env):
+    out = tmp_path / "bc.json"
+    proc = run(cli_env, "demo", "--data", "breast-cancer", "--agents", "4", "--rounds", "5", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert len(result["rounds"]) == 5 and result["final_accuracy"] >= 0.9
+
+
 @pytest.mark.parametrize("role", ["aggregator", "agent"])
 def test_config_prints_a_complete_documented_file(cli_env, role):
     proc = run(cli_env, "config", role)
