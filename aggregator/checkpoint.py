@@ -52,16 +52,22 @@ class StateDir:
     # open round ----------------------------------------------------------------
 
     def save_open_round(self, record: dict[str, Any]) -> None:
-        atomic_write(self.root / OPEN_ROUND, json.dumps(record).encode())
+        self.save_json(OPEN_ROUND, record)
 
     def load_open_round(self) -> dict[str, Any] | None:
-        path = self.root / OPEN_ROUND
-        if not path.exists():
-            return None
+        return self.load_json(OPEN_ROUND) or None
+
+    # small JSON state ------------------------------------------------------------
+
+    def save_json(self, name: str, data: dict[str, Any]) -> None:
+        atomic_write(self.root / name, json.dumps(data).encode())
+
+    def load_json(self, name: str) -> dict[str, Any]:
         try:
-            return json.loads(path.read_text())
+            data = json.loads((self.root / name).read_text())
         except (OSError, ValueError):
-            return None
+            return {}
+        return data if isinstance(data, dict) else {}
 
     # round log -----------------------------------------------------------------
 

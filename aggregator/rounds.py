@@ -353,6 +353,8 @@ class RoundCore:
         name = self.codec_params.get("name")
         out = []
         for client, info in self.online.items():
+            if info.get("role", "trainer") != "trainer":
+                continue  # inference-only devices never train
             codecs = info.get("codecs")
             if isinstance(codecs, list) and name not in codecs:
                 continue

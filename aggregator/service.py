@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from aggregator.artifacts import ArtifactBuilt, ArtifactFailed, OnnxPublisher
 from aggregator.checkpoint import StateDir
 from aggregator.rounds import (
     Action,
@@ -85,9 +86,11 @@ class AggregatorService:
         )
         self._eval_data: Any = None
         self._eval_model: Any = None
+        self.onnx = (OnnxPublisher(cfg, self.state.root / "onnx", self.inbox.put) if cfg.onnx.every > 0 else None)
         self._stop = threading.Event()
         self.done = threading.Event()
         self.dropped_chunks = 0
+        self.artifacts: list[dict[str, Any]] = []
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -120,7 +123,7 @@ class AggregatorService:
         try:
             if self.done.is_set():
                 self.link.wait_connected(self.cfg.broker.keepalive_s)
-            while not self._stop.is_set() and not self.done.is_set():
+            while not self._stop.is_set() and not (self.done.is_set() and not self._exporting()):
                 deadline = self.core.next_deadline()
                 wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - monotonic()))
                 item = self.inbox.get(timeout=wait)
@@ -138,7 +141,17 @@ class AggregatorService:
 
     # --- events ----------------------------------------------------------------
 
+    def _exporting(self) -> bool:
+        return self.onnx is not None and self.onnx.busy
+
     def _dispatch(self, item: object, now: float) -> None:
+        if isinstance(item, ArtifactBuilt):
+            self._publish_artifact(item)
+            return
+        if isinstance(item, ArtifactFailed):
+            self.core.counters["onnx_failed"] += 1
+            log.error("ONNX export of round %d failed (the job goes on): %s", item.round, item.error)
+            return
         if isinstance(item, LinkUp):
             log.info("connected to %s:%d (session present: %s)", self.link.host, self.link.port, item.session_present)
             self.link.publish(self.topics.server, Status(messages.AGGREGATOR, "online").encode(), retain=True)
@@ -215,8 +228,23 @@ class AggregatorService:
                  record["selected"], "" if acc is None else f", accuracy {acc:.4f}")
         if self.on_record is not None:
             self.on_record(record)
+        if self.onnx is not None and record["status"] == "ok" and self.onnx.due(record["round"], fin.last):
+            self.onnx.submit(record["round"], self.core._model_message)
         if fin.last:
             self.done.set()
+
+    def _publish_artifact(self, built: ArtifactBuilt) -> None:
+        name = self.cfg.onnx.name
+        infos = self.link.publish_chunked(lambda i: self.topics.artifact_chunk(name, i), built.message, retain=True)
+        # Chunks of an earlier, longer artifact would linger as retained messages.
+        previous = self.state.load_json("artifact.json").get("chunks", 0)
+        for i in range(len(infos), previous):
+            self.link.clear_retained(self.topics.artifact_chunk(name, i))
+        self.state.save_json("artifact.json", {**built.summary, "chunks": len(infos)})
+        self.artifacts.append(built.summary)
+        log.info("published ONNX %s of round %d: %d bytes%s", built.summary["variant"], built.round,
+                 built.summary["bytes"], "" if built.summary.get("accuracy") is None
+                 else f", accuracy {built.summary['accuracy']:.4f} (float32 {built.summary['float_accuracy']:.4f})")
 
     def _evaluate(self, model_arrays: dict) -> dict[str, float]:
         from fedge import torchkit

@@ -55,7 +55,7 @@ def cpu_info() -> dict[str, Any]:
         info["vnni"] = any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
     except OSError:
         info["cpu"], info["vnni"] = None, False
-    from export.runtime import default_threads
+    from fedge.onnxrt import default_threads
 
     info["cores_available"] = default_threads()
     return info

@@ -1,17 +1,23 @@
 """The agent's I/O shell: MQTT connections, the state directory, the training
-pool and timers around one or many ``AgentCore``s, all on one thread.
+pool and timers around one or many agent cores, all on one thread.
 
 A real device runs one agent. A simulated fleet (the demo, benchmarks) runs
 many, each with its own MQTT connection and state directory, sharing one
 small pool of training workers: the same code path either way.
+
+A device is a ``trainer`` (``AgentCore``: rounds, updates) or an
+``inference`` device (``InferenceCore``: it installs the ONNX artifact the
+aggregator publishes and serves predictions with ONNX Runtime).
 
 This module never imports PyTorch; training happens in worker processes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +40,14 @@ from edge_agent.core import (
     TrainingFailed,
     TrainJob,
 )
+from edge_agent.inference import ArtifactArrived, InferenceCore, InstallArtifact
 from edge_agent.pool import Outcome, TrainingPool
+from edge_agent.serve import PredictionServer, ServedModel
 from edge_agent.state import DeviceStore
 from fedge import tensors, wire
 from fedge.chunks import ChunkError, Reassembler
 from fedge.config import BrokerSettings
+from fedge.files import atomic_write
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.topics import JobTopics, check_id
 from fedge.wire import Kind
@@ -58,6 +67,10 @@ class DeviceSpec:
     resend_after_s: float = 20.0
     info: dict[str, Any] = field(default_factory=dict)
     broker: BrokerSettings | None = None  # this device's own credentials; default: the runtime's
+    role: str = "trainer"  # or "inference"
+    artifact: str = "model"  # inference: the artifact name to install
+    serve: str = ""  # inference: host:port of the local prediction API
+    threads: int = 0  # inference: ONNX Runtime threads
 
 
 @dataclass(frozen=True)
@@ -72,22 +85,77 @@ class _Device:
         self.spec = spec
         self.topics = JobTopics(spec.job)
         self.store = DeviceStore(spec.state_dir)
-        state, update = self.store.load()
-        self.core = AgentCore(
-            client_id=spec.client_id, job=spec.job, info=spec.info or capabilities.describe(),
-            accepted_model=spec.accepted_model, resend_after_s=spec.resend_after_s,
-            state=state, update_bytes=update,
-        )
-        self.models = Reassembler(
+        info = spec.info or capabilities.describe(spec.role)
+        self.core: AgentCore | InferenceCore
+        self.served: ServedModel | None = None
+        if spec.role == "inference":
+            self.core = InferenceCore(spec.client_id, spec.job, spec.artifact, info)
+            subscriptions = [self.topics.artifact_filter(spec.artifact)]
+        elif spec.role == "trainer":
+            state, update = self.store.load()
+            self.core = AgentCore(
+                client_id=spec.client_id, job=spec.job, info=info, accepted_model=spec.accepted_model,
+                resend_after_s=spec.resend_after_s, state=state, update_bytes=update,
+            )
+            subscriptions = [self.topics.model_filter, self.topics.round, self.topics.ack(spec.client_id)]
+        else:
+            raise ValueError(f"agent.role {spec.role!r} is not known; use trainer or inference")
+        self.downloads = Reassembler(
             max_bytes=2 * spec.max_model_bytes, max_message_bytes=spec.max_model_bytes,
             max_partials_per_stream=2, timeout_s=300.0,
-            check_ids=False,  # AgentCore verifies the envelope's sha256
+            check_ids=False,  # the cores verify the envelope's sha256
         )
         self.link = MqttLink(
-            spec.broker or broker, spec.client_id, inbox.put,
-            subscriptions=[self.topics.model_filter, self.topics.round, self.topics.ack(spec.client_id)],
+            spec.broker or broker, spec.client_id, inbox.put, subscriptions=subscriptions,
             will=(self.topics.status(spec.client_id), self.core.status("offline")),
         )
+
+    # --- inference devices ---------------------------------------------------------
+
+    @property
+    def model_file(self) -> Path:
+        return self.spec.state_dir / f"{self.spec.artifact}.onnx"
+
+    def install(self, art: Any) -> None:
+        """Write the verified file and its manifest, then serve it."""
+        atomic_write(self.model_file.with_suffix(".manifest.json"), json.dumps(art.manifest, indent=2).encode())
+        atomic_write(self.model_file.with_suffix(".info.json"), json.dumps(self._info(art)).encode())
+        atomic_write(self.model_file, art.body)
+        self.load()
+
+    def _info(self, art: Any) -> dict[str, Any]:
+        return {"round": art.round, "sha256": art.sha256, "variant": art.variant, "name": art.name}
+
+    def load(self) -> bool:
+        """(Re)load the installed model, if its bytes still match what was
+        installed; a device restarts serving before the broker answers."""
+        import hashlib
+
+        from fedge.onnxrt import OnnxModelError, OnnxPredictor
+
+        info_file = self.model_file.with_suffix(".info.json")
+        if not self.model_file.exists() or not info_file.exists():
+            return False
+        info = json.loads(info_file.read_text())
+        if hashlib.sha256(self.model_file.read_bytes()).hexdigest() != info.get("sha256"):
+            log.error("%s: %s does not match its recorded sha256; waiting for a fresh copy",
+                      self.spec.client_id, self.model_file)
+            return False
+        try:
+            predictor = OnnxPredictor(self.model_file, threads=self.spec.threads or None)
+        except OnnxModelError as exc:
+            log.error("%s: cannot serve %s: %s", self.spec.client_id, self.model_file, exc)
+            return False
+        self.served = ServedModel(predictor, info)
+        assert isinstance(self.core, InferenceCore)
+        self.core.installed_round, self.core.installed_sha256 = info["round"], info["sha256"]
+        log.info("%s: serving %s of round %d (%s, sha256 %s)", self.spec.client_id, self.model_file.name,
+                 info["round"], info["variant"], info["sha256"][:12])
+        return True
+
+
+def _served_by(dev: _Device) -> Callable[[], ServedModel | None]:
+    return lambda: dev.served
 
 
 class AgentRuntime:
@@ -100,10 +168,20 @@ class AgentRuntime:
         self.pool = pool
         self.tick_s = tick_s
         self._stop = threading.Event()
+        self.servers: list[PredictionServer] = []
+        for dev in self.devices.values():
+            if dev.spec.role == "inference":
+                dev.load()
+                if dev.spec.serve:
+                    self.servers.append(PredictionServer(dev.spec.serve, _served_by(dev)))
 
     # --- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
+        for server in self.servers:
+            server.start()
+            log.info("prediction API on http://%s:%d (POST /predict, GET /health)",
+                     server.httpd.server_address[0], server.port)
         for dev in self.devices.values():
             dev.link.start()
 
@@ -111,6 +189,8 @@ class AgentRuntime:
         self._stop.set()
 
     def close(self) -> None:
+        for server in self.servers:
+            server.stop()
         for dev in self.devices.values():
             dev.link.stop(final=(dev.topics.status(dev.spec.client_id), dev.core.status("offline")))
 
@@ -128,7 +208,7 @@ class AgentRuntime:
             if now >= next_tick:
                 next_tick = now + self.tick_s
                 for dev in self.devices.values():
-                    dev.models.expire(now)
+                    dev.downloads.expire(now)
                     self._run(dev, Tick(now))
 
     # --- events ----------------------------------------------------------------
@@ -150,14 +230,14 @@ class AgentRuntime:
         channel, _ = dev.topics.parse(item.topic)
         if not item.payload:
             return  # a cleared retained message
-        if channel == "model":
+        if channel in ("model", "artifact"):
             try:
-                message = dev.models.feed("model", item.payload, now)
+                message = dev.downloads.feed(channel, item.payload, now)
             except ChunkError as exc:
-                log.warning("%s: dropped a model chunk: %s", item.link, exc)
+                log.warning("%s: dropped a %s chunk: %s", item.link, channel, exc)
                 return
             if message is not None:
-                self._run(dev, ModelArrived(message, now))
+                self._run(dev, ModelArrived(message, now) if channel == "model" else ArtifactArrived(message, now))
         elif channel == "round":
             self._run(dev, AnnouncementArrived(item.payload, now))
         elif channel == "ack":
@@ -176,13 +256,15 @@ class AgentRuntime:
 
     # --- actions ---------------------------------------------------------------
 
-    def _run(self, dev: _Device, event: Event) -> None:
-        for action in dev.core.handle(event):
+    def _run(self, dev: _Device, event: object) -> None:
+        for action in dev.core.handle(event):  # type: ignore[arg-type]
             self._execute(dev, action)
 
-    def _execute(self, dev: _Device, action: Action) -> None:
+    def _execute(self, dev: _Device, action: Action | InstallArtifact) -> None:
         cid = dev.spec.client_id
-        if isinstance(action, PersistState):
+        if isinstance(action, InstallArtifact):
+            dev.install(action.artifact)
+        elif isinstance(action, PersistState):
             dev.store.save(action.state, action.update)
         elif isinstance(action, PublishUpdate):
             dev.link.publish_chunked(lambda _i: dev.topics.update(cid), action.message)

@@ -16,12 +16,12 @@ helper an inference-only device runs:
 - ``data``: calibration and evaluation sets from ``.npz`` files or data specs.
 - ``report``: accuracy, top-1 agreement, size and latency of two models.
 - ``inspection``: a summary of an ``.onnx`` file and its manifest.
-- ``runtime``: ``OnnxPredictor``, which never imports PyTorch.
 - ``cli``: the ``export``, ``quantize``, ``inspect``, ``bench-model`` and
   ``predict`` subcommands of ``fedge``.
 
-It must not import PyTorch at package import time: ``export.runtime`` and
-``fedge predict`` run on devices that do not have it. Modules that need
+It must not import PyTorch at package import time: ``fedge predict`` runs
+on devices that do not have it (its ONNX Runtime side is ``fedge.onnxrt``,
+shared with the inference-only agent). Modules that need
 PyTorch (``onnx_export``, ``sources``) import it themselves, and nothing
 here imports the agent or the aggregator.
 """
@@ -45,7 +45,7 @@ _LAZY = {
     "QuantizeResult": "export.quantize",
     "compare_models": "export.report",
     "inspect_model": "export.inspection",
-    "OnnxPredictor": "export.runtime",
+    "OnnxPredictor": "fedge.onnxrt",
 }
 
 __all__ = ["ExportError", "QualityError", *_LAZY]

@@ -30,6 +30,7 @@ Command = Callable[[argparse.Namespace], int]
 def _guarded(name: str, fn: Command) -> Command:
     def run(args: argparse.Namespace) -> int:
         from fedge.imports import ImportSpecError
+        from fedge.onnxrt import OnnxModelError
 
         try:
             return int(fn(args) or 0)
@@ -38,7 +39,7 @@ def _guarded(name: str, fn: Command) -> Command:
                 print(exc.report)
             print(f"fedge {name}: failed: {exc}", file=sys.stderr)
             return 1
-        except (ExportError, ImportSpecError, FileNotFoundError) as exc:
+        except (ExportError, ImportSpecError, OnnxModelError, FileNotFoundError) as exc:
             print(f"fedge {name}: error: {exc}", file=sys.stderr)
             return 2
 
@@ -91,7 +92,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from export.data import load_dataset
     from export.quantize import quantize_model, resolve_config
     from export.report import compare_models
-    from export.runtime import open_session
+    from fedge.onnxrt import open_session
 
     resolve_config(args.mode, args.target, method=args.method, per_channel=args.per_channel, vnni=args.vnni)
     if args.max_accuracy_drop is not None and not args.eval:
@@ -155,7 +156,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
     from export.report import bench_models
-    from export.runtime import default_threads, open_session
+    from fedge.onnxrt import default_threads, open_session
 
     for p in args.models:
         open_session(p)
@@ -178,7 +179,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from export.data import load_dataset
-    from export.runtime import OnnxPredictor, softmax
+    from fedge.onnxrt import OnnxPredictor, softmax
 
     predictor = OnnxPredictor(args.model, threads=args.threads or None)
     data = load_dataset(args.input, predictor.input_names, what="input")

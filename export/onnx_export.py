@@ -45,8 +45,8 @@ from export import opsets
 from export.errors import ExportError, QualityError
 from export.files import check_outputs, replace_atomically, temp_path_beside
 from export.manifest import build_manifest, manifest_path, write_manifest
-from export.runtime import open_session
 from export.signature import BATCH_DIM, InputSpec, examples
+from fedge.onnxrt import open_session
 
 if TYPE_CHECKING:
     from torch import nn

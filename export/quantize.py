@@ -270,7 +270,7 @@ def _quantize_int8(src: Path, dst: Path, cfg: QuantConfig, calibration: Mapping[
         quantize_static,
     )
 
-    from export.runtime import ORT_TYPES, open_session
+    from fedge.onnxrt import ORT_TYPES, open_session
 
     qtypes = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     pre = temp_path_beside(dst, ".pre.onnx")
@@ -321,7 +321,7 @@ def _quantize_int8(src: Path, dst: Path, cfg: QuantConfig, calibration: Mapping[
 def _smoke_run(path: Path, calibration: Mapping[str, np.ndarray] | None, input_names: Sequence[str]) -> None:
     """The quantized file must load and run in ONNX Runtime before it is kept."""
     from export.report import random_feeds
-    from export.runtime import ORT_TYPES, open_session
+    from fedge.onnxrt import ORT_TYPES, open_session
 
     session = open_session(path)
     if calibration and all(n in calibration for n in input_names):

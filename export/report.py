@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from export.data import Dataset
-from export.runtime import ORT_TYPES, OnnxPredictor, default_threads, open_session
+from fedge.onnxrt import ORT_TYPES, OnnxPredictor, default_threads, open_session
 
 MIN_RUNS = 50
 

@@ -99,6 +99,23 @@ def _check_job(cfg: Any) -> None:
         raise UsageError("selection.fraction and selection.quorum must be in (0, 1]")
     if sel.min_clients < 1 or sel.min_updates < 1:
         raise UsageError("selection.min_clients and selection.min_updates must be at least 1")
+    onnx = cfg.onnx
+    if onnx.every > 0:
+        from export.errors import ExportError
+        from export.signature import parse_input_spec
+
+        if not onnx.inputs:
+            raise UsageError('onnx.inputs is empty: give the input signature, e.g. inputs = ["x:1x64:float32"]')
+        for spec in onnx.inputs:
+            try:
+                parse_input_spec(spec)
+            except ExportError as exc:
+                raise UsageError(f"onnx.inputs: {exc}") from None
+        if onnx.quantize not in ("none", "static", "dynamic", "fp16"):
+            raise UsageError(f"onnx.quantize {onnx.quantize!r} is not known; use none, static, dynamic or fp16")
+        if onnx.target not in ("arm64", "x86", "jetson"):
+            raise UsageError(f"onnx.target {onnx.target!r} is not known; use arm64, x86 or jetson")
+        check_id(onnx.name, "onnx.name")
 
 
 def _devices(cfg: Any, count: int | None) -> list[Any]:
@@ -113,11 +130,19 @@ def _devices(cfg: Any, count: int | None) -> list[Any]:
         check_id(cfg.agent.job, "agent.job")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if cfg.agent.role not in ("trainer", "inference"):
+        raise UsageError(f"agent.role {cfg.agent.role!r} is not known; use trainer or inference")
+    if cfg.agent.role == "inference":
+        try:
+            check_id(cfg.inference.artifact, "inference.artifact")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     common = dict(job=cfg.agent.job, data=cfg.data.factory, accepted_model=cfg.agent.model,
-                  max_model_bytes=cfg.agent.max_model_bytes, resend_after_s=cfg.agent.resend_after_s)
+                  max_model_bytes=cfg.agent.max_model_bytes, resend_after_s=cfg.agent.resend_after_s,
+                  role=cfg.agent.role, artifact=cfg.inference.artifact, threads=cfg.inference.threads)
     if count is None:
         return [DeviceSpec(client_id=base, data_args=dict(cfg.data.args), state_dir=Path(cfg.agent.state_dir),
-                           **common)]
+                           serve=cfg.inference.serve, **common)]
     return [
         DeviceSpec(client_id=f"{base}-{i:03d}", data_args={**cfg.data.args, "client": i, "clients": count},
                    state_dir=Path(cfg.agent.state_dir) / f"{base}-{i:03d}", **common)
@@ -152,9 +177,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, config.AgentConfig, args.set)
     _check_broker(cfg.broker)
     devices = _devices(cfg, None)
-    log.info("agent %s for job %s on %s (worker %s)", devices[0].client_id, cfg.agent.job, cfg.broker.url,
-             cfg.worker.mode)
-    return _run_agents(cfg, devices, 1, cfg.worker.mode, cfg.worker.threads)
+    inference = cfg.agent.role == "inference"
+    log.info("agent %s for job %s on %s (%s)", devices[0].client_id, cfg.agent.job, cfg.broker.url,
+             f"inference only, artifact {cfg.inference.artifact}" if inference else f"worker {cfg.worker.mode}")
+    # An inference-only device never trains: no warm PyTorch worker for it.
+    return _run_agents(cfg, devices, 1, "per_round" if inference else cfg.worker.mode, cfg.worker.threads)
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:

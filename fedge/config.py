@@ -152,6 +152,26 @@ class EvaluateSection:
 
 
 @dataclass
+class OnnxSection:
+    every: int = setting(
+        0, "Publish the global model as ONNX every k closed rounds (and after the last one); 0: never."
+    )
+    name: str = setting("model", "Artifact name: devices read it from fedge/v1/<job>/artifact/<name>/.")
+    inputs: list = setting([], "Input signature, e.g. [\"x:1x64:float32\"]; the first dimension is the batch.")
+    opset: int = setting(17, "ONNX opset (17: ONNX Runtime on a Raspberry Pi and TensorRT 8.6 on a Jetson).")
+    quantize: str = setting("static", "none (float32), static (int8 QDQ), dynamic (int8) or fp16.")
+    target: str = setting("arm64", "Quantization preset: arm64, x86 or jetson.")
+    calibration: str = setting(
+        "", "Calibration data for static int8 (.npz or module:callable); empty: the [evaluate] data."
+    )
+    calibration_args: dict = setting({}, "Keyword arguments for the calibration callable.")
+    max_accuracy_drop: float = setting(
+        0.0, "Refuse a quantized model that loses more accuracy points than this on the [evaluate] data; 0: no gate."
+    )
+    timeout_s: float = setting(900.0, "An export that takes longer is abandoned (the job goes on).")
+
+
+@dataclass
 class LimitsSection:
     max_update_bytes: int = setting(64 << 20, "Largest update accepted, in bytes.")
     reassembly_bytes: int = setting(256 << 20, "Memory for partially received updates, across all clients.")
@@ -166,6 +186,7 @@ class AggregatorConfig:
     codec: CodecSection = section(CodecSection, "How clients compress their deltas.")
     server: ServerSection = section(ServerSection, "Server-side optimizer applied to the averaged delta.")
     evaluate: EvaluateSection = section(EvaluateSection, "Held-out evaluation of each new global model.")
+    onnx: OnnxSection = section(OnnxSection, "ONNX exports of the global model for inference-only devices.")
     limits: LimitsSection = section(LimitsSection, "Bounds that protect the aggregator from bad input.")
     broker: BrokerSettings = section(BrokerSettings, "How to reach the MQTT broker.")
 
@@ -176,6 +197,7 @@ class AggregatorConfig:
 @dataclass
 class AgentSection:
     id: str = setting("", "Device id, its own topic level; empty: the host name.")
+    role: str = setting("trainer", "trainer (trains rounds) or inference (serves the published ONNX model only).")
     job: str = setting("default", "Job to take part in.")
     state_dir: str = setting("fedge-agent-state", "Where the agent keeps its state between restarts.")
     model: str = setting(
@@ -206,10 +228,18 @@ class WorkerSection:
 
 
 @dataclass
+class InferenceSection:
+    artifact: str = setting("model", "Name of the published ONNX artifact to download and serve.")
+    serve: str = setting("", "host:port for a local HTTP prediction API (POST /predict); empty: none.")
+    threads: int = setting(0, "ONNX Runtime threads; 0: all cores.")
+
+
+@dataclass
 class AgentConfig:
     agent: AgentSection = section(AgentSection, "This device.")
     data: DataSection = section(DataSection, "The device's local data; it never leaves the device.")
     worker: WorkerSection = section(WorkerSection, "The process that runs training.")
+    inference: InferenceSection = section(InferenceSection, "Inference-only devices (agent.role = inference).")
     broker: BrokerSettings = section(BrokerSettings, "How to reach the MQTT broker.")
 
     def client_id(self) -> str:

@@ -321,6 +321,50 @@ class Ack:
         )
 
 
+@dataclass(frozen=True)
+class Artifact:
+    """A file derived from a global model for inference-only devices (an ONNX
+    model, float or quantized), retained and chunked on
+    ``fedge/v1/<job>/artifact/<name>/``. ``sha256`` is the file's own digest,
+    the one its manifest names, checked by the device before it serves."""
+
+    job: str
+    round: int
+    name: str
+    format: str  # "onnx"
+    variant: str  # "float32", "int8", "fp16"
+    sha256: str
+    manifest: dict[str, Any]
+    body: bytes
+
+    def encode(self) -> bytes:
+        header = {"job": self.job, "round": self.round, "sender": AGGREGATOR, "num_samples": 0, "codec": None,
+                  "name": self.name, "format": self.format, "variant": self.variant, "sha256": self.sha256,
+                  "manifest": self.manifest}
+        return wire.encode(Kind.ARTIFACT, header, self.body)
+
+    @classmethod
+    def parse(cls, env: Envelope) -> Artifact:
+        import hashlib
+
+        h = _expect(env, Kind.ARTIFACT)
+        art = cls(
+            job=_id(h, "job", "artifact"),
+            round=_field(h, "round", int, "artifact"),
+            name=_id(h, "name", "artifact"),
+            format=_field(h, "format", str, "artifact"),
+            variant=_field(h, "variant", str, "artifact"),
+            sha256=_field(h, "sha256", str, "artifact"),
+            manifest=_field(h, "manifest", dict, "artifact"),
+            body=env.body,
+        )
+        if hashlib.sha256(art.body).hexdigest() != art.sha256:
+            raise ProtocolError("checksum", "artifact body does not match its sha256")
+        if art.manifest.get("sha256") not in (None, art.sha256):
+            raise ProtocolError("checksum", "artifact manifest names another file")
+        return art
+
+
 def encode_event(job: str, record: dict[str, Any]) -> bytes:
     header = {"job": job, "round": record.get("round", 0), "sender": AGGREGATOR, "num_samples": 0,
               "codec": None, "record": record}

@@ -14,8 +14,8 @@ import torch
 from export.errors import ExportError
 from export.files import sha256_file
 from export.onnx_export import export_from_factory, export_global_model, export_model
-from export.runtime import OnnxPredictor
 from export.signature import parse_input_spec, parse_input_specs
+from fedge.onnxrt import OnnxPredictor
 from fedge.torchkit import build_model
 
 from .conftest import ZOO, sample_inputs, zoo_model

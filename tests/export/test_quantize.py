@@ -11,7 +11,7 @@ import pytest
 
 from export.errors import ExportError
 from export.quantize import quantize_model
-from export.runtime import OnnxPredictor
+from fedge.onnxrt import OnnxPredictor
 
 from .conftest import ZOO, sample_inputs
 

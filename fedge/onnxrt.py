@@ -1,10 +1,10 @@
 """Running an ONNX model with ONNX Runtime, for devices without PyTorch.
 
-Owns ``OnnxPredictor`` (what ``fedge predict`` and an inference-only device
-use) and the session settings every measurement in this package shares. It
-must never import PyTorch, directly or through another module: an
-inference-only device does not have it installed, and an idle agent must not
-pay for it.
+Shared by the export toolchain (parity checks, benchmarks, ``fedge
+predict``) and the inference-only edge agent, which is why it lives in
+``fedge``: ``OnnxPredictor`` and the session settings every measurement
+uses. It must never import PyTorch, directly or through another module: an
+inference-only device does not have it installed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from export.errors import ExportError
+
+class OnnxModelError(ValueError):
+    """An ONNX file that cannot be found, loaded or fed: one line naming the fix."""
+
 
 ORT_TYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
@@ -63,13 +66,13 @@ def open_session(path: str | Path, threads: int | None = None, optimization: str
 
     p = Path(path)
     if not p.is_file():
-        raise ExportError(f"ONNX model {str(p)!r} not found; check the path")
+        raise OnnxModelError(f"ONNX model {str(p)!r} not found; check the path")
     try:
         return ort.InferenceSession(str(p), sess_options=session_options(threads, optimization),
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"ONNX Runtime cannot load {str(p)!r}: {first}") from None
+        raise OnnxModelError(f"ONNX Runtime cannot load {str(p)!r}: {first}") from None
 
 
 class OnnxPredictor:
@@ -91,21 +94,21 @@ class OnnxPredictor:
     def _feeds(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
         if not isinstance(inputs, Mapping):
             if len(self.inputs) != 1:
-                raise ExportError(f"model {self.path.name} has inputs {self.input_names}; pass a dict of arrays")
+                raise OnnxModelError(f"model {self.path.name} has inputs {self.input_names}; pass a dict of arrays")
             inputs = {self.input_names[0]: inputs}
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
-            raise ExportError(f"model {self.path.name} needs inputs {self.input_names}; missing {missing}")
+            raise OnnxModelError(f"model {self.path.name} needs inputs {self.input_names}; missing {missing}")
         feeds = {}
         for name, dtype, shape in self.inputs:
             arr = np.asarray(inputs[name])
             if arr.ndim != len(shape):
-                raise ExportError(f"input {name!r} has shape {arr.shape}; the model expects rank {len(shape)} "
+                raise OnnxModelError(f"input {name!r} has shape {arr.shape}; the model expects rank {len(shape)} "
                                   f"({'x'.join(str(d) for d in shape)}, first dimension = batch)")
             feeds[name] = np.ascontiguousarray(arr, dtype=dtype)
         sizes = {len(a) for a in feeds.values()}
         if len(sizes) != 1:
-            raise ExportError(f"inputs have different batch sizes {sorted(sizes)}")
+            raise OnnxModelError(f"inputs have different batch sizes {sorted(sizes)}")
         return feeds
 
     def run(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> list[np.ndarray]:
