@@ -113,7 +113,18 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         write_frame(out, reply)
 
 
+def _prefer_me_when_memory_runs_out() -> None:
+    """Ask the kernel to kill this worker, not the agent, when memory runs
+    out (raising one's own OOM score needs no privileges)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("800")
+    except OSError:
+        pass
+
+
 def main() -> None:
+    _prefer_me_when_memory_runs_out()
     # Frames own the real stdout; anything user code prints goes to stderr.
     frames_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

@@ -76,6 +76,7 @@ def _check_broker(settings: Any) -> None:
     from fedge.mqtt import parse_url
 
     parse_url(settings.url)
+    settings.password()  # an unreadable password file is named now, not after start-up
     if settings.protocol not in ("3.1.1", "311", "5"):
         raise ConfigError(f"broker.protocol {settings.protocol!r} is not supported; use \"3.1.1\" or \"5\"")
 

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Install fedge for one role on this machine: a virtualenv, a system user, a
+# config file to edit, a state directory and a systemd unit.
+#
+#   sudo deploy/install.sh agent        # a device that trains (Raspberry Pi, Jetson)
+#   sudo deploy/install.sh inference    # a device that only serves the published ONNX model
+#   sudo deploy/install.sh aggregator   # the server beside the MQTT broker
+#
+# Options:
+#   --prefix DIR          where the virtualenv goes (default /opt/fedge)
+#   --etc DIR             where config files go (default /etc/fedge)
+#   --python PY           interpreter for the virtualenv (default python3; 3.10 or newer)
+#   --system-site-packages  let the virtualenv see the system's packages (a Jetson's
+#                         JetPack PyTorch, for instance)
+#   --torch SPEC          install PyTorch from this spec first, e.g. "torch==2.5.1" or
+#                         a wheel file (default: whatever pip resolves for fedge[agent])
+#   --no-service          do not install the systemd unit (containers, tests)
+#
+# Run it again to upgrade: the virtualenv is updated, configs are never overwritten.
+set -euo pipefail
+
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+
+role="${1:-}"
+[ -n "$role" ] || usage
+shift
+prefix=/opt/fedge etc=/etc/fedge python=python3 torch_spec="" service=1 venv_flags=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) prefix="$2"; shift 2 ;;
+        --etc) etc="$2"; shift 2 ;;
+        --python) python="$2"; shift 2 ;;
+        --torch) torch_spec="$2"; shift 2 ;;
+        --system-site-packages) venv_flags+=(--system-site-packages); shift ;;
+        --no-service) service=0; shift ;;
+        -h|--help) usage ;;
+        *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+case "$role" in
+    agent) extras=agent; config=agent.toml; unit=fedge-agent.service ;;
+    inference) extras=inference; config=agent.toml; unit=fedge-agent.service ;;
+    aggregator) extras=aggregator; config=job.toml; unit=fedge-aggregator.service ;;
+    *) echo "install.sh: role must be agent, inference or aggregator, not '$role'" >&2; exit 2 ;;
+esac
+
+src="$(cd "$(dirname "$0")/.." && pwd)"
+"$python" - <<'PY' || { echo "install.sh: fedge needs Python 3.10 or newer (--python to pick one)" >&2; exit 2; }
+import sys
+sys.exit(0 if sys.version_info >= (3, 10) else 1)
+PY
+
+if [ "$(id -u)" = 0 ] && ! id fedge >/dev/null 2>&1; then
+    useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin fedge
+fi
+
+echo "==> virtualenv in $prefix/venv"
+mkdir -p "$prefix"
+"$python" -m venv "${venv_flags[@]}" "$prefix/venv"
+pip="$prefix/venv/bin/python -m pip"
+$pip install --quiet --upgrade pip
+if [ -n "$torch_spec" ] && [ "$role" != inference ]; then
+    echo "==> PyTorch: $torch_spec"
+    $pip install --quiet "$torch_spec"
+fi
+echo "==> fedge[$extras] from $src"
+$pip install --quiet "$src[$extras]"
+
+echo "==> config in $etc"
+mkdir -p "$etc"
+if [ ! -e "$etc/$config" ]; then
+    if [ "$role" = inference ]; then
+        sed -e 's/^\[agent\]$/[agent]\nrole = "inference"/' "$src/deploy/examples/agent.toml" > "$etc/$config"
+    else
+        cp "$src/deploy/examples/$config" "$etc/$config"
+    fi
+    chmod 0640 "$etc/$config"
+    created=1
+else
+    created=0
+fi
+if id fedge >/dev/null 2>&1; then
+    chgrp -R fedge "$etc" 2>/dev/null || true
+fi
+
+if [ "$service" = 1 ]; then
+    echo "==> systemd unit $unit"
+    sed -e "s#/opt/fedge/venv#$prefix/venv#g" -e "s#/etc/fedge#$etc#g" \
+        "$src/deploy/systemd/$unit" > "/etc/systemd/system/$unit"
+    systemctl daemon-reload
+    systemctl enable "$unit" >/dev/null
+fi
+
+"$prefix/venv/bin/fedge" --version
+echo
+[ "$created" = 1 ] && echo "Edit $etc/$config (every key: $prefix/venv/bin/fedge config ${role/inference/agent})."
+[ "$service" = 1 ] && echo "Then: systemctl start $unit; journalctl -u $unit -f"
+exit 0
