@@ -37,6 +37,13 @@ When a round closes the core emits ``SaveCheckpoint`` before anything about
 the next round leaves: a crash after it resumes after that round, a crash
 before it redoes that round. When a round opens, ``SaveRoundOpen`` records
 its selection so a restart re-announces the same round to the same clients.
+
+Models
+------
+``ModelLineage`` (``aggregator.models``) holds the exact server model, the
+latest key and the published model devices train from; the core publishes a
+key (``PublishModel``) every ``key_every`` rounds and a delta from it
+(``PublishDelta``) in between.
 """
 
 from __future__ import annotations
@@ -51,11 +58,12 @@ from typing import Any
 import numpy as np
 
 from aggregator.fold import RunningSum
+from aggregator.models import ModelLineage
 from aggregator.strategies import ServerOptimizer
-from fedge import tensors, wire
-from fedge.codecs import CodecError, make_codec
-from fedge.messages import Ack, Decline, GlobalModel, ProtocolError, RoundAnnouncement, TrainingPlan, Update
-from fedge.tensors import ModelArrays, TensorError, TensorSpec
+from fedge import wire
+from fedge.codecs import CodecError, make_codec, requirements
+from fedge.messages import Ack, Decline, ProtocolError, RoundAnnouncement, TrainingPlan, Update
+from fedge.tensors import ModelArrays, TensorError
 from fedge.wire import Kind, WireError
 
 log = logging.getLogger("fedge.aggregator")
@@ -110,7 +118,12 @@ Event = ClientStatus | MessageArrived | TimerFired
 
 @dataclass(frozen=True)
 class PublishModel:
-    message: bytes  # GlobalModel envelope; the shell chunks it, retained
+    message: bytes  # a key model (GlobalModel envelope); the shell chunks it, retained
+
+
+@dataclass(frozen=True)
+class PublishDelta:
+    message: bytes | None  # a ModelDelta envelope, retained; None clears the retained delta
 
 
 @dataclass(frozen=True)
@@ -145,7 +158,7 @@ class RoundFinished:
     last: bool
 
 
-Action = PublishModel | PublishAnnouncement | SendAck | SaveCheckpoint | SaveRoundOpen | RoundFinished
+Action = PublishModel | PublishDelta | PublishAnnouncement | SendAck | SaveCheckpoint | SaveRoundOpen | RoundFinished
 
 
 @dataclass
@@ -178,6 +191,8 @@ class RoundCore:
         model_factory: str,
         model_args: dict[str, Any],
         initial_model: ModelArrays,
+        downlink: dict[str, Any] | None = None,
+        key_every: int = 20,
     ) -> None:
         self.job = job
         self.policy = policy
@@ -185,13 +200,12 @@ class RoundCore:
         self.codec_params = dict(codec)
         self.codec = make_codec(self.codec_params)
         self.optimizer = optimizer
-        self.model_factory = model_factory
-        self.model_args = dict(model_args)
-        self.model: ModelArrays = {k: np.asarray(v, dtype=np.float32) for k, v in initial_model.items()}
-        self.spec = TensorSpec.of(self.model)
+        self.models = ModelLineage(
+            job=job, factory=model_factory, factory_args=model_args, initial=initial_model,
+            downlink=downlink or {"name": "none"}, key_every=key_every, seed=policy.seed,
+        )
+        self.spec = self.models.spec
         self.sum = RunningSum(self.spec)
-        self.model_round = 0  # round that produced self.model
-        self.model_samples = 0
         self.next_round = 1
         self.attempt = 0
         self.state = "waiting"
@@ -203,21 +217,19 @@ class RoundCore:
         self._restored_open: dict[str, Any] | None = None
         self._waiting_announced = 0
         self._ready_since: float | None = None
-        self._model_message = b""
-        self._model_digest = ""
-        self._encode_model()
 
     # --- public --------------------------------------------------------------
 
     @property
     def model_digest(self) -> str:
-        return self._model_digest
+        """State digest of the model devices train from this round."""
+        return self.models.digest
 
     def start(self, now: float) -> list[Action]:
-        """Publish the current model, then open (or re-open) a round."""
-        actions: list[Action] = [PublishModel(self._model_message)]
+        """Publish the current key and delta, then open (or re-open) a round."""
+        actions: list[Action] = [PublishModel(self.models.key_message), PublishDelta(self.models.delta_message)]
         restored, self._restored_open = self._restored_open, None
-        if restored and restored.get("round") == self.next_round and restored.get("model_digest") == self._model_digest:
+        if restored and restored.get("round") == self.next_round and restored.get("model_digest") == self.model_digest:
             self.known.update(restored.get("selected", []))
             actions += self._announce(now, tuple(restored["selected"]), int(restored.get("attempt", 0)) + 1)
         else:
@@ -303,7 +315,7 @@ class RoundCore:
             ack = Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "duplicate",
                       f"already counted update {op.accepted[ev.client]}")
             return [SendAck(ev.client, ack.encode())]
-        if upd.base_model != self._model_digest:
+        if upd.base_model != self.model_digest:
             return self._reject("stale_base", "trained from another global model", ev.client, upd)
         if upd.codec != self.codec_params:
             return self._reject("wrong_codec", f"codec {upd.codec} but the round asked {self.codec_params}",
@@ -350,14 +362,14 @@ class RoundCore:
         return []
 
     def _eligible(self) -> list[str]:
-        name = self.codec_params.get("name")
+        needed = requirements(self.codec_params)
         out = []
         for client, info in self.online.items():
             if info.get("role", "trainer") != "trainer":
                 continue  # inference-only devices never train
             codecs = info.get("codecs")
-            if isinstance(codecs, list) and name not in codecs:
-                continue
+            if isinstance(codecs, list) and not all(n in codecs for n in needed):
+                continue  # an older build that cannot decode this job's codec
             out.append(client)
         return sorted(out)
 
@@ -399,31 +411,30 @@ class RoundCore:
         self.open = _OpenRound(
             round=self.next_round, attempt=attempt, selected=selected, opened_at=now,
             deadline=now + self.policy.deadline_s,
-            bytes_down=(len(self._model_message) + len(msg)) * fanout,
+            bytes_down=self._published_bytes + len(msg) * fanout,
         )
         self.sum.reset()
         self.state = "open"
         record = {"round": self.next_round, "attempt": attempt, "selected": list(selected),
-                  "model_digest": self._model_digest}
+                  "model_digest": self.model_digest}
         return [SaveRoundOpen(record), PublishAnnouncement(msg)]
 
     def _announcement(self, state: str, selected: tuple[str, ...], now: float) -> bytes:
         return RoundAnnouncement(
             job=self.job, round=self.next_round, attempt=self.attempt, state=state,
-            model_digest=self._model_digest, selected=selected, deadline_s=self.policy.deadline_s,
+            model_digest=self.model_digest, selected=selected, deadline_s=self.policy.deadline_s,
             training=self.plan, codec=self.codec_params, issued_at=round(now, 3),
+            key_digest=self.models.key_digest, key_round=self.models.key_round,
         ).encode()
 
     def _close(self, now: float, reason: str) -> list[Action]:
         op = self.open
         assert op is not None
         ok = len(op.accepted) >= self.policy.min_updates
+        key_cut = False
         if ok:
-            avg = self.sum.mean()
-            self.model = self.optimizer.step(self.model, avg)
-            self.model_round = op.round
-            self.model_samples = op.num_samples
-            self._encode_model()
+            exact = self.optimizer.step(self.models.exact, self.sum.mean())
+            key_cut = self.models.advance(op.round, exact, op.num_samples)
             self.counters["rounds_ok"] += 1
         else:
             self.counters["rounds_failed"] += 1
@@ -442,7 +453,7 @@ class RoundCore:
             "bytes_up": op.bytes_up,
             "bytes_down": op.bytes_down,
             "seconds": round(now - op.opened_at, 4),
-            "model_digest": self._model_digest,
+            "model_digest": self.model_digest,
             "accepted": sorted(op.accepted),
         }
         self.history = [*self.history[-9:], record]
@@ -451,11 +462,19 @@ class RoundCore:
         self.next_round = op.round + 1
         self.state = "waiting"
         actions: list[Action] = [SaveCheckpoint(*self.snapshot())]
-        if ok:
-            actions.append(PublishModel(self._model_message))
+        if key_cut:
+            actions += [PublishModel(self.models.key_message), PublishDelta(None)]
+        elif ok:
+            actions.append(PublishDelta(self.models.delta_message))
         last = self.next_round > self.policy.rounds
         follow = self._finish_job(now) if last else self._try_open(now, settle=False)
-        return [*actions, *follow, RoundFinished(record, self.model, last)]
+        return [*actions, *follow, RoundFinished(record, self.models.exact, last)]
+
+    @property
+    def _published_bytes(self) -> int:
+        """Bytes of the model messages a device needs for this round's model:
+        the delta, plus the key for a device that lacks it."""
+        return len(self.models.key_message) + len(self.models.delta_message or b"")
 
     def _finish_job(self, now: float) -> list[Action]:
         if self.state == "done":
@@ -464,26 +483,17 @@ class RoundCore:
         self.open = None
         return [PublishAnnouncement(self._announcement("done", (), now))]
 
-    def _encode_model(self) -> None:
-        self._model_message = GlobalModel(
-            job=self.job, round=self.model_round, model=self.model_factory, model_args=self.model_args,
-            spec=self.spec, body=tensors.pack(self.model), num_samples=self.model_samples,
-        ).encode()
-        self._model_digest = wire.digest_of(self._model_message)
-
     # --- persistence -----------------------------------------------------------
 
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays = {f"global/{k}": v for k, v in self.model.items()}
+        arrays, model_meta = self.models.snapshot()
         for slot, named in self.optimizer.state().items():
             arrays.update({f"opt/{slot}/{k}": v for k, v in named.items()})
         meta = {
-            "format": 1,
+            "format": 2,
             "job": self.job,
             "next_round": self.next_round,
-            "model_round": self.model_round,
-            "model_samples": self.model_samples,
-            "model_digest": self._model_digest,
+            **model_meta,
             "known": sorted(self.known),
             "counters": dict(self.counters),
             "history": self.history,
@@ -496,22 +506,17 @@ class RoundCore:
         record); call before ``start``."""
         if meta.get("job") != self.job:
             raise ValueError(f"checkpoint belongs to job {meta.get('job')!r}, not {self.job!r}")
-        model = {k[len("global/"):]: v for k, v in arrays.items() if k.startswith("global/")}
-        self.spec.check(model, what="checkpoint")
+        if meta.get("format") != 2:
+            raise ValueError(f"checkpoint format {meta.get('format')} is not supported by this build")
+        self.models.restore(arrays, meta)
         slots: dict[str, ModelArrays] = {}
         for k, v in arrays.items():
             if k.startswith("opt/"):
                 _, slot, name = k.split("/", 2)
                 slots.setdefault(slot, {})[name] = v
-        self.model = {k: np.asarray(v, dtype=np.float32) for k, v in model.items()}
         self.optimizer.load_state(slots)
         self.next_round = int(meta["next_round"])
-        self.model_round = int(meta["model_round"])
-        self.model_samples = int(meta.get("model_samples", 0))
         self.known = set(meta.get("known", []))
         self.counters = Counter(meta.get("counters", {}))
         self.history = list(meta.get("history", []))
-        self._encode_model()
-        if self._model_digest != meta.get("model_digest"):
-            raise ValueError("checkpoint model digest does not match its tensors; the file is damaged")
         self._restored_open = open_round

@@ -22,6 +22,7 @@ from aggregator.rounds import (
     ClientStatus,
     MessageArrived,
     PublishAnnouncement,
+    PublishDelta,
     PublishModel,
     RoundCore,
     RoundFinished,
@@ -61,6 +62,7 @@ def build_core(cfg: AggregatorConfig) -> RoundCore:
         job=cfg.job.name, policy=policy, plan=plan, codec={"name": cfg.codec.name, **cfg.codec.params},
         optimizer=make_server_optimizer(cfg.server), model_factory=cfg.job.model,
         model_args=cfg.job.model_args, initial_model=torchkit.federated_arrays(model),
+        downlink=dict(cfg.downlink.codec), key_every=cfg.downlink.key_every,
     )
 
 
@@ -198,7 +200,9 @@ class AggregatorService:
             elif isinstance(action, SaveRoundOpen):
                 self.state.save_open_round(action.record)
             elif isinstance(action, PublishModel):
-                self.link.publish_chunked(self.topics.model_chunk, action.message, retain=True)
+                self._publish_retained("key", self.topics.key_chunk, action.message)
+            elif isinstance(action, PublishDelta):
+                self._publish_retained("delta", self.topics.delta_chunk, action.message)
             elif isinstance(action, PublishAnnouncement):
                 if len(action.message) > self.cfg.broker.max_packet_bytes - 1024:
                     log.error("round announcement is %d bytes, over broker.max_packet_bytes; "
@@ -229,18 +233,24 @@ class AggregatorService:
         if self.on_record is not None:
             self.on_record(record)
         if self.onnx is not None and record["status"] == "ok" and self.onnx.due(record["round"], fin.last):
-            self.onnx.submit(record["round"], self.core._model_message)
+            self.onnx.submit(record["round"], self.core.models.exact_message())
         if fin.last:
             self.done.set()
 
+    def _publish_retained(self, what: str, topic_for: Callable[[int], str], message: bytes | None) -> None:
+        """Publish ``message`` retained as chunks (or clear it, for None), and
+        clear chunks an earlier, longer message left behind: a device that
+        subscribes must not receive a stale tail."""
+        count = len(self.link.publish_chunked(topic_for, message, retain=True)) if message else 0
+        chunks = self.state.load_json("published.json")
+        for i in range(count, int(chunks.get(what, 0))):
+            self.link.clear_retained(topic_for(i))
+        if chunks.get(what) != count:
+            self.state.save_json("published.json", {**chunks, what: count})
+
     def _publish_artifact(self, built: ArtifactBuilt) -> None:
         name = self.cfg.onnx.name
-        infos = self.link.publish_chunked(lambda i: self.topics.artifact_chunk(name, i), built.message, retain=True)
-        # Chunks of an earlier, longer artifact would linger as retained messages.
-        previous = self.state.load_json("artifact.json").get("chunks", 0)
-        for i in range(len(infos), previous):
-            self.link.clear_retained(self.topics.artifact_chunk(name, i))
-        self.state.save_json("artifact.json", {**built.summary, "chunks": len(infos)})
+        self._publish_retained(f"artifact/{name}", lambda i: self.topics.artifact_chunk(name, i), built.message)
         self.artifacts.append(built.summary)
         log.info("published ONNX %s of round %d: %d bytes%s", built.summary["variant"], built.round,
                  built.summary["bytes"], "" if built.summary.get("accuracy") is None

@@ -79,18 +79,19 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path) -> dict:
                             "--config", str(conf)], env=env)
     inbox: queue.Queue = queue.Queue()
     watcher = connect(mosq.port, "bench-watch", lambda c, u, m: inbox.put((time.perf_counter(), m.topic, m.payload)))
-    watcher.subscribe([(topics.round, 1), (topics.events, 1), (topics.model_filter, 1), (f"{topics.base}/ack/+", 1)])
+    watcher.subscribe([(topics.round, 1), (topics.events, 1), (topics.key_filter, 1), (f"{topics.base}/ack/+", 1)])
     conns = [connect(mosq.port, f"bench-pub-{i}") for i in range(publishers)]
     clients = [f"c{i:04d}" for i in range(n)]
     models = Reassembler()
-    latest: dict = {"ann": None, "model": None}
+    latest: dict = {"ann": None, "key": None}
 
     def absorb(topic: str, payload: bytes) -> None:
-        """Keep the newest announcement and model, whichever loop hears them."""
+        """Keep the newest announcement and the key model (for the tensor
+        shapes), whichever loop hears them."""
         if topic == topics.round:
             latest["ann"] = RoundAnnouncement.parse(wire.decode(payload))
-        elif topics.parse(topic)[0] == "model" and (whole := models.feed("model", payload, 0.0)):
-            latest["model"] = whole
+        elif topics.parse(topic)[0] == "key" and payload and (whole := models.feed("key", payload, 0.0)):
+            latest["key"] = GlobalModel.parse(wire.decode(whole))
 
     measured = []
     try:
@@ -101,17 +102,15 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path) -> dict:
         last_round = 0
         for _ in range(rounds):
             def ready(after: int) -> bool:
-                a, m = latest["ann"], latest["model"]
-                return (a is not None and a.state == "open" and a.round > after and m is not None
-                        and wire.digest_of(m) == a.model_digest)
+                a = latest["ann"]
+                return a is not None and a.state == "open" and a.round > after and latest["key"] is not None
 
             while not ready(last_round):
                 absorb(*inbox.get(timeout=300)[1:])
-            ann, model = latest["ann"], latest["model"]
+            ann, spec = latest["ann"], latest["key"].spec
             assert len(ann.selected) == n, f"selected {len(ann.selected)} of {n}"
             last_round = ann.round
             rss_ready = rss_ready or vm(agg.pid, "VmRSS")
-            spec = GlobalModel.parse(wire.decode(model)).spec
             # Every client's update, encoded before the clock starts.
             codec = make_codec(ann.codec)
             rng = np.random.default_rng(ann.round)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import fedge
-from fedge.codecs import CODECS
+from fedge import codecs
 
 
 def _mem_mb() -> int:
@@ -55,5 +55,5 @@ def describe(role: str = "trainer") -> dict[str, Any]:
         "fedge": fedge.__version__,
         "torch": _version("torch"),
         "onnxruntime": _version("onnxruntime"),
-        "codecs": sorted(CODECS),
+        "codecs": codecs.supported(),
     }

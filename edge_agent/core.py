@@ -3,25 +3,35 @@ in a round lives here; no sockets, files, clocks or PyTorch.
 
 Theory of operation
 -------------------
-The shell feeds events (the broker connected, a global model or round
-announcement or receipt arrived, training finished or failed, a timer
+The shell feeds events (the broker connected; a key model, a delta, a round
+announcement or a receipt arrived; training finished or failed; a timer
 ticked) and carries out the returned actions in order.
 
-* A device trains for round r only when the retained announcement for r is
-  ``open``, lists it as selected, and it holds the global model whose digest
-  the announcement names (it waits for the retained model otherwise; a model
-  that fails its hash never reaches this core).
-* Training runs elsewhere (a worker process); the result becomes an update
-  encoded with the codec the announcement names, persisted, then published.
-  If the round moved on meanwhile, the result is dropped, not sent late.
-* The persisted update is resent with backoff until the aggregator's receipt
-  (``accepted`` or ``duplicate``) for the current attempt arrives, and again
-  if the aggregator re-announces the same round with a higher ``attempt``
-  (it restarted and lost its in-memory sum). The same bytes go out every
-  time, so the aggregator counts the update once.
-* ``last_round`` only grows and is persisted with the pending update before
-  anything is published: a device restarted at any moment never trains
-  twice for one round, and never sends two different updates for it.
+The model. The aggregator publishes a key model now and then and, every
+round, the current model as a delta from that key (``fedge.downlink``). The
+device keeps the latest key it accepted and rebuilds the current model from
+the key and the retained delta, then checks the result's state digest
+against the announcement: a device never trains on a model that does not
+hash to the digest the round names. A delta for a key the device lacks is
+held until the key arrives. With ``downlink = "on_demand"`` the device
+subscribes to the model topics only while it is selected and lacks the
+announced model, so idle devices download nothing; with ``"follow"`` it
+keeps up with every model.
+
+The round. A device trains for round r only when the announcement for r is
+``open``, lists it, and its rebuilt model has the announced digest. Training
+runs elsewhere (a worker process); the result becomes an update encoded with
+the codec the announcement names. With error feedback on (the codec's
+``ef``, default for biased codecs such as top-k), what the codec dropped
+stays in a residual added to the device's next delta; if the aggregator
+refuses an update as late or rejected, its content goes back into the
+residual, so nothing is lost.
+
+Exactly once. The update and the residual are persisted before the update
+is published; the same bytes are resent with backoff until the aggregator's
+receipt for the current attempt arrives, and again if the aggregator
+re-announces the round (it restarted). ``last_round`` only grows: a device
+restarted at any moment never trains twice for a round.
 """
 
 from __future__ import annotations
@@ -34,16 +44,28 @@ from typing import Any
 
 import numpy as np
 
-from fedge import wire
-from fedge.codecs import CodecError, make_codec
-from fedge.messages import Ack, Decline, GlobalModel, ProtocolError, RoundAnnouncement, Status, TrainingPlan, Update
-from fedge.tensors import ModelArrays
+from fedge import tensors, wire
+from fedge.codecs import CodecError, error_feedback, make_codec
+from fedge.downlink import rebuild
+from fedge.messages import (
+    Ack,
+    Decline,
+    GlobalModel,
+    ModelDelta,
+    ProtocolError,
+    RoundAnnouncement,
+    Status,
+    TrainingPlan,
+    Update,
+)
+from fedge.tensors import ModelArrays, TensorError, TensorSpec
 from fedge.wire import WireError
 
 log = logging.getLogger("fedge.agent")
 
 BUILTIN_MODELS = "fedge.models:"
 MAX_RESEND_S = 300.0
+CHANNELS = ("key", "delta")
 
 # --- events ----------------------------------------------------------------------
 
@@ -54,7 +76,13 @@ class Connected:
 
 
 @dataclass(frozen=True)
-class ModelArrived:
+class KeyArrived:
+    message: bytes
+    now: float
+
+
+@dataclass(frozen=True)
+class DeltaArrived:
     message: bytes
     now: float
 
@@ -93,7 +121,8 @@ class Tick:
     now: float
 
 
-Event = Connected | ModelArrived | AnnouncementArrived | AckArrived | TrainingDone | TrainingFailed | Tick
+Event = (Connected | KeyArrived | DeltaArrived | AnnouncementArrived | AckArrived | TrainingDone
+         | TrainingFailed | Tick)
 
 # --- actions ---------------------------------------------------------------------
 
@@ -131,7 +160,28 @@ class PersistState:
     update: bytes | None  # the pending update's bytes, or None to delete them
 
 
-Action = PublishStatus | PublishUpdate | StartTraining | PersistState
+@dataclass(frozen=True)
+class PersistResidual:
+    residual: ModelArrays | None  # error-feedback memory, or None to delete it
+
+
+@dataclass(frozen=True)
+class PersistKey:
+    message: bytes  # the key model message, so a restart need not download it again
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    channel: str  # "key" or "delta"
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    channel: str
+
+
+Action = (PublishStatus | PublishUpdate | StartTraining | PersistState | PersistResidual | PersistKey
+          | Subscribe | Unsubscribe)
 
 # --- state -----------------------------------------------------------------------
 
@@ -148,7 +198,7 @@ class Pending:
 
 @dataclass
 class AgentState:
-    """What survives a restart."""
+    """What survives a restart (besides the key model and the residual)."""
 
     last_round: int = 0
     pending: Pending | None = None
@@ -161,6 +211,20 @@ class AgentState:
     def from_json(cls, obj: dict[str, Any]) -> AgentState:
         pending = obj.get("pending")
         return cls(last_round=int(obj.get("last_round", 0)), pending=Pending(**pending) if pending else None)
+
+
+@dataclass
+class _Key:
+    model: GlobalModel
+    arrays: ModelArrays
+    digest: str
+
+
+@dataclass
+class _Current:
+    arrays: ModelArrays
+    digest: str
+    body: bytes | None = None  # canonical tensors, packed when a training job needs them
 
 
 @dataclass
@@ -183,68 +247,168 @@ class AgentCore:
     info: dict[str, Any]
     accepted_model: str = ""  # factory this device accepts; "" = built-ins only
     resend_after_s: float = 20.0
+    downlink: str = "on_demand"  # or "follow"
     state: AgentState = field(default_factory=AgentState)
     update_bytes: bytes | None = None  # bytes of state.pending, restored by the shell
+    residual: ModelArrays | None = None  # error-feedback memory, restored by the shell
 
-    model: GlobalModel | None = None
-    model_digest: str = ""
+    key: _Key | None = None
+    current: _Current | None = None
+    latest_delta: ModelDelta | None = None
     announcement: RoundAnnouncement | None = None
     training: _Training | None = None
     resend: _Resend | None = None
+    subscribed: set[str] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.downlink not in ("on_demand", "follow"):
+            raise ValueError(f"agent.downlink {self.downlink!r} is not known; use on_demand or follow")
 
     # --- entry points ----------------------------------------------------------
 
     def handle(self, event: Event) -> list[Action]:
         if isinstance(event, Connected):
-            return [PublishStatus(self.status("online"))]
-        if isinstance(event, ModelArrived):
-            return self._on_model(event)
-        if isinstance(event, AnnouncementArrived):
-            return self._on_announcement(event)
-        if isinstance(event, AckArrived):
-            return self._on_ack(event)
-        if isinstance(event, TrainingDone):
-            return self._on_done(event)
-        if isinstance(event, TrainingFailed):
-            return self._on_failed(event)
-        if isinstance(event, Tick):
-            return self._on_tick(event.now)
-        raise TypeError(f"unknown event {event!r}")
+            # The broker may remember subscriptions of an earlier process
+            # (persistent session): state every model channel afresh.
+            self.subscribed = set()
+            actions: list[Action] = [PublishStatus(self.status("online"))]
+            actions += [Unsubscribe(c) for c in CHANNELS if c not in self._wanted()]
+            return actions + self._sync_subscriptions()
+        if isinstance(event, KeyArrived):
+            actions = self._on_key(event.message)
+        elif isinstance(event, DeltaArrived):
+            actions = self._on_delta(event.message)
+        elif isinstance(event, AnnouncementArrived):
+            actions = self._on_announcement(event)
+        elif isinstance(event, AckArrived):
+            actions = self._on_ack(event)
+        elif isinstance(event, TrainingDone):
+            actions = self._on_done(event)
+        elif isinstance(event, TrainingFailed):
+            actions = self._on_failed(event)
+        elif isinstance(event, Tick):
+            actions = self._on_tick(event.now)
+        else:
+            raise TypeError(f"unknown event {event!r}")
+        now = getattr(event, "now", 0.0)
+        if isinstance(event, (KeyArrived, DeltaArrived)):
+            actions += self._consider(now)
+        return actions + self._sync_subscriptions()
 
     def status(self, state: str) -> bytes:
         return Status(self.client_id, state, self.info if state == "online" else {}).encode()
 
-    # --- handlers --------------------------------------------------------------
+    def restore_key(self, message: bytes) -> None:
+        """Adopt a key model persisted by an earlier run (no actions)."""
+        self._on_key(message, persist=False)
+
+    @property
+    def model_digest(self) -> str:
+        return self.current.digest if self.current else ""
+
+    # --- the model -------------------------------------------------------------
 
     def _count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
 
-    def _on_model(self, ev: ModelArrived) -> list[Action]:
+    def _allowed(self, factory: str) -> bool:
+        return factory == self.accepted_model if self.accepted_model else factory.startswith(BUILTIN_MODELS)
+
+    def _on_key(self, message: bytes, persist: bool = True) -> list[Action]:
         try:
-            env = wire.decode(ev.message)
-            model = GlobalModel.parse(env)
-        except (WireError, ProtocolError) as exc:
+            model = GlobalModel.parse(wire.decode(message))
+            arrays = tensors.unpack(model.body)
+            model.spec.check(arrays, what="key model")
+        except (WireError, ProtocolError, TensorError) as exc:
             self._count("bad_model")
-            log.warning("%s: ignored a global model: %s", self.client_id, exc)
+            log.warning("%s: ignored a key model: %s", self.client_id, exc)
             return []
         if model.job != self.job:
             self._count("bad_model")
-            log.warning("%s: ignored a global model of job %r", self.client_id, model.job)
+            log.warning("%s: ignored a key model of job %r", self.client_id, model.job)
             return []
-        if self.accepted_model:
-            allowed = model.model == self.accepted_model
-        else:
-            allowed = model.model.startswith(BUILTIN_MODELS)
-        if not allowed:
+        if not self._allowed(model.model):
             self._count("refused_model")
             log.error("%s: refused global model factory %r: set agent.model to it if this device should run it",
                       self.client_id, model.model)
             return []
-        if self.model is not None and model.round < self.model.round:
-            return []  # an older retained copy arriving after a newer live one
-        self.model, self.model_digest = model, env.digest
-        return self._consider(ev.now)
+        if self.key is not None and model.round < self.key.model.round:
+            return []  # an older retained copy arriving after a newer one
+        digest = hashlib.sha256(model.body).hexdigest()
+        if self.key is not None and digest == self.key.digest:
+            return []
+        self.key = _Key(model, arrays, digest)
+        if self.announcement is None or self.announcement.model_digest == digest:
+            self.current = _Current(arrays, digest, model.body)
+        self._apply_delta()
+        return [PersistKey(message)] if persist else []
+
+    def _on_delta(self, message: bytes) -> list[Action]:
+        try:
+            delta = ModelDelta.parse(wire.decode(message))
+        except (WireError, ProtocolError) as exc:
+            self._count("bad_delta")
+            log.warning("%s: ignored a model delta: %s", self.client_id, exc)
+            return []
+        if delta.job != self.job:
+            return []
+        if self.latest_delta is None or delta.round >= self.latest_delta.round:
+            self.latest_delta = delta
+        self._apply_delta()
+        return []
+
+    def _apply_delta(self) -> None:
+        """Rebuild the current model from the key and the latest delta, when
+        the delta builds on the key this device holds."""
+        d, key = self.latest_delta, self.key
+        if d is None or key is None or d.key_digest != key.digest:
+            return
+        if self.current is not None and self.current.digest == d.target_digest:
+            return
+        try:
+            arrays = rebuild(key.arrays, make_codec(d.codec), d.body, key.model.spec)
+        except (CodecError, TensorError) as exc:
+            self._count("bad_delta")
+            log.warning("%s: cannot apply the delta of round %d: %s", self.client_id, d.round, exc)
+            self.latest_delta = None
+            return
+        digest = tensors.state_digest(arrays, key.model.spec)
+        if digest != d.target_digest:
+            # Never train on a model that is not the announced one: drop the
+            # delta; the next key (or a re-subscription to it) resynchronises.
+            self._count("corrupt_delta")
+            log.error("%s: the model rebuilt from key round %d and delta round %d does not match its digest; "
+                      "waiting for a key model", self.client_id, key.model.round, d.round)
+            self.latest_delta = None
+            return
+        self.current = _Current(arrays, digest)
+
+    def _has_announced_model(self) -> bool:
+        ann = self.announcement
+        return ann is not None and self.current is not None and self.current.digest == ann.model_digest
+
+    def _wanted(self) -> set[str]:
+        ann = self.announcement
+        if ann is None or ann.state == "done":
+            return {"key", "delta"} if self.downlink == "follow" and ann is None else set()
+        key_ok = self.key is not None and self.key.digest == ann.key_digest
+        if self.downlink == "follow":
+            return {"delta"} | (set() if key_ok else {"key"})
+        needed = (self._open_for_me(ann) and ann.round > self.state.last_round and self.training is None
+                  and not self._has_announced_model())
+        if not needed:
+            return set()
+        return (set() if key_ok else {"key"}) | ({"delta"} if ann.model_digest != ann.key_digest else set())
+
+    def _sync_subscriptions(self) -> list[Action]:
+        wanted = self._wanted()
+        actions: list[Action] = [Subscribe(c) for c in CHANNELS if c in wanted and c not in self.subscribed]
+        actions += [Unsubscribe(c) for c in CHANNELS if c in self.subscribed and c not in wanted]
+        self.subscribed = wanted
+        return actions
+
+    # --- the round -------------------------------------------------------------
 
     def _on_announcement(self, ev: AnnouncementArrived) -> list[Action]:
         try:
@@ -259,6 +423,8 @@ class AgentCore:
         self.announcement = ann
         if ann.state == "done" and (prev is None or prev.state != "done"):
             log.info("%s: job %s is done", self.client_id, self.job)
+        if self.key is not None and self.key.digest == ann.model_digest and not self._has_announced_model():
+            self.current = _Current(self.key.arrays, self.key.digest, self.key.model.body)
         return self._consider(ev.now)
 
     def _on_ack(self, ev: AckArrived) -> list[Action]:
@@ -275,12 +441,29 @@ class AgentCore:
             self.state.pending = replace(p, acked_attempt=max(p.acked_attempt, ack.attempt))
             if not self._needs_sending(self.state.pending):
                 self.resend = None
-        else:
-            self.resend = None
-            self._count(f"update_{ack.status}")
-            log.error("%s: round %d update was %s: %s", self.client_id, ack.round, ack.status, ack.reason)
-            self.state.pending = replace(p, final=True)
-        return [PersistState(self.state.to_json(), self.update_bytes)]
+            return [PersistState(self.state.to_json(), self.update_bytes)]
+        if p.final:
+            return []
+        self.resend = None
+        self._count(f"update_{ack.status}")
+        log.error("%s: round %d update was %s: %s", self.client_id, ack.round, ack.status, ack.reason)
+        self.state.pending = replace(p, final=True)
+        actions: list[Action] = [PersistState(self.state.to_json(), self.update_bytes)]
+        return actions + self._restore_unsent()
+
+    def _restore_unsent(self) -> list[Action]:
+        """The aggregator did not count the pending update: with error
+        feedback on, its content goes back into the residual."""
+        ann, body = self.announcement, self.update_bytes
+        if self.residual is None or body is None or ann is None:
+            return []
+        try:
+            upd = Update.parse(wire.decode(body))
+            sent = make_codec(upd.codec).decode(upd.body, TensorSpec.of(self.residual))
+        except (WireError, ProtocolError, CodecError, TensorError):
+            return []
+        self.residual = {k: (self.residual[k] + sent[k]).astype(np.float32) for k in self.residual}
+        return [PersistResidual(self.residual)]
 
     def _on_done(self, ev: TrainingDone) -> list[Action]:
         t = self.training
@@ -295,8 +478,12 @@ class AgentCore:
         try:
             codec = make_codec(ann.codec)
             rng = np.random.default_rng(_seed(self.client_id, t.round, "encode"))
-            body = codec.encode(ev.delta, rng)
-        except (CodecError, ValueError) as exc:
+            target, residual = _with_residual(ev.delta, self.residual if error_feedback(ann.codec) else None)
+            body = codec.encode(target, rng)
+            if error_feedback(ann.codec):
+                sent = codec.decode(body, TensorSpec.of(target))
+                residual = {k: (target[k] - sent[k]).astype(np.float32) for k in target}
+        except (CodecError, TensorError, ValueError) as exc:
             return self._decline(t.round, f"cannot encode the update: {exc}")
         update = Update(
             job=self.job, round=t.round, sender=self.client_id, update_id=uuid.uuid4().hex[:16],
@@ -307,9 +494,10 @@ class AgentCore:
         self.state.last_round = max(self.state.last_round, t.round)
         self.state.pending = Pending(t.round, update.update_id, t.base_model, sent_attempt=ann.attempt)
         self.update_bytes = message
+        self.residual = residual
         self.resend = _Resend(ev.now + self.resend_after_s, self.resend_after_s)
         self._count("updates_sent")
-        return [PersistState(self.state.to_json(), message), PublishUpdate(message)]
+        return [PersistResidual(residual), PersistState(self.state.to_json(), message), PublishUpdate(message)]
 
     def _on_failed(self, ev: TrainingFailed) -> list[Action]:
         t = self.training
@@ -377,15 +565,28 @@ class AgentCore:
             return []
         if ann.round <= self.state.last_round or self.training is not None:
             return []
-        if self.model is None or self.model_digest != ann.model_digest:
-            return []  # the retained model for this round has not arrived yet
-        self.training = _Training(uuid.uuid4().hex, ann.round, self.model_digest)
+        if not self._has_announced_model() or self.key is None or self.current is None:
+            return []  # the model for this round is still on its way
+        cur = self.current
+        if cur.body is None:
+            cur.body = tensors.pack({n: cur.arrays[n] for n in self.key.model.spec.names})
+        self.training = _Training(uuid.uuid4().hex, ann.round, cur.digest)
         job = TrainJob(
-            job_id=self.training.job_id, round=ann.round, base_model=self.model_digest,
-            model=self.model.model, model_args=self.model.model_args, model_body=self.model.body,
+            job_id=self.training.job_id, round=ann.round, base_model=cur.digest,
+            model=self.key.model.model, model_args=self.key.model.model_args, model_body=cur.body,
             plan=ann.training, seed=_seed(self.client_id, ann.round, "train"),
         )
         return [StartTraining(job)]
+
+
+def _with_residual(delta: ModelArrays, residual: ModelArrays | None) -> tuple[ModelArrays, ModelArrays | None]:
+    """delta + residual, when the residual fits this model (a residual of
+    another model shape is dropped)."""
+    if residual is None:
+        return delta, None
+    if set(residual) != set(delta) or any(residual[k].shape != delta[k].shape for k in delta):
+        return delta, None
+    return {k: (delta[k] + residual[k]).astype(np.float32) for k in delta}, residual
 
 
 def _seed(client: str, round_: int, purpose: str) -> int:

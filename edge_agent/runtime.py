@@ -29,16 +29,21 @@ from edge_agent.core import (
     AgentCore,
     AnnouncementArrived,
     Connected,
+    DeltaArrived,
     Event,
-    ModelArrived,
+    KeyArrived,
+    PersistKey,
+    PersistResidual,
     PersistState,
     PublishStatus,
     PublishUpdate,
     StartTraining,
+    Subscribe,
     Tick,
     TrainingDone,
     TrainingFailed,
     TrainJob,
+    Unsubscribe,
 )
 from edge_agent.inference import ArtifactArrived, InferenceCore, InstallArtifact
 from edge_agent.pool import Outcome, TrainingPool
@@ -71,6 +76,8 @@ class DeviceSpec:
     artifact: str = "model"  # inference: the artifact name to install
     serve: str = ""  # inference: host:port of the local prediction API
     threads: int = 0  # inference: ONNX Runtime threads
+    downlink: str = "on_demand"  # trainer: fetch models only when selected, or "follow" every one
+    durable: bool = True  # fsync state writes; simulated fleets sharing one disk may skip it
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ class _Device:
     def __init__(self, spec: DeviceSpec, broker: BrokerSettings, inbox: Inbox) -> None:
         self.spec = spec
         self.topics = JobTopics(spec.job)
-        self.store = DeviceStore(spec.state_dir)
+        self.store = DeviceStore(spec.state_dir, durable=spec.durable)
         info = spec.info or capabilities.describe(spec.role)
         self.core: AgentCore | InferenceCore
         self.served: ServedModel | None = None
@@ -95,9 +102,14 @@ class _Device:
             state, update = self.store.load()
             self.core = AgentCore(
                 client_id=spec.client_id, job=spec.job, info=info, accepted_model=spec.accepted_model,
-                resend_after_s=spec.resend_after_s, state=state, update_bytes=update,
+                resend_after_s=spec.resend_after_s, downlink=spec.downlink, state=state, update_bytes=update,
+                residual=self.store.load_residual(),
             )
-            subscriptions = [self.topics.model_filter, self.topics.round, self.topics.ack(spec.client_id)]
+            key = self.store.load_key()
+            if key is not None:
+                self.core.restore_key(key)
+            # The model channels are subscribed as the core asks (Subscribe actions).
+            subscriptions = [self.topics.round, self.topics.ack(spec.client_id)]
         else:
             raise ValueError(f"agent.role {spec.role!r} is not known; use trainer or inference")
         self.downloads = Reassembler(
@@ -168,6 +180,11 @@ class AgentRuntime:
         self.pool = pool
         self.tick_s = tick_s
         self._stop = threading.Event()
+        # MQTT payload bytes [sent, received] by all devices, by the round the
+        # traffic served (what the demo and benchmarks report): a model of round
+        # m serves round m + 1; announcements, updates and receipts their own.
+        self.traffic: dict[int, list[int]] = {}
+        self._partial_bytes: dict[tuple[str, str], int] = {}
         self.servers: list[PredictionServer] = []
         for dev in self.devices.values():
             if dev.spec.role == "inference":
@@ -230,17 +247,23 @@ class AgentRuntime:
         channel, _ = dev.topics.parse(item.topic)
         if not item.payload:
             return  # a cleared retained message
-        if channel in ("model", "artifact"):
+        if channel in ("key", "delta", "artifact"):
+            stream = (item.link, channel)
+            self._partial_bytes[stream] = self._partial_bytes.get(stream, 0) + len(item.payload)
             try:
                 message = dev.downloads.feed(channel, item.payload, now)
             except ChunkError as exc:
                 log.warning("%s: dropped a %s chunk: %s", item.link, channel, exc)
                 return
             if message is not None:
-                self._run(dev, ModelArrived(message, now) if channel == "model" else ArtifactArrived(message, now))
+                self._count_traffic(message, 1, self._partial_bytes.pop(stream, 0), serves_next=True)
+                arrived = {"key": KeyArrived, "delta": DeltaArrived, "artifact": ArtifactArrived}[channel]
+                self._run(dev, arrived(message, now))
         elif channel == "round":
+            self._count_traffic(item.payload, 1, len(item.payload))
             self._run(dev, AnnouncementArrived(item.payload, now))
         elif channel == "ack":
+            self._count_traffic(item.payload, 1, len(item.payload))
             self._run(dev, AckArrived(item.payload, now))
 
     def _training_event(self, item: _Trained, now: float) -> Event:
@@ -256,16 +279,37 @@ class AgentRuntime:
 
     # --- actions ---------------------------------------------------------------
 
+    def _count_traffic(self, message: bytes, direction: int, nbytes: int, serves_next: bool = False) -> None:
+        peeked = wire.peek(message)
+        round_ = peeked[1].get("round", 0) if peeked else 0
+        round_ = (round_ + 1 if serves_next else round_) if isinstance(round_, int) else 0
+        self.traffic.setdefault(round_, [0, 0])[direction] += nbytes
+
     def _run(self, dev: _Device, event: object) -> None:
         for action in dev.core.handle(event):  # type: ignore[arg-type]
             self._execute(dev, action)
 
     def _execute(self, dev: _Device, action: Action | InstallArtifact) -> None:
+        before = dev.link.bytes_out
+        self._act(dev, action)
+        if dev.link.bytes_out != before and isinstance(action, (PublishUpdate, PublishStatus)):
+            self._count_traffic(action.message, 0, dev.link.bytes_out - before)
+
+    def _act(self, dev: _Device, action: Action | InstallArtifact) -> None:
         cid = dev.spec.client_id
         if isinstance(action, InstallArtifact):
             dev.install(action.artifact)
         elif isinstance(action, PersistState):
             dev.store.save(action.state, action.update)
+        elif isinstance(action, PersistResidual):
+            dev.store.save_residual(action.residual)
+        elif isinstance(action, PersistKey):
+            dev.store.save_key(action.message)
+        elif isinstance(action, Subscribe):
+            dev.link.subscribe(self._channel_filter(dev, action.channel))
+        elif isinstance(action, Unsubscribe):
+            dev.link.unsubscribe(self._channel_filter(dev, action.channel))
+            dev.downloads.discard(action.channel)
         elif isinstance(action, PublishUpdate):
             dev.link.publish_chunked(lambda _i: dev.topics.update(cid), action.message)
         elif isinstance(action, PublishStatus):
@@ -277,6 +321,10 @@ class AgentRuntime:
                 self.inbox.put(_Trained(cid, job_id, outcome))
 
             self.pool.submit(self._request(dev, action.job), done)
+
+    @staticmethod
+    def _channel_filter(dev: _Device, channel: str) -> str:
+        return dev.topics.key_filter if channel == "key" else dev.topics.delta_filter
 
     def _request(self, dev: _Device, job: TrainJob) -> bytes:
         header = {

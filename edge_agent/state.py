@@ -3,7 +3,9 @@ without training twice or sending two different updates for one round.
 
 ``agent.json`` holds ``AgentState`` (last round handled, the pending
 update's identity); ``pending.update`` holds the pending update's exact
-bytes so a resend after a restart is byte-identical.
+bytes so a resend after a restart is byte-identical; ``residual.safetensors``
+the error-feedback memory; ``key.fedge`` the latest key model, so a restart
+does not download it again.
 """
 
 from __future__ import annotations
@@ -13,17 +15,23 @@ import logging
 from pathlib import Path
 
 from edge_agent.core import AgentState
+from fedge import tensors
 from fedge.files import atomic_write
+from fedge.tensors import ModelArrays
 
 log = logging.getLogger("fedge.agent")
 
 
 class DeviceStore:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, durable: bool = True) -> None:
         self.root = Path(root)
+        self.durable = durable
+        self._written_update: bytes | None = None
         self.root.mkdir(parents=True, exist_ok=True)
         self.state_file = self.root / "agent.json"
         self.update_file = self.root / "pending.update"
+        self.residual_file = self.root / "residual.safetensors"
+        self.key_file = self.root / "key.fedge"
 
     def load(self) -> tuple[AgentState, bytes | None]:
         if not self.state_file.exists():
@@ -36,11 +44,39 @@ class DeviceStore:
             log.error("state file %s is unreadable (%s); starting with empty state", self.state_file, exc)
             return AgentState(), None
         update = self.update_file.read_bytes() if state.pending and self.update_file.exists() else None
+        self._written_update = update
         return state, update
 
     def save(self, state: dict, update: bytes | None) -> None:
-        if update is not None:
-            atomic_write(self.update_file, update)
-        atomic_write(self.state_file, json.dumps(state).encode())
+        # The update's bytes change once a round; receipts only touch the state.
+        if update is not None and update is not self._written_update:
+            atomic_write(self.update_file, update, self.durable)
+            self._written_update = update
+        atomic_write(self.state_file, json.dumps(state).encode(), self.durable)
         if update is None and self.update_file.exists():
             self.update_file.unlink()
+            self._written_update = None
+
+    def save_residual(self, residual: ModelArrays | None) -> None:
+        if residual is None:
+            self.residual_file.unlink(missing_ok=True)
+        else:
+            atomic_write(self.residual_file, tensors.pack(residual), self.durable)
+
+    def load_residual(self) -> ModelArrays | None:
+        if not self.residual_file.exists():
+            return None
+        try:
+            return {k: v.copy() for k, v in tensors.unpack(self.residual_file.read_bytes()).items()}
+        except (OSError, tensors.TensorError) as exc:
+            log.error("residual %s is unreadable (%s); starting error feedback afresh", self.residual_file, exc)
+            return None
+
+    def save_key(self, message: bytes) -> None:
+        atomic_write(self.key_file, message, self.durable)
+
+    def load_key(self) -> bytes | None:
+        try:
+            return self.key_file.read_bytes()
+        except OSError:
+            return None

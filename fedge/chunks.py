@@ -185,6 +185,11 @@ class Reassembler:
             return message
         return None
 
+    def discard(self, stream: str) -> None:
+        """Drop every partial message of ``stream`` (its sender went away)."""
+        for key in [k for k in self._partials if k[0] == stream]:
+            self._drop(key)
+
     def expire(self, now: float) -> int:
         """Drop partial messages older than ``timeout_s``; returns how many."""
         dropped = 0

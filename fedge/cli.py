@@ -83,7 +83,7 @@ def _check_broker(settings: Any) -> None:
 
 def _check_job(cfg: Any) -> None:
     from aggregator.strategies import SERVER_OPTIMIZERS
-    from fedge.codecs import CODECS
+    from fedge.codecs import CODECS, CodecError, make_codec
     from fedge.topics import check_id
 
     try:
@@ -92,6 +92,13 @@ def _check_job(cfg: Any) -> None:
         raise UsageError(str(exc)) from None
     if cfg.codec.name not in CODECS:
         raise UsageError(f"codec.name {cfg.codec.name!r} is not known; use one of {', '.join(sorted(CODECS))}")
+    for what, spec in (("codec", {"name": cfg.codec.name, **cfg.codec.params}), ("downlink.codec", cfg.downlink.codec)):
+        try:
+            make_codec(spec)
+        except CodecError as exc:
+            raise UsageError(f"{what}: {exc}") from None
+    if cfg.downlink.key_every < 1:
+        raise UsageError("downlink.key_every must be at least 1")
     if cfg.server.optimizer not in SERVER_OPTIMIZERS:
         raise UsageError(f"server.optimizer {cfg.server.optimizer!r} is not known; "
                          f"use one of {', '.join(SERVER_OPTIMIZERS)}")
@@ -133,6 +140,8 @@ def _devices(cfg: Any, count: int | None) -> list[Any]:
         raise UsageError(str(exc)) from None
     if cfg.agent.role not in ("trainer", "inference"):
         raise UsageError(f"agent.role {cfg.agent.role!r} is not known; use trainer or inference")
+    if cfg.agent.downlink not in ("on_demand", "follow"):
+        raise UsageError(f"agent.downlink {cfg.agent.downlink!r} is not known; use on_demand or follow")
     if cfg.agent.role == "inference":
         try:
             check_id(cfg.inference.artifact, "inference.artifact")
@@ -140,13 +149,15 @@ def _devices(cfg: Any, count: int | None) -> list[Any]:
             raise UsageError(str(exc)) from None
     common = dict(job=cfg.agent.job, data=cfg.data.factory, accepted_model=cfg.agent.model,
                   max_model_bytes=cfg.agent.max_model_bytes, resend_after_s=cfg.agent.resend_after_s,
-                  role=cfg.agent.role, artifact=cfg.inference.artifact, threads=cfg.inference.threads)
+                  role=cfg.agent.role, artifact=cfg.inference.artifact, threads=cfg.inference.threads,
+                  downlink=cfg.agent.downlink)
     if count is None:
         return [DeviceSpec(client_id=base, data_args=dict(cfg.data.args), state_dir=Path(cfg.agent.state_dir),
                            serve=cfg.inference.serve, **common)]
+    # A simulated fleet shares one disk: atomic renames, but no fsync per device.
     return [
         DeviceSpec(client_id=f"{base}-{i:03d}", data_args={**cfg.data.args, "client": i, "clients": count},
-                   state_dir=Path(cfg.agent.state_dir) / f"{base}-{i:03d}", **common)
+                   state_dir=Path(cfg.agent.state_dir) / f"{base}-{i:03d}", durable=False, **common)
         for i in range(count)
     ]
 

@@ -126,8 +126,19 @@ class TrainingSection:
 
 @dataclass
 class CodecSection:
-    name: str = setting("int8", "Update codec the clients use: none (float32) or int8.")
-    params: dict = setting({}, "Extra codec parameters.")
+    name: str = setting("int8", "Update codec the clients use: none, fp16, int8, int4, int2 or topk.")
+    params: dict = setting(
+        {}, "Codec parameters: block (int*), fraction and values (topk), lossless (zlib), ef (error feedback)."
+    )
+
+
+@dataclass
+class DownlinkSection:
+    codec: dict = setting(
+        {"name": "int8", "block": 64},
+        "How the model's change since the last key travels to devices; {name = \"none\"}: a full model every round.",
+    )
+    key_every: int = setting(20, "Publish a full key model every this many rounds; deltas build on the latest key.")
 
 
 @dataclass
@@ -183,7 +194,8 @@ class AggregatorConfig:
     job: JobSection = section(JobSection, "The job: model, seed, length, where state lives.")
     selection: SelectionSection = section(SelectionSection, "Who takes part in a round and when it closes.")
     training: TrainingSection = section(TrainingSection, "Local training plan announced to clients each round.")
-    codec: CodecSection = section(CodecSection, "How clients compress their deltas.")
+    codec: CodecSection = section(CodecSection, "How clients compress their deltas (uplink).")
+    downlink: DownlinkSection = section(DownlinkSection, "How the global model reaches devices (downlink).")
     server: ServerSection = section(ServerSection, "Server-side optimizer applied to the averaged delta.")
     evaluate: EvaluateSection = section(EvaluateSection, "Held-out evaluation of each new global model.")
     onnx: OnnxSection = section(OnnxSection, "ONNX exports of the global model for inference-only devices.")
@@ -204,6 +216,9 @@ class AgentSection:
         "", "Model factory this device accepts; empty: only the built-in fedge.models factories."
     )
     max_model_bytes: int = setting(256 << 20, "Largest global model the agent will download, in bytes.")
+    downlink: str = setting(
+        "on_demand", "on_demand: fetch the model only when selected (fewest bytes); follow: keep every model."
+    )
     resend_after_s: float = setting(20.0, "Resend an update not acknowledged after this long (doubling).")
 
 

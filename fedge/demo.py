@@ -39,6 +39,7 @@ class DemoOptions:
     broker: str | None = None
     protocol: str = "3.1.1"
     codec: str = "int8"
+    downlink: str = "follow"
     seed: int = 0
     alpha: float = 0.5
     workers: int = 2
@@ -112,8 +113,13 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         shutil.rmtree(state_dir / "aggregator")
     table = RoundTable(out)
     records: list[dict[str, Any]] = []
+    fleet_ref: list[Any] = []
 
     def on_record(record: dict[str, Any]) -> None:
+        # Bytes as the devices saw them: MQTT payload bytes the agents sent and
+        # received for this round (announcement, model, update, receipt).
+        up, down = fleet_ref[0].traffic.get(record["round"], [0, 0]) if fleet_ref else (0, 0)
+        record = {**record, "bytes_up": up, "bytes_down": down}
         records.append(record)
         table.row(record)
 
@@ -126,12 +132,13 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             client_id=f"agent-{i:02d}", job=job, data=data,
             data_args={"client": i, "clients": opts.agents, "partition": "dirichlet", "alpha": opts.alpha,
                        "seed": opts.seed},
-            state_dir=state_dir / "agents" / f"agent-{i:02d}",
+            state_dir=state_dir / "agents" / f"agent-{i:02d}", downlink=opts.downlink, durable=False,
         )
         for i in range(opts.agents)
     ]
     pool = TrainingPool(size=opts.workers, mode="warm", threads=1)
     fleet = AgentRuntime(devices, broker, pool)
+    fleet_ref.append(fleet)
     out.write(f"fedge demo: {opts.agents} agents, {opts.rounds} rounds, {opts.data} (Dirichlet alpha={opts.alpha}), "
               f"codec {opts.codec}, broker {url}{' (embedded)' if embedded else ''}\n")
     table.header()

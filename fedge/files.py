@@ -2,7 +2,9 @@
 
 Write to a temporary file beside the target, flush, fsync, rename over the
 target, fsync the directory: after a SIGKILL or a power cut the target holds
-either its old bytes or its new bytes, never a mix.
+either its old bytes or its new bytes, never a mix. ``durable=False`` keeps
+the rename (safe against a crashed process) but skips the fsyncs (not safe
+against a power cut): for simulated devices sharing one disk.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ import os
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
+def atomic_write(path: str | Path, data: bytes, durable: bool = True) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(directory: str | Path) -> None:

@@ -54,7 +54,9 @@ def _expect(env: Envelope, kind: Kind) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class GlobalModel:
-    """The full global model (float32), retained on the model topic."""
+    """A key model: the full global model (float32), retained on the key
+    topic. Its body is the canonical tensor form, so sha256(body) is the
+    model's state digest."""
 
     job: str
     round: int  # the round whose aggregation produced it; 0 is the initial model
@@ -92,6 +94,43 @@ class GlobalModel:
             spec=spec,
             body=env.body,
             num_samples=_field(h, "num_samples", int, "model"),
+        )
+
+
+@dataclass(frozen=True)
+class ModelDelta:
+    """The current global model as a change from the latest key model,
+    encoded with the job's downlink codec and retained on the delta topic.
+
+    The change is cumulative since the key, so any device holding that key
+    reaches the current model with this one message, however many rounds it
+    missed; ``target_digest`` is the state digest the result must have."""
+
+    job: str
+    round: int
+    key_round: int
+    key_digest: str
+    target_digest: str
+    codec: dict[str, Any]
+    body: bytes
+
+    def encode(self) -> bytes:
+        header = {"job": self.job, "round": self.round, "sender": AGGREGATOR, "num_samples": 0,
+                  "codec": self.codec, "key_round": self.key_round, "key_digest": self.key_digest,
+                  "target_digest": self.target_digest}
+        return wire.encode(Kind.MODEL_DELTA, header, self.body)
+
+    @classmethod
+    def parse(cls, env: Envelope) -> ModelDelta:
+        h = _expect(env, Kind.MODEL_DELTA)
+        return cls(
+            job=_id(h, "job", "delta"),
+            round=_field(h, "round", int, "delta"),
+            key_round=_field(h, "key_round", int, "delta"),
+            key_digest=_field(h, "key_digest", str, "delta"),
+            target_digest=_field(h, "target_digest", str, "delta"),
+            codec=_field(h, "codec", dict, "delta"),
+            body=env.body,
         )
 
 
@@ -138,7 +177,9 @@ class TrainingPlan:
 class RoundAnnouncement:
     """Retained on the round topic. ``state`` is ``open`` while a round runs,
     ``waiting`` while the aggregator waits for enough clients, ``done`` when
-    the job has finished."""
+    the job has finished. ``model_digest`` is the state digest of the model
+    to train from; ``key_digest``/``key_round`` name the key model the
+    retained delta builds on."""
 
     job: str
     round: int
@@ -150,6 +191,8 @@ class RoundAnnouncement:
     training: TrainingPlan = field(default_factory=TrainingPlan)
     codec: dict[str, Any] = field(default_factory=lambda: {"name": "int8"})
     issued_at: float = 0.0
+    key_digest: str = ""
+    key_round: int = 0
 
     def encode(self) -> bytes:
         header = {
@@ -160,6 +203,8 @@ class RoundAnnouncement:
             "sender": AGGREGATOR,
             "num_samples": 0,
             "model_digest": self.model_digest,
+            "key_digest": self.key_digest,
+            "key_round": self.key_round,
             "selected": list(self.selected),
             "deadline_s": self.deadline_s,
             "training": self.training.to_json(),
@@ -189,6 +234,8 @@ class RoundAnnouncement:
             training=training,
             codec=_field(h, "codec", dict, "round"),
             issued_at=float(_field(h, "issued_at", (int, float), "round")),
+            key_digest=_field(h, "key_digest", str, "round"),
+            key_round=_field(h, "key_round", int, "round"),
         )
 
 
@@ -203,7 +250,7 @@ class Update:
     update_id: str
     num_samples: int
     codec: dict[str, Any]
-    base_model: str  # digest of the global model it was trained from
+    base_model: str  # state digest of the global model it was trained from
     body: bytes
     loss: float = 0.0
     train_seconds: float = 0.0

@@ -195,10 +195,11 @@ class MqttLink:
             self.client.subscribe(topic, qos=1)
 
     def unsubscribe(self, topic: str) -> None:
+        """Stop receiving ``topic``; also forgets a subscription the broker
+        kept from an earlier connection of this client id."""
         if topic in self.subscriptions:
             self.subscriptions.remove(topic)
-        if self.connected.is_set():
-            self.client.unsubscribe(topic)
+        self.client.unsubscribe(topic)
 
     # --- paho callbacks (network thread) ------------------------------------------
 

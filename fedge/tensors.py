@@ -29,11 +29,12 @@ class TensorError(ValueError):
         self.reason = reason
 
 
-def pack(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """Serialise named arrays (any safetensors dtype) to bytes."""
+def pack(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialise named arrays (any safetensors dtype) to bytes, with optional
+    string metadata in the header."""
     from safetensors.numpy import save
 
-    return save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    return save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=dict(metadata or {}) or None)
 
 
 _DTYPES: dict[str, np.dtype] = {
@@ -46,6 +47,11 @@ _MAX_HEADER = 100 << 20
 
 
 def unpack(data: bytes | memoryview) -> ModelArrays:
+    """Parse a safetensors buffer (see ``unpack_with_metadata``)."""
+    return unpack_with_metadata(data)[0]
+
+
+def unpack_with_metadata(data: bytes | memoryview) -> tuple[ModelArrays, dict[str, str]]:
     """Parse a safetensors buffer; raise ``TensorError`` on anything else.
 
     The arrays are read-only views into ``data`` (no copy: a device holding
@@ -65,7 +71,9 @@ def unpack(data: bytes | memoryview) -> ModelArrays:
         raise TensorError("malformed", f"tensor header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise TensorError("malformed", "tensor header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise TensorError("malformed", "tensor metadata must map names to strings")
     base, size = 8 + hlen, n - 8 - hlen
     spans: list[tuple[int, int, str, np.dtype, tuple[int, ...], int]] = []
     for name, info in header.items():
@@ -89,7 +97,7 @@ def unpack(data: bytes | memoryview) -> ModelArrays:
         out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=base + begin).reshape(shape)
     if cursor != size:
         raise TensorError("malformed", "tensor data is not fully covered by its header")
-    return {name: out[name] for name in header}
+    return {name: out[name] for name in header}, metadata
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,15 @@ class TensorSpec:
             got = tuple(arrays[name].shape)
             if got != shape:
                 raise TensorError("shape", f"{what} tensor {name!r} has shape {got}, the model has {shape}")
+
+
+def state_digest(arrays: Mapping[str, np.ndarray], spec: TensorSpec | None = None) -> str:
+    """The content digest of a model: sha256 of its canonical safetensors form
+    (float32, in spec order). A model rebuilt from a key and a delta on a
+    device has the same digest as on the aggregator, or it is not the same
+    model."""
+    names = spec.names if spec is not None else list(arrays)
+    return hashlib.sha256(pack({n: np.asarray(arrays[n], dtype=np.float32) for n in names})).hexdigest()
 
 
 def zeros_like_spec(spec: TensorSpec, dtype: type = np.float32) -> ModelArrays:

@@ -4,7 +4,8 @@ Everything of a job lives under ``fedge/v1/<job>/``. A device id always sits
 in a topic level of its own, so a broker ACL can confine each device to its
 own topics with a pattern (Mosquitto ``%c``/``%u``)::
 
-    fedge/v1/<job>/model/<i>         retained  chunk i of the global model
+    fedge/v1/<job>/model/key/<i>     retained  chunk i of the latest key (full) model
+    fedge/v1/<job>/model/delta/<i>   retained  chunk i of the change from that key to the current model
     fedge/v1/<job>/round             retained  the current round announcement
     fedge/v1/<job>/update/<client>             the client's update chunks
     fedge/v1/<job>/status/<client>   retained  presence (last will: offline)
@@ -43,12 +44,19 @@ class JobTopics:
     def base(self) -> str:
         return f"{ROOT}/{self.job}"
 
-    def model_chunk(self, index: int) -> str:
-        return f"{self.base}/model/{index}"
+    def key_chunk(self, index: int) -> str:
+        return f"{self.base}/model/key/{index}"
 
     @property
-    def model_filter(self) -> str:
-        return f"{self.base}/model/+"
+    def key_filter(self) -> str:
+        return f"{self.base}/model/key/+"
+
+    def delta_chunk(self, index: int) -> str:
+        return f"{self.base}/model/delta/{index}"
+
+    @property
+    def delta_filter(self) -> str:
+        return f"{self.base}/model/delta/+"
 
     @property
     def round(self) -> str:
@@ -89,8 +97,8 @@ class JobTopics:
         """Split a topic of this job into (channel, client-or-name).
 
         ``("update", "pi-7")`` for ``fedge/v1/<job>/update/pi-7``,
-        ``("model", None)`` for a model chunk, ``("", None)`` for anything
-        that is not ours.
+        ``("key", None)`` or ``("delta", None)`` for a model chunk,
+        ``("", None)`` for anything that is not ours.
         """
         prefix = self.base + "/"
         if not topic.startswith(prefix):
@@ -99,8 +107,8 @@ class JobTopics:
         head = parts[0]
         if head in ("round", "events", "server") and len(parts) == 1:
             return head, None
-        if head == "model" and len(parts) == 2:
-            return "model", None
+        if head == "model" and len(parts) == 3 and parts[1] in ("key", "delta"):
+            return parts[1], None
         if head in ("update", "status", "ack") and len(parts) == 2 and _ID.match(parts[1]):
             return head, parts[1]
         if head == "artifact" and len(parts) == 3:

@@ -49,6 +49,7 @@ class Kind(enum.IntEnum):
     ACK = 6
     EVENT = 7
     ARTIFACT = 8
+    MODEL_DELTA = 9
     # Local only: between the agent and its training worker process.
     TRAIN_REQUEST = 32
     TRAIN_RESULT = 33
@@ -101,6 +102,17 @@ def digest_of(message: bytes) -> str:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in a header")
+
+
+def peek(message: bytes) -> tuple[Kind, dict[str, Any]] | None:
+    """Kind and header of a message, unverified: for accounting and logs only,
+    never for decisions (``decode`` checks the digest)."""
+    try:
+        _m, _v, kind, _f, hlen, _b, _d = PREAMBLE.unpack_from(message, 0)
+        header = json.loads(bytes(message[PREAMBLE.size : PREAMBLE.size + min(hlen, MAX_HEADER_BYTES)]))
+        return Kind(kind), header if isinstance(header, dict) else {}
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return None
 
 
 def decode(message: bytes, *, max_body: int = DEFAULT_MAX_BODY_BYTES) -> Envelope:

@@ -10,6 +10,7 @@ half of itself behind.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -48,6 +49,23 @@ class UpdateCodec(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params()})"
+
+
+def shapes_metadata(delta: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """The tensors' shapes, for codecs whose payload holds flat codes: the
+    receiver checks them, so a transposed tensor is refused, not misread."""
+    return {"shapes": json.dumps({k: list(np.shape(v)) for k, v in delta.items()}, separators=(",", ":"))}
+
+
+def check_shapes(metadata: Mapping[str, str], spec: TensorSpec, codec: str) -> None:
+    try:
+        shapes = json.loads(metadata["shapes"])
+        got = {k: tuple(v) for k, v in shapes.items()}
+    except (KeyError, ValueError, TypeError, AttributeError):
+        raise CodecError("malformed", f"{codec} update does not say its tensor shapes") from None
+    for name, shape in spec.entries:
+        if got.get(name) != shape:
+            raise CodecError("shape", f"update tensor {name!r} has shape {got.get(name)}, the model has {shape}")
 
 
 def require_finite(arrays: Mapping[str, np.ndarray], what: str) -> None:

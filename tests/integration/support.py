@@ -48,8 +48,12 @@ def devices(tmp: Path, job: str, n: int, prefix: str = "dev", data: str = "fedge
 
 
 @contextmanager
-def running_fleet(specs: list[DeviceSpec], settings: BrokerSettings, workers: int = 2) -> Iterator[AgentRuntime]:
-    pool = TrainingPool(size=workers, mode="warm", threads=1)
+def running_fleet(specs: list[DeviceSpec], settings: BrokerSettings, workers: int = 2,
+                  pool: TrainingPool | None = None) -> Iterator[AgentRuntime]:
+    """Devices in one runtime; ``pool`` shares another fleet's warm workers
+    (devices that join later then train at once instead of starting PyTorch)."""
+    own = pool is None
+    pool = pool or TrainingPool(size=workers, mode="warm", threads=1)
     fleet = AgentRuntime(specs, settings, pool, tick_s=0.2)
     fleet.start()
     t = threading.Thread(target=fleet.run, daemon=True)
@@ -60,7 +64,8 @@ def running_fleet(specs: list[DeviceSpec], settings: BrokerSettings, workers: in
         fleet.stop()
         t.join(10)
         fleet.close()
-        pool.close()
+        if own:
+            pool.close()
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Faults a fleet meets: a device dying mid-round, the aggregator SIGKILLed at
 random moments, duplicated and malformed messages on the update topic."""
 
+import contextlib
 import random
 import signal
 import subprocess
@@ -85,10 +86,12 @@ def test_aggregator_sigkilled_at_random_moments_loses_no_round_and_counts_no_upd
     fleet_specs = devices(tmp_path, "crashy", 4)
     from .support import broker_settings
 
-    with running_fleet(fleet_specs, broker_settings(mosquitto.url)):
+    procs: list[subprocess.Popen] = []
+    with running_fleet(fleet_specs, broker_settings(mosquitto.url)), _reaped(procs):
         while True:
             proc = subprocess.Popen(fedge_cmd("aggregator", "--config", str(conf)), env=cli_env,
                                     stderr=subprocess.DEVNULL)
+            procs.append(proc)
             done_rounds = {r["round"] for r in read_log(state)}
             if len(done_rounds) >= rounds or kills >= 5:
                 assert proc.wait(120) == 0
@@ -116,6 +119,18 @@ def test_aggregator_sigkilled_at_random_moments_loses_no_round_and_counts_no_upd
         assert r["num_samples"] == sum(sizes[c] for c in r["accepted"])
     assert log[-1]["accuracy"] > 0.7
     assert any(r.get("attempt", 1) > 1 for r in log), "some round was re-announced after a crash"
+
+
+@contextlib.contextmanager
+def _reaped(procs):
+    """Whatever happens in the test, no aggregator outlives it."""
+    try:
+        yield
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def _share(i):

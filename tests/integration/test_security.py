@@ -71,7 +71,7 @@ def test_a_job_runs_over_tls_with_passwords_and_acls_and_devices_stay_in_their_l
     topics = JobTopics("secure")
     with running_aggregator(cfg) as (service, records), running_fleet(specs, cfg.broker):
         wait_for(lambda: len(records) >= 1, 90, "round 1 over TLS")
-        genuine_model = service.core._model_message
+        genuine_key = service.core.models.key_message
         # dev-0's credentials, in the wrong hands.
         got: list[str] = []
         impostor = paho.Client(CallbackAPIVersion.VERSION2, client_id="dev-0-impostor")
@@ -84,7 +84,9 @@ def test_a_job_runs_over_tls_with_passwords_and_acls_and_devices_stay_in_their_l
         impostor.subscribe(topics.update_filter, qos=1)
         forged = chunks.split(b"forged update for dev-1", 1000)[0]
         impostor.publish(topics.update("dev-1"), forged, qos=1).wait_for_publish(5)
-        impostor.publish(topics.model_chunk(0), chunks.split(b"evil model", 1000)[0], qos=1,
+        impostor.publish(topics.key_chunk(0), chunks.split(b"evil model", 1000)[0], qos=1,
+                         retain=True).wait_for_publish(5)
+        impostor.publish(topics.delta_chunk(0), chunks.split(b"evil delta", 1000)[0], qos=1,
                          retain=True).wait_for_publish(5)
         impostor.publish(topics.round, b"evil round", qos=1, retain=True).wait_for_publish(5)
         assert service.done.wait(90), f"job did not finish: {records}"
@@ -94,19 +96,18 @@ def test_a_job_runs_over_tls_with_passwords_and_acls_and_devices_stay_in_their_l
     assert [r["clients"] for r in records] == [2, 2, 2]
     assert not any(k.startswith("chunk_") for k in counters), counters  # the forged chunk never arrived
     assert got == [], "a device read receipts or updates that are not its own"
-    # The retained model is still the aggregator's.
+    # The retained key model is still the aggregator's.
     seen: list[bytes] = []
     reader = paho.Client(CallbackAPIVersion.VERSION2)
     reader.username_pw_set("dev-1", "pw-dev-1")
     reader.tls_set(ca_certs=str(pki / "ca.crt"))
     reader.on_message = lambda c, u, m: seen.append(m.payload)
     reader.connect("127.0.0.1", broker.port)
-    reader.subscribe(topics.model_chunk(0), qos=1)
+    reader.subscribe(topics.key_chunk(0), qos=1)
     reader.loop_start()
     wait_for(lambda: seen, 10, "the retained model")
     reader.loop_stop()
-    assert chunks.parse_chunk(seen[0]).message_id == chunks.message_id(service.core._model_message)
-    assert genuine_model != service.core._model_message  # rounds 2 and 3 replaced it legitimately
+    assert chunks.parse_chunk(seen[0]).message_id == chunks.message_id(genuine_key)
 
 
 def test_wrong_credentials_and_unknown_cas_are_refused(secure_broker):

@@ -1,7 +1,9 @@
-"""The edge agent's protocol core: when it trains, what it sends, when it
-resends, and that a restart never causes a second submission."""
+"""The edge agent's protocol core: which model it trains from, when it trains,
+what it sends and resends, error feedback, and that a restart never causes a
+second submission."""
 
 import numpy as np
+import pytest
 
 from edge_agent.core import (
     AckArrived,
@@ -9,194 +11,284 @@ from edge_agent.core import (
     AgentState,
     AnnouncementArrived,
     Connected,
-    ModelArrived,
+    DeltaArrived,
+    KeyArrived,
+    PersistKey,
+    PersistResidual,
     PersistState,
     PublishStatus,
     PublishUpdate,
     StartTraining,
+    Subscribe,
     Tick,
     TrainingDone,
     TrainingFailed,
+    Unsubscribe,
 )
 from fedge import tensors, wire
-from fedge.messages import Ack, Decline, GlobalModel, RoundAnnouncement, Status, TrainingPlan, Update
-from fedge.tensors import TensorSpec
+from fedge.codecs import make_codec
+from fedge.downlink import encode_delta, rebuild
+from fedge.messages import Ack, Decline, GlobalModel, ModelDelta, RoundAnnouncement, Status, TrainingPlan, Update
+from fedge.tensors import TensorSpec, state_digest
 from fedge.wire import Kind
 
 JOB = "unit"
 ME = "pi-1"
-W = {"w": np.ones((2, 2), np.float32)}
+KEY = {"w": np.arange(16, dtype=np.float32).reshape(4, 4) / 10, "b": np.ones(4, np.float32)}
+SPEC = TensorSpec.of(KEY)
+DOWN = {"name": "int8", "block": 8}
 
 
-def model_msg(round_=0, factory="fedge.models:digits_mlp", scale=1.0, job=JOB):
-    arrays = {"w": W["w"] * scale}
-    return GlobalModel(job=job, round=round_, model=factory, model_args={}, spec=TensorSpec.of(arrays),
-                       body=tensors.pack(arrays)).encode()
+def key_msg(arrays=KEY, round_=0, factory="fedge.models:digits_mlp", job=JOB):
+    msg = GlobalModel(job=job, round=round_, model=factory, model_args={}, spec=TensorSpec.of(arrays),
+                      body=tensors.pack(arrays)).encode()
+    return msg, state_digest(arrays)
 
 
-def ann_msg(model, round_=1, attempt=1, selected=(ME,), state="open", codec="int8"):
-    return RoundAnnouncement(job=JOB, round=round_, attempt=attempt, state=state,
-                             model_digest=wire.digest_of(model), selected=selected,
-                             training=TrainingPlan(), codec={"name": codec}).encode()
+def delta_msg(target, round_=1, key=KEY, tamper=False):
+    codec = make_codec(DOWN)
+    body = encode_delta(target, key, codec, np.random.default_rng(round_))
+    digest = state_digest(rebuild(key, codec, body, SPEC))
+    msg = ModelDelta(job=JOB, round=round_, key_round=0, key_digest=state_digest(key),
+                     target_digest="0" * 64 if tamper else digest, codec=DOWN, body=body).encode()
+    return msg, digest
+
+
+def ann_msg(model_digest, round_=1, attempt=1, selected=(ME,), state="open", codec=None, key_digest=None):
+    return RoundAnnouncement(job=JOB, round=round_, attempt=attempt, state=state, model_digest=model_digest,
+                             selected=selected, training=TrainingPlan(), codec=codec or {"name": "int8"},
+                             key_digest=key_digest or state_digest(KEY)).encode()
 
 
 def make(**kw):
-    return AgentCore(client_id=ME, job=JOB, info={"codecs": ["none", "int8"]}, resend_after_s=10.0, **kw)
+    return AgentCore(client_id=ME, job=JOB, info={"codecs": ["none", "int8", "topk"]}, resend_after_s=10.0, **kw)
 
 
 def only(actions, cls):
     return [a for a in actions if isinstance(a, cls)]
 
 
-def train(core, now=5.0, samples=42):
+DELTA = {"w": np.full((4, 4), 0.25, np.float32), "b": np.full(4, -0.5, np.float32)}
+
+
+def train(core, now=5.0, samples=42, delta=None):
     start = core.training
     assert start is not None
-    return core.handle(TrainingDone(start.job_id, {"w": np.full((2, 2), 0.25, np.float32)}, samples, 0.7, 1.2, now))
+    return core.handle(TrainingDone(start.job_id, delta or DELTA, samples, 0.7, 1.2, now))
 
 
 def selected_core(**kw):
     core = make(**kw)
-    m = model_msg()
-    core.handle(ModelArrived(m, 0.0))
-    acts = core.handle(AnnouncementArrived(ann_msg(m), 1.0))
-    return core, m, acts
+    k, digest = key_msg()
+    core.handle(KeyArrived(k, 0.0))
+    acts = core.handle(AnnouncementArrived(ann_msg(digest), 1.0))
+    return core, digest, acts
 
 
-def test_connect_publishes_presence_with_capabilities():
+def test_connect_publishes_presence_and_forgets_old_model_subscriptions():
     acts = make().handle(Connected(0))
     status = Status.parse(wire.decode(only(acts, PublishStatus)[0].message))
     assert status.state == "online" and status.sender == ME and "int8" in status.info["codecs"]
+    # An on-demand device wants no model channel yet; whatever the broker kept goes.
+    assert {a.channel for a in only(acts, Unsubscribe)} == {"key", "delta"} and not only(acts, Subscribe)
 
 
-def test_trains_when_selected_and_holding_the_announced_model():
-    _core, m, acts = selected_core()
+def test_trains_from_the_key_when_the_round_names_it():
+    _core, digest, acts = selected_core()
     job = only(acts, StartTraining)[0].job
-    assert job.round == 1 and job.base_model == wire.digest_of(m)
-    assert job.model == "fedge.models:digits_mlp" and tensors.unpack(job.model_body)["w"].shape == (2, 2)
+    assert job.round == 1 and job.base_model == digest
+    assert job.model == "fedge.models:digits_mlp"
+    np.testing.assert_array_equal(tensors.unpack(job.model_body)["w"], KEY["w"])
 
 
-def test_waits_for_the_model_when_the_announcement_comes_first():
+def test_rebuilds_the_current_model_from_key_and_delta_even_in_the_wrong_order():
+    target = {k: v + 0.1 for k, v in KEY.items()}
+    dmsg, digest = delta_msg(target)
     core = make()
-    m = model_msg()
-    assert core.handle(AnnouncementArrived(ann_msg(m), 0)) == []
-    assert only(core.handle(ModelArrived(m, 1)), StartTraining)
-    # An older model does not trigger anything.
-    core2 = make()
-    core2.handle(AnnouncementArrived(ann_msg(m), 0))
-    assert core2.handle(ModelArrived(model_msg(scale=3.0), 1)) == []
+    assert core.handle(AnnouncementArrived(ann_msg(digest), 0)) == [Subscribe("key"), Subscribe("delta")]
+    assert not only(core.handle(DeltaArrived(dmsg, 1)), StartTraining)  # no key yet: held
+    acts = core.handle(KeyArrived(key_msg()[0], 2))
+    job = only(acts, StartTraining)[0].job
+    assert job.base_model == digest == state_digest(tensors.unpack(job.model_body))
+    assert np.abs(tensors.unpack(job.model_body)["w"] - target["w"]).max() < 0.02
+    assert set(only(acts, Unsubscribe)) == {Unsubscribe("key"), Unsubscribe("delta")}  # nothing more to fetch
+    assert only(acts, PersistKey)
 
 
-def test_not_selected_or_done_means_idle():
+def test_never_trains_on_a_model_that_does_not_match_its_digest():
+    target = {k: v + 0.1 for k, v in KEY.items()}
+    bad, digest = delta_msg(target, tamper=True)
     core = make()
-    m = model_msg()
-    core.handle(ModelArrived(m, 0))
-    assert core.handle(AnnouncementArrived(ann_msg(m, selected=("other",)), 1)) == []
-    assert core.handle(AnnouncementArrived(ann_msg(m, state="done", selected=()), 2)) == []
+    k, _ = key_msg()
+    core.handle(KeyArrived(k, 0))
+    acts = core.handle(AnnouncementArrived(ann_msg(digest), 1))
+    assert not only(acts + core.handle(DeltaArrived(bad, 2)), StartTraining)
+    assert core.counters["corrupt_delta"] == 1
+    good, _ = delta_msg(target)
+    assert only(core.handle(DeltaArrived(good, 3)), StartTraining)
 
 
-def test_update_is_persisted_before_it_is_published_and_carries_the_round_contract():
-    core, m, _ = selected_core()
+def test_on_demand_devices_fetch_nothing_while_not_selected():
+    core = make()
+    _, digest = key_msg()
+    assert core.handle(AnnouncementArrived(ann_msg(digest, selected=("other",)), 0)) == []
+    assert core.subscribed == set()
+
+
+def test_follow_devices_keep_the_delta_and_fetch_a_key_only_when_theirs_is_stale():
+    core = make(downlink="follow")
+    _, digest = key_msg()
+    acts = core.handle(AnnouncementArrived(ann_msg(digest, selected=("other",)), 0))
+    assert set(acts) == {Subscribe("key"), Subscribe("delta")}
+    acts = core.handle(KeyArrived(key_msg()[0], 1))
+    assert Unsubscribe("key") in acts and "delta" in core.subscribed
+
+
+def test_an_older_retained_key_is_ignored():
+    core = make()
+    new_key = {k: v * 2 for k, v in KEY.items()}
+    core.handle(KeyArrived(key_msg(new_key, round_=20)[0], 0))
+    assert core.handle(KeyArrived(key_msg(KEY, round_=0)[0], 1)) == []
+    assert core.key.model.round == 20
+
+
+def test_update_and_residual_are_persisted_before_publishing_and_carry_the_round_contract():
+    core, digest, _ = selected_core()
     acts = train(core)
-    assert [type(a) for a in acts] == [PersistState, PublishUpdate]
-    assert acts[0].update == acts[1].message
-    upd = Update.parse(wire.decode(acts[1].message))
+    assert [type(a) for a in acts] == [PersistResidual, PersistState, PublishUpdate]
+    assert acts[0].residual is None  # int8 is unbiased: no error feedback by default
+    upd = Update.parse(wire.decode(acts[2].message))
     assert (upd.job, upd.round, upd.sender, upd.num_samples) == (JOB, 1, ME, 42)
-    assert upd.base_model == wire.digest_of(m) and upd.codec == {"name": "int8"}
-    assert acts[0].state["last_round"] == 1 and acts[0].state["pending"]["update_id"] == upd.update_id
+    assert upd.base_model == digest and upd.codec == {"name": "int8"}
+    assert acts[1].state["last_round"] == 1 and acts[1].state["pending"]["update_id"] == upd.update_id
+
+
+def test_error_feedback_conserves_mass_across_rounds():
+    codec = {"name": "topk", "fraction": 0.25, "values": "float32"}
+    core = make()
+    k, digest = key_msg()
+    core.handle(KeyArrived(k, 0))
+    rng = np.random.default_rng(3)
+    deltas, sent = [], []
+    for r in range(1, 6):
+        core.handle(AnnouncementArrived(ann_msg(digest, round_=r, codec=codec), r))
+        d = {n: rng.normal(size=v.shape).astype(np.float32) for n, v in KEY.items()}
+        deltas.append(d)
+        acts = train(core, now=r, delta=d)
+        upd = Update.parse(wire.decode(only(acts, PublishUpdate)[0].message))
+        sent.append(make_codec(codec).decode(upd.body, SPEC))
+        residual = only(acts, PersistResidual)[0].residual
+    for n in KEY:
+        total_in = sum(d[n] for d in deltas)
+        total_out = sum(s[n] for s in sent) + residual[n]
+        np.testing.assert_allclose(total_out, total_in, atol=1e-5)
+
+
+def test_a_refused_update_goes_back_into_the_residual():
+    codec = {"name": "topk", "fraction": 0.25, "values": "float32"}
+    core = make()
+    k, digest = key_msg()
+    core.handle(KeyArrived(k, 0))
+    core.handle(AnnouncementArrived(ann_msg(digest, codec=codec), 1))
+    acts = train(core)
+    upd = Update.parse(wire.decode(only(acts, PublishUpdate)[0].message))
+    acts = core.handle(AckArrived(Ack(JOB, 1, 1, ME, upd.update_id, "late", "round closed").encode(), 6))
+    restored = only(acts, PersistResidual)[0].residual
+    for n in KEY:  # nothing of the delta was counted, so all of it waits for the next round
+        np.testing.assert_allclose(restored[n], DELTA[n], atol=1e-6)
 
 
 def test_resends_the_same_bytes_with_backoff_until_acknowledged():
-    core, _m, _ = selected_core()
+    core, _digest, _ = selected_core()
     sent = only(train(core, now=5.0), PublishUpdate)[0].message
-    assert core.handle(Tick(14.9)) == []
+    assert not only(core.handle(Tick(14.9)), PublishUpdate)
     assert only(core.handle(Tick(15.0)), PublishUpdate)[0].message == sent
-    assert core.handle(Tick(34.9)) == []  # backoff doubled to 20 s
+    assert not only(core.handle(Tick(34.9)), PublishUpdate)  # backoff doubled to 20 s
     assert only(core.handle(Tick(35.0)), PublishUpdate)[0].message == sent
     upd = Update.parse(wire.decode(sent))
     core.handle(AckArrived(Ack(JOB, 1, 1, ME, upd.update_id, "accepted").encode(), 36))
-    assert core.handle(Tick(1000)) == []
+    assert not only(core.handle(Tick(1000)), PublishUpdate)
 
 
 def test_a_reannounced_round_after_an_aggregator_restart_gets_the_same_bytes_at_once():
-    core, m, _ = selected_core()
+    core, digest, _ = selected_core()
     sent = only(train(core), PublishUpdate)[0].message
     upd = Update.parse(wire.decode(sent))
     core.handle(AckArrived(Ack(JOB, 1, 1, ME, upd.update_id, "accepted").encode(), 6))
-    acts = core.handle(AnnouncementArrived(ann_msg(m, attempt=2), 7))
-    assert only(acts, PublishUpdate)[0].message == sent
-    assert not only(acts, StartTraining)
-    # Acknowledged for attempt 2: quiet again.
+    acts = core.handle(AnnouncementArrived(ann_msg(digest, attempt=2), 7))
+    assert only(acts, PublishUpdate)[0].message == sent and not only(acts, StartTraining)
     core.handle(AckArrived(Ack(JOB, 1, 2, ME, upd.update_id, "duplicate").encode(), 8))
-    assert core.handle(AnnouncementArrived(ann_msg(m, attempt=2), 9)) == []
-    assert core.handle(Tick(500)) == []
+    assert not only(core.handle(AnnouncementArrived(ann_msg(digest, attempt=2), 9)), PublishUpdate)
+    assert not only(core.handle(Tick(500)), PublishUpdate)
 
 
 def test_a_restarted_agent_never_trains_twice_for_a_round():
-    core, m, _ = selected_core()
+    core, digest, _ = selected_core()
     acts = train(core)
-    persisted, sent = acts[0], acts[1].message
-    # The process dies here; a new one starts from the persisted state.
+    persisted, sent = only(acts, PersistState)[0], only(acts, PublishUpdate)[0].message
+    # The process dies here; a new one starts from what was persisted.
     reborn = make(state=AgentState.from_json(persisted.state), update_bytes=persisted.update)
-    reborn.handle(ModelArrived(m, 100))
-    acts = reborn.handle(AnnouncementArrived(ann_msg(m), 101))
+    reborn.restore_key(key_msg()[0])
+    acts = reborn.handle(AnnouncementArrived(ann_msg(digest), 101))
     assert not only(acts, StartTraining)
     assert only(acts, PublishUpdate)[0].message == sent
-    # ... and after the receipt, a third incarnation does nothing at all.
     upd = Update.parse(wire.decode(sent))
     acts = reborn.handle(AckArrived(Ack(JOB, 1, 1, ME, upd.update_id, "accepted").encode(), 102))
     third = make(state=AgentState.from_json(only(acts, PersistState)[0].state), update_bytes=sent)
-    third.handle(ModelArrived(m, 200))
-    assert third.handle(AnnouncementArrived(ann_msg(m), 201)) == []
+    third.restore_key(key_msg()[0])
+    assert not only(third.handle(AnnouncementArrived(ann_msg(digest), 201)), (PublishUpdate, StartTraining))
 
 
 def test_training_that_outlives_its_round_is_dropped():
-    core, _m, _ = selected_core()
-    m2 = model_msg(round_=1, scale=2.0)
-    core.handle(ModelArrived(m2, 2))
-    core.handle(AnnouncementArrived(ann_msg(m2, round_=2, selected=("other",)), 3))
+    core, digest, _ = selected_core()
+    core.handle(AnnouncementArrived(ann_msg(digest, round_=2, selected=("other",)), 3))
     assert only(train(core), PublishUpdate) == []
     assert core.counters["stale_training"] == 1
 
 
 def test_failed_training_declines_the_round():
-    core, m, _ = selected_core()
+    core, digest, _ = selected_core()
     acts = core.handle(TrainingFailed(core.training.job_id, "training worker killed: out of memory", 3))
     dec = wire.decode(only(acts, PublishUpdate)[0].message)
     assert dec.kind == Kind.DECLINE and "out of memory" in Decline.parse(dec).reason
-    assert core.handle(AnnouncementArrived(ann_msg(m), 4)) == []  # no retry for round 1
+    assert not only(core.handle(AnnouncementArrived(ann_msg(digest), 4)), StartTraining)
 
 
 def test_a_rejected_update_is_not_resent():
-    core, _m, _ = selected_core()
+    core, _, _ = selected_core()
     upd = Update.parse(wire.decode(only(train(core), PublishUpdate)[0].message))
     core.handle(AckArrived(Ack(JOB, 1, 1, ME, upd.update_id, "rejected", "wrong_shape").encode(), 6))
-    assert core.handle(Tick(10_000)) == []
+    assert not only(core.handle(Tick(10_000)), PublishUpdate)
     assert core.counters["update_rejected"] == 1
 
 
 def test_receipts_for_someone_else_are_ignored():
-    core, _m, _ = selected_core()
+    core, _, _ = selected_core()
     upd = Update.parse(wire.decode(only(train(core), PublishUpdate)[0].message))
-    assert core.handle(AckArrived(Ack(JOB, 1, 1, "pi-2", upd.update_id, "accepted").encode(), 6)) == []
-    assert core.handle(AckArrived(Ack(JOB, 1, 1, ME, "not-mine", "accepted").encode(), 6)) == []
+    assert not only(core.handle(AckArrived(Ack(JOB, 1, 1, "pi-2", upd.update_id, "accepted").encode(), 6)),
+                    PersistState)
+    assert not only(core.handle(AckArrived(Ack(JOB, 1, 1, ME, "not-mine", "accepted").encode(), 6)), PersistState)
     assert only(core.handle(Tick(15.0)), PublishUpdate)
 
 
 def test_refuses_models_it_was_not_told_to_run():
     core = make()
-    m = model_msg(factory="os:system")
-    assert core.handle(ModelArrived(m, 0)) == [] and core.model is None
+    assert core.handle(KeyArrived(key_msg(factory="os:system")[0], 0)) == [] and core.key is None
     assert core.counters["refused_model"] == 1
     allowed = make(accepted_model="mypkg.nets:tiny")
-    m2 = model_msg(factory="mypkg.nets:tiny")
-    allowed.handle(ModelArrived(m2, 0))
-    assert allowed.model is not None
+    allowed.handle(KeyArrived(key_msg(factory="mypkg.nets:tiny")[0], 0))
+    assert allowed.key is not None
 
 
 def test_corrupt_or_foreign_models_are_ignored():
     core = make()
-    bad = bytearray(model_msg())
+    bad = bytearray(key_msg()[0])
     bad[-1] ^= 1
-    assert core.handle(ModelArrived(bytes(bad), 0)) == []
-    assert core.handle(ModelArrived(model_msg(job="other"), 0)) == []
-    assert core.model is None and core.counters["bad_model"] == 2
+    assert core.handle(KeyArrived(bytes(bad), 0)) == []
+    assert core.handle(KeyArrived(key_msg(job="other")[0], 0)) == []
+    assert core.key is None and core.counters["bad_model"] == 2
+
+
+def test_unknown_downlink_mode_is_named():
+    with pytest.raises(ValueError, match=r"agent\.downlink"):
+        make(downlink="sometimes")

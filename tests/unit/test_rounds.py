@@ -8,6 +8,7 @@ from aggregator.rounds import (
     ClientStatus,
     MessageArrived,
     PublishAnnouncement,
+    PublishDelta,
     PublishModel,
     RoundCore,
     RoundFinished,
@@ -20,16 +21,18 @@ from aggregator.rounds import (
 from aggregator.strategies.fedavg import FedAvg
 from fedge import tensors, wire
 from fedge.codecs import make_codec
-from fedge.messages import Ack, Decline, GlobalModel, RoundAnnouncement, TrainingPlan, Update
+from fedge.downlink import rebuild
+from fedge.messages import Ack, Decline, GlobalModel, ModelDelta, RoundAnnouncement, TrainingPlan, Update
 
 JOB = "unit"
 INITIAL = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.ones(2, np.float32)}
 
 
-def make_core(codec="none", **kw):
+def make_core(codec="none", downlink=None, key_every=20, **kw):
     policy = RoundPolicy(**{"rounds": 5, "min_clients": 2, "deadline_s": 60.0, "settle_s": 0.0, **kw})
     return RoundCore(job=JOB, policy=policy, plan=TrainingPlan(), codec={"name": codec}, optimizer=FedAvg(),
-                     model_factory="fedge.models:digits_mlp", model_args={}, initial_model=INITIAL)
+                     model_factory="fedge.models:digits_mlp", model_args={}, initial_model=INITIAL,
+                     downlink=downlink, key_every=key_every)
 
 
 def online(core, *clients, now=0.0, info=None):
@@ -88,7 +91,8 @@ def test_waits_for_min_clients_then_announces_with_a_saved_selection():
     assert kinds.index(SaveRoundOpen) < kinds.index(PublishAnnouncement)
     ann = announcement(acts)
     assert ann.state == "open" and ann.round == 1 and set(ann.selected) == {"a", "b", "c"}
-    assert ann.model_digest == wire.decode(start[0].message).digest
+    key = GlobalModel.parse(wire.decode(start[0].message))
+    assert ann.model_digest == ann.key_digest == tensors.state_digest(tensors.unpack(key.body))
 
 
 def test_selection_settles_so_a_burst_of_presence_is_seen_whole():
@@ -276,9 +280,9 @@ def test_clients_without_the_job_codec_are_not_selected():
     assert core.open is not None and set(core.open.selected) == {"a", "b"}
 
 
-def _restart(core):
+def _restart(core, **kw):
     arrays, meta = core.snapshot()
-    fresh = make_core()
+    fresh = make_core(**kw)
     open_record = {"round": core.next_round, "attempt": core.attempt, "selected": list(core.open.selected),
                    "model_digest": core.model_digest} if core.open else None
     fresh.restore({k: v.copy() for k, v in arrays.items()}, meta, open_record)
@@ -291,7 +295,7 @@ def test_restart_mid_round_reannounces_the_same_round_and_counts_each_update_onc
     online(core, "a", "b")
     send(core, "a", update(core, "a"))
     send(core, "b", update(core, "b"))  # round 1 closes and is checkpointed
-    round1 = {k: v.copy() for k, v in core.model.items()}
+    round1 = {k: v.copy() for k, v in core.models.exact.items()}
     msg_a = update(core, "a", samples=7)
     send(core, "a", msg_a)  # folded into round 2's sum, then the process dies
     _arrays, meta = core.snapshot()
@@ -332,3 +336,63 @@ def test_model_message_round_trips_through_tensors():
     for k in INITIAL:
         np.testing.assert_array_equal(arrays[k], INITIAL[k])
     assert model.spec.num_params == 8
+
+
+DOWN = {"name": "int8", "block": 8}
+
+
+def test_a_lossy_downlink_publishes_keys_and_deltas_and_the_server_model_stays_exact():
+    core = make_core(downlink=DOWN, key_every=3, rounds=6)
+    core.start(0)
+    online(core, "a", "b")
+    exact = {k: v.astype(np.float64) for k, v in INITIAL.items()}
+    for r in range(1, 7):
+        base = core.model_digest
+        send(core, "a", update(core, "a", samples=10))
+        out = send(core, "b", update(core, "b", samples=10))
+        for k in exact:  # clients' deltas apply to the exact model, not the lossy one
+            exact[k] = exact[k] + (delta_for("a")[k] + delta_for("b")[k]) / 2
+            np.testing.assert_allclose(core.models.exact[k], exact[k], rtol=1e-5, atol=1e-5)
+        ann = announcement(out)
+        keys = [a for a in out if isinstance(a, PublishModel)]
+        deltas = [a for a in out if isinstance(a, PublishDelta)]
+        if r % 3 == 0:  # a key round: the full model, and the old delta cleared
+            assert keys and deltas == [PublishDelta(None)] and ann.model_digest == ann.key_digest
+            assert GlobalModel.parse(wire.decode(keys[0].message)).round == r
+        else:
+            assert not keys and deltas[0].message is not None
+            d = ModelDelta.parse(wire.decode(deltas[0].message))
+            assert d.key_digest == ann.key_digest and d.target_digest == ann.model_digest != base
+            # What a device rebuilds hashes to the announced digest.
+            rebuilt = rebuild(core.models.key, make_codec(d.codec), d.body, core.spec)
+            assert tensors.state_digest(rebuilt) == ann.model_digest
+            step = max(np.abs(exact[k] - core.models.key[k]).max() for k in exact) / 127
+            assert max(np.abs(rebuilt[k] - exact[k]).max() for k in exact) <= step + 1e-6
+
+
+def test_updates_must_build_on_the_published_model():
+    core = make_core(downlink=DOWN, key_every=5)
+    core.start(0)
+    online(core, "a", "b")
+    send(core, "a", update(core, "a"))
+    send(core, "b", update(core, "b"))  # round 2 trains from key + delta
+    exact_digest = tensors.state_digest(core.models.exact)
+    assert exact_digest != core.model_digest
+    wrong = update(core, "a", base=exact_digest)
+    assert acks(send(core, "a", wrong))[0].reason.startswith("stale_base")
+
+
+def test_restart_restores_key_delta_and_exact_model():
+    core = make_core(downlink=DOWN, key_every=5)
+    core.start(0)
+    online(core, "a", "b")
+    for _ in range(2):
+        send(core, "a", update(core, "a"))
+        send(core, "b", update(core, "b"))
+    fresh = _restart(core)  # restarted with the downlink switched off: the stored delta still rebuilds
+    assert fresh.model_digest == core.model_digest and fresh.models.key_digest == core.models.key_digest
+    for k in INITIAL:
+        np.testing.assert_array_equal(fresh.models.exact[k], core.models.exact[k])
+    out = fresh.start(100)
+    delta = next(a for a in out if isinstance(a, PublishDelta))
+    assert delta.message == core.models.delta_message
