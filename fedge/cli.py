@@ -44,6 +44,19 @@ def _on_signals(stop: Callable[[], None]) -> None:
 # --- subcommands ---------------------------------------------------------------------
 
 
+def _codec_arg(text: str) -> dict[str, Any]:
+    import json
+
+    from fedge.codecs import CodecError, make_codec
+
+    try:
+        spec = json.loads(text) if text.lstrip().startswith("{") else {"name": text}
+        make_codec(spec)
+    except (ValueError, CodecError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return dict(spec)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedge.demo import DemoOptions, run_demo
 
@@ -267,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="built-in data set (default digits)")
     d.add_argument("--broker", default=None, help="use this broker (mqtt://host:port) instead of the embedded one")
     d.add_argument("--protocol", default="3.1.1", choices=["3.1.1", "5"], help="MQTT version (embedded: 3.1.1)")
-    d.add_argument("--codec", default="int8", help="update codec (default int8)")
+    d.add_argument("--codec", default=None, type=_codec_arg,
+                   help='update codec: a name (int8) or JSON ({"name": "topk", "fraction": 0.05}); default: '
+                        "the job default, int2 with zlib")
     d.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha (default 0.5)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=2, help="training worker processes (default 2)")

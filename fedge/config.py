@@ -126,9 +126,12 @@ class TrainingSection:
 
 @dataclass
 class CodecSection:
-    name: str = setting("int8", "Update codec the clients use: none, fp16, int8, int4, int2 or topk.")
+    name: str = setting(
+        "int2", "Update codec the clients use: none, fp16, int8, int4, int2 or topk (int2: unbiased ternary)."
+    )
     params: dict = setting(
-        {}, "Codec parameters: block (int*), fraction and values (topk), lossless (zlib), ef (error feedback)."
+        {"lossless": "zlib"},
+        "Codec parameters: block (int*), fraction and values (topk), lossless (zlib), ef (error feedback).",
     )
 
 

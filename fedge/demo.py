@@ -38,7 +38,7 @@ class DemoOptions:
     data: str = "digits"
     broker: str | None = None
     protocol: str = "3.1.1"
-    codec: str = "int8"
+    codec: dict[str, Any] | None = None  # None: the job default
     downlink: str = "follow"
     seed: int = 0
     alpha: float = 0.5
@@ -87,7 +87,9 @@ def job_config(opts: DemoOptions, broker_url: str, state_dir: Path) -> Aggregato
     cfg.training.epochs = opts.epochs
     cfg.training.batch_size = opts.batch_size
     cfg.training.lr = opts.lr
-    cfg.codec.name = opts.codec
+    if opts.codec:
+        cfg.codec.name = opts.codec["name"]
+        cfg.codec.params = {k: v for k, v in opts.codec.items() if k != "name"}
     cfg.evaluate.data = data
     cfg.evaluate.args = {"split": "test"}
     cfg.broker.url = broker_url
@@ -139,8 +141,9 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     pool = TrainingPool(size=opts.workers, mode="warm", threads=1)
     fleet = AgentRuntime(devices, broker, pool)
     fleet_ref.append(fleet)
+    codec = opts.codec or {"name": cfg.codec.name, **cfg.codec.params}
     out.write(f"fedge demo: {opts.agents} agents, {opts.rounds} rounds, {opts.data} (Dirichlet alpha={opts.alpha}), "
-              f"codec {opts.codec}, broker {url}{' (embedded)' if embedded else ''}\n")
+              f"codec {json.dumps(codec)}, broker {url}{' (embedded)' if embedded else ''}\n")
     table.header()
     started = time.perf_counter()
     threads = [threading.Thread(target=aggregator.run, name="aggregator", daemon=True),
