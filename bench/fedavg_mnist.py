@@ -70,6 +70,8 @@ def job_config(codec: dict[str, Any], args: argparse.Namespace, url: str, state:
     cfg.codec.name = codec["name"]
     cfg.codec.params = {k: v for k, v in codec.items() if k != "name"}
     cfg.downlink.key_every = args.key_every
+    if args.downlink:
+        cfg.downlink.codec = dict(args.downlink)
     cfg.evaluate.data = "fedge.datasets:mnist"
     cfg.evaluate.args = {"path": str(args.data), "split": "test"}
     cfg.broker = BrokerSettings(url=url, reconnect_min_s=1, reconnect_max_s=2)
@@ -197,6 +199,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--key-every", type=int, default=AggregatorConfig().downlink.key_every,
                     help="rounds between full key models on the downlink")
+    ap.add_argument("--downlink", type=parse_codec, default=None,
+                    help="downlink delta codec (name or JSON); default: the job default")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stop-at-target", action="store_true", help="stop each run once it reaches the target")
     ap.add_argument("--data", type=Path, default=MNIST)
@@ -240,7 +244,8 @@ def main() -> None:
         "setup": {"model": "fedge.models:mnist_2nn (199,210 parameters)", "clients": 100, "examples_per_client": 600,
                   "split": args.split, "C": 0.1, "E": 1, "B": 10, "lr": args.lr, "target": args.target,
                   "round_budget": args.rounds, "broker": "mosquitto (private, loopback)",
-                  "downlink": f"on demand: key model every {args.key_every} rounds + int8 (block 64) deltas",
+                  "downlink": {"fetch": "on demand (only when selected)", "key_every": args.key_every,
+                               "delta_codec": args.downlink or AggregatorConfig().downlink.codec},
                   "bytes": "MQTT payload bytes measured at the 100 agents"},
         "machine": machine(),
         "runs": runs,

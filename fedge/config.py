@@ -138,10 +138,10 @@ class CodecSection:
 @dataclass
 class DownlinkSection:
     codec: dict = setting(
-        {"name": "int8", "block": 64},
+        {"name": "int4", "block": 64, "lossless": "zlib"},
         "How the model's change since the last key travels to devices; {name = \"none\"}: a full model every round.",
     )
-    key_every: int = setting(20, "Publish a full key model every this many rounds; deltas build on the latest key.")
+    key_every: int = setting(50, "Publish a full key model every this many rounds; deltas build on the latest key.")
 
 
 @dataclass
