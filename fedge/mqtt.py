@@ -166,6 +166,13 @@ class MqttLink:
                 info.wait_for_publish(timeout)
         self.client.disconnect()
         self.client.loop_stop()
+        # paho closes its wake-up socket pair (two loopback TCP sockets) only
+        # when the client is garbage collected; a process that opens and
+        # closes many links (a simulated fleet, the benchmarks) would leak
+        # them, and paho's select() fails once descriptors pass 1024.
+        reset = getattr(self.client, "_reset_sockets", None)
+        if callable(reset):
+            reset()
         self._started = False
 
     # --- publishing ------------------------------------------------------------
