@@ -39,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, PrivateMosquitto, emit, machine
+from fedge.codecs import parse_spec
 from fedge.config import AggregatorConfig, BrokerSettings
 
 MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
@@ -185,7 +186,7 @@ def codec_timings(codec: dict[str, Any], lr: float, data: Path) -> dict[str, flo
 def parse_codec(text: str) -> dict[str, Any]:
     if text == "default":
         return {"name": AggregatorConfig().codec.name, **AggregatorConfig().codec.params}
-    return json.loads(text) if text.startswith("{") else {"name": text}
+    return parse_spec(text)
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 The `fedge demo` workload, unchanged: 10 agents with their own MQTT
 connections, each training its Dirichlet(0.5) share of scikit-learn digits,
-an aggregator folding int8 updates, and a held-out evaluation per round.
+an aggregator folding updates in the job's default codec (int2 + zlib;
+`--codec` picks another), and a held-out evaluation per round.
 Round time is measured by the aggregator from announcement to close.
 
 Bar (DESIGN.md): median < 1 s per round for 10 agents on 2 cores.
@@ -22,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import PrivateMosquitto, emit, machine
+from fedge.codecs import parse_spec
+from fedge.config import AggregatorConfig
 from fedge.demo import DemoOptions, run_demo
 
 
@@ -30,7 +33,8 @@ def main() -> None:
     ap.add_argument("--broker", default="mosquitto", help="mosquitto (a private one), embedded, or a URL")
     ap.add_argument("--agents", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--codec", default="int8")
+    ap.add_argument("--codec", default=None, type=parse_spec,
+                    help="update codec, a name or JSON (default: the job default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -42,9 +46,10 @@ def main() -> None:
         url = None
     else:
         url = args.broker
+    codec = args.codec or {"name": AggregatorConfig().codec.name, **AggregatorConfig().codec.params}
     started = time.perf_counter()
     try:
-        summary = run_demo(DemoOptions(agents=args.agents, rounds=args.rounds, broker=url, codec=args.codec),
+        summary = run_demo(DemoOptions(agents=args.agents, rounds=args.rounds, broker=url, codec=codec),
                            out=io.StringIO())
     finally:
         if mosq:
@@ -56,7 +61,8 @@ def main() -> None:
     emit({
         "benchmark": "round_latency",
         "workload": {"agents": args.agents, "rounds": args.rounds, "data": "sklearn digits, Dirichlet alpha=0.5",
-                     "model": "fedge.models:digits_mlp", "codec": args.codec,
+                     "model": "fedge.models:digits_mlp", "codec": codec,
+                     "downlink": AggregatorConfig().downlink.codec,
                      "broker": args.broker if args.broker in ("mosquitto", "embedded") else "external"},
         "machine": machine(),
         "seconds_per_round": {"median": round(median, 4), "p90": round(q[8], 4), "max": round(max(steady), 4),

@@ -45,16 +45,12 @@ def _on_signals(stop: Callable[[], None]) -> None:
 
 
 def _codec_arg(text: str) -> dict[str, Any]:
-    import json
-
-    from fedge.codecs import CodecError, make_codec
+    from fedge.codecs import CodecError, parse_spec
 
     try:
-        spec = json.loads(text) if text.lstrip().startswith("{") else {"name": text}
-        make_codec(spec)
-    except (ValueError, CodecError) as exc:
+        return parse_spec(text)
+    except CodecError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return dict(spec)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

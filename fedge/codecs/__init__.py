@@ -38,7 +38,8 @@ CODECS: dict[str, Callable[..., UpdateCodec]] = {
     "topk": TopKCodec,
 }
 
-__all__ = ["CODECS", "CodecError", "UpdateCodec", "error_feedback", "make_codec", "requirements", "supported"]
+__all__ = ["CODECS", "CodecError", "UpdateCodec", "error_feedback", "make_codec", "parse_spec", "requirements",
+           "supported"]
 
 
 def _split(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any], str | None]:
@@ -49,6 +50,23 @@ def _split(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any], str | No
     if name not in CODECS:
         raise CodecError("codec", f"unknown codec {name!r}; this build knows {sorted(CODECS)}")
     return name, params, lossless
+
+
+def parse_spec(text: str) -> dict[str, Any]:
+    """A codec spec as a user types it: a name (``int8``) or a JSON object
+    (``{"name": "topk", "fraction": 0.05}``). Checked by building the codec;
+    raises ``CodecError`` naming the problem."""
+    import json
+
+    if text.lstrip().startswith("{"):
+        try:
+            spec = json.loads(text)
+        except ValueError as exc:
+            raise CodecError("codec", f"codec spec is not valid JSON ({exc}); e.g. '{{\"name\": \"int8\"}}'") from None
+    else:
+        spec = {"name": text.strip()}
+    make_codec(spec)
+    return dict(spec)
 
 
 def make_codec(spec: str | Mapping[str, Any]) -> UpdateCodec:

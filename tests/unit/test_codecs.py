@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedge import tensors
-from fedge.codecs import CodecError, error_feedback, make_codec, requirements, supported
+from fedge.codecs import CodecError, error_feedback, make_codec, parse_spec, requirements, supported
 from fedge.codecs.packing import (
     indices_decode,
     indices_encode,
@@ -223,6 +223,15 @@ def test_unknown_codecs_and_parameters_are_named():
                 {"name": "topk", "values": "int3"}, {"name": "int8", "lossless": "rar"}):
         with pytest.raises(CodecError):
             make_codec(bad)
+
+
+def test_specs_typed_by_users_parse_or_name_the_problem():
+    assert parse_spec("int8") == {"name": "int8"}
+    assert parse_spec('{"name": "topk", "fraction": 0.05}') == {"name": "topk", "fraction": 0.05}
+    with pytest.raises(CodecError, match="not valid JSON"):
+        parse_spec('{"name": int8}')
+    with pytest.raises(CodecError, match="unknown codec"):
+        parse_spec("int9")
 
 
 # --- what devices and jobs agree on -----------------------------------------------------
