@@ -4,6 +4,7 @@
 #   make demo                 one command: broker + aggregator + 10 agents
 #   make test                 lint + the whole test suite (needs mosquitto)
 #   make bench                the benchmarks in bench/ (JSON under bench/results)
+#   make bench-noniid         FedAvg on MNIST's pathological non-IID split (long)
 #
 # PyTorch is pinned through TORCH_SPEC; on a machine without a GPU, point
 # TORCH_INDEX at the CPU wheels to skip gigabytes of CUDA libraries:
@@ -16,7 +17,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedge-installed
 
-.PHONY: install demo test lint unit integration bench clean
+.PHONY: install demo test lint unit integration bench bench-noniid clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/round_latency.py --out bench/results/round_latency.json
 	$(BIN)/python bench/aggregate.py --out bench/results/aggregate.json
 	$(BIN)/python bench/export.py --out bench/results/export.json
+	$(BIN)/python bench/fedavg_mnist.py --out bench/results/fedavg_mnist_iid.json
+
+# The pathological non-IID split of the FedAvg paper: 800 rounds per codec, long.
+bench-noniid: $(STAMP)
+	mkdir -p bench/results
+	$(BIN)/python bench/fedavg_mnist.py --split shards --codec none --codec default \
+		--out bench/results/fedavg_mnist_shards.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

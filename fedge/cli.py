@@ -44,13 +44,23 @@ def _on_signals(stop: Callable[[], None]) -> None:
 # --- subcommands ---------------------------------------------------------------------
 
 
-def _codec_arg(text: str) -> dict[str, Any]:
+def _codec_arg(text: str | None) -> dict[str, Any] | None:
     from fedge.codecs import CodecError, parse_spec
 
+    if text is None:
+        return None
     try:
         return parse_spec(text)
     except CodecError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise UsageError(f"--codec: {exc}") from None
+
+
+def _check_fleet_size(agents: int) -> None:
+    from fedge.mqtt import MAX_LINKS_PER_PROCESS
+
+    if agents > MAX_LINKS_PER_PROCESS:
+        raise UsageError(f"--agents {agents} is more MQTT connections than one process can watch "
+                         f"(at most {MAX_LINKS_PER_PROCESS}); run several processes with fewer agents each")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -58,9 +68,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.agents < 2:
         raise UsageError("--agents must be at least 2")
+    _check_fleet_size(args.agents)
     opts = DemoOptions(
         agents=args.agents, rounds=args.rounds, data=args.data, broker=args.broker, protocol=args.protocol,
-        codec=args.codec, seed=args.seed, alpha=args.alpha, workers=args.workers, json_path=args.json,
+        codec=_codec_arg(args.codec), seed=args.seed, alpha=args.alpha, workers=args.workers, json_path=args.json,
         state_dir=args.state_dir,
     )
     summary = run_demo(opts)
@@ -208,10 +219,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def cmd_fleet(args: argparse.Namespace) -> int:
     from fedge import config
 
-    cfg = config.load(args.config, config.AgentConfig, args.set)
-    _check_broker(cfg.broker)
     if args.agents < 1:
         raise UsageError("--agents must be at least 1")
+    _check_fleet_size(args.agents)
+    cfg = config.load(args.config, config.AgentConfig, args.set)
+    _check_broker(cfg.broker)
     devices = _devices(cfg, args.agents)
     log.info("simulated fleet of %d agents for job %s on %s, %d warm workers", args.agents, cfg.agent.job,
              cfg.broker.url, args.workers)
@@ -276,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="built-in data set (default digits)")
     d.add_argument("--broker", default=None, help="use this broker (mqtt://host:port) instead of the embedded one")
     d.add_argument("--protocol", default="3.1.1", choices=["3.1.1", "5"], help="MQTT version (embedded: 3.1.1)")
-    d.add_argument("--codec", default=None, type=_codec_arg,
+    d.add_argument("--codec", default=None,
                    help='update codec: a name (int8) or JSON ({"name": "topk", "fraction": 0.05}); default: '
                         "the job default, int2 with zlib")
     d.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha (default 0.5)")

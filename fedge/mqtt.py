@@ -36,6 +36,12 @@ from fedge.config import BrokerSettings, ConfigError
 
 log = logging.getLogger("fedge.mqtt")
 
+# paho waits on its sockets with select(), which cannot watch a descriptor
+# numbered 1024 or more, and every link holds three (its connection and a
+# wake-up pair). One process therefore runs at most this many links; larger
+# simulated fleets run as several processes.
+MAX_LINKS_PER_PROCESS = 300
+
 
 @dataclass(frozen=True)
 class LinkUp:

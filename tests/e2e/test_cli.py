@@ -88,6 +88,10 @@ def test_user_mistakes_get_one_clear_line_and_exit_2(tmp_path, cli_env):
     bad_url = tmp_path / "url.toml"
     bad_url.write_text("[broker]\nurl = 'http://x'\n")
     _one_line_error(run(cli_env, "agent", "--config", str(bad_url)), "broker.url")
+    _one_line_error(run(cli_env, "demo", "--codec", "int9"), "unknown codec 'int9'")
+    _one_line_error(run(cli_env, "demo", "--codec", '{"name": int8}'), "not valid JSON")
+    _one_line_error(run(cli_env, "fleet", "--agents", "400", "--config", str(tmp_path / "none.toml")),
+                    "--agents 400", "several processes")
 
 
 def test_version(cli_env):
