@@ -362,7 +362,10 @@ class RoundCore:
         return []
 
     def _eligible(self) -> list[str]:
+        # A device must decode the downlink's deltas as well as encode updates.
         needed = requirements(self.codec_params)
+        if self.models.codec is not None:
+            needed += requirements(self.models.downlink_params)
         out = []
         for client, info in self.online.items():
             if info.get("role", "trainer") != "trainer":

@@ -20,6 +20,7 @@ Bars (DESIGN.md): >= 100 updates/s; peak RSS flat as N grows.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import signal
@@ -40,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import REPO, PrivateMosquitto, emit, machine
 from fedge import chunks, wire
 from fedge.chunks import Reassembler
-from fedge.codecs import make_codec
+from fedge.codecs import make_codec, parse_spec, supported
+from fedge.config import AggregatorConfig
 from fedge.messages import GlobalModel, RoundAnnouncement, Status, Update, parse_event
 from fedge.topics import JobTopics
 
@@ -64,7 +66,11 @@ def connect(port: int, name: str, on_message=None) -> paho.Client:
     return c
 
 
-def run_one(n: int, publishers: int, rounds: int, workdir: Path) -> dict:
+def toml_table(d: dict) -> str:
+    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + " }"
+
+
+def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict | None = None) -> dict:
     mosq = PrivateMosquitto()
     topics = JobTopics(JOB)
     state = workdir / f"agg-{n}"
@@ -72,10 +78,13 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path) -> dict:
     conf.write_text(
         f'[job]\nname = "{JOB}"\nmodel = "fedge.models:mnist_cnn"\nrounds = {rounds + 1}\nstate_dir = "{state}"\n'
         f'[selection]\nmin_clients = {n}\nfraction = 1.0\nquorum = 1.0\ndeadline_s = 600\nsettle_s = 1.0\n'
-        f'[codec]\nname = "int8"\n[broker]\nurl = "{mosq.url}"\n'
+        f'[codec]\nname = "int8"\n'
+        + (f"[downlink]\ncodec = {toml_table(downlink)}\n" if downlink else "")
+        + f'[broker]\nurl = "{mosq.url}"\n'
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    agg = subprocess.Popen([sys.executable, "-m", "fedge.cli", "--log-level", "WARNING", "aggregator",
+    level = os.environ.get("FEDGE_BENCH_LOG", "WARNING")
+    agg = subprocess.Popen([sys.executable, "-m", "fedge.cli", "--log-level", level, "aggregator",
                             "--config", str(conf)], env=env)
     inbox: queue.Queue = queue.Queue()
     watcher = connect(mosq.port, "bench-watch", lambda c, u, m: inbox.put((time.perf_counter(), m.topic, m.payload)))
@@ -95,7 +104,7 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path) -> dict:
 
     measured = []
     try:
-        info = {"codecs": ["none", "int8"], "role": "trainer"}
+        info = {"codecs": supported(), "role": "trainer"}
         for i, c in enumerate(clients):
             conns[i % publishers].publish(topics.status(c), Status(c, "online", info).encode(), qos=1, retain=True)
         rss_ready = 0.0
@@ -123,19 +132,23 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path) -> dict:
                              codec=ann.codec, base_model=ann.model_digest, body=body).encode()
                 payloads[i % publishers].extend((topics.update(c), p) for p in chunks.split(msg, data_size))
 
-            def publish(k: int, batch=payloads) -> None:
+            sent: list[float] = []
+
+            def publish(k: int, batch=payloads, sent=sent) -> None:
                 for inf in [conns[k].publish(t, p, qos=1) for t, p in batch[k]]:
                     inf.wait_for_publish(600)
+                sent.append(time.perf_counter())
 
             threads = [threading.Thread(target=publish, args=(k,)) for k in range(publishers)]
             t0 = time.perf_counter()
             for t in threads:
                 t.start()
-            acked, last_ack, record = 0, t0, None
+            acked, first_ack, last_ack, record = 0, t0, t0, None
             while record is None:
                 stamp, topic, payload = inbox.get(timeout=600)
                 if topics.parse(topic)[0] == "ack":
                     acked += 1
+                    first_ack = stamp if acked == 1 else first_ack
                     last_ack = stamp
                 elif topic == topics.events:
                     record, closed = parse_event(wire.decode(payload)), stamp
@@ -146,7 +159,9 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path) -> dict:
             fold_s = last_ack - t0
             measured.append({"round": ann.round, "accepted": record["clients"], "receipts": acked,
                              "fold_seconds": round(fold_s, 3), "updates_per_s": round(n / fold_s, 1),
-                             "close_seconds": round(closed - last_ack, 3)})
+                             "close_seconds": round(closed - last_ack, 3),
+                             "first_receipt_seconds": round(first_ack - t0, 3),
+                             "publish_seconds": round(max(sent) - t0, 3)})
         peak = vm(agg.pid, "VmHWM")
         rates = sorted(m["updates_per_s"] for m in measured)
         return {
@@ -177,16 +192,19 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[20, 100, 200])
     ap.add_argument("--publishers", type=int, default=8, help="MQTT connections the clients publish through")
     ap.add_argument("--rounds", type=int, default=3, help="rounds measured per fleet size")
+    ap.add_argument("--downlink", type=parse_spec, default=None,
+                    help='downlink codec, e.g. none (a full model every round); default: the job default')
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedge-bench-agg-") as tmp:
-        runs = [run_one(n, args.publishers, args.rounds, Path(tmp)) for n in args.clients]
+        runs = [run_one(n, args.publishers, args.rounds, Path(tmp), args.downlink) for n in args.clients]
     peaks = [r["aggregator_peak_rss_mb"] for r in runs]
     slowest = min(r["updates_per_s"]["median"] for r in runs)
     growth = (max(peaks) - min(peaks)) / min(peaks)
     emit({
         "benchmark": "aggregate",
         "workload": {"model": "fedge.models:mnist_cnn", "parameters": runs[0]["parameters"], "codec": "int8",
+                     "downlink": args.downlink or AggregatorConfig().downlink.codec,
                      "publishers": args.publishers, "broker": "mosquitto (private, loopback)",
                      "rounds_per_size": args.rounds,
                      "timing": "updates/s = clients / (last receipt - first publish); the aggregator sends a "

@@ -131,7 +131,8 @@ class CodecSection:
     )
     params: dict = setting(
         {"lossless": "zlib"},
-        "Codec parameters: block (int*), fraction and values (topk), lossless (zlib), ef (error feedback).",
+        "Parameters of the named codec: block (int*), fraction and values (topk), lossless (zlib), ef (error "
+        "feedback). Naming a codec without params means none.",
     )
 
 
@@ -330,6 +331,12 @@ def load(path: str | Path | None, cls: type[T], overrides: list[str] | None = No
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    codec = data.get("codec")
+    if cls is AggregatorConfig and isinstance(codec, dict) and "name" in codec and "params" not in codec:
+        # The default parameters belong to the default codec: naming another
+        # codec (name = "int8") means that codec with its own defaults, not
+        # with the default codec's zlib stage.
+        codec["params"] = {}
     where = f"{path}: " if path else ""
     try:
         return from_dict(cls, data)

@@ -56,6 +56,16 @@ def test_overrides_and_int_to_float():
     cfg = config.load(None, AggregatorConfig, ["selection.fraction=1", "job.name=mnist", "codec.name=none"])
     assert cfg.selection.fraction == 1.0 and isinstance(cfg.selection.fraction, float)
     assert cfg.job.name == "mnist" and cfg.codec.name == "none"
+    assert cfg.codec.params == {}, "the default codec's zlib stage does not stick to another codec"
+
+
+def test_codec_params_default_to_the_default_codec_s_own(tmp_path):
+    assert config.load(None, AggregatorConfig).codec.params == {"lossless": "zlib"}
+    job = tmp_path / "job.toml"
+    job.write_text('[codec]\nname = "int8"\n')
+    assert config.load(job, AggregatorConfig).codec.params == {}
+    job.write_text('[codec]\nname = "topk"\nparams = { fraction = 0.05 }\n')
+    assert config.load(job, AggregatorConfig).codec.params == {"fraction": 0.05}
     with pytest.raises(ConfigError, match=r"section\.key=value"):
         config.load(None, AgentConfig, ["nodot"])
 

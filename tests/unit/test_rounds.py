@@ -280,6 +280,14 @@ def test_clients_without_the_job_codec_are_not_selected():
     assert core.open is not None and set(core.open.selected) == {"a", "b"}
 
 
+def test_clients_that_cannot_decode_the_downlink_are_not_selected():
+    core = make_core(codec="int8", downlink={"name": "int4", "block": 64, "lossless": "zlib"}, min_clients=2)
+    core.start(0)
+    online(core, "no-zlib", info={"codecs": ["int4", "int8"]})
+    online(core, "a", "b", info={"codecs": ["int4", "int8", "lossless:zlib"]})
+    assert core.open is not None and set(core.open.selected) == {"a", "b"}
+
+
 def _restart(core, **kw):
     arrays, meta = core.snapshot()
     fresh = make_core(**kw)
