@@ -55,12 +55,16 @@ def _codec_arg(text: str | None) -> dict[str, Any] | None:
         raise UsageError(f"--codec: {exc}") from None
 
 
-def _check_fleet_size(agents: int) -> None:
+def _check_fleet_size(agents: int, embedded_broker: bool = False) -> None:
     from fedge.mqtt import MAX_LINKS_PER_PROCESS
 
-    if agents > MAX_LINKS_PER_PROCESS:
+    # An embedded broker holds the other end of every connection in the same
+    # process, so its descriptors count against the same limit.
+    limit = MAX_LINKS_PER_PROCESS * 3 // 4 if embedded_broker else MAX_LINKS_PER_PROCESS
+    if agents > limit:
         raise UsageError(f"--agents {agents} is more MQTT connections than one process can watch "
-                         f"(at most {MAX_LINKS_PER_PROCESS}); run several processes with fewer agents each")
+                         f"(at most {limit}{' with the embedded broker' if embedded_broker else ''}); "
+                         "run several processes with fewer agents each")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -68,7 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.agents < 2:
         raise UsageError("--agents must be at least 2")
-    _check_fleet_size(args.agents)
+    _check_fleet_size(args.agents, embedded_broker=args.broker is None)
     opts = DemoOptions(
         agents=args.agents, rounds=args.rounds, data=args.data, broker=args.broker, protocol=args.protocol,
         codec=_codec_arg(args.codec), seed=args.seed, alpha=args.alpha, workers=args.workers, json_path=args.json,
