@@ -231,7 +231,11 @@ class AggregatorService:
         log.info("round %d %s: %d/%d clients%s", record["round"], record["status"], record["clients"],
                  record["selected"], "" if acc is None else f", accuracy {acc:.4f}")
         if self.on_record is not None:
-            self.on_record(record)
+            try:
+                self.on_record(record)
+            except Exception:  # an embedding program's bug must not stop the job
+                self.core.counters["on_record_failed"] += 1
+                log.exception("the on_record callback failed for round %d", record["round"])
         if self.onnx is not None and record["status"] == "ok" and self.onnx.due(record["round"], fin.last):
             self.onnx.submit(record["round"], self.core.models.exact_message())
         if fin.last:

@@ -123,7 +123,10 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         up, down = fleet_ref[0].traffic.get(record["round"], [0, 0]) if fleet_ref else (0, 0)
         record = {**record, "bytes_up": up, "bytes_down": down}
         records.append(record)
-        table.row(record)
+        try:
+            table.row(record)
+        except BrokenPipeError:  # `fedge demo | head`: the reader is gone, so stop
+            aggregator.stop()
 
     cfg = job_config(opts, url, state_dir)
     aggregator = AggregatorService(cfg, on_record=on_record)
@@ -152,7 +155,10 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         fleet.start()
         for t in threads:
             t.start()
-        finished = aggregator.done.wait(opts.timeout_s)
+        deadline = time.monotonic() + opts.timeout_s
+        while not aggregator.done.wait(0.2) and threads[0].is_alive() and time.monotonic() < deadline:
+            pass
+        finished = aggregator.done.is_set()
     finally:
         aggregator.stop()
         fleet.stop()

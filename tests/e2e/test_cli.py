@@ -44,6 +44,18 @@ def test_demo_against_an_external_broker_over_mqtt5(mosquitto, tmp_path, cli_env
     assert len(json.loads(out.read_text())["rounds"]) == 3
 
 
+def test_demo_stops_quietly_when_its_reader_goes_away(cli_env):
+    # `fedge demo | head -3`: the demo must end, not hang or print a traceback.
+    proc = subprocess.Popen(fedge_cmd("demo", "--agents", "3", "--rounds", "200"), env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(3):
+        proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err
+    assert b"Traceback" not in err, err
+
+
 def test_demo_on_the_tabular_data_set(tmp_path, cli_env):
     out = tmp_path / "bc.json"
     proc = run(cli_env, "demo", "--data", "breast-cancer", "--agents", "4", "--rounds", "5", "--json", str(out))
