@@ -59,7 +59,7 @@ def build_core(cfg: AggregatorConfig) -> RoundCore:
     )
     plan = TrainingPlan.from_json(dict(cfg.training.__dict__))
     return RoundCore(
-        job=cfg.job.name, policy=policy, plan=plan, codec={"name": cfg.codec.name, **cfg.codec.params},
+        job=cfg.job.name, policy=policy, plan=plan, codec=cfg.codec.spec,
         optimizer=make_server_optimizer(cfg.server), model_factory=cfg.job.model,
         model_args=cfg.job.model_args, initial_model=torchkit.federated_arrays(model),
         downlink=dict(cfg.downlink.codec), key_every=cfg.downlink.key_every,

@@ -185,7 +185,7 @@ def codec_timings(codec: dict[str, Any], lr: float, data: Path) -> dict[str, flo
 
 def parse_codec(text: str) -> dict[str, Any]:
     if text == "default":
-        return {"name": AggregatorConfig().codec.name, **AggregatorConfig().codec.params}
+        return AggregatorConfig().codec.spec
     return parse_spec(text)
 
 
@@ -231,7 +231,7 @@ def main() -> None:
         ok = base["rounds_to_target"] is not None and base["rounds_to_target"] <= paper * 1.15
         bars["float32_rounds_within_15pct_of_paper"] = {"value": base["rounds_to_target"], "paper": paper,
                                                         "pass": ok}
-        default = {"name": AggregatorConfig().codec.name, **AggregatorConfig().codec.params}
+        default = AggregatorConfig().codec.spec
         dflt = next((r for r in runs if r["codec"] == default), None)
         if dflt is not None and base["rounds_to_target"]:
             limit = base["rounds_to_target"] * 1.15

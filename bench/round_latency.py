@@ -46,7 +46,7 @@ def main() -> None:
         url = None
     else:
         url = args.broker
-    codec = args.codec or {"name": AggregatorConfig().codec.name, **AggregatorConfig().codec.params}
+    codec = args.codec or AggregatorConfig().codec.spec
     started = time.perf_counter()
     try:
         summary = run_demo(DemoOptions(agents=args.agents, rounds=args.rounds, broker=url, codec=codec),

@@ -116,7 +116,7 @@ def _check_job(cfg: Any) -> None:
         raise UsageError(str(exc)) from None
     if cfg.codec.name not in CODECS:
         raise UsageError(f"codec.name {cfg.codec.name!r} is not known; use one of {', '.join(sorted(CODECS))}")
-    for what, spec in (("codec", {"name": cfg.codec.name, **cfg.codec.params}), ("downlink.codec", cfg.downlink.codec)):
+    for what, spec in (("codec", cfg.codec.spec), ("downlink.codec", cfg.downlink.codec)):
         try:
             make_codec(spec)
         except CodecError as exc:

@@ -135,6 +135,11 @@ class CodecSection:
         "feedback). Naming a codec without params means none.",
     )
 
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The codec as rounds announce it: name and parameters in one dict."""
+        return {"name": self.name, **self.params}
+
 
 @dataclass
 class DownlinkSection:

@@ -144,7 +144,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     pool = TrainingPool(size=opts.workers, mode="warm", threads=1)
     fleet = AgentRuntime(devices, broker, pool)
     fleet_ref.append(fleet)
-    codec = opts.codec or {"name": cfg.codec.name, **cfg.codec.params}
+    codec = opts.codec or cfg.codec.spec
     out.write(f"fedge demo: {opts.agents} agents, {opts.rounds} rounds, {opts.data} (Dirichlet alpha={opts.alpha}), "
               f"codec {json.dumps(codec)}, broker {url}{' (embedded)' if embedded else ''}\n")
     table.header()
