@@ -16,6 +16,10 @@ returned, in order. The core is in one of three states:
   acknowledged; anything else is dropped with a reason counted (and, when the
   sender can be told, a ``rejected``/``late`` receipt). The round closes when
   ``quorum`` of the selected clients have responded, or at the deadline.
+  Reaching quorum only marks the round due: it closes on the next
+  ``TimerFired`` (``next_deadline()`` is then "now"), so the receipt for the
+  last update leaves before the close's optimizer step, downlink encoding
+  and checkpoint, and that device is not kept waiting for them.
   At close, with at least ``min_updates`` updates, the server optimizer turns
   the average delta into the next global model; with fewer, the round fails
   and the model stays. Either way the job moves on: nothing waits forever.
@@ -177,6 +181,7 @@ class _OpenRound:
     num_samples: int = 0
     loss_sum: float = 0.0
     loss_weight: float = 0.0
+    due: float | None = None  # quorum reached at this time: close on the next tick
 
 
 class RoundCore:
@@ -247,7 +252,7 @@ class RoundCore:
 
     def next_deadline(self) -> float | None:
         if self.open:
-            return self.open.deadline
+            return self.open.deadline if self.open.due is None else self.open.due
         if self._ready_since is not None:
             return self._ready_since + self.policy.settle_s
         return None
@@ -265,6 +270,8 @@ class RoundCore:
         return []
 
     def _on_timer(self, now: float) -> list[Action]:
+        if self.open and self.open.due is not None:
+            return self._close(now, reason="quorum")
         if self.open and now >= self.open.deadline:
             return self._close(now, reason="deadline")
         if self.state == "waiting":
@@ -333,10 +340,8 @@ class RoundCore:
             op.loss_sum += upd.loss * upd.num_samples
             op.loss_weight += upd.num_samples
         self.counters["accepted"] += 1
-        actions: list[Action] = [
-            SendAck(ev.client, Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "accepted").encode())
-        ]
-        return actions + self._maybe_close_early(ev.now)
+        self._check_quorum(ev.now)
+        return [SendAck(ev.client, Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "accepted").encode())]
 
     def _on_decline(self, client: str, dec: Decline, now: float) -> list[Action]:
         op = self.open
@@ -348,18 +353,20 @@ class RoundCore:
         op.declined.add(client)
         self.counters["declined"] += 1
         log.info("%s declined round %d: %s", client, dec.round, dec.reason)
-        return self._maybe_close_early(now)
+        self._check_quorum(now)
+        return []
 
     # --- round lifecycle -------------------------------------------------------
 
-    def _maybe_close_early(self, now: float) -> list[Action]:
+    def _check_quorum(self, now: float) -> None:
+        """Mark the round due once enough selected clients responded; the
+        next tick closes it."""
         op = self.open
         assert op is not None
         responded = len(op.accepted) + len(op.declined)
         needed = max(1, math.ceil(self.policy.quorum * len(op.selected) - 1e-9))
-        if responded >= min(needed, len(op.selected)):
-            return self._close(now, reason="quorum")
-        return []
+        if op.due is None and responded >= min(needed, len(op.selected)):
+            op.due = now
 
     def _eligible(self) -> list[str]:
         # A device must decode the downlink's deltas as well as encode updates.

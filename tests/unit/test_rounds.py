@@ -64,7 +64,8 @@ def update(core, client, *, delta=None, round=None, samples=10, codec=None, base
 
 
 def send(core, client, message, now=1.0):
-    return core.handle(MessageArrived(client, message, now))
+    """Deliver a message, then tick as the service does after every event."""
+    return core.handle(MessageArrived(client, message, now)) + core.handle(TimerFired(now))
 
 
 def acks(actions):
@@ -251,6 +252,21 @@ def test_quorum_closes_early_over_selection():
     assert rec["clients"] == 2 and rec["selected"] == 4 and rec["closed_by"] == "quorum"
 
 
+def test_the_last_receipt_leaves_before_the_round_closes():
+    # The close (optimizer, downlink encoding, checkpoint) waits for the next
+    # tick, so the device that completed the quorum is not kept waiting.
+    core = make_core()
+    core.start(0)
+    online(core, "a", "b")
+    send(core, "a", update(core, "a"), now=3.0)
+    out = core.handle(MessageArrived("b", update(core, "b"), 4.0))
+    assert [a.status for a in acks(out)] == ["accepted"] and len(out) == 1
+    assert core.state == "open" and core.next_deadline() == 4.0
+    fin = finished(core.handle(TimerFired(4.5)))
+    assert fin[0].record["closed_by"] == "quorum" and fin[0].record["clients"] == 2
+    assert core.next_round == 2
+
+
 def test_declines_count_as_responses():
     core = make_core()
     core.start(0)
@@ -315,7 +331,7 @@ def test_restart_mid_round_reannounces_the_same_round_and_counts_each_update_onc
     # The agent resends the same bytes; the new sum counts it once.
     assert acks(fresh.handle(MessageArrived("a", msg_a, 51)))[0].status == "accepted"
     assert acks(fresh.handle(MessageArrived("a", msg_a, 52)))[0].status == "duplicate"
-    fin = finished(fresh.handle(MessageArrived("b", update(fresh, "b", samples=3), 53)))[0]
+    fin = finished(send(fresh, "b", update(fresh, "b", samples=3), 53))[0]
     ref = reference_fedavg(round1, [(delta_for("a"), 7), (delta_for("b"), 3)])
     for k in ref:
         np.testing.assert_allclose(fin.model[k], ref[k], rtol=1e-5, atol=1e-6)
