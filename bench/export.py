@@ -126,25 +126,79 @@ def run_case(name: str, factory: str, model: Any, spec: str, x_cal: np.ndarray, 
     }
 
 
+def _bytes_breakdown(path: Path) -> dict[str, int]:
+    """Where a file's bytes go: integer weight tensors vs everything else."""
+    import onnx
+
+    model = onnx.load(str(path))
+    weights = sum(t.ByteSize() for t in model.graph.initializer
+                  if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) >= 2)
+    size = path.stat().st_size
+    return {"file": size, "int8_weight_tensors": weights, "everything_else": size - weights}
+
+
+def explore_small_model(name: str, float_path: Path, int8_path: Path, x_cal: np.ndarray, target: str,
+                        vnni: bool | None, workdir: Path) -> dict[str, Any]:
+    """For a model that misses the size or speed bar: the evidence. Where the
+    int8 file's bytes go, every other int8 setting the CLI offers (size and
+    batch-1 latency against float32), and latency over batch sizes, so the
+    miss is a measured property of the model and not of one setting."""
+    from export.quantize import quantize_model
+    from export.report import measure_latency
+
+    settings = {
+        "static, per-channel (default)": int8_path,
+        "static, per-tensor": ("static", False),
+        "dynamic, per-channel": ("dynamic", True),
+        "dynamic, per-tensor": ("dynamic", False),
+    }
+    float_size = float_path.stat().st_size
+    alternatives = []
+    for label, how in settings.items():
+        if isinstance(how, Path):
+            path = how
+        else:
+            mode, per_channel = how
+            path = workdir / f"{name}.{mode}.{'pc' if per_channel else 'pt'}.onnx"
+            quantize_model(float_path, path, mode=mode, calibration={"x": x_cal} if mode == "static" else None,
+                           per_channel=per_channel, target=target, vnni=vnni if target == "x86" else None)
+        lat = measure_latency([float_path, path], batch=1, runs=500, warmup=50)
+        alternatives.append({"setting": label, "size_bytes": path.stat().st_size,
+                             "size_ratio": round(path.stat().st_size / float_size, 4),
+                             "speedup_batch1": round(lat[0].p50_ms / lat[1].p50_ms, 3)})
+    sweep = []
+    feeds = {"x": np.concatenate([x_cal] * 8)}
+    for batch in (1, 64, 1024, 4096):
+        lat = measure_latency([float_path, int8_path], batch=batch, runs=max(50, 20000 // batch), warmup=10,
+                              feeds=feeds)
+        sweep.append({"batch": batch, "float32_p50_ms": round(lat[0].p50_ms, 4), "int8_p50_ms": round(lat[1].p50_ms, 4),
+                      "speedup": round(lat[0].p50_ms / lat[1].p50_ms, 3)})
+    return {"int8_bytes": _bytes_breakdown(int8_path), "float32_bytes": float_size,
+            "int8_settings": alternatives, "latency_by_batch": sweep}
+
+
 def _small_model_notes(result: dict[str, Any]) -> list[str]:
     """Why a tiny model misses the size/speed bars, from what was measured."""
     notes = []
     bars = result["bars"]
-    weights_kb = result["parameters"] / 1024
+    ev = result.get("why_bars_missed")
+    if ev is None:
+        return notes
+    best_size = min(a["size_ratio"] for a in ev["int8_settings"])
     if not bars["size_ratio_le_0.3"]["pass"]:
-        fixed_kb = result["int8"]["size_bytes"] / 1024 - weights_kb
+        b = ev["int8_bytes"]
         notes.append(
-            f"{result['model']}: {result['parameters']:,} parameters are {weights_kb:.1f} kB as int8, but the file "
-            f"also carries ~{fixed_kb:.1f} kB that does not shrink (graph structure, tensor names, int32 biases, "
-            "per-channel scales and zero points), so it ends at "
-            f"{bars['size_ratio_le_0.3']['value']:.2f}x, not 0.3x; the ratio approaches 0.25x as weights dominate")
+            f"{result['model']}: the int8 weight tensors are {b['int8_weight_tensors']:,} bytes "
+            f"({b['int8_weight_tensors'] / ev['float32_bytes']:.2f}x the float file); the other "
+            f"{b['everything_else']:,} bytes (biases, scales, zero points, graph, names) do not shrink with the "
+            f"weights. No int8 setting gets under 0.3x: the smallest is {best_size:.3f}x")
     if not bars["faster_p50_batch1"]["pass"]:
-        float_us = result["float32"]["latency_batch1"]["p50_ms"] * 1e3
+        by_batch = ", ".join(f"{r['speedup']:.2f}x at batch {r['batch']}" for r in ev["latency_by_batch"])
+        best_b1 = max(a["speedup_batch1"] for a in ev["int8_settings"])
         notes.append(
-            f"{result['model']}: at batch 1 a whole inference takes ~{float_us:.0f} us in float32; the "
-            "QuantizeLinear/DequantizeLinear steps and int8 kernel setup around each tiny GEMM cost more than "
-            "the GEMM saves, so int8 is not faster. The size and speed bars are for models like the CNN, where "
-            "the weights and multiply-adds dominate")
+            f"{result['model']}: a float32 inference is ~{result['float32']['latency_batch1']['p50_ms'] * 1e3:.0f} us; "
+            "int8 adds quantize/dequantize kernels around GEMMs too small to gain from integer arithmetic. "
+            f"int8 speed-up: {by_batch}; the best int8 setting at batch 1 reaches {best_b1:.2f}x")
     return notes
 
 
@@ -180,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             "digits_mlp", "fedge.models:digits_mlp", model, "x:1x64", x_tr[:512], x_te, y_te, target, vnni, work,
             {"data": "fedge.datasets:digits", "train_rows": len(x_tr), "epochs": 30, "optimizer": "Adam lr=0.01",
              "seconds": round(seconds, 1)})
-        out["notes"].extend(_small_model_notes(out["results"]["digits_mlp"]))
+        digits_result = out["results"]["digits_mlp"]
+        if not digits_result["all_bars_pass"]:
+            digits_result["why_bars_missed"] = explore_small_model(
+                "digits_mlp", work / "digits_mlp.onnx", work / "digits_mlp.int8.onnx", x_tr[:512], target, vnni, work)
+        out["notes"].extend(_small_model_notes(digits_result))
 
         mnist_path = Path(args.mnist)
         if not mnist_path.is_file():
