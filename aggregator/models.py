@@ -16,6 +16,7 @@ downlink codec is fresh noise every round, never a drift.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -54,11 +55,12 @@ class ModelLineage:
     def _set_key(self, round_: int, key: ModelArrays) -> None:
         self.key = {k: np.array(key[k], dtype=np.float32, copy=True) for k in self.spec.names}
         self.key_round = round_
+        body = tensors.pack(self.key)  # canonical form: float32 in spec order
         self.key_message = GlobalModel(
             job=self.job, round=round_, model=self.factory, model_args=self.factory_args, spec=self.spec,
-            body=tensors.pack(self.key), num_samples=self.samples,
+            body=body, num_samples=self.samples,
         ).encode()
-        self.key_digest = tensors.state_digest(self.key, self.spec)
+        self.key_digest = hashlib.sha256(body).hexdigest()  # == tensors.state_digest(self.key), one pack fewer
         self.published, self.published_digest = self.key, self.key_digest
         self.delta_message: bytes | None = None
         self.delta_body = b""

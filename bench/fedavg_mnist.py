@@ -68,8 +68,7 @@ def job_config(codec: dict[str, Any], args: argparse.Namespace, url: str, state:
     cfg.training.epochs = 1
     cfg.training.batch_size = 10
     cfg.training.lr = args.lr
-    cfg.codec.name = codec["name"]
-    cfg.codec.params = {k: v for k, v in codec.items() if k != "name"}
+    cfg.codec.spec = codec
     cfg.downlink.key_every = args.key_every
     if args.downlink:
         cfg.downlink.codec = dict(args.downlink)

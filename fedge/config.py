@@ -140,6 +140,11 @@ class CodecSection:
         """The codec as rounds announce it: name and parameters in one dict."""
         return {"name": self.name, **self.params}
 
+    @spec.setter
+    def spec(self, value: dict[str, Any]) -> None:
+        self.name = value["name"]
+        self.params = {k: v for k, v in value.items() if k != "name"}
+
 
 @dataclass
 class DownlinkSection:

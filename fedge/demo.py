@@ -88,8 +88,7 @@ def job_config(opts: DemoOptions, broker_url: str, state_dir: Path) -> Aggregato
     cfg.training.batch_size = opts.batch_size
     cfg.training.lr = opts.lr
     if opts.codec:
-        cfg.codec.name = opts.codec["name"]
-        cfg.codec.params = {k: v for k, v in opts.codec.items() if k != "name"}
+        cfg.codec.spec = opts.codec
     cfg.evaluate.data = data
     cfg.evaluate.args = {"split": "test"}
     cfg.broker.url = broker_url

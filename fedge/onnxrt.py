@@ -41,34 +41,28 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(threads: int | None = None, optimization: str = "all") -> Any:
-    """ORT session options: ``ORT_ENABLE_ALL`` by default, which is what fuses
+def session_options(threads: int | None = None) -> Any:
+    """ORT session options: ``ORT_ENABLE_ALL``, which is what fuses
     QuantizeLinear/DequantizeLinear pairs into integer kernels, so a quantized
     model is measured the way a device runs it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    levels = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }
-    opts.graph_optimization_level = levels[optimization]
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = int(threads or default_threads())
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return opts
 
 
-def open_session(path: str | Path, threads: int | None = None, optimization: str = "all") -> Any:
+def open_session(path: str | Path, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
     p = Path(path)
     if not p.is_file():
         raise OnnxModelError(f"ONNX model {str(p)!r} not found; check the path")
     try:
-        return ort.InferenceSession(str(p), sess_options=session_options(threads, optimization),
+        return ort.InferenceSession(str(p), sess_options=session_options(threads),
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

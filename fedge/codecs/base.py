@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedge.tensors import ModelArrays, TensorError, TensorSpec
+from fedge.tensors import ModelArrays, TensorError, TensorSpec, zeros_like_spec
 
 
 class CodecError(TensorError):
@@ -49,6 +49,19 @@ class UpdateCodec(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params()})"
+
+
+class FoldingCodec(UpdateCodec):
+    """A codec whose natural operation is ``fold``: decoding is folding into
+    zeros with weight 1, so the two can never disagree."""
+
+    def decode(self, body: bytes, spec: TensorSpec) -> ModelArrays:
+        out = zeros_like_spec(spec)
+        self.fold(body, spec, out, 1.0)
+        return out
+
+    @abstractmethod
+    def fold(self, body: bytes, spec: TensorSpec, acc: Mapping[str, np.ndarray], weight: float) -> None: ...
 
 
 def shapes_metadata(delta: Mapping[str, np.ndarray]) -> dict[str, str]:

@@ -61,9 +61,9 @@ class LosslessCodec(UpdateCodec):
                 raw = d.decompress(body, limit + 1)
                 if not d.eof:
                     raise CodecError("malformed", "compressed update is truncated or too large")
-        except (zlib.error, Exception) as exc:
-            if isinstance(exc, CodecError):
-                raise
+        except CodecError:
+            raise
+        except Exception as exc:  # zlib.error, zstd errors: all mean a bad body
             raise CodecError("malformed", f"compressed update cannot be inflated: {exc}") from None
         if len(raw) > limit:
             raise CodecError("oversized", f"compressed update inflates beyond {limit} bytes")

@@ -48,7 +48,7 @@ def unpack_signed(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     values = fields.reshape(-1)[:count]
     if values.size and values.max() > 2 * levels(bits):
         raise CodecError("malformed", f"{bits}-bit code outside [-{levels(bits)}, {levels(bits)}]")
-    return (values.astype(np.int16) - levels(bits)).astype(np.int8)
+    return (values - np.uint8(levels(bits))).view(np.int8)  # wraps to [-L, L]
 
 
 def varint_encode(values: np.ndarray) -> np.ndarray:

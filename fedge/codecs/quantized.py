@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from fedge import tensors
-from fedge.codecs.base import CodecError, UpdateCodec, check_shapes, shapes_metadata
+from fedge.codecs.base import CodecError, FoldingCodec, check_shapes, shapes_metadata
 from fedge.codecs.packing import levels, pack_signed, unpack_signed
-from fedge.tensors import ModelArrays, TensorSpec
+from fedge.tensors import TensorSpec
 
 _BLOCK = 1 << 18  # entries per slice when folding: the float temporary stays in cache
 
@@ -73,7 +73,7 @@ def dequantize_into(out: np.ndarray, codes: np.ndarray, scales: np.ndarray, bloc
         np.add(flat[start:stop], t, out=flat[start:stop])
 
 
-class QuantizedCodec(UpdateCodec):
+class QuantizedCodec(FoldingCodec):
     unbiased = True
 
     def __init__(self, bits: int = 8, block: int = 0) -> None:
@@ -117,14 +117,6 @@ class QuantizedCodec(UpdateCodec):
             codes = unpack_signed(packed.view(np.uint8).reshape(-1), self.bits, count)
             parsed.append((name, codes, scales))
         return parsed
-
-    def decode(self, body: bytes, spec: TensorSpec) -> ModelArrays:
-        out = {}
-        for (name, codes, scales), (_, shape) in zip(self._parse(body, spec), spec.entries, strict=True):
-            dense = np.zeros(shape, np.float32)
-            dequantize_into(dense, codes, scales, self.block, 1.0)
-            out[name] = dense
-        return out
 
     def fold(self, body: bytes, spec: TensorSpec, acc: Mapping[str, np.ndarray], weight: float) -> None:
         for name, codes, scales in self._parse(body, spec):

@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 
 from fedge import tensors
-from fedge.codecs.base import CodecError, UpdateCodec, check_shapes, shapes_metadata
+from fedge.codecs.base import CodecError, FoldingCodec, check_shapes, shapes_metadata
 from fedge.codecs.packing import indices_decode, indices_encode
 from fedge.codecs.quantized import quantize
-from fedge.tensors import ModelArrays, TensorSpec
+from fedge.tensors import TensorSpec
 
 VALUE_TYPES = ("int8", "fp16", "float32")
 
 
-class TopKCodec(UpdateCodec):
+class TopKCodec(FoldingCodec):
     name = "topk"
     unbiased = False
 
@@ -98,14 +98,6 @@ class TopKCodec(UpdateCodec):
                     raise CodecError("nonfinite", f"update tensor {name!r} contains NaN or Inf")
             parsed.append((name, idx, values))
         return parsed
-
-    def decode(self, body: bytes, spec: TensorSpec) -> ModelArrays:
-        out = {}
-        for (name, idx, values), (_, shape) in zip(self._parse(body, spec), spec.entries, strict=True):
-            dense = np.zeros(int(np.prod(shape, dtype=np.int64)), np.float32)
-            dense[idx] = values
-            out[name] = dense.reshape(shape)
-        return out
 
     def fold(self, body: bytes, spec: TensorSpec, acc: Mapping[str, np.ndarray], weight: float) -> None:
         for name, idx, values in self._parse(body, spec):
