@@ -224,7 +224,7 @@ class _Key:
 class _Current:
     arrays: ModelArrays
     digest: str
-    body: bytes | None = None  # canonical tensors, packed when a training job needs them
+    body: bytes  # canonical tensors (safetensors, spec order); arrays are views into it
 
 
 @dataclass
@@ -269,9 +269,11 @@ class AgentCore:
 
     def handle(self, event: Event) -> list[Action]:
         if isinstance(event, Connected):
-            # The broker may remember subscriptions of an earlier process
-            # (persistent session): state every model channel afresh.
-            self.subscribed = set()
+            # The link re-subscribes what this process subscribed, so only the
+            # unwanted channels need stating: the broker may remember them
+            # from an earlier process (persistent session). Subscribing a
+            # wanted channel again would make the broker resend its retained
+            # model, a second full download on every reconnect.
             actions: list[Action] = [PublishStatus(self.status("online"))]
             actions += [Unsubscribe(c) for c in CHANNELS if c not in self._wanted()]
             return actions + self._sync_subscriptions()
@@ -302,10 +304,6 @@ class AgentCore:
     def restore_key(self, message: bytes) -> None:
         """Adopt a key model persisted by an earlier run (no actions)."""
         self._on_key(message, persist=False)
-
-    @property
-    def model_digest(self) -> str:
-        return self.current.digest if self.current else ""
 
     # --- the model -------------------------------------------------------------
 
@@ -373,7 +371,10 @@ class AgentCore:
             log.warning("%s: cannot apply the delta of round %d: %s", self.client_id, d.round, exc)
             self.latest_delta = None
             return
-        digest = tensors.state_digest(arrays, key.model.spec)
+        # Packed once: the canonical bytes give the digest, the arrays (views
+        # into them) and the body a training job needs.
+        body = tensors.pack({n: arrays[n] for n in key.model.spec.names})
+        digest = hashlib.sha256(body).hexdigest()  # == tensors.state_digest(arrays)
         if digest != d.target_digest:
             # Never train on a model that is not the announced one: drop the
             # delta; the next key (or a re-subscription to it) resynchronises.
@@ -382,7 +383,7 @@ class AgentCore:
                       "waiting for a key model", self.client_id, key.model.round, d.round)
             self.latest_delta = None
             return
-        self.current = _Current(arrays, digest)
+        self.current = _Current(tensors.unpack(body), digest, body)
 
     def _has_announced_model(self) -> bool:
         ann = self.announcement
@@ -478,9 +479,11 @@ class AgentCore:
         try:
             codec = make_codec(ann.codec)
             rng = np.random.default_rng(_seed(self.client_id, t.round, "encode"))
-            target, residual = _with_residual(ev.delta, self.residual if error_feedback(ann.codec) else None)
+            ef = error_feedback(ann.codec)
+            target = _with_residual(ev.delta, self.residual if ef else None)
             body = codec.encode(target, rng)
-            if error_feedback(ann.codec):
+            residual: ModelArrays | None = None
+            if ef:
                 sent = codec.decode(body, TensorSpec.of(target))
                 residual = {k: (target[k] - sent[k]).astype(np.float32) for k in target}
         except (CodecError, TensorError, ValueError) as exc:
@@ -568,8 +571,6 @@ class AgentCore:
         if not self._has_announced_model() or self.key is None or self.current is None:
             return []  # the model for this round is still on its way
         cur = self.current
-        if cur.body is None:
-            cur.body = tensors.pack({n: cur.arrays[n] for n in self.key.model.spec.names})
         self.training = _Training(uuid.uuid4().hex, ann.round, cur.digest)
         job = TrainJob(
             job_id=self.training.job_id, round=ann.round, base_model=cur.digest,
@@ -579,14 +580,14 @@ class AgentCore:
         return [StartTraining(job)]
 
 
-def _with_residual(delta: ModelArrays, residual: ModelArrays | None) -> tuple[ModelArrays, ModelArrays | None]:
+def _with_residual(delta: ModelArrays, residual: ModelArrays | None) -> ModelArrays:
     """delta + residual, when the residual fits this model (a residual of
     another model shape is dropped)."""
     if residual is None:
-        return delta, None
+        return delta
     if set(residual) != set(delta) or any(residual[k].shape != delta[k].shape for k in delta):
-        return delta, None
-    return {k: (delta[k] + residual[k]).astype(np.float32) for k in delta}, residual
+        return delta
+    return {k: (delta[k] + residual[k]).astype(np.float32) for k in delta}
 
 
 def _seed(client: str, round_: int, purpose: str) -> int:

@@ -58,6 +58,7 @@ from fedge.topics import JobTopics, check_id
 from fedge.wire import Kind
 
 log = logging.getLogger("fedge.agent")
+TRAFFIC_ROUNDS = 1024  # rounds of traffic counts kept for the demo and benchmarks
 
 
 @dataclass
@@ -130,10 +131,14 @@ class _Device:
 
     def install(self, art: Any) -> None:
         """Write the verified file and its manifest, then serve it."""
-        atomic_write(self.model_file.with_suffix(".manifest.json"), json.dumps(art.manifest, indent=2).encode())
-        atomic_write(self.model_file.with_suffix(".info.json"), json.dumps(self._info(art)).encode())
-        atomic_write(self.model_file, art.body)
-        self.load()
+        durable = self.spec.durable
+        atomic_write(self.model_file.with_suffix(".manifest.json"), json.dumps(art.manifest, indent=2).encode(),
+                     durable)
+        atomic_write(self.model_file.with_suffix(".info.json"), json.dumps(self._info(art)).encode(), durable)
+        atomic_write(self.model_file, art.body, durable)
+        if not self.load():
+            assert isinstance(self.core, InferenceCore)
+            self.core.installed_sha256 = ""  # not serving it: a redelivered copy may try again
 
     def _info(self, art: Any) -> dict[str, Any]:
         return {"round": art.round, "sha256": art.sha256, "variant": art.variant, "name": art.name}
@@ -183,6 +188,7 @@ class AgentRuntime:
         # MQTT payload bytes [sent, received] by all devices, by the round the
         # traffic served (what the demo and benchmarks report): a model of round
         # m serves round m + 1; announcements, updates and receipts their own.
+        # The newest TRAFFIC_ROUNDS rounds only: a device runs for months.
         self.traffic: dict[int, list[int]] = {}
         self._partial_bytes: dict[tuple[str, str], int] = {}
         self.servers: list[PredictionServer] = []
@@ -284,6 +290,8 @@ class AgentRuntime:
         round_ = peeked[1].get("round", 0) if peeked else 0
         round_ = (round_ + 1 if serves_next else round_) if isinstance(round_, int) else 0
         self.traffic.setdefault(round_, [0, 0])[direction] += nbytes
+        if len(self.traffic) > TRAFFIC_ROUNDS:
+            del self.traffic[min(self.traffic)]
 
     def _run(self, dev: _Device, event: object) -> None:
         for action in dev.core.handle(event):  # type: ignore[arg-type]

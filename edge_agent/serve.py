@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from fedge.onnxrt import softmax
+
 log = logging.getLogger("fedge.agent.serve")
 MAX_BODY = 8 << 20
 
@@ -97,13 +99,12 @@ def predict(model: ServedModel, request: Any) -> dict[str, Any]:
     if not isinstance(request, dict) or "inputs" not in request:
         raise ValueError('send a JSON object {"inputs": [[...], ...]}')
     raw = request["inputs"]
-    inputs = {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()} if isinstance(raw, dict) \
-        else np.asarray(raw, dtype=np.float32)
+    # The predictor casts each input to the dtype the model declares.
+    inputs = {k: np.asarray(v) for k, v in raw.items()} if isinstance(raw, dict) else np.asarray(raw)
     logits = model.predictor.predict(inputs)
     out: dict[str, Any] = {"round": model.info.get("round"), "outputs": logits.tolist()}
     if logits.ndim == 2 and logits.shape[1] >= 2:
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        probs = softmax(logits)
         out["predictions"] = probs.argmax(axis=1).tolist()
         out["probabilities"] = probs.round(6).tolist()
     return out

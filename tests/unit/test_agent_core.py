@@ -93,6 +93,15 @@ def test_connect_publishes_presence_and_forgets_old_model_subscriptions():
     assert {a.channel for a in only(acts, Unsubscribe)} == {"key", "delta"} and not only(acts, Subscribe)
 
 
+def test_a_reconnect_does_not_download_the_model_again():
+    core = make(downlink="follow")
+    assert {a.channel for a in only(core.handle(Connected(0)), Subscribe)} == {"key", "delta"}
+    # The link re-subscribes on its own; a second SUBSCRIBE would make the
+    # broker resend the retained key model.
+    acts = core.handle(Connected(5))
+    assert not only(acts, Subscribe) and not only(acts, Unsubscribe)
+
+
 def test_trains_from_the_key_when_the_round_names_it():
     _core, digest, acts = selected_core()
     job = only(acts, StartTraining)[0].job
