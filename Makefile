@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy fedge aggregator edge_agent
+	$(BIN)/mypy fedge aggregator edge_agent export
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -12,6 +12,7 @@ from typing import Any
 
 import fedge
 from fedge import codecs
+from fedge.cpu import board_model
 
 
 def _mem_mb() -> int:
@@ -27,15 +28,6 @@ def _mem_mb() -> int:
         return 0
 
 
-def _board() -> str:
-    for path in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):
-        try:
-            return Path(path).read_text().strip("\x00\n ")
-        except OSError:
-            continue
-    return ""
-
-
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -49,7 +41,7 @@ def describe(role: str = "trainer") -> dict[str, Any]:
         "ram_mb": _mem_mb(),
         "cpus": os.cpu_count() or 1,
         "arch": platform.machine(),
-        "board": _board(),
+        "board": board_model(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "fedge": fedge.__version__,

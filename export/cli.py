@@ -89,18 +89,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from export.data import load_dataset
+    from export.data import check_fits, load_dataset
+    from export.manifest import record_evaluation, tool_versions
     from export.quantize import quantize_model, resolve_config
     from export.report import compare_models
-    from fedge.onnxrt import open_session
+    from export.target import evaluation_for
+    from fedge.onnxrt import OnnxPredictor
 
-    resolve_config(args.mode, args.target, method=args.method, per_channel=args.per_channel, vnni=args.vnni)
+    config = resolve_config(args.mode, args.target, method=args.method, per_channel=args.per_channel, vnni=args.vnni)
+    if args.max_accuracy_drop is not None and not (0 <= args.max_accuracy_drop < float("inf")):
+        raise ExportError(f"--max-accuracy-drop {args.max_accuracy_drop:g} must be a number of points >= 0, e.g. 1")
     if args.max_accuracy_drop is not None and not args.eval:
         raise ExportError("--max-accuracy-drop needs an evaluation set with labels: give --eval FILE.npz or a data "
                           "spec such as fedge.datasets:digits")
-    session = open_session(args.model)
-    input_names = [i.name for i in session.get_inputs()]
-    del session
+    evaluation = evaluation_for(config.target, config.precision, full_range_weights=not config.reduce_range,
+                                vnni=config.vnni)
+    if args.max_accuracy_drop is not None and not evaluation.target_faithful:
+        raise ExportError(f"--max-accuracy-drop needs the target's int8 arithmetic, which ONNX Runtime "
+                          f"{tool_versions().get('onnxruntime')} cannot compute on this host "
+                          f"({evaluation.host.describe()}); run the gate on an arm64 machine or an x86 CPU with VNNI")
+    signature = OnnxPredictor(args.model).inputs
+    input_names = [name for name, _, _ in signature]
     calibration = None
     if args.mode == "static":
         if not args.calibration:
@@ -109,10 +118,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calibration = load_dataset(args.calibration, input_names, args=_json_arg(args.calibration_args,
                                    "--calibration-args"), split="train", limit=args.calibration_size,
                                    what="calibration")
+        check_fits(calibration, signature, "calibration")
     eval_set = None
     if args.eval:
         eval_set = load_dataset(args.eval, input_names, args=_json_arg(args.eval_args, "--eval-args"), split="test",
                                 limit=args.eval_size, what="evaluation")
+        check_fits(eval_set, signature, "evaluation")
         if args.max_accuracy_drop is not None and eval_set.labels is None:
             raise ExportError("--max-accuracy-drop needs labels in the evaluation set (an array named 'labels' or "
                               "'y' in the .npz, or a data spec returning (x, y))")
@@ -124,8 +135,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     label = f"{result.config.precision} ({args.mode}, {args.target})"
     cmp = compare_models(args.model, result.path, eval_set=eval_set, labels=("float32", label),
                          threads=args.threads or None, latency_batch=args.latency_batch, runs=args.runs,
-                         latency=not args.no_latency)
+                         latency=not args.no_latency, evaluation=evaluation)
     cmp.notes[:0] = result.notes
+    record_evaluation(result.path, cmp.to_json())
     print(f"wrote {result.path}  (manifest {result.manifest_path.name}"
           + (f", TensorRT options {result.trt_options_path.name}" if result.trt_options_path else "") + ")")
     print(cmp.table())

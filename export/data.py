@@ -3,7 +3,8 @@
 Owns reading a set from either
 - a ``.npz`` file whose arrays are named after the model's inputs (or hold a
   single array for a one-input model), with labels under ``labels``,
-  ``label`` or ``y``; loaded with ``allow_pickle=False``; or
+  ``label`` or ``y``; or a ``.npy`` file holding the one input of a one-input
+  model (no labels); both loaded with ``allow_pickle=False``; or
 - a data spec ``module:callable`` plus keyword arguments returning ``(x, y)``
   arrays (``fedge.datasets:digits``); ``split`` is passed when the callable
   takes it (``train`` for calibration, ``test`` for evaluation) unless the
@@ -25,6 +26,7 @@ import numpy as np
 
 from export.errors import ExportError
 from export.files import sha256_file
+from fedge.errors import first_line
 
 LABEL_KEYS = ("labels", "label", "y")
 
@@ -47,7 +49,7 @@ class Dataset:
 
 
 def is_data_spec(text: str) -> bool:
-    return ":" in text and not text.endswith(".npz") and not Path(text).exists()
+    return ":" in text and not text.endswith((".npz", ".npy")) and not Path(text).exists()
 
 
 def load_dataset(spec: str, input_names: Sequence[str], *, args: Mapping[str, Any] | None = None,
@@ -66,19 +68,33 @@ def _from_npz(path: Path, input_names: Sequence[str], what: str) -> Dataset:
         raise ExportError(f"{what} file {str(path)!r} not found; give an .npz with arrays named after the model "
                           f"inputs ({', '.join(input_names)}), or a data spec such as fedge.datasets:digits")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{what} file {str(path)!r} is not a readable .npz: {exc}") from None
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # a .npy file: one array, no labels
+            arrays = {"": loaded}
+        else:
+            with loaded as z:
+                arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise ExportError(f"{what} file {str(path)!r} is not a readable .npz or .npy file ({first_line(exc, 120)}); "
+                          "save it with np.savez(path, x=inputs, labels=labels)") from None
+    source = {"kind": "npy" if "" in arrays else "npz", "file": path.name, "sha256": sha256_file(path)}
+    if "" in arrays:
+        if len(input_names) != 1:
+            raise ExportError(f"{what} file {path.name} is a .npy holding one array, but the model has inputs "
+                              f"{list(input_names)}: save an .npz with one array named after each")
+        return _checked({input_names[0]: arrays[""]}, None, source, what)
     labels = next((arrays.pop(k) for k in LABEL_KEYS if k in arrays), None)
     if all(n in arrays for n in input_names):
         inputs = {n: arrays[n] for n in input_names}
     elif len(input_names) == 1 and len(arrays) == 1:
         inputs = {input_names[0]: next(iter(arrays.values()))}
+    elif not arrays:
+        raise ExportError(f"{what} file {path.name} holds labels but no input arrays; add the inputs named after "
+                          f"the model's ({', '.join(input_names)}), e.g. np.savez(path, {input_names[0]}=x, labels=y)")
     else:
         raise ExportError(f"{what} file {path.name} has arrays {sorted(arrays)}; name them after the model inputs "
                           f"({', '.join(input_names)}), or store one array for a one-input model (labels as 'labels')")
-    return _checked(inputs, labels, {"kind": "npz", "file": path.name, "sha256": sha256_file(path)}, what)
+    return _checked(inputs, labels, source, what)
 
 
 def _from_callable(spec: str, input_names: Sequence[str], args: Mapping[str, Any], split: str | None,
@@ -129,6 +145,35 @@ def _checked(inputs: dict[str, np.ndarray], labels: np.ndarray | None, source: d
     if len(set(sizes.values())) != 1:
         raise ExportError(f"{what} inputs have different row counts {sizes}")
     n = next(iter(sizes.values()))
-    if labels is not None and len(labels) != n:
-        raise ExportError(f"{what} data has {n} rows but {len(labels)} labels")
+    if labels is not None:
+        labels = _class_labels(labels, n, what)
     return Dataset(inputs, labels, {**source, "rows": n})
+
+
+def _class_labels(labels: np.ndarray, rows: int, what: str) -> np.ndarray:
+    """One integer class per row, or a one-line error."""
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels.reshape(-1)
+    if labels.ndim != 1:
+        raise ExportError(f"{what} labels have shape {labels.shape}; give one class index per row, shape ({rows},) "
+                          "(one-hot labels: labels.argmax(1))")
+    if len(labels) != rows:
+        raise ExportError(f"{what} data has {rows} rows but {len(labels)} labels")
+    if labels.dtype.kind == "f" and not np.all(np.isfinite(labels) & (labels == np.round(labels))):
+        raise ExportError(f"{what} labels hold fractional values; give integer class indices")
+    if labels.dtype.kind not in "biuf":
+        raise ExportError(f"{what} labels hold {labels.dtype} values; give integer class indices")
+    return labels.astype(np.int64)
+
+
+def check_fits(data: Dataset, inputs: Sequence[tuple[str, Any, tuple[Any, ...]]], what: str) -> None:
+    """Refuse data the model would misread: each array must have the model's
+    rank, fixed dimensions and kind of values (see ``fedge.onnxrt.check_input``);
+    ``inputs`` is ``OnnxPredictor.inputs``: (name, dtype, shape) per input."""
+    from fedge.onnxrt import OnnxModelError, check_input
+
+    for name, dtype, shape in inputs:
+        try:
+            check_input(name, data.inputs[name], np.dtype(dtype), shape)
+        except OnnxModelError as exc:
+            raise ExportError(f"{what} data does not fit the model: {exc}") from None

@@ -34,6 +34,7 @@ import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from export.errors import ExportError
+from fedge.errors import first_line, one_line
 
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24  # smallest subnormal
@@ -81,7 +82,7 @@ def convert_to_float16(model: ModelProto, keep_float32: Iterable[str] = (), chec
             blocked.add(op)
             notes.append(f"kept {op} in float32: ONNX Runtime crashed optimizing it in float16 on this CPU")
             continue
-        raise ExportError(f"ONNX Runtime rejected the float16 model: {status[:300]}")
+        raise ExportError(f"ONNX Runtime rejected the float16 model: {one_line(status)}")
     raise ExportError("float16 conversion did not converge; use --mode static or dynamic instead of fp16")
 
 
@@ -251,7 +252,7 @@ def _convert(source: ModelProto, blocked: set[str]) -> Fp16Result:
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        raise ExportError(f"float16 conversion produced an invalid graph: {str(exc).splitlines()[0][:300]}") from None
+        raise ExportError(f"float16 conversion produced an invalid graph: {first_line(exc)}") from None
     return result
 
 

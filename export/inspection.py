@@ -14,6 +14,7 @@ from typing import Any
 
 from export.errors import ExportError
 from export.manifest import count_parameters, describe_onnx, manifest_path, read_manifest
+from fedge.errors import first_line
 
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
               "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
@@ -28,7 +29,11 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:
-        raise ExportError(f"{p.name} is not a readable ONNX file: {str(exc).splitlines()[0][:200]}") from None
+        raise ExportError(f"{p.name} is not a readable ONNX file: {first_line(exc)}") from None
+    if not model.opset_import or not model.graph.node:
+        size = p.stat().st_size
+        raise ExportError(f"{p.name} is not an ONNX model ({'an empty file' if size == 0 else f'{size} bytes'} with "
+                          "no graph or opset); export one with fedge export")
     info = describe_onnx(p, model)
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
     dtypes = Counter(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in model.graph.initializer

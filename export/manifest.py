@@ -113,3 +113,20 @@ def read_manifest(model_path: str | Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise ExportError(f"manifest {str(p)!r} is not a JSON object; re-export the model")
     return data
+
+
+def record_evaluation(model_path: str | Path, comparison: dict[str, Any]) -> Path:
+    """Add how the model compared with its float parent, and how and where
+    those figures were obtained, to the model's manifest."""
+    manifest = read_manifest(model_path)
+    if manifest is None:
+        raise ExportError(f"{Path(model_path).name} has no manifest to record its evaluation in; re-run the command")
+    keep = ("size_ratio", "eval_rows", "top1_agreement", "accuracy_drop_points", "max_abs_diff", "mse", "snr_db",
+            "evaluation", "host_default_kernels")
+    doc = {k: comparison.get(k) for k in keep}
+    doc["accuracy"] = comparison["candidate"].get("accuracy")
+    doc["reference_accuracy"] = comparison["reference"].get("accuracy")
+    doc["latency"] = {"float32": comparison["reference"].get("latency"), manifest.get("precision", "candidate"):
+                      comparison["candidate"].get("latency")}
+    manifest["evaluation"] = doc
+    return write_manifest(model_path, manifest)

@@ -45,7 +45,8 @@ from export import opsets
 from export.errors import ExportError, QualityError
 from export.files import check_outputs, replace_atomically, temp_path_beside
 from export.manifest import build_manifest, manifest_path, write_manifest
-from export.signature import BATCH_DIM, InputSpec, examples
+from export.signature import BATCH_DIM, InputSpec, dynamic_sizes, examples
+from fedge.errors import first_line
 from fedge.onnxrt import open_session
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class ParityReport:
     atol: float
     rtol: float
     rows: tuple[ParityRow, ...]
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -87,11 +89,12 @@ class ParityReport:
             verdict = "ok" if r.ok else "FAIL"
             lines.append(f"  {r.batch:>5}  {r.output:<16} {r.max_abs:>12.3e}  {r.max_rel:>12.3e}  {verdict}"
                          + (f" ({r.note})" if r.note else ""))
+        lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {"atol": self.atol, "rtol": self.rtol, "batches": sorted({r.batch for r in self.rows}),
-                "passed": self.ok,
+                "passed": self.ok, "notes": list(self.notes),
                 "outputs": [{"batch": r.batch, "output": r.output, "max_abs_diff": r.max_abs,
                              "max_rel_diff": r.max_rel, "ok": r.ok} for r in self.rows]}
 
@@ -139,7 +142,7 @@ def export_model(model: nn.Module, inputs: Sequence[InputSpec], out_path: str | 
     names = _output_names(output_names, len(reference))
 
     proto = _export_proto(model, args, inputs, names, opset, legacy_exporter)
-    _check_dynamic_batch(proto, inputs)
+    _check_dynamic_dims(proto, inputs)
     if opsets.default_domain_opset(proto) != opset:
         proto = opsets.convert_opset(proto, opset)
     opsets.lower_ir_version(proto)
@@ -152,13 +155,17 @@ def export_model(model: nn.Module, inputs: Sequence[InputSpec], out_path: str | 
     tmp = temp_path_beside(out, ".onnx")
     try:
         _save(proto, tmp)
-        parity = verify_parity(model, tmp, inputs, batches=verify_batches, atol=atol, rtol=rtol)
+        parity = verify_parity(model, tmp, inputs, batches=verify_batches, atol=atol, rtol=rtol,
+                               ranges=integer_input_ranges(proto))
         if not parity.ok:
             worst = max((r for r in parity.rows if not r.ok), key=lambda r: r.max_abs)
+            advice = ("the TorchScript exporter traces one run of forward(), so data-dependent control flow (an "
+                      "if on tensor values, a loop over a tensor's contents) keeps the branch the example took: "
+                      "make forward() free of it, or use the default exporter" if legacy_exporter else
+                      "raise --atol/--rtol if this is expected float noise, or try --legacy-exporter")
             raise QualityError(
                 f"ONNX Runtime disagrees with PyTorch (output {worst.output!r}, batch {worst.batch}: max abs diff "
-                f"{worst.max_abs:.3e}); {out.name} was not written - raise --atol/--rtol if this is expected "
-                "float noise, or try --legacy-exporter",
+                f"{worst.max_abs:.3e}); {out.name} was not written - {advice}",
                 parity.table())
         replace_atomically(tmp, out)
     finally:
@@ -169,7 +176,8 @@ def export_model(model: nn.Module, inputs: Sequence[InputSpec], out_path: str | 
         out, precision="float32", parameters=n_params, model=proto,
         source=dict(source or {}),
         export={"exporter": "torch.onnx.export(dynamo=False)" if legacy_exporter else "torch.onnx.export(dynamo=True)",
-                "opset_requested": opset, "dynamic_axes": {s.name: {"0": BATCH_DIM} for s in inputs}},
+                "opset_requested": opset,
+                "dynamic_axes": {s.name: {str(i): n for i, n in enumerate(s.dim_names) if n} for s in inputs}},
         verification=parity.to_json(),
     )
     mpath = write_manifest(out, manifest)
@@ -201,16 +209,27 @@ def export_global_model(message: bytes, inputs: Sequence[InputSpec], out_path: s
 
 def verify_parity(model: nn.Module, onnx_path: str | Path, inputs: Sequence[InputSpec], *,
                   batches: Sequence[int] = VERIFY_BATCHES, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
-                  seed: int = 0) -> ParityReport:
-    """Run the ONNX file and ``model.eval()`` on the same random batches."""
+                  seed: int = 0, ranges: Mapping[str, tuple[int, int]] | None = None) -> ParityReport:
+    """Run the ONNX file and ``model.eval()`` on the same random batches.
+
+    Named dynamic dimensions change size from batch to batch (the example's,
+    one more, one less); integer inputs are drawn from their declared range,
+    else from ``ranges`` (what ``integer_input_ranges`` found in the graph),
+    else from {0, 1}, which the report then says."""
     import torch
 
     model.eval()
     session = open_session(onnx_path)
     out_names = [o.name for o in session.get_outputs()]
     rows: list[ParityRow] = []
-    for batch in batches:
-        feeds = examples(inputs, batch, seed=seed + batch)
+    ranges = dict(ranges or {})
+    notes = tuple(f"integer input {s.name!r} was checked on the values 0 and 1 only (no embedding table in the "
+                  f"graph bounds it): give its range as {s.name}:...:{s.dtype}:LOW..HIGH"
+                  for s in inputs if s.np_dtype.kind in "iu" and s.value_range is None and s.name not in ranges)
+    base = dynamic_sizes(inputs)
+    for i, batch in enumerate(batches):
+        sizes = {n: max(2, d + (0, 1, -1)[i % 3]) for n, d in base.items()}
+        feeds = examples(inputs, batch, seed=seed + batch, sizes=sizes, ranges=ranges)
         with torch.no_grad():
             ref = _flatten(model(*[torch.from_numpy(feeds[s.name]) for s in inputs]))
         got = session.run(None, feeds)
@@ -220,7 +239,51 @@ def verify_parity(model: nn.Module, onnx_path: str | Path, inputs: Sequence[Inpu
         if len(ref) != len(got):
             rows.append(ParityRow(batch, "(outputs)", float("inf"), float("inf"), False,
                                   f"PyTorch gave {len(ref)} outputs, ONNX {len(got)}"))
-    return ParityReport(atol=atol, rtol=rtol, rows=tuple(rows))
+    return ParityReport(atol=atol, rtol=rtol, rows=tuple(rows), notes=notes)
+
+
+# Operators an integer input passes through unchanged on its way to an embedding lookup.
+_INDEX_PASSTHROUGH = {"Cast", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Expand"}
+
+
+def integer_input_ranges(proto: Any) -> dict[str, tuple[int, int]]:
+    """For each integer graph input that indexes an embedding table (a Gather
+    on a constant, reached directly or through reshapes and casts): the
+    indices the smallest such table accepts, 0..rows-1."""
+    from onnx import TensorProto
+
+    tables = {t.name: list(t.dims) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tables[node.output[0]] = list(node.attribute[0].t.dims)
+    consumers: dict[str, list[Any]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    integer = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT8}
+    ranges = {}
+    for vi in proto.graph.input:
+        if vi.type.tensor_type.elem_type not in integer:
+            continue
+        rows: list[int] = []
+        frontier, seen = [vi.name], set()
+        while frontier:
+            value = frontier.pop()
+            if value in seen:
+                continue
+            seen.add(value)
+            for node in consumers.get(value, []):
+                if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == value and \
+                        node.input[0] in tables:
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    dims = tables[node.input[0]]
+                    if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0:
+                        rows.append(int(dims[axis]))
+                elif node.op_type in _INDEX_PASSTHROUGH and node.input and node.input[0] == value:
+                    frontier.extend(node.output)
+        if rows:
+            ranges[vi.name] = (0, min(rows) - 1)
+    return ranges
 
 
 def _compare(batch: int, name: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> ParityRow:
@@ -273,7 +336,7 @@ def _run_torch(model: nn.Module, args: tuple[Any, ...], inputs: Sequence[InputSp
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"the input signature {sig} does not fit the model: {_first_line(exc)}; give --input with "
+        raise ExportError(f"the input signature {sig} does not fit the model: {first_line(exc)}; give --input with "
                           "the shape forward() expects, batch first (e.g. x:1x64:float32)") from None
 
 
@@ -336,7 +399,8 @@ def _export_proto(model: nn.Module, args: tuple[Any, ...], inputs: Sequence[Inpu
 
     in_names = [s.name for s in inputs]
     if legacy:
-        axes = {n: {0: BATCH_DIM} for n in [*in_names, *output_names]}
+        axes: dict[str, dict[int, str]] = {s.name: {i: n for i, n in enumerate(s.dim_names) if n} for s in inputs}
+        axes.update({n: {0: BATCH_DIM} for n in output_names})
         tmp = Path(tempfile.mkdtemp(prefix="fedge-export-"))
         try:
             with _quiet(), _quiet_fds():
@@ -349,12 +413,13 @@ def _export_proto(model: nn.Module, args: tuple[Any, ...], inputs: Sequence[Inpu
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    batch = torch.export.Dim(BATCH_DIM, min=1)
+    dims = {name: torch.export.Dim(name, min=1) for s in inputs for name in s.dim_names if name}
+    dynamic_shapes = tuple({i: dims[n] for i, n in enumerate(s.dim_names) if n} for s in inputs)
     try:
         with _quiet():
             program = torch.onnx.export(
                 model, args, None, dynamo=True, opset_version=max(opset, opsets.EXPORTER_MIN_OPSET),
-                input_names=in_names, output_names=output_names, dynamic_shapes=tuple({0: batch} for _ in inputs),
+                input_names=in_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
                 external_data=False, optimize=True, verbose=False, report=False,
             )
             assert program is not None  # f=None with dynamo=True returns the program
@@ -363,24 +428,38 @@ def _export_proto(model: nn.Module, args: tuple[Any, ...], inputs: Sequence[Inpu
         raise ExportError(_explain_failure(exc, legacy=False)) from None
 
 
-def _check_dynamic_batch(proto: Any, inputs: Sequence[InputSpec]) -> None:
+def _check_dynamic_dims(proto: Any, inputs: Sequence[InputSpec]) -> None:
+    """Every dimension the signature calls dynamic must be symbolic in the
+    graph; it is then named as the signature names it (``batch``, ``seq``).
+    An output dimension is renamed only when it is one of those symbols: a
+    data-dependent size (the number of detections, say) keeps its own."""
     graph_inputs = {vi.name: vi for vi in proto.graph.input}
+    renamed: dict[str, str] = {}
     for spec in inputs:
         vi = graph_inputs.get(spec.name)
         if vi is None:
             raise ExportError(f"input {spec.name!r} does not reach the exported graph (forward() ignores it); "
                               "drop it from --input")
         dims = vi.type.tensor_type.shape.dim
-        if dims and not dims[0].dim_param:
-            raise ExportError(
-                f"the model pins the batch size of input {spec.name!r} to {dims[0].dim_value}: forward() uses a "
-                "fixed batch (e.g. x.view(2, -1)); write x.flatten(1) or x.view(x.shape[0], -1) so any batch works")
-        if dims:
-            dims[0].dim_param = BATCH_DIM
-    for vi in proto.graph.output:
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].dim_param:
-            dims[0].dim_param = BATCH_DIM
+        for axis, name in enumerate(spec.dim_names):
+            if not name or axis >= len(dims):
+                continue
+            if not dims[axis].dim_param:
+                if axis == 0:
+                    raise ExportError(
+                        f"the model pins the batch size of input {spec.name!r} to {dims[0].dim_value}: forward() "
+                        "uses a fixed batch (e.g. x.view(2, -1)); write x.flatten(1) or x.view(x.shape[0], -1) so "
+                        "any batch works")
+                raise ExportError(
+                    f"the model pins dimension {axis} ({name!r}) of input {spec.name!r} to {dims[axis].dim_value}: "
+                    "forward() fixes that size (a reshape to a constant, a fixed-size parameter); make it follow "
+                    f"the input, or drop '{name}=' from --input to export a fixed size")
+            renamed[dims[axis].dim_param] = name
+            dims[axis].dim_param = name
+    for vi in [*proto.graph.output, *proto.graph.value_info]:
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param in renamed:
+                dim.dim_param = renamed[dim.dim_param]
 
 
 def _strip_debug_metadata(proto: Any) -> None:
@@ -423,7 +502,7 @@ def _explain_failure(exc: BaseException, legacy: bool) -> str:
         if m:
             op = m.group(1) if pattern.groups == 1 else f"{m.group(1)}.{m.group(2)}"
             break
-    inner = _first_line(chain[-1])
+    inner = first_line(chain[-1])
     if legacy:
         what = f"operator {op}" if op else "the model"
         return (f"the legacy ONNX exporter cannot export {what}: {inner}; try the default exporter (drop "
@@ -437,8 +516,3 @@ def _explain_failure(exc: BaseException, legacy: bool) -> str:
             "dynamo=False), or remove data-dependent Python control flow from forward()")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
-    return line[:300]

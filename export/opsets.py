@@ -25,6 +25,7 @@ import onnx
 from onnx import ModelProto, TensorProto
 
 from export.errors import ExportError
+from fedge.errors import one_line
 
 DEFAULT_OPSET = 17
 EXPORTER_MIN_OPSET = 18
@@ -77,11 +78,11 @@ def convert_opset(model: ModelProto, target: int) -> ModelProto:
 
 
 def _conversion_failure(exc: Exception, current: int, target: int) -> str:
-    text = " ".join(str(exc).split())
+    text = one_line(exc, 160)
     op = re.search(r"[Oo]p(?:erator|_type|Type)?[:= ]+\(?['\"]?([A-Z][A-Za-z0-9]+)", text)
     what = f"operator {op.group(1)}" if op else "an operator"
     return (f"cannot convert the exported graph from opset {current} to opset {target}: {what} has no equivalent "
-            f"there ({text[:160]}); use --opset {current} (ONNX Runtime and TensorRT 10 accept it; "
+            f"there ({text}); use --opset {current} (ONNX Runtime and TensorRT 10 accept it; "
             "TensorRT 8.6 needs 17)")
 
 

@@ -44,6 +44,7 @@ from export import opsets
 from export.errors import ExportError
 from export.files import check_outputs, replace_atomically, sha256_file, temp_path_beside, write_json
 from export.manifest import build_manifest, count_parameters, manifest_path, read_manifest, write_manifest
+from fedge.errors import first_line
 
 MODES = ("static", "dynamic", "fp16")
 METHODS = ("minmax", "entropy", "percentile")
@@ -228,14 +229,14 @@ def _preprocess(src: Path, dst: Path, notes: list[str]) -> None:
             quant_pre_process(str(src), str(dst))
         return
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 160)
         notes.append(f"symbolic shape inference failed ({first}); pre-processed with ONNX shape inference only")
     try:
         with _quiet():
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     except Exception as exc:
         raise ExportError(f"ONNX Runtime's quantization pre-processing failed on {src.name}: "
-                          f"{str(exc).splitlines()[0][:200]}") from None
+                          f"{first_line(exc)}") from None
 
 
 class _Reader:
@@ -311,7 +312,7 @@ def _quantize_int8(src: Path, dst: Path, cfg: QuantConfig, calibration: Mapping[
         except ExportError:
             raise
         except Exception as exc:
-            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            text = first_line(exc)
             raise ExportError(f"static quantization failed: {text}; check that the calibration arrays match the "
                               "model inputs, or try --mode dynamic") from None
     finally:
@@ -321,7 +322,7 @@ def _quantize_int8(src: Path, dst: Path, cfg: QuantConfig, calibration: Mapping[
 def _smoke_run(path: Path, calibration: Mapping[str, np.ndarray] | None, input_names: Sequence[str]) -> None:
     """The quantized file must load and run in ONNX Runtime before it is kept."""
     from export.report import random_feeds
-    from fedge.onnxrt import ORT_TYPES, open_session
+    from fedge.onnxrt import ORT_TYPES, open_session, runtime_message
 
     session = open_session(path)
     if calibration and all(n in calibration for n in input_names):
@@ -332,7 +333,7 @@ def _smoke_run(path: Path, calibration: Mapping[str, np.ndarray] | None, input_n
     try:
         outs = session.run(None, feeds)
     except Exception as exc:
-        raise ExportError(f"ONNX Runtime cannot run the quantized model: {str(exc).splitlines()[0][:200]}") from None
+        raise ExportError(f"ONNX Runtime cannot run the quantized model: {runtime_message(exc)}") from None
     if not all(np.all(np.isfinite(o)) for o in outs if np.asarray(o).dtype.kind == "f"):
         raise ExportError("the quantized model produces NaN/inf on calibration data; try --method percentile or "
                           "--mode dynamic")

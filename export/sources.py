@@ -27,6 +27,7 @@ import numpy as np
 
 from export.errors import ExportError
 from export.files import sha256_file
+from fedge.errors import first_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -131,9 +132,13 @@ def load_model(factory: str | None, factory_args: Mapping[str, Any] | None = Non
     if path.suffix == ".safetensors":
         tensors = _read_safetensors(path)
         fmt = "safetensors"
-    else:
+    elif head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive (or a legacy pickle)
         tensors = _read_state_dict(path)
         fmt = "state_dict"
+    else:
+        raise ExportError(f"{path.name} is neither a PyTorch state dict (torch.save writes a zip archive), a "
+                          ".safetensors file nor a fedge model message; save the weights with "
+                          "torch.save(model.state_dict(), path)")
     _load_state(model, tensors, path.name)
     return model, ModelSource(factory, dict(factory_args or {}), str(path), digest, fmt)
 
@@ -149,19 +154,16 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_state_dict(path: Path) -> dict[str, Any]:
-    import pickle
-
     import torch
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # torch.load raises many types on foreign files (IndexError on plain text)
         raise ExportError(f"{path.name} is not a plain state dict (torch.load with weights_only=True refused it: "
-                          f"{first[:200]}); save it with torch.save(model.state_dict(), path) or as .safetensors"
-                          ) from None
+                          f"{first_line(exc, 160)}); save it with torch.save(model.state_dict(), path) or as "
+                          ".safetensors") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

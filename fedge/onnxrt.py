@@ -2,19 +2,29 @@
 
 Shared by the export toolchain (parity checks, benchmarks, ``fedge
 predict``) and the inference-only edge agent, which is why it lives in
-``fedge``: ``OnnxPredictor`` and the session settings every measurement
-uses. It must never import PyTorch, directly or through another module: an
-inference-only device does not have it installed.
+``fedge``: ``OnnxPredictor``, the session settings every measurement uses,
+and the probe of the host's int8 arithmetic. It must never import PyTorch,
+directly or through another module: an inference-only device does not have
+it installed.
+
+Int8 arithmetic differs between CPUs: ONNX Runtime's u8 x s8 kernels on
+x86 without VNNI saturate pair sums at 16 bits, where VNNI, AMX and ARM
+compute exact products. What that means for a model's reported figures is
+``export.target``'s business; here a session runs the file as given, the way
+a device would.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedge.errors import one_line
 
 
 class OnnxModelError(ValueError):
@@ -31,6 +41,8 @@ ORT_TYPES: dict[str, Any] = {
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_NODE_STATUS = re.compile(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message:\s*")
 
 
 def default_threads() -> int:
@@ -51,7 +63,9 @@ def session_options(threads: int | None = None) -> Any:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = int(threads or default_threads())
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    # 4 = fatal only: a failed run is reported through the exception we turn
+    # into one line, not also as a coloured log line on stderr.
+    opts.log_severity_level = 4
     return opts
 
 
@@ -65,16 +79,27 @@ def open_session(path: str | Path, threads: int | None = None) -> Any:
         return ort.InferenceSession(str(p), sess_options=session_options(threads),
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxModelError(f"ONNX Runtime cannot load {str(p)!r}: {first}") from None
+        raise OnnxModelError(f"ONNX Runtime cannot load {str(p)!r}: {runtime_message(exc)}") from None
+
+
+def runtime_message(exc: BaseException) -> str:
+    """An ONNX Runtime exception's text without its status prefix, on one line."""
+    text = _ORT_PREFIX.sub("", str(exc).strip()) or type(exc).__name__
+    text = _NODE_STATUS.sub(lambda m: f"{m.group(1)} node{' ' + repr(m.group(2)) if m.group(2) else ''}: ", text)
+    return one_line(text)
+
+
+def _dims(shape: tuple[Any, ...]) -> str:
+    return "x".join(str(d) if isinstance(d, int) else (d or "?") for d in shape)
 
 
 class OnnxPredictor:
     """Inference on one ONNX file with ONNX Runtime (CPU).
 
     ``predict`` takes a dict of named arrays, or a single array for a
-    one-input model, and returns the first output; inputs are cast to the
-    dtype the model declares and fed in chunks of ``batch_size`` rows.
+    one-input model, and returns the first output; inputs are checked against
+    the shapes and dtypes the model declares, cast to its dtypes, and fed in
+    chunks of ``batch_size`` rows. Every failure is an ``OnnxModelError``.
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, batch_size: int = 256) -> None:
@@ -96,9 +121,7 @@ class OnnxPredictor:
         feeds = {}
         for name, dtype, shape in self.inputs:
             arr = np.asarray(inputs[name])
-            if arr.ndim != len(shape):
-                raise OnnxModelError(f"input {name!r} has shape {arr.shape}; the model expects rank {len(shape)} "
-                                  f"({'x'.join(str(d) for d in shape)}, first dimension = batch)")
+            check_input(name, arr, np.dtype(dtype), shape)
             feeds[name] = np.ascontiguousarray(arr, dtype=dtype)
         sizes = {len(a) for a in feeds.values()}
         if len(sizes) != 1:
@@ -112,11 +135,45 @@ class OnnxPredictor:
         chunks: list[list[np.ndarray]] = []
         for start in range(0, max(n, 1), self.batch_size):
             part = {k: v[start : start + self.batch_size] for k, v in feeds.items()}
-            chunks.append(self.session.run(None, part))
+            try:
+                chunks.append(self.session.run(None, part))
+            except Exception as exc:
+                raise OnnxModelError(run_failure(self.path.name, exc, start)) from None
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.output_names))]
 
     def predict(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:
         return self.run(inputs)[0]
+
+
+def check_input(name: str, arr: np.ndarray, dtype: np.dtype[Any], shape: tuple[Any, ...]) -> None:
+    """Refuse an array that the model would misread: wrong rank, a fixed
+    dimension of the wrong size, or fractional values for an integer input
+    (which a cast would silently truncate)."""
+    expected = _dims(shape)
+    if arr.ndim != len(shape):
+        raise OnnxModelError(f"input {name!r} has shape {_dims(arr.shape)}; the model expects rank {len(shape)} "
+                             f"({expected}, first dimension = batch)")
+    for axis, (got, want) in enumerate(zip(arr.shape, shape, strict=True)):
+        if isinstance(want, int) and want > 0 and got != want:
+            raise OnnxModelError(f"input {name!r} has shape {_dims(arr.shape)}; dimension {axis} is {got} but the "
+                                 f"model expects {want} (shape {expected}, first dimension = batch)")
+    if arr.dtype.kind not in "biuf":
+        raise OnnxModelError(f"input {name!r} holds {arr.dtype} values; the model takes {dtype} numbers")
+    if dtype.kind in "iub" and arr.dtype.kind == "f":
+        raise OnnxModelError(f"input {name!r} holds {arr.dtype} values but the model takes {dtype} (ids, classes or "
+                             f"flags): store integers, e.g. x.astype(np.{dtype}), rather than letting a cast "
+                             "truncate fractions")
+
+
+def run_failure(model: str, exc: BaseException, first_row: int = 0) -> str:
+    """One line for a failed ``session.run``, with the likely cause where it is known."""
+    text = runtime_message(exc)
+    hint = ""
+    if "out of data bounds" in text or "indices element out of" in text:
+        hint = ("; an integer input (a token or category id) is outside the table the model indexes: "
+                "ids must be below the vocabulary size")
+    where = f" (rows from {first_row})" if first_row else ""
+    return f"ONNX Runtime failed to run {model}{where}: {text}{hint}"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

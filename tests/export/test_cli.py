@@ -197,5 +197,5 @@ def test_cli_entry_point_reports_a_bad_import_path_without_traceback(tmp_path):
                           env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "fedge export: error: model factory 'nosuch.module:factory': module 'nosuch' not found; check the "
-        "spelling and that it is on PYTHONPATH"]
+        "fedge export: error: model factory 'nosuch.module:factory': module 'nosuch' not found on PYTHONPATH or in "
+        f"the current directory ({tmp_path}); check the spelling, or run from the folder that holds it"]
