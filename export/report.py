@@ -142,7 +142,7 @@ class Comparison:
             rows.append(f"{'top-1 agreement':<18}{'':>{w}}  {self.top1_agreement * 100:>{w - 1}.2f}%")
         if self.max_abs_diff is not None:
             rows.append(f"{'max |difference|':<18}{'':>{w}}  {self.max_abs_diff:>{w}.3e}")
-        if self.mse is not None and self.top1_agreement is None:
+        if self.mse is not None:
             rows.append(f"{'mean sq. error':<18}{'':>{w}}  {self.mse:>{w}.3e}")
             snr = "inf" if self.snr_db is None or self.snr_db == float("inf") else f"{self.snr_db:.1f}"
             rows.append(f"{'SNR':<18}{'':>{w}}  {snr + ' dB':>{w}}")

@@ -199,3 +199,119 @@ def test_cli_entry_point_reports_a_bad_import_path_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "fedge export: error: model factory 'nosuch.module:factory': module 'nosuch' not found on PYTHONPATH or in "
         f"the current directory ({tmp_path}); check the spelling, or run from the folder that holds it"]
+
+
+def test_weights_that_are_plain_text_are_one_line(run_cli, tmp_path):
+    text = tmp_path / "weights.txt"
+    text.write_text("these are not weights\n")
+    line = _one_line_error(run_cli("export", "--model", "fedge.models:digits_mlp", "--input", "x:1x64",
+                                   "--weights", text, "--out", tmp_path / "m.onnx"), "export")
+    assert "weights.txt" in line and "torch.save(model.state_dict(), path)" in line
+
+
+def test_npy_files_feed_a_one_input_model(run_cli, digits_model, tmp_path):
+    from fedge.datasets import digits
+
+    x, _ = digits(split="train")
+    np.save(tmp_path / "calib.npy", x[:128])
+    r = run_cli("quantize", "--model", digits_model["onnx"], "--out", tmp_path / "q.onnx", "--calibration",
+                tmp_path / "calib.npy", "--no-latency")
+    assert r.code == 0, r.err
+    r = run_cli("predict", "--model", digits_model["onnx"], "--input", tmp_path / "calib.npy", "--show", "1")
+    assert r.code == 0, r.err and "128 rows" in r.out
+
+
+@pytest.mark.parametrize("arrays, argv, names", [
+    ({"x": np.zeros((4, 65), np.float32)}, ["predict"], ["dimension 1 is 65", "expects 64", "batchx64"]),
+    ({"x": np.zeros((4, 8, 8), np.float32)}, ["predict"], ["rank 2", "batchx64"]),
+    ({"x": np.zeros((4, 65), np.float32), "labels": np.zeros(4)}, ["quantize", "--mode", "dynamic", "--eval"],
+     ["evaluation data", "dimension 1 is 65"]),
+    ({"x": np.zeros((4, 65), np.float32)}, ["quantize", "--calibration"], ["calibration data", "dimension 1 is 65"]),
+    ({"labels": np.zeros(4)}, ["quantize", "--mode", "dynamic", "--eval"], ["holds labels but no input arrays"]),
+    ({"x": np.zeros((4, 64), np.float32), "labels": np.zeros((4, 10))}, ["quantize", "--mode", "dynamic", "--eval"],
+     ["one class index per row", "argmax"]),
+])
+def test_data_that_does_not_fit_the_model_is_one_line(run_cli, digits_model, tmp_path, arrays, argv, names):
+    data = tmp_path / "data.npz"
+    np.savez(data, **arrays)
+    command = argv[0]
+    if command == "predict":
+        r = run_cli("predict", "--model", digits_model["onnx"], "--input", data)
+    else:
+        r = run_cli("quantize", "--model", digits_model["onnx"], "--out", tmp_path / "q.onnx", *argv[1:], data)
+    line = _one_line_error(r, command)
+    for name in names:
+        assert name in line
+
+
+@pytest.fixture(scope="module")
+def token_model(tmp_path_factory):
+    from export.onnx_export import export_from_factory
+    from export.signature import parse_input_spec
+
+    folder = tmp_path_factory.mktemp("tokens")
+    export_from_factory("tests.export.zoo:token_classifier", [parse_input_spec("tokens:1xlen=8:int64")],
+                        folder / "tok.onnx", factory_args={"vocab": 20})
+    return folder / "tok.onnx"
+
+
+def test_token_ids_outside_the_vocabulary_and_float_ids_are_one_line(run_cli, token_model, tmp_path):
+    np.savez(tmp_path / "big.npz", tokens=np.array([[1, 2, 25, 3]] * 3))
+    line = _one_line_error(run_cli("predict", "--model", token_model, "--input", tmp_path / "big.npz"), "predict")
+    assert "idx=25" in line and "vocabulary size" in line and "\x1b" not in line
+    np.savez(tmp_path / "float.npz", tokens=np.array([[1.5, 2, 7, 3]] * 3))
+    line = _one_line_error(run_cli("predict", "--model", token_model, "--input", tmp_path / "float.npz"), "predict")
+    assert "float64" in line and "int64" in line
+    # Float calibration data for an integer input would calibrate on truncated garbage: refused too.
+    line = _one_line_error(run_cli("quantize", "--model", token_model, "--out", tmp_path / "q.onnx", "--calibration",
+                                   tmp_path / "float.npz"), "quantize")
+    assert "calibration data" in line and "float64" in line
+
+
+def test_run_failures_print_no_onnx_runtime_log_lines(token_model, tmp_path):
+    np.savez(tmp_path / "big.npz", tokens=np.array([[1, 2, 25, 3]] * 3))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "export.cli", "predict", "--model", str(token_model), "--input",
+                           str(tmp_path / "big.npz")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "\x1b" not in proc.stderr
+    assert proc.stderr.startswith("fedge predict: error: ONNX Runtime failed to run tok.onnx: Gather node")
+
+
+def test_inspect_an_empty_file_and_a_negative_accuracy_drop(run_cli, digits_model, tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert "not an ONNX model" in _one_line_error(run_cli("inspect", tmp_path / "empty.onnx"), "inspect")
+    line = _one_line_error(run_cli("quantize", "--model", digits_model["onnx"], "--out", tmp_path / "q.onnx",
+                                   "--mode", "dynamic", "--eval", digits_model["eval"], "--max-accuracy-drop", "-1"),
+                           "quantize")
+    assert "--max-accuracy-drop -1" in line and ">= 0" in line
+
+
+def test_a_module_in_the_current_directory_is_found_as_python_m_would(tmp_path):
+    (tmp_path / "mymodels.py").write_text("import torch\n\ndef tiny():\n    return torch.nn.Linear(4, 2)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "export.cli", "export", "--model", "mymodels:tiny", "--input",
+                           "x:1x4", "--out", "tiny.onnx"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "tiny.onnx").exists()
+
+
+def test_non_classifier_outputs_are_compared_by_error_and_snr(tmp_path):
+    import torch
+
+    from export.onnx_export import export_model
+    from export.quantize import quantize_model
+    from export.report import compare_models
+    from export.signature import parse_input_spec
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()
+    export_model(model, [parse_input_spec("x:1x16")], tmp_path / "ae.onnx")
+    x = np.random.default_rng(0).standard_normal((128, 16)).astype(np.float32)
+    quantize_model(tmp_path / "ae.onnx", tmp_path / "ae8.onnx", calibration={"x": x})
+    from export.data import Dataset
+
+    cmp = compare_models(tmp_path / "ae.onnx", tmp_path / "ae8.onnx", eval_set=Dataset({"x": x}, None), latency=False)
+    table = cmp.table()
+    assert cmp.mse is not None and cmp.mse > 0 and cmp.snr_db is not None and 10 < cmp.snr_db < 80
+    assert "mean sq. error" in table and "SNR" in table and " dB" in table

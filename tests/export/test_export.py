@@ -183,3 +183,68 @@ def test_input_spec_parsing():
             parse_input_spec(bad)
     with pytest.raises(ExportError, match="unique"):
         parse_input_specs(["x:1x2", "x:1x3"])
+
+
+def test_named_dynamic_dimensions_and_integer_ranges_from_the_embedding(tmp_path):
+    """tokens:1xlen=12:int64 exports a model whose sequence length is dynamic;
+    the parity check draws ids from the whole embedding table, found in the graph."""
+    from export.onnx_export import integer_input_ranges
+
+    spec = parse_input_spec("tokens:1xlen=12:int64")
+    result = export_from_factory("tests.export.zoo:token_classifier", [spec], tmp_path / "tok.onnx",
+                                 factory_args={"vocab": 50})
+    assert result.manifest["inputs"] == [{"name": "tokens", "shape": ["batch", "len"], "dtype": "int64"}]
+    assert result.manifest["export"]["dynamic_axes"] == {"tokens": {"0": "batch", "1": "len"}}
+    assert integer_input_ranges(onnx.load(str(result.path))) == {"tokens": (0, 49)}
+    assert result.parity.ok and not result.parity.notes
+    predictor = OnnxPredictor(result.path)
+    for length in (3, 40):
+        assert predictor.predict(np.full((2, length), 49, np.int64)).shape == (2, 3)
+    # A range given in the signature wins, and shows in the signature's JSON.
+    assert parse_input_spec("tokens:1xlen=12:int64:0..9").to_json()["range"] == [0, 9]
+
+
+def test_parity_says_when_integer_inputs_were_checked_on_0_and_1_only(tmp_path):
+    class Offsets(torch.nn.Module):
+        def forward(self, ids):
+            return ids.float() * 0.5
+
+    result = export_model(Offsets(), [parse_input_spec("ids:1x4:int64")], tmp_path / "o.onnx")
+    assert result.parity.ok
+    assert any("0 and 1 only" in n and "ids:...:int64:LOW..HIGH" in n for n in result.parity.notes)
+    assert "note:" in result.parity.table()
+
+
+def test_a_data_dependent_output_length_is_not_called_batch(tmp_path):
+    result = export_from_factory("tests.export.zoo:positives", [parse_input_spec("x:1x6")], tmp_path / "p.onnx")
+    first_dim = result.manifest["outputs"][0]["shape"][0]
+    assert first_dim != "batch" and isinstance(first_dim, str)
+
+
+def test_a_dimension_the_model_fixes_cannot_be_dynamic(tmp_path):
+    with pytest.raises(ExportError, match="pins dimension 1"):
+        export_from_factory("tests.export.zoo:mlp", [parse_input_spec("x:1xfeat=64")], tmp_path / "m.onnx")
+
+
+def test_legacy_parity_failure_names_tracing_not_the_legacy_exporter(tmp_path):
+    from export.errors import QualityError
+
+    with pytest.raises(QualityError) as err:
+        export_from_factory("tests.export.zoo:branch_on_values", [parse_input_spec("x:1x4")], tmp_path / "b.onnx",
+                            legacy_exporter=True)
+    message = str(err.value)
+    assert "data-dependent control flow" in message and "try --legacy-exporter" not in message
+
+
+@pytest.mark.parametrize("bad, names", [
+    ("x:1xlen=1", ["len", "2 or more"]),
+    ("x:batch=2x4", ["batch"]),
+    ("x:1x4:int64:9..0", ["empty"]),
+    ("x:1x4:float32:0..9", ["integer inputs only"]),
+    ("x:1x4:int64:0-9", ["LOW..HIGH"]),
+])
+def test_input_spec_errors_name_the_fix(bad, names):
+    with pytest.raises(ExportError) as err:
+        parse_input_spec(bad)
+    for name in names:
+        assert name in str(err.value)

@@ -125,3 +125,39 @@ class _FixedBatch(nn.Module):
 def fixed_batch_model() -> nn.Module:
     """forward() hard-codes the batch size: cannot get a dynamic batch."""
     return _FixedBatch()
+
+
+class _TokenClassifier(nn.Module):
+    def __init__(self, vocab: int, dim: int, classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens).mean(dim=1))
+
+
+def token_classifier(vocab: int = 50, dim: int = 8, classes: int = 3) -> nn.Module:
+    """Token ids (n, length) -> an embedding table of ``vocab`` rows -> mean -> classes; any length."""
+    return _TokenClassifier(vocab, dim, classes)
+
+
+class _Positives(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nonzero(x > 0)
+
+
+def positives() -> nn.Module:
+    """Indices of the positive entries: an output whose length depends on the data, not the batch."""
+    return _Positives()
+
+
+class _BranchOnValues(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: tracing keeps one branch
+            return x * 2
+        return x - 1
+
+
+def branch_on_values() -> nn.Module:
+    return _BranchOnValues()
