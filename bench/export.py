@@ -2,9 +2,17 @@
 
 Trains each model briefly with plain PyTorch, exports it with
 ``export.export_model`` (parity-checked), quantizes it with static QDQ int8
-for this CPU, and measures size, test accuracy, top-1 agreement and ONNX
-Runtime latency (ORT_ENABLE_ALL, p50/p90 over 200 runs after warm-up).
-Prints JSON; ``--out FILE`` also writes it.
+twice, and measures size, test accuracy, top-1 agreement and ONNX Runtime
+latency (ORT_ENABLE_ALL, p50/p90 over 200 runs after warm-up):
+
+- for ``arm64``, the CPU fedge's devices have: accuracy and agreement are
+  what that target computes, whatever this host's int8 kernels do
+  (``export.target``); latency is this host's, labelled so;
+- for this host's own preset (``x86`` with or without VNNI, as detected;
+  ``arm64`` on an arm64 host): the latency of a CPU of the target's kind.
+
+The host's CPU, its int8-relevant features and its measured int8 arithmetic
+head the JSON. Prints JSON; ``--out FILE`` also writes it.
 
 Models:
 - ``fedge.models:digits_mlp`` on scikit-learn digits (30 epochs, seconds);
@@ -15,8 +23,10 @@ Models:
   absent.
 
 Bars (DESIGN.md, "quantized ONNX vs float32"): int8 <= 0.3x the float size,
-faster on this CPU (p50, batch 1), <= 0.5 point accuracy loss, >= 99% top-1
-agreement. Each is reported as measured, pass or fail.
+faster (p50, batch 1, on a host of the target's kind), <= 0.5 point accuracy
+loss, >= 99% top-1 agreement. The size and speed bars apply to models whose
+weights dominate the file (the MNIST CNN); the 4,810-parameter digits MLP's
+figures stand as measured, with the evidence of why.
 
     python bench/export.py [--out bench-export.json] [--mnist PATH] [--cnn-train-rows 12000]
 """
@@ -44,21 +54,15 @@ sys.path.insert(0, str(REPO))
 BARS = {"size_ratio_max": 0.3, "accuracy_loss_points_max": 0.5, "top1_agreement_min": 0.99}
 
 
-def cpu_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                     None)
-        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-        info["cpu"] = model
-        info["vnni"] = any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-    except OSError:
-        info["cpu"], info["vnni"] = None, False
+def host_info() -> dict[str, Any]:
+    from export.target import int8_products_exact
+    from fedge.cpu import host_cpu
     from fedge.onnxrt import default_threads
 
-    info["cores_available"] = default_threads()
-    return info
+    cpu = host_cpu()
+    return {**cpu.to_json(), "python": platform.python_version(), "cores_available": default_threads(),
+            "int8_products_exact": int8_products_exact(),
+            "int8_saturation_expected_from_flags": cpu.int8_saturation_expected}
 
 
 def train(model: Any, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, batch: int) -> float:
@@ -80,32 +84,70 @@ def train(model: Any, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, batc
     return time.perf_counter() - start
 
 
-def run_case(name: str, factory: str, model: Any, spec: str, x_cal: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
-             target: str, vnni: bool | None, workdir: Path, training: dict[str, Any]) -> dict[str, Any]:
+def quantize_case(name: str, float_path: Path, x_cal: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
+                  target: str, vnni: bool | None, workdir: Path) -> tuple[Path, dict[str, Any]]:
+    """Quantize for one target and compare with the float model, as ``fedge quantize`` does."""
     from export.data import Dataset
-    from export.onnx_export import export_model
     from export.quantize import quantize_model
     from export.report import compare_models
+    from export.target import evaluation_for
+
+    tag = target if target != "x86" else f"x86-{'vnni' if vnni else 'novnni'}"
+    q = quantize_model(float_path, workdir / f"{name}.{tag}.onnx", mode="static", calibration={"x": x_cal},
+                       method="minmax", per_channel=True, target=target, vnni=vnni)
+    evaluation = evaluation_for(target, "int8", full_range_weights=not q.config.reduce_range, vnni=q.config.vnni)
+    eval_set = Dataset({"x": x_te}, y_te)
+    cmp = compare_models(float_path, q.path, eval_set=eval_set, labels=("float32", "int8"), latency_batch=1,
+                         runs=200, warmup=20, evaluation=evaluation)
+    batch32 = compare_models(float_path, q.path, eval_set=eval_set, latency_batch=32, runs=100, warmup=10)
+    ref, cand = cmp.reference, cmp.candidate
+    return q.path, {
+        "quantization": {k: v for k, v in q.manifest["quantization"].items() if k != "calibration"}
+        | {"calibration_rows": len(x_cal)},
+        "evaluation": evaluation.to_json(),
+        "size_bytes": cand["size_bytes"], "size_ratio": round(cmp.size_ratio, 4),
+        "accuracy": cand["accuracy"], "accuracy_drop_points": cmp.accuracy_drop_points,
+        "top1_agreement": cmp.top1_agreement,
+        "host_default_kernels": cmp.host_default,
+        "latency_batch1": cand["latency"], "latency_batch32": batch32.candidate["latency"],
+        "float32_latency_batch1": ref["latency"], "float32_latency_batch32": batch32.reference["latency"],
+        "speedup_batch1": round(ref["latency"]["p50_ms"] / cand["latency"]["p50_ms"], 3),
+        "latency_is_target": evaluation.host_like_target,
+    }
+
+
+def run_case(name: str, factory: str, model: Any, spec: str, x_cal: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
+             host_target: tuple[str, bool | None], workdir: Path, training: dict[str, Any],
+             bars_apply: bool) -> dict[str, Any]:
+    from export.onnx_export import export_model
     from export.signature import parse_input_spec
+    from fedge.onnxrt import OnnxPredictor
 
     float_path = workdir / f"{name}.onnx"
     exported = export_model(model, [parse_input_spec(spec)], float_path,
                             source={"factory": factory, "factory_args": {}})
-    q = quantize_model(float_path, workdir / f"{name}.int8.onnx", mode="static", calibration={"x": x_cal},
-                       method="minmax", per_channel=True, target=target, vnni=vnni)
-    eval_set = Dataset({"x": x_te}, y_te)
-    cmp = compare_models(float_path, q.path, eval_set=eval_set, labels=("float32", "int8"), latency_batch=1,
-                         runs=200, warmup=20)
-    batch32 = compare_models(float_path, q.path, eval_set=eval_set, latency_batch=32, runs=100, warmup=10)
-    ref, cand = cmp.reference, cmp.candidate
-    loss = cmp.accuracy_drop_points or 0.0
+    float_accuracy = float(np.mean(OnnxPredictor(float_path).predict(x_te).argmax(1) == y_te))
+    targets: dict[str, Any] = {}
+    paths: dict[str, Path] = {}
+    for target, vnni in (("arm64", None), host_target):
+        key = target if target != "x86" else f"x86 ({'VNNI' if vnni else 'no VNNI'})"
+        if key not in targets:
+            paths[key], targets[key] = quantize_case(name, float_path, x_cal, x_te, y_te, target, vnni, workdir)
+    arm = targets["arm64"]
+    speed_key = next(k for k, t in targets.items() if t["latency_is_target"]) if any(
+        t["latency_is_target"] for t in targets.values()) else "arm64"
+    loss = arm["accuracy_drop_points"] or 0.0
     bars = {
-        "size_ratio_le_0.3": {"value": round(cmp.size_ratio, 4), "pass": cmp.size_ratio <= BARS["size_ratio_max"]},
-        "faster_p50_batch1": {"value": round(ref["latency"]["p50_ms"] / cand["latency"]["p50_ms"], 3),
-                              "pass": cand["latency"]["p50_ms"] < ref["latency"]["p50_ms"], "unit": "speed-up x"},
-        "accuracy_loss_le_0.5_points": {"value": round(loss, 3), "pass": loss <= BARS["accuracy_loss_points_max"]},
-        "top1_agreement_ge_99pct": {"value": round(cmp.top1_agreement or 0.0, 5),
-                                    "pass": (cmp.top1_agreement or 0.0) >= BARS["top1_agreement_min"]},
+        "size_ratio_le_0.3": {"value": arm["size_ratio"], "pass": arm["size_ratio"] <= BARS["size_ratio_max"],
+                              "target": "arm64"},
+        "faster_p50_batch1": {"value": targets[speed_key]["speedup_batch1"], "unit": "speed-up x",
+                              "pass": targets[speed_key]["speedup_batch1"] > 1, "target": speed_key,
+                              "measured_on": "this host, a CPU of the target's kind"
+                              if targets[speed_key]["latency_is_target"] else "this host, not the target"},
+        "accuracy_loss_le_0.5_points": {"value": round(loss, 3), "pass": loss <= BARS["accuracy_loss_points_max"],
+                                        "target": "arm64"},
+        "top1_agreement_ge_99pct": {"value": round(arm["top1_agreement"] or 0.0, 5), "target": "arm64",
+                                    "pass": (arm["top1_agreement"] or 0.0) >= BARS["top1_agreement_min"]},
     }
     return {
         "model": factory,
@@ -113,16 +155,13 @@ def run_case(name: str, factory: str, model: Any, spec: str, x_cal: np.ndarray, 
         "training": training,
         "export": {"opset": exported.opset, "parity_passed": exported.parity.ok,
                    "max_abs_diff": max(r.max_abs for r in exported.parity.rows)},
-        "quantization": {k: v for k, v in q.manifest["quantization"].items() if k != "calibration"}
-        | {"calibration_rows": len(x_cal)},
-        "float32": {"size_bytes": ref["size_bytes"], "accuracy": ref["accuracy"], "latency_batch1": ref["latency"],
-                    "latency_batch32": batch32.reference["latency"]},
-        "int8": {"size_bytes": cand["size_bytes"], "accuracy": cand["accuracy"], "latency_batch1": cand["latency"],
-                 "latency_batch32": batch32.candidate["latency"]},
-        "eval_rows": cmp.eval_rows,
-        "top1_agreement": cmp.top1_agreement,
+        "float32": {"size_bytes": float_path.stat().st_size, "accuracy": float_accuracy},
+        "eval_rows": len(x_te),
+        "targets": targets,
         "bars": bars,
+        "bars_apply": bars_apply,
         "all_bars_pass": all(b["pass"] for b in bars.values()),
+        "_paths": paths,
     }
 
 
@@ -195,8 +234,9 @@ def _small_model_notes(result: dict[str, Any]) -> list[str]:
     if not bars["faster_p50_batch1"]["pass"]:
         by_batch = ", ".join(f"{r['speedup']:.2f}x at batch {r['batch']}" for r in ev["latency_by_batch"])
         best_b1 = max(a["speedup_batch1"] for a in ev["int8_settings"])
+        float_us = result["targets"][bars["faster_p50_batch1"]["target"]]["float32_latency_batch1"]["p50_ms"] * 1e3
         notes.append(
-            f"{result['model']}: a float32 inference is ~{result['float32']['latency_batch1']['p50_ms'] * 1e3:.0f} us; "
+            f"{result['model']}: a float32 inference is ~{float_us:.0f} us on this host; "
             "int8 adds quantize/dequantize kernels around GEMMs too small to gain from integer arithmetic. "
             f"int8 speed-up: {by_batch}; the best int8 setting at batch 1 reaches {best_b1:.2f}x")
     return notes
@@ -217,27 +257,28 @@ def main(argv: list[str] | None = None) -> int:
     from fedge.models import digits_mlp, mnist_cnn
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    machine = cpu_info()
-    target, vnni = "x86", machine["vnni"]
-    if machine["machine"] in ("aarch64", "arm64"):
-        target, vnni = "arm64", None
-    out: dict[str, Any] = {"benchmark": "export: float32 ONNX vs int8 ONNX", "machine": machine,
-                           "tools": tool_versions(), "target": target, "vnni": vnni, "bars": BARS, "results": {},
-                           "notes": []}
+    host = host_info()
+    host_target: tuple[str, bool | None] = ("arm64", None) if host["machine"] in ("aarch64", "arm64") else (
+        "x86", bool(host["int8_products_exact"]))
+    out: dict[str, Any] = {"benchmark": "export: float32 ONNX vs int8 ONNX", "host": host,
+                           "tools": tool_versions(), "targets": ["arm64", host_target[0]], "bars": BARS,
+                           "results": {}, "notes": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         x_tr, y_tr = digits(split="train")
         x_te, y_te = digits(split="test")
         model = digits_mlp()
         seconds = train(model, x_tr, y_tr, epochs=30, lr=0.01, batch=64)
-        out["results"]["digits_mlp"] = run_case(
-            "digits_mlp", "fedge.models:digits_mlp", model, "x:1x64", x_tr[:512], x_te, y_te, target, vnni, work,
+        digits_result = run_case(
+            "digits_mlp", "fedge.models:digits_mlp", model, "x:1x64", x_tr[:512], x_te, y_te, host_target, work,
             {"data": "fedge.datasets:digits", "train_rows": len(x_tr), "epochs": 30, "optimizer": "Adam lr=0.01",
-             "seconds": round(seconds, 1)})
-        digits_result = out["results"]["digits_mlp"]
+             "seconds": round(seconds, 1)}, bars_apply=False)
         if not digits_result["all_bars_pass"]:
+            speed_key = digits_result["bars"]["faster_p50_batch1"]["target"]
             digits_result["why_bars_missed"] = explore_small_model(
-                "digits_mlp", work / "digits_mlp.onnx", work / "digits_mlp.int8.onnx", x_tr[:512], target, vnni, work)
+                "digits_mlp", work / "digits_mlp.onnx", digits_result["_paths"][speed_key], x_tr[:512],
+                host_target[0], host_target[1], work)
+        out["results"]["digits_mlp"] = digits_result
         out["notes"].extend(_small_model_notes(digits_result))
 
         mnist_path = Path(args.mnist)
@@ -251,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
             seconds = train(model, xm[:rows], ym[:rows], epochs=1, lr=1e-3, batch=64)
             out["results"]["mnist_cnn"] = run_case(
                 "mnist_cnn", "fedge.models:mnist_cnn", model, "x:1x1x28x28", xm[rows:rows + 512], xm_te, ym_te,
-                target, vnni, work,
+                host_target, work,
                 {"data": "fedge.datasets:mnist(shape='image')", "train_rows": rows, "epochs": 1,
                  "optimizer": "Adam lr=1e-3", "seconds": round(seconds, 1),
-                 "note": "1 epoch on a subset: a benchmark model, not a converged one"})
+                 "note": "1 epoch on a subset: a benchmark model, not a converged one"}, bars_apply=True)
+        for result in out["results"].values():
+            result.pop("_paths", None)
     out["wall_seconds"] = round(time.perf_counter() - wall, 1)
     text = json.dumps(out, indent=2)
     print(text)
