@@ -164,11 +164,30 @@ class _Device:
             log.error("%s: cannot serve %s: %s", self.spec.client_id, self.model_file, exc)
             return False
         self.served = ServedModel(predictor, info)
+        self._warn_if_int8_saturates()
         assert isinstance(self.core, InferenceCore)
         self.core.installed_round, self.core.installed_sha256 = info["round"], info["sha256"]
         log.info("%s: serving %s of round %d (%s, sha256 %s)", self.spec.client_id, self.model_file.name,
                  info["round"], info["variant"], info["sha256"][:12])
         return True
+
+
+    def _warn_if_int8_saturates(self) -> None:
+        """An x86 CPU without VNNI saturates int8 pair sums where the model's
+        target (full 8-bit weights) does not: its answers may differ. Say so."""
+        from fedge.cpu import host_cpu
+
+        try:
+            manifest = json.loads(self.model_file.with_suffix(".manifest.json").read_text())
+        except (OSError, ValueError):
+            return
+        quant = manifest.get("quantization") if isinstance(manifest, dict) else None
+        if isinstance(quant, dict) and manifest.get("precision") == "int8" and quant.get("reduce_range") is False \
+                and host_cpu().int8_saturation_expected:
+            log.warning("%s: this CPU (%s) saturates int8 pair sums that %s's full 8-bit weights can reach (it was "
+                        "quantized for %s): answers may differ from the target's; set onnx.target = \"x86\" for "
+                        "devices like this one", self.spec.client_id, host_cpu().describe(), self.model_file.name,
+                        quant.get("target"))
 
 
 def _served_by(dev: _Device) -> Callable[[], ServedModel | None]:

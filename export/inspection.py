@@ -65,7 +65,8 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
                             "precision": manifest.get("precision"), "source": manifest.get("source"),
                             "created": manifest.get("created"), "tools": manifest.get("tools"),
                             "quantization": manifest.get("quantization"),
-                            "verification_passed": (manifest.get("verification") or {}).get("passed")}
+                            "verification_passed": (manifest.get("verification") or {}).get("passed"),
+                            "evaluation": manifest.get("evaluation")}
     return info
 
 
@@ -100,6 +101,13 @@ def format_summary(info: dict[str, Any]) -> str:
             lines.append(f"  quantized   {q.get('mode')} for {q.get('target')} (method {q.get('method')}, "
                          f"per-channel {q.get('per_channel')}, activations {q.get('activation_type')}, "
                          f"weights {q.get('weight_type')}, reduce_range {q.get('reduce_range')})")
+        ev = m.get("evaluation") or {}
+        if ev.get("accuracy") is not None and ev.get("reference_accuracy") is not None:
+            how = (ev.get("evaluation") or {}).get("method", "?")
+            agreement = (ev.get("top1_agreement") or 0) * 100
+            lines.append(f"  evaluated   accuracy {ev['accuracy'] * 100:.2f}% (float32 "
+                         f"{ev['reference_accuracy'] * 100:.2f}%, {ev.get('eval_rows')} rows), top-1 agreement "
+                         f"{agreement:.2f}%; method {how}")
         if m.get("verification_passed") is not None:
             lines.append(f"  parity      {'passed' if m['verification_passed'] else 'FAILED'} at export")
         lines.append(f"  created     {m.get('created')}")

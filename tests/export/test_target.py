@@ -135,6 +135,8 @@ def test_quantize_report_and_manifest_say_how_and_where(run_cli, digits_model, t
     manifest = json.loads((tmp_path / "d.int8.manifest.json").read_text())
     assert manifest["evaluation"]["evaluation"]["method"] == ev["method"]
     assert manifest["evaluation"]["accuracy"] == doc["candidate"]["accuracy"]
+    inspected = run_cli("inspect", out)
+    assert f"method {ev['method']}" in inspected.out and "evaluated   accuracy" in inspected.out
 
 
 def test_a_slower_or_larger_int8_file_is_said_plainly(exported_zoo, tmp_path):
