@@ -3,6 +3,7 @@
 #
 #   make demo                 one command: broker + aggregator + 10 agents
 #   make test                 lint + the whole test suite (needs mosquitto)
+#   make test-no-vnni         the export tests on an emulated x86 CPU without VNNI
 #   make bench                the benchmarks in bench/ (JSON under bench/results)
 #   make bench-noniid         FedAvg on MNIST's pathological non-IID split (long)
 #
@@ -17,7 +18,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedge-installed
 
-.PHONY: install demo test lint unit integration bench bench-noniid clean
+.PHONY: install demo test lint unit integration test-no-vnni bench bench-noniid clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,10 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration tests/e2e
+
+# The export suite on an emulated AMD EPYC without VNNI (qemu-x86_64; slow: ~4 min).
+test-no-vnni: $(STAMP)
+	$(BIN)/python tests/export/emulated_cpu.py suite
 
 bench: $(STAMP)
 	mkdir -p bench/results
