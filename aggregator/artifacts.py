@@ -85,8 +85,8 @@ class OnnxPublisher:
                 self.deliver(ArtifactFailed(round_, f"{type(exc).__name__}: {exc}"))
 
     def _run(self, args: list[str]) -> str | None:
-        """Run one fedge subcommand; None on success, else its error line."""
-        cmd = [sys.executable, "-m", "fedge.cli", *args]
+        """Run one export-toolchain subcommand; None on success, else its error line."""
+        cmd = [sys.executable, "-m", "export.cli", *args]  # the export role's own CLI: no role imports another
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.cfg.onnx.timeout_s)
         except subprocess.TimeoutExpired:

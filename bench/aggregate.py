@@ -84,7 +84,7 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
     level = os.environ.get("FEDGE_BENCH_LOG", "WARNING")
-    agg = subprocess.Popen([sys.executable, "-m", "fedge.cli", "--log-level", level, "aggregator",
+    agg = subprocess.Popen([sys.executable, "-m", "fedge_cli", "--log-level", level, "aggregator",
                             "--config", str(conf)], env=env)
     inbox: queue.Queue = queue.Queue()
     watcher = connect(mosq.port, "bench-watch", lambda c, u, m: inbox.put((time.perf_counter(), m.topic, m.payload)))

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import PrivateMosquitto, emit, machine
 from fedge.codecs import parse_spec
 from fedge.config import AggregatorConfig
-from fedge.demo import DemoOptions, run_demo
+from fedge_cli.demo import DemoOptions, run_demo
 
 
 def main() -> None:

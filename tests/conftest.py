@@ -104,7 +104,7 @@ def mosquitto(mosquitto_factory):
 
 
 def fedge_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedge.cli", *args]
+    return [sys.executable, "-m", "fedge_cli", *args]
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """The ``fedge`` command: one entry point that dispatches to the roles.
 
 Each subcommand imports its role only when it runs, so ``fedge agent`` on a
-device never loads the aggregator's or the export CLI's dependencies.
+device never loads the aggregator's or the export toolchain's dependencies
+(the export subcommands' parser, ``export.cli``, imports no heavy library).
 
 Exit codes: 0 success, 1 a run that failed, 2 a user mistake (bad config,
 bad import path, missing file), reported as one line without a traceback.
@@ -68,7 +69,7 @@ def _check_fleet_size(agents: int, embedded_broker: bool = False) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fedge.demo import DemoOptions, run_demo
+    from fedge_cli.demo import DemoOptions, run_demo
 
     if args.agents < 2:
         raise UsageError("--agents must be at least 2")
@@ -246,9 +247,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     import queue as _queue
 
     from fedge import config, messages, wire
-    from fedge.demo import RoundTable
     from fedge.mqtt import Inbound, MqttLink
     from fedge.topics import JobTopics
+    from fedge_cli.table import RoundTable
 
     cfg = config.load(args.config, config.AggregatorConfig, args.set)
     topics = JobTopics(cfg.job.name)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedge.config import AggregatorConfig, BrokerSettings
+from fedge_cli.table import RoundTable
 
 DATASETS = {
     # name: (data callable, model factory, job name)
@@ -49,28 +50,6 @@ class DemoOptions:
     state_dir: str | None = None
     json_path: str | None = None
     timeout_s: float = 600.0
-
-
-class RoundTable:
-    """The live per-round table."""
-
-    COLUMNS = ("round", "clients", "accuracy", "loss", "up KB", "down KB", "seconds")
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-
-    def header(self) -> None:
-        self.out.write("{:>5} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8}\n".format(*self.COLUMNS))
-        self.out.flush()
-
-    def row(self, r: dict[str, Any]) -> None:
-        acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
-        loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
-        self.out.write(
-            f"{r['round']:>5} {str(r['clients']) + '/' + str(r['selected']):>8} {acc:>9} {loss:>8} "
-            f"{r['bytes_up'] / 1024:>9.1f} {r['bytes_down'] / 1024:>9.1f} {r['seconds']:>8.3f}\n"
-        )
-        self.out.flush()
 
 
 def job_config(opts: DemoOptions, broker_url: str, state_dir: Path) -> AggregatorConfig:
@@ -100,7 +79,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     from aggregator.service import AggregatorService
     from edge_agent.pool import TrainingPool
     from edge_agent.runtime import AgentRuntime, DeviceSpec
-    from fedge.broker import EmbeddedBroker
+    from fedge_cli.broker import EmbeddedBroker
 
     embedded = None
     if opts.broker:
