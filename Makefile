@@ -34,7 +34,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy fedge aggregator edge_agent export
+	$(BIN)/mypy fedge fedge_cli aggregator edge_agent export
 
 test: lint
 	$(BIN)/python -m pytest -q

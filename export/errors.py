@@ -11,9 +11,13 @@ much accuracy): the CLI prints the report and exits 1.
 
 from __future__ import annotations
 
+from fedge.errors import OneReasonError
 
-class ExportError(Exception):
+
+class ExportError(OneReasonError):
     """A user mistake, reported as one line: what is wrong and how to fix it."""
+
+    default_reason = "export"
 
 
 class QualityError(Exception):

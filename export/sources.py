@@ -76,11 +76,11 @@ def build(factory: str, factory_args: Mapping[str, Any] | None = None) -> nn.Mod
 def parse_global_model(data: bytes, what: str = "global model") -> GlobalModel:
     """Decode and verify a fedge ``Kind.MODEL`` message (no PyTorch needed)."""
     from fedge import wire
-    from fedge.messages import GlobalModel
+    from fedge.messages import GlobalModel, ProtocolError
 
     try:
         return GlobalModel.parse(wire.decode(data))
-    except wire.WireError as exc:
+    except (wire.WireError, ProtocolError) as exc:
         raise ExportError(f"{what} is not a valid fedge model message: {exc}") from None
 
 

@@ -40,6 +40,8 @@ import struct
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
+from fedge.errors import FedgeError
+
 CHUNK_MAGIC = b"FEDC"
 CHUNK_VERSION = 1
 CHUNK_HEADER = struct.Struct("<4sBB16sIIQ")
@@ -48,10 +50,8 @@ PACKET_OVERHEAD = 1024
 MIN_CHUNK_DATA = 1024
 
 
-class ChunkError(ValueError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
+class ChunkError(FedgeError):
+    """A chunk stream that cannot be reassembled (``reason``: a counter tag)."""
 
 
 def chunk_data_size(max_packet_bytes: int) -> int:

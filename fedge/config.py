@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedge.errors import OneReasonError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 devices
@@ -31,8 +33,10 @@ else:  # pragma: no cover - exercised on Python 3.10 devices
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(OneReasonError):
     """One line that names the key, the problem and the fix."""
+
+    default_reason = "config"
 
 
 def setting(default: Any, doc: str) -> Any:

@@ -15,9 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedge.errors import OneReasonError
 
-class ImportSpecError(ValueError):
-    pass
+
+class ImportSpecError(OneReasonError):
+    """A ``module:callable`` that cannot be imported or called: one line naming the fix."""
+
+    default_reason = "import"
 
 
 def _import(module_name: str) -> Any:

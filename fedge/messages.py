@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedge import wire
+from fedge.errors import FedgeError
 from fedge.tensors import TensorError, TensorSpec
 from fedge.topics import check_id
-from fedge.wire import Envelope, Kind, WireError
+from fedge.wire import Envelope, Kind
 
 AGGREGATOR = "aggregator"
 
 
-class ProtocolError(WireError):
+class ProtocolError(FedgeError):
     """A well-formed envelope whose header breaks the protocol."""
 
 

@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from fedge.errors import one_line
+from fedge.errors import OneReasonError, one_line
 
 
-class OnnxModelError(ValueError):
+class OnnxModelError(OneReasonError):
     """An ONNX file that cannot be found, loaded or fed: one line naming the fix."""
+
+    default_reason = "onnx_model"
 
 
 ORT_TYPES: dict[str, Any] = {

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedge.errors import FedgeError
+
 ModelArrays = dict[str, np.ndarray]
 
 
-class TensorError(ValueError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
+class TensorError(FedgeError):
+    """Tensors that are malformed or do not fit the model (``reason``: a counter tag)."""
 
 
 def pack(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:

@@ -32,6 +32,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from fedge.errors import FedgeError
+
 MAGIC = b"FEDG"
 WIRE_VERSION = 1
 PREAMBLE = struct.Struct("<4sBBHIQ32s")
@@ -56,13 +58,9 @@ class Kind(enum.IntEnum):
     TRAIN_ERROR = 34
 
 
-class WireError(ValueError):
+class WireError(FedgeError):
     """A payload that is not a well-formed fedge message. ``reason`` is a short
     machine-friendly tag used for counters; ``str(err)`` is the log line."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fedge import __version__
+from fedge.errors import OneReasonError
 
 log = logging.getLogger("fedge")
 
 
-class UsageError(Exception):
+class UsageError(OneReasonError):
     """A user mistake: printed as one line, exit code 2."""
+
+    default_reason = "usage"
 
 
 def _setup_logging(level: str) -> None:

@@ -17,10 +17,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedge.tensors import ModelArrays, TensorError, TensorSpec, zeros_like_spec
+from fedge.errors import FedgeError
+from fedge.tensors import ModelArrays, TensorSpec, zeros_like_spec
 
 
-class CodecError(TensorError):
+class CodecError(FedgeError):
     """A body this codec cannot accept (reason is a short counter tag)."""
 
 
