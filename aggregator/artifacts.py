@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedge.config import AggregatorConfig
+from aggregator.config import AggregatorConfig
 from fedge.files import atomic_write
 from fedge.messages import Artifact
 

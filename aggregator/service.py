@@ -17,6 +17,7 @@ from typing import Any
 
 from aggregator.artifacts import ArtifactBuilt, ArtifactFailed, OnnxPublisher
 from aggregator.checkpoint import StateDir
+from aggregator.config import AggregatorConfig
 from aggregator.rounds import (
     Action,
     ClientStatus,
@@ -35,7 +36,6 @@ from aggregator.rounds import (
 from aggregator.strategies import make_server_optimizer
 from fedge import messages, wire
 from fedge.chunks import ChunkError, Reassembler
-from fedge.config import AggregatorConfig
 from fedge.messages import ProtocolError, Status, TrainingPlan
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.topics import JobTopics
@@ -68,6 +68,7 @@ def build_core(cfg: AggregatorConfig) -> RoundCore:
 
 class AggregatorService:
     def __init__(self, cfg: AggregatorConfig, on_record: RecordHook | None = None) -> None:
+        cfg.check()  # the same one-line ConfigError for every caller, not only the command line
         self.cfg = cfg
         self.on_record = on_record
         self.topics = JobTopics(cfg.job.name)

@@ -38,11 +38,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aggregator.config import AggregatorConfig
 from bench._common import REPO, PrivateMosquitto, emit, machine
 from fedge import chunks, wire
 from fedge.chunks import Reassembler
 from fedge.codecs import make_codec, parse_spec, supported
-from fedge.config import AggregatorConfig
 from fedge.messages import GlobalModel, RoundAnnouncement, Status, Update, parse_event
 from fedge.topics import JobTopics
 

@@ -38,9 +38,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aggregator.config import AggregatorConfig, CodecSection
 from bench._common import REPO, PrivateMosquitto, emit, machine
 from fedge.codecs import parse_spec
-from fedge.config import AggregatorConfig, BrokerSettings
+from fedge.config import BrokerSettings, updated
 
 MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
 PAPER = {"iid": 87, "shards": 664}
@@ -55,27 +56,19 @@ CODECS: list[dict[str, Any]] = [
 
 
 def job_config(codec: dict[str, Any], args: argparse.Namespace, url: str, state: Path) -> AggregatorConfig:
-    cfg = AggregatorConfig()
-    cfg.job.name = "fedavg-mnist"
-    cfg.job.model = "fedge.models:mnist_2nn"
-    cfg.job.seed = args.seed
-    cfg.job.rounds = args.rounds
-    cfg.job.state_dir = str(state / "aggregator")
-    cfg.selection.fraction = 0.1
-    cfg.selection.min_clients = 10
-    cfg.selection.settle_s = 2.0
-    cfg.selection.deadline_s = 120
-    cfg.training.epochs = 1
-    cfg.training.batch_size = 10
-    cfg.training.lr = args.lr
-    cfg.codec.spec = codec
-    cfg.downlink.key_every = args.key_every
+    downlink: dict[str, Any] = {"key_every": args.key_every}
     if args.downlink:
-        cfg.downlink.codec = dict(args.downlink)
-    cfg.evaluate.data = "fedge.datasets:mnist"
-    cfg.evaluate.args = {"path": str(args.data), "split": "test"}
-    cfg.broker = BrokerSettings(url=url, reconnect_min_s=1, reconnect_max_s=2)
-    return cfg
+        downlink["codec"] = dict(args.downlink)
+    return updated(
+        AggregatorConfig(),
+        job={"name": "fedavg-mnist", "model": "fedge.models:mnist_2nn", "seed": args.seed, "rounds": args.rounds,
+             "state_dir": str(state / "aggregator")},
+        selection={"fraction": 0.1, "min_clients": 10, "settle_s": 2.0, "deadline_s": 120.0},
+        training={"epochs": 1, "batch_size": 10, "lr": args.lr},
+        codec=CodecSection.from_spec(codec), downlink=downlink,
+        evaluate={"data": "fedge.datasets:mnist", "args": {"path": str(args.data), "split": "test"}},
+        broker=BrokerSettings(url=url, reconnect_min_s=1, reconnect_max_s=2),
+    )
 
 
 def run_codec(codec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aggregator.config import AggregatorConfig
 from bench._common import PrivateMosquitto, emit, machine
 from fedge.codecs import parse_spec
-from fedge.config import AggregatorConfig
 from fedge_cli.demo import DemoOptions, run_demo
 
 

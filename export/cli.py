@@ -3,8 +3,8 @@
 ``add_commands(subparsers)`` adds ``export``, ``quantize``, ``inspect``,
 ``bench-model`` and ``predict`` to the ``fedge`` parser; ``python -m
 export.cli ...`` runs them on their own. Each command's function handles
-its own failures: a user mistake (``ExportError``, bad import path, missing
-file) prints ``fedge <cmd>: error: <one line>`` to stderr and returns 2; a
+its own failures: a user mistake (``ExportError`` or another ``FedgeError``:
+bad import path, bad signature, missing file) prints ``fedge <cmd>: error: <one line>`` to stderr and returns 2; a
 result that misses a quality bar (``QualityError``: ONNX disagrees with
 PyTorch, the quantized model lost too much accuracy) prints its report and
 ``fedge <cmd>: failed: <one line>`` and returns 1. No traceback either way.
@@ -29,8 +29,7 @@ Command = Callable[[argparse.Namespace], int]
 
 def _guarded(name: str, fn: Command) -> Command:
     def run(args: argparse.Namespace) -> int:
-        from fedge.imports import ImportSpecError
-        from fedge.onnxrt import OnnxModelError
+        from fedge.errors import FedgeError
 
         try:
             return int(fn(args) or 0)
@@ -39,7 +38,7 @@ def _guarded(name: str, fn: Command) -> Command:
                 print(exc.report)
             print(f"fedge {name}: failed: {exc}", file=sys.stderr)
             return 1
-        except (ExportError, ImportSpecError, OnnxModelError, FileNotFoundError) as exc:
+        except (FedgeError, FileNotFoundError) as exc:  # ExportError, a bad import path or ONNX file, a signature
             print(f"fedge {name}: error: {exc}", file=sys.stderr)
             return 2
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedge.config import AggregatorConfig, BrokerSettings
+from aggregator.config import AggregatorConfig, CodecSection
+from fedge.config import BrokerSettings, updated
 from fedge_cli.table import RoundTable
 
 DATASETS = {
@@ -54,24 +55,17 @@ class DemoOptions:
 
 def job_config(opts: DemoOptions, broker_url: str, state_dir: Path) -> AggregatorConfig:
     data, model, job = DATASETS[opts.data]
-    cfg = AggregatorConfig()
-    cfg.job.name = job
-    cfg.job.model = model
-    cfg.job.seed = opts.seed
-    cfg.job.rounds = opts.rounds
-    cfg.job.state_dir = str(state_dir / "aggregator")
-    cfg.selection.fraction = 1.0
-    cfg.selection.min_clients = opts.agents
-    cfg.selection.deadline_s = 30.0
-    cfg.training.epochs = opts.epochs
-    cfg.training.batch_size = opts.batch_size
-    cfg.training.lr = opts.lr
+    cfg = updated(
+        AggregatorConfig(),
+        job={"name": job, "model": model, "seed": opts.seed, "rounds": opts.rounds,
+             "state_dir": str(state_dir / "aggregator")},
+        selection={"fraction": 1.0, "min_clients": opts.agents, "deadline_s": 30.0},
+        training={"epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr},
+        evaluate={"data": data, "args": {"split": "test"}},
+        broker={"url": broker_url, "protocol": opts.protocol},
+    )
     if opts.codec:
-        cfg.codec.spec = opts.codec
-    cfg.evaluate.data = data
-    cfg.evaluate.args = {"split": "test"}
-    cfg.broker.url = broker_url
-    cfg.broker.protocol = opts.protocol
+        cfg = updated(cfg, codec=CodecSection.from_spec(opts.codec))
     return cfg
 
 

@@ -87,94 +87,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
+    from aggregator.config import AggregatorConfig
     from aggregator.service import AggregatorService
     from fedge import config
 
-    cfg = config.load(args.config, config.AggregatorConfig, args.set)
-    _check_broker(cfg.broker)
-    _check_job(cfg)
+    cfg = config.load(args.config, AggregatorConfig, args.set)  # checked as it loads
+    cfg.broker.password()  # an unreadable password file is named now, not after start-up
     service = AggregatorService(cfg)
     _on_signals(service.stop)
     log.info("aggregator for job %s on %s (state in %s)", cfg.job.name, cfg.broker.url, cfg.job.state_dir)
     return service.run()
 
 
-def _check_broker(settings: Any) -> None:
-    from fedge.config import ConfigError
-    from fedge.mqtt import parse_url
-
-    parse_url(settings.url)
-    settings.password()  # an unreadable password file is named now, not after start-up
-    if settings.protocol not in ("3.1.1", "311", "5"):
-        raise ConfigError(f"broker.protocol {settings.protocol!r} is not supported; use \"3.1.1\" or \"5\"")
-
-
-def _check_job(cfg: Any) -> None:
-    from aggregator.strategies import SERVER_OPTIMIZERS
-    from fedge.codecs import CODECS, CodecError, make_codec
-    from fedge.topics import check_id
-
-    try:
-        check_id(cfg.job.name, "job.name")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if cfg.codec.name not in CODECS:
-        raise UsageError(f"codec.name {cfg.codec.name!r} is not known; use one of {', '.join(sorted(CODECS))}")
-    for what, spec in (("codec", cfg.codec.spec), ("downlink.codec", cfg.downlink.codec)):
-        try:
-            make_codec(spec)
-        except CodecError as exc:
-            raise UsageError(f"{what}: {exc}") from None
-    if cfg.downlink.key_every < 1:
-        raise UsageError("downlink.key_every must be at least 1")
-    if cfg.server.optimizer not in SERVER_OPTIMIZERS:
-        raise UsageError(f"server.optimizer {cfg.server.optimizer!r} is not known; "
-                         f"use one of {', '.join(SERVER_OPTIMIZERS)}")
-    sel = cfg.selection
-    if not 0 < sel.fraction <= 1 or not 0 < sel.quorum <= 1:
-        raise UsageError("selection.fraction and selection.quorum must be in (0, 1]")
-    if sel.min_clients < 1 or sel.min_updates < 1:
-        raise UsageError("selection.min_clients and selection.min_updates must be at least 1")
-    onnx = cfg.onnx
-    if onnx.every > 0:
-        from export.errors import ExportError
-        from export.signature import parse_input_spec
-
-        if not onnx.inputs:
-            raise UsageError('onnx.inputs is empty: give the input signature, e.g. inputs = ["x:1x64:float32"]')
-        for spec in onnx.inputs:
-            try:
-                parse_input_spec(spec)
-            except ExportError as exc:
-                raise UsageError(f"onnx.inputs: {exc}") from None
-        if onnx.quantize not in ("none", "static", "dynamic", "fp16"):
-            raise UsageError(f"onnx.quantize {onnx.quantize!r} is not known; use none, static, dynamic or fp16")
-        if onnx.target not in ("arm64", "x86", "jetson"):
-            raise UsageError(f"onnx.target {onnx.target!r} is not known; use arm64, x86 or jetson")
-        check_id(onnx.name, "onnx.name")
-
-
 def _devices(cfg: Any, count: int | None) -> list[Any]:
     from pathlib import Path
 
     from edge_agent.runtime import DeviceSpec
-    from fedge.topics import check_id
 
     base = cfg.client_id()
-    try:
-        check_id(base, "agent.id")
-        check_id(cfg.agent.job, "agent.job")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if cfg.agent.role not in ("trainer", "inference"):
-        raise UsageError(f"agent.role {cfg.agent.role!r} is not known; use trainer or inference")
-    if cfg.agent.downlink not in ("on_demand", "follow"):
-        raise UsageError(f"agent.downlink {cfg.agent.downlink!r} is not known; use on_demand or follow")
-    if cfg.agent.role == "inference":
-        try:
-            check_id(cfg.inference.artifact, "inference.artifact")
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
     common = dict(job=cfg.agent.job, data=cfg.data.factory, accepted_model=cfg.agent.model,
                   max_model_bytes=cfg.agent.max_model_bytes, resend_after_s=cfg.agent.resend_after_s,
                   role=cfg.agent.role, artifact=cfg.inference.artifact, threads=cfg.inference.threads,
@@ -191,13 +121,9 @@ def _devices(cfg: Any, count: int | None) -> list[Any]:
 
 
 def _run_agents(cfg: Any, devices: list[Any], pool_size: int, mode: str, threads: int) -> int:
-    import shutil
-
     from edge_agent.pool import TrainingPool
     from edge_agent.runtime import AgentRuntime
 
-    if cfg.worker.python and not shutil.which(cfg.worker.python):
-        raise UsageError(f"worker.python {cfg.worker.python!r} is not an executable; give the full path")
     pool = TrainingPool(size=pool_size, mode=mode, threads=threads, timeout_s=cfg.worker.timeout_s,
                         python=cfg.worker.python)
     runtime = AgentRuntime(devices, cfg.broker, pool)
@@ -212,10 +138,11 @@ def _run_agents(cfg: Any, devices: list[Any], pool_size: int, mode: str, threads
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from edge_agent.config import AgentConfig
     from fedge import config
 
-    cfg = config.load(args.config, config.AgentConfig, args.set)
-    _check_broker(cfg.broker)
+    cfg = config.load(args.config, AgentConfig, args.set)  # checked as it loads
+    cfg.broker.password()  # an unreadable password file is named now, not after start-up
     devices = _devices(cfg, None)
     inference = cfg.agent.role == "inference"
     log.info("agent %s for job %s on %s (%s)", devices[0].client_id, cfg.agent.job, cfg.broker.url,
@@ -225,13 +152,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
+    from edge_agent.config import AgentConfig
     from fedge import config
 
     if args.agents < 1:
         raise UsageError("--agents must be at least 1")
     _check_fleet_size(args.agents)
-    cfg = config.load(args.config, config.AgentConfig, args.set)
-    _check_broker(cfg.broker)
+    cfg = config.load(args.config, AgentConfig, args.set)  # checked as it loads
+    cfg.broker.password()  # an unreadable password file is named now, not after start-up
     devices = _devices(cfg, args.agents)
     log.info("simulated fleet of %d agents for job %s on %s, %d warm workers", args.agents, cfg.agent.job,
              cfg.broker.url, args.workers)
@@ -239,9 +167,11 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from aggregator.config import AggregatorConfig
+    from edge_agent.config import AgentConfig
     from fedge import config
 
-    cls = config.AggregatorConfig if args.role == "aggregator" else config.AgentConfig
+    cls = AggregatorConfig if args.role == "aggregator" else AgentConfig
     sys.stdout.write(config.render_defaults(cls))
     return 0
 
@@ -249,12 +179,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     import queue as _queue
 
+    from aggregator.config import AggregatorConfig
     from fedge import config, messages, wire
     from fedge.mqtt import Inbound, MqttLink
     from fedge.topics import JobTopics
     from fedge_cli.table import RoundTable
 
-    cfg = config.load(args.config, config.AggregatorConfig, args.set)
+    cfg = config.load(args.config, AggregatorConfig, args.set)
     topics = JobTopics(cfg.job.name)
     events: _queue.Queue[object] = _queue.Queue()
     link = MqttLink(cfg.broker, f"fedge-watch-{os.getpid()}", events.put, subscriptions=[topics.events],

@@ -3,12 +3,12 @@ job names. Adding an algorithm is adding a file and a line here."""
 
 from __future__ import annotations
 
+from aggregator.config import ServerSection
 from aggregator.strategies.base import ServerOptimizer
 from aggregator.strategies.fedadam import FedAdam
 from aggregator.strategies.fedavg import FedAvg
 from aggregator.strategies.fedavgm import FedAvgM
 from aggregator.strategies.fedyogi import FedYogi
-from fedge.config import ServerSection
 
 __all__ = ["SERVER_OPTIMIZERS", "ServerOptimizer", "make_server_optimizer"]
 

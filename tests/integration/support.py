@@ -10,10 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from edge_agent.pool import TrainingPool
 from edge_agent.runtime import AgentRuntime, DeviceSpec
-from fedge.config import AggregatorConfig, BrokerSettings
+from fedge.config import BrokerSettings, updated
 
 
 def broker_settings(url: str, **kw: Any) -> BrokerSettings:
@@ -22,19 +23,14 @@ def broker_settings(url: str, **kw: Any) -> BrokerSettings:
 
 def job_config(tmp: Path, url: str, *, job: str = "itest", rounds: int = 3, agents: int = 3, **broker: Any
                ) -> AggregatorConfig:
-    cfg = AggregatorConfig()
-    cfg.job.name = job
-    cfg.job.rounds = rounds
-    cfg.job.state_dir = str(tmp / "aggregator")
-    cfg.selection.min_clients = agents
-    cfg.selection.deadline_s = 30
-    cfg.training.epochs = 2
-    cfg.training.batch_size = 16
-    cfg.training.lr = 0.1
-    cfg.evaluate.data = "fedge.datasets:digits"
-    cfg.evaluate.args = {"split": "test"}
-    cfg.broker = broker_settings(url, **broker)
-    return cfg
+    return updated(
+        AggregatorConfig(),
+        job={"name": job, "rounds": rounds, "state_dir": str(tmp / "aggregator")},
+        selection={"min_clients": agents, "deadline_s": 30.0},
+        training={"epochs": 2, "batch_size": 16, "lr": 0.1},
+        evaluate={"data": "fedge.datasets:digits", "args": {"split": "test"}},
+        broker=broker_settings(url, **broker),
+    )
 
 
 def devices(tmp: Path, job: str, n: int, prefix: str = "dev", data: str = "fedge.datasets:digits",

@@ -4,6 +4,8 @@ missed several rounds (and key changes) and one that joins late."""
 
 import pytest
 
+from fedge.config import updated
+
 from .support import devices, job_config, running_aggregator, running_fleet, wait_for
 
 pytestmark = pytest.mark.integration
@@ -12,11 +14,8 @@ TOPK = {"fraction": 0.1, "values": "int8"}
 
 def compressed_job(tmp_path, url, rounds, agents, key_every):
     cfg = job_config(tmp_path, url, job="downlink", rounds=rounds, agents=agents)
-    cfg.codec.name = "topk"
-    cfg.codec.params = dict(TOPK)
-    cfg.downlink.codec = {"name": "int8", "block": 64}
-    cfg.downlink.key_every = key_every
-    return cfg
+    return updated(cfg, codec={"name": "topk", "params": dict(TOPK)},
+                   downlink={"codec": {"name": "int8", "block": 64}, "key_every": key_every})
 
 
 def test_topk_with_error_feedback_converges_on_digits(mosquitto, tmp_path):
@@ -33,7 +32,7 @@ def test_topk_with_error_feedback_converges_on_digits(mosquitto, tmp_path):
 
 def test_devices_that_miss_rounds_or_join_late_resynchronise_from_key_and_delta(mosquitto, tmp_path):
     cfg = compressed_job(tmp_path, mosquitto.url, rounds=12, agents=2, key_every=3)
-    cfg.selection.deadline_s = 10  # a device leaving mid-round holds its round this long at most
+    cfg = updated(cfg, selection={"deadline_s": 10.0})  # a device leaving mid-round holds its round this long at most
     specs = devices(tmp_path, "downlink", 4)
     regulars, wanderer, latecomer = specs[:2], specs[2], specs[3]
     with running_aggregator(cfg) as (service, records), running_fleet(regulars, cfg.broker) as fleet:

@@ -15,6 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fedge import chunks, tensors, wire
 from fedge.codecs import make_codec
+from fedge.config import updated
 from fedge.messages import Update
 from fedge.topics import JobTopics
 from tests.conftest import fedge_cmd
@@ -39,7 +40,7 @@ def test_a_device_killed_mid_round_does_not_stall_the_job(mosquitto, tmp_path, c
     cfg = job_config(tmp_path, mosquitto.url, job="faults", rounds=3, agents=2)
     # Long enough that the kill (and the broker's last will) land well inside
     # round 1 even when cold workers are slow on a loaded machine.
-    cfg.selection.deadline_s = 20
+    cfg = updated(cfg, selection={"deadline_s": 20.0})
     procs = []
     for i, data in enumerate(["fedge.datasets:digits", "fedge.datasets:digits", "tests.helpers:slow_digits"]):
         conf = tmp_path / f"agent{i}.toml"
@@ -161,7 +162,7 @@ def test_injected_duplicates_and_garbage_are_dropped_and_counted(mosquitto, tmp_
     def inject(topic, payload):
         attacker.publish(topic, payload, qos=1).wait_for_publish(5)
 
-    cfg.selection.deadline_s = 15
+    cfg = updated(cfg, selection={"deadline_s": 15.0})
     with running_aggregator(cfg) as (service, records), running_fleet(devices(tmp_path, "hostile", 2), cfg.broker):
         wait_for(lambda: len(records) >= 1, 60, "round 1")
         core = service.core

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fedge import datasets
+from fedge.config import updated
 from tests.conftest import fedge_cmd, free_port
 
 from .support import devices, job_config, running_aggregator, running_fleet, wait_for, wait_online
@@ -45,11 +46,8 @@ def test_new_global_models_reach_an_inference_only_device_as_verified_onnx(mosqu
         wait_online(mosquitto.port, "onnx", ["kiosk-1"])
         assert http(f"http://127.0.0.1:{port}/health")["ready"] is False
         cfg = job_config(tmp_path, mosquitto.url, job="onnx", rounds=2, agents=2)
-        cfg.onnx.every = 2
-        cfg.onnx.name = "digits"
-        cfg.onnx.inputs = ["x:1x64:float32"]
-        cfg.onnx.quantize = "static"
-        cfg.onnx.target = "arm64"
+        cfg = updated(cfg, onnx={"every": 2, "name": "digits", "inputs": ["x:1x64:float32"], "quantize": "static",
+                                 "target": "arm64"})
         with running_aggregator(cfg) as (service, records), running_fleet(devices(tmp_path, "onnx", 2), cfg.broker):
             assert service.done.wait(120), records
             wait_for(lambda: service.artifacts, 240, "the ONNX export")

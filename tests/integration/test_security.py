@@ -11,6 +11,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedge import chunks
+from fedge.config import updated
 from fedge.mqtt import MqttLink
 from fedge.topics import JobTopics
 
@@ -65,7 +66,7 @@ def settings_for(broker, pki, tmp, user):
 def test_a_job_runs_over_tls_with_passwords_and_acls_and_devices_stay_in_their_lane(secure_broker):
     broker, pki, tmp = secure_broker
     cfg = job_config(tmp, broker.url, job="secure", rounds=3, agents=2)
-    cfg.broker = settings_for(broker, pki, tmp, "aggregator")
+    cfg = updated(cfg, broker=settings_for(broker, pki, tmp, "aggregator"))
     specs = devices(tmp, "secure", 2)
     specs = [dataclasses.replace(s, broker=settings_for(broker, pki, tmp, s.client_id)) for s in specs]
     topics = JobTopics("secure")

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
+from aggregator.config import ServerSection
 from aggregator.fold import RunningSum
 from aggregator.strategies import make_server_optimizer
 from fedge.codecs import make_codec
-from fedge.config import ServerSection
 from fedge.tensors import TensorSpec
 
 rng = np.random.default_rng(42)

@@ -1,11 +1,14 @@
 """Config files: documented defaults, typo detection, secrets never in the file."""
 
+import dataclasses
 import sys
 
 import pytest
 
+from aggregator.config import AggregatorConfig
+from edge_agent.config import AgentConfig
 from fedge import config
-from fedge.config import AgentConfig, AggregatorConfig, ConfigError
+from fedge.config import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,7 +79,7 @@ def test_password_comes_from_the_environment_or_a_file(tmp_path, monkeypatch):
     assert b.password() is None
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
-    b.password_file = str(secret)
+    b = dataclasses.replace(b, password_file=str(secret))
     assert b.password() == "s3cret"
     monkeypatch.setenv("FEDGE_TEST_PW", "fromenv")
     assert b.password() == "fromenv"

@@ -1,0 +1,211 @@
+"""The aggregator's configuration: its sections, their defaults (the one
+source: the round core is built from these, never from defaults of its own)
+and their checks.
+
+``AggregatorConfig.check`` runs whenever a config is loaded and whenever an
+``AggregatorService`` is built, so a programmatic caller (the demo, a
+benchmark, a test) gets the same one-line ``ConfigError`` as the command
+line. Configs are immutable: build a changed copy with
+``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fedge.config import BrokerSettings, ConfigError, section, setting
+
+
+@dataclass(frozen=True)
+class JobSection:
+    name: str = setting("default", "Job name; it becomes the topic level fedge/v1/<name>/.")
+    model: str = setting("fedge.models:digits_mlp", "Model factory as module:callable returning a torch.nn.Module.")
+    model_args: dict = setting({}, "Keyword arguments for the model factory.")
+    seed: int = setting(0, "Seed for the initial model and client selection.")
+    rounds: int = setting(30, "Rounds to run; the job then announces state=done.")
+    state_dir: str = setting("fedge-aggregator-state", "Checkpoints and the per-round log (rounds.jsonl) live here.")
+
+
+@dataclass(frozen=True)
+class SelectionSection:
+    fraction: float = setting(1.0, "Fraction C of the online clients selected each round.")
+    min_clients: int = setting(2, "Fewest clients selected per round; a round waits until this many are online.")
+    max_clients: int = setting(0, "Most clients selected per round; 0 means no cap.")
+    quorum: float = setting(
+        1.0, "Close the round early once this fraction of the selected clients has reported (over-selection)."
+    )
+    min_updates: int = setting(1, "Fewest updates a round may aggregate; below it at the deadline the round fails.")
+    deadline_s: float = setting(120.0, "Seconds a round stays open; stragglers after it are late.")
+    settle_s: float = setting(
+        2.0, "Once enough clients are online, wait this long for more before selecting (presence arrives in bursts)."
+    )
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    epochs: int = setting(1, "Local epochs E per round.")
+    batch_size: int = setting(32, "Local batch size B.")
+    lr: float = setting(0.05, "Client learning rate.")
+    optimizer: str = setting("sgd", "Client optimizer: sgd or adam.")
+    momentum: float = setting(0.0, "SGD momentum on the client.")
+    weight_decay: float = setting(0.0, "Client weight decay.")
+    prox_mu: float = setting(0.0, "FedProx proximal term mu; 0 is plain FedAvg local training.")
+    loss: str = setting("cross_entropy", "Loss: cross_entropy, bce (binary, one logit) or mse.")
+    max_steps: int = setting(0, "Cap on local optimizer steps per round; 0 means no cap.")
+
+
+@dataclass(frozen=True)
+class CodecSection:
+    name: str = setting(
+        "int2", "Update codec the clients use: none, fp16, int8, int4, int2 or topk (int2: unbiased ternary)."
+    )
+    params: dict = setting(
+        {"lossless": "zlib"},
+        "Parameters of the named codec: block (int*), fraction and values (topk), lossless (zlib), ef (error "
+        "feedback). Naming a codec without params means none.",
+    )
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The codec as rounds announce it: name and parameters in one dict."""
+        return {"name": self.name, **self.params}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> CodecSection:
+        """The section for a codec spec as users write it (``{"name": "int8", "block": 256}``)."""
+        return cls(name=spec["name"], params={k: v for k, v in spec.items() if k != "name"})
+
+
+@dataclass(frozen=True)
+class DownlinkSection:
+    codec: dict = setting(
+        {"name": "int4", "block": 64, "lossless": "zlib"},
+        "How the model's change since the last key travels to devices; {name = \"none\"}: a full model every round.",
+    )
+    key_every: int = setting(50, "Publish a full key model every this many rounds; deltas build on the latest key.")
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    optimizer: str = setting("fedavg", "Server optimizer: fedavg, fedavgm, fedadam or fedyogi.")
+    lr: float = setting(1.0, "Server learning rate (1.0 with fedavg is plain FedAvg).")
+    momentum: float = setting(0.9, "Server momentum for fedavgm.")
+    beta1: float = setting(0.9, "First-moment decay for fedadam/fedyogi.")
+    beta2: float = setting(0.99, "Second-moment decay for fedadam/fedyogi.")
+    tau: float = setting(1e-3, "Adaptivity epsilon for fedadam/fedyogi.")
+    max_samples_per_update: int = setting(
+        1_000_000, "Updates claiming more samples are rejected (bounds one client's weight)."
+    )
+
+
+@dataclass(frozen=True)
+class EvaluateSection:
+    data: str = setting("", "Held-out data as module:callable (arrays or torch Dataset); empty: no evaluation.")
+    args: dict = setting({}, "Keyword arguments for the evaluation data callable.")
+    batch_size: int = setting(1024, "Evaluation batch size.")
+    every: int = setting(1, "Evaluate every k rounds (and always after the last one).")
+
+
+@dataclass(frozen=True)
+class OnnxSection:
+    every: int = setting(
+        0, "Publish the global model as ONNX every k closed rounds (and after the last one); 0: never."
+    )
+    name: str = setting("model", "Artifact name: devices read it from fedge/v1/<job>/artifact/<name>/.")
+    inputs: list = setting([], "Input signature, e.g. [\"x:1x64:float32\"]; the first dimension is the batch.")
+    opset: int = setting(17, "ONNX opset (17: ONNX Runtime on a Raspberry Pi and TensorRT 8.6 on a Jetson).")
+    quantize: str = setting("static", "none (float32), static (int8 QDQ), dynamic (int8) or fp16.")
+    target: str = setting("arm64", "Quantization preset: arm64, x86 or jetson.")
+    calibration: str = setting(
+        "", "Calibration data for static int8 (.npz or module:callable); empty: the [evaluate] data."
+    )
+    calibration_args: dict = setting({}, "Keyword arguments for the calibration callable.")
+    max_accuracy_drop: float = setting(
+        0.0, "Refuse a quantized model that loses more accuracy points than this on the [evaluate] data; 0: no gate."
+    )
+    timeout_s: float = setting(900.0, "An export that takes longer is abandoned (the job goes on).")
+
+    def check(self) -> None:
+        if self.every <= 0:
+            return
+        from fedge.signature import SignatureError, parse_input_spec
+        from fedge.topics import check_id
+
+        if not self.inputs:
+            raise ConfigError('onnx.inputs is empty: give the input signature, e.g. inputs = ["x:1x64:float32"]')
+        for spec in self.inputs:
+            try:
+                parse_input_spec(spec)
+            except SignatureError as exc:
+                raise ConfigError(f"onnx.inputs: {exc}") from None
+        if self.quantize not in ("none", "static", "dynamic", "fp16"):
+            raise ConfigError(f"onnx.quantize {self.quantize!r} is not known; use none, static, dynamic or fp16")
+        if self.target not in ("arm64", "x86", "jetson"):
+            raise ConfigError(f"onnx.target {self.target!r} is not known; use arm64, x86 or jetson")
+        _checked_id(check_id, self.name, "onnx.name")
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    max_update_bytes: int = setting(64 << 20, "Largest update accepted, in bytes.")
+    reassembly_bytes: int = setting(256 << 20, "Memory for partially received updates, across all clients.")
+    reassembly_timeout_s: float = setting(120.0, "A partially received message is dropped after this long.")
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    job: JobSection = section(JobSection, "The job: model, seed, length, where state lives.")
+    selection: SelectionSection = section(SelectionSection, "Who takes part in a round and when it closes.")
+    training: TrainingSection = section(TrainingSection, "Local training plan announced to clients each round.")
+    codec: CodecSection = section(CodecSection, "How clients compress their deltas (uplink).")
+    downlink: DownlinkSection = section(DownlinkSection, "How the global model reaches devices (downlink).")
+    server: ServerSection = section(ServerSection, "Server-side optimizer applied to the averaged delta.")
+    evaluate: EvaluateSection = section(EvaluateSection, "Held-out evaluation of each new global model.")
+    onnx: OnnxSection = section(OnnxSection, "ONNX exports of the global model for inference-only devices.")
+    limits: LimitsSection = section(LimitsSection, "Bounds that protect the aggregator from bad input.")
+    broker: BrokerSettings = section(BrokerSettings, "How to reach the MQTT broker.")
+
+
+    @classmethod
+    def prepare(cls, data: dict[str, Any]) -> None:
+        """The default codec parameters belong to the default codec: naming
+        another codec (name = "int8") means that codec with its own defaults,
+        not with the default codec's zlib stage."""
+        codec = data.get("codec")
+        if isinstance(codec, dict) and "name" in codec and "params" not in codec:
+            codec["params"] = {}
+
+    def check(self) -> None:
+        """Every value the service will use, checked now: one ``ConfigError`` line."""
+        from aggregator.strategies import SERVER_OPTIMIZERS
+        from fedge.codecs import CODECS, CodecError, make_codec
+        from fedge.topics import check_id
+
+        self.broker.check()
+        _checked_id(check_id, self.job.name, "job.name")
+        if self.codec.name not in CODECS:
+            raise ConfigError(f"codec.name {self.codec.name!r} is not known; use one of {', '.join(sorted(CODECS))}")
+        for what, spec in (("codec", self.codec.spec), ("downlink.codec", self.downlink.codec)):
+            try:
+                make_codec(spec)
+            except CodecError as exc:
+                raise ConfigError(f"{what}: {exc}") from None
+        if self.downlink.key_every < 1:
+            raise ConfigError("downlink.key_every must be at least 1")
+        if self.server.optimizer not in SERVER_OPTIMIZERS:
+            raise ConfigError(f"server.optimizer {self.server.optimizer!r} is not known; "
+                              f"use one of {', '.join(SERVER_OPTIMIZERS)}")
+        sel = self.selection
+        if not 0 < sel.fraction <= 1 or not 0 < sel.quorum <= 1:
+            raise ConfigError("selection.fraction and selection.quorum must be in (0, 1]")
+        if sel.min_clients < 1 or sel.min_updates < 1:
+            raise ConfigError("selection.min_clients and selection.min_updates must be at least 1")
+        self.onnx.check()
+
+
+def _checked_id(check_id: Any, value: str, what: str) -> None:
+    try:
+        check_id(value, what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,90 @@
+"""The edge agent's configuration: its sections, their defaults and their
+checks.
+
+``AgentConfig.check`` runs whenever a config is loaded and whenever an
+agent runtime is built from it, so every caller gets the same one-line
+``ConfigError``. Configs are immutable: build a changed copy with
+``fedge.config.updated`` or ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from dataclasses import dataclass
+
+from fedge.config import BrokerSettings, ConfigError, section, setting
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    id: str = setting("", "Device id, its own topic level; empty: the host name.")
+    role: str = setting("trainer", "trainer (trains rounds) or inference (serves the published ONNX model only).")
+    job: str = setting("default", "Job to take part in.")
+    state_dir: str = setting("fedge-agent-state", "Where the agent keeps its state between restarts.")
+    model: str = setting(
+        "", "Model factory this device accepts; empty: only the built-in fedge.models factories."
+    )
+    max_model_bytes: int = setting(256 << 20, "Largest global model the agent will download, in bytes.")
+    downlink: str = setting(
+        "on_demand", "on_demand: fetch the model only when selected (fewest bytes); follow: keep every model."
+    )
+    resend_after_s: float = setting(20.0, "Resend an update not acknowledged after this long (doubling).")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    factory: str = setting(
+        "fedge.datasets:digits", "Local data as module:callable returning (x, y) arrays or a torch Dataset."
+    )
+    args: dict = setting({}, "Keyword arguments for the data callable.")
+
+
+@dataclass(frozen=True)
+class WorkerSection:
+    mode: str = setting(
+        "per_round", "Training worker: per_round (no PyTorch in memory while idle) or warm (kept between rounds)."
+    )
+    threads: int = setting(0, "PyTorch threads in the worker; 0: all cores.")
+    python: str = setting(
+        "", "Python interpreter that runs training (one with PyTorch, e.g. JetPack's); empty: the agent's own."
+    )
+    timeout_s: float = setting(3600.0, "A training run longer than this is killed and declined.")
+
+
+@dataclass(frozen=True)
+class InferenceSection:
+    artifact: str = setting("model", "Name of the published ONNX artifact to download and serve.")
+    serve: str = setting("", "host:port for a local HTTP prediction API (POST /predict); empty: none.")
+    threads: int = setting(0, "ONNX Runtime threads; 0: all cores.")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    agent: AgentSection = section(AgentSection, "This device.")
+    data: DataSection = section(DataSection, "The device's local data; it never leaves the device.")
+    worker: WorkerSection = section(WorkerSection, "The process that runs training.")
+    inference: InferenceSection = section(InferenceSection, "Inference-only devices (agent.role = inference).")
+    broker: BrokerSettings = section(BrokerSettings, "How to reach the MQTT broker.")
+
+    def client_id(self) -> str:
+        return self.agent.id or socket.gethostname().split(".")[0]
+
+    def check(self) -> None:
+        """Every value the agent will use, checked now: one ``ConfigError`` line."""
+        from fedge.topics import check_id
+
+        self.broker.check()
+        try:
+            check_id(self.client_id(), "agent.id")
+            check_id(self.agent.job, "agent.job")
+            if self.agent.role == "inference":
+                check_id(self.inference.artifact, "inference.artifact")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.agent.role not in ("trainer", "inference"):
+            raise ConfigError(f"agent.role {self.agent.role!r} is not known; use trainer or inference")
+        if self.agent.downlink not in ("on_demand", "follow"):
+            raise ConfigError(f"agent.downlink {self.agent.downlink!r} is not known; use on_demand or follow")
+        if self.worker.python and not shutil.which(self.worker.python):
+            raise ConfigError(f"worker.python {self.worker.python!r} is not an executable; give the full path")
