@@ -2,6 +2,7 @@
 the next global model.
 
 ``rounds`` is the protocol core (no I/O), ``fold`` the streaming weighted
-sum, ``strategies`` the server optimizers, ``checkpoint`` the crash-safe
+sum, ``selection`` who takes part in a round, ``optimizers`` the server
+optimizers, ``checkpoint`` the crash-safe
 state file, ``service`` the thin MQTT shell that runs it all.
 """

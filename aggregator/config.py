@@ -178,7 +178,7 @@ class AggregatorConfig:
 
     def check(self) -> None:
         """Every value the service will use, checked now: one ``ConfigError`` line."""
-        from aggregator.strategies import SERVER_OPTIMIZERS
+        from aggregator.optimizers import SERVER_OPTIMIZERS
         from fedge.codecs import CODECS, CodecError, make_codec
         from fedge.topics import check_id
 

@@ -52,18 +52,22 @@ key (``PublishModel``) every ``key_every`` rounds and a delta from it
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from aggregator import selection
+from aggregator.config import AggregatorConfig
 from aggregator.fold import RunningSum
 from aggregator.models import ModelLineage
-from aggregator.strategies import ServerOptimizer
+from aggregator.optimizers import ServerOptimizer
 from fedge import wire
 from fedge.codecs import CodecError, make_codec, requirements
 from fedge.messages import Ack, Decline, ProtocolError, RoundAnnouncement, TrainingPlan, Update
@@ -77,17 +81,36 @@ log = logging.getLogger("fedge.aggregator")
 
 @dataclass(frozen=True)
 class RoundPolicy:
-    rounds: int = 30
-    fraction: float = 1.0
-    min_clients: int = 2
-    max_clients: int = 0
-    quorum: float = 1.0
-    min_updates: int = 1
-    deadline_s: float = 120.0
-    settle_s: float = 2.0
-    max_samples: int = 1_000_000
-    max_update_bytes: int = 64 << 20
-    seed: int = 0
+    """The numbers a round runs by; built from the job's config, the one
+    source of their defaults (``aggregator.config``)."""
+
+    rounds: int
+    fraction: float
+    min_clients: int
+    max_clients: int
+    quorum: float
+    min_updates: int
+    deadline_s: float
+    settle_s: float
+    max_samples: int
+    max_update_bytes: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: AggregatorConfig) -> RoundPolicy:
+        sel = cfg.selection
+        return cls(rounds=cfg.job.rounds, fraction=sel.fraction, min_clients=sel.min_clients,
+                   max_clients=sel.max_clients, quorum=sel.quorum, min_updates=sel.min_updates,
+                   deadline_s=sel.deadline_s, settle_s=sel.settle_s, max_samples=cfg.server.max_samples_per_update,
+                   max_update_bytes=cfg.limits.max_update_bytes, seed=cfg.job.seed)
+
+
+class RoundState(str, enum.Enum):
+    """Where the round core is (see the theory of operation above)."""
+
+    WAITING = "waiting"
+    OPEN = "open"
+    DONE = "done"
 
 
 # --- events ----------------------------------------------------------------------
@@ -196,9 +219,13 @@ class RoundCore:
         model_factory: str,
         model_args: dict[str, Any],
         initial_model: ModelArrays,
-        downlink: dict[str, Any] | None = None,
-        key_every: int = 20,
+        downlink: dict[str, Any] | None,
+        key_every: int,
+        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
+        """``downlink`` is the delta codec (None: a full model every round);
+        ``new_id`` makes the ids the core hands out (checkpoint ids), so
+        that tests can make them deterministic."""
         self.job = job
         self.policy = policy
         self.plan = plan
@@ -213,7 +240,8 @@ class RoundCore:
         self.sum = RunningSum(self.spec)
         self.next_round = 1
         self.attempt = 0
-        self.state = "waiting"
+        self.new_id = new_id
+        self.state = RoundState.WAITING
         self.open: _OpenRound | None = None
         self.online: dict[str, dict[str, Any]] = {}
         self.known: set[str] = set()
@@ -265,7 +293,7 @@ class RoundCore:
             self.online[ev.client] = ev.info
         else:
             self.online.pop(ev.client, None)
-        if self.state == "waiting":
+        if self.state == RoundState.WAITING:
             return self._try_open(ev.now)
         return []
 
@@ -274,7 +302,7 @@ class RoundCore:
             return self._close(now, reason="quorum")
         if self.open and now >= self.open.deadline:
             return self._close(now, reason="deadline")
-        if self.state == "waiting":
+        if self.state == RoundState.WAITING:
             return self._try_open(now)
         return []
 
@@ -364,8 +392,7 @@ class RoundCore:
         op = self.open
         assert op is not None
         responded = len(op.accepted) + len(op.declined)
-        needed = max(1, math.ceil(self.policy.quorum * len(op.selected) - 1e-9))
-        if op.due is None and responded >= min(needed, len(op.selected)):
+        if op.due is None and responded >= selection.quorum_size(len(op.selected), self.policy.quorum):
             op.due = now
 
     def _eligible(self) -> list[str]:
@@ -373,38 +400,25 @@ class RoundCore:
         needed = requirements(self.codec_params)
         if self.models.codec is not None:
             needed += requirements(self.models.downlink_params)
-        out = []
-        for client, info in self.online.items():
-            if info.get("role", "trainer") != "trainer":
-                continue  # inference-only devices never train
-            codecs = info.get("codecs")
-            if isinstance(codecs, list) and not all(n in codecs for n in needed):
-                continue  # an older build that cannot decode this job's codec
-            out.append(client)
-        return sorted(out)
+        return selection.eligible(self.online, needed)
 
     def _select(self, candidates: list[str]) -> tuple[str, ...]:
         p = self.policy
-        k = max(p.min_clients, math.ceil(p.fraction * len(candidates) - 1e-9), 1)
-        if p.max_clients:
-            k = min(k, p.max_clients)
-        k = min(k, len(candidates))
-        rng = np.random.default_rng([p.seed, self.next_round])
-        picked = rng.choice(len(candidates), size=k, replace=False)
-        return tuple(sorted(candidates[i] for i in picked))
+        return selection.select(candidates, fraction=p.fraction, min_clients=p.min_clients,
+                                max_clients=p.max_clients, seed=p.seed, round_=self.next_round)
 
     def _try_open(self, now: float, settle: bool = True) -> list[Action]:
         if self.next_round > self.policy.rounds:
             return self._finish_job(now)
         candidates = self._eligible()
         if len(candidates) < self.policy.min_clients:
-            self.state = "waiting"
+            self.state = RoundState.WAITING
             self._ready_since = None
             if self._waiting_announced != self.next_round:
                 self._waiting_announced = self.next_round
                 log.info("round %d waits for %d eligible clients online (%d now)", self.next_round,
                          self.policy.min_clients, len(candidates))
-                return [PublishAnnouncement(self._announcement("waiting", (), now))]
+                return [PublishAnnouncement(self._announcement(RoundState.WAITING, (), now))]
             return []
         if settle and self.policy.settle_s > 0:
             if self._ready_since is None:
@@ -416,7 +430,7 @@ class RoundCore:
 
     def _announce(self, now: float, selected: tuple[str, ...], attempt: int) -> list[Action]:
         self.attempt = attempt
-        msg = self._announcement("open", selected, now)
+        msg = self._announcement(RoundState.OPEN, selected, now)
         fanout = max(len(self.online), len(selected))
         self.open = _OpenRound(
             round=self.next_round, attempt=attempt, selected=selected, opened_at=now,
@@ -424,14 +438,14 @@ class RoundCore:
             bytes_down=self._published_bytes + len(msg) * fanout,
         )
         self.sum.reset()
-        self.state = "open"
+        self.state = RoundState.OPEN
         record = {"round": self.next_round, "attempt": attempt, "selected": list(selected),
                   "model_digest": self.model_digest}
         return [SaveRoundOpen(record), PublishAnnouncement(msg)]
 
-    def _announcement(self, state: str, selected: tuple[str, ...], now: float) -> bytes:
+    def _announcement(self, state: RoundState, selected: tuple[str, ...], now: float) -> bytes:
         return RoundAnnouncement(
-            job=self.job, round=self.next_round, attempt=self.attempt, state=state,
+            job=self.job, round=self.next_round, attempt=self.attempt, state=state.value,
             model_digest=self.model_digest, selected=selected, deadline_s=self.policy.deadline_s,
             training=self.plan, codec=self.codec_params, issued_at=round(now, 3),
             key_digest=self.models.key_digest, key_round=self.models.key_round,
@@ -470,7 +484,7 @@ class RoundCore:
         self.open = None
         self.sum.reset()
         self.next_round = op.round + 1
-        self.state = "waiting"
+        self.state = RoundState.WAITING
         actions: list[Action] = [SaveCheckpoint(*self.snapshot())]
         if key_cut:
             actions += [PublishModel(self.models.key_message), PublishDelta(None)]
@@ -487,11 +501,11 @@ class RoundCore:
         return len(self.models.key_message) + len(self.models.delta_message or b"")
 
     def _finish_job(self, now: float) -> list[Action]:
-        if self.state == "done":
+        if self.state == RoundState.DONE:
             return []
-        self.state = "done"
+        self.state = RoundState.DONE
         self.open = None
-        return [PublishAnnouncement(self._announcement("done", (), now))]
+        return [PublishAnnouncement(self._announcement(RoundState.DONE, (), now))]
 
     # --- persistence -----------------------------------------------------------
 
@@ -507,7 +521,7 @@ class RoundCore:
             "known": sorted(self.known),
             "counters": dict(self.counters),
             "history": self.history,
-            "checkpoint_id": uuid.uuid4().hex,
+            "checkpoint_id": self.new_id(),
         }
         return arrays, meta
 

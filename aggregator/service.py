@@ -8,7 +8,6 @@ queued for our persistent session the moment we reconnect.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,6 +17,7 @@ from typing import Any
 from aggregator.artifacts import ArtifactBuilt, ArtifactFailed, OnnxPublisher
 from aggregator.checkpoint import StateDir
 from aggregator.config import AggregatorConfig
+from aggregator.optimizers import make_server_optimizer
 from aggregator.rounds import (
     Action,
     ClientStatus,
@@ -33,7 +33,6 @@ from aggregator.rounds import (
     SendAck,
     TimerFired,
 )
-from aggregator.strategies import make_server_optimizer
 from fedge import messages, wire
 from fedge.chunks import ChunkError, Reassembler
 from fedge.messages import ProtocolError, Status, TrainingPlan
@@ -50,13 +49,7 @@ def build_core(cfg: AggregatorConfig) -> RoundCore:
     from fedge import torchkit
 
     model = torchkit.build_model(cfg.job.model, cfg.job.model_args, seed=cfg.job.seed)
-    sel = cfg.selection
-    policy = RoundPolicy(
-        rounds=cfg.job.rounds, fraction=sel.fraction, min_clients=sel.min_clients, max_clients=sel.max_clients,
-        quorum=sel.quorum, min_updates=sel.min_updates, deadline_s=sel.deadline_s, settle_s=sel.settle_s,
-        max_samples=cfg.server.max_samples_per_update, max_update_bytes=cfg.limits.max_update_bytes,
-        seed=cfg.job.seed,
-    )
+    policy = RoundPolicy.from_config(cfg)
     plan = TrainingPlan.from_json(dict(cfg.training.__dict__))
     return RoundCore(
         job=cfg.job.name, policy=policy, plan=plan, codec=cfg.codec.spec,
@@ -270,7 +263,3 @@ class AggregatorService:
         torchkit.load_federated(self._eval_model, model_arrays)
         return torchkit.evaluate(self._eval_model, self._eval_data, self.cfg.training.loss,
                                  self.cfg.evaluate.batch_size)
-
-
-def dump_record(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -251,6 +252,7 @@ class AgentCore:
     state: AgentState = field(default_factory=AgentState)
     update_bytes: bytes | None = None  # bytes of state.pending, restored by the shell
     residual: ModelArrays | None = None  # error-feedback memory, restored by the shell
+    new_id: Callable[[], str] = field(default=lambda: uuid.uuid4().hex, repr=False)  # update and training ids
 
     key: _Key | None = None
     current: _Current | None = None
@@ -489,7 +491,7 @@ class AgentCore:
         except (CodecError, TensorError, ValueError) as exc:
             return self._decline(t.round, f"cannot encode the update: {exc}")
         update = Update(
-            job=self.job, round=t.round, sender=self.client_id, update_id=uuid.uuid4().hex[:16],
+            job=self.job, round=t.round, sender=self.client_id, update_id=self.new_id()[:16],
             num_samples=ev.num_samples, codec=ann.codec, base_model=t.base_model, body=body,
             loss=ev.loss, train_seconds=round(ev.seconds, 4),
         )
@@ -571,7 +573,7 @@ class AgentCore:
         if not self._has_announced_model() or self.key is None or self.current is None:
             return []  # the model for this round is still on its way
         cur = self.current
-        self.training = _Training(uuid.uuid4().hex, ann.round, cur.digest)
+        self.training = _Training(self.new_id(), ann.round, cur.digest)
         job = TrainJob(
             job_id=self.training.job_id, round=ann.round, base_model=cur.digest,
             model=self.key.model.model, model_args=self.key.model.model_args, model_body=cur.body,

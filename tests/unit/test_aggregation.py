@@ -5,7 +5,7 @@ import pytest
 
 from aggregator.config import ServerSection
 from aggregator.fold import RunningSum
-from aggregator.strategies import make_server_optimizer
+from aggregator.optimizers import make_server_optimizer
 from fedge.codecs import make_codec
 from fedge.tensors import TensorSpec
 

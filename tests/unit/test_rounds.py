@@ -1,9 +1,13 @@
 """The aggregator's round state machine: quorum, deadline, duplicates, late and
 hostile updates, restarts. No network, no sleeps: time is an argument."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from aggregator.config import AggregatorConfig
+from aggregator.optimizers.fedavg import FedAvg
 from aggregator.rounds import (
     ClientStatus,
     MessageArrived,
@@ -18,7 +22,6 @@ from aggregator.rounds import (
     SendAck,
     TimerFired,
 )
-from aggregator.strategies.fedavg import FedAvg
 from fedge import tensors, wire
 from fedge.codecs import make_codec
 from fedge.downlink import rebuild
@@ -29,7 +32,8 @@ INITIAL = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.ones(2, np
 
 
 def make_core(codec="none", downlink=None, key_every=20, **kw):
-    policy = RoundPolicy(**{"rounds": 5, "min_clients": 2, "deadline_s": 60.0, "settle_s": 0.0, **kw})
+    policy = dataclasses.replace(RoundPolicy.from_config(AggregatorConfig()),
+                                 **{"rounds": 5, "min_clients": 2, "deadline_s": 60.0, "settle_s": 0.0, **kw})
     return RoundCore(job=JOB, policy=policy, plan=TrainingPlan(), codec={"name": codec}, optimizer=FedAvg(),
                      model_factory="fedge.models:digits_mlp", model_args={}, initial_model=INITIAL,
                      downlink=downlink, key_every=key_every)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aggregator.strategies.base import ServerOptimizer
+from aggregator.optimizers.base import ServerOptimizer
 from fedge.tensors import ModelArrays
 
 
@@ -21,5 +21,3 @@ class FedAvg(ServerOptimizer):
     def step(self, global_model: ModelArrays, avg_delta: ModelArrays) -> ModelArrays:
         return {k: (w + np.float32(self.lr) * avg_delta[k]).astype(np.float32) for k, w in global_model.items()}
 
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "lr": self.lr}

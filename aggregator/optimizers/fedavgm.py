@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aggregator.strategies.base import ServerOptimizer
+from aggregator.optimizers.base import ServerOptimizer
 from fedge.tensors import ModelArrays
 
 
@@ -21,6 +21,7 @@ class FedAvgM(ServerOptimizer):
     momentum: float = 0.9
     m: ModelArrays = field(default_factory=dict)
     name = "fedavgm"
+    params = ("lr", "momentum")
 
     def step(self, global_model: ModelArrays, avg_delta: ModelArrays) -> ModelArrays:
         if not self.m:
@@ -37,5 +38,3 @@ class FedAvgM(ServerOptimizer):
     def load_state(self, slots: dict[str, ModelArrays]) -> None:
         self.m = dict(slots.get("m", {}))
 
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "lr": self.lr, "momentum": self.momentum}

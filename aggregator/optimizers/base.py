@@ -9,13 +9,15 @@ sign flipped (Reddi et al. 2021).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from fedge.tensors import ModelArrays
 
 
 class ServerOptimizer(ABC):
     name: ClassVar[str]
+    # The config keys ([server] section) this optimizer is built from.
+    params: ClassVar[tuple[str, ...]] = ("lr",)
 
     @abstractmethod
     def step(self, global_model: ModelArrays, avg_delta: ModelArrays) -> ModelArrays:
@@ -28,5 +30,3 @@ class ServerOptimizer(ABC):
     def load_state(self, slots: dict[str, ModelArrays]) -> None:  # noqa: B027 - stateless by default
         """Restore what ``state`` returned."""
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name}

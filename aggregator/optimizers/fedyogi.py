@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aggregator.strategies.fedadam import FedAdam
+from aggregator.optimizers.fedadam import FedAdam
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aggregator.strategies.base import ServerOptimizer
+from aggregator.optimizers.base import ServerOptimizer
 from fedge.tensors import ModelArrays
 
 
@@ -26,6 +26,7 @@ class FedAdam(ServerOptimizer):
     m: ModelArrays = field(default_factory=dict)
     v: ModelArrays = field(default_factory=dict)
     name = "fedadam"
+    params = ("lr", "beta1", "beta2", "tau")
 
     def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
         return self.beta2 * v + (1.0 - self.beta2) * d2
@@ -49,5 +50,3 @@ class FedAdam(ServerOptimizer):
         self.m = dict(slots.get("m", {}))
         self.v = dict(slots.get("v", {}))
 
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}
