@@ -138,7 +138,17 @@ class TimerFired:
     now: float
 
 
-Event = ClientStatus | MessageArrived | TimerFired
+@dataclass(frozen=True)
+class Incident:
+    """Something the shell saw go wrong that the job's counters must show: a
+    chunk it dropped, a presence it could not parse, an export that failed."""
+
+    reason: str
+    client: str | None
+    now: float
+
+
+Event = ClientStatus | MessageArrived | TimerFired | Incident
 
 # --- actions ---------------------------------------------------------------------
 
@@ -276,7 +286,14 @@ class RoundCore:
             return self._on_message(event)
         if isinstance(event, TimerFired):
             return self._on_timer(event.now)
+        if isinstance(event, Incident):
+            self.counters[event.reason] += 1
+            return []
         raise TypeError(f"unknown event {event!r}")
+
+    def exact_model_message(self) -> bytes:
+        """The exact server model as a full model message, for exporters."""
+        return self.models.exact_message()
 
     def next_deadline(self) -> float | None:
         if self.open:

@@ -4,7 +4,10 @@ install. No I/O; the runtime writes files and loads ONNX Runtime.
 An artifact is installed only when its envelope digest, its file's sha256
 and its manifest agree (``Artifact.parse`` checks all three), it belongs to
 this job and name, and it is newer than what the device already serves; an
-older retained copy arriving late is ignored.
+older retained copy arriving late is ignored, and so is a copy of the one
+being installed. The shell reports what it serves (``ArtifactServed``, also
+for the copy it finds on disk at start) or that an install failed
+(``InstallFailed``, after which a redelivered copy may try again).
 """
 
 from __future__ import annotations
@@ -28,8 +31,29 @@ class ArtifactArrived:
 
 
 @dataclass(frozen=True)
+class ArtifactServed:
+    """The shell serves this artifact (just installed, or found on disk at start)."""
+
+    round: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class InstallFailed:
+    """The shell could not serve the artifact it was asked to install."""
+
+    sha256: str
+
+
+InferenceEvent = Connected | ArtifactArrived | ArtifactServed | InstallFailed
+
+
+@dataclass(frozen=True)
 class InstallArtifact:
     artifact: Artifact
+
+
+InferenceAction = PublishStatus | InstallArtifact
 
 
 @dataclass
@@ -38,21 +62,27 @@ class InferenceCore:
     job: str
     name: str
     info: dict[str, Any]
-    installed_round: int = -1
-    installed_sha256: str = ""
+    served_round: int = -1
+    served_sha256: str = ""
+    installing: str = ""  # sha256 of the artifact handed to the shell, until it reports back
     counters: dict[str, int] = field(default_factory=dict)
 
     def status(self, state: str) -> bytes:
         return Status(self.client_id, state, {**self.info, "role": "inference"} if state == "online" else {}).encode()
 
-    def handle(self, event: object) -> list[Any]:
+    def handle(self, event: InferenceEvent) -> list[InferenceAction]:
         if isinstance(event, Connected):
             return [PublishStatus(self.status("online"))]
         if isinstance(event, ArtifactArrived):
             return self._on_artifact(event.message)
+        if isinstance(event, ArtifactServed):
+            self.served_round, self.served_sha256 = event.round, event.sha256
+            self.installing = ""
+        elif isinstance(event, InstallFailed) and event.sha256 == self.installing:
+            self.installing = ""  # not serving it: a redelivered copy may try again
         return []
 
-    def _on_artifact(self, message: bytes) -> list[Any]:
+    def _on_artifact(self, message: bytes) -> list[InferenceAction]:
         try:
             art = Artifact.parse(wire.decode(message))
         except (WireError, ProtocolError) as exc:
@@ -61,7 +91,7 @@ class InferenceCore:
             return []
         if art.job != self.job or art.name != self.name or art.format != "onnx":
             return []
-        if art.round < self.installed_round or art.sha256 == self.installed_sha256:
+        if art.round < self.served_round or art.sha256 in (self.served_sha256, self.installing):
             return []
-        self.installed_round, self.installed_sha256 = art.round, art.sha256
+        self.installing = art.sha256
         return [InstallArtifact(art)]

@@ -45,7 +45,7 @@ from edge_agent.core import (
     TrainJob,
     Unsubscribe,
 )
-from edge_agent.inference import ArtifactArrived, InferenceCore, InstallArtifact
+from edge_agent.inference import ArtifactArrived, ArtifactServed, InferenceCore, InstallArtifact, InstallFailed
 from edge_agent.pool import Outcome, TrainingPool
 from edge_agent.serve import PredictionServer, ServedModel
 from edge_agent.state import DeviceStore
@@ -138,7 +138,7 @@ class _Device:
         atomic_write(self.model_file, art.body, durable)
         if not self.load():
             assert isinstance(self.core, InferenceCore)
-            self.core.installed_sha256 = ""  # not serving it: a redelivered copy may try again
+            self.core.handle(InstallFailed(art.sha256))
 
     def _info(self, art: Any) -> dict[str, Any]:
         return {"round": art.round, "sha256": art.sha256, "variant": art.variant, "name": art.name}
@@ -166,7 +166,7 @@ class _Device:
         self.served = ServedModel(predictor, info)
         self._warn_if_int8_saturates()
         assert isinstance(self.core, InferenceCore)
-        self.core.installed_round, self.core.installed_sha256 = info["round"], info["sha256"]
+        self.core.handle(ArtifactServed(int(info["round"]), str(info["sha256"])))
         log.info("%s: serving %s of round %d (%s, sha256 %s)", self.spec.client_id, self.model_file.name,
                  info["round"], info["variant"], info["sha256"][:12])
         return True

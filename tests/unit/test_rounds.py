@@ -424,3 +424,22 @@ def test_restart_restores_key_delta_and_exact_model():
     out = fresh.start(100)
     delta = next(a for a in out if isinstance(a, PublishDelta))
     assert delta.message == core.models.delta_message
+
+
+def test_incidents_the_shell_reports_are_counted_and_checkpointed():
+    from aggregator.rounds import Incident
+
+    core = make_core()
+    assert core.handle(Incident("chunk_overflow", "a", 0.0)) == []
+    core.handle(Incident("chunk_overflow", "b", 1.0))
+    core.handle(Incident("bad_status", None, 2.0))
+    assert core.counters["chunk_overflow"] == 2 and core.counters["bad_status"] == 1
+    assert core.snapshot()[1]["counters"]["chunk_overflow"] == 2
+
+
+def test_injected_ids_make_checkpoints_deterministic():
+    ids = iter(["first", "second"])
+    core = make_core()
+    core.new_id = lambda: next(ids)
+    assert core.snapshot()[1]["checkpoint_id"] == "first"
+    assert core.snapshot()[1]["checkpoint_id"] == "second"
