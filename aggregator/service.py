@@ -39,6 +39,7 @@ from fedge.chunks import ChunkError, Reassembler
 from fedge.messages import ProtocolError, Status, TrainingPlan
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.topics import JobTopics
+from fedge.transport import LinkFactory
 from fedge.wire import WireError
 
 log = logging.getLogger("fedge.aggregator")
@@ -61,7 +62,10 @@ def build_core(cfg: AggregatorConfig) -> RoundCore:
 
 
 class AggregatorService:
-    def __init__(self, cfg: AggregatorConfig, on_record: RecordHook | None = None) -> None:
+    def __init__(self, cfg: AggregatorConfig, on_record: RecordHook | None = None,
+                 link_factory: LinkFactory = MqttLink) -> None:
+        """``link_factory`` makes the broker connection (``MqttLink``; tests
+        pass ``fedge.transport.MemoryBroker().link``)."""
         cfg.check()  # the same one-line ConfigError for every caller, not only the command line
         self.cfg = cfg
         self.on_record = on_record
@@ -75,7 +79,7 @@ class AggregatorService:
             max_partials_per_stream=2, timeout_s=cfg.limits.reassembly_timeout_s,
             check_ids=False,  # RoundCore verifies the envelope's sha256
         )
-        self.link = MqttLink(
+        self.link = link_factory(
             cfg.broker, f"fedge-aggregator-{cfg.job.name}", self.inbox.put,
             subscriptions=[self.topics.update_filter, self.topics.status_filter],
             will=(self.topics.server, Status(messages.AGGREGATOR, "offline").encode()),
@@ -150,7 +154,7 @@ class AggregatorService:
             log.error("ONNX export of round %d failed (the job goes on): %s", item.round, item.error)
             return
         if isinstance(item, LinkUp):
-            log.info("connected to %s:%d (session present: %s)", self.link.host, self.link.port, item.session_present)
+            log.info("connected to %s (session present: %s)", self.link.address, item.session_present)
             self.link.publish(self.topics.server, Status(messages.AGGREGATOR, "online").encode(), retain=True)
             return
         if isinstance(item, LinkDown):

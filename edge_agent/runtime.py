@@ -55,6 +55,7 @@ from fedge.config import BrokerSettings
 from fedge.files import atomic_write
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.topics import JobTopics, check_id
+from fedge.transport import LinkFactory
 from fedge.wire import Kind
 
 log = logging.getLogger("fedge.agent")
@@ -89,7 +90,7 @@ class _Trained:
 
 
 class _Device:
-    def __init__(self, spec: DeviceSpec, broker: BrokerSettings, inbox: Inbox) -> None:
+    def __init__(self, spec: DeviceSpec, broker: BrokerSettings, inbox: Inbox, link_factory: LinkFactory) -> None:
         self.spec = spec
         self.topics = JobTopics(spec.job)
         self.store = DeviceStore(spec.state_dir, durable=spec.durable)
@@ -118,7 +119,7 @@ class _Device:
             max_partials_per_stream=2, timeout_s=300.0,
             check_ids=False,  # the cores verify the envelope's sha256
         )
-        self.link = MqttLink(
+        self.link = link_factory(
             spec.broker or broker, spec.client_id, inbox.put, subscriptions=subscriptions,
             will=(self.topics.status(spec.client_id), self.core.status("offline")),
         )
@@ -196,11 +197,13 @@ def _served_by(dev: _Device) -> Callable[[], ServedModel | None]:
 
 class AgentRuntime:
     def __init__(self, devices: list[DeviceSpec], broker: BrokerSettings, pool: TrainingPool,
-                 tick_s: float = 0.5) -> None:
+                 tick_s: float = 0.5, link_factory: LinkFactory = MqttLink) -> None:
+        """``link_factory`` makes each device's broker connection (``MqttLink``;
+        tests pass ``fedge.transport.MemoryBroker().link``)."""
         for d in devices:
             check_id(d.client_id, "agent id")
         self.inbox = Inbox(maxsize=max(1024, 64 * len(devices)))
-        self.devices = {d.client_id: _Device(d, broker, self.inbox) for d in devices}
+        self.devices = {d.client_id: _Device(d, broker, self.inbox, link_factory) for d in devices}
         self.pool = pool
         self.tick_s = tick_s
         self._stop = threading.Event()

@@ -1,6 +1,6 @@
 """The one place that talks to paho-mqtt.
 
-``MqttLink`` owns one paho client: connection (TCP or TLS, MQTT 3.1.1 or 5,
+``MqttLink`` is the real ``fedge.transport.Link``. It owns one paho client: connection (TCP or TLS, MQTT 3.1.1 or 5,
 persistent session, last will), reconnects with capped exponential backoff,
 re-subscription, and chunked publishing. It turns everything it hears into
 small events put on a queue the role's own thread consumes; the protocol
@@ -22,7 +22,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,6 +32,9 @@ from paho.mqtt.properties import Properties
 
 from fedge import chunks
 from fedge.config import BrokerSettings, ConfigError
+from fedge.transport import Inbound, LinkDown, LinkEvent, LinkUp
+
+__all__ = ["Inbound", "Inbox", "LinkDown", "LinkEvent", "LinkUp", "MqttLink", "monotonic", "parse_url"]
 
 log = logging.getLogger("fedge.mqtt")
 
@@ -41,29 +43,6 @@ log = logging.getLogger("fedge.mqtt")
 # wake-up pair). One process therefore runs at most this many links; larger
 # simulated fleets run as several processes.
 MAX_LINKS_PER_PROCESS = 300
-
-
-@dataclass(frozen=True)
-class LinkUp:
-    link: str
-    session_present: bool
-
-
-@dataclass(frozen=True)
-class LinkDown:
-    link: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Inbound:
-    link: str
-    topic: str
-    payload: bytes
-    retain: bool
-
-
-LinkEvent = LinkUp | LinkDown | Inbound
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
@@ -99,6 +78,7 @@ class MqttLink:
         self.sink = sink
         self.subscriptions = list(subscriptions)
         self.host, self.port, tls = parse_url(settings.url)
+        self.address = f"{self.host}:{self.port}"
         self.chunk_bytes = chunks.chunk_data_size(settings.max_packet_bytes)
         self.bytes_out = 0
         self.bytes_in = 0

@@ -1,0 +1,80 @@
+"""The aggregator's shell on the in-memory transport: what it publishes and
+clears, and how it turns presence into rounds, with no broker process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from aggregator.config import AggregatorConfig
+from aggregator.service import AggregatorService
+from fedge import wire
+from fedge.codecs import supported
+from fedge.config import updated
+from fedge.files import atomic_write
+from fedge.messages import RoundAnnouncement, Status
+from fedge.topics import JobTopics
+from fedge.transport import MemoryBroker
+
+JOB = "shell"
+TOPICS = JobTopics(JOB)
+
+
+def job(tmp: Path, **selection: object) -> AggregatorConfig:
+    return updated(AggregatorConfig(), job={"name": JOB, "rounds": 2, "state_dir": str(tmp / "agg")},
+                   selection={"min_clients": 1, "settle_s": 0.0, **selection})
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@contextmanager
+def running(cfg: AggregatorConfig, broker: MemoryBroker) -> Iterator[AggregatorService]:
+    service = AggregatorService(cfg, link_factory=broker.link)
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+        thread.join(10)
+
+
+def announcement(broker: MemoryBroker) -> RoundAnnouncement | None:
+    payload = broker.retained.get(TOPICS.round)
+    return RoundAnnouncement.parse(wire.decode(payload)) if payload else None
+
+
+def test_stale_retained_chunks_of_a_longer_earlier_model_are_cleared(tmp_path):
+    broker = MemoryBroker()
+    stale = [TOPICS.key_chunk(i) for i in range(40)]
+    for topic in stale:
+        broker.publish("earlier-aggregator", topic, b"stale chunk", retain=True)
+    (tmp_path / "agg").mkdir()
+    atomic_write(tmp_path / "agg" / "published.json", b'{"key": 40}')
+    with running(job(tmp_path), broker):
+        wait_for(lambda: TOPICS.key_chunk(39) not in broker.retained)
+        kept = [t for t in stale if t in broker.retained]
+        assert kept and all(broker.retained[t] != b"stale chunk" for t in kept)
+        assert len(kept) < len(stale), "only the new model's chunks remain"
+
+
+def test_presence_opens_a_round_and_a_broken_presence_is_counted_not_fatal(tmp_path):
+    broker = MemoryBroker(duplicates=True)  # QoS 1 redelivery: every message twice
+    with running(job(tmp_path), broker) as service:
+        wait_for(lambda: broker.retained.get(TOPICS.server))
+        broker.publish("intruder", TOPICS.status("dev-1"), b"not a fedge message", retain=True)
+        broker.publish("dev-2", TOPICS.status("dev-2"), Status("dev-2", "online", {"codecs": supported()}).encode(),
+                       retain=True)
+        wait_for(lambda: (ann := announcement(broker)) is not None and ann.state == "open")
+        assert announcement(broker).selected == ("dev-2",)
+        wait_for(lambda: service.core.counters["bad_status"] >= 1)
+        assert Status.parse(wire.decode(broker.retained[TOPICS.server])).state == "online"
+    assert Status.parse(wire.decode(broker.retained[TOPICS.server])).state == "offline"
