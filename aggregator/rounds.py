@@ -560,4 +560,11 @@ class RoundCore:
         self.known = set(meta.get("known", []))
         self.counters = Counter(meta.get("counters", {}))
         self.history = list(meta.get("history", []))
+        self.resume_round(open_round)
+
+    def resume_round(self, open_round: dict[str, Any] | None) -> None:
+        """The last round-open record, so that ``start`` re-opens that round to
+        the same clients with the next attempt. Also without a checkpoint: a
+        crash during round 1 must not re-use attempt 1, whose receipts the
+        devices already hold."""
         self._restored_open = open_round

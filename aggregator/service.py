@@ -98,6 +98,7 @@ class AggregatorService:
     def _restore(self) -> None:
         loaded = self.state.load_checkpoint()
         if loaded is None:
+            self.core.resume_round(self.state.load_open_round())
             return
         arrays, meta = loaded
         self.core.restore(arrays, meta, self.state.load_open_round())

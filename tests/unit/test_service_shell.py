@@ -78,3 +78,17 @@ def test_presence_opens_a_round_and_a_broken_presence_is_counted_not_fatal(tmp_p
         wait_for(lambda: service.core.counters["bad_status"] >= 1)
         assert Status.parse(wire.decode(broker.retained[TOPICS.server])).state == "online"
     assert Status.parse(wire.decode(broker.retained[TOPICS.server])).state == "offline"
+
+
+def test_a_restart_before_the_first_checkpoint_reopens_the_round_with_the_next_attempt(tmp_path):
+    broker = MemoryBroker()
+    online = Status("dev-2", "online", {"codecs": supported()}).encode()
+    broker.publish("dev-2", TOPICS.status("dev-2"), online, retain=True)
+    with running(job(tmp_path, deadline_s=600.0), broker):
+        wait_for(lambda: (ann := announcement(broker)) is not None and ann.state == "open")
+        first = announcement(broker)
+    assert not (tmp_path / "agg" / "checkpoint.safetensors").exists()
+    with running(job(tmp_path, deadline_s=600.0), broker):
+        wait_for(lambda: (ann := announcement(broker)) is not None and ann.attempt > first.attempt)
+        again = announcement(broker)
+    assert (again.round, again.selected, again.attempt) == (first.round, first.selected, first.attempt + 1)
