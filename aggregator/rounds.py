@@ -71,6 +71,7 @@ from aggregator.optimizers import ServerOptimizer
 from fedge import wire
 from fedge.codecs import CodecError, make_codec, requirements
 from fedge.messages import Ack, Decline, ProtocolError, RoundAnnouncement, TrainingPlan, Update
+from fedge.records import RoundRecord
 from fedge.tensors import ModelArrays, TensorError
 from fedge.wire import Kind, WireError
 
@@ -187,10 +188,10 @@ class SaveRoundOpen:
 
 @dataclass(frozen=True)
 class RoundFinished:
-    """A round closed (ok or failed). ``record`` is its JSON log line, minus
-    the evaluation the shell adds; ``model`` is the global model after it."""
+    """A round closed (ok or failed). ``record`` is what it did, without the
+    evaluation the shell adds; ``model`` is the global model after it."""
 
-    record: dict[str, Any]
+    record: RoundRecord
     model: ModelArrays
     last: bool
 
@@ -256,7 +257,7 @@ class RoundCore:
         self.online: dict[str, dict[str, Any]] = {}
         self.known: set[str] = set()
         self.counters: Counter[str] = Counter()
-        self.history: list[dict[str, Any]] = []  # the last few records, for restarts
+        self.history: list[RoundRecord] = []  # the last few records, for restarts
         self._restored_open: dict[str, Any] | None = None
         self._waiting_announced = 0
         self._ready_since: float | None = None
@@ -479,24 +480,14 @@ class RoundCore:
             self.counters["rounds_ok"] += 1
         else:
             self.counters["rounds_failed"] += 1
-        record = {
-            "round": op.round,
-            "attempt": op.attempt,
-            "status": "ok" if ok else "failed",
-            "closed_by": reason,
-            "selected": len(op.selected),
-            "clients": len(op.accepted),
-            "declined": len(op.declined),
-            "late": op.late,
-            "rejected": dict(op.rejected),
-            "num_samples": op.num_samples,
-            "train_loss": op.loss_sum / op.loss_weight if op.loss_weight else None,
-            "bytes_up": op.bytes_up,
-            "bytes_down": op.bytes_down,
-            "seconds": round(now - op.opened_at, 4),
-            "model_digest": self.model_digest,
-            "accepted": sorted(op.accepted),
-        }
+        record = RoundRecord(
+            round=op.round, attempt=op.attempt, status="ok" if ok else "failed", closed_by=reason,
+            selected=len(op.selected), clients=len(op.accepted), declined=len(op.declined), late=op.late,
+            rejected=dict(op.rejected), num_samples=op.num_samples,
+            train_loss=op.loss_sum / op.loss_weight if op.loss_weight else None, bytes_up=op.bytes_up,
+            bytes_down=op.bytes_down, seconds=round(now - op.opened_at, 4), model_digest=self.model_digest,
+            accepted=tuple(sorted(op.accepted)),
+        )
         self.history = [*self.history[-9:], record]
         self.open = None
         self.sum.reset()
@@ -537,7 +528,7 @@ class RoundCore:
             **model_meta,
             "known": sorted(self.known),
             "counters": dict(self.counters),
-            "history": self.history,
+            "history": [r.to_json() for r in self.history],
             "checkpoint_id": self.new_id(),
         }
         return arrays, meta
@@ -559,7 +550,7 @@ class RoundCore:
         self.next_round = int(meta["next_round"])
         self.known = set(meta.get("known", []))
         self.counters = Counter(meta.get("counters", {}))
-        self.history = list(meta.get("history", []))
+        self.history = [RoundRecord.from_json(r) for r in meta.get("history", [])]
         self.resume_round(open_round)
 
     def resume_round(self, open_round: dict[str, Any] | None) -> None:

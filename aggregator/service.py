@@ -38,13 +38,14 @@ from fedge import messages, wire
 from fedge.chunks import ChunkError, Reassembler
 from fedge.messages import ProtocolError, Status, TrainingPlan
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
+from fedge.records import RoundRecord
 from fedge.topics import JobTopics
 from fedge.transport import LinkFactory
 from fedge.wire import WireError
 
 log = logging.getLogger("fedge.aggregator")
 
-RecordHook = Callable[[dict[str, Any]], None]
+RecordHook = Callable[[RoundRecord], None]
 
 
 def build_core(cfg: AggregatorConfig) -> RoundCore:
@@ -106,8 +107,8 @@ class AggregatorService:
         # checkpoint keeps the last records, so write back what is missing.
         logged = self.state.logged_rounds()
         for record in self.core.history:
-            if record["round"] not in logged:
-                self.state.append_round({**record, "recovered": True})
+            if record.round not in logged:
+                self.state.append_round(record.replace(recovered=True).to_json())
         log.info("resumed job %s from checkpoint: next round %d", self.cfg.job.name, self.core.next_round)
 
     def stop(self) -> None:
@@ -214,30 +215,26 @@ class AggregatorService:
                 self._finish_round(action)
 
     def _finish_round(self, fin: RoundFinished) -> None:
-        record = dict(fin.record)
+        record = fin.record
         ev = self.cfg.evaluate
-        due = fin.last or (record["round"] % max(1, ev.every) == 0)
-        if ev.data and due:
+        if ev.data and (fin.last or record.round % max(1, ev.every) == 0):
             started = time.perf_counter()
             metrics = self._evaluate(fin.model)
-            record["accuracy"] = metrics.get("accuracy")
-            record["loss"] = metrics.get("loss")
-            record["eval_seconds"] = round(time.perf_counter() - started, 4)
-        record["dropped_chunks"] = self.dropped_chunks
-        record["time"] = round(time.time(), 3)
-        self.state.append_round(record)
-        self.link.publish(self.topics.events, messages.encode_event(self.cfg.job.name, record))
-        acc = record.get("accuracy")
-        log.info("round %d %s: %d/%d clients%s", record["round"], record["status"], record["clients"],
-                 record["selected"], "" if acc is None else f", accuracy {acc:.4f}")
+            record = record.replace(accuracy=metrics.get("accuracy"), loss=metrics.get("loss"),
+                                    eval_seconds=round(time.perf_counter() - started, 4))
+        record = record.replace(dropped_chunks=self.dropped_chunks, time=round(time.time(), 3))
+        self.state.append_round(record.to_json())
+        self.link.publish(self.topics.events, messages.encode_event(self.cfg.job.name, record.to_json()))
+        log.info("round %d %s: %d/%d clients%s", record.round, record.status, record.clients, record.selected,
+                 "" if record.accuracy is None else f", accuracy {record.accuracy:.4f}")
         if self.on_record is not None:
             try:
                 self.on_record(record)
             except Exception:  # an embedding program's bug must not stop the job
                 self.core.handle(Incident("on_record_failed", None, monotonic()))
-                log.exception("the on_record callback failed for round %d", record["round"])
-        if self.onnx is not None and record["status"] == "ok" and self.onnx.due(record["round"], fin.last):
-            self.onnx.submit(record["round"], self.core.exact_model_message())
+                log.exception("the on_record callback failed for round %d", record.round)
+        if self.onnx is not None and record.status == "ok" and self.onnx.due(record.round, fin.last):
+            self.onnx.submit(record.round, self.core.exact_model_message())
         if fin.last:
             self.done.set()
 

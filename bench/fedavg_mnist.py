@@ -42,6 +42,7 @@ from aggregator.config import AggregatorConfig, CodecSection
 from bench._common import REPO, PrivateMosquitto, emit, machine
 from fedge.codecs import parse_spec
 from fedge.config import BrokerSettings, updated
+from fedge.records import RoundRecord
 
 MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
 PAPER = {"iid": 87, "shards": 664}
@@ -77,13 +78,13 @@ def run_codec(codec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     from edge_agent.runtime import AgentRuntime, DeviceSpec
 
     mosq = PrivateMosquitto()
-    records: list[dict[str, Any]] = []
+    records: list[RoundRecord] = []
     with tempfile.TemporaryDirectory(prefix="fedge-bench-mnist-") as tmp:
         state = Path(tmp)
         cfg = job_config(codec, args, mosq.url, state)
         reached: list[int] = []
 
-        def on_record(record: dict[str, Any]) -> None:
+        def on_record(record: RoundRecord) -> None:
             records.append(record)
             acc = record.get("accuracy")
             if acc is not None and acc >= args.target and not reached:

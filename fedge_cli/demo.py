@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 from aggregator.config import AggregatorConfig, CodecSection
 from fedge.config import BrokerSettings, updated
+from fedge.records import RoundRecord
 from fedge_cli.table import RoundTable
 
 DATASETS = {
@@ -86,14 +87,14 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     if not own_state and (state_dir / "aggregator").exists():
         shutil.rmtree(state_dir / "aggregator")
     table = RoundTable(out)
-    records: list[dict[str, Any]] = []
+    records: list[RoundRecord] = []
     fleet_ref: list[Any] = []
 
-    def on_record(record: dict[str, Any]) -> None:
+    def on_record(record: RoundRecord) -> None:
         # Bytes as the devices saw them: MQTT payload bytes the agents sent and
         # received for this round (announcement, model, update, receipt).
-        up, down = fleet_ref[0].traffic.get(record["round"], [0, 0]) if fleet_ref else (0, 0)
-        record = {**record, "bytes_up": up, "bytes_down": down}
+        up, down = fleet_ref[0].traffic.get(record.round, [0, 0]) if fleet_ref else (0, 0)
+        record = record.replace(bytes_up=up, bytes_down=down)
         records.append(record)
         try:
             table.row(record)
@@ -156,18 +157,18 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     return summary
 
 
-def summarize(records: list[dict[str, Any]], wall: float, finished: bool) -> dict[str, Any]:
+def summarize(records: list[RoundRecord], wall: float, finished: bool) -> dict[str, Any]:
     keys = ("round", "accuracy", "loss", "clients", "bytes_up", "bytes_down", "seconds")
-    rounds = [{k: r.get(k) for k in keys} | {"status": r["status"]} for r in records]
-    secs = sorted(r["seconds"] for r in records) or [0.0]
-    accs = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+    rounds = [{k: r.get(k) for k in keys} | {"status": r.status} for r in records]
+    secs = sorted(r.seconds for r in records) or [0.0]
+    accs = [r.accuracy for r in records if r.accuracy is not None]
     return {
         "rounds": rounds,
         "final_accuracy": accs[-1] if accs else 0.0,
         "best_accuracy": max(accs) if accs else 0.0,
         "median_round_seconds": secs[len(secs) // 2],
-        "bytes_up": sum(r["bytes_up"] for r in records),
-        "bytes_down": sum(r["bytes_down"] for r in records),
+        "bytes_up": sum(r.bytes_up for r in records),
+        "bytes_down": sum(r.bytes_down for r in records),
         "wall_seconds": round(wall, 3),
         "finished": finished,
     }

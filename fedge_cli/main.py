@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fedge import __version__
-from fedge.errors import OneReasonError
+from fedge.errors import FedgeError, OneReasonError
 
 log = logging.getLogger("fedge")
 
@@ -182,6 +182,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from aggregator.config import AggregatorConfig
     from fedge import config, messages, wire
     from fedge.mqtt import Inbound, MqttLink
+    from fedge.records import RoundRecord
     from fedge.topics import JobTopics
     from fedge_cli.table import RoundTable
 
@@ -203,8 +204,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 continue
             if isinstance(item, Inbound):
                 try:
-                    table.row(messages.parse_event(wire.decode(item.payload)))
-                except (ValueError, KeyError) as exc:
+                    table.row(RoundRecord.from_json(messages.parse_event(wire.decode(item.payload))))
+                except FedgeError as exc:  # wire, protocol or record: whatever a broker hands us
                     log.warning("ignored an event: %s", exc)
     finally:
         link.stop()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, TextIO
+from typing import TextIO
+
+from fedge.records import RoundRecord
 
 
 class RoundTable:
@@ -17,11 +19,11 @@ class RoundTable:
         self.out.write("{:>5} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8}\n".format(*self.COLUMNS))
         self.out.flush()
 
-    def row(self, r: dict[str, Any]) -> None:
-        acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
-        loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
+    def row(self, r: RoundRecord) -> None:
+        acc = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
+        loss = "-" if r.loss is None else f"{r.loss:.4f}"
         self.out.write(
-            f"{r['round']:>5} {str(r['clients']) + '/' + str(r['selected']):>8} {acc:>9} {loss:>8} "
-            f"{r['bytes_up'] / 1024:>9.1f} {r['bytes_down'] / 1024:>9.1f} {r['seconds']:>8.3f}\n"
+            f"{r.round:>5} {f'{r.clients}/{r.selected}':>8} {acc:>9} {loss:>8} "
+            f"{r.bytes_up / 1024:>9.1f} {r.bytes_down / 1024:>9.1f} {r.seconds:>8.3f}\n"
         )
         self.out.flush()
