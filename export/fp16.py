@@ -136,124 +136,163 @@ def _first_op_that_avoids_crash(model: ModelProto, blocked: set[str]) -> str:
     raise ExportError("ONNX Runtime crashes loading the float16 model on this machine; use --mode static or dynamic")
 
 
+@dataclass
+class _Conversion:
+    """The graph being converted, shared by the passes of ``_convert``.
+
+    ``nodes`` are standalone copies (protobuf hands out a fresh wrapper per
+    access, so the identity of ``graph.node`` elements is not stable);
+    ``half_nodes`` holds the ids of those that run in float16 and
+    ``half_tensors`` the names of the float tensors that are float16 after
+    conversion."""
+
+    model: ModelProto
+    nodes: list[onnx.NodeProto]
+    half_nodes: set[int]
+    consumers: dict[str, list[onnx.NodeProto]]
+    types: dict[str, int]
+    result: Fp16Result
+    half_tensors: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, source: ModelProto, blocked: set[str]) -> _Conversion:
+        model = ModelProto()
+        model.CopyFrom(source)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:
+            inferred = model
+        nodes = []
+        for n in model.graph.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            nodes.append(copy)
+        del model.graph.node[:]
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in nodes:
+            for name in n.input:
+                consumers.setdefault(name, []).append(n)
+        half = {id(n) for n in nodes if _runs_in_half(n, blocked)}
+        return cls(model, nodes, half, consumers, _elem_types(inferred), Fp16Result(model=model))
+
+    def is_half(self, node: onnx.NodeProto) -> bool:
+        return id(node) in self.half_nodes
+
+    def rename_input(self, users: Iterable[onnx.NodeProto], old: str, new: str) -> None:
+        for u in users:
+            for j, name in enumerate(u.input):
+                if name == old:
+                    u.input[j] = new
+
+
+def _runs_in_half(node: onnx.NodeProto, blocked: set[str]) -> bool:
+    if node.op_type in blocked or node.domain not in ("", "ai.onnx"):
+        return False
+    return not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
 def _convert(source: ModelProto, blocked: set[str]) -> Fp16Result:
-    model = ModelProto()
-    model.CopyFrom(source)
-    g = model.graph
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        inferred = model
-    types = _elem_types(inferred)
-    result = Fp16Result(model=model)
-
-    def is_half_node(node: onnx.NodeProto) -> bool:
-        if node.op_type in blocked or node.domain not in ("", "ai.onnx"):
-            return False
-        return not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-
-    # Standalone copies: protobuf hands out a fresh wrapper per access, so
-    # identity (id()) of g.node elements is not stable.
-    nodes = []
-    for n in g.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(n)
-        nodes.append(copy)
-    del g.node[:]
-    half_nodes = {id(n) for n in nodes if is_half_node(n)}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in nodes:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
-
-    # Graph outputs that a float16 node produces are renamed and cast back at the end.
-    output_names = {o.name for o in g.output}
-    tail: list[onnx.NodeProto] = []
-    for n in nodes:
-        if id(n) not in half_nodes:
-            continue
-        for i, out in enumerate(n.output):
-            if out in output_names and types.get(out) == _FLOAT:
-                inner = f"{out}__fp16"
-                n.output[i] = inner
-                for c in consumers.get(out, []):
-                    for j, name in enumerate(c.input):
-                        if name == out:
-                            c.input[j] = inner
-                consumers[inner] = consumers.pop(out, [])
-                types[inner] = _FLOAT
-                tail.append(helper.make_node("Cast", [inner], [out], to=_FLOAT, name=f"{out}__to_fp32"))
-
-    initializers = {t.name: t for t in g.initializer}
-    constants = {n.output[0]: n for n in nodes if n.op_type == "Constant" and n.output}
-    half_tensors: set[str] = set()  # float tensors that are float16 after conversion
-
-    # Weights and constants used only by float16 nodes become float16 in place; shared ones get a copy.
-    new_inits: list[TensorProto] = []
-    for name, init in initializers.items():
-        if init.data_type != _FLOAT:
-            continue
-        users = consumers.get(name, [])
-        if users and all(id(u) in half_nodes for u in users):
-            init.CopyFrom(_to_half_tensor(init, name, result))
-            half_tensors.add(name)
-        elif any(id(u) in half_nodes for u in users):
-            copy = _to_half_tensor(init, f"{name}__fp16", result)
-            new_inits.append(copy)
-            half_tensors.add(copy.name)
-            for u in users:
-                if id(u) in half_nodes:
-                    for j, inp in enumerate(u.input):
-                        if inp == name:
-                            u.input[j] = copy.name
-    g.initializer.extend(new_inits)
-
-    for out, node in constants.items():
-        value = next((a for a in node.attribute if a.name == "value"), None)
-        users = consumers.get(out, [])
-        if value is None or value.t.data_type != _FLOAT or not users:
-            continue
-        if all(id(u) in half_nodes for u in users):
-            value.t.CopyFrom(_to_half_tensor(value.t, value.t.name, result))
-            half_tensors.add(out)
-            half_nodes.discard(id(node))
-
-    new_nodes: list[onnx.NodeProto] = []
-    casts: dict[tuple[str, int], str] = {}
-
-    def cast(name: str, to: int) -> str:
-        key = (name, to)
-        if key not in casts:
-            suffix = "fp16" if to == _HALF else "fp32"
-            casts[key] = f"{name}__{suffix}"
-            new_nodes.append(helper.make_node("Cast", [name], [casts[key]], to=to, name=f"{name}__cast_{suffix}"))
-        return casts[key]
-
-    for n in nodes:
-        half = id(n) in half_nodes
-        for j, name in enumerate(n.input):
-            if not name or (types.get(name) != _FLOAT and name not in half_tensors):
-                continue
-            is_half = name in half_tensors
-            if half and not is_half:
-                n.input[j] = cast(name, _HALF)
-            elif not half and is_half:
-                n.input[j] = cast(name, _FLOAT)
-        if half:
-            _retype_attributes(n, result)
-            for out in n.output:
-                if types.get(out) == _FLOAT or (n.op_type == "Cast" and _cast_target(n) == _HALF):
-                    half_tensors.add(out)
-        new_nodes.append(n)
-    new_nodes.extend(tail)
-    g.node.extend(new_nodes)
+    """One conversion, as a sequence of passes over the graph."""
+    work = _Conversion.of(source, blocked)
+    tail = _outputs_back_to_float32(work)
+    _initializers_to_half(work)
+    _constants_to_half(work)
+    casts = _casts_between_precisions(work)
+    g = work.model.graph
+    g.node.extend([*casts, *tail])
     # Intermediate type annotations are stale now; ORT and the checker re-infer them.
     del g.value_info[:]
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(work.model)
     except Exception as exc:
         raise ExportError(f"float16 conversion produced an invalid graph: {first_line(exc)}") from None
-    return result
+    return work.result
+
+
+def _outputs_back_to_float32(work: _Conversion) -> list[onnx.NodeProto]:
+    """A graph output that a float16 node produces is renamed, and a Cast back
+    to float32 under its own name is appended (returned, to go last)."""
+    output_names = {o.name for o in work.model.graph.output}
+    tail = []
+    for n in work.nodes:
+        if not work.is_half(n):
+            continue
+        for i, out in enumerate(n.output):
+            if out in output_names and work.types.get(out) == _FLOAT:
+                inner = f"{out}__fp16"
+                n.output[i] = inner
+                work.rename_input(work.consumers.get(out, []), out, inner)
+                work.consumers[inner] = work.consumers.pop(out, [])
+                work.types[inner] = _FLOAT
+                tail.append(helper.make_node("Cast", [inner], [out], to=_FLOAT, name=f"{out}__to_fp32"))
+    return tail
+
+
+def _initializers_to_half(work: _Conversion) -> None:
+    """Weights used only by float16 nodes become float16 in place; weights
+    shared with float32 nodes get a float16 copy for the float16 users."""
+    g = work.model.graph
+    copies: list[TensorProto] = []
+    for init in g.initializer:
+        if init.data_type != _FLOAT:
+            continue
+        users = work.consumers.get(init.name, [])
+        if users and all(work.is_half(u) for u in users):
+            init.CopyFrom(_to_half_tensor(init, init.name, work.result))
+            work.half_tensors.add(init.name)
+        elif any(work.is_half(u) for u in users):
+            copy = _to_half_tensor(init, f"{init.name}__fp16", work.result)
+            copies.append(copy)
+            work.half_tensors.add(copy.name)
+            work.rename_input([u for u in users if work.is_half(u)], init.name, copy.name)
+    g.initializer.extend(copies)
+
+
+def _constants_to_half(work: _Conversion) -> None:
+    """Constant nodes whose every user runs in float16 hold float16 values;
+    the Constant itself is then left as it is (not converted again)."""
+    for node in work.nodes:
+        if node.op_type != "Constant" or not node.output:
+            continue
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        users = work.consumers.get(node.output[0], [])
+        if value is None or value.t.data_type != _FLOAT or not users:
+            continue
+        if all(work.is_half(u) for u in users):
+            value.t.CopyFrom(_to_half_tensor(value.t, value.t.name, work.result))
+            work.half_tensors.add(node.output[0])
+            work.half_nodes.discard(id(node))
+
+
+def _casts_between_precisions(work: _Conversion) -> list[onnx.NodeProto]:
+    """Put the nodes back in order, with a Cast wherever a float tensor
+    crosses between a float16 and a float32 node (one Cast per tensor and
+    direction), and float16 nodes' type attributes retyped."""
+    out: list[onnx.NodeProto] = []
+    casts: dict[tuple[str, int], str] = {}
+
+    def cast(name: str, to: int) -> str:
+        if (name, to) not in casts:
+            suffix = "fp16" if to == _HALF else "fp32"
+            casts[(name, to)] = f"{name}__{suffix}"
+            out.append(helper.make_node("Cast", [name], [casts[(name, to)]], to=to, name=f"{name}__cast_{suffix}"))
+        return casts[(name, to)]
+
+    for n in work.nodes:
+        half = work.is_half(n)
+        for j, name in enumerate(n.input):
+            if not name or (work.types.get(name) != _FLOAT and name not in work.half_tensors):
+                continue
+            is_half = name in work.half_tensors
+            if half != is_half:
+                n.input[j] = cast(name, _HALF if half else _FLOAT)
+        if half:
+            _retype_attributes(n, work.result)
+            for output in n.output:
+                if work.types.get(output) == _FLOAT or (n.op_type == "Cast" and _cast_target(n) == _HALF):
+                    work.half_tensors.add(output)
+        out.append(n)
+    return out
 
 
 def _elem_types(model: ModelProto) -> dict[str, int]:
