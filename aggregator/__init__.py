@@ -1,8 +1,10 @@
 """The broker-side role: runs rounds, folds updates as they arrive, publishes
 the next global model.
 
-``rounds`` is the protocol core (no I/O), ``fold`` the streaming weighted
-sum, ``selection`` who takes part in a round, ``optimizers`` the server
-optimizers, ``checkpoint`` the crash-safe
-state file, ``service`` the thin MQTT shell that runs it all.
+``config`` is the job's configuration and its checks, ``rounds`` the
+protocol core (no I/O), ``selection`` who takes part in a round, ``fold`` the
+streaming weighted sum, ``optimizers`` the server optimizers, ``lineage``
+the global model's key and deltas, ``state`` the crash-safe state
+directory, ``artifacts`` the ONNX exports, ``service`` the thin shell that
+runs it all over a transport.
 """

@@ -44,7 +44,7 @@ its selection so a restart re-announces the same round to the same clients.
 
 Models
 ------
-``ModelLineage`` (``aggregator.models``) holds the exact server model, the
+``ModelLineage`` (``aggregator.lineage``) holds the exact server model, the
 latest key and the published model devices train from; the core publishes a
 key (``PublishModel``) every ``key_every`` rounds and a delta from it
 (``PublishDelta``) in between.
@@ -66,7 +66,7 @@ import numpy as np
 from aggregator import selection
 from aggregator.config import AggregatorConfig
 from aggregator.fold import RunningSum
-from aggregator.models import ModelLineage
+from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
 from fedge import wire
 from fedge.codecs import CodecError, make_codec, requirements

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 from aggregator.artifacts import ArtifactBuilt, ArtifactFailed, OnnxPublisher
-from aggregator.checkpoint import StateDir
 from aggregator.config import AggregatorConfig
 from aggregator.optimizers import make_server_optimizer
 from aggregator.rounds import (
@@ -34,6 +33,7 @@ from aggregator.rounds import (
     SendAck,
     TimerFired,
 )
+from aggregator.state import StateDir
 from fedge import messages, wire
 from fedge.chunks import ChunkError, Reassembler
 from fedge.messages import ProtocolError, Status, TrainingPlan

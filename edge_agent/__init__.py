@@ -1,7 +1,9 @@
 """The device-side role: receives the global model, trains on local data that
 never leaves the device, publishes a compressed delta.
 
-``core`` is the protocol core (no I/O), ``runtime`` the MQTT shell that runs
+``config`` is the device's configuration and its checks, ``core`` the
+protocol core (no I/O), ``inference`` the inference-only device's core,
+``runtime`` the shell that runs
 one agent (a device) or many (a simulated fleet), ``pool`` and ``worker`` the
 training processes that own PyTorch, ``state`` the restart-safe state
 directory. Nothing here may import PyTorch except ``training`` and

@@ -48,7 +48,7 @@ from edge_agent.core import (
 from edge_agent.inference import ArtifactArrived, ArtifactServed, InferenceCore, InstallArtifact, InstallFailed
 from edge_agent.pool import Outcome, TrainingPool
 from edge_agent.serve import PredictionServer, ServedModel
-from edge_agent.state import DeviceStore
+from edge_agent.state import StateDir
 from fedge import tensors, wire
 from fedge.chunks import ChunkError, Reassembler
 from fedge.config import BrokerSettings
@@ -93,7 +93,7 @@ class _Device:
     def __init__(self, spec: DeviceSpec, broker: BrokerSettings, inbox: Inbox, link_factory: LinkFactory) -> None:
         self.spec = spec
         self.topics = JobTopics(spec.job)
-        self.store = DeviceStore(spec.state_dir, durable=spec.durable)
+        self.store = StateDir(spec.state_dir, durable=spec.durable)
         info = spec.info or capabilities.describe(spec.role)
         self.core: AgentCore | InferenceCore
         self.served: ServedModel | None = None

@@ -22,7 +22,11 @@ from fedge.tensors import ModelArrays
 log = logging.getLogger("fedge.agent")
 
 
-class DeviceStore:
+class StateDir:
+    """The device's state directory (the aggregator's twin is
+    ``aggregator.state.StateDir``); ``durable=False`` skips the fsyncs for
+    simulated fleets that share one disk."""
+
     def __init__(self, root: str | Path, durable: bool = True) -> None:
         self.root = Path(root)
         self.durable = durable

@@ -1,4 +1,4 @@
-"""Crash-safe files of the aggregator's state directory.
+"""The aggregator's state directory: its crash-safe files.
 
 ``checkpoint.safetensors``: the global model, the server optimizer's slots
 and a JSON ``meta`` entry, in one safetensors file so one rename publishes
@@ -28,6 +28,9 @@ _META_KEY = "__fedge_meta__"
 
 
 class StateDir:
+    """The aggregator's state directory (the device's twin is
+    ``edge_agent.state.StateDir``)."""
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
