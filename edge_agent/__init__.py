@@ -3,9 +3,9 @@ never leaves the device, publishes a compressed delta.
 
 ``config`` is the device's configuration and its checks, ``core`` the
 protocol core (no I/O), ``inference`` the inference-only device's core,
-``runtime`` the shell that runs
-one agent (a device) or many (a simulated fleet), ``pool`` and ``worker`` the
-training processes that own PyTorch, ``state`` the restart-safe state
-directory. Nothing here may import PyTorch except ``training`` and
-``worker``, which run in the worker process.
+``runtime`` the shell that runs one agent (a device) or many (a simulated
+fleet) over a transport, ``pool`` and ``worker`` the training processes that
+own PyTorch, ``state`` the restart-safe state directory. Nothing here may
+import PyTorch except ``training`` and ``worker``, which run in the worker
+process.
 """
