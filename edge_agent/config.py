@@ -15,6 +15,16 @@ from dataclasses import dataclass
 
 from fedge.config import BrokerSettings, ConfigError, section, setting
 
+ROLES = ("trainer", "inference")
+DOWNLINKS = ("on_demand", "follow")
+
+
+def check_choice(value: str, choices: tuple[str, ...], key: str) -> str:
+    """``value`` if it is one of ``choices``, else the one-line ``ConfigError``."""
+    if value not in choices:
+        raise ConfigError(f"{key} {value!r} is not known; use {' or '.join(choices)}")
+    return value
+
 
 @dataclass(frozen=True)
 class AgentSection:
@@ -82,9 +92,7 @@ class AgentConfig:
                 check_id(self.inference.artifact, "inference.artifact")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.agent.role not in ("trainer", "inference"):
-            raise ConfigError(f"agent.role {self.agent.role!r} is not known; use trainer or inference")
-        if self.agent.downlink not in ("on_demand", "follow"):
-            raise ConfigError(f"agent.downlink {self.agent.downlink!r} is not known; use on_demand or follow")
+        check_choice(self.agent.role, ROLES, "agent.role")
+        check_choice(self.agent.downlink, DOWNLINKS, "agent.downlink")
         if self.worker.python and not shutil.which(self.worker.python):
             raise ConfigError(f"worker.python {self.worker.python!r} is not an executable; give the full path")

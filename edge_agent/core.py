@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.config import DOWNLINKS, check_choice
 from fedge import tensors, wire
 from fedge.codecs import CodecError, error_feedback, make_codec
 from fedge.downlink import rebuild
@@ -264,8 +265,7 @@ class AgentCore:
     counters: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.downlink not in ("on_demand", "follow"):
-            raise ValueError(f"agent.downlink {self.downlink!r} is not known; use on_demand or follow")
+        check_choice(self.downlink, DOWNLINKS, "agent.downlink")
 
     # --- entry points ----------------------------------------------------------
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import capabilities
+from edge_agent.config import ROLES, check_choice
 from edge_agent.core import (
     AckArrived,
     Action,
@@ -97,10 +98,11 @@ class _Device:
         info = spec.info or capabilities.describe(spec.role)
         self.core: AgentCore | InferenceCore
         self.served: ServedModel | None = None
+        check_choice(spec.role, ROLES, "agent.role")
         if spec.role == "inference":
             self.core = InferenceCore(spec.client_id, spec.job, spec.artifact, info)
             subscriptions = [self.topics.artifact_filter(spec.artifact)]
-        elif spec.role == "trainer":
+        else:
             state, update = self.store.load()
             self.core = AgentCore(
                 client_id=spec.client_id, job=spec.job, info=info, accepted_model=spec.accepted_model,
@@ -112,8 +114,6 @@ class _Device:
                 self.core.restore_key(key)
             # The model channels are subscribed as the core asks (Subscribe actions).
             subscriptions = [self.topics.round, self.topics.ack(spec.client_id)]
-        else:
-            raise ValueError(f"agent.role {spec.role!r} is not known; use trainer or inference")
         self.downloads = Reassembler(
             max_bytes=2 * spec.max_model_bytes, max_message_bytes=spec.max_model_bytes,
             max_partials_per_stream=2, timeout_s=300.0,

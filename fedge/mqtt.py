@@ -72,6 +72,7 @@ class MqttLink:
         persistent: bool = True,
         name: str | None = None,
     ) -> None:
+        settings.check()  # the URL and protocol, as the config checks them
         self.settings = settings
         self.client_id = client_id
         self.name = name or client_id
@@ -87,13 +88,11 @@ class MqttLink:
         if settings.protocol == "5":
             protocol = paho.MQTTv5
             self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
-        elif settings.protocol in ("3.1.1", "311"):
+        else:  # "3.1.1" or "311": settings.check() refused anything else
             protocol = paho.MQTTv311
             self.client = paho.Client(
                 CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, clean_session=not persistent
             )
-        else:
-            raise ConfigError(f"broker.protocol {settings.protocol!r} is not supported; use \"3.1.1\" or \"5\"")
         self._v5 = protocol == paho.MQTTv5
         self._persistent = persistent
         c = self.client
