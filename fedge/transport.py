@@ -117,6 +117,7 @@ class MemoryBroker:
         self.retained: dict[str, bytes] = {}
         self.sessions: dict[str, _Session] = {}
         self.published: list[tuple[str, str, bytes, bool]] = []  # (client, topic, payload, retain), in order
+        self.delivered: list[tuple[str, str, bool]] = []  # (client, topic, retain), in order
         self._lock = threading.RLock()
 
     def link(self, settings: Any, client_id: str, sink: Sink, *, subscriptions: Iterable[str] = (),
@@ -274,6 +275,7 @@ class MemoryLink:
     # --- from the broker --------------------------------------------------------------
 
     def deliver(self, topic: str, payload: bytes, retain: bool) -> None:
+        self.broker.delivered.append((self.client_id, topic, retain))
         self.bytes_in += len(payload)
         self.sink(Inbound(self.name, topic, payload, retain))
 

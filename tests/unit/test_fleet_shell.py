@@ -6,6 +6,7 @@ tests/integration."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from aggregator.service import AggregatorService
@@ -54,3 +55,45 @@ def test_a_job_runs_over_the_memory_broker_through_redelivery_and_a_reconnect(tm
     # Every update is folded once, though each arrived twice: second copies are refused as duplicates (or as
     # late, when the first closed the round; the job may end before the last one is read).
     assert service.core.counters["accepted"] == 6 and service.core.counters["duplicate"] >= 1
+
+
+def test_a_reconnect_downloads_no_model_again(tmp_path):
+    """After a lost connection, the link re-subscribes what the device
+    subscribed, and the device asks for nothing more: the model it holds is
+    not downloaded a second time. (The job waits for a second device, so no
+    new model is published meanwhile.)"""
+    broker = MemoryBroker()
+    cfg = job(tmp_path, min_clients=2)
+    spec = devices(tmp_path, 1)[0]
+    follower = DeviceSpec(**{**spec.__dict__, "downlink": "follow"})
+    pool = TrainingPool(size=1, mode="per_round")
+    service = AggregatorService(cfg, link_factory=broker.link)
+    fleet = AgentRuntime([follower], cfg.broker, pool, link_factory=broker.link)
+    threads = [threading.Thread(target=service.run, daemon=True), threading.Thread(target=fleet.run, daemon=True)]
+    for t in threads:
+        t.start()
+    fleet.start()
+
+    def model_copies() -> int:
+        return sum(1 for client, topic, _ in broker.delivered if client == "dev-0" and "/model/" in topic)
+
+    def presence_published() -> int:
+        return sum(1 for client, topic, _, _ in broker.published if client == "dev-0" and topic == TOPICS.status(
+            "dev-0"))
+
+    try:
+        wait_for(lambda: model_copies() >= 1 and presence_published() >= 1)
+        time.sleep(0.5)  # let the device act on what it received
+        before, presences = model_copies(), presence_published()
+        broker.crash("dev-0")
+        fleet.devices["dev-0"].link.start()
+        wait_for(lambda: presence_published() > presences + 1)  # its will, then its own "online" again
+        time.sleep(0.5)
+    finally:
+        service.stop()
+        fleet.stop()
+        for t in threads:
+            t.join(10)
+        fleet.close()
+        pool.close()
+    assert model_copies() == before
