@@ -152,7 +152,7 @@ class AggregatorService:
             self._publish_artifact(item)
             return
         if isinstance(item, ArtifactFailed):
-            self.core.handle(Incident("onnx_failed", None, now))
+            self._execute(self.core.handle(Incident("onnx_failed", None, now)))
             log.error("ONNX export of round %d failed (the job goes on): %s", item.round, item.error)
             return
         if isinstance(item, LinkUp):
@@ -172,7 +172,7 @@ class AggregatorService:
                 message = self.updates.feed(client, item.payload, now)
             except ChunkError as exc:
                 self.dropped_chunks += 1
-                self.core.handle(Incident(f"chunk_{exc.reason}", client, now))
+                self._execute(self.core.handle(Incident(f"chunk_{exc.reason}", client, now)))
                 log.warning("dropped a chunk from %s: %s", client, exc)
                 return
             if message is not None:
@@ -184,11 +184,11 @@ class AggregatorService:
         try:
             status = Status.parse(wire.decode(payload, max_body=0))
         except (WireError, ProtocolError) as exc:
-            self.core.handle(Incident("bad_status", client, now))
+            self._execute(self.core.handle(Incident("bad_status", client, now)))
             log.warning("ignored status of %s: %s", client, exc)
             return ClientStatus(client, False, {}, now)
         if status.sender != client:
-            self.core.handle(Incident("bad_status", client, now))
+            self._execute(self.core.handle(Incident("bad_status", client, now)))
             return ClientStatus(client, False, {}, now)
         return ClientStatus(client, status.state == "online", status.info, now)
 
@@ -231,7 +231,7 @@ class AggregatorService:
             try:
                 self.on_record(record)
             except Exception:  # an embedding program's bug must not stop the job
-                self.core.handle(Incident("on_record_failed", None, monotonic()))
+                self._execute(self.core.handle(Incident("on_record_failed", None, monotonic())))
                 log.exception("the on_record callback failed for round %d", record.round)
         if self.onnx is not None and record.status == "ok" and self.onnx.due(record.round, fin.last):
             self.onnx.submit(record.round, self.core.exact_model_message())
