@@ -8,6 +8,7 @@ queued for our persistent session the moment we reconnect.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from aggregator.optimizers import make_server_optimizer
 from aggregator.rounds import (
     Action,
     ClientStatus,
+    Event,
     Incident,
     MessageArrived,
     PublishAnnouncement,
@@ -92,6 +94,7 @@ class AggregatorService:
         self._stop = threading.Event()
         self.done = threading.Event()
         self.dropped_chunks = 0
+        self._failures_logged: set[tuple[str, str]] = set()
         self.artifacts: list[dict[str, Any]] = []
 
     # --- lifecycle -------------------------------------------------------------
@@ -134,15 +137,33 @@ class AggregatorService:
                 if item is not None:
                     try:
                         self._dispatch(item, now)
-                    except Exception:  # one bad message must never stop the job
-                        log.exception("failed to handle %s", type(item).__name__)
+                    except Exception as exc:  # one bad message must never stop the job
+                        self._contained(exc, item, now)
                 self.updates.expire(now)
-                self._execute(self.core.handle(TimerFired(now)))
+                self._feed(TimerFired(now))
         finally:
             self.link.stop(final=(self.topics.server, Status(messages.AGGREGATOR, "offline").encode()))
         return 0
 
     # --- events ----------------------------------------------------------------
+
+    def _feed(self, event: Event) -> None:
+        """Hand ``event`` to the core and carry out what it returns. Contained:
+        whatever goes wrong is counted and logged, and the loop goes on."""
+        try:
+            self._execute(self.core.handle(event))
+        except Exception as exc:
+            self._contained(exc, event, getattr(event, "now", monotonic()))
+
+    def _contained(self, exc: Exception, item: object, now: float) -> None:
+        """A failure no input may cause: counted as ``internal_error`` and
+        logged with its traceback the first time for each kind of failure."""
+        kind = (type(item).__name__, type(exc).__name__)
+        if kind not in self._failures_logged:
+            self._failures_logged.add(kind)
+            log.exception("failed to handle %s (counted as internal_error; repeats are not logged)", kind[0])
+        with contextlib.suppress(Exception):
+            self.core.handle(Incident("internal_error", None, now))
 
     def _exporting(self) -> bool:
         return self.onnx is not None and self.onnx.busy
@@ -152,7 +173,7 @@ class AggregatorService:
             self._publish_artifact(item)
             return
         if isinstance(item, ArtifactFailed):
-            self._execute(self.core.handle(Incident("onnx_failed", None, now)))
+            self._feed(Incident("onnx_failed", None, now))
             log.error("ONNX export of round %d failed (the job goes on): %s", item.round, item.error)
             return
         if isinstance(item, LinkUp):
@@ -166,17 +187,17 @@ class AggregatorService:
             return
         channel, client = self.topics.parse(item.topic)
         if channel == "status" and client:
-            self._execute(self.core.handle(self._status_event(client, item.payload, now)))
+            self._feed(self._status_event(client, item.payload, now))
         elif channel == "update" and client:
             try:
                 message = self.updates.feed(client, item.payload, now)
             except ChunkError as exc:
                 self.dropped_chunks += 1
-                self._execute(self.core.handle(Incident(f"chunk_{exc.reason}", client, now)))
+                self._feed(Incident(f"chunk_{exc.reason}", client, now))
                 log.warning("dropped a chunk from %s: %s", client, exc)
                 return
             if message is not None:
-                self._execute(self.core.handle(MessageArrived(client, message, now)))
+                self._feed(MessageArrived(client, message, now))
 
     def _status_event(self, client: str, payload: bytes, now: float) -> ClientStatus:
         if not payload:
@@ -184,11 +205,11 @@ class AggregatorService:
         try:
             status = Status.parse(wire.decode(payload, max_body=0))
         except (WireError, ProtocolError) as exc:
-            self._execute(self.core.handle(Incident("bad_status", client, now)))
+            self._feed(Incident("bad_status", client, now))
             log.warning("ignored status of %s: %s", client, exc)
             return ClientStatus(client, False, {}, now)
         if status.sender != client:
-            self._execute(self.core.handle(Incident("bad_status", client, now)))
+            self._feed(Incident("bad_status", client, now))
             return ClientStatus(client, False, {}, now)
         return ClientStatus(client, status.state == "online", status.info, now)
 
@@ -231,7 +252,7 @@ class AggregatorService:
             try:
                 self.on_record(record)
             except Exception:  # an embedding program's bug must not stop the job
-                self._execute(self.core.handle(Incident("on_record_failed", None, monotonic())))
+                self._feed(Incident("on_record_failed", None, monotonic()))
                 log.exception("the on_record callback failed for round %d", record.round)
         if self.onnx is not None and record.status == "ok" and self.onnx.due(record.round, fin.last):
             self.onnx.submit(record.round, self.core.exact_model_message())

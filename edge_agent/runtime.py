@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,7 @@ class AgentRuntime:
         self.pool = pool
         self.tick_s = tick_s
         self._stop = threading.Event()
+        self.failures: Counter[tuple[str, str]] = Counter()  # (what was handled, exception type) -> count
         # MQTT payload bytes [sent, received] by all devices, by the round the
         # traffic served (what the demo and benchmarks report): a model of round
         # m serves round m + 1; announcements, updates and receipts their own.
@@ -248,8 +250,8 @@ class AgentRuntime:
             if item is not None:
                 try:
                     self._dispatch(item, now)
-                except Exception:  # a bug in one message's handling must not stop the device
-                    log.exception("failed to handle %s", type(item).__name__)
+                except Exception as exc:  # a bug in one message's handling must not stop the device
+                    self._contained(getattr(item, "link", "agent"), exc, item)
             if now >= next_tick:
                 next_tick = now + self.tick_s
                 for dev in self.devices.values():
@@ -316,8 +318,21 @@ class AgentRuntime:
             del self.traffic[min(self.traffic)]
 
     def _run(self, dev: _Device, event: object) -> None:
-        for action in dev.core.handle(event):  # type: ignore[arg-type]
-            self._execute(dev, action)
+        """Hand ``event`` to the device's core and carry out what it returns.
+        Contained: a failure is counted (``failures``) and logged the first
+        time for each kind, and the device goes on."""
+        try:
+            for action in dev.core.handle(event):  # type: ignore[arg-type]
+                self._execute(dev, action)
+        except Exception as exc:
+            self._contained(dev.spec.client_id, exc, event)
+
+    def _contained(self, client_id: str, exc: Exception, item: object) -> None:
+        kind = (type(item).__name__, type(exc).__name__)
+        self.failures[kind] += 1
+        if self.failures[kind] == 1:
+            log.error("%s: failed to handle %s (counted; repeats are not logged)", client_id, kind[0],
+                      exc_info=exc)
 
     def _execute(self, dev: _Device, action: Action | InstallArtifact) -> None:
         before = dev.link.bytes_out

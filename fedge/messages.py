@@ -39,6 +39,26 @@ def _field(h: dict[str, Any], key: str, typ: type | tuple[type, ...], what: str)
     return value
 
 
+def _optional_number(h: dict[str, Any], key: str, what: str, default: float) -> float:
+    """A number field that may be absent or null (then ``default``)."""
+    value = h.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError("malformed", f"{what} header field {key!r} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _optional_object(h: dict[str, Any], key: str, what: str) -> dict[str, Any]:
+    """An object field that may be absent or null (then empty)."""
+    value = h.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError("malformed", f"{what} header field {key!r} must be an object, got {type(value).__name__}")
+    return value
+
+
 def _id(h: dict[str, Any], key: str, what: str) -> str:
     value = _field(h, key, str, what)
     try:
@@ -273,7 +293,6 @@ class Update:
     @classmethod
     def parse(cls, env: Envelope) -> Update:
         h = _expect(env, Kind.UPDATE)
-        loss = h.get("loss")
         return cls(
             job=_id(h, "job", "update"),
             round=_field(h, "round", int, "update"),
@@ -283,8 +302,8 @@ class Update:
             codec=_field(h, "codec", dict, "update"),
             base_model=_field(h, "base_model", str, "update"),
             body=env.body,
-            loss=float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else math.nan,
-            train_seconds=float(h.get("train_seconds") or 0.0),
+            loss=_optional_number(h, "loss", "update", math.nan),
+            train_seconds=_optional_number(h, "train_seconds", "update", 0.0),
         )
 
 
@@ -333,7 +352,7 @@ class Status:
         state = _field(h, "state", str, "status")
         if state not in ("online", "offline"):
             raise ProtocolError("malformed", f"unknown presence state {state!r}")
-        return cls(sender=_id(h, "sender", "status"), state=state, info=h.get("info") or {})
+        return cls(sender=_id(h, "sender", "status"), state=state, info=_optional_object(h, "info", "status"))
 
 
 @dataclass(frozen=True)

@@ -92,3 +92,37 @@ def test_a_restart_before_the_first_checkpoint_reopens_the_round_with_the_next_a
         wait_for(lambda: (ann := announcement(broker)) is not None and ann.attempt > first.attempt)
         again = announcement(broker)
     assert (again.round, again.selected, again.attempt) == (first.round, first.selected, first.attempt + 1)
+
+
+def test_a_presence_whose_info_is_not_an_object_is_counted_and_the_job_goes_on(tmp_path):
+    """Issue 11, case 1: one retained presence killed the aggregator on every restart."""
+    from fedge.wire import Kind
+
+    broker = MemoryBroker()
+    hostile = wire.encode(Kind.STATUS, {"sender": "dev-1", "state": "online", "info": "not an object"})
+    broker.publish("dev-1", TOPICS.status("dev-1"), hostile, retain=True)
+    broker.publish("dev-2", TOPICS.status("dev-2"), Status("dev-2", "online", {"codecs": supported()}).encode(),
+                   retain=True)
+    with running(job(tmp_path), broker) as service:
+        wait_for(lambda: (ann := announcement(broker)) is not None and ann.state == "open")
+        assert announcement(broker).selected == ("dev-2",)
+        assert service.core.counters["bad_status"] >= 1 and service.core.counters["internal_error"] == 0
+
+
+def test_a_failure_inside_the_core_is_contained_counted_and_logged_once(tmp_path, caplog):
+    broker = MemoryBroker()
+    with running(job(tmp_path), broker) as service:
+        wait_for(lambda: broker.retained.get(TOPICS.server))
+        original = service.core.handle
+        calls = {"n": 0}
+
+        def flaky(event):
+            if type(event).__name__ == "TimerFired" and calls["n"] < 3:
+                calls["n"] += 1
+                raise RuntimeError("a bug no input may trigger")
+            return original(event)
+
+        service.core.handle = flaky
+        wait_for(lambda: calls["n"] == 3 and service.core.counters["internal_error"] == 3)
+        assert service.done.is_set() is False and service.link.connected.is_set()
+    assert sum("counted as internal_error" in r.getMessage() for r in caplog.records) == 1
