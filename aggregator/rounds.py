@@ -73,7 +73,7 @@ from fedge.codecs import CodecError, make_codec, requirements
 from fedge.messages import Ack, Decline, ProtocolError, RoundAnnouncement, TrainingPlan, Update
 from fedge.records import RoundRecord
 from fedge.tensors import ModelArrays, TensorError
-from fedge.wire import Kind, WireError
+from fedge.wire import Envelope, Kind, WireError
 
 log = logging.getLogger("fedge.aggregator")
 
@@ -342,13 +342,14 @@ class RoundCore:
     def _on_message(self, ev: MessageArrived) -> list[Action]:
         if self.open:
             self.open.bytes_up += len(ev.message)
+        env = None
         try:
             env = wire.decode(ev.message, max_body=self.policy.max_update_bytes)
             if env.kind == Kind.DECLINE:
                 return self._on_decline(ev.client, Decline.parse(env), ev.now)
             upd = Update.parse(env)
         except (WireError, ProtocolError) as exc:
-            return self._reject(exc.reason, str(exc), ev.client, None)
+            return self._reject(exc.reason, str(exc), ev.client, None) + self._malformed_receipt(env, ev.client, exc)
         if upd.job != self.job:
             return self._reject("wrong_job", f"update for job {upd.job!r}", ev.client, None)
         if upd.sender != ev.client:
@@ -388,6 +389,18 @@ class RoundCore:
         self.counters["accepted"] += 1
         self._check_quorum(ev.now)
         return [SendAck(ev.client, Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "accepted").encode())]
+
+    def _malformed_receipt(self, env: Envelope | None, client: str, exc: Exception) -> list[Action]:
+        """A receipt for an update whose header broke the protocol, when it
+        still names its round and update id: the device learns why instead of
+        resending the same bytes until its round ends."""
+        h = env.header if env is not None and env.kind == Kind.UPDATE else {}
+        round_, update_id = h.get("round"), h.get("update_id")
+        if not isinstance(round_, int) or isinstance(round_, bool) or not isinstance(update_id, str):
+            return []
+        attempt = self.open.attempt if self.open else self.attempt
+        ack = Ack(self.job, round_, attempt, client, update_id[:64], "rejected", f"{exc}"[:300])
+        return [SendAck(client, ack.encode())]
 
     def _on_decline(self, client: str, dec: Decline, now: float) -> list[Action]:
         op = self.open

@@ -443,3 +443,19 @@ def test_injected_ids_make_checkpoints_deterministic():
     core.new_id = lambda: next(ids)
     assert core.snapshot()[1]["checkpoint_id"] == "first"
     assert core.snapshot()[1]["checkpoint_id"] == "second"
+
+
+def test_an_update_with_a_mistyped_header_field_gets_a_counted_rejection_and_a_receipt():
+    from fedge.messages import Update as _Update
+    from fedge.wire import Kind
+
+    core = make_core()
+    core.start(0.0)
+    online(core, "a", "b")
+    good = _Update.parse(wire.decode(update(core, "a")))
+    header = {"job": JOB, "round": good.round, "sender": "a", "update_id": "u-a", "num_samples": 10,
+              "codec": good.codec, "base_model": good.base_model, "train_seconds": "fast"}
+    receipts = acks(send(core, "a", wire.encode(Kind.UPDATE, header, good.body)))
+    assert [(r.status, r.update_id) for r in receipts] == [("rejected", "u-a")]
+    assert "train_seconds" in receipts[0].reason
+    assert core.counters["malformed"] == 1 and core.counters["accepted"] == 0
