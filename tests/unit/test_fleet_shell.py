@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from aggregator.service import AggregatorService
@@ -24,24 +26,18 @@ def devices(tmp: Path, n: int) -> list[DeviceSpec]:
             for i in range(n)]
 
 
-def test_a_job_runs_over_the_memory_broker_through_redelivery_and_a_reconnect(tmp_path):
-    broker = MemoryBroker(duplicates=True)  # every QoS 1 message twice: receipts and folds stay exactly-once
-    cfg = updated(job(tmp_path, min_clients=2, deadline_s=60.0), job={"rounds": 3},
-                  training={"epochs": 1, "batch_size": 32, "lr": 0.1})
-    records = []
-    service = AggregatorService(cfg, on_record=records.append, link_factory=broker.link)
-    pool = TrainingPool(size=1, mode="warm", threads=1)
-    fleet = AgentRuntime(devices(tmp_path, 2), cfg.broker, pool, link_factory=broker.link)
+@contextmanager
+def job_and_fleet(cfg, broker: MemoryBroker, specs: list[DeviceSpec], pool: TrainingPool,
+                  **service_kw) -> Iterator[tuple[AggregatorService, AgentRuntime]]:
+    """The aggregator and the devices, each on its own thread, on ``broker``."""
+    service = AggregatorService(cfg, link_factory=broker.link, **service_kw)
+    fleet = AgentRuntime(specs, cfg.broker, pool, link_factory=broker.link)
     threads = [threading.Thread(target=service.run, daemon=True), threading.Thread(target=fleet.run, daemon=True)]
     fleet.start()
     for t in threads:
         t.start()
     try:
-        wait_for(lambda: len(records) >= 1, 120)
-        # dev-0 loses its connection (its will says offline) and comes back: the broker kept its session.
-        broker.crash("dev-0")
-        fleet.devices["dev-0"].link.start()
-        assert service.done.wait(180), records
+        yield service, fleet
     finally:
         service.stop()
         fleet.stop()
@@ -49,6 +45,20 @@ def test_a_job_runs_over_the_memory_broker_through_redelivery_and_a_reconnect(tm
             t.join(10)
         fleet.close()
         pool.close()
+
+
+def test_a_job_runs_over_the_memory_broker_through_redelivery_and_a_reconnect(tmp_path):
+    broker = MemoryBroker(duplicates=True)  # every QoS 1 message twice: receipts and folds stay exactly-once
+    cfg = updated(job(tmp_path, min_clients=2, deadline_s=60.0), job={"rounds": 3},
+                  training={"epochs": 1, "batch_size": 32, "lr": 0.1})
+    records = []
+    with job_and_fleet(cfg, broker, devices(tmp_path, 2), TrainingPool(size=1, mode="warm", threads=1),
+                       on_record=records.append) as (service, fleet):
+        wait_for(lambda: len(records) >= 1, 120)
+        # dev-0 loses its connection (its will says offline) and comes back: the broker kept its session.
+        broker.crash("dev-0")
+        fleet.devices["dev-0"].link.start()
+        assert service.done.wait(180), records
     assert [r.status for r in records] == ["ok"] * 3 and all(r.clients == 2 for r in records)
     assert all(fleet.traffic[r.round][0] > 0 and fleet.traffic[r.round][1] > 0 for r in records), fleet.traffic
     assert (TOPICS.status("dev-0"), b"") not in [(t, p) for _, t, p, _ in broker.published]
@@ -66,13 +76,6 @@ def test_a_reconnect_downloads_no_model_again(tmp_path):
     cfg = job(tmp_path, min_clients=2)
     spec = devices(tmp_path, 1)[0]
     follower = DeviceSpec(**{**spec.__dict__, "downlink": "follow"})
-    pool = TrainingPool(size=1, mode="per_round")
-    service = AggregatorService(cfg, link_factory=broker.link)
-    fleet = AgentRuntime([follower], cfg.broker, pool, link_factory=broker.link)
-    threads = [threading.Thread(target=service.run, daemon=True), threading.Thread(target=fleet.run, daemon=True)]
-    for t in threads:
-        t.start()
-    fleet.start()
 
     def model_copies() -> int:
         return sum(1 for client, topic, _ in broker.delivered if client == "dev-0" and "/model/" in topic)
@@ -81,7 +84,7 @@ def test_a_reconnect_downloads_no_model_again(tmp_path):
         return sum(1 for client, topic, _, _ in broker.published if client == "dev-0" and topic == TOPICS.status(
             "dev-0"))
 
-    try:
+    with job_and_fleet(cfg, broker, [follower], TrainingPool(size=1, mode="per_round")) as (_, fleet):
         wait_for(lambda: model_copies() >= 1 and presence_published() >= 1)
         time.sleep(0.5)  # let the device act on what it received
         before, presences = model_copies(), presence_published()
@@ -89,11 +92,4 @@ def test_a_reconnect_downloads_no_model_again(tmp_path):
         fleet.devices["dev-0"].link.start()
         wait_for(lambda: presence_published() > presences + 1)  # its will, then its own "online" again
         time.sleep(0.5)
-    finally:
-        service.stop()
-        fleet.stop()
-        for t in threads:
-            t.join(10)
-        fleet.close()
-        pool.close()
     assert model_copies() == before
