@@ -218,6 +218,17 @@ class _OpenRound:
     due: float | None = None  # quorum reached at this time: close on the next tick
 
 
+def _named_in(env: Envelope | None) -> tuple[int, str] | None:
+    """(round, update id) from the header of an update that broke the
+    protocol elsewhere, so its sender learns why instead of resending the
+    same bytes until its round ends."""
+    h = env.header if env is not None and env.kind == Kind.UPDATE else {}
+    round_, update_id = h.get("round"), h.get("update_id")
+    if isinstance(round_, int) and not isinstance(round_, bool) and isinstance(update_id, str):
+        return round_, update_id[:64]
+    return None
+
+
 class RoundCore:
     def __init__(
         self,
@@ -324,7 +335,11 @@ class RoundCore:
             return self._try_open(now)
         return []
 
-    def _reject(self, reason: str, detail: str, client: str, upd: Update | None) -> list[Action]:
+    def _reject(self, reason: str, detail: str, client: str, upd: Update | None,
+                named: tuple[int, str] | None = None) -> list[Action]:
+        """Count and log a refused message; the sender gets a receipt when the
+        update (or, for a malformed one, its header: ``named``) gives its
+        round and update id."""
         self.counters[reason] += 1
         if self.open:
             if reason == "late":
@@ -332,10 +347,12 @@ class RoundCore:
             else:
                 self.open.rejected[reason] += 1
         log.warning("dropped message from %s: %s (%s)", client, detail, reason)
-        if upd is None:
+        if upd is not None:
+            named = (upd.round, upd.update_id)
+        if named is None:
             return []
         status = "late" if reason == "late" else "rejected"
-        ack = Ack(self.job, upd.round, self.open.attempt if self.open else self.attempt, client, upd.update_id,
+        ack = Ack(self.job, named[0], self.open.attempt if self.open else self.attempt, client, named[1],
                   status, f"{reason}: {detail}"[:300])
         return [SendAck(client, ack.encode())]
 
@@ -349,7 +366,7 @@ class RoundCore:
                 return self._on_decline(ev.client, Decline.parse(env), ev.now)
             upd = Update.parse(env)
         except (WireError, ProtocolError) as exc:
-            return self._reject(exc.reason, str(exc), ev.client, None) + self._malformed_receipt(env, ev.client, exc)
+            return self._reject(exc.reason, str(exc), ev.client, None, _named_in(env))
         if upd.job != self.job:
             return self._reject("wrong_job", f"update for job {upd.job!r}", ev.client, None)
         if upd.sender != ev.client:
@@ -389,18 +406,6 @@ class RoundCore:
         self.counters["accepted"] += 1
         self._check_quorum(ev.now)
         return [SendAck(ev.client, Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "accepted").encode())]
-
-    def _malformed_receipt(self, env: Envelope | None, client: str, exc: Exception) -> list[Action]:
-        """A receipt for an update whose header broke the protocol, when it
-        still names its round and update id: the device learns why instead of
-        resending the same bytes until its round ends."""
-        h = env.header if env is not None and env.kind == Kind.UPDATE else {}
-        round_, update_id = h.get("round"), h.get("update_id")
-        if not isinstance(round_, int) or isinstance(round_, bool) or not isinstance(update_id, str):
-            return []
-        attempt = self.open.attempt if self.open else self.attempt
-        ack = Ack(self.job, round_, attempt, client, update_id[:64], "rejected", f"{exc}"[:300])
-        return [SendAck(client, ack.encode())]
 
     def _on_decline(self, client: str, dec: Decline, now: float) -> list[Action]:
         op = self.open

@@ -173,7 +173,6 @@ class _Device:
                  info["round"], info["variant"], info["sha256"][:12])
         return True
 
-
     def _warn_if_int8_saturates(self) -> None:
         """An x86 CPU without VNNI saturates int8 pair sums where the model's
         target (full 8-bit weights) does not: its answers may differ. Say so."""

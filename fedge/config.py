@@ -3,9 +3,11 @@ the broker settings every role shares.
 
 Each role owns its sections, their defaults and their checks
 (``aggregator.config``, ``edge_agent.config``); this module owns how a file
-becomes such a config. A config is a tree of small dataclasses; each field is declared with
-``setting(default, doc)`` so that ``render_defaults`` can print a complete,
-commented file (``fedge config aggregator``) and the README can quote it.
+becomes such a config. A config is a tree of small frozen dataclasses; each
+field is declared with ``setting(default, doc)`` so that ``render_defaults``
+can print a complete, commented file (``fedge config aggregator``) and the
+README can quote it. ``updated`` builds a changed copy.
+
 Loading rejects unknown keys with a suggestion (``did you mean ...``) and
 wrong types with the key's path, because a silently ignored typo in a fleet
 config costs a day.
