@@ -95,8 +95,24 @@ class ServerSection:
     beta2: float = setting(0.99, "Second-moment decay for fedadam/fedyogi.")
     tau: float = setting(1e-3, "Adaptivity epsilon for fedadam/fedyogi.")
     max_samples_per_update: int = setting(
-        1_000_000, "Updates claiming more samples are rejected (bounds one client's weight)."
+        1_000_000, "Updates claiming more samples are rejected (an absolute bound; weight_cap is the relative one)."
     )
+    aggregation: str = setting(
+        "mean", "How a round's updates combine: mean (weighted, FedAvg), median, trimmed_mean or krum (multi-Krum)."
+    )
+    clip: str = setting(
+        "adaptive", "Norm bound on every update: adaptive (clip_multiplier x the round's median norm), fixed "
+        "(clip_norm) or off."
+    )
+    clip_norm: float = setting(0.0, "The L2 bound on an update's delta when clip = \"fixed\".")
+    clip_multiplier: float = setting(2.0, "Adaptive bound: this many times the median update norm of the round.")
+    weight_cap: float = setting(
+        2.0, "No update carries more than weight_cap / n of a round's weight (n updates), whatever samples it "
+        "claims; 0: no cap. At least 1."
+    )
+    trim_fraction: float = setting(0.1, "trimmed_mean: fraction of the largest and of the smallest values dropped.")
+    krum_f: int = setting(1, "krum: hostile updates per round to tolerate (f).")
+    krum_m: int = setting(0, "krum: updates averaged after scoring; 0: n - f.")
 
 
 @dataclass(frozen=True)
@@ -151,6 +167,10 @@ class LimitsSection:
     max_update_bytes: int = setting(64 << 20, "Largest update accepted, in bytes.")
     reassembly_bytes: int = setting(256 << 20, "Memory for partially received updates, across all clients.")
     reassembly_timeout_s: float = setting(120.0, "A partially received message is dropped after this long.")
+    aggregation_bytes: int = setting(
+        1 << 30, "Memory a robust rule (median, trimmed_mean, krum) may use to hold a round's updates dense; "
+        "the job refuses to start when selection.max_clients x 4 bytes x parameters exceeds it."
+    )
 
 
 @dataclass(frozen=True)
@@ -196,7 +216,27 @@ class AggregatorConfig:
         if self.server.optimizer not in SERVER_OPTIMIZERS:
             raise ConfigError(f"server.optimizer {self.server.optimizer!r} is not known; "
                               f"use one of {', '.join(SERVER_OPTIMIZERS)}")
+        srv = self.server
+        from aggregator.robust import CLIPS, RULES
+
+        if srv.aggregation not in RULES:
+            raise ConfigError(f"server.aggregation {srv.aggregation!r} is not known; use one of {', '.join(RULES)}")
+        if srv.clip not in CLIPS:
+            raise ConfigError(f"server.clip {srv.clip!r} is not known; use one of {', '.join(CLIPS)}")
+        if srv.clip == "fixed" and not srv.clip_norm > 0:
+            raise ConfigError("server.clip = \"fixed\" needs server.clip_norm > 0")
+        if srv.clip == "adaptive" and not srv.clip_multiplier > 0:
+            raise ConfigError("server.clip_multiplier must be positive (or set server.clip = \"off\")")
+        if srv.weight_cap != 0 and not srv.weight_cap >= 1:
+            raise ConfigError("server.weight_cap must be 0 (no cap) or at least 1 (an equal share)")
+        if not 0 <= srv.trim_fraction < 0.5:
+            raise ConfigError("server.trim_fraction must be in [0, 0.5)")
+        if srv.krum_f < 0 or srv.krum_m < 0:
+            raise ConfigError("server.krum_f and server.krum_m must not be negative")
         sel = self.selection
+        if srv.aggregation != "mean" and sel.max_clients == 0:
+            raise ConfigError(f"server.aggregation = {srv.aggregation!r} holds every update of a round in memory: "
+                              "set selection.max_clients to bound it")
         if not 0 < sel.fraction <= 1 or not 0 < sel.quorum <= 1:
             raise ConfigError("selection.fraction and selection.quorum must be in (0, 1]")
         if sel.min_clients < 1 or sel.min_updates < 1:

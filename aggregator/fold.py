@@ -1,21 +1,106 @@
-"""The streaming weighted sum of one round.
+"""The updates of one round, and how they become one averaged delta.
 
-Each valid update is folded into the sum the moment it arrives, straight
-from its codec payload; nothing per client is kept. Memory is one model's
-worth whatever the fleet size: float32 accumulators, whose rounding (about
-1e-6 relative over a thousand updates) is far below any lossy codec's step
-(1/127 of a tensor's range for int8) and twice as fast to fold as float64.
+An update that passes the round's checks is *admitted*: its body is decoded
+once into a scratch model to prove it is a finite delta of the model's shape
+and to measure its L2 norm, then kept as received (compressed: an int2
+update is about 1/16 of the float32 delta). Nothing dense is kept per
+client. When the round closes, ``combine`` applies the defences and the
+job's aggregation rule (``aggregator.robust``) to the kept bodies.
+
+Memory, for a round of n admitted updates of a model of P parameters:
+
+* the kept bodies: the bytes received, no more (n x the codec's size);
+* ``mean`` (the default): one scratch model and one float32 sum, 8P bytes,
+  whatever n is; bodies are folded one after another;
+* ``median``, ``trimmed_mean``, ``krum``: every update dense at once,
+  4nP bytes (plus an n x n distance matrix for krum). The job refuses to
+  start when ``selection.max_clients`` x 4P exceeds
+  ``limits.aggregation_bytes`` (see ``robust.dense_bytes``).
+
+Why keep bodies instead of folding on arrival: the defences need the whole
+round. A weight share is a share of a total only known at close, and the
+adaptive norm bound is a multiple of the round's median norm, which no
+streaming sum can apply after the fact.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
-from fedge.codecs import UpdateCodec
-from fedge.tensors import ModelArrays, TensorSpec
+from fedge.codecs import CodecError, UpdateCodec
+from fedge.tensors import ModelArrays, TensorSpec, zeros_like_spec
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """One accepted update of the open round, as received."""
+
+    client: str
+    body: bytes
+    samples: int
+    norm: float  # L2 norm of the decoded delta, computed in float64
+
+
+def l2_norm(arrays: ModelArrays) -> float:
+    """The L2 norm over every tensor, in float64 (float32 squares of a large
+    but finite delta overflow)."""
+    total = 0.0
+    for a in arrays.values():
+        flat = a.reshape(-1).astype(np.float64)
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
+
+
+class RoundUpdates:
+    """The admitted updates of the open round (cleared when it closes)."""
+
+    def __init__(self, spec: TensorSpec, codec: UpdateCodec) -> None:
+        self.spec = spec
+        self.codec = codec
+        self.items: list[Admitted] = []
+        self._scratch = zeros_like_spec(spec)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(a.body) for a in self.items)
+
+    def admit(self, client: str, body: bytes, samples: int) -> Admitted:
+        """Decode ``body`` to check it and measure it; keep it. Raises
+        ``CodecError``/``TensorError`` (and keeps nothing) for a body that
+        is not a finite delta of the model's shape."""
+        delta = self.decode(body)
+        for name, a in delta.items():
+            if not np.isfinite(a).all():
+                raise CodecError("nonfinite", f"update tensor {name!r} decodes to NaN or Inf")
+        norm = l2_norm(delta)
+        if not math.isfinite(norm):
+            raise CodecError("nonfinite", "update's norm overflows float64")
+        item = Admitted(client, bytes(body), int(samples), norm)
+        self.items.append(item)
+        return item
+
+    def decode(self, body: bytes) -> ModelArrays:
+        """The dense delta of ``body`` in the scratch model (valid until the
+        next call)."""
+        for a in self._scratch.values():
+            a.fill(0.0)
+        self.codec.fold(body, self.spec, self._scratch, 1.0)
+        return self._scratch
+
+    def reset(self) -> None:
+        self.items.clear()
 
 
 class RunningSum:
+    """A weighted sum of deltas folded straight from their codec bodies:
+    float32 accumulators, one model's worth of memory."""
+
     def __init__(self, spec: TensorSpec) -> None:
         self.spec = spec
         self.acc: dict[str, np.ndarray] = {name: np.zeros(shape, dtype=np.float32) for name, shape in spec.entries}

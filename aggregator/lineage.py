@@ -77,16 +77,24 @@ class ModelLineage:
         ).encode()
 
     def advance(self, round_: int, exact: ModelArrays, samples: int) -> bool:
-        """Adopt the server's new model; True when a new key was cut."""
+        """Adopt the server's new model; True when a new key was cut. Raises
+        (and changes nothing) when the model cannot be published, e.g. a
+        delta from the key that overflows the downlink codec."""
+        key_cut = self.codec is None or round_ - self.key_round >= self.key_every
+        if not key_cut:
+            rng = np.random.default_rng([self.seed, round_, 0xD0])
+            body = encode_delta(exact, self.key, self.codec, rng)
+            published = rebuild(self.key, make_codec(self.downlink_params), body, self.spec)
+            if not all(np.isfinite(a).all() for a in published.values()):
+                raise ValueError("the published model would not be finite")
         self.exact = exact
         self.round = round_
         self.samples = samples
-        if self.codec is None or round_ - self.key_round >= self.key_every:
+        if key_cut:
             self._set_key(round_, exact)
-            return True
-        rng = np.random.default_rng([self.seed, round_, 0xD0])
-        self._set_delta(round_, encode_delta(self.exact, self.key, self.codec, rng), self.downlink_params)
-        return False
+        else:
+            self._set_delta(round_, body, self.downlink_params)
+        return key_cut
 
     def exact_message(self) -> bytes:
         """The exact server model as a full model message (for export)."""

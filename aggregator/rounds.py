@@ -65,11 +65,13 @@ import numpy as np
 
 from aggregator import selection
 from aggregator.config import AggregatorConfig
-from aggregator.fold import RunningSum
+from aggregator.fold import RoundUpdates
 from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
+from aggregator.robust import DENSE_RULES, HISTORY, Combined, Defences, capped_shares, combine, dense_bytes
 from fedge import wire
 from fedge.codecs import CodecError, make_codec, requirements
+from fedge.config import ConfigError
 from fedge.messages import Ack, Decline, ProtocolError, RoundAnnouncement, TrainingPlan, Update
 from fedge.records import RoundRecord
 from fedge.tensors import ModelArrays, TensorError
@@ -96,6 +98,8 @@ class RoundPolicy:
     max_samples: int
     max_update_bytes: int
     seed: int
+    defences: Defences = Defences()
+    aggregation_bytes: int = 1 << 30
 
     @classmethod
     def from_config(cls, cfg: AggregatorConfig) -> RoundPolicy:
@@ -103,7 +107,8 @@ class RoundPolicy:
         return cls(rounds=cfg.job.rounds, fraction=sel.fraction, min_clients=sel.min_clients,
                    max_clients=sel.max_clients, quorum=sel.quorum, min_updates=sel.min_updates,
                    deadline_s=sel.deadline_s, settle_s=sel.settle_s, max_samples=cfg.server.max_samples_per_update,
-                   max_update_bytes=cfg.limits.max_update_bytes, seed=cfg.job.seed)
+                   max_update_bytes=cfg.limits.max_update_bytes, seed=cfg.job.seed,
+                   defences=Defences.from_config(cfg.server), aggregation_bytes=cfg.limits.aggregation_bytes)
 
 
 class RoundState(str, enum.Enum):
@@ -213,9 +218,12 @@ class _OpenRound:
     late: int = 0
     bytes_up: int = 0
     num_samples: int = 0
-    loss_sum: float = 0.0
-    loss_weight: float = 0.0
+    losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # client -> (loss, samples)
     due: float | None = None  # quorum reached at this time: close on the next tick
+
+
+def _finite(arrays: ModelArrays) -> bool:
+    return all(np.isfinite(a).all() for a in arrays.values())
 
 
 def _named_in(env: Envelope | None) -> tuple[int, str] | None:
@@ -259,7 +267,14 @@ class RoundCore:
             downlink=downlink or {"name": "none"}, key_every=key_every, seed=policy.seed,
         )
         self.spec = self.models.spec
-        self.sum = RunningSum(self.spec)
+        self.updates = RoundUpdates(self.spec, self.codec)
+        rule = policy.defences.rule
+        if rule in DENSE_RULES and dense_bytes(self.spec, policy.max_clients) > policy.aggregation_bytes:
+            raise ConfigError(
+                f"server.aggregation = {rule!r} would hold {policy.max_clients} updates of this model dense "
+                f"({dense_bytes(self.spec, policy.max_clients) >> 20} MiB), over limits.aggregation_bytes "
+                f"({policy.aggregation_bytes >> 20} MiB): lower selection.max_clients or raise the limit")
+        self.norm_history: list[float] = []  # median update norm of recent rounds
         self.next_round = 1
         self.attempt = 0
         self.new_id = new_id
@@ -395,14 +410,13 @@ class RoundCore:
             return self._reject("bad_samples", f"num_samples={upd.num_samples} outside 1..{self.policy.max_samples}",
                                 ev.client, upd)
         try:
-            self.sum.fold(self.codec, upd.body, float(upd.num_samples))
+            self.updates.admit(ev.client, upd.body, upd.num_samples)
         except (CodecError, TensorError) as exc:
             return self._reject(exc.reason, str(exc), ev.client, upd)
         op.accepted[ev.client] = upd.update_id
         op.num_samples += upd.num_samples
         if math.isfinite(upd.loss):
-            op.loss_sum += upd.loss * upd.num_samples
-            op.loss_weight += upd.num_samples
+            op.losses[ev.client] = (upd.loss, upd.num_samples)
         self.counters["accepted"] += 1
         self._check_quorum(ev.now)
         return [SendAck(ev.client, Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "accepted").encode())]
@@ -473,7 +487,7 @@ class RoundCore:
             deadline=now + self.policy.deadline_s,
             bytes_down=self._published_bytes + len(msg) * fanout,
         )
-        self.sum.reset()
+        self.updates.reset()
         self.state = RoundState.OPEN
         record = {"round": self.next_round, "attempt": attempt, "selected": list(selected),
                   "model_digest": self.model_digest}
@@ -492,23 +506,29 @@ class RoundCore:
         assert op is not None
         ok = len(op.accepted) >= self.policy.min_updates
         key_cut = False
+        combined: Combined | None = None
+        failure = None
         if ok:
-            exact = self.optimizer.step(self.models.exact, self.sum.mean())
-            key_cut = self.models.advance(op.round, exact, op.num_samples)
-            self.counters["rounds_ok"] += 1
-        else:
-            self.counters["rounds_failed"] += 1
+            combined, key_cut, failure = self._step(op)
+            ok = failure is None
+        self.counters["rounds_ok" if ok else "rounds_failed"] += 1
+        if failure:
+            self.counters[failure] += 1
         record = RoundRecord(
             round=op.round, attempt=op.attempt, status="ok" if ok else "failed", closed_by=reason,
             selected=len(op.selected), clients=len(op.accepted), declined=len(op.declined), late=op.late,
             rejected=dict(op.rejected), num_samples=op.num_samples,
-            train_loss=op.loss_sum / op.loss_weight if op.loss_weight else None, bytes_up=op.bytes_up,
+            train_loss=self._train_loss(op), bytes_up=op.bytes_up,
             bytes_down=op.bytes_down, seconds=round(now - op.opened_at, 4), model_digest=self.model_digest,
-            accepted=tuple(sorted(op.accepted)),
+            accepted=tuple(sorted(op.accepted)), failure=failure,
+            norm_bound=None if combined is None or combined.bound is None else float(f"{combined.bound:.6g}"),
+            clipped=0 if combined is None else combined.clipped,
+            weight_capped=0 if combined is None else combined.capped,
+            left_out=() if combined is None else tuple(sorted(set(op.accepted) - set(combined.used))),
         )
         self.history = [*self.history[-9:], record]
         self.open = None
-        self.sum.reset()
+        self.updates.reset()
         self.next_round = op.round + 1
         self.state = RoundState.WAITING
         actions: list[Action] = [SaveCheckpoint(*self.snapshot())]
@@ -519,6 +539,42 @@ class RoundCore:
         last = self.next_round > self.policy.rounds
         follow = self._finish_job(now) if last else self._try_open(now, settle=False)
         return [*actions, *follow, RoundFinished(record, self.models.exact, last)]
+
+    def _step(self, op: _OpenRound) -> tuple[Combined | None, bool, str | None]:
+        """Combine the round's updates and advance the model: (what the
+        defences did, whether a key was cut, why the round failed or None).
+        A round whose result is not finite or cannot be published fails, and
+        the model and the optimizer's state stay as they were."""
+        try:
+            combined = combine(self.updates, self.policy.defences, self.norm_history)
+        except Exception:
+            log.exception("round %d: combining %d updates failed; the round fails and the model stays",
+                          op.round, len(self.updates))
+            return None, False, "aggregation_failed"
+        self.norm_history = [*self.norm_history[-(HISTORY - 1):], combined.median_norm]
+        if not _finite(combined.delta):
+            log.error("round %d: the averaged delta is not finite; the round fails and the model stays", op.round)
+            return combined, False, "nonfinite_model"
+        saved = {slot: dict(named) for slot, named in self.optimizer.state().items()}
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, not warned about
+                exact = self.optimizer.step(self.models.exact, combined.delta)
+            if not _finite(exact):
+                raise ValueError("the next model is not finite")
+            key_cut = self.models.advance(op.round, exact, op.num_samples)
+        except (ValueError, ArithmeticError, CodecError) as exc:
+            self.optimizer.load_state(saved)
+            log.error("round %d: %s; the round fails and the model stays", op.round, exc)
+            return combined, False, "nonfinite_model"
+        return combined, key_cut, None
+
+    def _train_loss(self, op: _OpenRound) -> float | None:
+        """Mean training loss the devices reported, weighted by their capped shares."""
+        if not op.losses:
+            return None
+        losses = list(op.losses.values())
+        shares, _ = capped_shares([n for _, n in losses], self.policy.defences.weight_cap)
+        return float(sum(s * loss for s, (loss, _) in zip(shares, losses, strict=True)))
 
     @property
     def _published_bytes(self) -> int:
@@ -545,6 +601,7 @@ class RoundCore:
             "next_round": self.next_round,
             **model_meta,
             "known": sorted(self.known),
+            "norm_history": self.norm_history,
             "counters": dict(self.counters),
             "history": [r.to_json() for r in self.history],
             "checkpoint_id": self.new_id(),
@@ -567,6 +624,7 @@ class RoundCore:
         self.optimizer.load_state(slots)
         self.next_round = int(meta["next_round"])
         self.known = set(meta.get("known", []))
+        self.norm_history = [float(x) for x in meta.get("norm_history", [])][-HISTORY:]
         self.counters = Counter(meta.get("counters", {}))
         self.history = [RoundRecord.from_json(r) for r in meta.get("history", [])]
         self.resume_round(open_round)

@@ -46,6 +46,12 @@ class RoundRecord:
     seconds: float
     model_digest: str
     accepted: tuple[str, ...] = ()
+    # What the defences did (aggregator.robust):
+    failure: str | None = None  # why an ok-by-count round failed: nonfinite_model, aggregation_failed
+    norm_bound: float | None = None  # the L2 bound applied to updates, if any
+    clipped: int = 0  # updates scaled down to the bound
+    weight_capped: int = 0  # updates whose weight was capped
+    left_out: tuple[str, ...] = ()  # accepted updates the rule left out (krum)
     # Added by the aggregator's shell:
     accuracy: float | None = None
     loss: float | None = None
@@ -58,12 +64,16 @@ class RoundRecord:
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out["accepted"] = list(self.accepted)
+        out["left_out"] = list(self.left_out)
         out["rejected"] = dict(self.rejected)
-        for key in ("accuracy", "loss", "eval_seconds", "time"):
+        for key in ("accuracy", "loss", "eval_seconds", "time", "failure", "norm_bound"):
             if out[key] is None:
                 del out[key]
         if not self.recovered:
             del out["recovered"]
+        for key in ("clipped", "weight_capped", "left_out"):
+            if not out[key]:
+                del out[key]
         return {**self.extra, **out}
 
     @classmethod
@@ -101,9 +111,9 @@ class RoundRecord:
 
 
 _INTS = {"round", "attempt", "selected", "clients", "declined", "late", "num_samples", "bytes_up", "bytes_down",
-         "dropped_chunks"}
+         "dropped_chunks", "clipped", "weight_capped"}
 _FLOATS = {"seconds"}
-_OPTIONAL_FLOATS = {"train_loss", "accuracy", "loss", "eval_seconds", "time"}
+_OPTIONAL_FLOATS = {"train_loss", "accuracy", "loss", "eval_seconds", "time", "norm_bound"}
 _STRINGS = {"status", "closed_by", "model_digest"}
 
 
@@ -117,9 +127,11 @@ def _typed(name: str, value: Any) -> Any:
         return None if value is None else float(value)
     if name in _STRINGS and isinstance(value, str):
         return value
+    if name == "failure" and (value is None or isinstance(value, str)):
+        return value
     if name == "recovered" and isinstance(value, bool):
         return value
-    if name == "accepted" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+    if name in ("accepted", "left_out") and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
     if name == "rejected" and isinstance(value, dict) and all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items()):

@@ -1,0 +1,221 @@
+"""The defences (norm bound, weight cap, finite checks) and the robust
+aggregation rules, against NumPy references and the fault campaign's cases."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from aggregator.fold import RoundUpdates, l2_norm
+from aggregator.optimizers.fedavg import FedAvg
+from aggregator.robust import Defences, capped_shares, combine, dense_bytes, norm_bound
+from fedge import tensors
+from fedge.codecs import CodecError, make_codec
+from fedge.tensors import TensorSpec
+from tests.unit.test_rounds import INITIAL, finished, make_core, online, send, update
+
+SHAPES = {"a": (5, 4), "b": (4,)}
+SPEC = TensorSpec(tuple(SHAPES.items()))
+NONE = make_codec("none")
+rng = np.random.default_rng(7)
+
+
+def rand(scale=1.0):
+    return {k: (rng.normal(size=s) * scale).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def admitted(deltas, samples=None, codec=NONE):
+    ups = RoundUpdates(SPEC, codec)
+    for i, d in enumerate(deltas):
+        ups.admit(f"c{i}", codec.encode(d, rng), (samples or [10] * len(deltas))[i])
+    return ups
+
+
+def flat(arrays):
+    return np.concatenate([arrays[k].reshape(-1) for k in SHAPES])
+
+
+# --- weight cap ------------------------------------------------------------------
+
+
+def test_no_update_carries_more_than_its_capped_share():
+    shares, capped = capped_shares([100] * 9 + [10**6], cap=2.0)
+    assert capped == 1
+    assert shares.sum() == pytest.approx(1.0)
+    assert shares[-1] == pytest.approx(2.0 / 10)  # twice an equal share, exactly
+    assert np.allclose(shares[:9], shares[0])  # the others keep their proportions
+
+
+def test_weights_under_the_cap_are_plain_sample_weights():
+    samples = [50, 100, 150, 100]
+    shares, capped = capped_shares(samples, cap=2.0)
+    assert capped == 0 and np.allclose(shares, np.array(samples) / sum(samples))
+    assert np.allclose(capped_shares(samples, cap=0)[0], np.array(samples) / sum(samples))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_water_filling_meets_the_cap_for_any_weights(seed):
+    r = np.random.default_rng(seed)
+    w = r.lognormal(3, 2, size=r.integers(2, 30))
+    cap = float(r.uniform(1, 4))
+    shares, _ = capped_shares(w, cap)
+    assert shares.sum() == pytest.approx(1.0)
+    assert shares.max() <= cap / len(w) * (1 + 1e-9)
+    order = np.argsort(w)  # capping keeps the order of weights
+    assert np.all(np.diff(shares[order]) >= -1e-12)
+
+
+# --- norm bound ------------------------------------------------------------------
+
+
+def test_adaptive_bound_is_a_multiple_of_the_rounds_median_norm():
+    d = Defences(clip_multiplier=2.0)
+    assert norm_bound([1.0, 2.0, 3.0, 100.0], [], d) == pytest.approx(2.0 * 2.5)
+    assert norm_bound([1.0], [], d) is None  # one update and no history: nothing to compare with
+    assert norm_bound([1.0, 50.0], [2.0, 2.0, 2.0], d) == pytest.approx(4.0)  # small round: recent rounds' medians
+    assert norm_bound([1.0, 50.0], [], Defences(clip="fixed", clip_norm=3.0)) == 3.0
+    assert norm_bound([1.0, 2.0, 3.0], [], Defences(clip="off")) is None
+
+
+def test_a_scaled_update_is_clipped_to_the_bound_and_the_rest_untouched():
+    honest = [rand() for _ in range(9)]
+    attacker = {k: v * 100 for k, v in rand().items()}
+    ups = admitted([*honest, attacker])
+    out = combine(ups, Defences(weight_cap=0), [])
+    norms = [l2_norm(d) for d in honest] + [l2_norm(attacker)]
+    bound = 2.0 * float(np.median(norms))
+    assert out.bound == pytest.approx(bound) and out.clipped == 1
+    ref = (sum(flat(d) for d in honest) + flat(attacker) * (bound / l2_norm(attacker))) / 10
+    np.testing.assert_allclose(flat(out.delta), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_without_defences_is_the_sample_weighted_mean():
+    deltas = [rand() for _ in range(6)]
+    samples = [3, 40, 7, 19, 1, 30]
+    out = combine(admitted(deltas, samples), Defences(clip="off", weight_cap=0), [])
+    ref = np.average(np.stack([flat(d) for d in deltas]), axis=0, weights=samples)
+    np.testing.assert_allclose(flat(out.delta), ref, rtol=1e-5, atol=1e-6)
+    assert out.clipped == 0 and out.capped == 0 and len(out.used) == 6
+
+
+# --- robust rules ----------------------------------------------------------------
+
+
+def test_median_and_trimmed_mean_match_numpy():
+    deltas = [rand() for _ in range(7)]
+    stack = np.stack([flat(d) for d in deltas])
+    ups = admitted(deltas)
+    med = combine(ups, Defences(rule="median", clip="off"), [])
+    np.testing.assert_allclose(flat(med.delta), np.median(stack, axis=0), rtol=1e-6)
+    trim = combine(ups, Defences(rule="trimmed_mean", clip="off", trim_fraction=0.2), [])
+    k = 1  # floor(0.2 * 7)
+    np.testing.assert_allclose(flat(trim.delta), np.sort(stack, axis=0)[k:7 - k].mean(axis=0), rtol=1e-5, atol=1e-7)
+
+
+def test_krum_leaves_out_the_update_far_from_the_others():
+    base = rand()
+    honest = [{k: v + 0.05 * rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()} for _ in range(8)]
+    attacker = {k: -v for k, v in base.items()}  # sign-flipped, same norm: the bound alone does not catch it
+    ups = admitted([*honest, attacker])
+    out = combine(ups, Defences(rule="krum", clip="off", krum_f=1), [])
+    assert "c8" not in out.used and len(out.used) == 8
+    np.testing.assert_allclose(flat(out.delta), np.mean([flat(d) for d in honest], axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_robust_rules_survive_a_single_update():
+    ups = admitted([rand()])
+    for rule in ("median", "trimmed_mean", "krum"):
+        out = combine(ups, Defences(rule=rule), [])
+        np.testing.assert_allclose(flat(out.delta), flat(ups.decode(ups.items[0].body)), rtol=1e-6)
+
+
+def test_dense_memory_is_four_bytes_per_parameter_per_update():
+    assert dense_bytes(SPEC, 10) == 4 * 24 * 10 + 8 * 100
+
+
+# --- admission -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_payload_is_refused_and_nothing_is_kept(bad):
+    d = {k: v.astype(np.float16) for k, v in rand().items()}
+    d["a"][0, 0] = bad
+    ups = RoundUpdates(SPEC, make_codec("fp16"))
+    with pytest.raises(CodecError) as err:
+        ups.admit("x", tensors.pack(d), 10)  # a hostile encoder: ours refuses to send it
+    assert err.value.reason == "nonfinite" and len(ups) == 0
+
+
+def test_a_finite_update_whose_float32_norm_overflows_is_measured_in_float64():
+    d = {k: np.full(s, 3e38, np.float32) for k, s in SHAPES.items()}
+    ups = admitted([d])
+    assert np.isfinite(ups.items[0].norm) and ups.items[0].norm > 3e38
+
+
+# --- the fault campaign, through the round core ----------------------------------
+
+
+def _round(core, deltas_and_samples):
+    """One round with every client selected (the round opens once all are online)."""
+    clients = sorted(deltas_and_samples)
+    core.policy = dataclasses.replace(core.policy, min_clients=len(clients))
+    online(core, *clients)
+    actions = []
+    for c in clients:
+        delta, samples = deltas_and_samples[c]
+        actions += send(core, c, update(core, c, delta=delta, samples=samples))
+    return actions
+
+
+def _honest(scale=0.01):
+    return {k: (rng.normal(size=v.shape) * scale).astype(np.float32) for k, v in INITIAL.items()}
+
+
+def test_a_huge_finite_update_with_a_huge_weight_cannot_crash_or_overflow_the_round():
+    """Campaign case 2: scale 3e38 and 10^6 samples overflowed the sum to Inf
+    and crashed the downlink quantizer at round close."""
+    core = make_core(codec="int8", downlink={"name": "int4", "block": 64}, max_clients=0)
+    clients = {f"d{i}": (_honest(), 10) for i in range(9)}
+    clients["evil"] = ({k: np.full(v.shape, 3e38, np.float32) for k, v in INITIAL.items()}, 10**6)
+    actions = _round(core, clients)
+    [fin] = finished(actions)
+    assert fin.record.status == "ok" and fin.record.clipped >= 1 and fin.record.weight_capped == 1
+    assert all(np.isfinite(v).all() and np.abs(v - INITIAL[k]).max() < 1.0 for k, v in core.models.exact.items())
+
+
+def test_one_heavy_scaled_update_moves_the_model_little():
+    """Campaign case 3: 10^6 samples and scale 10 took accuracy from 0.97 to
+    0.10. With the defaults the attacker's pull is bounded by the cap and the
+    norm bound: within a few honest steps' length."""
+    core = make_core(max_clients=0)
+    honest = {f"d{i}": (_honest(), 10) for i in range(9)}
+    clean = make_core(max_clients=0)
+    _round(clean, honest)
+    attacked = dict(honest, evil=({k: v * 1000 for k, v in _honest().items()}, 10**6))
+    _round(core, attacked)
+    honest_step = max(np.abs(clean.models.exact[k] - INITIAL[k]).max() for k in INITIAL)
+    attacked_step = max(np.abs(core.models.exact[k] - INITIAL[k]).max() for k in INITIAL)
+    assert attacked_step < 5 * honest_step
+
+
+def test_a_round_whose_model_would_not_be_finite_fails_and_keeps_the_model():
+    core = make_core(defences=Defences(clip="off", weight_cap=0.0))
+    core.optimizer = FedAvg(lr=2.0)  # a server step that overflows float32
+    before = {k: v.copy() for k, v in core.models.exact.items()}
+    big = {k: np.full(v.shape, 3e38, np.float32) for k, v in INITIAL.items()}
+    actions = _round(core, {"a": (big, 10), "b": (big, 10)})
+    [fin] = finished(actions)
+    assert fin.record.status == "failed" and fin.record.failure == "nonfinite_model"
+    assert core.counters["nonfinite_model"] == 1
+    assert all(np.array_equal(core.models.exact[k], before[k]) for k in before)
+    assert core.next_round == 2  # the job moves on
+
+
+def test_the_norm_history_survives_a_restart():
+    core = make_core()
+    _round(core, {f"d{i}": (_honest(), 10) for i in range(4)})
+    assert len(core.norm_history) == 1
+    arrays, meta = core.snapshot()
+    again = make_core()
+    again.restore(arrays, meta, None)
+    assert again.norm_history == core.norm_history
