@@ -167,6 +167,9 @@ class LimitsSection:
     max_update_bytes: int = setting(64 << 20, "Largest update accepted, in bytes.")
     reassembly_bytes: int = setting(256 << 20, "Memory for partially received updates, across all clients.")
     reassembly_timeout_s: float = setting(120.0, "A partially received message is dropped after this long.")
+    max_devices: int = setting(
+        100_000, "Most device ids the aggregator keeps track of; presence from further new ids is ignored (counted)."
+    )
     aggregation_bytes: int = setting(
         1 << 30, "Memory a robust rule (median, trimmed_mean, krum) may use to hold a round's updates dense; "
         "the job refuses to start when selection.max_clients x 4 bytes x parameters exceeds it."

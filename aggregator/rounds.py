@@ -100,6 +100,7 @@ class RoundPolicy:
     seed: int
     defences: Defences = Defences()
     aggregation_bytes: int = 1 << 30
+    max_devices: int = 100_000
 
     @classmethod
     def from_config(cls, cfg: AggregatorConfig) -> RoundPolicy:
@@ -108,7 +109,8 @@ class RoundPolicy:
                    max_clients=sel.max_clients, quorum=sel.quorum, min_updates=sel.min_updates,
                    deadline_s=sel.deadline_s, settle_s=sel.settle_s, max_samples=cfg.server.max_samples_per_update,
                    max_update_bytes=cfg.limits.max_update_bytes, seed=cfg.job.seed,
-                   defences=Defences.from_config(cfg.server), aggregation_bytes=cfg.limits.aggregation_bytes)
+                   defences=Defences.from_config(cfg.server), aggregation_bytes=cfg.limits.aggregation_bytes,
+                   max_devices=cfg.limits.max_devices)
 
 
 class RoundState(str, enum.Enum):
@@ -214,6 +216,7 @@ class _OpenRound:
     bytes_down: int
     accepted: dict[str, str] = field(default_factory=dict)  # client -> update id
     declined: set[str] = field(default_factory=set)
+    gone: set[str] = field(default_factory=set)  # selected, then went offline: no longer awaited
     rejected: Counter[str] = field(default_factory=Counter)
     late: int = 0
     bytes_up: int = 0
@@ -282,6 +285,9 @@ class RoundCore:
         self.open: _OpenRound | None = None
         self.online: dict[str, dict[str, Any]] = {}
         self.known: set[str] = set()
+        # Selected devices that did not respond: client -> (strikes, first
+        # round it may be selected again). See ``_bench``.
+        self.benched: dict[str, tuple[int, int]] = {}
         self.counters: Counter[str] = Counter()
         self.history: list[RoundRecord] = []  # the last few records, for restarts
         self._restored_open: dict[str, Any] | None = None
@@ -332,11 +338,23 @@ class RoundCore:
     # --- events --------------------------------------------------------------
 
     def _on_status(self, ev: ClientStatus) -> list[Action]:
+        if ev.client not in self.known and len(self.known) >= self.policy.max_devices:
+            self.counters["too_many_devices"] += 1
+            return []
         self.known.add(ev.client)
+        op = self.open
         if ev.online:
             self.online[ev.client] = ev.info
+            if op is not None:
+                op.gone.discard(ev.client)
         else:
             self.online.pop(ev.client, None)
+            if op is not None and ev.client in op.selected and ev.client not in op.accepted:
+                # A device that went away is not waited for: the round closes
+                # on the responses of the others (an "offline", true or
+                # forged, never holds a round open).
+                op.gone.add(ev.client)
+                self._check_quorum(ev.now)
         if self.state == RoundState.WAITING:
             return self._try_open(ev.now)
         return []
@@ -391,6 +409,7 @@ class RoundCore:
             return self._reject("unknown_sender", "client never announced itself", ev.client, upd)
         op = self.open
         if op is None or upd.round < op.round:
+            self.benched.pop(ev.client, None)  # slow, but real
             return self._reject("late", f"round {upd.round} is closed", ev.client, upd)
         if upd.round > op.round:
             return self._reject("future_round", f"round {upd.round} is not open (round {op.round} is)", ev.client, upd)
@@ -442,7 +461,10 @@ class RoundCore:
         op = self.open
         assert op is not None
         responded = len(op.accepted) + len(op.declined)
-        if op.due is None and responded >= selection.quorum_size(len(op.selected), self.policy.quorum):
+        awaited = len(op.selected) - len(op.gone - op.declined)
+        nothing_awaited = responded >= awaited and (len(op.accepted) >= self.policy.min_updates or awaited == 0)
+        if op.due is None and (responded >= selection.quorum_size(len(op.selected), self.policy.quorum)
+                               or nothing_awaited):
             op.due = now
 
     def _eligible(self) -> list[str]:
@@ -450,7 +472,24 @@ class RoundCore:
         needed = requirements(self.codec_params)
         if self.models.codec is not None:
             needed += requirements(self.models.downlink_params)
-        return selection.eligible(self.online, needed)
+        candidates = selection.eligible(self.online, needed)
+        ready = [c for c in candidates if self.benched.get(c, (0, 0))[1] <= self.next_round]
+        # Benched devices fill in when the others are too few: a small fleet
+        # with a slow device must not wait for good.
+        return ready if len(ready) >= self.policy.min_clients else candidates
+
+    def _bench(self, op: _OpenRound) -> None:
+        """Selected devices that neither sent an update nor declined (nor sent
+        one late) sit out the next 1, 2, 4, ... rounds (at most 32), so that
+        devices that vanished, or presences that were never real, cost a
+        round's deadline once, not every round. A response clears the record."""
+        for client in op.selected:
+            if client in op.accepted or client in op.declined:
+                self.benched.pop(client, None)
+                continue
+            strikes = self.benched.get(client, (0, 0))[0] + 1
+            self.benched[client] = (strikes, op.round + 1 + min(32, 2 ** (strikes - 1)))
+            self.counters["unresponsive"] += 1
 
     def _select(self, candidates: list[str]) -> tuple[str, ...]:
         p = self.policy
@@ -527,6 +566,7 @@ class RoundCore:
             left_out=() if combined is None else tuple(sorted(set(op.accepted) - set(combined.used))),
         )
         self.history = [*self.history[-9:], record]
+        self._bench(op)
         self.open = None
         self.updates.reset()
         self.next_round = op.round + 1
@@ -602,6 +642,7 @@ class RoundCore:
             **model_meta,
             "known": sorted(self.known),
             "norm_history": self.norm_history,
+            "benched": {c: list(v) for c, v in self.benched.items()},
             "counters": dict(self.counters),
             "history": [r.to_json() for r in self.history],
             "checkpoint_id": self.new_id(),
@@ -625,6 +666,7 @@ class RoundCore:
         self.next_round = int(meta["next_round"])
         self.known = set(meta.get("known", []))
         self.norm_history = [float(x) for x in meta.get("norm_history", [])][-HISTORY:]
+        self.benched = {c: (int(v[0]), int(v[1])) for c, v in meta.get("benched", {}).items()}
         self.counters = Counter(meta.get("counters", {}))
         self.history = [RoundRecord.from_json(r) for r in meta.get("history", [])]
         self.resume_round(open_round)

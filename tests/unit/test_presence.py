@@ -1,0 +1,88 @@
+"""Presence cannot stall a job: devices that vanish or were never real cost a
+round's deadline at most once, and an "offline" never holds a round open
+(fault campaign, case 5)."""
+
+from aggregator.rounds import ClientStatus, TimerFired
+from tests.unit.test_rounds import acks, announcement, finished, make_core, online, send, update
+
+REAL = ("a", "b", "c")
+
+
+def test_a_selected_device_that_goes_offline_is_not_waited_for():
+    core = make_core(min_clients=3)
+    ann = announcement(online(core, *REAL))
+    assert ann.selected == REAL
+    send(core, "a", update(core, "a"))
+    send(core, "b", update(core, "b"))
+    actions = core.handle(ClientStatus("c", False, {}, 2.0)) + core.handle(TimerFired(2.0))
+    [fin] = finished(actions)
+    assert fin.record.status == "ok" and fin.record.closed_by == "quorum" and fin.record.clients == 2
+    assert fin.record.seconds < 60  # not the deadline
+
+
+def test_an_offline_before_any_update_still_lets_the_round_close_on_the_others():
+    core = make_core(min_clients=3)
+    online(core, *REAL)
+    core.handle(ClientStatus("a", False, {}, 0.5))  # forged or true: the same
+    send(core, "b", update(core, "b"))
+    [fin] = finished(send(core, "c", update(core, "c"), now=1.5))
+    assert fin.record.clients == 2 and fin.record.seconds == 1.5
+
+
+def test_a_device_back_online_is_awaited_again():
+    core = make_core(min_clients=3)
+    online(core, *REAL)
+    core.handle(ClientStatus("c", False, {}, 0.5))
+    core.handle(ClientStatus("c", True, {}, 0.6))  # a Wi-Fi blip
+    send(core, "a", update(core, "a"))
+    assert not finished(send(core, "b", update(core, "b")))
+    [fin] = finished(send(core, "c", update(core, "c")))
+    assert fin.record.clients == 3
+
+
+def test_invented_devices_cost_one_deadline_then_sit_out():
+    core = make_core(min_clients=3, rounds=4, settle_s=1.0)
+    fakes = ("fake1", "fake2")
+    online(core, *REAL, *fakes)
+    ann = announcement(core.handle(TimerFired(1.0)))
+    assert set(fakes) <= set(ann.selected)
+    for c in REAL:
+        send(core, c, update(core, c))
+    closing = core.handle(TimerFired(62.0))
+    [fin] = finished(closing)
+    assert fin.record.closed_by == "deadline" and fin.record.clients == 3
+    assert core.counters["unresponsive"] == 2
+    ann2 = announcement(closing)
+    assert ann2.round == 2 and ann2.selected == REAL
+    actions = []
+    for c in REAL:
+        actions += send(core, c, update(core, c), now=63.0)
+    [fin2] = finished(actions)
+    assert fin2.record.closed_by == "quorum" and fin2.record.seconds == 1.0
+
+
+def test_benched_devices_fill_in_when_the_others_are_too_few():
+    core = make_core(min_clients=2, rounds=4)
+    online(core, "a", "b")
+    send(core, "a", update(core, "a"))
+    closing = core.handle(TimerFired(61.0))  # b never answered: benched
+    assert "b" in core.benched
+    ann = announcement(closing)
+    assert ann.selected == ("a", "b")  # without b the round could never open
+
+
+def test_a_late_update_clears_the_bench():
+    core = make_core(min_clients=2, rounds=4)
+    online(core, "a", "b")
+    late = update(core, "b")
+    send(core, "a", update(core, "a"))
+    core.handle(TimerFired(61.0))
+    assert "b" in core.benched
+    [ack] = acks(send(core, "b", late, now=62.0))
+    assert ack.status == "late" and "b" not in core.benched
+
+
+def test_presence_from_ever_more_invented_ids_is_bounded():
+    core = make_core(min_clients=2, max_devices=5)
+    online(core, *[f"d{i}" for i in range(20)])
+    assert len(core.known) == 5 and core.counters["too_many_devices"] == 15
