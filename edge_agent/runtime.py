@@ -55,12 +55,14 @@ from fedge import tensors, wire
 from fedge.chunks import ChunkError, Reassembler
 from fedge.config import BrokerSettings
 from fedge.files import atomic_write
+from fedge.messages import ProtocolError, Status
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.topics import JobTopics, check_id
 from fedge.transport import LinkFactory
 from fedge.wire import Kind
 
 log = logging.getLogger("fedge.agent")
+PRESENCE_REPAIR_S = 5.0  # at most one presence repair per device this often
 TRAFFIC_ROUNDS = 1024  # rounds of traffic counts kept for the demo and benchmarks
 
 
@@ -102,7 +104,7 @@ class _Device:
         check_choice(spec.role, ROLES, "agent.role")
         if spec.role == "inference":
             self.core = InferenceCore(spec.client_id, spec.job, spec.artifact, info)
-            subscriptions = [self.topics.artifact_filter(spec.artifact)]
+            subscriptions = [self.topics.artifact_filter(spec.artifact), self.topics.status(spec.client_id)]
         else:
             state, update = self.store.load()
             self.core = AgentCore(
@@ -114,12 +116,13 @@ class _Device:
             if key is not None:
                 self.core.restore_key(key)
             # The model channels are subscribed as the core asks (Subscribe actions).
-            subscriptions = [self.topics.round, self.topics.ack(spec.client_id)]
+            subscriptions = [self.topics.round, self.topics.ack(spec.client_id), self.topics.status(spec.client_id)]
         self.downloads = Reassembler(
             max_bytes=2 * spec.max_model_bytes, max_message_bytes=spec.max_model_bytes,
             max_partials_per_stream=2, timeout_s=300.0,
             check_ids=False,  # the cores verify the envelope's sha256
         )
+        self.presence_repaired = -PRESENCE_REPAIR_S
         self.link = link_factory(
             spec.broker or broker, spec.client_id, inbox.put, subscriptions=subscriptions,
             will=(self.topics.status(spec.client_id), self.core.status("offline")),
@@ -207,6 +210,7 @@ class AgentRuntime:
         self.pool = pool
         self.tick_s = tick_s
         self._stop = threading.Event()
+        self.presence_repairs = 0  # times a device's presence was published again (see _own_presence)
         self.failures: Counter[tuple[str, str]] = Counter()  # (what was handled, exception type) -> count
         # MQTT payload bytes [sent, received] by all devices, by the round the
         # traffic served (what the demo and benchmarks report): a model of round
@@ -274,6 +278,9 @@ class AgentRuntime:
             return
         dev = self.devices[item.link]
         channel, _ = dev.topics.parse(item.topic)
+        if channel == "status":
+            self._own_presence(dev, item.payload, now)
+            return
         if not item.payload:
             return  # a cleared retained message
         if channel in ("key", "delta", "artifact"):
@@ -294,6 +301,25 @@ class AgentRuntime:
         elif channel == "ack":
             self._count_traffic(item.payload, 1, len(item.payload))
             self._run(dev, AckArrived(item.payload, now))
+
+    def _own_presence(self, dev: _Device, payload: bytes, now: float) -> None:
+        """The device's own retained presence, as the broker holds it. While
+        the device is connected it is online, whatever the topic says: an
+        "offline" (forged, or a stale will) or a cleared topic is replaced,
+        at most once per ``PRESENCE_REPAIR_S``."""
+        try:
+            status = Status.parse(wire.decode(payload, max_body=0)) if payload else None
+        except (wire.WireError, ProtocolError):
+            status = None
+        if status is not None and status.state == "online" and status.sender == dev.spec.client_id:
+            return
+        if now - dev.presence_repaired < PRESENCE_REPAIR_S:
+            return
+        dev.presence_repaired = now
+        self.presence_repairs += 1
+        log.warning("%s: the broker showed this device as %s while it is connected; published online again",
+                    dev.spec.client_id, "offline" if status is not None else "absent or unreadable")
+        dev.link.publish(dev.topics.status(dev.spec.client_id), dev.core.status("online"), retain=True)
 
     def _training_event(self, item: _Trained, now: float) -> Event:
         env = item.outcome.result

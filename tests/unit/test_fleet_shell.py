@@ -93,3 +93,21 @@ def test_a_reconnect_downloads_no_model_again(tmp_path):
         wait_for(lambda: presence_published() > presences + 1)  # its will, then its own "online" again
         time.sleep(0.5)
     assert model_copies() == before
+
+
+def test_a_forged_offline_cannot_hold_the_job(tmp_path):
+    """Fault campaign case 5: on a broker without ACL, one retained "offline"
+    for a real device left the job waiting for good. The device sees its own
+    presence and publishes it again."""
+    from fedge.messages import Status
+
+    broker = MemoryBroker()
+    cfg = updated(job(tmp_path, min_clients=2, deadline_s=60.0), job={"rounds": 3})
+    records = []
+    with job_and_fleet(cfg, broker, devices(tmp_path, 2), TrainingPool(size=1, mode="warm", threads=1),
+                       on_record=records.append) as (service, fleet):
+        wait_for(lambda: len(records) >= 1, 120)
+        broker.publish("forger", TOPICS.status("dev-0"), Status("dev-0", "offline").encode(), retain=True)
+        assert service.done.wait(60), records
+    assert [r.status for r in records] == ["ok"] * 3
+    assert fleet.presence_repairs >= 1
