@@ -81,7 +81,7 @@ class ModelLineage:
         (and changes nothing) when the model cannot be published, e.g. a
         delta from the key that overflows the downlink codec."""
         key_cut = self.codec is None or round_ - self.key_round >= self.key_every
-        if not key_cut:
+        if self.codec is not None and not key_cut:
             rng = np.random.default_rng([self.seed, round_, 0xD0])
             body = encode_delta(exact, self.key, self.codec, rng)
             published = rebuild(self.key, make_codec(self.downlink_params), body, self.spec)
@@ -90,7 +90,7 @@ class ModelLineage:
         self.exact = exact
         self.round = round_
         self.samples = samples
-        if key_cut:
+        if self.codec is None or key_cut:
             self._set_key(round_, exact)
         else:
             self._set_delta(round_, body, self.downlink_params)

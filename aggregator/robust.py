@@ -135,7 +135,7 @@ def combine(updates: RoundUpdates, d: Defences, history: Sequence[float]) -> Com
     if not items:
         raise ValueError("no updates admitted")
     norms = np.array([a.norm for a in items])
-    bound = norm_bound(norms, history, d)
+    bound = norm_bound([a.norm for a in items], history, d)
     factors = np.ones(len(items)) if bound is None else np.minimum(1.0, bound / np.maximum(norms, 1e-30))
     clipped = int(np.count_nonzero(factors < 1.0))
     shares, capped = capped_shares([a.samples for a in items], d.weight_cap)

@@ -226,9 +226,9 @@ class AggregatorService:
             elif isinstance(action, PublishDelta):
                 self._publish_retained("delta", self.topics.delta_chunk, action.message)
             elif isinstance(action, PublishAnnouncement):
-                if len(action.message) > self.cfg.broker.max_packet_bytes - 1024:
-                    log.error("round announcement is %d bytes, over broker.max_packet_bytes; "
-                              "lower selection.max_clients", len(action.message))
+                if len(action.message) > self.link.max_packet_bytes - 1024:
+                    log.error("round announcement is %d bytes, over the broker's packet limit (%d bytes); "
+                              "lower selection.max_clients", len(action.message), self.link.max_packet_bytes)
                 self.link.publish(self.topics.round, action.message, retain=True)
             elif isinstance(action, SendAck):
                 self.link.publish(self.topics.ack(action.client), action.message)

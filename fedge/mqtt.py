@@ -11,6 +11,20 @@ Persistent sessions: the aggregator and agents connect with
 expiry (5), so QoS 1 messages published while they were away are queued by
 the broker and delivered when they come back. Outgoing QoS 1 messages are
 queued by paho while disconnected and sent after reconnecting.
+
+Broker packet limits: a broker drops the connection on a packet over its
+limit, and paho would send the same packet again after every reconnect, for
+ever. So the link learns the limit and keeps every packet within it
+(``max_packet_bytes``). MQTT 5 brokers announce it in CONNACK (Maximum
+Packet Size). A 3.1.1 broker just closes the socket, so a drop while a
+publish larger than any the broker ever acknowledged is outstanding is taken
+as that publish being too large: the limit is halved (never below what
+chunking needs, nor below what is known to fit), which takes a few
+reconnects at most. Messages the last connection left unacknowledged are
+chunked again at the new size before paho sends them again; what cannot be
+chunked (a plain ``publish``) is given up with an error line, and a plain
+``publish`` over the known limit is refused up front. Every change of the
+limit is logged once, naming ``broker.max_packet_bytes``.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,7 +49,19 @@ from fedge import chunks
 from fedge.config import BrokerSettings, ConfigError
 from fedge.transport import Inbound, LinkDown, LinkEvent, LinkUp
 
-__all__ = ["Inbound", "Inbox", "LinkDown", "LinkEvent", "LinkUp", "MqttLink", "monotonic", "parse_url"]
+__all__ = [
+    "MIN_PACKET_BYTES",
+    "Inbound",
+    "Inbox",
+    "LinkDown",
+    "LinkEvent",
+    "LinkUp",
+    "MqttLink",
+    "lowered_limit",
+    "monotonic",
+    "parse_url",
+    "publish_packet_bytes",
+]
 
 log = logging.getLogger("fedge.mqtt")
 
@@ -43,6 +70,93 @@ log = logging.getLogger("fedge.mqtt")
 # wake-up pair). One process therefore runs at most this many links; larger
 # simulated fleets run as several processes.
 MAX_LINKS_PER_PROCESS = 300
+
+# The smallest packet limit chunking works with (``chunks.chunk_data_size``).
+MIN_PACKET_BYTES = chunks.MIN_CHUNK_DATA + chunks.PACKET_OVERHEAD + chunks.CHUNK_HEADER.size
+# A dropped connection is never blamed on a publish this small: no broker
+# fedge can work with refuses it, and a network blip must not cost a status
+# message or a receipt.
+BLAMELESS_PACKET_BYTES = chunks.MIN_CHUNK_DATA
+PACKET_TOO_LARGE = 0x95  # MQTT 5 reason code of a DISCONNECT
+
+
+def publish_packet_bytes(topic: str, payload_len: int, v5: bool) -> int:
+    """Size of our QoS 1 PUBLISH packet, counted as MQTT 5's Maximum Packet
+    Size counts it (the whole packet; we send no properties)."""
+    remaining = 2 + len(topic.encode()) + 2 + payload_len + (1 if v5 else 0)
+    length_bytes = 1
+    while remaining >= 128**length_bytes:
+        length_bytes += 1
+    return 1 + length_bytes + remaining
+
+
+def lowered_limit(limit: int, refused: int, fits: int) -> int:
+    """The packet limit to keep to after the broker dropped the connection
+    with a ``refused``-byte publish unacknowledged, ``fits`` being the largest
+    publish it ever acknowledged (less than ``refused``).
+
+    Halves, but never below what chunking needs or what is known to fit, so
+    the result is always below ``refused`` and the next try is smaller. Once
+    chunking cannot go lower, the limit stops just below ``refused``: that
+    message and any like it are given up instead of sent again."""
+    guess = max(min(limit, refused) // 2, fits, MIN_PACKET_BYTES)
+    return guess if guess < refused else max(fits, refused - 1)
+
+
+def _acked(info: paho.MQTTMessageInfo) -> bool:
+    # paho leaves rc=MQTT_ERR_NO_CONN on a message queued while offline even
+    # once it is delivered, and is_published() then raises; the flag is what
+    # tells.
+    return bool(getattr(info, "_published", False))
+
+
+def _pending(info: paho.MQTTMessageInfo) -> bool:
+    return not _acked(info) and info.rc != paho.MQTT_ERR_QUEUE_SIZE
+
+
+def _take_queue(client: paho.Client) -> list[paho.MQTTMessage]:
+    """Every QoS 1 message paho holds unacknowledged, removed from its queue."""
+    take = getattr(client, "drop_out_messages", None)  # paho >= 2.2
+    if take is not None:
+        return list(take())
+    with client._out_message_mutex:  # what drop_out_messages does, for paho 2.0 and 2.1
+        out = list(client._out_messages.values())
+        client._out_messages.clear()
+    return out
+
+
+@dataclass
+class _Sent:
+    """A message handed to paho and not yet acknowledged in full, kept so that
+    it can be chunked again (or given up) when the broker's packet limit
+    turns out lower than the one it was published for."""
+
+    message: bytes  # the whole message: the payload, or what was chunked
+    retain: bool
+    topic_for: Callable[[int], str] | None  # chunk i's topic; None for a plain publish
+    topics: list[str]
+    sizes: list[int]  # each packet's size
+    # paho's handle of each packet, filled in as they are handed over: the
+    # connection may drop in the middle, and a packet without one yet counts
+    # as unacknowledged.
+    infos: list[paho.MQTTMessageInfo]
+
+    def acked_sizes(self) -> list[int]:
+        return [size for info, size in zip(self.infos, self.sizes, strict=False) if _acked(info)]
+
+    def unacked_sizes(self) -> list[int]:
+        infos = self.infos[:]
+        return [size for k, size in enumerate(self.sizes) if k >= len(infos) or _pending(infos[k])]
+
+    def settled(self) -> bool:
+        """Acknowledged in full (or dropped by paho for a full queue)."""
+        return not self.unacked_sizes()
+
+    def layout_fits(self) -> bool:
+        """Chunks go out and are taken in order, so once any chunk of a message
+        was acknowledged the others (no larger but for the last, smaller
+        one) fit as well, and its receivers already hold that layout."""
+        return self.topic_for is not None and any(_acked(i) for i in self.infos)
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
@@ -80,11 +194,20 @@ class MqttLink:
         self.subscriptions = list(subscriptions)
         self.host, self.port, tls = parse_url(settings.url)
         self.address = f"{self.host}:{self.port}"
+        self._limit = settings.max_packet_bytes
         self.chunk_bytes = chunks.chunk_data_size(settings.max_packet_bytes)
         self.bytes_out = 0
         self.bytes_in = 0
+        self.refused = 0  # messages not published because they cannot fit the broker's packet limit
         self.connected = threading.Event()
         self._last_refusal = ""
+        self._announced = 0  # the last Maximum Packet Size a CONNACK gave, once logged
+        self._fits = 0  # the largest publish the broker ever acknowledged
+        self._sent: list[_Sent] = []  # in publish order, as paho queues them
+        # Held while handing messages to paho, never while paho calls us from
+        # a place that holds its own locks (on_disconnect can be such a place).
+        self._lock = threading.RLock()
+        self._closing = False
         if settings.protocol == "5":
             protocol = paho.MQTTv5
             self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
@@ -120,7 +243,14 @@ class MqttLink:
 
     # --- lifecycle -----------------------------------------------------------
 
+    @property
+    def max_packet_bytes(self) -> int:
+        """The largest packet this link sends: ``broker.max_packet_bytes``, or
+        the broker's limit once learned, if lower."""
+        return self._limit
+
     def start(self) -> None:
+        self._closing = False
         props = None
         clean_start: Any = paho.MQTT_CLEAN_START_FIRST_ONLY
         if self._v5:
@@ -146,9 +276,10 @@ class MqttLink:
         if not self._started:
             return
         if final is not None and self.connected.is_set():
-            info = self.client.publish(final[0], final[1], qos=1, retain=True)
+            info = self.publish(final[0], final[1], retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)
+        self._closing = True
         self.client.disconnect()
         self.client.loop_stop()
         # paho closes its wake-up socket pair (two loopback TCP sockets) only
@@ -163,22 +294,39 @@ class MqttLink:
     # --- publishing ------------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> paho.MQTTMessageInfo:
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
-            log.warning("%s: outgoing queue full; dropped a message to %s", self.name, topic)
+        """Publish one packet. One over the broker's known packet limit is
+        refused (logged, counted in ``refused``, ``rc`` MQTT_ERR_PAYLOAD_SIZE):
+        sent, it would only get the connection dropped."""
+        size = publish_packet_bytes(topic, len(payload), self._v5)
+        if size > self._limit:
+            self._refuse(f"a {size}-byte packet to {topic}")
+            info = paho.MQTTMessageInfo(0)
+            info.rc = paho.MQTT_ERR_PAYLOAD_SIZE
+            return info
+        with self._lock:
+            sent = _Sent(payload, retain, None, [topic], [size], [])
+            self._track(sent)
+            info = self._send(topic, payload, retain)
+            sent.infos.append(info)
         self.bytes_out += len(payload)
         return info
 
     def publish_chunked(self, topic_for: Callable[[int], str], message: bytes, *, retain: bool = False
                         ) -> list[paho.MQTTMessageInfo]:
-        """Publish ``message`` as chunks; chunk i goes to ``topic_for(i)``."""
-        return [
-            self.publish(topic_for(i), part, retain=retain)
-            for i, part in enumerate(chunks.split(message, self.chunk_bytes))
-        ]
+        """Publish ``message`` as chunks; chunk i goes to ``topic_for(i)``.
+        Returns nothing when the broker's limit is too small to chunk for."""
+        with self._lock:
+            if not self.chunk_bytes:
+                self._refuse(f"a {len(message)}-byte message to {topic_for(0)} (cannot chunk that small)")
+                return []
+            sent = _Sent(message, retain, topic_for, [], [], [])
+            self._track(sent)
+            payload_bytes = self._send_chunks(sent)
+        self.bytes_out += payload_bytes
+        return list(sent.infos)
 
     def clear_retained(self, topic: str) -> None:
-        self.client.publish(topic, b"", qos=1, retain=True)
+        self.publish(topic, b"", retain=True)
 
     def subscribe(self, topic: str) -> None:
         if topic not in self.subscriptions:
@@ -192,6 +340,130 @@ class MqttLink:
         if topic in self.subscriptions:
             self.subscriptions.remove(topic)
         self.client.unsubscribe(topic)
+
+    # --- packet limits ----------------------------------------------------------
+
+    def _send(self, topic: str, payload: bytes | bytearray, retain: bool) -> paho.MQTTMessageInfo:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            log.warning("%s: outgoing queue full; dropped a message to %s", self.name, topic)
+        return info
+
+    def _send_chunks(self, sent: _Sent) -> int:
+        """(Re)publish ``sent.message`` in chunks of the current size; returns
+        the payload bytes. Holds _lock."""
+        topic_for = sent.topic_for
+        if topic_for is None:
+            raise TypeError("not a chunked message")
+        parts = chunks.split(sent.message, self.chunk_bytes)
+        topics = [topic_for(i) for i in range(len(parts))]
+        sizes = [publish_packet_bytes(t, len(part), self._v5) for t, part in zip(topics, parts, strict=True)]
+        infos: list[paho.MQTTMessageInfo] = []
+        sent.topics, sent.sizes, sent.infos = topics, sizes, infos
+        for t, part in zip(topics, parts, strict=True):
+            infos.append(self._send(t, part, sent.retain))
+        return sum(len(part) for part in parts)
+
+    def _track(self, sent: _Sent) -> None:
+        """Remember ``sent`` (before handing it to paho, so that a drop in the
+        middle sees it) and forget what the broker acknowledged in full (from
+        the front: acknowledgements come in publish order). Holds _lock."""
+        done = 0
+        for old in self._sent:
+            if not old.settled():
+                break
+            self._fits = max([self._fits, *old.acked_sizes()])
+            done += 1
+        del self._sent[:done]
+        self._sent.append(sent)
+
+    def _refuse(self, what: str) -> None:
+        self.refused += 1
+        log.error("%s: not publishing %s: over the broker's packet limit of %d bytes (broker.max_packet_bytes=%d)",
+                  self.name, what, self._limit, self.settings.max_packet_bytes)
+
+    def _set_limit(self, limit: int) -> None:
+        self._limit = limit
+        self.chunk_bytes = chunks.chunk_data_size(limit) if limit >= MIN_PACKET_BYTES else 0
+
+    def _adopt_announced_limit(self, properties: Properties | None) -> None:
+        """MQTT 5: the broker's Maximum Packet Size from CONNACK, if it gave one."""
+        announced = getattr(properties, "MaximumPacketSize", None) if self._v5 else None
+        if not announced:
+            return
+        configured = self.settings.max_packet_bytes
+        self._set_limit(min(configured, int(announced)))
+        if announced >= configured or announced == self._announced:
+            return
+        self._announced = announced
+        if self.chunk_bytes:
+            log.warning("%s: broker %s accepts packets of at most %d bytes (MQTT 5 Maximum Packet Size), below "
+                        "broker.max_packet_bytes=%d; chunking below it", self.name, self.address, announced,
+                        configured)
+        else:
+            log.error("%s: broker %s accepts packets of at most %d bytes (MQTT 5 Maximum Packet Size), too small "
+                      "to chunk for (broker.max_packet_bytes=%d; chunks need %d): only small messages will be "
+                      "published", self.name, self.address, announced, configured, MIN_PACKET_BYTES)
+
+    def _blame_packet_size(self) -> str:
+        """After a dropped connection: if a publish larger than any the broker
+        ever acknowledged was outstanding, take it as over the broker's limit
+        and lower ours. Returns a note for the LinkDown reason, or ''.
+
+        Runs in on_disconnect, where paho may hold its own locks, so it takes
+        no lock: it reads a copy of the list, and only the network thread
+        (this one) ever changes a recorded message."""
+        sent = self._sent[:]
+        fits = max([self._fits, *(size for m in sent for size in m.acked_sizes())])
+        refused = max((size for m in sent if not m.layout_fits() for size in m.unacked_sizes()
+                       if size > max(fits, BLAMELESS_PACKET_BYTES)), default=0)
+        if not refused:
+            return ""
+        configured = self.settings.max_packet_bytes
+        self._set_limit(lowered_limit(self._limit, refused, fits))
+        if self.chunk_bytes:
+            log.warning("%s: broker %s dropped the connection with a %d-byte publish outstanding, taken as over its "
+                        "packet limit (broker.max_packet_bytes=%d): keeping packets to %d bytes from now on; set "
+                        "broker.max_packet_bytes to the broker's max_packet_size", self.name, self.address,
+                        refused, configured, self._limit)
+        else:
+            log.error("%s: broker %s drops the connection even on a %d-byte publish (broker.max_packet_bytes=%d), "
+                      "too small to chunk for (chunks need %d bytes): giving up messages over %d bytes; raise the "
+                      "broker's max_packet_size", self.name, self.address, refused, configured, MIN_PACKET_BYTES,
+                      self._limit)
+        return f"a {refused}-byte publish was over the broker's packet limit; now at most {self._limit}"
+
+    def _fit_queue(self) -> None:
+        """Before paho sends again what the last connection left unacknowledged:
+        chunk again, at the current size, each message with a packet over the
+        limit; give up what cannot be chunked. Holds _lock; runs in
+        on_connect, before paho resends its queue."""
+        def misfit(m: _Sent) -> bool:
+            return not m.layout_fits() and max(m.unacked_sizes(), default=0) > self._limit
+
+        if not any(misfit(m) for m in self._sent):
+            return
+        queued = {id(msg.info): msg for msg in _take_queue(self.client)}
+        kept: list[_Sent] = []
+        for m in self._sent:  # publish order, so paho's queue keeps its order
+            if not misfit(m):
+                for k, info in enumerate(m.infos):
+                    msg = queued.pop(id(info), None)
+                    if msg is not None:
+                        m.infos[k] = self._send(msg.topic, msg.payload, msg.retain)
+                kept.append(m)
+            elif m.topic_for is not None and self.chunk_bytes:
+                for info in m.infos:
+                    queued.pop(id(info), None)
+                self._send_chunks(m)
+                kept.append(m)
+            else:
+                for info in m.infos:
+                    queued.pop(id(info), None)
+                self._refuse(f"a {len(m.message)}-byte message to {m.topics[0]} any more")
+        for msg in queued.values():  # none: everything we publish is recorded
+            self._send(msg.topic, msg.payload, msg.retain)
+        self._sent = kept
 
     # --- paho callbacks (network thread) ------------------------------------------
 
@@ -207,6 +479,9 @@ class MqttLink:
                 self._last_refusal = text
             return
         self._last_refusal = ""
+        with self._lock:
+            self._adopt_announced_limit(properties)
+            self._fit_queue()
         if self.subscriptions:
             client.subscribe([(t, 1) for t in self.subscriptions])
         self.connected.set()
@@ -216,8 +491,14 @@ class MqttLink:
                        reason: paho.ReasonCode, properties: Properties | None) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        text = str(reason)
+        dropped = reason.value == PACKET_TOO_LARGE or (
+            reason.is_failure and not flags.is_disconnect_packet_from_server)
+        if dropped and not self._closing:
+            note = self._blame_packet_size()
+            text = f"{text}; {note}" if note else text
         if was:
-            self.sink(LinkDown(self.name, str(reason)))
+            self.sink(LinkDown(self.name, text))
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         self.bytes_in += len(msg.payload)

@@ -63,6 +63,12 @@ class Link(Protocol):
     bytes_out: int  # payload bytes published
     bytes_in: int  # payload bytes received
 
+    @property
+    def max_packet_bytes(self) -> int:
+        """The largest packet the link sends: ``broker.max_packet_bytes``, or
+        the broker's own limit once the link learned it, if lower."""
+        ...
+
     def start(self) -> None: ...
 
     def wait_connected(self, timeout: float) -> bool: ...
@@ -228,6 +234,7 @@ class MemoryLink:
         self.address = "memory"
         self.bytes_out = 0
         self.bytes_in = 0
+        self.max_packet_bytes = broker.max_packet_bytes
         self.chunk_bytes = chunks.chunk_data_size(broker.max_packet_bytes)
         self.connected = threading.Event()
 
