@@ -167,6 +167,10 @@ class LimitsSection:
     max_update_bytes: int = setting(64 << 20, "Largest update accepted, in bytes.")
     reassembly_bytes: int = setting(256 << 20, "Memory for partially received updates, across all clients.")
     reassembly_timeout_s: float = setting(120.0, "A partially received message is dropped after this long.")
+    messages_per_s: float = setting(
+        2.0, "Per device: messages (updates, declines, presence) accepted per second on average; more are dropped."
+    )
+    message_burst: int = setting(20, "Per device: messages accepted at once before messages_per_s applies.")
     max_devices: int = setting(
         100_000, "Most device ids the aggregator keeps track of; presence from further new ids is ignored (counted)."
     )
@@ -236,6 +240,8 @@ class AggregatorConfig:
             raise ConfigError("server.trim_fraction must be in [0, 0.5)")
         if srv.krum_f < 0 or srv.krum_m < 0:
             raise ConfigError("server.krum_f and server.krum_m must not be negative")
+        if not self.limits.messages_per_s > 0 or self.limits.message_burst < 1:
+            raise ConfigError("limits.messages_per_s must be positive and limits.message_burst at least 1")
         sel = self.selection
         if srv.aggregation != "mean" and sel.max_clients == 0:
             raise ConfigError(f"server.aggregation = {srv.aggregation!r} holds every update of a round in memory: "

@@ -288,6 +288,7 @@ class RoundCore:
         # Selected devices that did not respond: client -> (strikes, first
         # round it may be selected again). See ``_bench``.
         self.benched: dict[str, tuple[int, int]] = {}
+        self.last_selected: frozenset[str] = frozenset()  # of the round that closed last
         self.counters: Counter[str] = Counter()
         self.history: list[RoundRecord] = []  # the last few records, for restarts
         self._restored_open: dict[str, Any] | None = None
@@ -327,6 +328,11 @@ class RoundCore:
     def exact_model_message(self) -> bytes:
         """The exact server model as a full model message, for exporters."""
         return self.models.exact_message()
+
+    def expects_update_from(self, client: str) -> bool:
+        """Whether ``client`` may send an update now: selected for the open
+        round, or for the one before (its late update gets a receipt)."""
+        return (self.open is not None and client in self.open.selected) or client in self.last_selected
 
     def next_deadline(self) -> float | None:
         if self.open:
@@ -567,6 +573,7 @@ class RoundCore:
         )
         self.history = [*self.history[-9:], record]
         self._bench(op)
+        self.last_selected = frozenset(op.selected)
         self.open = None
         self.updates.reset()
         self.next_round = op.round + 1

@@ -18,6 +18,7 @@ from typing import Any
 from aggregator.artifacts import ArtifactBuilt, ArtifactFailed, OnnxPublisher
 from aggregator.config import AggregatorConfig
 from aggregator.optimizers import make_server_optimizer
+from aggregator.ratelimit import RateLimiter
 from aggregator.rounds import (
     Action,
     ClientStatus,
@@ -37,7 +38,7 @@ from aggregator.rounds import (
 )
 from aggregator.state import StateDir
 from fedge import messages, wire
-from fedge.chunks import ChunkError, Reassembler
+from fedge.chunks import ChunkError, Reassembler, parse_chunk
 from fedge.messages import ProtocolError, Status, TrainingPlan
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.records import RoundRecord
@@ -94,6 +95,13 @@ class AggregatorService:
         self._stop = threading.Event()
         self.done = threading.Event()
         self.dropped_chunks = 0
+        lim = cfg.limits
+        self.status_limit = RateLimiter(lim.messages_per_s, lim.message_burst, lim.max_devices)
+        self.message_limit = RateLimiter(lim.messages_per_s, lim.message_burst, lim.max_devices)
+        # Chunk bytes: two updates at once, one per ten seconds on average.
+        self.chunk_limit = RateLimiter(lim.max_update_bytes / 10, 2 * lim.max_update_bytes + (1 << 20),
+                                       lim.max_devices)
+        self._log_limit = RateLimiter(1 / 60, 1, 10_000)  # one line a minute per (device, kind)
         self._failures_logged: set[tuple[str, str]] = set()
         self.artifacts: list[dict[str, Any]] = []
 
@@ -187,17 +195,38 @@ class AggregatorService:
             return
         channel, client = self.topics.parse(item.topic)
         if channel == "status" and client:
+            if self._limited(self.status_limit, client, "presence", now):
+                return
             self._feed(self._status_event(client, item.payload, now))
         elif channel == "update" and client:
+            if self._limited(self.chunk_limit, client, "update bytes", now, cost=len(item.payload)):
+                return
             try:
+                if not self.core.expects_update_from(client) and parse_chunk(item.payload).count > 1:
+                    # Reassembly space is for the devices a round waits for;
+                    # a one-chunk message (a decline, a stray update) still
+                    # gets its receipt.
+                    raise ChunkError("not_selected", "a multi-chunk message from a device no round waits for")
                 message = self.updates.feed(client, item.payload, now)
             except ChunkError as exc:
                 self.dropped_chunks += 1
                 self._feed(Incident(f"chunk_{exc.reason}", client, now))
-                log.warning("dropped a chunk from %s: %s", client, exc)
+                if self._log_limit.allow((client, exc.reason), now):
+                    log.warning("dropped a chunk from %s: %s", client, exc)
                 return
-            if message is not None:
+            if message is not None and not self._limited(self.message_limit, client, "messages", now):
                 self._feed(MessageArrived(client, message, now))
+
+    def _limited(self, limiter: RateLimiter, client: str, what: str, now: float, cost: float = 1.0) -> bool:
+        """True (counted as ``rate_limited``, logged at most once a minute per
+        device) when ``client`` is over its rate for ``what``."""
+        if limiter.allow(client, now, cost):
+            return False
+        self._feed(Incident("rate_limited", client, now))
+        if self._log_limit.allow((client, what), now):
+            log.warning("%s is over its rate of %s; dropping (counted as rate_limited, logged once a minute)",
+                        client, what)
+        return True
 
     def _status_event(self, client: str, payload: bytes, now: float) -> ClientStatus:
         if not payload:

@@ -126,3 +126,52 @@ def test_a_failure_inside_the_core_is_contained_counted_and_logged_once(tmp_path
         wait_for(lambda: calls["n"] == 3 and service.core.counters["internal_error"] == 3)
         assert service.done.is_set() is False and service.link.connected.is_set()
     assert sum("counted as internal_error" in r.getMessage() for r in caplog.records) == 1
+
+
+def _online(broker: MemoryBroker, client: str) -> None:
+    broker.publish(client, TOPICS.status(client), Status(client, "online", {"codecs": supported()}).encode(),
+                   retain=True)
+
+
+def _update(service: AggregatorService, client: str) -> bytes:
+    import numpy as np
+
+    from fedge.codecs import make_codec
+    from fedge.messages import Update
+
+    core = service.core
+    delta = {name: np.full(shape, 0.01, np.float32) for name, shape in core.spec.entries}
+    return Update(job=JOB, round=core.next_round, sender=client, update_id="u1", num_samples=10,
+                  codec=core.codec_params, base_model=core.model_digest,
+                  body=make_codec(core.codec_params).encode(delta, np.random.default_rng(0))).encode()
+
+
+def test_a_reassembly_flood_from_devices_no_round_waits_for_cannot_block_a_real_update(tmp_path):
+    """Fault campaign case 4: 16 one-KiB publishes each claiming a 16 MiB
+    message blocked real updates for 122 s. Now they reserve nothing."""
+    from fedge.chunks import CHUNK_HEADER, CHUNK_MAGIC, split
+
+    broker = MemoryBroker()
+    with running(job(tmp_path), broker) as service:
+        wait_for(lambda: broker.retained.get(TOPICS.server))  # subscribed
+        _online(broker, "dev-1")
+        wait_for(lambda: (ann := announcement(broker)) is not None and ann.state == "open")
+        for i in range(16):
+            head = CHUNK_HEADER.pack(CHUNK_MAGIC, 1, 0, bytes([i]) * 16, 0, 16 * 64, 16 << 20)
+            broker.publish(f"x{i}", TOPICS.update(f"x{i}"), head + b"\0" * 1024)
+        wait_for(lambda: service.core.counters["chunk_not_selected"] == 16)
+        for part in split(_update(service, "dev-1"), 1024):  # many chunks
+            broker.publish("dev-1", TOPICS.update("dev-1"), part)
+        wait_for(lambda: service.core.counters["accepted"] == 1)
+        assert len(service.updates) == 0
+
+
+def test_a_device_over_its_message_rate_is_dropped_and_counted(tmp_path):
+    broker = MemoryBroker()
+    with running(updated(job(tmp_path), limits={"messages_per_s": 1.0, "message_burst": 5}), broker) as service:
+        wait_for(lambda: broker.retained.get(TOPICS.server))  # subscribed
+        for _ in range(50):
+            _online(broker, "chatty")
+        wait_for(lambda: service.core.counters["rate_limited"] >= 40)
+        wait_for(lambda: (ann := announcement(broker)) is not None and ann.state == "open")
+        assert announcement(broker).selected == ("chatty",)  # what got through still counts

@@ -1,0 +1,39 @@
+"""Per-device rate limits on what the aggregator receives.
+
+A token bucket per device and channel: ``rate`` messages per second on
+average, ``burst`` at once. What a bucket refuses is dropped before any work
+is spent on it (counted as ``rate_limited``). The buckets are bounded in
+number: past ``max_keys``, the longest-idle one is forgotten (and starts
+full again if its device comes back), so invented ids cannot grow memory.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+
+class RateLimiter:
+    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, key: Hashable, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens from ``key``'s bucket; False (and nothing
+        taken) when it holds fewer."""
+        tokens, at = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
+        allowed = tokens >= cost
+        if allowed:
+            tokens -= cost
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return allowed
