@@ -27,11 +27,46 @@ stays in a residual added to the device's next delta; if the aggregator
 refuses an update as late or rejected, its content goes back into the
 residual, so nothing is lost.
 
-Exactly once. The update and the residual are persisted before the update
-is published; the same bytes are resent with backoff until the aggregator's
-receipt for the current attempt arrives, and again if the aggregator
-re-announces the round (it restarted). ``last_round`` only grows: a device
-restarted at any moment never trains twice for a round.
+Exactly once. What a device contributes to is a (round, model) pair: the
+announcement's ``round`` and ``model_digest``, which the update names as its
+``round`` and ``base_model``. The aggregator folds an update only when both
+match its open round, and at most once per client and attempt. The device
+remembers the last ``HANDLED_KEPT`` pairs it trained or declined
+(``AgentState.handled``) and never trains a remembered pair again, so it
+never sends two different updates for one round of one model lineage. The
+update and the residual are persisted before the update is published; the
+same bytes are resent with backoff until the aggregator's receipt for the
+current attempt arrives, and again when the same round and model are
+re-announced with a higher ``attempt`` (the aggregator restarted). A device
+restarted at any moment never trains twice for a pair.
+
+No single message stops a device for good. Nothing is remembered because an
+announcement was seen, only what the device did, and there is no high-water
+round mark:
+- An announcement for a made-up round (round 10**9 naming the real model)
+  costs at most one training. The aggregator refuses that update
+  (``future_round``), its content goes back into the residual, and the real
+  rounds, whose pairs were never handled, are trained as before.
+- An aggregator restored from an older checkpoint, or a job started afresh,
+  announces rounds below those the device handled. A pair already handled
+  is skipped: the first restored round names the same model as before, so
+  it runs without the devices that did it then (at worst it fails and the
+  model stays). Every other pair is trained. Keys and deltas are ordered by
+  the announcement for the same reason: the key or delta the round names is
+  adopted even when its round is below the one held, and an older one that
+  arrives before the announcement naming it is kept aside until then.
+Rejected on purpose:
+- A mark coarser than the exact pair (a highest round per model digest or
+  per key) can be wedged. If every device marks round 10**9 for model D,
+  every real round naming D is refused and fails, so D never changes.
+- A bound on how far a round may run ahead of the model's round is not
+  tight: consecutive failed rounds keep both the model and the key, and the
+  device knows neither ``key_every`` nor the job's length. A bound that
+  misfires refuses real rounds, which is the same wedge.
+The price: an older announcement redelivered after a newer one (QoS 1) may
+start a training for a pair the device never handled. The result is dropped
+if the newer announcement arrives first; otherwise the aggregator refuses it
+as late and the residual takes it back.
 """
 
 from __future__ import annotations
@@ -198,21 +233,49 @@ class Pending:
     final: bool = False  # a receipt said late/rejected: never resend
 
 
+HANDLED_KEPT = 32  # (round, model) pairs remembered; covers re-announcements and stale copies
+ANY_MODEL = ""  # a round handled by a build that did not record the model (state format 1)
+
+
 @dataclass
 class AgentState:
-    """What survives a restart (besides the key model and the residual)."""
+    """What survives a restart (besides the key model and the residual): the
+    (round, model digest) pairs this device trained or declined, newest last,
+    and the pending update. ``last_round`` is the round of the newest pair,
+    for people reading the file; no decision depends on it."""
 
     last_round: int = 0
     pending: Pending | None = None
+    handled: tuple[tuple[int, str], ...] = ()
+
+    def has_handled(self, round_: int, model: str) -> bool:
+        return any(r == round_ and m in (model, ANY_MODEL) for r, m in self.handled)
+
+    def record(self, round_: int, model: str) -> None:
+        kept = [h for h in self.handled if h != (round_, model)]
+        self.handled = (*kept, (round_, model))[-HANDLED_KEPT:]
+        self.last_round = round_
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": 1, "last_round": self.last_round,
+        return {"format": 2, "last_round": self.last_round, "handled": [list(h) for h in self.handled],
                 "pending": None if self.pending is None else dict(self.pending.__dict__)}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> AgentState:
-        pending = obj.get("pending")
-        return cls(last_round=int(obj.get("last_round", 0)), pending=Pending(**pending) if pending else None)
+        raw = obj.get("pending")
+        pending = Pending(**raw) if raw else None
+        last = int(obj.get("last_round", 0))
+        if "handled" in obj:
+            handled = tuple((int(r), str(m)) for r, m in obj["handled"])
+        elif last:
+            # Format 1 kept only a high-water round: keep that round as
+            # handled (for any model unless the pending update names it),
+            # without letting it hide the rounds below.
+            model = pending.base_model if pending is not None and pending.round == last else ANY_MODEL
+            handled = ((last, model),)
+        else:
+            handled = ()
+        return cls(last_round=last, pending=pending, handled=handled[-HANDLED_KEPT:])
 
 
 @dataclass
@@ -258,6 +321,11 @@ class AgentCore:
     key: _Key | None = None
     current: _Current | None = None
     latest_delta: ModelDelta | None = None
+    # The latest key (message) and delta that arrived older than the ones
+    # held: adopted if an announcement names them (an aggregator restored
+    # from an older checkpoint), so the retained copy need not come again.
+    spare_key: tuple[str, bytes] | None = None
+    spare_delta: ModelDelta | None = None
     announcement: RoundAnnouncement | None = None
     training: _Training | None = None
     resend: _Resend | None = None
@@ -333,11 +401,18 @@ class AgentCore:
             log.error("%s: refused global model factory %r: set agent.model to it if this device should run it",
                       self.client_id, model.model)
             return []
-        if self.key is not None and model.round < self.key.model.round:
-            return []  # an older retained copy arriving after a newer one
         digest = hashlib.sha256(model.body).hexdigest()
         if self.key is not None and digest == self.key.digest:
             return []
+        named = self.announcement is not None and self.announcement.key_digest == digest
+        if self.key is not None and model.round < self.key.model.round and not named:
+            # An older retained copy after a newer one, or the key of an
+            # aggregator restored from an older checkpoint whose
+            # announcement is still to come: the announcement decides.
+            self.spare_key = (digest, message)
+            return []
+        if self.spare_key is not None and self.spare_key[0] == digest:
+            self.spare_key = None
         self.key = _Key(model, arrays, digest)
         if self.announcement is None or self.announcement.model_digest == digest:
             self.current = _Current(arrays, digest, model.body)
@@ -353,8 +428,11 @@ class AgentCore:
             return []
         if delta.job != self.job:
             return []
-        if self.latest_delta is None or delta.round >= self.latest_delta.round:
+        named = self.announcement is not None and self.announcement.model_digest == delta.target_digest
+        if self.latest_delta is None or delta.round >= self.latest_delta.round or named:
             self.latest_delta = delta
+        else:
+            self.spare_delta = delta  # as for keys: adopted if an announcement names it
         self._apply_delta()
         return []
 
@@ -398,8 +476,8 @@ class AgentCore:
         key_ok = self.key is not None and self.key.digest == ann.key_digest
         if self.downlink == "follow":
             return {"delta"} | (set() if key_ok else {"key"})
-        needed = (self._open_for_me(ann) and ann.round > self.state.last_round and self.training is None
-                  and not self._has_announced_model())
+        needed = (self._open_for_me(ann) and not self.state.has_handled(ann.round, ann.model_digest)
+                  and self.training is None and not self._has_announced_model())
         if not needed:
             return set()
         return (set() if key_ok else {"key"}) | ({"delta"} if ann.model_digest != ann.key_digest else set())
@@ -426,9 +504,24 @@ class AgentCore:
         self.announcement = ann
         if ann.state == "done" and (prev is None or prev.state != "done"):
             log.info("%s: job %s is done", self.client_id, self.job)
+        actions = self._adopt_spares(ann)
         if self.key is not None and self.key.digest == ann.model_digest and not self._has_announced_model():
             self.current = _Current(self.key.arrays, self.key.digest, self.key.model.body)
-        return self._consider(ev.now)
+        return actions + self._consider(ev.now)
+
+    def _adopt_spares(self, ann: RoundAnnouncement) -> list[Action]:
+        """Adopt the older key or delta kept aside if this announcement
+        names it."""
+        d = self.spare_delta
+        if d is not None and d.target_digest == ann.model_digest and (
+                self.latest_delta is None or self.latest_delta.target_digest != ann.model_digest):
+            self.latest_delta, self.spare_delta = d, None
+        actions: list[Action] = []
+        spare = self.spare_key
+        if spare is not None and spare[0] == ann.key_digest and (self.key is None or self.key.digest != spare[0]):
+            actions = self._on_key(spare[1])
+        self._apply_delta()
+        return actions
 
     def _on_ack(self, ev: AckArrived) -> list[Action]:
         try:
@@ -489,14 +582,14 @@ class AgentCore:
                 sent = codec.decode(body, TensorSpec.of(target))
                 residual = {k: (target[k] - sent[k]).astype(np.float32) for k in target}
         except (CodecError, TensorError, ValueError) as exc:
-            return self._decline(t.round, f"cannot encode the update: {exc}")
+            return self._decline(t, f"cannot encode the update: {exc}")
         update = Update(
             job=self.job, round=t.round, sender=self.client_id, update_id=self.new_id()[:16],
             num_samples=ev.num_samples, codec=ann.codec, base_model=t.base_model, body=body,
             loss=ev.loss, train_seconds=round(ev.seconds, 4),
         )
         message = update.encode()
-        self.state.last_round = max(self.state.last_round, t.round)
+        self.state.record(t.round, t.base_model)
         self.state.pending = Pending(t.round, update.update_id, t.base_model, sent_attempt=ann.attempt)
         self.update_bytes = message
         self.residual = residual
@@ -513,14 +606,14 @@ class AgentCore:
         log.error("%s: training for round %d failed: %s", self.client_id, t.round, ev.reason)
         ann = self.announcement
         if ann is not None and ann.round == t.round and self._open_for_me(ann):
-            return self._decline(t.round, ev.reason)
+            return self._decline(t, ev.reason)
         return self._consider(ev.now)
 
-    def _decline(self, round_: int, reason: str) -> list[Action]:
-        self.state.last_round = max(self.state.last_round, round_)
+    def _decline(self, t: _Training, reason: str) -> list[Action]:
+        self.state.record(t.round, t.base_model)
         self.state.pending = None
         self.update_bytes = None
-        message = Decline(self.job, round_, self.client_id, reason).encode()
+        message = Decline(self.job, t.round, self.client_id, reason).encode()
         return [PersistState(self.state.to_json(), None), PublishUpdate(message)]
 
     def _on_tick(self, now: float) -> list[Action]:
@@ -558,7 +651,7 @@ class AgentCore:
             return []
         assert ann is not None
         p = self.state.pending
-        if p is not None and p.round == ann.round:
+        if p is not None and p.round == ann.round and p.base_model == ann.model_digest:
             # Sent before this process started, or the aggregator re-announced
             # the round (it restarted and lost its sum): send the same bytes.
             if self._needs_sending(p) and (self.resend is None or p.sent_attempt < ann.attempt):
@@ -568,7 +661,7 @@ class AgentCore:
                 assert self.update_bytes is not None
                 return [PersistState(self.state.to_json(), self.update_bytes), PublishUpdate(self.update_bytes)]
             return []
-        if ann.round <= self.state.last_round or self.training is not None:
+        if self.state.has_handled(ann.round, ann.model_digest) or self.training is not None:
             return []
         if not self._has_announced_model() or self.key is None or self.current is None:
             return []  # the model for this round is still on its way

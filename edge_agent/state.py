@@ -1,11 +1,12 @@
 """The device's state directory: what lets an agent restart at any moment
 without training twice or sending two different updates for one round.
 
-``agent.json`` holds ``AgentState`` (last round handled, the pending
-update's identity); ``pending.update`` holds the pending update's exact
-bytes so a resend after a restart is byte-identical; ``residual.safetensors``
-the error-feedback memory; ``key.fedge`` the latest key model, so a restart
-does not download it again.
+``agent.json`` holds ``AgentState`` (the recent rounds handled, each with
+the model it was trained from, and the pending update's identity);
+``pending.update`` holds the pending update's exact bytes so a resend after
+a restart is byte-identical; ``residual.safetensors`` the error-feedback
+memory; ``key.fedge`` the latest key model, so a restart does not download
+it again.
 """
 
 from __future__ import annotations

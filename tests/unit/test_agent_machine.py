@@ -2,10 +2,11 @@
 receipts, training outcomes, ticks, replays and restarts (hypothesis state
 machine).
 
-Whatever happens, the device must: send at most one update per round (a
-restart or a resend never produces a second, different one); persist an
-update before publishing it; train only from the model the round names; and
-train only for rounds it was selected for."""
+Whatever happens, the device must: send at most one update per round and
+model (a restart or a resend never produces a second, different one);
+persist an update before publishing it; train only from the model the round
+names; train only for rounds it was selected for; and, whatever came before
+(a forged far round included), train for a round it has not done yet."""
 
 from __future__ import annotations
 
@@ -32,9 +33,13 @@ from fedge import wire
 from fedge.messages import Ack, Update
 from fedge.wire import Kind
 
-from .test_agent_core import DELTA, JOB, ME, ann_msg, key_msg, make
+from .test_agent_core import DELTA, JOB, KEY, ME, ann_msg, key_msg, make
 
-KEY_MESSAGE, KEY_DIGEST = key_msg()
+# Two models, as an aggregator's two sessions (or a failed and a successful
+# round) would name; the second key has the higher round.
+MODELS = [key_msg(), key_msg({k: v + 1 for k, v in KEY.items()}, round_=1)]
+DIGESTS = [digest for _, digest in MODELS]
+FORGED = 10**9
 
 
 class AgentMachine(RuleBasedStateMachine):
@@ -46,8 +51,9 @@ class AgentMachine(RuleBasedStateMachine):
         self.key: bytes | None = None
         self.residual = None
         self.delivered: list[object] = []
-        self.updates: dict[int, set[bytes]] = {}  # round -> distinct update messages published
-        self.selected_rounds: set[int] = set()
+        self.updates: dict[tuple[int, str], set[bytes]] = {}  # (round, model) -> distinct updates published
+        self.selected: set[tuple[int, str]] = set()  # (round, model) announced open for this device
+        self.fresh_round = 1000
         self.core = make()
         self.run(self.core.handle(Connected(self.now)))
 
@@ -61,31 +67,51 @@ class AgentMachine(RuleBasedStateMachine):
             elif isinstance(action, PersistResidual):
                 self.residual = action.residual
             elif isinstance(action, StartTraining):
-                assert action.job.base_model == KEY_DIGEST, "trains only from the model the round names"
-                assert action.job.round in self.selected_rounds, "trains only when selected"
+                job = action.job
+                assert (job.round, job.base_model) in self.selected, "trains only when selected, from the named model"
             elif isinstance(action, PublishUpdate):
                 env = wire.decode(action.message)
                 if env.kind == Kind.UPDATE:
                     upd = Update.parse(env)
                     assert persisted or action.message == self.update_bytes, "persisted before it is published"
-                    self.updates.setdefault(upd.round, set()).add(action.message)
+                    self.updates.setdefault((upd.round, upd.base_model), set()).add(action.message)
 
-    def deliver(self, event_for_now) -> None:
+    def deliver(self, event_for_now) -> list:
         self.delivered.append(event_for_now)
-        self.run(self.core.handle(event_for_now(self.now)))
+        actions = self.core.handle(event_for_now(self.now))
+        self.run(actions)
+        return actions
 
-    @rule()
-    def key_arrives(self) -> None:
-        self.deliver(lambda now: KeyArrived(KEY_MESSAGE, now))
+    @rule(model=st.sampled_from([0, 0, 1]))
+    def key_arrives(self, model: int) -> None:
+        message = MODELS[model][0]
+        self.deliver(lambda now: KeyArrived(message, now))
 
-    @rule(round_=st.integers(1, 2), attempt=st.integers(1, 2), selected=st.sampled_from([True, True, False]),
+    @rule(round_=st.sampled_from([1, 2, 3, FORGED]), model=st.sampled_from([0, 0, 1]), attempt=st.integers(1, 2),
+          selected=st.sampled_from([True, True, False]),
           state=st.sampled_from(["open", "open", "open", "waiting", "done"]))
-    def announcement(self, round_: int, attempt: int, selected: bool, state: str) -> None:
+    def announcement(self, round_: int, model: int, attempt: int, selected: bool, state: str) -> None:
+        digest = DIGESTS[model]
         if selected and state == "open":
-            self.selected_rounds.add(round_)
-        message = ann_msg(KEY_DIGEST, round_=round_, attempt=attempt, selected=(ME,) if selected else ("other",),
-                          state=state)
+            self.selected.add((round_, digest))
+        message = ann_msg(digest, round_=round_, attempt=attempt, selected=(ME,) if selected else ("other",),
+                          state=state, key_digest=digest)
         self.deliver(lambda now: AnnouncementArrived(message, now))
+
+    @rule(model=st.sampled_from([0, 1]))
+    def a_round_not_done_yet_is_trained(self, model: int) -> None:
+        """No earlier message (a forged far round, another model, a restart)
+        keeps the device from a round it has not done, once it is idle."""
+        for _ in range(3):  # a finished job may start the next one (for the announcement it then holds)
+            self.training_finishes()
+        assert self.core.training is None
+        self.fresh_round += 1
+        digest = DIGESTS[model]
+        self.selected.add((self.fresh_round, digest))
+        message = ann_msg(digest, round_=self.fresh_round, key_digest=digest)
+        actions = self.deliver(lambda now: AnnouncementArrived(message, now))
+        actions += self.deliver(lambda now: KeyArrived(MODELS[model][0], now))  # the retained key, if it asked
+        assert any(isinstance(a, StartTraining) and a.job.round == self.fresh_round for a in actions), actions
 
     @rule()
     def training_finishes(self) -> None:
@@ -128,7 +154,7 @@ class AgentMachine(RuleBasedStateMachine):
         self.run(self.core.handle(Connected(self.now)))
 
     @invariant()
-    def at_most_one_update_per_round(self) -> None:
+    def at_most_one_update_per_round_and_model(self) -> None:
         assert all(len(sent) == 1 for sent in self.updates.values()), {r: len(s) for r, s in self.updates.items()}
 
 
