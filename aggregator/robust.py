@@ -9,10 +9,11 @@ on by default, before any rule runs:
   fails and keeps the model (``aggregator.rounds``).
 * **norm bound**: every delta longer than a bound is scaled down to it
   (Sun et al. 2019, "Can You Really Backdoor Federated Learning?"). The bound
-  adapts to the fleet: ``clip_multiplier`` x the median norm of the round's
-  updates, or, in a round of fewer than three, of those and the medians of
-  recent rounds; a round with neither (the first update of a job, alone) is
-  not bounded. ``clip = "fixed"`` uses ``clip_norm`` instead.
+  adapts to the fleet: ``clip_multiplier`` x the median of the norms of the
+  round's updates and of the median norms of the last ``HISTORY`` rounds
+  (so that in a small round a few hostile updates cannot set their own
+  bound); the first round of a job, with fewer than three updates, is not
+  bounded. ``clip = "fixed"`` uses ``clip_norm`` instead.
 * **weight cap**: no update carries more than ``weight_cap / n`` of a
   round's weight (n updates), whatever sample count it claims. Water-filling
   finds the cap c with ``min(w_i, c) = c`` for the heaviest and
@@ -122,7 +123,7 @@ def norm_bound(norms: Sequence[float], history: Sequence[float], d: Defences) ->
         return None
     if d.clip == "fixed":
         return d.clip_norm
-    pool = list(norms) if len(norms) >= 3 else [*norms, *history]
+    pool = [*norms, *history]
     if len(pool) < 3 and not history:
         return None
     return d.clip_multiplier * float(np.median(pool))

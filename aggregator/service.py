@@ -265,11 +265,23 @@ class AggregatorService:
                 self._finish_round(action)
 
     def _finish_round(self, fin: RoundFinished) -> None:
+        try:
+            self._record_round(fin)
+        finally:  # whatever went wrong with the record, a finished job is done
+            if fin.last:
+                self.done.set()
+
+    def _record_round(self, fin: RoundFinished) -> None:
         record = fin.record
         ev = self.cfg.evaluate
         if ev.data and (fin.last or record.round % max(1, ev.every) == 0):
             started = time.perf_counter()
-            metrics = self._evaluate(fin.model)
+            try:
+                metrics = self._evaluate(fin.model)
+            except Exception:  # the evaluation data or model code: the round itself stands
+                self._feed(Incident("eval_failed", None, monotonic()))
+                log.exception("evaluating the model of round %d failed; recorded without accuracy", record.round)
+                metrics = {}
             record = record.replace(accuracy=metrics.get("accuracy"), loss=metrics.get("loss"),
                                     eval_seconds=round(time.perf_counter() - started, 4))
         record = record.replace(dropped_chunks=self.dropped_chunks, time=round(time.time(), 3))
@@ -285,8 +297,6 @@ class AggregatorService:
                 log.exception("the on_record callback failed for round %d", record.round)
         if self.onnx is not None and record.status == "ok" and self.onnx.due(record.round, fin.last):
             self.onnx.submit(record.round, self.core.exact_model_message())
-        if fin.last:
-            self.done.set()
 
     def _publish_retained(self, what: str, topic_for: Callable[[int], str], message: bytes | None) -> None:
         """Publish ``message`` retained as chunks (or clear it, for None), and

@@ -16,6 +16,7 @@ for programs that treated records as the JSON objects they are on disk.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,9 @@ class RoundRecord:
         out["accepted"] = list(self.accepted)
         out["left_out"] = list(self.left_out)
         out["rejected"] = dict(self.rejected)
+        for key in ("train_loss", "accuracy", "loss", "norm_bound"):
+            if out[key] is not None and not math.isfinite(out[key]):
+                out[key] = None  # JSON has no Inf or NaN (a diverged model's loss)
         for key in ("accuracy", "loss", "eval_seconds", "time", "failure", "norm_bound"):
             if out[key] is None:
                 del out[key]
