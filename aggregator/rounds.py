@@ -416,6 +416,16 @@ class RoundCore:
         op = self.open
         if op is None or upd.round < op.round:
             self.benched.pop(ev.client, None)  # slow, but real
+            counted = next((r for r in reversed(self.history) if r.round == upd.round and ev.client in r.accepted),
+                           None)
+            if counted is not None:
+                # A resend of an update the closed round folded (its receipt
+                # was lost): "late" would make the device take it back into
+                # its residual, counting it twice.
+                self.counters["duplicate"] += 1
+                ack = Ack(self.job, counted.round, counted.attempt, ev.client, upd.update_id, "duplicate",
+                          f"round {counted.round} counted an update from this device")
+                return [SendAck(ev.client, ack.encode())]
             return self._reject("late", f"round {upd.round} is closed", ev.client, upd)
         if upd.round > op.round:
             return self._reject("future_round", f"round {upd.round} is not open (round {op.round} is)", ev.client, upd)

@@ -24,7 +24,7 @@ from aggregator.rounds import (
 from fedge import wire
 from fedge.messages import Ack
 
-from .test_rounds import make_core, update
+from .test_rounds import delta_for, make_core, update
 
 CLIENTS = ("a", "b", "c", "d")
 POLICY = {"rounds": 4, "min_clients": 2, "deadline_s": 10.0, "quorum": 1.0}
@@ -57,7 +57,7 @@ class RoundMachine(RuleBasedStateMachine):
             elif isinstance(action, RoundFinished):
                 record = action.record
                 assert record["clients"] == len(record["accepted"]) <= record["selected"]
-                assert record["status"] == ("ok" if record["clients"] >= 1 else "failed")
+                assert record["status"] == ("ok" if record["clients"] >= 1 and record.failure is None else "failed")
                 self.closed.append(record["round"])
 
     def deliver(self, client: str, message: bytes) -> None:
@@ -79,6 +79,19 @@ class RoundMachine(RuleBasedStateMachine):
         op = self.core.open
         round_ = op.round if op else self.core.next_round
         message = update(self.core, client, round=round_, update_id=f"{client}-{round_}")
+        self.sent.append((client, message))
+        self.deliver(client, message)
+
+    @rule(client=st.sampled_from(CLIENTS), scale=st.sampled_from([-1.0, 100.0, 1e20, 3e38]),
+          samples=st.sampled_from([1, 10**6]))
+    def hostile_update(self, client: str, scale: float, samples: int) -> None:
+        """A device's own update, scaled or sign-flipped, claiming any weight."""
+        op = self.core.open
+        round_ = op.round if op else self.core.next_round
+        with np.errstate(over="ignore"):  # 3e38 x a normal draw: Inf, which the core must refuse
+            delta = {k: (v * np.float32(scale)).astype(np.float32) for k, v in delta_for(client).items()}
+        message = update(self.core, client, round=round_, update_id=f"{client}-{round_}-x", delta=delta,
+                         samples=samples)
         self.sent.append((client, message))
         self.deliver(client, message)
 

@@ -234,6 +234,18 @@ def test_deadline_closes_with_what_arrived_and_late_updates_are_refused():
     assert core.counters["late"] == 1
 
 
+def test_a_resend_of_a_folded_update_after_the_close_is_a_duplicate_not_late():
+    """Its receipt was lost: "late" would make the device take the update back
+    into its residual and send its content a second time."""
+    core = make_core(min_clients=2)
+    online(core, "a", "b")
+    first = update(core, "a")
+    send(core, "a", first)
+    assert finished(send(core, "b", update(core, "b")))
+    [ack] = acks(send(core, "a", first, now=2.0))
+    assert ack.status == "duplicate" and ack.round == 1 and core.counters["late"] == 0
+
+
 def test_a_round_without_enough_updates_fails_and_the_job_moves_on():
     core = make_core(min_clients=2, deadline_s=5, min_updates=2)
     core.start(0)
@@ -289,7 +301,8 @@ def test_the_job_ends_after_its_rounds():
         send(core, "a", update(core, "a"))
         out = send(core, "b", update(core, "b"))
     assert finished(out)[0].last and announcement(out).state == "done" and core.state == "done"
-    assert acks(send(core, "a", update(core, "a", round=2)))[0].status == "late"
+    assert acks(send(core, "a", update(core, "a", round=2)))[0].status == "duplicate"  # round 2 counted a
+    assert acks(send(core, "a", update(core, "a", round=1, update_id="other")))[0].status == "duplicate"
 
 
 def test_clients_without_the_job_codec_are_not_selected():
