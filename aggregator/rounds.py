@@ -478,7 +478,9 @@ class RoundCore:
         assert op is not None
         responded = len(op.accepted) + len(op.declined)
         awaited = len(op.selected) - len(op.gone - op.declined)
-        nothing_awaited = responded >= awaited and (len(op.accepted) >= self.policy.min_updates or awaited == 0)
+        # All gone is not "nothing awaited": after a broker restart every will
+        # fires, and the devices come back with their updates.
+        nothing_awaited = responded >= awaited and len(op.accepted) >= self.policy.min_updates
         if op.due is None and (responded >= selection.quorum_size(len(op.selected), self.policy.quorum)
                                or nothing_awaited):
             op.due = now

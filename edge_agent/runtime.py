@@ -279,7 +279,8 @@ class AgentRuntime:
         dev = self.devices[item.link]
         channel, _ = dev.topics.parse(item.topic)
         if channel == "status":
-            self._own_presence(dev, item.payload, now)
+            if item.topic == dev.topics.status(dev.spec.client_id):  # some brokers send more than was subscribed
+                self._own_presence(dev, item.payload, now)
             return
         if not item.payload:
             return  # a cleared retained message

@@ -16,9 +16,9 @@ Broker packet limits: a broker drops the connection on a packet over its
 limit, and paho would send the same packet again after every reconnect, for
 ever. So the link learns the limit and keeps every packet within it
 (``max_packet_bytes``). MQTT 5 brokers announce it in CONNACK (Maximum
-Packet Size). A 3.1.1 broker just closes the socket, so a drop while a
-publish larger than any the broker ever acknowledged is outstanding is taken
-as that publish being too large: the limit is halved (never below what
+Packet Size). A 3.1.1 broker just closes the socket, so two drops in a row
+while the same publish, larger than any the broker ever acknowledged, is
+outstanding are taken as that publish being too large: the limit is halved (never below what
 chunking needs, nor below what is known to fit), which takes a few
 reconnects at most. Messages the last connection left unacknowledged are
 chunked again at the new size before paho sends them again; what cannot be
@@ -203,6 +203,7 @@ class MqttLink:
         self._last_refusal = ""
         self._announced = 0  # the last Maximum Packet Size a CONNACK gave, once logged
         self._fits = 0  # the largest publish the broker ever acknowledged
+        self._suspect = 0  # the size outstanding at the last drop (see _blame_packet_size)
         self._sent: list[_Sent] = []  # in publish order, as paho queues them
         # Held while handing messages to paho, never while paho calls us from
         # a place that holds its own locks (on_disconnect can be such a place).
@@ -418,7 +419,16 @@ class MqttLink:
         refused = max((size for m in sent if not m.layout_fits() for size in m.unacked_sizes()
                        if size > max(fits, BLAMELESS_PACKET_BYTES)), default=0)
         if not refused:
+            self._suspect = 0
             return ""
+        if refused != self._suspect:
+            # Once is a coincidence (a network blip, a broker's own bug): a
+            # packet over the limit is refused every time it is sent, so the
+            # limit is lowered when the same size is outstanding at the next
+            # drop too.
+            self._suspect = refused
+            return f"a {refused}-byte publish was outstanding; if it is again at the next drop, it is too large"
+        self._suspect = 0
         configured = self.settings.max_packet_bytes
         self._set_limit(lowered_limit(self._limit, refused, fits))
         if self.chunk_bytes:

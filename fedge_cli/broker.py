@@ -12,6 +12,8 @@ import contextlib
 import logging
 import socket
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -53,6 +55,7 @@ class EmbeddedBroker:
             asyncio.set_event_loop(loop)
             try:
                 broker = Broker(config, loop=loop)
+                _iterate_subscriptions_safely(broker)
                 self._broker = broker
                 loop.run_until_complete(broker.start())
             except BaseException as exc:
@@ -79,3 +82,21 @@ class EmbeddedBroker:
         loop.call_soon_threadsafe(loop.stop)
         if self._thread:
             self._thread.join(timeout=10)
+
+
+class _SnapshotDict(dict[str, Any]):
+    """A dict whose iteration walks a copy of its keys."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+
+def _iterate_subscriptions_safely(broker: object) -> None:
+    """amqtt 0.11-0.12 walks its subscription table with awaits inside the
+    loop when a client connects ("publish retained messages to a pre-existing
+    session"), so a device subscribing to a new topic at that moment raises
+    "dictionary changed size during iteration" and drops the connecting
+    client. Iterating a snapshot of the keys is what the loop meant."""
+    table = getattr(broker, "_subscriptions", None)
+    if isinstance(table, dict) and not isinstance(table, _SnapshotDict):
+        broker._subscriptions = _SnapshotDict(table)  # type: ignore[attr-defined]

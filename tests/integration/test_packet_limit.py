@@ -121,11 +121,11 @@ def test_mqtt311_link_learns_the_limit_in_a_few_reconnects(limited, caplog):
     tx.publish_chunked(chunked_topic("first"), first)
     wait_for(lambda: rx.got("first", first), 25, "the message, whole, after the link learned the limit")
     dropped = len(downs(events))
-    assert 1 <= dropped <= 4, downs(events)
+    assert 2 <= dropped <= 8, downs(events)  # two drops per halving: one drop alone is never blamed
     assert MIN_PACKET_BYTES <= tx.max_packet_bytes <= BROKER_LIMIT
-    assert "over the broker's packet limit" in downs(events)[0].reason
+    assert "over the broker's packet limit" in downs(events)[1].reason
     lines = limit_lines(caplog)
-    assert len(lines) == dropped  # one line each time the limit was lowered
+    assert len(lines) == dropped // 2  # one line each time the limit was lowered
     # Learned for good: the next message goes through without a drop.
     second = os.urandom(100_000)
     tx.publish_chunked(chunked_topic("second"), second)
@@ -143,8 +143,8 @@ def test_mqtt311_link_gives_up_a_plain_message_over_the_limit(limited, caplog):
     tx.publish("lim/plain/after", b"after")
     # paho resends in order: "after" arriving means the oversized message is
     # no longer sent ahead of it on every reconnect.
-    wait_for(lambda: rx.plain == [b"after"], 15, "the message queued after the oversized one")
-    assert len(downs(events)) == 1
+    wait_for(lambda: rx.plain == [b"after"], 20, "the message queued after the oversized one")
+    assert len(downs(events)) == 2  # the second drop with it outstanding convicts it
     assert tx.refused == 1
     given_up = [line for line in limit_lines(caplog) if line.startswith("tx-3.1.1: not publishing")]
     assert len(given_up) == 1 and "lim/plain/big" in given_up[0]
