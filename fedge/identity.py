@@ -1,0 +1,148 @@
+"""Who sent a message: Ed25519 identities for devices and the aggregator.
+
+A payload's SHA-256 (``fedge.wire``) proves it arrived intact; a signature
+proves who made it. Every device and the aggregator hold an Ed25519 key
+pair made where it is used (``fedge keys new``); the private key never
+leaves that file (PKCS#8 PEM, mode 0600). Public keys travel as text,
+``ed25519:<43 base64url characters>``, short enough to paste into a config
+file or an enrollment command.
+
+What is signed is the envelope's digest, under a context string, so a
+signature over a fedge message can never be taken for one over anything
+else. The digest covers the preamble (kind, lengths, the "signed" flag), the
+header and the body, so the signature binds every header field: job, round,
+attempt, sender, the aggregator's session and sequence number.
+
+The primitives are the ``cryptography`` package's; nothing here is
+hand-rolled.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from fedge.errors import OneReasonError
+
+CONTEXT = b"fedge-signature-v1\x00"
+PREFIX = "ed25519:"
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+
+
+class IdentityError(OneReasonError):
+    """A key that cannot be used, or a signature that does not verify."""
+
+    default_reason = "bad_signature"
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != PUBLIC_KEY_BYTES:
+            raise IdentityError(f"an Ed25519 public key is {PUBLIC_KEY_BYTES} bytes, not {len(self.raw)}")
+
+    @classmethod
+    def from_text(cls, text: str) -> PublicKey:
+        """Parse ``ed25519:<base64url>`` (the form ``fedge keys`` prints)."""
+        text = text.strip()
+        if not text.startswith(PREFIX):
+            raise IdentityError(f"a public key looks like {PREFIX}<43 characters>, not {text[:20]!r}...")
+        body = text[len(PREFIX):]
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except (ValueError, TypeError):
+            raise IdentityError("the public key is not valid base64url") from None
+        return cls(raw)
+
+    def to_text(self) -> str:
+        return PREFIX + base64.urlsafe_b64encode(self.raw).rstrip(b"=").decode()
+
+    @property
+    def fingerprint(self) -> str:
+        """Short id for logs: the first 16 hex digits of the key's SHA-256."""
+        return hashlib.sha256(self.raw).hexdigest()[:16]
+
+    def verify(self, digest: bytes, signature: bytes) -> bool:
+        try:
+            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, CONTEXT + digest)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+class Identity:
+    """A private key, in memory for as long as the process signs with it."""
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public = PublicKey(key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                               serialization.PublicFormat.Raw))
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate())
+
+    def sign(self, digest: bytes) -> bytes:
+        return self._key.sign(CONTEXT + digest)
+
+    def save(self, path: Path) -> None:
+        """Write the private key to a new file readable by its owner only;
+        never overwrites one."""
+        pem = self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise IdentityError(f"{path} already exists; keys are never overwritten (remove it first)") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+
+    @classmethod
+    def load(cls, path: Path) -> Identity:
+        """Read a private key written by ``save``; refuses a file that others
+        can read."""
+        try:
+            mode = path.stat().st_mode
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise IdentityError(f"no key file at {path}: create one with `fedge keys new --out {path}`") from None
+        except OSError as exc:
+            raise IdentityError(f"cannot read the key file {path}: {exc.strerror}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise IdentityError(f"{path} can be read by others (mode {stat.S_IMODE(mode):o}); "
+                                f"run `chmod 600 {path}`")
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError):
+            raise IdentityError(f"{path} is not a PEM private key") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise IdentityError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+        return cls(key)
+
+
+def read_public_key(text_or_path: str) -> PublicKey:
+    """A public key given as text (``ed25519:...``) or as a file holding it."""
+    if text_or_path.strip().startswith(PREFIX):
+        return PublicKey.from_text(text_or_path)
+    path = Path(text_or_path)
+    try:
+        return PublicKey.from_text(path.read_text())
+    except FileNotFoundError:
+        raise IdentityError(f"{text_or_path!r} is neither a public key ({PREFIX}...) nor a file") from None
