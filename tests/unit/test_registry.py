@@ -1,0 +1,63 @@
+"""The enrolled devices of a job: enroll, revoke, survive restarts, and a
+running aggregator sees a change on its next check."""
+
+import json
+import os
+
+import pytest
+
+from aggregator.registry import Registry, RegistryError
+from fedge.identity import Identity
+
+
+def test_enrolled_devices_survive_a_restart_and_revocation_takes_effect_on_reload(tmp_path):
+    reg = Registry(tmp_path)
+    key = Identity.generate().public
+    reg.enroll("dev-1", key)
+    running = Registry(tmp_path)  # the aggregator's own copy
+    assert running.key_of("dev-1") == key and running.key_of("dev-2") is None
+    Registry(tmp_path).revoke("dev-1")  # the operator, from another process
+    assert running.key_of("dev-1") == key  # not re-read yet
+    assert running.reload() and running.key_of("dev-1") is None
+    assert not running.reload()  # unchanged: nothing read
+    assert not Registry(tmp_path).devices["dev-1"].active  # the record of who was trusted stays
+
+
+def test_enrolling_twice_is_a_deliberate_act_and_keys_are_not_shared(tmp_path):
+    reg = Registry(tmp_path)
+    a, b = Identity.generate().public, Identity.generate().public
+    reg.enroll("dev-1", a)
+    with pytest.raises(RegistryError, match="--replace"):
+        reg.enroll("dev-1", b)
+    with pytest.raises(RegistryError, match="own key"):
+        reg.enroll("dev-2", a)
+    reg.enroll("dev-1", b, replace=True)
+    assert reg.key_of("dev-1") == b
+
+
+@pytest.mark.parametrize("bad_id", ["", "a/b", "dev+1", "#"])
+def test_a_device_id_that_cannot_be_a_topic_level_is_refused(tmp_path, bad_id):
+    with pytest.raises(RegistryError):
+        Registry(tmp_path).enroll(bad_id, Identity.generate().public)
+
+
+def test_revoking_an_unknown_device_says_how_to_list_them(tmp_path):
+    with pytest.raises(RegistryError, match="fedge devices"):
+        Registry(tmp_path).revoke("ghost")
+
+
+@pytest.mark.parametrize("content", ["not json", "[]", '{"format": 1, "devices": {"d": {"key": "rsa:x"}}}'])
+def test_a_damaged_registry_is_one_line_and_keeps_what_was_read(tmp_path, content):
+    reg = Registry(tmp_path)
+    reg.enroll("dev-1", Identity.generate().public)
+    (tmp_path / "devices.json").write_text(content)
+    os.utime(tmp_path / "devices.json", ns=(1, 1))
+    with pytest.raises(RegistryError) as err:
+        reg.reload()
+    assert "\n" not in str(err.value) and reg.key_of("dev-1") is not None
+
+
+def test_the_file_is_plain_json_an_operator_can_read(tmp_path):
+    Registry(tmp_path).enroll("dev-1", Identity.generate().public)
+    doc = json.loads((tmp_path / "devices.json").read_text())
+    assert doc["format"] == 1 and doc["devices"]["dev-1"]["key"].startswith("ed25519:")
