@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedge.errors import OneReasonError
+from fedge.wire import Envelope
 
 CONTEXT = b"fedge-signature-v1\x00"
 PREFIX = "ed25519:"
@@ -96,6 +97,10 @@ class Identity:
     def generate(cls) -> Identity:
         return cls(Ed25519PrivateKey.generate())
 
+    @property
+    def public_raw(self) -> bytes:
+        return self.public.raw
+
     def sign(self, digest: bytes) -> bytes:
         return self._key.sign(CONTEXT + digest)
 
@@ -146,3 +151,20 @@ def read_public_key(text_or_path: str) -> PublicKey:
         return PublicKey.from_text(path.read_text())
     except FileNotFoundError:
         raise IdentityError(f"{text_or_path!r} is neither a public key ({PREFIX}...) nor a file") from None
+
+
+def check_signed(env: Envelope, key: PublicKey | None, what: str) -> None:
+    """Refuse ``env`` unless ``key`` signed it. Raises ``IdentityError`` with
+    reason ``unsigned``, ``unknown_signer`` (no key to check against),
+    ``wrong_signer`` or ``bad_signature``."""
+    if not env.signed:
+        raise IdentityError(f"{what} is not signed, and signatures are required "
+                            "(a build older than this one, or a forgery)", "unsigned")
+    if key is None:
+        raise IdentityError(f"{what} is signed by {PublicKey(env.signer).fingerprint}, "
+                            "a key not enrolled or revoked", "unknown_signer")
+    if env.signer != key.raw:
+        raise IdentityError(f"{what} is signed by {PublicKey(env.signer).fingerprint}, "
+                            f"not by the expected key {key.fingerprint}", "wrong_signer")
+    if not key.verify(bytes.fromhex(env.digest), env.signature):
+        raise IdentityError(f"{what} carries a signature that does not verify", "bad_signature")

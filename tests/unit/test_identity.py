@@ -64,3 +64,43 @@ def test_a_file_that_is_not_a_key_gets_one_line(tmp_path, content):
 def test_a_missing_key_file_names_the_command_that_makes_one(tmp_path):
     with pytest.raises(IdentityError, match="fedge keys new"):
         Identity.load(tmp_path / "absent.key")
+
+
+# --- signed envelopes ------------------------------------------------------------
+
+from fedge import wire  # noqa: E402
+from fedge.identity import check_signed  # noqa: E402
+
+
+def test_a_signed_envelope_carries_its_signer_and_verifies():
+    me = Identity.generate()
+    msg = wire.encode(wire.Kind.STATUS, {"sender": "d"}, b"body", signer=me)
+    env = wire.decode(msg)
+    assert env.signed and env.signer == me.public.raw and env.body == b"body"
+    check_signed(env, me.public, "presence")
+    assert wire.seal(wire.encode(wire.Kind.STATUS, {"sender": "d"}, b"body"), me) == msg  # deterministic: Ed25519
+
+
+@pytest.mark.parametrize("case", ["unsigned", "unknown_signer", "wrong_signer", "bad_signature"])
+def test_every_way_a_signature_can_fail_has_its_reason(case):
+    me, other = Identity.generate(), Identity.generate()
+    msg = wire.encode(wire.Kind.UPDATE, {"round": 1}, b"x" * 10, signer=None if case == "unsigned" else me)
+    if case == "bad_signature":  # a valid digest (recomputed by a forger) under a stolen trailer
+        forged = wire.encode(wire.Kind.UPDATE, {"round": 2}, b"x" * 10, signer=other)
+        msg = forged[:-96] + msg[-96:]
+    env = wire.decode(msg)
+    with pytest.raises(IdentityError) as err:
+        check_signed(env, None if case == "unknown_signer" else (other.public if case == "wrong_signer"
+                                                                  else me.public), "an update")
+    assert err.value.reason == case
+
+
+def test_a_stripped_signature_is_an_unsigned_message_and_a_cut_trailer_is_malformed():
+    me = Identity.generate()
+    msg = wire.encode(wire.Kind.ACK, {"a": 1}, b"", signer=me)
+    with pytest.raises(wire.WireError):
+        wire.decode(msg[:-1])  # the flag promises a trailer
+    plain = wire.encode(wire.Kind.ACK, {"a": 1}, b"")
+    assert not wire.decode(plain).signed
+    with pytest.raises(wire.WireError, match="sha256 mismatch"):
+        wire.decode(msg[:4] + b"\x01\x06\x00\x00" + msg[8:-96])  # flag cleared, digest not recomputed
