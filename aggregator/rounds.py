@@ -217,6 +217,7 @@ class _OpenRound:
     accepted: dict[str, str] = field(default_factory=dict)  # client -> update id
     declined: set[str] = field(default_factory=set)
     gone: set[str] = field(default_factory=set)  # selected, then went offline: no longer awaited
+    refused: set[str] = field(default_factory=set)  # selected, sent an update refused for good
     rejected: Counter[str] = field(default_factory=Counter)
     late: int = 0
     bytes_up: int = 0
@@ -289,6 +290,7 @@ class RoundCore:
         # round it may be selected again). See ``_bench``.
         self.benched: dict[str, tuple[int, int]] = {}
         self.last_selected: frozenset[str] = frozenset()  # of the round that closed last
+        self._now = 0.0  # the time of the event being handled
         self.counters: Counter[str] = Counter()
         self.history: list[RoundRecord] = []  # the last few records, for restarts
         self._restored_open: dict[str, Any] | None = None
@@ -391,11 +393,20 @@ class RoundCore:
         if named is None:
             return []
         status = "late" if reason == "late" else "rejected"
+        op = self.open
+        if (op is not None and upd is not None and status == "rejected" and upd.round == op.round
+                and client in op.selected and client not in op.accepted):
+            # Its sender was told the update is refused for good and will not
+            # send another: a response, as for quorum, so a round does not
+            # wait for its deadline on a device that answered with garbage.
+            op.refused.add(client)
+            self._check_quorum(self._now)
         ack = Ack(self.job, named[0], self.open.attempt if self.open else self.attempt, client, named[1],
                   status, f"{reason}: {detail}"[:300])
         return [SendAck(client, ack.encode())]
 
     def _on_message(self, ev: MessageArrived) -> list[Action]:
+        self._now = ev.now
         if self.open:
             self.open.bytes_up += len(ev.message)
         env = None
@@ -476,8 +487,9 @@ class RoundCore:
         next tick closes it."""
         op = self.open
         assert op is not None
-        responded = len(op.accepted) + len(op.declined)
-        awaited = len(op.selected) - len(op.gone - op.declined)
+        answered = op.declined | (op.refused - set(op.accepted))
+        responded = len(op.accepted) + len(answered)
+        awaited = len(op.selected) - len(op.gone - answered)
         # All gone is not "nothing awaited": after a broker restart every will
         # fires, and the devices come back with their updates.
         nothing_awaited = responded >= awaited and len(op.accepted) >= self.policy.min_updates
@@ -497,12 +509,12 @@ class RoundCore:
         return ready if len(ready) >= self.policy.min_clients else candidates
 
     def _bench(self, op: _OpenRound) -> None:
-        """Selected devices that neither sent an update nor declined (nor sent
-        one late) sit out the next 1, 2, 4, ... rounds (at most 32), so that
+        """Selected devices that neither sent an update (valid or refused) nor
+        declined (nor sent one late) sit out the next 1, 2, 4, ... rounds (at most 32), so that
         devices that vanished, or presences that were never real, cost a
         round's deadline once, not every round. A response clears the record."""
         for client in op.selected:
-            if client in op.accepted or client in op.declined:
+            if client in op.accepted or client in op.declined or client in op.refused:
                 self.benched.pop(client, None)
                 continue
             strikes = self.benched.get(client, (0, 0))[0] + 1

@@ -86,3 +86,21 @@ def test_presence_from_ever_more_invented_ids_is_bounded():
     core = make_core(min_clients=2, max_devices=5)
     online(core, *[f"d{i}" for i in range(20)])
     assert len(core.known) == 5 and core.counters["too_many_devices"] == 15
+
+
+def test_a_refused_update_is_a_response_so_the_round_closes_on_quorum():
+    """The poisoning benchmark found every round with a NaN-sending device
+    waiting for its deadline: its sender is told "rejected" and never resends."""
+    import numpy as np
+
+    from tests.unit.test_rounds import INITIAL
+
+    core = make_core(min_clients=3)
+    online(core, *REAL)
+    nan = {k: np.full(v.shape, np.nan, np.float32) for k, v in INITIAL.items()}
+    [ack] = acks(send(core, "c", update(core, "c", delta=nan)))
+    assert ack.status == "rejected"
+    send(core, "a", update(core, "a"))
+    [fin] = finished(send(core, "b", update(core, "b"), now=2.0))
+    assert fin.record.closed_by == "quorum" and fin.record.seconds == 2.0 and fin.record.clients == 2
+    assert "c" not in core.benched
