@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("role", choices=["aggregator", "agent"])
     c.set_defaults(func=cmd_config, default_level="WARNING")
 
+    from fedge_cli import identity as identity_cli
+
+    identity_cli.add_commands(sub)
+
     from export import cli as export_cli
 
     export_cli.add_commands(sub)

@@ -109,3 +109,21 @@ def test_user_mistakes_get_one_clear_line_and_exit_2(tmp_path, cli_env):
 def test_version(cli_env):
     proc = run(cli_env, "--version")
     assert proc.returncode == 0 and proc.stdout.startswith("fedge ")
+
+
+def test_keys_enroll_revoke_and_devices_from_the_command_line(tmp_path, cli_env):
+    job = tmp_path / "job.toml"
+    job.write_text(f'[job]\nname = "j"\nstate_dir = "{tmp_path / "state"}"\n')
+    made = run(cli_env, "keys", "new", "--out", str(tmp_path / "dev.key"))
+    assert made.returncode == 0 and made.stdout.startswith("ed25519:")
+    assert (tmp_path / "dev.key").stat().st_mode & 0o777 == 0o600
+    shown = run(cli_env, "keys", "show", "--key", str(tmp_path / "dev.key"))
+    assert shown.stdout == made.stdout
+    assert run(cli_env, "enroll", "--config", str(job), "dev-1", str(tmp_path / "dev.pub")).returncode == 0
+    again = run(cli_env, "enroll", "--config", str(job), "dev-1", made.stdout.strip())
+    assert again.returncode == 2 and "--replace" in again.stderr and len(again.stderr.splitlines()) == 1
+    assert run(cli_env, "revoke", "--config", str(job), "dev-1").returncode == 0
+    listed = json.loads(run(cli_env, "devices", "--config", str(job), "--json").stdout)
+    assert listed[0]["id"] == "dev-1" and "revoked_at" in listed[0]
+    bad = run(cli_env, "enroll", "--config", str(job), "dev-2", "ed25519:short")
+    assert bad.returncode == 2 and "32 bytes" in bad.stderr

@@ -1,0 +1,122 @@
+"""``fedge keys``, ``fedge enroll``, ``fedge revoke`` and ``fedge devices``:
+the operator's side of device identity.
+
+On a device: ``fedge keys new --out /etc/fedge/device.key`` makes its key
+pair (the private key never leaves that file) and prints the public key. On
+the aggregator's host: ``fedge enroll --config job.toml dev-17 ed25519:...``
+lets that device take part; ``fedge revoke`` stops it on its next message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedge.errors import FedgeError
+
+
+def _fail(exc: FedgeError) -> Any:
+    from fedge_cli.main import UsageError
+
+    raise UsageError(str(exc)) from None
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from fedge.identity import Identity, IdentityError
+
+    try:
+        if args.action == "new":
+            me = Identity.generate()
+            me.save(Path(args.out))
+            pub = Path(args.out).with_suffix(".pub")
+            if not pub.exists():
+                pub.write_text(me.public.to_text() + "\n")
+            print(me.public.to_text())
+            print(f"private key: {args.out} (mode 0600, never leaves this machine); public key: {pub}",
+                  file=sys.stderr)
+        else:
+            print(Identity.load(Path(args.key)).public.to_text())
+    except IdentityError as exc:
+        _fail(exc)
+    return 0
+
+
+def _registry(config_path: str, overrides: list[str]) -> Any:
+    from aggregator.config import AggregatorConfig
+    from aggregator.registry import Registry
+    from fedge import config
+
+    cfg = config.load(config_path, AggregatorConfig, overrides)
+    return Registry(Path(cfg.job.state_dir))
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from aggregator.registry import RegistryError
+    from fedge.identity import IdentityError, read_public_key
+
+    try:
+        key = read_public_key(args.key)
+        dev = _registry(args.config, args.set).enroll(args.device, key, replace=args.replace)
+    except (IdentityError, RegistryError) as exc:
+        _fail(exc)
+    print(f"enrolled {dev.id} with key {dev.key.fingerprint}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from aggregator.registry import RegistryError
+
+    try:
+        dev = _registry(args.config, args.set).revoke(args.device)
+    except RegistryError as exc:
+        _fail(exc)
+    print(f"revoked {dev.id} (key {dev.key.fingerprint}); the aggregator refuses it from its next message")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from aggregator.registry import RegistryError
+
+    try:
+        devices = sorted(_registry(args.config, args.set).devices.values(), key=lambda d: d.id)
+    except RegistryError as exc:
+        _fail(exc)
+    if args.json:
+        print(json.dumps([{"id": d.id, "key": d.key.to_text(), **d.to_json()} for d in devices], indent=2))
+        return 0
+    print(f"{'device':<24} {'state':<8} {'key':<16} enrolled")
+    for d in devices:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.enrolled_at))
+        print(f"{d.id:<24} {'active' if d.active else 'revoked':<8} {d.key.fingerprint:<16} {when}")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    k = sub.add_parser("keys", help="make a device's (or the aggregator's) key pair, or show a public key")
+    kk = k.add_subparsers(dest="action", metavar="ACTION", required=True)
+    new = kk.add_parser("new", help="make a key pair: the private key file (0600) and NAME.pub")
+    new.add_argument("--out", required=True, help="private key file to create (never overwritten)")
+    show = kk.add_parser("show", help="print the public key of a private key file")
+    show.add_argument("--key", required=True, help="private key file")
+    k.set_defaults(func=cmd_keys, default_level="WARNING")
+
+    for name, func, helptext in (
+        ("enroll", cmd_enroll, "let a device take part in a job, with its public key"),
+        ("revoke", cmd_revoke, "stop a device: refused from its next message"),
+        ("devices", cmd_devices, "list the devices enrolled with a job"),
+    ):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--config", required=True, help="the job's TOML config (its state directory holds them)")
+        s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+        if name in ("enroll", "revoke"):
+            s.add_argument("device", help="device id (its agent.id)")
+        if name == "enroll":
+            s.add_argument("key", help="its public key (ed25519:...) or a file holding it (NAME.pub)")
+            s.add_argument("--replace", action="store_true", help="give an enrolled device a new key")
+        if name == "devices":
+            s.add_argument("--json", action="store_true")
+        s.set_defaults(func=func, default_level="WARNING")
