@@ -125,5 +125,5 @@ def test_keys_enroll_revoke_and_devices_from_the_command_line(tmp_path, cli_env)
     assert run(cli_env, "revoke", "--config", str(job), "dev-1").returncode == 0
     listed = json.loads(run(cli_env, "devices", "--config", str(job), "--json").stdout)
     assert listed[0]["id"] == "dev-1" and "revoked_at" in listed[0]
-    bad = run(cli_env, "enroll", "--config", str(job), "dev-2", "ed25519:short")
-    assert bad.returncode == 2 and "32 bytes" in bad.stderr
+    bad = run(cli_env, "enroll", "--config", str(job), "dev-2", "ed25519:shortkey")
+    assert bad.returncode == 2 and "32 bytes" in bad.stderr and len(bad.stderr.splitlines()) == 1
