@@ -181,6 +181,21 @@ class LimitsSection:
 
 
 @dataclass(frozen=True)
+class IdentitySection:
+    signing: str = setting(
+        "off", "required: the aggregator signs all it publishes and takes part only enrolled devices' signed "
+        "presence and updates (fedge enroll); off: anyone who can publish on the broker is believed."
+    )
+    key_file: str = setting(
+        "", "The aggregator's private key; empty: aggregator.key in the state directory, made at the first start."
+    )
+
+    def check(self) -> None:
+        if self.signing not in ("required", "off"):
+            raise ConfigError(f"identity.signing {self.signing!r} is not known; use required or off")
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     job: JobSection = section(JobSection, "The job: model, seed, length, where state lives.")
     selection: SelectionSection = section(SelectionSection, "Who takes part in a round and when it closes.")
@@ -191,6 +206,7 @@ class AggregatorConfig:
     evaluate: EvaluateSection = section(EvaluateSection, "Held-out evaluation of each new global model.")
     onnx: OnnxSection = section(OnnxSection, "ONNX exports of the global model for inference-only devices.")
     limits: LimitsSection = section(LimitsSection, "Bounds that protect the aggregator from bad input.")
+    identity: IdentitySection = section(IdentitySection, "Who may take part, and how devices know the aggregator.")
     broker: BrokerSettings = section(BrokerSettings, "How to reach the MQTT broker.")
 
 
@@ -251,6 +267,7 @@ class AggregatorConfig:
         if sel.min_clients < 1 or sel.min_updates < 1:
             raise ConfigError("selection.min_clients and selection.min_updates must be at least 1")
         self.onnx.check()
+        self.identity.check()
 
 
 def _checked_id(check_id: Any, value: str, what: str) -> None:

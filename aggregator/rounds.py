@@ -72,6 +72,7 @@ from aggregator.robust import DENSE_RULES, HISTORY, Combined, Defences, capped_s
 from fedge import wire
 from fedge.codecs import CodecError, make_codec, requirements
 from fedge.config import ConfigError
+from fedge.identity import IdentityError
 from fedge.messages import Ack, Decline, ProtocolError, RoundAnnouncement, TrainingPlan, Update
 from fedge.records import RoundRecord
 from fedge.tensors import ModelArrays, TensorError
@@ -256,10 +257,13 @@ class RoundCore:
         downlink: dict[str, Any] | None,
         key_every: int,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        verify: Callable[[str, Envelope], None] | None = None,
     ) -> None:
         """``downlink`` is the delta codec (None: a full model every round);
         ``new_id`` makes the ids the core hands out (checkpoint ids), so
-        that tests can make them deterministic."""
+        that tests can make them deterministic. ``verify(client, envelope)``
+        checks who made an update or decline (``fedge.identity``): it raises
+        ``IdentityError`` to refuse it; None accepts unsigned messages."""
         self.job = job
         self.policy = policy
         self.plan = plan
@@ -282,6 +286,7 @@ class RoundCore:
         self.next_round = 1
         self.attempt = 0
         self.new_id = new_id
+        self.verify = verify
         self.state = RoundState.WAITING
         self.open: _OpenRound | None = None
         self.online: dict[str, dict[str, Any]] = {}
@@ -412,9 +417,15 @@ class RoundCore:
         env = None
         try:
             env = wire.decode(ev.message, max_body=self.policy.max_update_bytes)
+            if self.verify is not None:
+                self.verify(ev.client, env)
             if env.kind == Kind.DECLINE:
                 return self._on_decline(ev.client, Decline.parse(env), ev.now)
             upd = Update.parse(env)
+        except IdentityError as exc:
+            # No receipt: the device whose id it carries did not send it, and
+            # a "rejected" for an update id it did send would stop it.
+            return self._reject(exc.reason, str(exc), ev.client, None)
         except (WireError, ProtocolError) as exc:
             return self._reject(exc.reason, str(exc), ev.client, None, _named_in(env))
         if upd.job != self.job:

@@ -12,13 +12,16 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aggregator.artifacts import ArtifactBuilt, ArtifactFailed, OnnxPublisher
 from aggregator.config import AggregatorConfig
 from aggregator.optimizers import make_server_optimizer
 from aggregator.ratelimit import RateLimiter
+from aggregator.registry import Registry, RegistryError
 from aggregator.rounds import (
     Action,
     ClientStatus,
@@ -39,12 +42,13 @@ from aggregator.rounds import (
 from aggregator.state import StateDir
 from fedge import messages, wire
 from fedge.chunks import ChunkError, Reassembler, parse_chunk
+from fedge.identity import Identity, IdentityError, check_signed
 from fedge.messages import ProtocolError, Status, TrainingPlan
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.records import RoundRecord
 from fedge.topics import JobTopics
 from fedge.transport import LinkFactory
-from fedge.wire import WireError
+from fedge.wire import Envelope, WireError
 
 log = logging.getLogger("fedge.aggregator")
 
@@ -77,6 +81,12 @@ class AggregatorService:
         self.state = StateDir(cfg.job.state_dir)
         self.core = build_core(cfg)
         self._restore()
+        self.identity, self.registry = self._identity(cfg)
+        if self.registry is not None:
+            self.core.verify = self._verify_device
+        self._presence_seq: dict[str, int] = {}  # the latest signed presence taken from each device
+        self._session = uuid.uuid4().hex[:16]
+        self._registry_failed = False
         self.inbox = Inbox(maxsize=4096)
         self.updates = Reassembler(
             max_bytes=cfg.limits.reassembly_bytes, max_message_bytes=cfg.limits.max_update_bytes,
@@ -86,7 +96,7 @@ class AggregatorService:
         self.link = link_factory(
             cfg.broker, f"fedge-aggregator-{cfg.job.name}", self.inbox.put,
             subscriptions=[self.topics.update_filter, self.topics.status_filter],
-            will=(self.topics.server, Status(messages.AGGREGATOR, "offline").encode()),
+            will=(self.topics.server, self._seal(Status(messages.AGGREGATOR, "offline").encode())),
             name="aggregator",
         )
         self._eval_data: Any = None
@@ -104,6 +114,63 @@ class AggregatorService:
         self._log_limit = RateLimiter(1 / 60, 1, 10_000)  # one line a minute per (device, kind)
         self._failures_logged: set[tuple[str, str]] = set()
         self.artifacts: list[dict[str, Any]] = []
+
+    # --- identity ---------------------------------------------------------------
+
+    def _identity(self, cfg: AggregatorConfig) -> tuple[Identity | None, Registry | None]:
+        """The aggregator's key and the enrolled devices, when signing is on."""
+        if cfg.identity.signing != "required":
+            log.warning("identity.signing = \"off\": messages are not signed and any client of the broker is "
+                        "believed; set it to \"required\" and enroll devices (fedge enroll)")
+            return None, None
+        path = Path(cfg.identity.key_file) if cfg.identity.key_file else self.state.root / "aggregator.key"
+        if not path.exists() and not cfg.identity.key_file:
+            Identity.generate().save(path)
+            log.info("made the aggregator's key pair in %s", path)
+        identity = Identity.load(path)
+        log.info("aggregator key %s: devices pin it as identity.aggregator_key", identity.public.to_text())
+        return identity, Registry(self.state.root)
+
+    def _seal(self, message: bytes) -> bytes:
+        """``message`` signed by the aggregator (as it is when signing is off)."""
+        return message if self.identity is None else wire.seal(message, self.identity)
+
+    def _stamped(self, announcement: bytes) -> bytes:
+        """An announcement with this aggregator's session and a sequence number
+        that only grows, across restarts too (persisted before it is used):
+        devices refuse a signed announcement older than the newest they saw."""
+        if self.identity is None:
+            return announcement
+        env = wire.decode(announcement)
+        stored = self.state.load_json("identity.json")
+        seq = max(int(stored.get("seq", 0)) + 1, int(time.time() * 1000))
+        self.state.save_json("identity.json", {**stored, "seq": seq})
+        return wire.encode(env.kind, {**env.header, "session": self._session, "seq": seq}, env.body)
+
+    def _registry_current(self) -> Registry | None:
+        """The registry, re-read if the operator changed it (a revocation
+        takes effect on the next message); revoked devices go offline."""
+        reg = self.registry
+        if reg is None:
+            return None
+        try:
+            changed = reg.reload()
+            self._registry_failed = False
+        except RegistryError as exc:
+            if not self._registry_failed:
+                log.error("%s; keeping the devices read before", exc)
+            self._registry_failed = True
+            return reg
+        if changed:
+            for client in [c for c in self.core.online if reg.key_of(c) is None]:
+                log.warning("%s is no longer enrolled: it takes no further part", client)
+                self._feed(ClientStatus(client, False, {}, monotonic()))
+        return reg
+
+    def _verify_device(self, client: str, env: Envelope) -> None:
+        reg = self._registry_current()
+        assert reg is not None
+        check_signed(env, reg.key_of(client), f"{env.kind.name.lower()} from {client}")
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -150,7 +217,7 @@ class AggregatorService:
                 self.updates.expire(now)
                 self._feed(TimerFired(now))
         finally:
-            self.link.stop(final=(self.topics.server, Status(messages.AGGREGATOR, "offline").encode()))
+            self.link.stop(final=(self.topics.server, self._seal(Status(messages.AGGREGATOR, "offline").encode())))
         return 0
 
     # --- events ----------------------------------------------------------------
@@ -186,7 +253,8 @@ class AggregatorService:
             return
         if isinstance(item, LinkUp):
             log.info("connected to %s (session present: %s)", self.link.address, item.session_present)
-            self.link.publish(self.topics.server, Status(messages.AGGREGATOR, "online").encode(), retain=True)
+            self.link.publish(self.topics.server, self._seal(Status(messages.AGGREGATOR, "online").encode()),
+                              retain=True)
             return
         if isinstance(item, LinkDown):
             log.warning("lost the broker (%s); reconnecting", item.reason)
@@ -197,7 +265,9 @@ class AggregatorService:
         if channel == "status" and client:
             if self._limited(self.status_limit, client, "presence", now):
                 return
-            self._feed(self._status_event(client, item.payload, now))
+            event = self._status_event(client, item.payload, now)
+            if event is not None:
+                self._feed(event)
         elif channel == "update" and client:
             if self._limited(self.chunk_limit, client, "update bytes", now, cost=len(item.payload)):
                 return
@@ -228,11 +298,21 @@ class AggregatorService:
                         client, what)
         return True
 
-    def _status_event(self, client: str, payload: bytes, now: float) -> ClientStatus:
+    def _status_event(self, client: str, payload: bytes, now: float) -> ClientStatus | None:
+        """The presence ``payload`` says, or None when it is not believed (a
+        forged or replayed one must not even mark a device offline)."""
         if not payload:
-            return ClientStatus(client, False, {}, now)
+            return None if self.registry is not None else ClientStatus(client, False, {}, now)
         try:
-            status = Status.parse(wire.decode(payload, max_body=0))
+            env = wire.decode(payload, max_body=0)
+            if self.registry is not None:
+                self._verify_device(client, env)
+            status = Status.parse(env)
+        except IdentityError as exc:
+            self._feed(Incident(exc.reason, client, now))
+            if self._log_limit.allow((client, exc.reason), now):
+                log.warning("ignored presence of %s: %s", client, exc)
+            return None
         except (WireError, ProtocolError) as exc:
             self._feed(Incident("bad_status", client, now))
             log.warning("ignored status of %s: %s", client, exc)
@@ -240,6 +320,13 @@ class AggregatorService:
         if status.sender != client:
             self._feed(Incident("bad_status", client, now))
             return ClientStatus(client, False, {}, now)
+        if self.registry is not None:
+            if status.seq <= self._presence_seq.get(client, 0):
+                self._feed(Incident("replayed_status", client, now))
+                log.warning("ignored presence of %s: sequence %d is not newer than %d (a replay)", client,
+                            status.seq, self._presence_seq.get(client, 0))
+                return None
+            self._presence_seq[client] = status.seq
         return ClientStatus(client, status.state == "online", status.info, now)
 
     # --- actions ---------------------------------------------------------------
@@ -258,9 +345,9 @@ class AggregatorService:
                 if len(action.message) > self.link.max_packet_bytes - 1024:
                     log.error("round announcement is %d bytes, over the broker's packet limit (%d bytes); "
                               "lower selection.max_clients", len(action.message), self.link.max_packet_bytes)
-                self.link.publish(self.topics.round, action.message, retain=True)
+                self.link.publish(self.topics.round, self._seal(self._stamped(action.message)), retain=True)
             elif isinstance(action, SendAck):
-                self.link.publish(self.topics.ack(action.client), action.message)
+                self.link.publish(self.topics.ack(action.client), self._seal(action.message))
             elif isinstance(action, RoundFinished):
                 self._finish_round(action)
 
@@ -286,7 +373,7 @@ class AggregatorService:
                                     eval_seconds=round(time.perf_counter() - started, 4))
         record = record.replace(dropped_chunks=self.dropped_chunks, time=round(time.time(), 3))
         self.state.append_round(record.to_json())
-        self.link.publish(self.topics.events, messages.encode_event(self.cfg.job.name, record.to_json()))
+        self.link.publish(self.topics.events, self._seal(messages.encode_event(self.cfg.job.name, record.to_json())))
         log.info("round %d %s: %d/%d clients%s", record.round, record.status, record.clients, record.selected,
                  "" if record.accuracy is None else f", accuracy {record.accuracy:.4f}")
         if self.on_record is not None:
@@ -302,7 +389,7 @@ class AggregatorService:
         """Publish ``message`` retained as chunks (or clear it, for None), and
         clear chunks an earlier, longer message left behind: a device that
         subscribes must not receive a stale tail."""
-        count = len(self.link.publish_chunked(topic_for, message, retain=True)) if message else 0
+        count = len(self.link.publish_chunked(topic_for, self._seal(message), retain=True)) if message else 0
         chunks = self.state.load_json("published.json")
         for i in range(count, int(chunks.get(what, 0))):
             self.link.clear_retained(topic_for(i))

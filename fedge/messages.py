@@ -341,9 +341,14 @@ class Status:
     sender: str
     state: str  # "online" | "offline"
     info: dict[str, Any] = field(default_factory=dict)
+    # Grows with every presence a sender publishes (signed presence: an older
+    # one replayed is refused); 0: not counted.
+    seq: int = 0
 
     def encode(self) -> bytes:
-        header = {"sender": self.sender, "state": self.state, "info": self.info}
+        header: dict[str, Any] = {"sender": self.sender, "state": self.state, "info": self.info}
+        if self.seq:
+            header["seq"] = self.seq
         return wire.encode(Kind.STATUS, header)
 
     @classmethod
@@ -352,7 +357,11 @@ class Status:
         state = _field(h, "state", str, "status")
         if state not in ("online", "offline"):
             raise ProtocolError("malformed", f"unknown presence state {state!r}")
-        return cls(sender=_id(h, "sender", "status"), state=state, info=_optional_object(h, "info", "status"))
+        seq = h.get("seq", 0)
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ProtocolError("malformed", "status header field 'seq' must be a non-negative integer")
+        return cls(sender=_id(h, "sender", "status"), state=state, info=_optional_object(h, "info", "status"),
+                   seq=seq)
 
 
 @dataclass(frozen=True)
