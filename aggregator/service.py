@@ -320,7 +320,12 @@ class AggregatorService:
         if status.sender != client:
             self._feed(Incident("bad_status", client, now))
             return ClientStatus(client, False, {}, now)
-        if self.registry is not None:
+        # An "online" must be newer than the last taken from the device: an old
+        # one replayed must not bring back a device that left. An "offline"
+        # is taken when signed, whatever its number: a device's last will is
+        # signed when it connects, before the presence it then publishes, and
+        # a live device publishes "online" again when it sees itself offline.
+        if self.registry is not None and status.state == "online":
             if status.seq <= self._presence_seq.get(client, 0):
                 self._feed(Incident("replayed_status", client, now))
                 log.warning("ignored presence of %s: sequence %d is not newer than %d (a replay)", client,

@@ -71,8 +71,8 @@ def test_only_enrolled_devices_signed_presence_and_updates_count(tmp_path):
         send_update(broker, "forger", "dev-1", signed_update(service, forger, "dev-1", "u-forged"))
         wait_for(lambda: counters["wrong_signer"] == 1)
         assert acks_to(broker, "dev-1") == []
-        # A replayed older presence (an "offline" signed by dev-1 earlier) is refused.
-        broker.publish("forger", TOPICS.status("dev-1"), presence(dev, "dev-1", 3, "offline"), retain=True)
+        # A replayed older "online" is refused.
+        broker.publish("forger", TOPICS.status("dev-1"), presence(dev, "dev-1", 3), retain=True)
         wait_for(lambda: counters["replayed_status"] == 1)
         assert "dev-1" in service.core.online
         # dev-1's own update counts, and its receipt is signed by the aggregator.
