@@ -70,12 +70,41 @@ class InferenceSection:
 
 
 @dataclass(frozen=True)
+class IdentitySection:
+    signing: str = setting(
+        "off", "required: sign all this device publishes and act only on what the aggregator signed; off: "
+        "believe anyone who can publish on the broker."
+    )
+    key_file: str = setting(
+        "", "This device's private key; empty: device.key in the state directory, made at the first start "
+        "(its public key is logged: enroll it with `fedge enroll`)."
+    )
+    aggregator_key: str = setting(
+        "", "The aggregator's public key (ed25519:..., logged when it starts), pinned at install time."
+    )
+
+    def check(self) -> None:
+        check_choice(self.signing, ("required", "off"), "identity.signing")
+        if self.signing == "required":
+            if not self.aggregator_key:
+                raise ConfigError("identity.aggregator_key is empty: copy the key the aggregator logs at its start "
+                                  "(or `fedge keys show --key <its state_dir>/aggregator.key`)")
+            from fedge.identity import IdentityError, read_public_key
+
+            try:
+                read_public_key(self.aggregator_key)
+            except IdentityError as exc:
+                raise ConfigError(f"identity.aggregator_key: {exc}") from None
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection = section(AgentSection, "This device.")
     data: DataSection = section(DataSection, "The device's local data; it never leaves the device.")
     worker: WorkerSection = section(WorkerSection, "The process that runs training.")
     inference: InferenceSection = section(InferenceSection, "Inference-only devices (agent.role = inference).")
     broker: BrokerSettings = section(BrokerSettings, "How to reach the MQTT broker.")
+    identity: IdentitySection = section(IdentitySection, "This device's key, and the aggregator's it believes.")
 
     def client_id(self) -> str:
         return self.agent.id or socket.gethostname().split(".")[0]
@@ -93,6 +122,7 @@ class AgentConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         check_choice(self.agent.role, ROLES, "agent.role")
+        self.identity.check()
         check_choice(self.agent.downlink, DOWNLINKS, "agent.downlink")
         if self.worker.python and not shutil.which(self.worker.python):
             raise ConfigError(f"worker.python {self.worker.python!r} is not an executable; give the full path")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from fedge import tensors, wire
 from fedge.chunks import ChunkError, Reassembler
 from fedge.config import BrokerSettings
 from fedge.files import atomic_write
+from fedge.identity import Identity, IdentityError, PublicKey, check_signed
 from fedge.messages import ProtocolError, Status
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.topics import JobTopics, check_id
@@ -84,6 +86,11 @@ class DeviceSpec:
     threads: int = 0  # inference: ONNX Runtime threads
     downlink: str = "on_demand"  # trainer: fetch models only when selected, or "follow" every one
     durable: bool = True  # fsync state writes; simulated fleets sharing one disk may skip it
+    # Signing (both or neither): this device's key, and the aggregator's it
+    # believes. With them, everything the device publishes is signed and
+    # everything it acts on must be signed by that aggregator.
+    identity: Identity | None = None
+    aggregator_key: PublicKey | None = None
 
 
 @dataclass(frozen=True)
@@ -123,10 +130,60 @@ class _Device:
             check_ids=False,  # the cores verify the envelope's sha256
         )
         self.presence_repaired = -PRESENCE_REPAIR_S
+        if (spec.identity is None) != (spec.aggregator_key is None):
+            raise ValueError("a device signs and verifies, or neither: give identity and aggregator_key together")
+        self.refused: Counter[str] = Counter()  # messages not believed, by reason
+        self._refusals_logged: dict[str, float] = {}
         self.link = link_factory(
             spec.broker or broker, spec.client_id, inbox.put, subscriptions=subscriptions,
-            will=(self.topics.status(spec.client_id), self.core.status("offline")),
+            will=(self.topics.status(spec.client_id), self.presence(self.core.status("offline"))),
         )
+
+    # --- signing -------------------------------------------------------------------
+
+    def sign(self, message: bytes) -> bytes:
+        return message if self.spec.identity is None else wire.seal(message, self.spec.identity)
+
+    def presence(self, message: bytes) -> bytes:
+        """A presence message numbered above every earlier one (persisted
+        first), then signed: the aggregator refuses an old one replayed."""
+        if self.spec.identity is None:
+            return message
+        status = Status.parse(wire.decode(message, max_body=0))
+        stored = self.store.load_identity()
+        seq = max(int(stored.get("presence_seq", 0)) + 1, int(time.time() * 1000))
+        self.store.save_identity({**stored, "presence_seq": seq})
+        return self.sign(Status(status.sender, status.state, status.info, seq).encode())
+
+    def believed(self, message: bytes, what: str, now: float) -> bool:
+        """Whether ``message`` is signed by the aggregator this device pins
+        (always, when signing is off); a refusal is counted and logged at
+        most once a minute per reason. A signed announcement must not be
+        older than the newest one taken (a replay)."""
+        key = self.spec.aggregator_key
+        if key is None:
+            return True
+        try:
+            env = wire.decode(message)
+            check_signed(env, key, what)
+            if env.kind == Kind.ROUND:
+                seq = env.header.get("seq")
+                if isinstance(seq, bool) or not isinstance(seq, int):
+                    raise IdentityError(f"{what} carries no sequence number", "unsequenced")
+                stored = self.store.load_identity()
+                if seq < int(stored.get("announcement_seq", 0)):
+                    raise IdentityError(f"{what} is older than one already taken (a replay)", "replayed")
+                if seq > int(stored.get("announcement_seq", 0)):
+                    self.store.save_identity({**stored, "announcement_seq": seq})
+        except (wire.WireError, IdentityError) as exc:
+            reason = exc.reason
+            self.refused[reason] += 1
+            if now - self._refusals_logged.get(reason, -120.0) >= 60.0:
+                self._refusals_logged[reason] = now
+                log.warning("%s: not acting on %s (%s; counted, logged once a minute)", self.spec.client_id,
+                            what, exc)
+            return False
+        return True
 
     # --- inference devices ---------------------------------------------------------
 
@@ -242,7 +299,7 @@ class AgentRuntime:
         for server in self.servers:
             server.stop()
         for dev in self.devices.values():
-            dev.link.stop(final=(dev.topics.status(dev.spec.client_id), dev.core.status("offline")))
+            dev.link.stop(final=(dev.topics.status(dev.spec.client_id), dev.presence(dev.core.status("offline"))))
 
     def run(self) -> None:
         """Process events until ``stop()``; call ``start()`` first."""
@@ -294,14 +351,17 @@ class AgentRuntime:
                 return
             if message is not None:
                 self._count_traffic(message, 1, self._partial_bytes.pop(stream, 0), serves_next=True)
-                arrived = {"key": KeyArrived, "delta": DeltaArrived, "artifact": ArtifactArrived}[channel]
-                self._run(dev, arrived(message, now))
+                if dev.believed(message, f"a {channel} message", now):
+                    arrived = {"key": KeyArrived, "delta": DeltaArrived, "artifact": ArtifactArrived}[channel]
+                    self._run(dev, arrived(message, now))
         elif channel == "round":
             self._count_traffic(item.payload, 1, len(item.payload))
-            self._run(dev, AnnouncementArrived(item.payload, now))
+            if dev.believed(item.payload, "an announcement", now):
+                self._run(dev, AnnouncementArrived(item.payload, now))
         elif channel == "ack":
             self._count_traffic(item.payload, 1, len(item.payload))
-            self._run(dev, AckArrived(item.payload, now))
+            if dev.believed(item.payload, "a receipt", now):
+                self._run(dev, AckArrived(item.payload, now))
 
     def _own_presence(self, dev: _Device, payload: bytes, now: float) -> None:
         """The device's own retained presence, as the broker holds it. While
@@ -320,7 +380,7 @@ class AgentRuntime:
         self.presence_repairs += 1
         log.warning("%s: the broker showed this device as %s while it is connected; published online again",
                     dev.spec.client_id, "offline" if status is not None else "absent or unreadable")
-        dev.link.publish(dev.topics.status(dev.spec.client_id), dev.core.status("online"), retain=True)
+        dev.link.publish(dev.topics.status(dev.spec.client_id), dev.presence(dev.core.status("online")), retain=True)
 
     def _training_event(self, item: _Trained, now: float) -> Event:
         env = item.outcome.result
@@ -382,9 +442,9 @@ class AgentRuntime:
             dev.link.unsubscribe(self._channel_filter(dev, action.channel))
             dev.downloads.discard(action.channel)
         elif isinstance(action, PublishUpdate):
-            dev.link.publish_chunked(lambda _i: dev.topics.update(cid), action.message)
+            dev.link.publish_chunked(lambda _i: dev.topics.update(cid), dev.sign(action.message))
         elif isinstance(action, PublishStatus):
-            dev.link.publish(dev.topics.status(cid), action.message, retain=True)
+            dev.link.publish(dev.topics.status(cid), dev.presence(action.message), retain=True)
         elif isinstance(action, StartTraining):
             job_id = action.job.job_id
 

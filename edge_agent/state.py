@@ -6,7 +6,7 @@ the model it was trained from, and the pending update's identity);
 ``pending.update`` holds the pending update's exact bytes so a resend after
 a restart is byte-identical; ``residual.safetensors`` the error-feedback
 memory; ``key.fedge`` the latest key model, so a restart does not download
-it again.
+it again; ``identity.json`` the numbers signing keeps (``load_identity``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class StateDir:
         self.update_file = self.root / "pending.update"
         self.residual_file = self.root / "residual.safetensors"
         self.key_file = self.root / "key.fedge"
+        self.identity_file = self.root / "identity.json"
+        self._identity: dict | None = None
 
     def load(self) -> tuple[AgentState, bytes | None]:
         if not self.state_file.exists():
@@ -61,6 +63,21 @@ class StateDir:
         if update is None and self.update_file.exists():
             self.update_file.unlink()
             self._written_update = None
+
+    def load_identity(self) -> dict:
+        """Numbers signing keeps (``identity.json``): the last presence
+        sequence number used and the newest announcement's taken."""
+        if self._identity is None:
+            try:
+                loaded = json.loads(self.identity_file.read_text())
+                self._identity = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                self._identity = {}
+        return dict(self._identity)
+
+    def save_identity(self, numbers: dict) -> None:
+        atomic_write(self.identity_file, json.dumps(numbers).encode(), self.durable)
+        self._identity = dict(numbers)
 
     def save_residual(self, residual: ModelArrays | None) -> None:
         if residual is None:

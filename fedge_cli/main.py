@@ -110,14 +110,39 @@ def _devices(cfg: Any, count: int | None) -> list[Any]:
                   role=cfg.agent.role, artifact=cfg.inference.artifact, threads=cfg.inference.threads,
                   downlink=cfg.agent.downlink)
     if count is None:
-        return [DeviceSpec(client_id=base, data_args=dict(cfg.data.args), state_dir=Path(cfg.agent.state_dir),
-                           serve=cfg.inference.serve, **common)]
+        state_dir = Path(cfg.agent.state_dir)
+        return [DeviceSpec(client_id=base, data_args=dict(cfg.data.args), state_dir=state_dir,
+                           serve=cfg.inference.serve, **common, **_signing(cfg, base, state_dir, count))]
     # A simulated fleet shares one disk: atomic renames, but no fsync per device.
     return [
         DeviceSpec(client_id=f"{base}-{i:03d}", data_args={**cfg.data.args, "client": i, "clients": count},
-                   state_dir=Path(cfg.agent.state_dir) / f"{base}-{i:03d}", durable=False, **common)
+                   state_dir=Path(cfg.agent.state_dir) / f"{base}-{i:03d}", durable=False, **common,
+                   **_signing(cfg, f"{base}-{i:03d}", Path(cfg.agent.state_dir) / f"{base}-{i:03d}", count))
         for i in range(count)
     ]
+
+
+def _signing(cfg: Any, client_id: str, state_dir: Any, count: int | None) -> dict[str, Any]:
+    """The device's key (made at the first start, its public key logged for
+    enrollment) and the aggregator's it pins, when signing is on."""
+    from pathlib import Path
+
+    from fedge.identity import Identity, IdentityError, read_public_key
+
+    ident = cfg.identity
+    if ident.signing != "required":
+        log.warning("identity.signing = \"off\": this device believes anyone who can publish on the broker")
+        return {}
+    path = Path(ident.key_file) if ident.key_file and count is None else Path(state_dir) / "device.key"
+    try:
+        if not path.exists():
+            Identity.generate().save(path)
+            made = Identity.load(path)
+            log.warning("made this device's key pair in %s; enroll it on the aggregator's host: "
+                        "fedge enroll --config job.toml %s %s", path, client_id, made.public.to_text())
+        return {"identity": Identity.load(path), "aggregator_key": read_public_key(ident.aggregator_key)}
+    except IdentityError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _run_agents(cfg: Any, devices: list[Any], pool_size: int, mode: str, threads: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,3 +112,39 @@ def test_a_forged_offline_cannot_hold_the_job(tmp_path):
         assert service.done.wait(60), records
     assert [r.status for r in records] == ["ok"] * 3
     assert fleet.presence_repairs >= 1
+
+
+def test_a_signed_job_trains_and_its_devices_refuse_what_the_aggregator_did_not_sign(tmp_path):
+    """identity.signing = "required" on both sides: the devices are enrolled,
+    sign their presence and updates, and act only on what the aggregator
+    signed; a forged announcement for round 10^9 and a forged receipt are
+    refused and the job trains on."""
+    import dataclasses
+
+    from aggregator.registry import Registry
+    from fedge import wire
+    from fedge.identity import Identity
+    from fedge.messages import Ack, RoundAnnouncement
+
+    broker = MemoryBroker()
+    cfg = updated(job(tmp_path, min_clients=2, deadline_s=60.0), job={"rounds": 3},
+                  identity={"signing": "required"}, training={"epochs": 1, "batch_size": 32, "lr": 0.1})
+    aggregator_key = Identity.generate()
+    aggregator_key.save(tmp_path / "agg" / "aggregator.key")
+    specs = []
+    for spec in devices(tmp_path, 2):
+        me = Identity.generate()
+        Registry(tmp_path / "agg").enroll(spec.client_id, me.public)
+        specs.append(dataclasses.replace(spec, identity=me, aggregator_key=aggregator_key.public))
+    records = []
+    with job_and_fleet(cfg, broker, specs, TrainingPool(size=1, mode="warm", threads=1),
+                       on_record=records.append) as (service, fleet):
+        wait_for(lambda: len(records) >= 1, 120)
+        real = RoundAnnouncement.parse(wire.decode(broker.retained[TOPICS.round]))
+        broker.publish("forger", TOPICS.round, dataclasses.replace(real, round=10**9).encode(), retain=True)
+        broker.publish("forger", TOPICS.ack("dev-0"), Ack(JOB, 2, 1, "dev-0", "u", "rejected", "forged").encode())
+        assert service.done.wait(120), records
+    assert [r.status for r in records] == ["ok"] * 3 and all(r.clients == 2 for r in records)
+    refused = sum((dev.refused for dev in fleet.devices.values()), start=Counter())
+    assert refused["unsigned"] >= 3  # the announcement, to both devices, and the receipt
+    assert service.core.counters.get("unsigned", 0) == 0  # every device message was signed
