@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/aggregate.py --out bench/results/aggregate.json
 	$(BIN)/python bench/export.py --out bench/results/export.json
 	$(BIN)/python bench/fedavg_mnist.py --out bench/results/fedavg_mnist_iid.json
+	$(BIN)/python bench/poisoning.py --out bench/results/poisoning.json
 
 # The pathological non-IID split of the FedAvg paper: 800 rounds per codec, long.
 bench-noniid: $(STAMP)

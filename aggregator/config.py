@@ -105,7 +105,9 @@ class ServerSection:
         "(clip_norm) or off."
     )
     clip_norm: float = setting(0.0, "The L2 bound on an update's delta when clip = \"fixed\".")
-    clip_multiplier: float = setting(2.0, "Adaptive bound: this many times the median update norm of the round.")
+    clip_multiplier: float = setting(
+        1.0, "Adaptive bound: this many times the median update norm (the round's and recent rounds')."
+    )
     weight_cap: float = setting(
         2.0, "No update carries more than weight_cap / n of a round's weight (n updates), whatever samples it "
         "claims; 0: no cap. At least 1."

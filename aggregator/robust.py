@@ -64,7 +64,7 @@ class Defences:
     rule: str = "mean"
     clip: str = "adaptive"
     clip_norm: float = 0.0
-    clip_multiplier: float = 2.0
+    clip_multiplier: float = 1.0
     weight_cap: float = 2.0
     trim_fraction: float = 0.1
     krum_f: int = 1

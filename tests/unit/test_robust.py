@@ -81,7 +81,7 @@ def test_a_scaled_update_is_clipped_to_the_bound_and_the_rest_untouched():
     honest = [rand() for _ in range(9)]
     attacker = {k: v * 100 for k, v in rand().items()}
     ups = admitted([*honest, attacker])
-    out = combine(ups, Defences(weight_cap=0), [])
+    out = combine(ups, Defences(weight_cap=0, clip_multiplier=2.0), [])
     norms = [l2_norm(d) for d in honest] + [l2_norm(attacker)]
     bound = 2.0 * float(np.median(norms))
     assert out.bound == pytest.approx(bound) and out.clipped == 1

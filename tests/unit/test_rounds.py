@@ -8,6 +8,7 @@ import pytest
 
 from aggregator.config import AggregatorConfig
 from aggregator.optimizers.fedavg import FedAvg
+from aggregator.robust import Defences
 from aggregator.rounds import (
     ClientStatus,
     MessageArrived,
@@ -28,6 +29,9 @@ from fedge.downlink import rebuild
 from fedge.messages import Ack, Decline, GlobalModel, ModelDelta, RoundAnnouncement, TrainingPlan, Update
 
 JOB = "unit"
+# Plain FedAvg, for tests that compare with a NumPy reference of it (the
+# defences have their own tests, tests/unit/test_robust.py).
+PLAIN = Defences(clip="off", weight_cap=0.0)
 INITIAL = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.ones(2, np.float32)}
 
 
@@ -159,7 +163,7 @@ def test_int8_round_matches_reference_within_quantization_error():
 
 
 def test_a_duplicate_is_acknowledged_but_counted_once():
-    core = make_core(min_clients=3)
+    core = make_core(min_clients=3, defences=PLAIN)
     core.start(0)
     online(core, "a", "b", "c")
     msg = update(core, "a")
@@ -331,7 +335,7 @@ def _restart(core, **kw):
 
 
 def test_restart_mid_round_reannounces_the_same_round_and_counts_each_update_once():
-    core = make_core()
+    core = make_core(defences=PLAIN)
     core.start(0)
     online(core, "a", "b")
     send(core, "a", update(core, "a"))
@@ -341,7 +345,7 @@ def test_restart_mid_round_reannounces_the_same_round_and_counts_each_update_onc
     send(core, "a", msg_a)  # folded into round 2's sum, then the process dies
     _arrays, meta = core.snapshot()
     assert meta["next_round"] == 2
-    fresh = _restart(core)
+    fresh = _restart(core, defences=PLAIN)
     out = fresh.start(50.0)
     ann = announcement(out)
     assert ann.round == 2 and ann.attempt == 2 and set(ann.selected) == {"a", "b"}
@@ -383,7 +387,7 @@ DOWN = {"name": "int8", "block": 8}
 
 
 def test_a_lossy_downlink_publishes_keys_and_deltas_and_the_server_model_stays_exact():
-    core = make_core(downlink=DOWN, key_every=3, rounds=6)
+    core = make_core(downlink=DOWN, key_every=3, rounds=6, defences=PLAIN)
     core.start(0)
     online(core, "a", "b")
     exact = {k: v.astype(np.float64) for k, v in INITIAL.items()}
