@@ -85,6 +85,7 @@ class AggregatorService:
         if self.registry is not None:
             self.core.verify = self._verify_device
         self._presence_seq: dict[str, int] = {}  # the latest signed presence taken from each device
+        self._later: list[Event] = []  # events raised while the core handled another
         self._session = uuid.uuid4().hex[:16]
         self._registry_failed = False
         self.inbox = Inbox(maxsize=4096)
@@ -162,9 +163,11 @@ class AggregatorService:
             self._registry_failed = True
             return reg
         if changed:
+            # Fed after the event being handled (this runs inside the core's
+            # handling of a message): never a core call within a core call.
             for client in [c for c in self.core.online if reg.key_of(c) is None]:
                 log.warning("%s is no longer enrolled: it takes no further part", client)
-                self._feed(ClientStatus(client, False, {}, monotonic()))
+                self._later.append(ClientStatus(client, False, {}, monotonic()))
         return reg
 
     def _verify_device(self, client: str, env: Envelope) -> None:
@@ -214,6 +217,8 @@ class AggregatorService:
                         self._dispatch(item, now)
                     except Exception as exc:  # one bad message must never stop the job
                         self._contained(exc, item, now)
+                while self._later:
+                    self._feed(self._later.pop(0))
                 self.updates.expire(now)
                 self._feed(TimerFired(now))
         finally:
