@@ -40,6 +40,10 @@ class SelectionSection:
     settle_s: float = setting(
         2.0, "Once enough clients are online, wait this long for more before selecting (presence arrives in bursts)."
     )
+    offline_grace_s: float = setting(
+        5.0, "When only selected devices that went offline are still awaited, close the round this much later "
+        "(a device that reconnects at once still makes it) instead of at the deadline."
+    )
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,7 @@ class RoundPolicy:
     defences: Defences = Defences()
     aggregation_bytes: int = 1 << 30
     max_devices: int = 100_000
+    offline_grace_s: float = 5.0
 
     @classmethod
     def from_config(cls, cfg: AggregatorConfig) -> RoundPolicy:
@@ -111,7 +112,7 @@ class RoundPolicy:
                    deadline_s=sel.deadline_s, settle_s=sel.settle_s, max_samples=cfg.server.max_samples_per_update,
                    max_update_bytes=cfg.limits.max_update_bytes, seed=cfg.job.seed,
                    defences=Defences.from_config(cfg.server), aggregation_bytes=cfg.limits.aggregation_bytes,
-                   max_devices=cfg.limits.max_devices)
+                   max_devices=cfg.limits.max_devices, offline_grace_s=sel.offline_grace_s)
 
 
 class RoundState(str, enum.Enum):
@@ -225,6 +226,7 @@ class _OpenRound:
     num_samples: int = 0
     losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # client -> (loss, samples)
     due: float | None = None  # quorum reached at this time: close on the next tick
+    grace_until: float | None = None  # only offline devices are awaited: close then
 
 
 def _finite(arrays: ModelArrays) -> bool:
@@ -343,7 +345,10 @@ class RoundCore:
 
     def next_deadline(self) -> float | None:
         if self.open:
-            return self.open.deadline if self.open.due is None else self.open.due
+            op = self.open
+            if op.due is not None:
+                return op.due
+            return op.deadline if op.grace_until is None else min(op.grace_until, op.deadline)
         if self._ready_since is not None:
             return self._ready_since + self.policy.settle_s
         return None
@@ -358,14 +363,15 @@ class RoundCore:
         op = self.open
         if ev.online:
             self.online[ev.client] = ev.info
-            if op is not None:
+            if op is not None and ev.client in op.gone:
                 op.gone.discard(ev.client)
+                self._check_quorum(ev.now)  # awaited again: no early close for it
         else:
             self.online.pop(ev.client, None)
             if op is not None and ev.client in op.selected and ev.client not in op.accepted:
                 # A device that went away is not waited for: the round closes
-                # on the responses of the others (an "offline", true or
-                # forged, never holds a round open).
+                # on the responses of the others after a short grace (an
+                # "offline", true or forged, never holds a round open).
                 op.gone.add(ev.client)
                 self._check_quorum(ev.now)
         if self.state == RoundState.WAITING:
@@ -373,7 +379,8 @@ class RoundCore:
         return []
 
     def _on_timer(self, now: float) -> list[Action]:
-        if self.open and self.open.due is not None:
+        if self.open and (self.open.due is not None
+                          or (self.open.grace_until is not None and now >= self.open.grace_until)):
             return self._close(now, reason="quorum")
         if self.open and now >= self.open.deadline:
             return self._close(now, reason="deadline")
@@ -498,15 +505,25 @@ class RoundCore:
         next tick closes it."""
         op = self.open
         assert op is not None
-        answered = op.declined | (op.refused - set(op.accepted))
+        enough = len(op.accepted) >= self.policy.min_updates
+        # A refused update is an answer once the round has enough without it:
+        # on a broker without ACL a forger can refuse a device's update in its
+        # name, and must not close a round before the real one arrives.
+        answered = op.declined | (op.refused - set(op.accepted) if enough else set())
         responded = len(op.accepted) + len(answered)
-        awaited = len(op.selected) - len(op.gone - answered)
-        # All gone is not "nothing awaited": after a broker restart every will
-        # fires, and the devices come back with their updates.
-        nothing_awaited = responded >= awaited and len(op.accepted) >= self.policy.min_updates
-        if op.due is None and (responded >= selection.quorum_size(len(op.selected), self.policy.quorum)
-                               or nothing_awaited):
+        if op.due is None and responded >= selection.quorum_size(len(op.selected), self.policy.quorum):
             op.due = now
+            return
+        # Only devices that went offline are left: close after a short grace
+        # (a device that reconnects at once still makes it), not at the
+        # deadline. All gone is not enough: after a broker restart every will
+        # fires, and the devices come back with their updates.
+        awaited = len(op.selected) - len(op.gone - answered)
+        if enough and responded >= awaited:
+            if op.grace_until is None:
+                op.grace_until = now + self.policy.offline_grace_s
+        else:
+            op.grace_until = None
 
     def _eligible(self) -> list[str]:
         # A device must decode the downlink's deltas as well as encode updates.

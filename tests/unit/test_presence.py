@@ -14,10 +14,11 @@ def test_a_selected_device_that_goes_offline_is_not_waited_for():
     assert ann.selected == REAL
     send(core, "a", update(core, "a"))
     send(core, "b", update(core, "b"))
-    actions = core.handle(ClientStatus("c", False, {}, 2.0)) + core.handle(TimerFired(2.0))
-    [fin] = finished(actions)
+    assert not finished(core.handle(ClientStatus("c", False, {}, 2.0)) + core.handle(TimerFired(2.0)))
+    assert core.next_deadline() == 7.0  # the grace for a device that reconnects at once
+    [fin] = finished(core.handle(TimerFired(7.0)))
     assert fin.record.status == "ok" and fin.record.closed_by == "quorum" and fin.record.clients == 2
-    assert fin.record.seconds < 60  # not the deadline
+    assert fin.record.seconds == 7.0  # not the deadline
 
 
 def test_an_offline_before_any_update_still_lets_the_round_close_on_the_others():
@@ -25,18 +26,20 @@ def test_an_offline_before_any_update_still_lets_the_round_close_on_the_others()
     online(core, *REAL)
     core.handle(ClientStatus("a", False, {}, 0.5))  # forged or true: the same
     send(core, "b", update(core, "b"))
-    [fin] = finished(send(core, "c", update(core, "c"), now=1.5))
-    assert fin.record.clients == 2 and fin.record.seconds == 1.5
+    assert not finished(send(core, "c", update(core, "c"), now=1.5))
+    [fin] = finished(core.handle(TimerFired(6.5)))
+    assert fin.record.clients == 2 and fin.record.seconds == 6.5
 
 
 def test_a_device_back_online_is_awaited_again():
     core = make_core(min_clients=3)
     online(core, *REAL)
     core.handle(ClientStatus("c", False, {}, 0.5))
-    core.handle(ClientStatus("c", True, {}, 0.6))  # a Wi-Fi blip
     send(core, "a", update(core, "a"))
-    assert not finished(send(core, "b", update(core, "b")))
-    [fin] = finished(send(core, "c", update(core, "c")))
+    assert not finished(send(core, "b", update(core, "b")))  # grace for c begins
+    core.handle(ClientStatus("c", True, {}, 3.0))  # a Wi-Fi blip: back within the grace
+    assert not finished(core.handle(TimerFired(10.0)))  # awaited again, up to the deadline
+    [fin] = finished(send(core, "c", update(core, "c"), now=11.0))
     assert fin.record.clients == 3
 
 
