@@ -42,6 +42,7 @@ from aggregator.rounds import (
 from aggregator.state import StateDir
 from fedge import messages, wire
 from fedge.chunks import ChunkError, Reassembler, parse_chunk
+from fedge.config import ConfigError
 from fedge.identity import Identity, IdentityError, check_signed
 from fedge.messages import ProtocolError, Status, TrainingPlan
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
@@ -125,10 +126,13 @@ class AggregatorService:
                         "believed; set it to \"required\" and enroll devices (fedge enroll)")
             return None, None
         path = Path(cfg.identity.key_file) if cfg.identity.key_file else self.state.root / "aggregator.key"
-        if not path.exists() and not cfg.identity.key_file:
-            Identity.generate().save(path)
-            log.info("made the aggregator's key pair in %s", path)
-        identity = Identity.load(path)
+        try:
+            if not path.exists() and not cfg.identity.key_file:
+                Identity.generate().save(path)
+                log.info("made the aggregator's key pair in %s", path)
+            identity = Identity.load(path)
+        except IdentityError as exc:
+            raise ConfigError(f"identity.key_file: {exc}") from None
         log.info("aggregator key %s: devices pin it as identity.aggregator_key", identity.public.to_text())
         return identity, Registry(self.state.root)
 

@@ -104,3 +104,19 @@ def test_the_aggregator_key_is_made_once_and_kept(tmp_path):
     with running(signed_job(tmp_path), broker) as service:
         assert service.identity.public == first
     assert (tmp_path / "agg" / "aggregator.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_key_file_others_can_read_is_a_config_error(tmp_path):
+    import os
+
+    import pytest
+
+    from aggregator.service import AggregatorService
+    from fedge.config import ConfigError
+
+    key = tmp_path / "agg.key"
+    Identity.generate().save(key)
+    os.chmod(key, 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        AggregatorService(updated(signed_job(tmp_path), identity={"key_file": str(key)}),
+                          link_factory=MemoryBroker().link)
