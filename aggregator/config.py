@@ -197,7 +197,9 @@ class IdentitySection:
     )
 
     def check(self) -> None:
-        if self.signing not in ("required", "off"):
+        from fedge.identity import SIGNING_MODES
+
+        if self.signing not in SIGNING_MODES:
             raise ConfigError(f"identity.signing {self.signing!r} is not known; use required or off")
 
 

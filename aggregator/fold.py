@@ -72,10 +72,6 @@ class RoundUpdates:
     def __len__(self) -> int:
         return len(self.items)
 
-    @property
-    def held_bytes(self) -> int:
-        return sum(len(a.body) for a in self.items)
-
     def admit(self, client: str, body: bytes, samples: int) -> Admitted:
         """Decode ``body`` to check it and measure it; keep it. Raises
         ``CodecError``/``TensorError`` (and keeps nothing) for a body that

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aggregator.fold import RoundUpdates
+from aggregator.fold import RoundUpdates, RunningSum
 from fedge.tensors import ModelArrays, TensorSpec
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def combine(updates: RoundUpdates, d: Defences, history: Sequence[float]) -> Com
     shares, capped = capped_shares([a.samples for a in items], d.weight_cap)
     used = tuple(a.client for a in items)
     if d.rule == "mean":
-        delta = _weighted(updates, range(len(items)), shares * factors)
+        delta = _weighted(updates, shares * factors)
     else:
         stacks = _dense(updates, factors)
         if d.rule == "median":
@@ -160,13 +160,13 @@ def combine(updates: RoundUpdates, d: Defences, history: Sequence[float]) -> Com
     return Combined(delta, used, bound, clipped, capped, float(np.median(norms)))
 
 
-def _weighted(updates: RoundUpdates, which: Sequence[int] | range, coefs: np.ndarray) -> ModelArrays:
+def _weighted(updates: RoundUpdates, coefs: np.ndarray) -> ModelArrays:
     """sum_i coefs[i] * delta_i, folded body by body (one model of memory)."""
-    acc = {name: np.zeros(shape, dtype=np.float32) for name, shape in updates.spec.entries}
-    for i in which:
-        if coefs[i] > 0:
-            updates.codec.fold(updates.items[i].body, updates.spec, acc, float(coefs[i]))
-    return acc
+    total = RunningSum(updates.spec)
+    for item, coef in zip(updates.items, coefs, strict=True):
+        if coef > 0:
+            total.fold(updates.codec, item.body, float(coef))
+    return total.acc
 
 
 def _dense(updates: RoundUpdates, factors: np.ndarray) -> dict[str, np.ndarray]:

@@ -84,13 +84,13 @@ class IdentitySection:
     )
 
     def check(self) -> None:
-        check_choice(self.signing, ("required", "off"), "identity.signing")
+        from fedge.identity import SIGNING_MODES, IdentityError, read_public_key
+
+        check_choice(self.signing, SIGNING_MODES, "identity.signing")
         if self.signing == "required":
             if not self.aggregator_key:
                 raise ConfigError("identity.aggregator_key is empty: copy the key the aggregator logs at its start "
                                   "(or `fedge keys show --key <its state_dir>/aggregator.key`)")
-            from fedge.identity import IdentityError, read_public_key
-
             try:
                 read_public_key(self.aggregator_key)
             except IdentityError as exc:

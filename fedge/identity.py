@@ -35,6 +35,7 @@ from fedge.wire import Envelope
 
 CONTEXT = b"fedge-signature-v1\x00"
 PREFIX = "ed25519:"
+SIGNING_MODES = ("required", "off")  # the [identity] signing setting of both roles
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 
