@@ -174,9 +174,10 @@ class LimitsSection:
     reassembly_bytes: int = setting(256 << 20, "Memory for partially received updates, across all clients.")
     reassembly_timeout_s: float = setting(120.0, "A partially received message is dropped after this long.")
     messages_per_s: float = setting(
-        2.0, "Per device: messages (updates, declines, presence) accepted per second on average; more are dropped."
+        20.0, "Per device: messages (updates, declines, presence) accepted per second on average; more are "
+        "dropped. Keep it above the rounds per second a job runs (the demo runs up to 10)."
     )
-    message_burst: int = setting(20, "Per device: messages accepted at once before messages_per_s applies.")
+    message_burst: int = setting(100, "Per device: messages accepted at once before messages_per_s applies.")
     max_devices: int = setting(
         100_000, "Most device ids the aggregator keeps track of; presence from further new ids is ignored (counted)."
     )
