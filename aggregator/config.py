@@ -105,16 +105,16 @@ class ServerSection:
         "mean", "How a round's updates combine: mean (weighted, FedAvg), median, trimmed_mean or krum (multi-Krum)."
     )
     clip: str = setting(
-        "adaptive", "Norm bound on every update: adaptive (clip_multiplier x the round's median norm), fixed "
-        "(clip_norm) or off."
+        "adaptive", "Norm bound on every update: adaptive (clip_multiplier x the median norm of the round's "
+        "first updates and recent rounds), fixed (clip_norm) or off."
     )
     clip_norm: float = setting(0.0, "The L2 bound on an update's delta when clip = \"fixed\".")
     clip_multiplier: float = setting(
-        1.0, "Adaptive bound: this many times the median update norm (the round's and recent rounds')."
+        1.0, "Adaptive bound: this many times the median update norm (the round's first and recent rounds')."
     )
     weight_cap: float = setting(
-        2.0, "No update carries more than weight_cap / n of a round's weight (n updates), whatever samples it "
-        "claims; 0: no cap. At least 1."
+        2.0, "No update counts more samples than weight_cap x the median sample count (of the round's first "
+        "updates and recent rounds), whatever it claims; 0: no cap. At least 1."
     )
     trim_fraction: float = setting(0.1, "trimmed_mean: fraction of the largest and of the smallest values dropped.")
     krum_f: int = setting(1, "krum: hostile updates per round to tolerate (f).")
@@ -260,7 +260,7 @@ class AggregatorConfig:
         if srv.clip == "adaptive" and not srv.clip_multiplier > 0:
             raise ConfigError("server.clip_multiplier must be positive (or set server.clip = \"off\")")
         if srv.weight_cap != 0 and not srv.weight_cap >= 1:
-            raise ConfigError("server.weight_cap must be 0 (no cap) or at least 1 (an equal share)")
+            raise ConfigError("server.weight_cap must be 0 (no cap) or at least 1 (the median sample count)")
         if not 0 <= srv.trim_fraction < 0.5:
             raise ConfigError("server.trim_fraction must be in [0, 0.5)")
         if srv.krum_f < 0 or srv.krum_m < 0:

@@ -1,26 +1,20 @@
-"""The updates of one round, and how they become one averaged delta.
+"""The updates of one round: admission, and the running sum they fold into.
 
 An update that passes the round's checks is *admitted*: its body is decoded
 once into a scratch model to prove it is a finite delta of the model's shape
-and to measure its L2 norm, then kept as received (compressed: an int2
-update is about 1/16 of the float32 delta). Nothing dense is kept per
-client. When the round closes, ``combine`` applies the defences and the
-job's aggregation rule (``aggregator.robust``) to the kept bodies.
+and to measure its L2 norm. What happens next is the aggregation rule's
+business (``aggregator.robust.RoundAggregate``):
 
-Memory, for a round of n admitted updates of a model of P parameters:
-
-* the kept bodies: the bytes received, no more (n x the codec's size);
-* ``mean`` (the default): one scratch model and one float32 sum, 8P bytes,
-  whatever n is; bodies are folded one after another;
-* ``median``, ``trimmed_mean``, ``krum``: every update dense at once,
-  4nP bytes (plus an n x n distance matrix for krum). The job refuses to
-  start when ``selection.max_clients`` x 4P exceeds
-  ``limits.aggregation_bytes`` (see ``robust.dense_bytes``).
-
-Why keep bodies instead of folding on arrival: the defences need the whole
-round. A weight share is a share of a total only known at close, and the
-adaptive norm bound is a multiple of the round's median norm, which no
-streaming sum can apply after the fact.
+* ``mean`` (the default) folds it into a ``RunningSum`` at once, straight
+  from the scratch model, once the round's norm bound and sample cap are
+  fixed; only the first few updates of a round (``robust.CALIBRATION``) are
+  kept as received until then. Memory: two models (scratch and sum, 8P
+  bytes for P parameters) and a few bodies, whatever the fleet size.
+* ``median``, ``trimmed_mean``, ``krum`` keep every body as received
+  (compressed: an int2 update is about 1/16 of the float32 delta) and hold
+  the round dense at close, 4nP bytes for n updates (plus an n x n distance
+  matrix for krum). The job refuses to start when ``selection.max_clients``
+  x 4P exceeds ``limits.aggregation_bytes`` (see ``robust.dense_bytes``).
 """
 
 from __future__ import annotations
@@ -39,7 +33,7 @@ class Admitted:
     """One accepted update of the open round, as received."""
 
     client: str
-    body: bytes
+    body: bytes | None  # as received, while the rule needs it; None once folded
     samples: int
     norm: float  # L2 norm of the decoded delta
 
@@ -67,15 +61,16 @@ class RoundUpdates:
         self.spec = spec
         self.codec = codec
         self.items: list[Admitted] = []
-        self._scratch = zeros_like_spec(spec)
+        self.scratch = zeros_like_spec(spec)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def admit(self, client: str, body: bytes, samples: int) -> Admitted:
-        """Decode ``body`` to check it and measure it; keep it. Raises
-        ``CodecError``/``TensorError`` (and keeps nothing) for a body that
-        is not a finite delta of the model's shape."""
+    def measure(self, body: bytes) -> float:
+        """Decode ``body`` into the scratch model (``self.scratch``, valid
+        until the next decode) and return its L2 norm. Raises ``CodecError``/
+        ``TensorError`` for a body that is not a finite delta of the model's
+        shape."""
         delta = self.decode(body)
         for name, a in delta.items():
             if not np.isfinite(a).all():
@@ -83,6 +78,12 @@ class RoundUpdates:
         norm = l2_norm(delta)
         if not math.isfinite(norm):
             raise CodecError("nonfinite", "update's norm overflows float64")
+        return norm
+
+    def admit(self, client: str, body: bytes, samples: int) -> Admitted:
+        """``measure`` the body and keep it; raises (and keeps nothing) for a
+        body that is not a finite delta of the model's shape."""
+        norm = self.measure(body)
         item = Admitted(client, bytes(body), int(samples), norm)
         self.items.append(item)
         return item
@@ -90,10 +91,10 @@ class RoundUpdates:
     def decode(self, body: bytes) -> ModelArrays:
         """The dense delta of ``body`` in the scratch model (valid until the
         next call)."""
-        for a in self._scratch.values():
+        for a in self.scratch.values():
             a.fill(0.0)
-        self.codec.fold(body, self.spec, self._scratch, 1.0)
-        return self._scratch
+        self.codec.fold(body, self.spec, self.scratch, 1.0)
+        return self.scratch
 
     def reset(self) -> None:
         self.items.clear()

@@ -5,24 +5,30 @@ the device says. Three defences bound what one device can do to the model,
 on by default, before any rule runs:
 
 * **finite**: an update that decodes to NaN or Inf is refused on arrival
-  (``fold.RoundUpdates.admit``), and a round whose new model is not finite
-  fails and keeps the model (``aggregator.rounds``).
+  (``fold.RoundUpdates.measure``), so is one that would overflow the
+  round's float32 sum, and a round whose new model is not finite fails and
+  keeps the model (``aggregator.rounds``).
 * **norm bound**: every delta longer than a bound is scaled down to it
   (Sun et al. 2019, "Can You Really Backdoor Federated Learning?"). The bound
   adapts to the fleet: ``clip_multiplier`` x the median of the norms of the
-  round's updates and of the median norms of the last ``HISTORY`` rounds
-  (so that in a small round a few hostile updates cannot set their own
-  bound); the first round of a job, with fewer than three updates, is not
-  bounded. ``clip = "fixed"`` uses ``clip_norm`` instead.
-* **weight cap**: no update carries more than ``weight_cap / n`` of a
-  round's weight (n updates), whatever sample count it claims. Water-filling
-  finds the cap c with ``min(w_i, c) = c`` for the heaviest and
-  ``c = weight_cap / n * sum(min(w_j, c))``.
+  round's first ``CALIBRATION`` updates and of the median norms of the last
+  ``HISTORY`` rounds (so that in a small round a few hostile updates cannot
+  set their own bound); the first round of a job, with fewer than three
+  updates, is not bounded. ``clip = "fixed"`` uses ``clip_norm`` instead.
+* **weight cap**: no update counts more samples than ``weight_cap`` x the
+  median sample count of the same updates and rounds, whatever it claims
+  (with 10 devices of equal size and the default 2, one that claims 10^6
+  samples carries 2/11 of the round).
+
+The bound and the cap are fixed once the round has ``CALIBRATION`` updates
+(or at close, for a smaller round); from then on every update is folded the
+moment it arrives. A handful of hostile updates among the first few cannot
+move a median of the history and the others.
 
 Then the rule (``[server] aggregation``):
 
-* ``mean``: the weighted mean (FedAvg, McMahan et al. 2017), streamed body
-  by body: memory one model.
+* ``mean``: the weighted mean (FedAvg, McMahan et al. 2017), streamed:
+  memory two models and ``CALIBRATION`` bodies, whatever the fleet size.
 * ``median``: coordinate-wise median (Yin et al. 2018), unweighted.
 * ``trimmed_mean``: per coordinate, drop the ``trim_fraction`` largest and
   smallest values and average the rest (Yin et al. 2018), unweighted.
@@ -37,6 +43,7 @@ and ``limits.aggregation_bytes``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,17 +51,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aggregator.fold import RoundUpdates, RunningSum
+from aggregator.fold import Admitted, RoundUpdates, RunningSum
+from fedge.codecs import CodecError, UpdateCodec
 from fedge.tensors import ModelArrays, TensorSpec
 
 if TYPE_CHECKING:
     from aggregator.config import ServerSection
 
+log = logging.getLogger(__name__)
+
 RULES = ("mean", "median", "trimmed_mean", "krum")
 CLIPS = ("adaptive", "fixed", "off")
 DENSE_RULES = ("median", "trimmed_mean", "krum")
-# Rounds whose median norm the adaptive bound remembers, for small rounds.
+# Rounds whose median norm and sample count the bound and cap remember.
 HISTORY = 10
+# Updates of a round kept as received before its bound and cap are fixed.
+CALIBRATION = 5
+# The largest a coordinate of a round's float32 sum may be allowed to reach.
+SUM_LIMIT = 1e37
 
 
 @dataclass(frozen=True)
@@ -87,34 +101,13 @@ class Combined:
     clipped: int  # updates scaled down to the bound
     capped: int  # updates whose weight was capped
     median_norm: float  # of the round's updates, before clipping
+    median_samples: float  # claimed by the round's updates, before capping
 
 
 def dense_bytes(spec: TensorSpec, updates: int) -> int:
     """Memory a robust rule needs for ``updates`` dense float32 deltas."""
     params = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in spec.entries)
     return 4 * params * updates + 8 * updates * updates
-
-
-def capped_shares(samples: Sequence[float], cap: float) -> tuple[np.ndarray, int]:
-    """Each update's share of the round (summing to 1): proportional to its
-    samples, but none above ``cap / n``; ``cap`` 0 means no cap. Returns the
-    shares and how many were capped."""
-    w = np.asarray(samples, dtype=np.float64)
-    n = len(w)
-    if n == 0:
-        raise ValueError("no updates")
-    if cap <= 0 or cap >= n:
-        return w / w.sum(), 0
-    s = cap / n
-    ordered = np.sort(w)[::-1]
-    for k in range(n):  # the k heaviest are capped at c
-        if s * k >= 1:
-            break
-        c = s * ordered[k:].sum() / (1 - s * k)
-        if ordered[k] <= c * (1 + 1e-12) and (k == 0 or ordered[k - 1] >= c):
-            out = np.minimum(w, c)
-            return out / out.sum(), int(k)
-    return np.full(n, 1.0 / n), int(np.count_nonzero(w > w.min()))
 
 
 def norm_bound(norms: Sequence[float], history: Sequence[float], d: Defences) -> float | None:
@@ -129,44 +122,149 @@ def norm_bound(norms: Sequence[float], history: Sequence[float], d: Defences) ->
     return d.clip_multiplier * float(np.median(pool))
 
 
-def combine(updates: RoundUpdates, d: Defences, history: Sequence[float]) -> Combined:
-    """The round's averaged delta under ``d``; ``history`` holds the median
-    norms of recent rounds (for the adaptive bound of a small round)."""
+def sample_cap(samples: Sequence[float], history: Sequence[float], d: Defences) -> float | None:
+    """The most samples one update of this round may count, or None."""
+    if d.weight_cap <= 0:
+        return None
+    return d.weight_cap * float(np.median([*samples, *history]))
+
+
+class RoundAggregate:
+    """The open round's admitted updates under the job's defences.
+
+    ``mean`` streams: the first ``CALIBRATION`` updates are kept as
+    received; then (or at close, in a smaller round) the norm bound and
+    sample cap are fixed, those updates are folded and their bodies dropped,
+    and every later update is folded on arrival. The dense rules keep every
+    body until ``combine`` at close.
+    """
+
+    def __init__(self, spec: TensorSpec, codec: UpdateCodec, d: Defences) -> None:
+        self.d = d
+        self.updates = RoundUpdates(spec, codec)
+        self.stream = d.rule == "mean"
+        self.sum = RunningSum(spec)
+        self.reset((), ())
+
+    def reset(self, norm_history: Sequence[float], sample_history: Sequence[float]) -> None:
+        """Forget the round; the next one's bound and cap draw on these
+        medians of recent rounds."""
+        self.updates.reset()
+        self.sum.reset()
+        self.norm_history = tuple(norm_history)
+        self.sample_history = tuple(sample_history)
+        self.fixed = False
+        self.bound: float | None = None
+        self.cap: float | None = None
+        self.weight = 0.0  # capped samples folded so far: the mean's denominator
+        self.mass = 0.0  # sum of |coefficient| x norm: bounds every coordinate of the sum
+        self.clipped = 0
+        self.capped = 0
+
+    def __len__(self) -> int:
+        return len(self.updates)
+
+    @property
+    def items(self) -> list[Admitted]:
+        return self.updates.items
+
+    def admit(self, client: str, body: bytes, samples: int) -> Admitted:
+        """Check ``body`` (``RoundUpdates.measure``) and fold or keep it.
+        Raises ``CodecError``/``TensorError`` and keeps nothing for a body
+        that is not a finite delta of the model's shape, or one whose weight
+        and norm would overflow the round's sum."""
+        if not self.stream or not self.fixed:
+            item = self.updates.admit(client, body, samples)
+            if self.stream and len(self.updates) >= CALIBRATION:
+                self._calibrate()
+            return item
+        norm = self.updates.measure(body)
+        self._fold_scratch(samples, norm)  # raises before anything is kept
+        item = Admitted(client, None, int(samples), norm)
+        self.updates.items.append(item)
+        return item
+
+    def _calibrate(self) -> None:
+        items = self.updates.items
+        self.bound = norm_bound([a.norm for a in items], self.norm_history, self.d)
+        self.cap = sample_cap([a.samples for a in items], self.sample_history, self.d)
+        self.fixed = True
+        kept = list(items)
+        items.clear()
+        for a in kept:
+            self.updates.decode(a.body or b"")
+            try:
+                self._fold_scratch(a.samples, a.norm)
+            except CodecError as exc:  # admitted before the bound was known; left out
+                log.warning("update from %s left out of the round: %s", a.client, exc)
+                continue
+            items.append(Admitted(a.client, None, a.samples, a.norm))
+
+    def _fold_scratch(self, samples: int, norm: float) -> None:
+        """Add the update in the scratch model, bounded and capped, to the sum."""
+        weight = float(samples) if self.cap is None else min(float(samples), self.cap)
+        factor = 1.0 if self.bound is None or norm <= self.bound else self.bound / max(norm, 1e-30)
+        coef = weight * factor
+        if self.mass + coef * norm > SUM_LIMIT:
+            raise CodecError("overflow", f"an update of norm {norm:.3g} x weight {weight:.3g} would overflow "
+                             "the round's sum")
+        self.mass += coef * norm
+        self.weight += weight
+        self.clipped += factor < 1.0
+        self.capped += weight < samples
+        if coef > 0:
+            for name, a in self.updates.scratch.items():
+                np.multiply(a, np.float32(coef), out=a)
+                self.sum.acc[name] += a
+
+    def combine(self) -> Combined:
+        """The round's averaged delta (call once, at close)."""
+        items = self.updates.items
+        if not items:
+            raise ValueError("no updates admitted")
+        if not self.stream:
+            return combine(self.updates, self.d, self.norm_history, self.sample_history)
+        if not self.fixed:
+            self._calibrate()
+            items = self.updates.items
+            if not items:
+                raise ValueError("no update could be folded")
+        scale = np.float32(1.0 / self.weight)
+        delta = {name: a * scale for name, a in self.sum.acc.items()}
+        return Combined(delta, tuple(a.client for a in items), self.bound, int(self.clipped), int(self.capped),
+                        float(np.median([a.norm for a in items])), float(np.median([a.samples for a in items])))
+
+
+def combine(updates: RoundUpdates, d: Defences, norm_history: Sequence[float],
+            sample_history: Sequence[float] = ()) -> Combined:
+    """A dense rule's averaged delta over every kept body; the histories
+    hold the median norms and sample counts of recent rounds."""
     items = updates.items
     if not items:
         raise ValueError("no updates admitted")
+    if d.rule not in DENSE_RULES:
+        raise ValueError(f"{d.rule!r} is not a dense rule")
     norms = np.array([a.norm for a in items])
-    bound = norm_bound([a.norm for a in items], history, d)
+    samples = [a.samples for a in items]
+    bound = norm_bound(norms.tolist(), norm_history, d)
     factors = np.ones(len(items)) if bound is None else np.minimum(1.0, bound / np.maximum(norms, 1e-30))
-    clipped = int(np.count_nonzero(factors < 1.0))
-    shares, capped = capped_shares([a.samples for a in items], d.weight_cap)
+    cap = sample_cap(samples, sample_history, d)
+    weights = np.array([n if cap is None else min(n, cap) for n in samples], dtype=np.float64)
+    capped = int(np.count_nonzero(weights < samples))
+    stacks = _dense(updates, factors)
     used = tuple(a.client for a in items)
-    if d.rule == "mean":
-        delta = _weighted(updates, shares * factors)
-    else:
-        stacks = _dense(updates, factors)
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result fails the round after
         if d.rule == "median":
             delta = {k: np.median(v, axis=0).astype(np.float32) for k, v in stacks.items()}
         elif d.rule == "trimmed_mean":
             delta = {k: _trimmed(v, d.trim_fraction) for k, v in stacks.items()}
-        elif d.rule == "krum":
+        else:  # krum
             keep = _krum(stacks, d.krum_f, d.krum_m)
-            kept_shares, _ = capped_shares([items[i].samples for i in keep], d.weight_cap)
-            delta = {k: np.tensordot(kept_shares.astype(np.float32), v[keep], axes=1).astype(np.float32)
-                     for k, v in stacks.items()}
+            shares = (weights[keep] / weights[keep].sum()).astype(np.float32)
+            delta = {k: np.tensordot(shares, v[keep], axes=1).astype(np.float32) for k, v in stacks.items()}
             used = tuple(items[i].client for i in keep)
-        else:
-            raise ValueError(f"unknown aggregation rule {d.rule!r}")
-    return Combined(delta, used, bound, clipped, capped, float(np.median(norms)))
-
-
-def _weighted(updates: RoundUpdates, coefs: np.ndarray) -> ModelArrays:
-    """sum_i coefs[i] * delta_i, folded body by body (one model of memory)."""
-    total = RunningSum(updates.spec)
-    for item, coef in zip(updates.items, coefs, strict=True):
-        if coef > 0:
-            total.fold(updates.codec, item.body, float(coef))
-    return total.acc
+    return Combined(delta, used, bound, int(np.count_nonzero(factors < 1.0)), capped, float(np.median(norms)),
+                    float(np.median(samples)))
 
 
 def _dense(updates: RoundUpdates, factors: np.ndarray) -> dict[str, np.ndarray]:
@@ -174,6 +272,8 @@ def _dense(updates: RoundUpdates, factors: np.ndarray) -> dict[str, np.ndarray]:
     n = len(updates.items)
     stacks = {name: np.empty((n, *shape), dtype=np.float32) for name, shape in updates.spec.entries}
     for i, item in enumerate(updates.items):
+        if item.body is None:
+            raise ValueError(f"the update from {item.client} was folded on arrival; a dense rule needs its body")
         for name, a in updates.decode(item.body).items():
             np.multiply(a, np.float32(factors[i]), out=stacks[name][i])
     return stacks

@@ -65,10 +65,9 @@ import numpy as np
 
 from aggregator import selection
 from aggregator.config import AggregatorConfig
-from aggregator.fold import RoundUpdates
 from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
-from aggregator.robust import DENSE_RULES, HISTORY, Combined, Defences, capped_shares, combine, dense_bytes
+from aggregator.robust import DENSE_RULES, HISTORY, Combined, Defences, RoundAggregate, dense_bytes, sample_cap
 from fedge import wire
 from fedge.codecs import CodecError, make_codec, requirements
 from fedge.config import ConfigError
@@ -277,7 +276,7 @@ class RoundCore:
             downlink=downlink or {"name": "none"}, key_every=key_every, seed=policy.seed,
         )
         self.spec = self.models.spec
-        self.updates = RoundUpdates(self.spec, self.codec)
+        self.updates = RoundAggregate(self.spec, self.codec, policy.defences)
         rule = policy.defences.rule
         if rule in DENSE_RULES and dense_bytes(self.spec, policy.max_clients) > policy.aggregation_bytes:
             raise ConfigError(
@@ -285,6 +284,7 @@ class RoundCore:
                 f"({dense_bytes(self.spec, policy.max_clients) >> 20} MiB), over limits.aggregation_bytes "
                 f"({policy.aggregation_bytes >> 20} MiB): lower selection.max_clients or raise the limit")
         self.norm_history: list[float] = []  # median update norm of recent rounds
+        self.sample_history: list[float] = []  # median sample count of recent rounds
         self.next_round = 1
         self.attempt = 0
         self.new_id = new_id
@@ -584,7 +584,7 @@ class RoundCore:
             deadline=now + self.policy.deadline_s,
             bytes_down=self._published_bytes + len(msg) * fanout,
         )
-        self.updates.reset()
+        self.updates.reset(self.norm_history, self.sample_history)
         self.state = RoundState.OPEN
         record = {"round": self.next_round, "attempt": attempt, "selected": list(selected),
                   "model_digest": self.model_digest}
@@ -627,7 +627,7 @@ class RoundCore:
         self._bench(op)
         self.last_selected = frozenset(op.selected)
         self.open = None
-        self.updates.reset()
+        self.updates.reset(self.norm_history, self.sample_history)
         self.next_round = op.round + 1
         self.state = RoundState.WAITING
         actions: list[Action] = [SaveCheckpoint(*self.snapshot())]
@@ -645,12 +645,16 @@ class RoundCore:
         A round whose result is not finite or cannot be published fails, and
         the model and the optimizer's state stay as they were."""
         try:
-            combined = combine(self.updates, self.policy.defences, self.norm_history)
+            combined = self.updates.combine()
+        except ValueError as exc:  # e.g. every update left out as overflowing
+            log.error("round %d: %s; the round fails and the model stays", op.round, exc)
+            return None, False, "aggregation_failed"
         except Exception:
             log.exception("round %d: combining %d updates failed; the round fails and the model stays",
                           op.round, len(self.updates))
             return None, False, "aggregation_failed"
         self.norm_history = [*self.norm_history[-(HISTORY - 1):], combined.median_norm]
+        self.sample_history = [*self.sample_history[-(HISTORY - 1):], combined.median_samples]
         if not _finite(combined.delta):
             log.error("round %d: the averaged delta is not finite; the round fails and the model stays", op.round)
             return combined, False, "nonfinite_model"
@@ -668,12 +672,13 @@ class RoundCore:
         return combined, key_cut, None
 
     def _train_loss(self, op: _OpenRound) -> float | None:
-        """Mean training loss the devices reported, weighted by their capped shares."""
+        """Mean training loss the devices reported, weighted by their capped sample counts."""
         if not op.losses:
             return None
         losses = list(op.losses.values())
-        shares, _ = capped_shares([n for _, n in losses], self.policy.defences.weight_cap)
-        return float(sum(s * loss for s, (loss, _) in zip(shares, losses, strict=True)))
+        cap = sample_cap([n for _, n in losses], self.sample_history, self.policy.defences)
+        weights = [n if cap is None else min(n, cap) for _, n in losses]
+        return float(sum(w * loss for w, (loss, _) in zip(weights, losses, strict=True)) / sum(weights))
 
     @property
     def _published_bytes(self) -> int:
@@ -701,6 +706,7 @@ class RoundCore:
             **model_meta,
             "known": sorted(self.known),
             "norm_history": self.norm_history,
+            "sample_history": self.sample_history,
             "benched": {c: list(v) for c, v in self.benched.items()},
             "counters": dict(self.counters),
             "history": [r.to_json() for r in self.history],
@@ -725,6 +731,7 @@ class RoundCore:
         self.next_round = int(meta["next_round"])
         self.known = set(meta.get("known", []))
         self.norm_history = [float(x) for x in meta.get("norm_history", [])][-HISTORY:]
+        self.sample_history = [float(x) for x in meta.get("sample_history", [])][-HISTORY:]
         self.benched = {c: (int(v[0]), int(v[1])) for c, v in meta.get("benched", {}).items()}
         self.counters = Counter(meta.get("counters", {}))
         self.history = [RoundRecord.from_json(r) for r in meta.get("history", [])]

@@ -100,7 +100,11 @@ def test_the_fault_campaign_cannot_crash_stall_or_poison_the_job(mosquitto, tmp_
         counters = dict(core.counters)
         exact = {k: v.copy() for k, v in core.models.exact.items()}
     attacker.stop()
-    assert len(records) == 7 and all(r["status"] == "ok" for r in records), records
+    # Unsigned, the forged round 10^9 can cost one round (the agents train it
+    # and their updates are refused as future_round), never the job.
+    failed = [r for r in records if r["status"] != "ok"]
+    assert len(records) == 7 and len(failed) <= 1, [(r["status"], r.get("rejected")) for r in records]
+    assert all(set(r["rejected"]) <= {"future_round"} for r in failed), failed
     assert all(np.isfinite(v).all() for v in exact.values())
     assert records[-1]["accuracy"] >= 0.85, [r.get("accuracy") for r in records]
     # every real device trained in the last round, after the forged round 10^9

@@ -8,7 +8,15 @@ import pytest
 
 from aggregator.fold import RoundUpdates, l2_norm
 from aggregator.optimizers.fedavg import FedAvg
-from aggregator.robust import Defences, capped_shares, combine, dense_bytes, norm_bound
+from aggregator.robust import (
+    CALIBRATION,
+    Defences,
+    RoundAggregate,
+    combine,
+    dense_bytes,
+    norm_bound,
+    sample_cap,
+)
 from fedge import tensors
 from fedge.codecs import CodecError, make_codec
 from fedge.tensors import TensorSpec
@@ -38,31 +46,11 @@ def flat(arrays):
 # --- weight cap ------------------------------------------------------------------
 
 
-def test_no_update_carries_more_than_its_capped_share():
-    shares, capped = capped_shares([100] * 9 + [10**6], cap=2.0)
-    assert capped == 1
-    assert shares.sum() == pytest.approx(1.0)
-    assert shares[-1] == pytest.approx(2.0 / 10)  # twice an equal share, exactly
-    assert np.allclose(shares[:9], shares[0])  # the others keep their proportions
-
-
-def test_weights_under_the_cap_are_plain_sample_weights():
-    samples = [50, 100, 150, 100]
-    shares, capped = capped_shares(samples, cap=2.0)
-    assert capped == 0 and np.allclose(shares, np.array(samples) / sum(samples))
-    assert np.allclose(capped_shares(samples, cap=0)[0], np.array(samples) / sum(samples))
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_water_filling_meets_the_cap_for_any_weights(seed):
-    r = np.random.default_rng(seed)
-    w = r.lognormal(3, 2, size=r.integers(2, 30))
-    cap = float(r.uniform(1, 4))
-    shares, _ = capped_shares(w, cap)
-    assert shares.sum() == pytest.approx(1.0)
-    assert shares.max() <= cap / len(w) * (1 + 1e-9)
-    order = np.argsort(w)  # capping keeps the order of weights
-    assert np.all(np.diff(shares[order]) >= -1e-12)
+def test_no_update_counts_more_than_weight_cap_times_the_median_sample_count():
+    d = Defences(weight_cap=2.0)
+    assert sample_cap([100] * 9 + [10**6], [], d) == 200.0
+    assert sample_cap([10**6, 10**6], [100.0] * 3, d) == 200.0  # recent rounds outvote a small round
+    assert sample_cap([100], [], Defences(weight_cap=0.0)) is None
 
 
 # --- norm bound ------------------------------------------------------------------
@@ -80,10 +68,9 @@ def test_adaptive_bound_is_a_multiple_of_the_rounds_median_norm():
 def test_a_scaled_update_is_clipped_to_the_bound_and_the_rest_untouched():
     honest = [rand() for _ in range(9)]
     attacker = {k: v * 100 for k, v in rand().items()}
-    ups = admitted([*honest, attacker])
-    out = combine(ups, Defences(weight_cap=0, clip_multiplier=2.0), [])
+    out = streamed([*honest, attacker], [10] * 10, Defences(weight_cap=0, clip_multiplier=2.0)).combine()
     norms = [l2_norm(d) for d in honest] + [l2_norm(attacker)]
-    bound = 2.0 * float(np.median(norms))
+    bound = 2.0 * float(np.median(norms[:CALIBRATION]))
     assert out.bound == pytest.approx(bound) and out.clipped == 1
     ref = (sum(flat(d) for d in honest) + flat(attacker) * (bound / l2_norm(attacker))) / 10
     np.testing.assert_allclose(flat(out.delta), ref, rtol=1e-5, atol=1e-6)
@@ -92,10 +79,57 @@ def test_a_scaled_update_is_clipped_to_the_bound_and_the_rest_untouched():
 def test_mean_without_defences_is_the_sample_weighted_mean():
     deltas = [rand() for _ in range(6)]
     samples = [3, 40, 7, 19, 1, 30]
-    out = combine(admitted(deltas, samples), Defences(clip="off", weight_cap=0), [])
+    out = streamed(deltas, samples, Defences(clip="off", weight_cap=0)).combine()
     ref = np.average(np.stack([flat(d) for d in deltas]), axis=0, weights=samples)
     np.testing.assert_allclose(flat(out.delta), ref, rtol=1e-5, atol=1e-6)
     assert out.clipped == 0 and out.capped == 0 and len(out.used) == 6
+
+
+# --- the streaming mean ----------------------------------------------------------
+
+
+def streamed(deltas, samples, d, history=((), ()), codec=NONE):
+    agg = RoundAggregate(SPEC, codec, d)
+    agg.reset(*history)
+    for i, (delta, n) in enumerate(zip(deltas, samples, strict=True)):
+        agg.admit(f"c{i}", codec.encode(delta, rng), n)
+    return agg
+
+
+def test_the_streaming_mean_fixes_bound_and_cap_from_its_first_updates_then_folds_on_arrival():
+    deltas = [rand() for _ in range(12)]
+    deltas[8] = {k: v * 100 for k, v in deltas[8].items()}  # after calibration: clipped
+    samples = [10, 12, 9, 11, 10, 10, 10, 10, 10, 10**6, 10, 10]  # c9 claims 10^6: capped
+    d = Defences(clip_multiplier=1.5, weight_cap=2.0)
+    agg = streamed(deltas, samples, d)
+    assert all(a.body is None for a in agg.items)  # nothing kept once folded
+    norms = [l2_norm(x) for x in deltas]
+    bound = 1.5 * float(np.median(norms[:CALIBRATION]))
+    cap = 2.0 * float(np.median(samples[:CALIBRATION]))
+    w = np.minimum(samples, cap)
+    f = np.minimum(1.0, bound / np.array(norms))
+    ref = sum(w[i] * f[i] * flat(deltas[i]) for i in range(12)) / w.sum()
+    out = agg.combine()
+    assert out.bound == pytest.approx(bound) and out.clipped == int((f < 1).sum()) and out.capped == 1
+    np.testing.assert_allclose(flat(out.delta), ref, rtol=1e-5, atol=1e-6)
+    assert out.median_samples == 10.0 and len(out.used) == 12
+
+
+def test_a_small_round_fixes_its_bound_at_close_and_recent_rounds_outvote_its_own_updates():
+    deltas = [rand(), {k: v * 50 for k, v in rand().items()}]
+    agg = streamed(deltas, [10, 10**6], Defences(), history=([1.0] * 4, [10.0] * 4))
+    out = agg.combine()
+    assert out.bound == pytest.approx(1.0)  # the median of the history and the two norms
+    assert out.clipped == 2 and out.capped == 1  # cap: 2 x 10 samples
+
+
+def test_an_overflowing_update_is_refused_on_arrival_once_the_bound_is_fixed():
+    d = Defences(clip="off", weight_cap=0.0)
+    agg = streamed([rand() for _ in range(CALIBRATION)], [10] * CALIBRATION, d)
+    big = {k: np.full(s, 3e38, np.float32) for k, s in SHAPES.items()}
+    with pytest.raises(CodecError) as err:
+        agg.admit("x", NONE.encode(big, rng), 10)
+    assert err.value.reason == "overflow" and len(agg) == CALIBRATION
 
 
 # --- robust rules ----------------------------------------------------------------
@@ -199,7 +233,9 @@ def test_one_heavy_scaled_update_moves_the_model_little():
 
 
 def test_a_round_whose_model_would_not_be_finite_fails_and_keeps_the_model():
-    core = make_core(defences=Defences(clip="off", weight_cap=0.0))
+    # The median holds the round dense, without the streaming mean's check
+    # that refuses an update that would overflow the sum (below).
+    core = make_core(defences=Defences(rule="median", clip="off", weight_cap=0.0))
     core.optimizer = FedAvg(lr=2.0)  # a server step that overflows float32
     before = {k: v.copy() for k, v in core.models.exact.items()}
     big = {k: np.full(v.shape, 3e38, np.float32) for k, v in INITIAL.items()}
@@ -209,6 +245,16 @@ def test_a_round_whose_model_would_not_be_finite_fails_and_keeps_the_model():
     assert core.counters["nonfinite_model"] == 1
     assert all(np.array_equal(core.models.exact[k], before[k]) for k in before)
     assert core.next_round == 2  # the job moves on
+
+
+def test_the_streaming_mean_refuses_an_update_that_would_overflow_its_sum():
+    core = make_core(defences=Defences(clip="off", weight_cap=0.0))
+    big = {k: np.full(v.shape, 3e38, np.float32) for k, v in INITIAL.items()}
+    ups = {f"d{i}": (_honest(), 10) for i in range(6)}
+    actions = _round(core, {**ups, "x": (big, 10)})
+    [fin] = finished(actions)
+    assert fin.record.status == "ok" and fin.record.rejected == {"overflow": 1}
+    assert all(np.isfinite(v).all() for v in core.models.exact.values())
 
 
 def test_the_norm_history_survives_a_restart():
