@@ -119,6 +119,13 @@ class ServerSection:
     trim_fraction: float = setting(0.1, "trimmed_mean: fraction of the largest and of the smallest values dropped.")
     krum_f: int = setting(1, "krum: hostile updates per round to tolerate (f).")
     krum_m: int = setting(0, "krum: updates averaged after scoring; 0: n - f.")
+    direction: str = setting(
+        "momentum", "Leave out updates that point away from where the model has been going: momentum (cosine to "
+        "a momentum of the applied model changes below direction_tau) or off."
+    )
+    direction_beta: float = setting(0.9, "direction: decay of the momentum of applied changes, in [0, 1).")
+    direction_tau: float = setting(0.0, "direction: updates whose cosine to the momentum is below this are left "
+                                   "out, in [-1, 1).")
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,7 @@ class LimitsSection:
 @dataclass(frozen=True)
 class IdentitySection:
     signing: str = setting(
-        "off", "required: the aggregator signs all it publishes and takes part only enrolled devices' signed "
+        "required", "required: the aggregator signs all it publishes and takes part only enrolled devices' signed "
         "presence and updates (fedge enroll); off: anyone who can publish on the broker is believed."
     )
     key_file: str = setting(
@@ -249,7 +256,7 @@ class AggregatorConfig:
             raise ConfigError(f"server.optimizer {self.server.optimizer!r} is not known; "
                               f"use one of {', '.join(SERVER_OPTIMIZERS)}")
         srv = self.server
-        from aggregator.robust import CLIPS, RULES
+        from aggregator.robust import CLIPS, DIRECTIONS, RULES
 
         if srv.aggregation not in RULES:
             raise ConfigError(f"server.aggregation {srv.aggregation!r} is not known; use one of {', '.join(RULES)}")
@@ -265,6 +272,10 @@ class AggregatorConfig:
             raise ConfigError("server.trim_fraction must be in [0, 0.5)")
         if srv.krum_f < 0 or srv.krum_m < 0:
             raise ConfigError("server.krum_f and server.krum_m must not be negative")
+        if srv.direction not in DIRECTIONS:
+            raise ConfigError(f"server.direction {srv.direction!r} is not known; use one of {', '.join(DIRECTIONS)}")
+        if not 0 <= srv.direction_beta < 1 or not -1 <= srv.direction_tau < 1:
+            raise ConfigError("server.direction_beta must be in [0, 1) and server.direction_tau in [-1, 1)")
         if not self.limits.messages_per_s > 0 or self.limits.message_burst < 1:
             raise ConfigError("limits.messages_per_s must be positive and limits.message_burst at least 1")
         sel = self.selection

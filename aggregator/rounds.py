@@ -285,6 +285,8 @@ class RoundCore:
                 f"({policy.aggregation_bytes >> 20} MiB): lower selection.max_clients or raise the limit")
         self.norm_history: list[float] = []  # median update norm of recent rounds
         self.sample_history: list[float] = []  # median sample count of recent rounds
+        # A momentum of the model changes applied: the direction filter's reference.
+        self.direction_ref: ModelArrays | None = None
         self.next_round = 1
         self.attempt = 0
         self.new_id = new_id
@@ -584,7 +586,7 @@ class RoundCore:
             deadline=now + self.policy.deadline_s,
             bytes_down=self._published_bytes + len(msg) * fanout,
         )
-        self.updates.reset(self.norm_history, self.sample_history)
+        self.updates.reset(self.norm_history, self.sample_history, self.direction_ref)
         self.state = RoundState.OPEN
         record = {"round": self.next_round, "attempt": attempt, "selected": list(selected),
                   "model_digest": self.model_digest}
@@ -627,7 +629,7 @@ class RoundCore:
         self._bench(op)
         self.last_selected = frozenset(op.selected)
         self.open = None
-        self.updates.reset(self.norm_history, self.sample_history)
+        self.updates.reset(self.norm_history, self.sample_history, self.direction_ref)
         self.next_round = op.round + 1
         self.state = RoundState.WAITING
         actions: list[Action] = [SaveCheckpoint(*self.snapshot())]
@@ -648,6 +650,10 @@ class RoundCore:
             combined = self.updates.combine()
         except ValueError as exc:  # e.g. every update left out as overflowing
             log.error("round %d: %s; the round fails and the model stays", op.round, exc)
+            if self.updates.left and not self.updates.items:
+                # Never let the filter stop a job: the next round is not filtered.
+                log.warning("round %d: the direction filter's reference is dropped", op.round)
+                self.direction_ref = None
             return None, False, "aggregation_failed"
         except Exception:
             log.exception("round %d: combining %d updates failed; the round fails and the model stays",
@@ -664,12 +670,24 @@ class RoundCore:
                 exact = self.optimizer.step(self.models.exact, combined.delta)
             if not _finite(exact):
                 raise ValueError("the next model is not finite")
+            before = self.models.exact
             key_cut = self.models.advance(op.round, exact, op.num_samples)
         except (ValueError, ArithmeticError, CodecError) as exc:
             self.optimizer.load_state(saved)
             log.error("round %d: %s; the round fails and the model stays", op.round, exc)
             return combined, False, "nonfinite_model"
+        self._steer(before, self.models.exact)
         return combined, key_cut, None
+
+    def _steer(self, before: ModelArrays, after: ModelArrays) -> None:
+        """Fold the change just applied into the direction filter's reference."""
+        d = self.policy.defences
+        if d.direction == "off":
+            return
+        ref = self.direction_ref
+        self.direction_ref = {
+            k: (after[k] - before[k] if ref is None else np.float32(d.direction_beta) * ref[k] + (after[k] - before[k]))
+            .astype(np.float32) for k in after}
 
     def _train_loss(self, op: _OpenRound) -> float | None:
         """Mean training loss the devices reported, weighted by their capped sample counts."""
@@ -699,6 +717,8 @@ class RoundCore:
         arrays, model_meta = self.models.snapshot()
         for slot, named in self.optimizer.state().items():
             arrays.update({f"opt/{slot}/{k}": v for k, v in named.items()})
+        if self.direction_ref is not None:
+            arrays.update({f"dir/{k}": v for k, v in self.direction_ref.items()})
         meta = {
             "format": 2,
             "job": self.job,
@@ -732,6 +752,10 @@ class RoundCore:
         self.known = set(meta.get("known", []))
         self.norm_history = [float(x) for x in meta.get("norm_history", [])][-HISTORY:]
         self.sample_history = [float(x) for x in meta.get("sample_history", [])][-HISTORY:]
+        ref = {k[len("dir/"):]: np.array(v, dtype=np.float32) for k, v in arrays.items() if k.startswith("dir/")}
+        if ref:
+            self.spec.check(ref, what="checkpoint direction reference")
+        self.direction_ref = ref or None
         self.benched = {c: (int(v[0]), int(v[1])) for c, v in meta.get("benched", {}).items()}
         self.counters = Counter(meta.get("counters", {}))
         self.history = [RoundRecord.from_json(r) for r in meta.get("history", [])]

@@ -85,7 +85,8 @@ class AggregatorService:
         self.identity, self.registry = self._identity(cfg)
         if self.registry is not None:
             self.core.verify = self._verify_device
-        self._presence_seq: dict[str, int] = {}  # the latest signed presence taken from each device
+        # The latest signed presence taken from each device: (seq, its signature).
+        self._presence_seq: dict[str, tuple[int, bytes]] = {}
         self._later: list[Event] = []  # events raised while the core handled another
         self._session = uuid.uuid4().hex[:16]
         self._registry_failed = False
@@ -335,12 +336,15 @@ class AggregatorService:
         # signed when it connects, before the presence it then publishes, and
         # a live device publishes "online" again when it sees itself offline.
         if self.registry is not None and status.state == "online":
-            if status.seq <= self._presence_seq.get(client, 0):
+            last, last_sig = self._presence_seq.get(client, (0, b""))
+            if status.seq == last and env.signature == last_sig:
+                return None  # the same message again (a redelivery, or retained on a new subscription)
+            if status.seq <= last:
                 self._feed(Incident("replayed_status", client, now))
                 log.warning("ignored presence of %s: sequence %d is not newer than %d (a replay)", client,
-                            status.seq, self._presence_seq.get(client, 0))
+                            status.seq, last)
                 return None
-            self._presence_seq[client] = status.seq
+            self._presence_seq[client] = (status.seq, env.signature)
         return ClientStatus(client, status.state == "online", status.info, now)
 
     # --- actions ---------------------------------------------------------------

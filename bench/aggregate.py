@@ -8,13 +8,16 @@ round, and publish one int8 update each (real wire format and chunking),
 from a few MQTT connections in this process. Throughput is N over the time
 from the first update published to the aggregator's receipt for the last
 one (the aggregator acknowledges an update after folding it), so it covers
-transport, reassembly, hashing, validation and folding. Peak RSS is the
+transport, reassembly, hashing, signature checks, validation and folding.
+Signing is on, as by default: each client has its own enrolled Ed25519 key
+and signs its presence and updates; ``--signing off`` measures without.
+Peak RSS is the
 aggregator process's VmHWM. Each size runs several rounds in one aggregator
 and reports the median.
 
 Bars (DESIGN.md): >= 100 updates/s; peak RSS flat as N grows.
 
-    python bench/aggregate.py [--clients 20 100 200] [--publishers 8] [--out FILE]
+    python bench/aggregate.py [--clients 20 100 200] [--publishers 8] [--signing off] [--out FILE]
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from fedge.chunks import Reassembler
 from fedge.codecs import make_codec, parse_spec, supported
 from fedge.messages import GlobalModel, RoundAnnouncement, Status, Update, parse_event
 from fedge.topics import JobTopics
+from fedge_cli.identity import provision
 
 JOB = "agg-bench"
 
@@ -70,7 +74,8 @@ def toml_table(d: dict) -> str:
     return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + " }"
 
 
-def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict | None = None) -> dict:
+def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict | None = None,
+            signing: str = "required") -> dict:
     mosq = PrivateMosquitto()
     topics = JobTopics(JOB)
     state = workdir / f"agg-{n}"
@@ -81,7 +86,17 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
         f'[codec]\nname = "int8"\n'
         + (f"[downlink]\ncodec = {toml_table(downlink)}\n" if downlink else "")
         + f'[broker]\nurl = "{mosq.url}"\n'
+        + f'[identity]\nsigning = "{signing}"\n'
     )
+    clients = [f"c{i:04d}" for i in range(n)]
+    # Signed (the default): every client has its own key, enrolled; it signs
+    # its presence and updates (before the clock starts, as it encodes them)
+    # and the aggregator verifies each one.
+    keys = provision(state, clients, workdir / f"keys-{n}")[1] if signing == "required" else {}
+
+    def sign(c: str, msg: bytes) -> bytes:
+        return wire.seal(msg, keys[c]) if keys else msg
+
     env = dict(os.environ, PYTHONPATH=str(REPO))
     level = os.environ.get("FEDGE_BENCH_LOG", "WARNING")
     agg = subprocess.Popen([sys.executable, "-m", "fedge_cli", "--log-level", level, "aggregator",
@@ -90,7 +105,6 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
     watcher = connect(mosq.port, "bench-watch", lambda c, u, m: inbox.put((time.perf_counter(), m.topic, m.payload)))
     watcher.subscribe([(topics.round, 1), (topics.events, 1), (topics.key_filter, 1), (f"{topics.base}/ack/+", 1)])
     conns = [connect(mosq.port, f"bench-pub-{i}") for i in range(publishers)]
-    clients = [f"c{i:04d}" for i in range(n)]
     models = Reassembler()
     latest: dict = {"ann": None, "key": None}
 
@@ -106,7 +120,8 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
     try:
         info = {"codecs": supported(), "role": "trainer"}
         for i, c in enumerate(clients):
-            conns[i % publishers].publish(topics.status(c), Status(c, "online", info).encode(), qos=1, retain=True)
+            presence = sign(c, Status(c, "online", info, int(time.time() * 1000)).encode())
+            conns[i % publishers].publish(topics.status(c), presence, qos=1, retain=True)
         rss_ready = 0.0
         last_round = 0
         for _ in range(rounds):
@@ -128,8 +143,9 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
             payloads: list[list[tuple[str, bytes]]] = [[] for _ in range(publishers)]
             for i, c in enumerate(clients):
                 body = codec.encode(base, np.random.default_rng([ann.round, i]))
-                msg = Update(job=JOB, round=ann.round, sender=c, update_id=f"u{ann.round}-{i}", num_samples=600,
-                             codec=ann.codec, base_model=ann.model_digest, body=body).encode()
+                msg = sign(c, Update(job=JOB, round=ann.round, sender=c, update_id=f"u{ann.round}-{i}",
+                                     num_samples=600, codec=ann.codec, base_model=ann.model_digest,
+                                     body=body).encode())
                 payloads[i % publishers].extend((topics.update(c), p) for p in chunks.split(msg, data_size))
 
             sent: list[float] = []
@@ -194,10 +210,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds measured per fleet size")
     ap.add_argument("--downlink", type=parse_spec, default=None,
                     help='downlink codec, e.g. none (a full model every round); default: the job default')
+    ap.add_argument("--signing", default="required", choices=["required", "off"],
+                    help="required (default): clients sign, the aggregator verifies; off: neither")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedge-bench-agg-") as tmp:
-        runs = [run_one(n, args.publishers, args.rounds, Path(tmp), args.downlink) for n in args.clients]
+        runs = [run_one(n, args.publishers, args.rounds, Path(tmp), args.downlink, args.signing)
+                for n in args.clients]
     peaks = [r["aggregator_peak_rss_mb"] for r in runs]
     slowest = min(r["updates_per_s"]["median"] for r in runs)
     growth = (max(peaks) - min(peaks)) / min(peaks)
@@ -210,6 +229,7 @@ def main() -> None:
                      "timing": "updates/s = clients / (last receipt - first publish); the aggregator sends a "
                                "receipt after folding each update. The round close (optimizer step, checkpoint "
                                "with fsync, republishing the model) is reported apart as round_close_seconds.",
+                     "signing": args.signing,
                      "note": "aggregator, broker and the publishing clients all share the machine's cores"},
         "machine": machine(),
         "runs": runs,

@@ -76,6 +76,7 @@ def run_codec(codec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     from aggregator.service import AggregatorService
     from edge_agent.pool import TrainingPool
     from edge_agent.runtime import AgentRuntime, DeviceSpec
+    from fedge_cli.identity import provision
 
     mosq = PrivateMosquitto()
     records: list[RoundRecord] = []
@@ -94,13 +95,16 @@ def run_codec(codec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
             if reached and args.stop_at_target:
                 service.stop()
 
+        ids = [f"c{i:03d}" for i in range(100)]
+        aggregator_key, keys = provision(state / "aggregator", ids, state / "keys")  # signed, as by default
         service = AggregatorService(cfg, on_record=on_record)
         devices = [
-            DeviceSpec(client_id=f"c{i:03d}", job=cfg.job.name, data="fedge.datasets:mnist",
+            DeviceSpec(client_id=cid, job=cfg.job.name, data="fedge.datasets:mnist",
                        data_args={"path": str(args.data), "client": i, "clients": 100, "partition": args.split,
                                   "seed": args.seed},
-                       state_dir=state / "agents" / f"c{i:03d}", durable=False)
-            for i in range(100)
+                       state_dir=state / "agents" / cid, durable=False, identity=keys[cid],
+                       aggregator_key=aggregator_key)
+            for i, cid in enumerate(ids)
         ]
         pool = TrainingPool(size=args.workers, mode="warm", threads=1)
         fleet = AgentRuntime(devices, cfg.broker, pool)

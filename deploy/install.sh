@@ -14,17 +14,23 @@
 #                         JetPack PyTorch, for instance)
 #   --torch SPEC          install PyTorch from this spec first, e.g. "torch==2.5.1" or
 #                         a wheel file (default: whatever pip resolves for fedge[agent])
+#   --aggregator-key KEY  agent, inference: the aggregator's public key (ed25519:..., as
+#                         `fedge aggregator` logs it), pinned in ETC/aggregator.pub
 #   --no-service          do not install the systemd unit (containers, tests)
+#
+# A device's key pair is made once, in ETC/device.key (0600, never leaves the
+# device); its public key is printed for the operator to enroll on the
+# aggregator's host (`fedge enroll`).
 #
 # Run it again to upgrade: the virtualenv is updated, configs are never overwritten.
 set -euo pipefail
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 role="${1:-}"
 [ -n "$role" ] || usage
 shift
-prefix=/opt/fedge etc=/etc/fedge python=python3 torch_spec="" service=1 venv_flags=()
+prefix=/opt/fedge etc=/etc/fedge python=python3 torch_spec="" service=1 venv_flags=() aggregator_key=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) prefix="$2"; shift 2 ;;
@@ -33,6 +39,7 @@ while [ $# -gt 0 ]; do
         --torch) torch_spec="$2"; shift 2 ;;
         --system-site-packages) venv_flags+=(--system-site-packages); shift ;;
         --no-service) service=0; shift ;;
+        --aggregator-key) aggregator_key="$2"; shift 2 ;;
         -h|--help) usage ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -44,6 +51,14 @@ case "$role" in
     aggregator) extras=aggregator; config=job.toml; unit=fedge-aggregator.service ;;
     *) echo "install.sh: role must be agent, inference or aggregator, not '$role'" >&2; exit 2 ;;
 esac
+if [ -n "$aggregator_key" ]; then
+    [ "$role" != aggregator ] || { echo "install.sh: --aggregator-key is for agent and inference" >&2; exit 2; }
+    case "$aggregator_key" in
+        ed25519:*) ;;
+        *) echo "install.sh: --aggregator-key must be the key the aggregator logs (ed25519:...), not '$aggregator_key'" >&2
+           exit 2 ;;
+    esac
+fi
 
 src="$(cd "$(dirname "$0")/.." && pwd)"
 "$python" - <<'PY' || { echo "install.sh: fedge needs Python 3.10 or newer (--python to pick one)" >&2; exit 2; }
@@ -71,9 +86,10 @@ echo "==> config in $etc"
 mkdir -p "$etc"
 if [ ! -e "$etc/$config" ]; then
     if [ "$role" = inference ]; then
-        sed -e 's/^\[agent\]$/[agent]\nrole = "inference"/' "$src/deploy/examples/agent.toml" > "$etc/$config"
+        sed -e 's/^\[agent\]$/[agent]\nrole = "inference"/' -e "s#/etc/fedge/#$etc/#g" \
+            "$src/deploy/examples/agent.toml" > "$etc/$config"
     else
-        cp "$src/deploy/examples/$config" "$etc/$config"
+        sed -e "s#/etc/fedge/#$etc/#g" "$src/deploy/examples/$config" > "$etc/$config"
     fi
     chmod 0640 "$etc/$config"
     created=1
@@ -82,6 +98,21 @@ else
 fi
 if id fedge >/dev/null 2>&1; then
     chgrp -R fedge "$etc" 2>/dev/null || true
+fi
+enroll=""
+if [ "$role" != aggregator ]; then
+    if [ -n "$aggregator_key" ]; then
+        echo "$aggregator_key" > "$etc/aggregator.pub"
+        chmod 0644 "$etc/aggregator.pub"
+    fi
+    if [ ! -e "$etc/device.key" ]; then
+        echo "==> this device's key pair in $etc/device.key"
+        "$prefix/venv/bin/fedge" keys new --out "$etc/device.key" > /dev/null 2>&1
+        if id fedge >/dev/null 2>&1; then
+            chown fedge:fedge "$etc/device.key" 2>/dev/null || true
+        fi
+    fi
+    enroll="$("$prefix/venv/bin/fedge" keys show --key "$etc/device.key")"
 fi
 
 if [ "$service" = 1 ]; then
@@ -95,5 +126,9 @@ fi
 "$prefix/venv/bin/fedge" --version
 echo
 [ "$created" = 1 ] && echo "Edit $etc/$config (every key: $prefix/venv/bin/fedge config ${role/inference/agent})."
+if [ -n "$enroll" ]; then
+    echo "Enroll this device on the aggregator's host: fedge enroll --config job.toml <its agent.id> $enroll"
+    [ -e "$etc/aggregator.pub" ] || echo "Pin the aggregator's key: rerun with --aggregator-key ed25519:... (it logs it at start)"
+fi
 [ "$service" = 1 ] && echo "Then: systemctl start $unit; journalctl -u $unit -f"
 exit 0

@@ -72,7 +72,7 @@ class InferenceSection:
 @dataclass(frozen=True)
 class IdentitySection:
     signing: str = setting(
-        "off", "required: sign all this device publishes and act only on what the aggregator signed; off: "
+        "required", "required: sign all this device publishes and act only on what the aggregator signed; off: "
         "believe anyone who can publish on the broker."
     )
     key_file: str = setting(

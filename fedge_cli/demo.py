@@ -52,6 +52,7 @@ class DemoOptions:
     state_dir: str | None = None
     json_path: str | None = None
     timeout_s: float = 600.0
+    signing: str = "required"  # or "off"
 
 
 def job_config(opts: DemoOptions, broker_url: str, state_dir: Path) -> AggregatorConfig:
@@ -64,6 +65,7 @@ def job_config(opts: DemoOptions, broker_url: str, state_dir: Path) -> Aggregato
         training={"epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr},
         evaluate={"data": data, "args": {"split": "test"}},
         broker={"url": broker_url, "protocol": opts.protocol},
+        identity={"signing": opts.signing},
     )
     if opts.codec:
         cfg = updated(cfg, codec=CodecSection.from_spec(opts.codec))
@@ -75,6 +77,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     from edge_agent.pool import TrainingPool
     from edge_agent.runtime import AgentRuntime, DeviceSpec
     from fedge_cli.broker import EmbeddedBroker
+    from fedge_cli.identity import provision
 
     embedded = None
     if opts.broker:
@@ -102,18 +105,24 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             aggregator.stop()
 
     cfg = job_config(opts, url, state_dir)
-    aggregator = AggregatorService(cfg, on_record=on_record)
-    broker = BrokerSettings(url=url, protocol=opts.protocol)
     data, _, job = DATASETS[opts.data]
+    ids = [f"agent-{i:02d}" for i in range(opts.agents)]
+    # Signed as a real fleet is: each agent has its own key, enrolled with the
+    # aggregator, and pins the aggregator's key.
+    aggregator_key, identities = (provision(Path(cfg.job.state_dir), ids, state_dir / "keys")
+                                  if opts.signing == "required" else (None, {}))
     devices = [
         DeviceSpec(
-            client_id=f"agent-{i:02d}", job=job, data=data,
+            client_id=cid, job=job, data=data,
             data_args={"client": i, "clients": opts.agents, "partition": "dirichlet", "alpha": opts.alpha,
                        "seed": opts.seed},
-            state_dir=state_dir / "agents" / f"agent-{i:02d}", downlink=opts.downlink, durable=False,
+            state_dir=state_dir / "agents" / cid, downlink=opts.downlink, durable=False,
+            identity=identities.get(cid), aggregator_key=aggregator_key,
         )
-        for i in range(opts.agents)
+        for i, cid in enumerate(ids)
     ]
+    aggregator = AggregatorService(cfg, on_record=on_record)
+    broker = BrokerSettings(url=url, protocol=opts.protocol)
     pool = TrainingPool(size=opts.workers, mode="warm", threads=1)
     fleet = AgentRuntime(devices, broker, pool)
     fleet_ref.append(fleet)

@@ -95,6 +95,33 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def provision(state_dir: Path, device_ids: list[str], key_dir: Path, key_file: str = "") -> tuple[Any, dict[str, Any]]:
+    """Signing for a fleet simulated on one host (``fedge demo``, benchmarks,
+    tests): the aggregator's key (made where its service looks for it, if
+    missing: ``key_file``, or aggregator.key in the job's ``state_dir``) and
+    a key per device (``key_dir/<id>.key``, made if missing), each enrolled
+    in the job's registry. Returns (the aggregator's public
+    key, device id -> Identity). A real fleet does this by hand: ``fedge keys
+    new`` on each device, ``fedge enroll`` on the aggregator's host."""
+    from aggregator.registry import Registry
+    from fedge.identity import Identity
+
+    state = Path(state_dir)
+    agg_path = Path(key_file) if key_file else state / "aggregator.key"
+    if not agg_path.exists():
+        Identity.generate().save(agg_path)
+    registry = Registry(state)
+    identities: dict[str, Any] = {}
+    for device in device_ids:
+        path = key_dir / f"{device}.key"
+        if not path.exists():
+            Identity.generate().save(path)
+        identities[device] = Identity.load(path)
+        if registry.key_of(device) != identities[device].public:
+            registry.enroll(device, identities[device].public, replace=device in registry.devices)
+    return Identity.load(agg_path).public, identities
+
+
 def add_commands(sub: Any) -> None:
     k = sub.add_parser("keys", help="make a device's (or the aggregator's) key pair, or show a public key")
     kk = k.add_subparsers(dest="action", metavar="ACTION", required=True)

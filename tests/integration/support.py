@@ -15,6 +15,7 @@ from aggregator.service import AggregatorService
 from edge_agent.pool import TrainingPool
 from edge_agent.runtime import AgentRuntime, DeviceSpec
 from fedge.config import BrokerSettings, updated
+from fedge_cli.identity import provision
 
 
 def broker_settings(url: str, **kw: Any) -> BrokerSettings:
@@ -34,13 +35,28 @@ def job_config(tmp: Path, url: str, *, job: str = "itest", rounds: int = 3, agen
 
 
 def devices(tmp: Path, job: str, n: int, prefix: str = "dev", data: str = "fedge.datasets:digits",
-            **extra: Any) -> list[DeviceSpec]:
+            signed: bool = True, **extra: Any) -> list[DeviceSpec]:
+    """``n`` devices; ``signed``: each with its own key, enrolled with the
+    aggregator whose state is in ``tmp / "aggregator"`` (``job_config``'s),
+    pinning that aggregator's key (made now if it has none yet)."""
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    aggregator_key, keys = provision(tmp / "aggregator", ids, tmp / "keys") if signed else (None, {})
     return [
-        DeviceSpec(client_id=f"{prefix}-{i}", job=job, data=data,
+        DeviceSpec(client_id=cid, job=job, data=data,
                    data_args={"client": i, "clients": n, "partition": "dirichlet", "alpha": 0.5, **extra},
-                   state_dir=tmp / "agents" / f"{prefix}-{i}", resend_after_s=3.0)
-        for i in range(n)
+                   state_dir=tmp / "agents" / cid, resend_after_s=3.0,
+                   identity=keys.get(cid), aggregator_key=aggregator_key)
+        for i, cid in enumerate(ids)
     ]
+
+
+def identity_toml(tmp: Path, device_id: str) -> str:
+    """The ``[identity]`` section of an agent config file for ``device_id``:
+    its own key (made and enrolled with the aggregator whose state is in
+    ``tmp / "aggregator"``) and that aggregator's key, pinned."""
+    aggregator_key, _ = provision(tmp / "aggregator", [device_id], tmp / "keys")
+    return (f'[identity]\nkey_file = "{tmp / "keys" / f"{device_id}.key"}"\n'
+            f'aggregator_key = "{aggregator_key.to_text()}"\n')
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import fedge_cmd
 
-from .support import job_config, running_aggregator, wait_for, wait_online
+from .support import identity_toml, job_config, running_aggregator, wait_for, wait_online
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def test_idle_agent_holds_no_pytorch_and_trains_in_a_per_round_worker(mosquitto,
         f'[agent]\nid = "pi-1"\njob = "idle"\nstate_dir = "{state}"\n'
         f'[data]\nfactory = "fedge.datasets:digits"\nargs = {{ client = 0, clients = 2 }}\n'
         f'[worker]\nmode = "per_round"\nthreads = 1\n'
-        f'[broker]\nurl = "{mosquitto.url}"\n'
+        f'[broker]\nurl = "{mosquitto.url}"\n' + identity_toml(tmp_path, "pi-1")
     )
     agent = subprocess.Popen(fedge_cmd("agent", "--config", str(conf)), env=cli_env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

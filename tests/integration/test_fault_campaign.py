@@ -62,10 +62,12 @@ class Attacker:
 
 
 def test_the_fault_campaign_cannot_crash_stall_or_poison_the_job(mosquitto, tmp_path):
+    # Unsigned (identity.signing = "off"): the hardening must hold without
+    # signatures; signed, these forgeries are refused first (test_forgery.py).
     cfg = updated(job_config(tmp_path, mosquitto.url, job=JOB, rounds=7, agents=3),
-                  selection={"deadline_s": 20.0, "settle_s": 1.0})
+                  selection={"deadline_s": 20.0, "settle_s": 1.0}, identity={"signing": "off"})
     attacker = Attacker(mosquitto.port)
-    fleet_specs = devices(tmp_path, JOB, 3)
+    fleet_specs = devices(tmp_path, JOB, 3, signed=False)
     with running_aggregator(cfg) as (service, records), running_fleet(fleet_specs, cfg.broker) as fleet:
         wait_for(lambda: len(records) >= 1, 120, "round 1")
         core = service.core

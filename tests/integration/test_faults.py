@@ -20,7 +20,16 @@ from fedge.messages import Update
 from fedge.topics import JobTopics
 from tests.conftest import fedge_cmd
 
-from .support import devices, job_config, read_log, running_aggregator, running_fleet, wait_for, wait_online
+from .support import (
+    devices,
+    identity_toml,
+    job_config,
+    read_log,
+    running_aggregator,
+    running_fleet,
+    wait_for,
+    wait_online,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +42,7 @@ def write_agent_config(path, url, agent_id, state_dir, data="fedge.datasets:digi
         f'[data]\nfactory = "{data}"\nargs = {{ {inline} }}\n'
         f'[worker]\nmode = "warm"\nthreads = 1\n'
         f'[broker]\nurl = "{url}"\nkeepalive_s = 2\nreconnect_min_s = 1\nreconnect_max_s = 2\n'
+        + identity_toml(path.parent, agent_id)
     )
 
 
@@ -143,7 +153,10 @@ def _share(i):
 
 
 def test_injected_duplicates_and_garbage_are_dropped_and_counted(mosquitto, tmp_path):
-    cfg = job_config(tmp_path, mosquitto.url, job="hostile", rounds=3, agents=2)
+    # Unsigned (identity.signing = "off"), so that the garbage reaches the
+    # parsers: signed, it is refused before (test_forgery.py).
+    cfg = updated(job_config(tmp_path, mosquitto.url, job="hostile", rounds=3, agents=2),
+                  identity={"signing": "off"})
     topics = JobTopics("hostile")
     captured: dict[str, list[bytes]] = {}
     lock = threading.Lock()
@@ -165,7 +178,8 @@ def test_injected_duplicates_and_garbage_are_dropped_and_counted(mosquitto, tmp_
         attacker.publish(topic, payload, qos=1).wait_for_publish(5)
 
     cfg = updated(cfg, selection={"deadline_s": 15.0})
-    with running_aggregator(cfg) as (service, records), running_fleet(devices(tmp_path, "hostile", 2), cfg.broker):
+    with running_aggregator(cfg) as (service, records), running_fleet(devices(tmp_path, "hostile", 2, signed=False),
+                                                                       cfg.broker):
         wait_for(lambda: len(records) >= 1, 60, "round 1")
         core = service.core
         legit = captured[topics.update("dev-0")]

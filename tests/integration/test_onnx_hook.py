@@ -15,7 +15,7 @@ from fedge import datasets
 from fedge.config import updated
 from tests.conftest import fedge_cmd, free_port
 
-from .support import devices, job_config, running_aggregator, running_fleet, wait_for, wait_online
+from .support import devices, identity_toml, job_config, running_aggregator, running_fleet, wait_for, wait_online
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ def inference_config(path: Path, url: str, state: Path, port: int) -> None:
     path.write_text(
         f'[agent]\nid = "kiosk-1"\nrole = "inference"\njob = "onnx"\nstate_dir = "{state}"\n'
         f'[inference]\nartifact = "digits"\nserve = "127.0.0.1:{port}"\nthreads = 1\n'
-        f'[broker]\nurl = "{url}"\nreconnect_min_s = 1\nreconnect_max_s = 2\n'
+        f'[broker]\nurl = "{url}"\nreconnect_min_s = 1\nreconnect_max_s = 2\n' + identity_toml(path.parent, "kiosk-1")
     )
 
 

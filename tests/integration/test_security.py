@@ -10,7 +10,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fedge import chunks
+from fedge import chunks, wire
 from fedge.config import updated
 from fedge.mqtt import MqttLink
 from fedge.topics import JobTopics
@@ -72,7 +72,7 @@ def test_a_job_runs_over_tls_with_passwords_and_acls_and_devices_stay_in_their_l
     topics = JobTopics("secure")
     with running_aggregator(cfg) as (service, records), running_fleet(specs, cfg.broker):
         wait_for(lambda: len(records) >= 1, 90, "round 1 over TLS")
-        genuine_key = service.core.models.key_message
+        genuine_key, identity = service.core.models.key_message, service.identity
         # dev-0's credentials, in the wrong hands.
         got: list[str] = []
         impostor = paho.Client(CallbackAPIVersion.VERSION2, client_id="dev-0-impostor")
@@ -108,7 +108,8 @@ def test_a_job_runs_over_tls_with_passwords_and_acls_and_devices_stay_in_their_l
     reader.loop_start()
     wait_for(lambda: seen, 10, "the retained model")
     reader.loop_stop()
-    assert chunks.parse_chunk(seen[0]).message_id == chunks.message_id(genuine_key)
+    # (as published: signed by the aggregator; Ed25519 signatures are deterministic)
+    assert chunks.parse_chunk(seen[0]).message_id == chunks.message_id(wire.seal(genuine_key, identity))
 
 
 def test_wrong_credentials_and_unknown_cas_are_refused(secure_broker):

@@ -9,11 +9,14 @@ from aggregator.config import AggregatorConfig
 from edge_agent.config import AgentConfig
 from fedge import config
 from fedge.config import ConfigError
+from fedge.identity import Identity
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:
     import tomli as tomllib
+
+KEY = Identity.generate().public.to_text()
 
 
 @pytest.mark.parametrize("cls", [AggregatorConfig, AgentConfig])
@@ -24,7 +27,13 @@ def test_rendered_defaults_document_every_key_and_load_back(cls, tmp_path):
         assert set(data[section]) == set(body)
     path = tmp_path / "c.toml"
     path.write_text(text)
-    assert config.load(path, cls) == cls()
+    if cls is AgentConfig:  # signing is on by default: an agent must pin the aggregator's key first
+        with pytest.raises(config.ConfigError, match=r"identity\.aggregator_key is empty"):
+            config.load(path, cls)
+        pinned = config.load(path, cls, [f"identity.aggregator_key={KEY}"])
+        assert pinned == config.updated(cls(), identity={"aggregator_key": KEY})
+    else:
+        assert config.load(path, cls) == cls()
     comments = [line for line in text.splitlines() if line.startswith("# ")]
     keys = [line for line in text.splitlines() if " = " in line and not line.startswith("#")]
     assert len(comments) >= len(keys)
@@ -95,4 +104,5 @@ def test_example_configs_in_deploy_are_valid():
     assert files, "deploy/examples holds the example configs"
     for f in files:
         cls = AgentConfig if "agent" in f.name else AggregatorConfig
-        config.load(f, cls)
+        # the agent's pins a key file that install.sh writes
+        config.load(f, cls, [f"identity.aggregator_key={KEY}"] if cls is AgentConfig else [])

@@ -265,3 +265,64 @@ def test_the_norm_history_survives_a_restart():
     again = make_core()
     again.restore(arrays, meta, None)
     assert again.norm_history == core.norm_history
+
+
+# --- direction -------------------------------------------------------------------
+
+
+def test_an_update_pointing_against_the_reference_is_left_out_on_arrival():
+    reference = rand()
+    along = [{k: v + 0.3 * rng.normal(size=v.shape).astype(np.float32) for k, v in reference.items()} for _ in range(6)]
+    against = {k: -v for k, v in along[0].items()}  # the same norm, flipped
+    agg = RoundAggregate(SPEC, NONE, Defences(clip="off"))
+    agg.reset((), (), reference)
+    for i, d in enumerate([*along, against]):
+        agg.admit(f"c{i}", NONE.encode(d, rng), 10)
+    assert [a.client for a in agg.left] == ["c6"]
+    assert agg.cosines["c6"] < 0 < min(agg.cosines[f"c{i}"] for i in range(6))
+    out = agg.combine()
+    assert "c6" not in out.used and len(out.used) == 6
+    np.testing.assert_allclose(flat(out.delta), np.mean([flat(d) for d in along], axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_without_a_reference_or_with_direction_off_nothing_is_left_out():
+    deltas = [rand(), {k: -v for k, v in rand().items()}]
+    for d, ref in ((Defences(), None), (Defences(direction="off"), rand())):
+        agg = RoundAggregate(SPEC, NONE, d)
+        agg.reset((), (), ref)
+        for i, x in enumerate(deltas):
+            agg.admit(f"c{i}", NONE.encode(x, rng), 10)
+        assert agg.left == [] and len(agg.combine().used) == 2
+
+
+def test_the_core_steers_by_the_changes_it_applied_and_a_sign_flipper_is_left_out():
+    core = make_core()
+    direction = _honest()
+
+    def honest():
+        return {k: v + 0.002 * rng.normal(size=v.shape).astype(np.float32) for k, v in direction.items()}
+
+    clients = ["d0", "d1", "d2", "d3", "flip"]
+    _round(core, {c: (honest(), 10) for c in clients})  # honest in round 1: no reference yet
+    assert core.direction_ref is not None  # the change just applied
+    flip = {k: -v for k, v in honest().items()}
+    [fin] = finished(_round(core, {**{c: (honest(), 10) for c in clients[:4]}, "flip": (flip, 10)}))
+    assert fin.record.status == "ok" and fin.record.round == 2 and fin.record.left_out == ("flip",)
+    # Its receipt said accepted: a left-out update is not refused (nothing the device can fix).
+    assert core.counters["accepted"] == 10
+    arrays, meta = core.snapshot()
+    again = make_core()
+    again.restore(arrays, meta, None)
+    assert all(np.array_equal(again.direction_ref[k], core.direction_ref[k]) for k in core.direction_ref)
+
+
+def test_a_round_whose_every_update_points_away_fails_and_the_filter_forgets_its_reference():
+    core = make_core()
+    direction = _honest()
+    _round(core, {f"d{i}": (dict(direction), 10) for i in range(3)})
+    actions = _round(core, {f"d{i}": ({k: -v for k, v in direction.items()}, 10) for i in range(3)})
+    [fin] = finished(actions)
+    assert fin.record.status == "failed" and fin.record.failure == "aggregation_failed"
+    assert core.direction_ref is None  # the next round is not filtered: a filter never stops a job
+    [fin] = finished(_round(core, {f"d{i}": ({k: -v for k, v in direction.items()}, 10) for i in range(3)}))
+    assert fin.record.status == "ok"

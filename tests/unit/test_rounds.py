@@ -31,7 +31,7 @@ from fedge.messages import Ack, Decline, GlobalModel, ModelDelta, RoundAnnouncem
 JOB = "unit"
 # Plain FedAvg, for tests that compare with a NumPy reference of it (the
 # defences have their own tests, tests/unit/test_robust.py).
-PLAIN = Defences(clip="off", weight_cap=0.0)
+PLAIN = Defences(clip="off", weight_cap=0.0, direction="off")
 INITIAL = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.ones(2, np.float32)}
 
 

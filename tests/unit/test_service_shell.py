@@ -24,8 +24,9 @@ TOPICS = JobTopics(JOB)
 
 
 def job(tmp: Path, **selection: object) -> AggregatorConfig:
+    # These tests speak the protocol by hand, unsigned (test_signing_shell signs).
     return updated(AggregatorConfig(), job={"name": JOB, "rounds": 2, "state_dir": str(tmp / "agg")},
-                   selection={"min_clients": 1, "settle_s": 0.0, **selection})
+                   selection={"min_clients": 1, "settle_s": 0.0, **selection}, identity={"signing": "off"})
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:

@@ -1,0 +1,150 @@
+"""Forgeries against a signed job on a real Mosquitto with the dev config (no
+ACL: the forger can publish on every topic), a real aggregator and real
+training agents, all with identity.signing = "required" (the default).
+
+The fault campaign's forgeries, each of which once worked on such a broker:
+a forged update under a real device's id, raced in as the round opens; a
+forged "offline" for a real device; a forged key model; a forged downlink
+delta; a forged announcement for round 10^9; a forged receipt; an old
+announcement (really signed by the aggregator) replayed; and updates from a
+device revoked mid-job. Each must fail, be counted, and the job must train
+to its usual accuracy while under attack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from aggregator.registry import Registry
+from fedge import chunks, tensors, wire
+from fedge.codecs import make_codec
+from fedge.downlink import rebuild
+from fedge.identity import Identity
+from fedge.messages import Ack, GlobalModel, ModelDelta, RoundAnnouncement, Status, Update
+from fedge.topics import JobTopics
+
+from .support import devices, job_config, running_aggregator, running_fleet, wait_for
+
+pytestmark = pytest.mark.integration
+
+JOB = "forgery"
+TOPICS = JobTopics(JOB)
+
+
+class Forger:
+    """A client of the broker with its own key, which nobody enrolled."""
+
+    def __init__(self, port: int) -> None:
+        self.key = Identity.generate()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="forger")
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def chunked(self, topic_for, message: bytes, retain: bool = True) -> None:
+        for i, part in enumerate(chunks.split(message, 100_000)):
+            self.publish(topic_for(i), part, retain)
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def forged_update(core, sender: str, update_id: str) -> bytes:
+    """An update naming the open round and the real model, pulling hard."""
+    rng = np.random.default_rng(3)
+    delta = {k: (rng.normal(size=s) * 5).astype(np.float32) for k, s in core.spec.entries}
+    return Update(job=JOB, round=core.next_round, sender=sender, update_id=update_id, num_samples=1000,
+                  codec=core.codec_params, base_model=core.model_digest,
+                  body=make_codec(core.codec_params).encode(delta, rng)).encode()
+
+
+def test_forgeries_fail_and_the_job_trains_while_under_attack(mosquitto, tmp_path):
+    cfg = job_config(tmp_path, mosquitto.url, job=JOB, rounds=10, agents=3)
+    cfg = dataclasses.replace(cfg, selection=dataclasses.replace(cfg.selection, min_clients=3, deadline_s=20.0,
+                                                                 settle_s=1.0))
+    assert cfg.identity.signing == "required"  # the default
+    # Each with its own key, enrolled; all pin the aggregator's key. The
+    # spare, revoked mid-job, holds all the data (the others' shards too), so
+    # that losing it costs no label the job needs.
+    specs = [*devices(tmp_path, JOB, 3), *devices(tmp_path, JOB, 1, prefix="spare")]
+    forger = Forger(mosquitto.port)
+    with running_aggregator(cfg) as (service, records), running_fleet(specs, cfg.broker) as fleet:
+        wait_for(lambda: len(records) >= 1, 120, "round 1")
+        core = service.core
+        first = mosquitto_retained(mosquitto.port, TOPICS.round)  # signed by the aggregator: replayed below
+
+        # A forged update under each real id, unsigned and signed by the
+        # forger, raced in as the next round opens.
+        wait_for(lambda: core.open is not None, 60, "a round open")
+        for dev in ("dev-0", "dev-1", "dev-2", "spare-0"):
+            msg = forged_update(core, dev, "forged")
+            forger.chunked(lambda i, d=dev: TOPICS.update(d), msg, retain=False)
+            forger.chunked(lambda i, d=dev: TOPICS.update(d), wire.seal(msg, forger.key), retain=False)
+        # A forged "offline" for a real device, retained.
+        forger.publish(TOPICS.status("dev-0"), Status("dev-0", "offline").encode(), retain=True)
+        # A forged key model (a zeroed model at a later round) and a forged,
+        # well-formed delta from the real key, signed by the forger.
+        key = GlobalModel.parse(wire.decode(core.models.key_message))
+        zeros = {k: np.zeros(s, np.float32) for k, s in core.spec.entries}
+        fake_key = dataclasses.replace(key, round=key.round + 5, body=tensors.pack(zeros))
+        forger.chunked(TOPICS.key_chunk, wire.seal(fake_key.encode(), forger.key))
+        params = {"name": "int4", "block": 64, "lossless": "zlib"}
+        body = make_codec(params).encode({k: -v for k, v in core.models.key.items()}, np.random.default_rng(0))
+        target = tensors.state_digest(rebuild(core.models.key, make_codec(params), body, core.spec), core.spec)
+        fake_delta = ModelDelta(job=JOB, round=10**6, key_round=core.models.key_round,
+                                key_digest=core.models.key_digest, target_digest=target, codec=params, body=body)
+        forger.chunked(TOPICS.delta_chunk, wire.seal(fake_delta.encode(), forger.key))
+        # A forged announcement for round 10^9 (the real digest), and a forged receipt.
+        real = RoundAnnouncement.parse(wire.decode(mosquitto_retained(mosquitto.port, TOPICS.round)))
+        forger.publish(TOPICS.round, wire.seal(dataclasses.replace(real, round=10**9).encode(), forger.key),
+                       retain=True)
+        forger.publish(TOPICS.ack("dev-1"), Ack(JOB, real.round, real.attempt, "dev-1", "u", "rejected",
+                                                "forged").encode())
+
+        # Later: an old announcement, really signed, replayed; and the spare revoked.
+        wait_for(lambda: len(records) >= 4, 120, "round 4")
+        forger.publish(TOPICS.round, first, retain=True)
+        Registry(tmp_path / "aggregator").revoke("spare-0")
+        revoked_at = len(records)
+        wait_for(lambda: service.done.is_set(), 240, "the job")
+        counters = dict(core.counters)
+        refused = sum((dev.refused for dev in fleet.devices.values()), start=Counter())
+    forger.stop()
+
+    assert [r["status"] for r in records] == ["ok"] * 10, [(r["status"], r["rejected"]) for r in records]
+    # Nothing forged was folded: every accepted update came from a real,
+    # enrolled device, and the forged ones never made a real one late.
+    assert all(set(r["accepted"]) <= {"dev-0", "dev-1", "dev-2", "spare-0"} and r["late"] == 0 for r in records)
+    assert counters.get("unsigned", 0) >= 3 and counters.get("wrong_signer", 0) >= 3, counters
+    # The forged offline did not stop dev-0; the forged announcement, key,
+    # delta and receipt were refused by the devices; so was the replay.
+    assert all("dev-0" in r["accepted"] for r in records[1:])
+    assert refused["wrong_signer"] >= 4, refused  # the announcement at every device; the key and delta too
+    assert refused["unsigned"] >= 1, refused  # the receipt
+    assert refused["replayed"] >= 1, refused
+    # The spare, revoked, takes no further part (the round open when it was revoked may still hold its update).
+    assert all("spare-0" not in r["accepted"] for r in records[revoked_at + 1:]), [r["accepted"] for r in records]
+    assert all(len(r["accepted"]) == 3 for r in records[revoked_at + 1:])
+    assert records[-1]["accuracy"] >= 0.85, [r.get("accuracy") for r in records]
+
+
+def mosquitto_retained(port: int, topic: str, timeout: float = 5.0) -> bytes:
+    from .test_fault_campaign import mosquitto_retained as read
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return read(port, topic, max(0.5, deadline - time.monotonic()))
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
