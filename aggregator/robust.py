@@ -226,7 +226,12 @@ class RoundAggregate:
             return False
         dot = 0.0
         for name, a in self.updates.scratch.items():
-            dot += float(np.dot(a.reshape(-1), self.reference[name].reshape(-1)))
+            flat, ref = a.reshape(-1), self.reference[name].reshape(-1)
+            with np.errstate(over="ignore", invalid="ignore"):
+                part = float(np.dot(flat, ref))
+            if not math.isfinite(part):  # a huge but finite update: again in float64
+                part = float(np.dot(flat.astype(np.float64), ref.astype(np.float64)))
+            dot += part
         cosine = dot / (self.ref_norm * norm)
         self.cosines[client] = cosine
         return cosine < self.d.direction_tau
