@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -43,8 +44,8 @@ from aggregator.state import StateDir
 from fedge import messages, wire
 from fedge.chunks import ChunkError, Reassembler, parse_chunk
 from fedge.config import ConfigError
-from fedge.identity import Identity, IdentityError, check_signed
-from fedge.messages import ProtocolError, Status, TrainingPlan
+from fedge.identity import Identity, IdentityError, check_signed, next_key_path, sign_link
+from fedge.messages import KeyChain, KeyLink, ProtocolError, Status, TrainingPlan
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.records import RoundRecord
 from fedge.topics import JobTopics
@@ -128,14 +129,44 @@ class AggregatorService:
             return None, None
         path = Path(cfg.identity.key_file) if cfg.identity.key_file else self.state.root / "aggregator.key"
         try:
+            nxt = next_key_path(path)
+            if not path.exists() and nxt.exists():  # a rotation stopped between its two renames
+                os.replace(nxt, path)
             if not path.exists() and not cfg.identity.key_file:
                 Identity.generate().save(path)
                 log.info("made the aggregator's key pair in %s", path)
             identity = Identity.load(path)
-        except IdentityError as exc:
+            if nxt.exists():
+                identity = self._rotate(path, identity, Identity.load(nxt))
+        except (IdentityError, OSError) as exc:
             raise ConfigError(f"identity.key_file: {exc}") from None
         log.info("aggregator key %s: devices pin it as identity.aggregator_key", identity.public.to_text())
         return identity, Registry(self.state.root)
+
+    def _rotate(self, path: Path, old: Identity, new: Identity) -> Identity:
+        """Hand the job over from ``old`` to ``new`` (``fedge keys rotate``
+        left it in ``<key>.next``): the old key signs the new into the key
+        chain (persisted first), then the files move. Devices that pinned
+        any earlier key follow the chain (``KeyChain``, retained)."""
+        stored = self.state.load_json("identity.json")
+        chain = [list(link) for link in stored.get("chain", [])]
+        if not chain or chain[-1][1] != new.public.to_text():
+            chain.append(list(sign_link(self.cfg.job.name, old, new.public)))
+            self.state.save_json("identity.json", {**stored, "chain": chain})
+        retired = path.with_name(f"{path.name}.{old.public.fingerprint}.retired")
+        os.replace(path, retired)
+        os.replace(next_key_path(path), path)
+        log.warning("rotated the aggregator's key: %s signed its successor %s (the old key is in %s)",
+                    old.public.fingerprint, new.public.to_text(), retired)
+        return new
+
+    def _key_chain(self) -> bytes | None:
+        """The retained key chain, signed by the current key (None: never rotated)."""
+        links = self.state.load_json("identity.json").get("chain", [])
+        if self.identity is None or not links:
+            return None
+        chain = KeyChain(self.cfg.job.name, tuple(KeyLink(*link) for link in links))
+        return self._seal(chain.encode())
 
     def _seal(self, message: bytes) -> bytes:
         """``message`` signed by the aggregator (as it is when signing is off)."""
@@ -203,6 +234,9 @@ class AggregatorService:
     def run(self) -> int:
         """Run until the job is done (returns 0) or ``stop()`` (returns 0)."""
         now = monotonic()
+        chain = self._key_chain()
+        if chain is not None:  # first, so that devices know the key before what it signed
+            self.link.publish(self.topics.keys, chain, retain=True)
         self._execute(self.core.start(now))
         if self.core.state == "done":
             log.info("job %s already ran all %d rounds; publishing its final state", self.cfg.job.name,

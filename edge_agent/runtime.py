@@ -14,6 +14,7 @@ This module never imports PyTorch; training happens in worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -56,8 +57,8 @@ from fedge import tensors, wire
 from fedge.chunks import ChunkError, Reassembler
 from fedge.config import BrokerSettings
 from fedge.files import atomic_write
-from fedge.identity import Identity, IdentityError, PublicKey, check_signed
-from fedge.messages import ProtocolError, Status
+from fedge.identity import Identity, IdentityError, PublicKey, check_signed, follow_chain
+from fedge.messages import KeyChain, ProtocolError, Status
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.topics import JobTopics, check_id
 from fedge.transport import LinkFactory
@@ -132,6 +133,15 @@ class _Device:
         self.presence_repaired = -PRESENCE_REPAIR_S
         if (spec.identity is None) != (spec.aggregator_key is None):
             raise ValueError("a device signs and verifies, or neither: give identity and aggregator_key together")
+        # The key the aggregator signs with now: the pinned one, or where its
+        # key chain led from it (kept while the pin stays the same).
+        self.aggregator_key = spec.aggregator_key
+        if spec.aggregator_key is not None:
+            subscriptions.insert(0, self.topics.keys)  # first: the key before what it signed
+            stored = self.store.load_identity()
+            if stored.get("pinned") == spec.aggregator_key.to_text() and isinstance(stored.get("current"), str):
+                with contextlib.suppress(IdentityError):  # a damaged file: back to the pin
+                    self.aggregator_key = PublicKey.from_text(stored["current"])
         self.refused: Counter[str] = Counter()  # messages not believed, by reason
         self._refusals_logged: dict[str, float] = {}
         self.link = link_factory(
@@ -160,7 +170,7 @@ class _Device:
         (always, when signing is off); a refusal is counted and logged at
         most once a minute per reason. A signed announcement must not be
         older than the newest one taken (a replay)."""
-        key = self.spec.aggregator_key
+        key = self.aggregator_key
         if key is None:
             return True
         try:
@@ -183,6 +193,36 @@ class _Device:
                 log.warning("%s: not acting on %s (%s; counted, logged once a minute)", self.spec.client_id,
                             what, exc)
             return False
+        return True
+
+    def follow_keys(self, payload: bytes, now: float) -> bool:
+        """Take the aggregator's key chain: walk it from the key trusted now;
+        the chain itself must be signed by where it leads. True when the key
+        moved on (the device then asks for retained messages again, as some
+        signed by the new key may have been refused before the chain came)."""
+        pinned = self.spec.aggregator_key
+        if pinned is None or self.aggregator_key is None:
+            return False
+        try:
+            env = wire.decode(payload, max_body=0)
+            chain = KeyChain.parse(env)
+            if chain.job != self.spec.job:
+                raise IdentityError(f"a key chain for job {chain.job!r}", "wrong_job")
+            new = follow_chain(self.spec.job, self.aggregator_key, [(k.old, k.new, k.signature) for k in chain.links])
+            check_signed(env, new, "a key chain")
+        except (wire.WireError, ProtocolError, IdentityError) as exc:
+            self.refused[exc.reason] += 1
+            log.warning("%s: not acting on a key chain (%s)", self.spec.client_id, exc)
+            return False
+        if new == self.aggregator_key:
+            return False
+        log.warning("%s: the aggregator's key rotated from %s to %s (signed over by the old key)",
+                    self.spec.client_id, self.aggregator_key.fingerprint, new.fingerprint)
+        self.store.save_identity({**self.store.load_identity(), "pinned": pinned.to_text(), "current": new.to_text()})
+        self.aggregator_key = new
+        for topic in list(getattr(self.link, "subscriptions", [])):
+            if topic != self.topics.keys:
+                self.link.subscribe(topic)
         return True
 
     # --- inference devices ---------------------------------------------------------
@@ -354,6 +394,8 @@ class AgentRuntime:
                 if dev.believed(message, f"a {channel} message", now):
                     arrived = {"key": KeyArrived, "delta": DeltaArrived, "artifact": ArtifactArrived}[channel]
                     self._run(dev, arrived(message, now))
+        elif channel == "keys":
+            dev.follow_keys(item.payload, now)
         elif channel == "round":
             self._count_traffic(item.payload, 1, len(item.payload))
             if dev.believed(item.payload, "an announcement", now):

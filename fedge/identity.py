@@ -154,6 +154,41 @@ def read_public_key(text_or_path: str) -> PublicKey:
         raise IdentityError(f"{text_or_path!r} is neither a public key ({PREFIX}...) nor a file") from None
 
 
+# --- rotation of the aggregator's key ---------------------------------------------
+
+
+def next_key_path(path: Path) -> Path:
+    """Where ``fedge keys rotate`` leaves the successor of the key in ``path``."""
+    return path.with_name(path.name + ".next")
+
+
+def link_digest(job: str, old: PublicKey, new: PublicKey) -> bytes:
+    """What the old key signs to hand a job over to the new one."""
+    return hashlib.sha256(b"fedge-key-rotation-v1\x00" + job.encode() + b"\x00" + old.raw + new.raw).digest()
+
+
+def sign_link(job: str, old: Identity, new: PublicKey) -> tuple[str, str, str]:
+    """(old, new, signature) as text, for a ``messages.KeyLink``."""
+    sig = old.sign(link_digest(job, old.public, new))
+    return old.public.to_text(), new.to_text(), base64.urlsafe_b64encode(sig).rstrip(b"=").decode()
+
+
+def follow_chain(job: str, pinned: PublicKey, links: list[tuple[str, str, str]]) -> PublicKey:
+    """The key ``pinned`` hands over to, link by link: each link whose old
+    key is the current one and whose signature that key made moves it on;
+    any other link (another chain, a forgery) is passed over."""
+    current = pinned
+    for old_text, new_text, sig_text in links:
+        try:
+            old, new = PublicKey.from_text(old_text), PublicKey.from_text(new_text)
+            sig = base64.urlsafe_b64decode(sig_text + "=" * (-len(sig_text) % 4))
+        except (IdentityError, ValueError):
+            continue
+        if old == current and len(sig) == SIGNATURE_BYTES and old.verify(link_digest(job, old, new), sig):
+            current = new
+    return current
+
+
 def check_signed(env: Envelope, key: PublicKey | None, what: str) -> None:
     """Refuse ``env`` unless ``key`` signed it. Raises ``IdentityError`` with
     reason ``unsigned``, ``unknown_signer`` (no key to check against),

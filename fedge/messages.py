@@ -397,6 +397,49 @@ class Ack:
         )
 
 
+MAX_KEY_LINKS = 64
+
+
+@dataclass(frozen=True)
+class KeyLink:
+    """One rotation of the aggregator's key: ``old`` signed ``new`` (both
+    ``ed25519:...`` text; ``signature`` base64url, see
+    ``fedge.identity.link_digest``)."""
+
+    old: str
+    new: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class KeyChain:
+    """Every rotation of the aggregator's key since the job began, oldest
+    first, retained on the keys topic and signed by the current key: a
+    device that pinned any earlier key walks it to the current one."""
+
+    job: str
+    links: tuple[KeyLink, ...]
+
+    def encode(self) -> bytes:
+        header = {"job": self.job, "sender": AGGREGATOR, "num_samples": 0, "codec": None,
+                  "links": [{"old": k.old, "new": k.new, "signature": k.signature} for k in self.links]}
+        return wire.encode(Kind.KEYS, header)
+
+    @classmethod
+    def parse(cls, env: Envelope) -> KeyChain:
+        h = _expect(env, Kind.KEYS)
+        raw = _field(h, "links", list, "key chain")
+        if len(raw) > MAX_KEY_LINKS:
+            raise ProtocolError("malformed", f"key chain has {len(raw)} links, over {MAX_KEY_LINKS}")
+        links = []
+        for item in raw:
+            if not isinstance(item, dict):
+                raise ProtocolError("malformed", "key chain link must be an object")
+            links.append(KeyLink(old=_field(item, "old", str, "key link"), new=_field(item, "new", str, "key link"),
+                                 signature=_field(item, "signature", str, "key link")))
+        return cls(job=_id(h, "job", "key chain"), links=tuple(links))
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A file derived from a global model for inference-only devices (an ONNX

@@ -87,6 +87,11 @@ class JobTopics:
     def server(self) -> str:
         return f"{self.base}/server"
 
+    @property
+    def keys(self) -> str:
+        """The aggregator's key rotations, retained (``messages.KeyChain``)."""
+        return f"{self.base}/keys"
+
     def artifact_chunk(self, name: str, index: int) -> str:
         return f"{self.base}/artifact/{name}/{index}"
 
@@ -105,7 +110,7 @@ class JobTopics:
             return "", None
         parts = topic[len(prefix) :].split("/")
         head = parts[0]
-        if head in ("round", "events", "server") and len(parts) == 1:
+        if head in ("round", "events", "server", "keys") and len(parts) == 1:
             return head, None
         if head == "model" and len(parts) == 3 and parts[1] in ("key", "delta"):
             return parts[1], None

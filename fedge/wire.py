@@ -59,6 +59,7 @@ class Kind(enum.IntEnum):
     EVENT = 7
     ARTIFACT = 8
     MODEL_DELTA = 9
+    KEYS = 10  # the aggregator's key rotations (fedge.messages.KeyChain)
     # Local only: between the agent and its training worker process.
     TRAIN_REQUEST = 32
     TRAIN_RESULT = 33

@@ -38,11 +38,31 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(me.public.to_text())
             print(f"private key: {args.out} (mode 0600, never leaves this machine); public key: {pub}",
                   file=sys.stderr)
+        elif args.action == "rotate":
+            _rotate(args)
         else:
             print(Identity.load(Path(args.key)).public.to_text())
     except IdentityError as exc:
         _fail(exc)
     return 0
+
+
+def _rotate(args: argparse.Namespace) -> None:
+    """Make the aggregator's next key beside its current one; the aggregator
+    takes it at its next start, signed over by the current key."""
+    from aggregator.config import AggregatorConfig
+    from fedge import config
+    from fedge.identity import Identity, next_key_path
+
+    cfg = config.load(args.config, AggregatorConfig, args.set)
+    path = Path(cfg.identity.key_file) if cfg.identity.key_file else Path(cfg.job.state_dir) / "aggregator.key"
+    current = Identity.load(path)  # a rotation needs the current key to sign the handover
+    nxt = Identity.generate()
+    nxt.save(next_key_path(path))
+    print(nxt.public.to_text())
+    print(f"made the aggregator's next key in {next_key_path(path)}; restart the aggregator: the current key "
+          f"({current.public.fingerprint}) signs the handover, and devices that pinned it follow on their own",
+          file=sys.stderr)
 
 
 def _registry(config_path: str, overrides: list[str]) -> Any:
@@ -129,6 +149,10 @@ def add_commands(sub: Any) -> None:
     new.add_argument("--out", required=True, help="private key file to create (never overwritten)")
     show = kk.add_parser("show", help="print the public key of a private key file")
     show.add_argument("--key", required=True, help="private key file")
+    rot = kk.add_parser("rotate", help="make the aggregator's next key (taken at its next start, signed over by "
+                                       "the current one)")
+    rot.add_argument("--config", required=True, help="the job's TOML config")
+    rot.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     k.set_defaults(func=cmd_keys, default_level="WARNING")
 
     for name, func, helptext in (

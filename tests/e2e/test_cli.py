@@ -127,3 +127,19 @@ def test_keys_enroll_revoke_and_devices_from_the_command_line(tmp_path, cli_env)
     assert listed[0]["id"] == "dev-1" and "revoked_at" in listed[0]
     bad = run(cli_env, "enroll", "--config", str(job), "dev-2", "ed25519:shortkey")
     assert bad.returncode == 2 and "32 bytes" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_keys_rotate_makes_the_aggregators_next_key_once(tmp_path, cli_env):
+    from fedge.identity import Identity
+
+    job = tmp_path / "job.toml"
+    job.write_text(f'[job]\nname = "j"\nstate_dir = "{tmp_path / "state"}"\n')
+    none = run(cli_env, "keys", "rotate", "--config", str(job))
+    assert none.returncode == 2 and "no key file" in none.stderr and len(none.stderr.splitlines()) == 1
+    Identity.generate().save(tmp_path / "state" / "aggregator.key")
+    made = run(cli_env, "keys", "rotate", "--config", str(job))
+    assert made.returncode == 0 and made.stdout.startswith("ed25519:") and "restart the aggregator" in made.stderr
+    nxt = tmp_path / "state" / "aggregator.key.next"
+    assert Identity.load(nxt).public.to_text() == made.stdout.strip()
+    twice = run(cli_env, "keys", "rotate", "--config", str(job))
+    assert twice.returncode == 2 and "already exists" in twice.stderr

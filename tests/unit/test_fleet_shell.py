@@ -148,3 +148,69 @@ def test_a_signed_job_trains_and_its_devices_refuse_what_the_aggregator_did_not_
     refused = sum((dev.refused for dev in fleet.devices.values()), start=Counter())
     assert refused["unsigned"] >= 3  # the announcement, to both devices, and the receipt
     assert service.core.counters.get("unsigned", 0) == 0  # every device message was signed
+
+
+def test_the_aggregator_rotates_its_key_and_devices_follow_the_chain(tmp_path):
+    """``fedge keys rotate`` leaves the next key beside the current one; at
+    its next start the aggregator has the current key sign it into the key
+    chain and signs with it from then on. Devices that pinned the first key
+    walk the chain and train on; a chain link the current key did not sign
+    moves nothing."""
+    import dataclasses
+
+    from fedge import wire
+    from fedge.identity import Identity, next_key_path, sign_link
+    from fedge.messages import KeyChain, KeyLink
+    from fedge_cli.identity import provision
+
+    broker = MemoryBroker()
+    cfg = updated(job(tmp_path, min_clients=2, deadline_s=60.0), job={"rounds": 2},
+                  identity={"signing": "required"}, training={"epochs": 1, "batch_size": 32, "lr": 0.1})
+    first, keys = provision(tmp_path / "agg", ["dev-0", "dev-1"], tmp_path / "keys")
+    specs = [dataclasses.replace(s, identity=keys[s.client_id], aggregator_key=first) for s in devices(tmp_path, 2)]
+    records: list = []
+    pool = TrainingPool(size=1, mode="warm", threads=1)
+    fleet = AgentRuntime(specs, cfg.broker, pool, link_factory=broker.link)
+    fleet.start()
+    fleet_thread = threading.Thread(target=fleet.run, daemon=True)
+    fleet_thread.start()
+
+    def run_job(config) -> AggregatorService:
+        service = AggregatorService(config, link_factory=broker.link, on_record=records.append)
+        t = threading.Thread(target=service.run, daemon=True)
+        t.start()
+        try:
+            assert service.done.wait(120), records
+        finally:
+            service.stop()
+            t.join(10)
+        return service
+
+    try:
+        run_job(cfg)
+        nxt = Identity.generate()
+        nxt.save(next_key_path(tmp_path / "agg" / "aggregator.key"))  # what `fedge keys rotate` does
+        service = run_job(updated(cfg, job={"rounds": 4}))
+        assert service.identity.public == nxt.public
+        assert not next_key_path(tmp_path / "agg" / "aggregator.key").exists()
+        assert all(dev.aggregator_key == nxt.public for dev in fleet.devices.values())
+        # A forger's link from the current key to its own, sealed by itself, moves nothing.
+        evil = Identity.generate()
+        forged = KeyChain(JOB, (KeyLink(*sign_link(JOB, evil, evil.public)),
+                                KeyLink(nxt.public.to_text(), evil.public.to_text(), "AAAA")))
+        broker.publish("forger", TOPICS.keys, wire.seal(forged.encode(), evil), retain=True)
+        wait_for(lambda: all(dev.refused["wrong_signer"] >= 1 for dev in fleet.devices.values()), 10)
+        assert all(dev.aggregator_key == nxt.public for dev in fleet.devices.values())
+    finally:
+        fleet.stop()
+        fleet_thread.join(10)
+        fleet.close()
+        pool.close()
+    assert [r.round for r in records] == [1, 2, 3, 4] and all(r.status == "ok" and r.clients == 2 for r in records)
+    # A device restarted later keeps following: its state holds where the chain led from its pin.
+    again = AgentRuntime(specs[:1], cfg.broker, TrainingPool(size=1, mode="warm", threads=1),
+                         link_factory=broker.link)
+    try:
+        assert again.devices["dev-0"].aggregator_key == nxt.public
+    finally:
+        again.close()

@@ -104,3 +104,18 @@ def test_a_stripped_signature_is_an_unsigned_message_and_a_cut_trailer_is_malfor
     assert not wire.decode(plain).signed
     with pytest.raises(wire.WireError, match="sha256 mismatch"):
         wire.decode(msg[:4] + b"\x01\x06\x00\x00" + msg[8:-96])  # flag cleared, digest not recomputed
+
+
+def test_a_key_chain_leads_from_any_earlier_key_to_the_current_one_and_only_signed_links_count():
+    from fedge.identity import follow_chain, sign_link
+
+    k1, k2, k3, evil = (Identity.generate() for _ in range(4))
+    chain = [sign_link("job", k1, k2.public), sign_link("job", k2, k3.public)]
+    assert follow_chain("job", k1.public, chain) == k3.public
+    assert follow_chain("job", k2.public, chain) == k3.public  # a device that pinned the second key
+    assert follow_chain("job", k3.public, chain) == k3.public
+    assert follow_chain("other-job", k1.public, chain) == k1.public  # a link binds its job
+    hijack = [(k1.public.to_text(), evil.public.to_text(), sign_link("job", evil, evil.public)[2])]
+    assert follow_chain("job", k1.public, hijack + chain) == k3.public  # a link k1 did not sign is passed over
+    garbage = [("nonsense", "x", "y"), (k1.public.to_text(), k2.public.to_text(), "!!")]
+    assert follow_chain("job", k1.public, garbage) == k1.public
