@@ -11,6 +11,7 @@ line. Configs are immutable: build a changed copy with
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,6 +213,27 @@ class IdentitySection:
 
 
 @dataclass(frozen=True)
+class PrivacySection:
+    mode: str = setting(
+        "off", "Client-level differential privacy: off, or central (DP-FedAvg, McMahan et al. 2018: devices clip "
+        "their update to clip, the aggregator clips again, adds Gaussian noise of standard deviation "
+        "noise_multiplier x clip to the sum and divides by the expected number of devices). On, devices are "
+        "chosen by Poisson sampling at sampling_rate, not by selection.fraction, and every round releases a model."
+    )
+    clip: float = setting(1.0, "C: the L2 bound on one device's update.")
+    noise_multiplier: float = setting(1.0, "z: the noise on the sum has standard deviation z x clip.")
+    sampling_rate: float = setting(
+        0.1, "q: each eligible device is in a round independently with this probability (Poisson sampling, "
+        "as the accountant assumes)."
+    )
+    delta: float = setting(1e-5, "The delta of (epsilon, delta); below 1 / the number of devices.")
+    accountant: str = setting("rdp", "dp-accounting's accountant: rdp or pld (tighter, slower).")
+    target_epsilon: float = setting(
+        0.0, "The budget: the job stops before a round whose epsilon would exceed it; 0: no budget."
+    )
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     job: JobSection = section(JobSection, "The job: model, seed, length, where state lives.")
     selection: SelectionSection = section(SelectionSection, "Who takes part in a round and when it closes.")
@@ -223,6 +245,7 @@ class AggregatorConfig:
     onnx: OnnxSection = section(OnnxSection, "ONNX exports of the global model for inference-only devices.")
     limits: LimitsSection = section(LimitsSection, "Bounds that protect the aggregator from bad input.")
     identity: IdentitySection = section(IdentitySection, "Who may take part, and how devices know the aggregator.")
+    privacy: PrivacySection = section(PrivacySection, "Client-level differential privacy and its budget.")
     broker: BrokerSettings = section(BrokerSettings, "How to reach the MQTT broker.")
 
 
@@ -235,6 +258,30 @@ class AggregatorConfig:
         if isinstance(codec, dict) and "name" in codec and "params" not in codec:
             codec["params"] = {}
 
+    def _check_privacy(self) -> None:
+        from aggregator.privacy import ACCOUNTANTS, MODES
+
+        dp = self.privacy
+        if dp.mode not in MODES:
+            raise ConfigError(f"privacy.mode {dp.mode!r} is not known; use one of {', '.join(MODES)}")
+        if dp.mode == "off":
+            return
+        if not (math.isfinite(dp.clip) and dp.clip > 0):
+            raise ConfigError("privacy.clip must be a positive number (the L2 bound on one device's update)")
+        if not (math.isfinite(dp.noise_multiplier) and dp.noise_multiplier > 0):
+            raise ConfigError("privacy.noise_multiplier must be positive")
+        if not 0 < dp.sampling_rate <= 1:
+            raise ConfigError("privacy.sampling_rate must be in (0, 1]")
+        if not 0 < dp.delta < 1:
+            raise ConfigError("privacy.delta must be in (0, 1)")
+        if dp.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}")
+        if not (math.isfinite(dp.target_epsilon) and dp.target_epsilon >= 0):
+            raise ConfigError("privacy.target_epsilon must be 0 (no budget) or positive")
+        if self.server.aggregation != "mean":
+            raise ConfigError(f"privacy.mode = {dp.mode!r} needs server.aggregation = \"mean\" (the accountant "
+                              f"covers a clipped sum with Gaussian noise, not {self.server.aggregation})")
+
     def check(self) -> None:
         """Every value the service will use, checked now: one ``ConfigError`` line."""
         from aggregator.optimizers import SERVER_OPTIMIZERS
@@ -243,6 +290,7 @@ class AggregatorConfig:
 
         self.broker.check()
         _checked_id(check_id, self.job.name, "job.name")
+        self._check_privacy()
         if self.codec.name not in CODECS:
             raise ConfigError(f"codec.name {self.codec.name!r} is not known; use one of {', '.join(sorted(CODECS))}")
         for what, spec in (("codec", self.codec.spec), ("downlink.codec", self.downlink.codec)):

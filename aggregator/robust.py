@@ -70,6 +70,7 @@ import numpy as np
 
 from aggregator.fold import Admitted, RoundUpdates, RunningSum, l2_norm
 from fedge.codecs import CodecError, UpdateCodec
+from fedge.privacy import noise_rng
 from fedge.tensors import ModelArrays, TensorSpec
 
 if TYPE_CHECKING:
@@ -170,10 +171,12 @@ class RoundAggregate:
         self.reset((), ())
 
     def reset(self, norm_history: Sequence[float], sample_history: Sequence[float],
-              reference: ModelArrays | None = None) -> None:
+              reference: ModelArrays | None = None, dp: DpRound | None = None) -> None:
         """Forget the round; the next one's bound and cap draw on these
-        medians of recent rounds, its direction filter on ``reference``."""
+        medians of recent rounds, its direction filter on ``reference``;
+        ``dp``: the round is differentially private (see ``DpRound``)."""
         self.updates.reset()
+        self.dp = dp
         self.left: list[Admitted] = []  # left out by the direction filter
         self.cosines: dict[str, float] = {}
         self.reference = reference if self.d.direction != "off" else None
@@ -190,6 +193,8 @@ class RoundAggregate:
         self.mass = 0.0  # sum of |coefficient| x norm: bounds every coordinate of the sum
         self.clipped = 0
         self.capped = 0
+        if dp is not None:  # the clip is the bound, every device weighs one: nothing to calibrate
+            self.fixed, self.bound = True, dp.clip
 
     def __len__(self) -> int:
         return len(self.updates)
@@ -255,6 +260,8 @@ class RoundAggregate:
     def _fold_scratch(self, samples: int, norm: float) -> None:
         """Add the update in the scratch model, bounded and capped, to the sum."""
         weight = float(samples) if self.cap is None else min(float(samples), self.cap)
+        if self.dp is not None:
+            weight = 1.0
         factor = 1.0 if self.bound is None or norm <= self.bound else self.bound / max(norm, 1e-30)
         coef = weight * factor
         if self.mass + coef * norm > SUM_LIMIT:
@@ -272,6 +279,8 @@ class RoundAggregate:
     def combine(self) -> Combined:
         """The round's averaged delta (call once, at close)."""
         items = self.updates.items
+        if self.dp is not None:
+            return self._private()
         if not items and self.left:
             raise ValueError(f"every update ({len(self.left)}) points away from the direction of recent rounds")
         if not items:
@@ -287,6 +296,35 @@ class RoundAggregate:
         delta = {name: a * scale for name, a in self.sum.acc.items()}
         return Combined(delta, tuple(a.client for a in items), self.bound, int(self.clipped), int(self.capped),
                         float(np.median([a.norm for a in items])), float(np.median([a.samples for a in items])))
+
+
+    def _private(self) -> Combined:
+        """(sum of clipped updates + Gaussian noise) / the fixed denominator:
+        released whatever arrived, none included (the accountant counts every
+        round; a round that released nothing when nobody was sampled would
+        tell who was)."""
+        dp = self.dp
+        assert dp is not None
+        rng = noise_rng()
+        scale = np.float32(1.0 / dp.denominator)
+        delta = {name: ((a + rng.normal(0.0, dp.noise_std, size=a.shape)) * scale).astype(np.float32)
+                 for name, a in self.sum.acc.items()}
+        items = self.updates.items
+        norms = [a.norm for a in items] or [0.0]
+        return Combined(delta, tuple(a.client for a in items), dp.clip, int(self.clipped), 0,
+                        float(np.median(norms)), float(np.median([a.samples for a in items] or [0])))
+
+
+@dataclass(frozen=True)
+class DpRound:
+    """A differentially private round: every update is clipped to ``clip``
+    and weighs one; Gaussian noise of ``noise_std`` per coordinate is added
+    to the sum, which is divided by ``denominator`` (fixed before the round:
+    the expected number of devices)."""
+
+    clip: float
+    noise_std: float
+    denominator: float
 
 
 def combine(updates: RoundUpdates, d: Defences, norm_history: Sequence[float],

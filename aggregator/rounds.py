@@ -67,12 +67,23 @@ from aggregator import selection
 from aggregator.config import AggregatorConfig
 from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
-from aggregator.robust import DENSE_RULES, HISTORY, Combined, Defences, RoundAggregate, dense_bytes, sample_cap
+from aggregator.privacy import DpPolicy, epsilon
+from aggregator.robust import (
+    DENSE_RULES,
+    HISTORY,
+    Combined,
+    Defences,
+    DpRound,
+    RoundAggregate,
+    dense_bytes,
+    sample_cap,
+)
 from fedge import wire
 from fedge.codecs import CodecError, make_codec, requirements
 from fedge.config import ConfigError
 from fedge.identity import IdentityError
 from fedge.messages import Ack, Decline, ProtocolError, RoundAnnouncement, TrainingPlan, Update
+from fedge.privacy import DpPlan
 from fedge.records import RoundRecord
 from fedge.tensors import ModelArrays, TensorError
 from fedge.wire import Envelope, Kind, WireError
@@ -102,6 +113,7 @@ class RoundPolicy:
     aggregation_bytes: int = 1 << 30
     max_devices: int = 100_000
     offline_grace_s: float = 5.0
+    privacy: DpPolicy | None = None
 
     @classmethod
     def from_config(cls, cfg: AggregatorConfig) -> RoundPolicy:
@@ -111,7 +123,8 @@ class RoundPolicy:
                    deadline_s=sel.deadline_s, settle_s=sel.settle_s, max_samples=cfg.server.max_samples_per_update,
                    max_update_bytes=cfg.limits.max_update_bytes, seed=cfg.job.seed,
                    defences=Defences.from_config(cfg.server), aggregation_bytes=cfg.limits.aggregation_bytes,
-                   max_devices=cfg.limits.max_devices, offline_grace_s=sel.offline_grace_s)
+                   max_devices=cfg.limits.max_devices, offline_grace_s=sel.offline_grace_s,
+                   privacy=DpPolicy.from_config(cfg.privacy))
 
 
 class RoundState(str, enum.Enum):
@@ -287,6 +300,7 @@ class RoundCore:
         self.sample_history: list[float] = []  # median sample count of recent rounds
         # A momentum of the model changes applied: the direction filter's reference.
         self.direction_ref: ModelArrays | None = None
+        self.dp_rounds = 0  # differentially private rounds that released a model (the accountant's state)
         self.next_round = 1
         self.attempt = 0
         self.new_id = new_id
@@ -553,6 +567,9 @@ class RoundCore:
 
     def _select(self, candidates: list[str]) -> tuple[str, ...]:
         p = self.policy
+        if p.privacy is not None:
+            return selection.poisson(candidates, rate=p.privacy.spec.sampling_rate, seed=p.seed,
+                                     round_=self.next_round)
         return selection.select(candidates, fraction=p.fraction, min_clients=p.min_clients,
                                 max_clients=p.max_clients, seed=p.seed, round_=self.next_round)
 
@@ -575,6 +592,15 @@ class RoundCore:
             if now < self._ready_since + self.policy.settle_s:
                 return []
         self._ready_since = None
+        dp = self.policy.privacy
+        if dp is not None and dp.target_epsilon > 0:
+            spend = epsilon(dp.spec, self.dp_rounds + 1)
+            if spend > dp.target_epsilon:
+                log.warning("privacy budget: round %d would bring epsilon to %.3f (delta %g), over "
+                            "privacy.target_epsilon = %g; the job stops after %d private rounds", self.next_round,
+                            spend, dp.spec.delta, dp.target_epsilon, self.dp_rounds)
+                self.counters["budget_stop"] += 1
+                return self._finish_job(now)
         return self._announce(now, self._select(candidates), 1)
 
     def _announce(self, now: float, selected: tuple[str, ...], attempt: int) -> list[Action]:
@@ -586,24 +612,35 @@ class RoundCore:
             deadline=now + self.policy.deadline_s,
             bytes_down=self._published_bytes + len(msg) * fanout,
         )
-        self.updates.reset(self.norm_history, self.sample_history, self.direction_ref)
+        self.updates.reset(self.norm_history, self.sample_history, self.direction_ref, self._dp_round())
         self.state = RoundState.OPEN
         record = {"round": self.next_round, "attempt": attempt, "selected": list(selected),
                   "model_digest": self.model_digest}
         return [SaveRoundOpen(record), PublishAnnouncement(msg)]
 
+    def _dp_round(self) -> DpRound | None:
+        dp = self.policy.privacy
+        if dp is None:
+            return None
+        return DpRound(dp.clip, dp.noise_std, dp.denominator(len(self._eligible())))
+
     def _announcement(self, state: RoundState, selected: tuple[str, ...], now: float) -> bytes:
+        dp = self.policy.privacy
         return RoundAnnouncement(
             job=self.job, round=self.next_round, attempt=self.attempt, state=state.value,
             model_digest=self.model_digest, selected=selected, deadline_s=self.policy.deadline_s,
             training=self.plan, codec=self.codec_params, issued_at=round(now, 3),
             key_digest=self.models.key_digest, key_round=self.models.key_round,
+            dp=None if dp is None else DpPlan(dp.clip, "central", 0.0),
         ).encode()
 
     def _close(self, now: float, reason: str) -> list[Action]:
         op = self.open
         assert op is not None
-        ok = len(op.accepted) >= self.policy.min_updates
+        # A private round releases a model whatever arrived (noise alone, if
+        # nothing did): the accountant counts it, and skipping it would tell.
+        dp = self.policy.privacy
+        ok = len(op.accepted) >= self.policy.min_updates or dp is not None
         key_cut = False
         combined: Combined | None = None
         failure = None
@@ -611,6 +648,13 @@ class RoundCore:
             combined, key_cut, failure = self._step(op)
             ok = failure is None
         self.counters["rounds_ok" if ok else "rounds_failed"] += 1
+        extra: dict[str, Any] = {}
+        if dp is not None:
+            if ok:
+                self.dp_rounds += 1
+            extra = {"epsilon": round(epsilon(dp.spec, self.dp_rounds), 4), "delta": dp.spec.delta,
+                     "noise_multiplier": dp.spec.noise_multiplier, "sampling_rate": dp.spec.sampling_rate,
+                     "dp_clip": dp.clip, "dp_rounds": self.dp_rounds, "accountant": dp.spec.accountant}
         if failure:
             self.counters[failure] += 1
         record = RoundRecord(
@@ -624,6 +668,7 @@ class RoundCore:
             clipped=0 if combined is None else combined.clipped,
             weight_capped=0 if combined is None else combined.capped,
             left_out=() if combined is None else tuple(sorted(set(op.accepted) - set(combined.used))),
+            extra=extra,
         )
         self.history = [*self.history[-9:], record]
         self._bench(op)
@@ -727,6 +772,7 @@ class RoundCore:
             "known": sorted(self.known),
             "norm_history": self.norm_history,
             "sample_history": self.sample_history,
+            "dp_rounds": self.dp_rounds,
             "benched": {c: list(v) for c, v in self.benched.items()},
             "counters": dict(self.counters),
             "history": [r.to_json() for r in self.history],
@@ -752,6 +798,7 @@ class RoundCore:
         self.known = set(meta.get("known", []))
         self.norm_history = [float(x) for x in meta.get("norm_history", [])][-HISTORY:]
         self.sample_history = [float(x) for x in meta.get("sample_history", [])][-HISTORY:]
+        self.dp_rounds = int(meta.get("dp_rounds", 0))
         ref = {k[len("dir/"):]: np.array(v, dtype=np.float32) for k, v in arrays.items() if k.startswith("dir/")}
         if ref:
             self.spec.check(ref, what="checkpoint direction reference")

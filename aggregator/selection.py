@@ -9,6 +9,8 @@ The round core (``aggregator.rounds``) asks these; they touch no state.
   most ``max_clients``), drawn without replacement by a generator seeded
   with (job seed, round), so that an aggregator restarted mid-job selects
   the same devices for the same round.
+- ``poisson``: each candidate independently with probability q, for jobs
+  with differential privacy (``aggregator.privacy``).
 - ``quorum_size``: how many of the selected must respond before a round
   may close early.
 """
@@ -48,6 +50,15 @@ def select(candidates: Sequence[str], *, fraction: float, min_clients: int, max_
     rng = np.random.default_rng([seed, round_])
     picked = rng.choice(len(candidates), size=k, replace=False)
     return tuple(sorted(candidates[i] for i in picked))
+
+
+def poisson(candidates: Sequence[str], *, rate: float, seed: int, round_: int) -> tuple[str, ...]:
+    """Each of ``candidates`` independently with probability ``rate``
+    (Poisson sampling, what the privacy accountant assumes); any number,
+    none included; the same for the same (seed, round)."""
+    rng = np.random.default_rng([seed, round_, 0x9015])
+    draws = rng.random(len(candidates))
+    return tuple(sorted(c for c, u in zip(candidates, draws, strict=True) if u < rate))
 
 
 def quorum_size(selected: int, quorum: float) -> int:

@@ -95,6 +95,7 @@ from fedge.messages import (
     TrainingPlan,
     Update,
 )
+from fedge.privacy import add_noise, clip_update, noise_rng
 from fedge.tensors import ModelArrays, TensorError, TensorSpec
 from fedge.wire import WireError
 
@@ -576,6 +577,12 @@ class AgentCore:
             rng = np.random.default_rng(_seed(self.client_id, t.round, "encode"))
             ef = error_feedback(ann.codec)
             target = _with_residual(ev.delta, self.residual if ef else None)
+            if ann.dp is not None:
+                # Differential privacy: clip before compression (the residual
+                # included), then this device's noise share, if it has one.
+                target, clipped = clip_update(target, ann.dp.clip)
+                self._count("dp_clipped" if clipped else "dp_within_clip")
+                target = add_noise(target, ann.dp.noise_std, noise_rng())
             body = codec.encode(target, rng)
             residual: ModelArrays | None = None
             if ef:

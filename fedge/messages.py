@@ -17,6 +17,7 @@ from typing import Any
 
 from fedge import wire
 from fedge.errors import FedgeError
+from fedge.privacy import DpPlan
 from fedge.tensors import TensorError, TensorSpec
 from fedge.topics import check_id
 from fedge.wire import Envelope, Kind
@@ -214,6 +215,7 @@ class RoundAnnouncement:
     issued_at: float = 0.0
     key_digest: str = ""
     key_round: int = 0
+    dp: DpPlan | None = None  # the round is differentially private: clip (and noise) as it says
 
     def encode(self) -> bytes:
         header = {
@@ -232,6 +234,8 @@ class RoundAnnouncement:
             "codec": self.codec,
             "issued_at": self.issued_at,
         }
+        if self.dp is not None:
+            header["dp"] = self.dp.to_json()
         return wire.encode(Kind.ROUND, header)
 
     @classmethod
@@ -244,6 +248,10 @@ class RoundAnnouncement:
         if not all(isinstance(s, str) for s in selected):
             raise ProtocolError("malformed", "round 'selected' must list client ids")
         training = TrainingPlan.from_json(h.get("training"))
+        try:
+            dp = None if h.get("dp") is None else DpPlan.from_json(h["dp"])
+        except ValueError as exc:
+            raise ProtocolError("malformed", f"round {exc}") from None
         return cls(
             job=_id(h, "job", "round"),
             round=_field(h, "round", int, "round"),
@@ -257,6 +265,7 @@ class RoundAnnouncement:
             issued_at=float(_field(h, "issued_at", (int, float), "round")),
             key_digest=_field(h, "key_digest", str, "round"),
             key_round=_field(h, "key_round", int, "round"),
+            dp=dp,
         )
 
 

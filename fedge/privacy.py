@@ -1,0 +1,91 @@
+"""Client-level differential privacy: what both roles agree on.
+
+A job with ``[privacy]`` on announces a ``DpPlan`` inside each round's
+training plan. A device clips its update (the delta it is about to encode,
+error-feedback residual included) to L2 norm ``clip`` before compression and,
+when the noise is ``distributed``, adds its own Gaussian share of standard
+deviation ``noise_std`` per coordinate. The aggregator clips again on
+arrival (a device that skips the clip gains nothing), sums, adds the central
+noise when the noise is ``central``, and divides by a denominator fixed
+before the round (the expected number of contributions), so that one
+device moves the result by at most ``clip / denominator``.
+
+Compression comes after the clip and the noise share: the stochastic
+quantizers are unbiased, and their rounding error, bounded by the scale of
+each block, adds variance on top of the Gaussian noise (never less noise).
+The aggregator's clip after decoding is what bounds a device's contribution,
+so a quantized update a little longer than ``clip`` is scaled back to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedge.tensors import ModelArrays
+
+NOISE = ("central", "distributed")
+
+
+@dataclass(frozen=True)
+class DpPlan:
+    """The round's privacy plan, as devices read it from the announcement."""
+
+    clip: float  # L2 bound on one device's update
+    noise: str  # central (the aggregator adds it) or distributed (each device adds its share)
+    noise_std: float  # a device's share per coordinate (distributed), else 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError("dp clip must be a positive number")
+        if self.noise not in NOISE:
+            raise ValueError(f"dp noise must be one of {', '.join(NOISE)}")
+        if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
+            raise ValueError("dp noise_std must be a finite number >= 0")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"clip": self.clip, "noise": self.noise, "noise_std": self.noise_std}
+
+    @classmethod
+    def from_json(cls, data: Any) -> DpPlan:
+        if not isinstance(data, dict):
+            raise ValueError("dp plan must be an object")
+        clip, noise, std = data.get("clip"), data.get("noise"), data.get("noise_std", 0.0)
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)):
+            raise ValueError("dp clip must be a number")
+        if isinstance(std, bool) or not isinstance(std, (int, float)):
+            raise ValueError("dp noise_std must be a number")
+        if not isinstance(noise, str):
+            raise ValueError("dp noise must be a string")
+        return cls(float(clip), noise, float(std))
+
+
+def l2(arrays: ModelArrays) -> float:
+    return math.sqrt(sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64)))
+                         for a in arrays.values()))
+
+
+def clip_update(arrays: ModelArrays, clip: float) -> tuple[ModelArrays, bool]:
+    """``arrays`` scaled down to L2 norm ``clip`` if longer (a new dict);
+    and whether it was."""
+    norm = l2(arrays)
+    if norm <= clip:
+        return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}, False
+    factor = np.float32(clip / norm)
+    return {k: (np.asarray(v, dtype=np.float32) * factor).astype(np.float32) for k, v in arrays.items()}, True
+
+
+def add_noise(arrays: ModelArrays, std: float, rng: np.random.Generator) -> ModelArrays:
+    """``arrays`` plus independent N(0, std^2) per coordinate (a new dict)."""
+    if std <= 0:
+        return dict(arrays)
+    return {k: (v + rng.normal(0.0, std, size=v.shape)).astype(np.float32) for k, v in arrays.items()}
+
+
+def noise_rng() -> np.random.Generator:
+    """A generator seeded from the operating system's entropy: noise that
+    protects privacy must not be predictable from a job's seed."""
+    return np.random.default_rng(np.random.SeedSequence())
