@@ -684,6 +684,7 @@ class RoundCore:
             actions.append(PublishDelta(self.models.delta_message))
         last = self.next_round > self.policy.rounds
         follow = self._finish_job(now) if last else self._try_open(now, settle=False)
+        last = last or self.state == RoundState.DONE  # e.g. the privacy budget stopped the job
         return [*actions, *follow, RoundFinished(record, self.models.exact, last)]
 
     def _step(self, op: _OpenRound) -> tuple[Combined | None, bool, str | None]:
@@ -704,8 +705,9 @@ class RoundCore:
             log.exception("round %d: combining %d updates failed; the round fails and the model stays",
                           op.round, len(self.updates))
             return None, False, "aggregation_failed"
-        self.norm_history = [*self.norm_history[-(HISTORY - 1):], combined.median_norm]
-        self.sample_history = [*self.sample_history[-(HISTORY - 1):], combined.median_samples]
+        if combined.used:  # a private round may release noise alone: no norms to remember
+            self.norm_history = [*self.norm_history[-(HISTORY - 1):], combined.median_norm]
+            self.sample_history = [*self.sample_history[-(HISTORY - 1):], combined.median_samples]
         if not _finite(combined.delta):
             log.error("round %d: the averaged delta is not finite; the round fails and the model stays", op.round)
             return combined, False, "nonfinite_model"
@@ -740,8 +742,8 @@ class RoundCore:
             return None
         losses = list(op.losses.values())
         cap = sample_cap([n for _, n in losses], self.sample_history, self.policy.defences)
-        weights = [n if cap is None else min(n, cap) for _, n in losses]
-        return float(sum(w * loss for w, (loss, _) in zip(weights, losses, strict=True)) / sum(weights))
+        weights = [n if cap is None or cap <= 0 else min(n, cap) for _, n in losses]
+        return float(sum(w * loss for w, (loss, _) in zip(weights, losses, strict=True)) / max(sum(weights), 1e-12))
 
     @property
     def _published_bytes(self) -> int:

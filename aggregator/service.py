@@ -260,6 +260,8 @@ class AggregatorService:
                     self._feed(self._later.pop(0))
                 self.updates.expire(now)
                 self._feed(TimerFired(now))
+                if self.core.state == "done":  # however it ended (its last round, or a budget)
+                    self.done.set()
         finally:
             self.link.stop(final=(self.topics.server, self._seal(Status(messages.AGGREGATOR, "offline").encode())))
         return 0

@@ -80,7 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     opts = DemoOptions(
         agents=args.agents, rounds=args.rounds, data=args.data, broker=args.broker, protocol=args.protocol,
         codec=_codec_arg(args.codec), seed=args.seed, alpha=args.alpha, workers=args.workers, json_path=args.json,
-        state_dir=args.state_dir, signing=args.signing,
+        state_dir=args.state_dir, signing=args.signing, target_epsilon=args.target_epsilon,
     )
     summary = run_demo(opts)
     return 0 if summary["finished"] else 1
@@ -217,7 +217,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     events: _queue.Queue[object] = _queue.Queue()
     link = MqttLink(cfg.broker, f"fedge-watch-{os.getpid()}", events.put, subscriptions=[topics.events],
                     persistent=False)
-    table = RoundTable(sys.stdout)
+    table = RoundTable(sys.stdout, privacy=cfg.privacy.mode != "off")
     table.header()
     stopped = []
     _on_signals(lambda: stopped.append(True))
@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2, help="training worker processes (default 2)")
     d.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     d.add_argument("--state-dir", default=None, help="keep state here instead of a temporary directory")
+    d.add_argument("--target-epsilon", type=float, default=0.0, metavar="E",
+                   help="run with client-level differential privacy until epsilon would exceed E")
     d.add_argument("--signing", default="required", choices=["required", "off"],
                    help="required (default): every agent has its own key, enrolled with the aggregator, and "
                         "all messages are signed; off: nothing is signed (logged)")

@@ -64,6 +64,23 @@ def test_demo_on_the_tabular_data_set(tmp_path, cli_env):
     assert len(result["rounds"]) == 5 and result["final_accuracy"] >= 0.9
 
 
+def test_a_private_demo_stops_at_its_budget_and_reports_epsilon(tmp_path, cli_env):
+    from aggregator.privacy import PrivacySpec, epsilon, rounds_within
+    from fedge_cli.demo import DEMO_PRIVACY
+
+    out = tmp_path / "dp.json"
+    proc = run(cli_env, "demo", "--agents", "4", "--rounds", "30", "--target-epsilon", "3", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    spec = PrivacySpec(DEMO_PRIVACY["noise_multiplier"], DEMO_PRIVACY["sampling_rate"], DEMO_PRIVACY["delta"])
+    allowed = rounds_within(spec, 3.0)
+    assert f"allows {allowed} round" in proc.stdout and "epsilon" in proc.stdout.splitlines()[2]
+    assert "privacy budget" in proc.stderr and "Traceback" not in proc.stderr
+    rounds = json.loads(out.read_text())["rounds"]
+    assert len(rounds) == allowed  # the budget, not --rounds, ended it
+    assert [r["epsilon"] for r in rounds] == [round(epsilon(spec, i + 1), 4) for i in range(allowed)]
+    assert all(r["delta"] == 1e-3 and r["sampling_rate"] == 0.5 and r["noise_multiplier"] == 1.5 for r in rounds)
+
+
 @pytest.mark.parametrize("role", ["aggregator", "agent"])
 def test_config_prints_a_complete_documented_file(cli_env, role):
     proc = run(cli_env, "config", role)

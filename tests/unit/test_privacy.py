@@ -170,12 +170,13 @@ def test_a_budget_stops_the_job_before_the_round_that_would_exceed_it():
     spec = PrivacySpec(1.0, 1.0, 1e-5)
     target = (epsilon(spec, 2) + epsilon(spec, 3)) / 2  # two rounds fit, the third does not
     core = dp_core(target=target, rounds=10)
-    records = []
+    fins = []
     for r in range(4):
         _, actions = run_round(core, ["a", "b"], 2000.0 * r)
-        records += [f.record for f in finished(actions)]
-    assert [r.round for r in records] == [1, 2] and core.state == "done" and core.counters["budget_stop"] == 1
-    assert records[-1].extra["epsilon"] <= target
+        fins += finished(actions)
+    assert [f.record.round for f in fins] == [1, 2] and core.state == "done" and core.counters["budget_stop"] == 1
+    assert fins[-1].record.extra["epsilon"] <= target
+    assert fins[-1].last  # the service stops on it, as on a job's last round
 
 
 def test_a_restart_gives_the_same_epsilon_and_a_redone_round_is_not_counted_twice():
@@ -218,3 +219,23 @@ def test_an_old_announcement_without_dp_still_parses_and_a_bad_plan_is_refused()
     bad = wire.encode(env.kind, {**env.header, "dp": {"clip": "big", "noise": "central"}}, env.body)
     with pytest.raises(Exception, match="dp clip"):
         RoundAnnouncement.parse(wire.decode(bad))
+
+
+def test_a_round_with_nobody_sampled_releases_noise_and_the_next_round_is_unharmed():
+    core = dp_core(rate=1e-9, rounds=10)  # nobody is sampled
+    actions = online(core, "a", "b", "c") + core.handle(TimerFired(0.0))
+    assert announcement(actions).selected == ()
+    [fin] = finished(core.handle(TimerFired(1000.0)))  # its deadline closes it; round 2 opens, empty too
+    assert fin.record.status == "ok" and fin.record.clients == 0 and fin.record.extra["dp_rounds"] == 1
+    for t in (2000.0, 3000.0, 4000.0):  # rounds 2-4: empty too (their medians must not become the history)
+        core.handle(TimerFired(t))
+    assert core.norm_history == [] and core.sample_history == []
+    core.policy = dataclasses.replace(core.policy, privacy=DpPolicy(PrivacySpec(1.0, 1.0, 1e-5), clip=0.5))
+    actions = core.handle(TimerFired(5000.0))  # round 5 closes; round 6 samples everyone
+    ann = announcement(actions)
+    assert ann.round == 6 and ann.selected == ("a", "b", "c")
+    for c in ann.selected:
+        actions += send(core, c, update(core, c, samples=7), now=5001.0)
+    fin = finished(actions)[-1]
+    assert fin.record.round == 6 and fin.record.status == "ok" and fin.record.clients == 3
+    assert fin.record.train_loss is not None and core.counters.get("internal_error", 0) == 0
