@@ -11,7 +11,6 @@ line. Configs are immutable: build a changed copy with
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,25 +258,17 @@ class AggregatorConfig:
             codec["params"] = {}
 
     def _check_privacy(self) -> None:
-        from aggregator.privacy import ACCOUNTANTS, MODES
+        from aggregator.privacy import MODES, DpPolicy
 
         dp = self.privacy
         if dp.mode not in MODES:
             raise ConfigError(f"privacy.mode {dp.mode!r} is not known; use one of {', '.join(MODES)}")
         if dp.mode == "off":
             return
-        if not (math.isfinite(dp.clip) and dp.clip > 0):
-            raise ConfigError("privacy.clip must be a positive number (the L2 bound on one device's update)")
-        if not (math.isfinite(dp.noise_multiplier) and dp.noise_multiplier > 0):
-            raise ConfigError("privacy.noise_multiplier must be positive")
-        if not 0 < dp.sampling_rate <= 1:
-            raise ConfigError("privacy.sampling_rate must be in (0, 1]")
-        if not 0 < dp.delta < 1:
-            raise ConfigError("privacy.delta must be in (0, 1)")
-        if dp.accountant not in ACCOUNTANTS:
-            raise ConfigError(f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}")
-        if not (math.isfinite(dp.target_epsilon) and dp.target_epsilon >= 0):
-            raise ConfigError("privacy.target_epsilon must be 0 (no budget) or positive")
+        try:
+            DpPolicy.from_config(dp)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.server.aggregation != "mean":
             raise ConfigError(f"privacy.mode = {dp.mode!r} needs server.aggregation = \"mean\" (the accountant "
                               f"covers a clipped sum with Gaussian noise, not {self.server.aggregation})")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedge.codecs import CodecError, UpdateCodec
-from fedge.tensors import ModelArrays, TensorSpec, zeros_like_spec
+from fedge.tensors import ModelArrays, TensorSpec, l2_norm, zeros_like_spec
 
 
 @dataclass(frozen=True)
@@ -36,22 +36,6 @@ class Admitted:
     body: bytes | None  # as received, while the rule needs it; None once folded
     samples: int
     norm: float  # L2 norm of the decoded delta
-
-
-def l2_norm(arrays: ModelArrays) -> float:
-    """The L2 norm over every tensor: a float32 dot product (fast, and
-    precise enough to compare norms), again in float64 for a tensor whose
-    float32 squares overflow (a large but finite delta)."""
-    total = 0.0
-    for a in arrays.values():
-        flat = a.reshape(-1)
-        with np.errstate(over="ignore", invalid="ignore"):
-            sq = float(np.dot(flat, flat))
-        if not math.isfinite(sq):
-            wide = flat.astype(np.float64)
-            sq = float(np.dot(wide, wide))
-        total += sq
-    return math.sqrt(total)
 
 
 class RoundUpdates:

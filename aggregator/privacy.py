@@ -50,14 +50,15 @@ class PrivacySpec:
     accountant: str = "rdp"
 
     def __post_init__(self) -> None:
-        if not self.noise_multiplier > 0:
-            raise ValueError("the noise multiplier must be positive")
+        # Named as the job's [privacy] keys: the config check is this check.
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise ValueError("privacy.noise_multiplier must be positive")
         if not 0 < self.sampling_rate <= 1:
-            raise ValueError("the sampling rate must be in (0, 1]")
+            raise ValueError("privacy.sampling_rate must be in (0, 1]")
         if not 0 < self.delta < 1:
-            raise ValueError("delta must be in (0, 1)")
+            raise ValueError("privacy.delta must be in (0, 1)")
         if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant {self.accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
+            raise ValueError(f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,12 @@ class DpPolicy:
     spec: PrivacySpec
     clip: float
     target_epsilon: float = 0.0  # 0: no budget
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError("privacy.clip must be a positive number (the L2 bound on one device's update)")
+        if not (math.isfinite(self.target_epsilon) and self.target_epsilon >= 0):
+            raise ValueError("privacy.target_epsilon must be 0 (no budget) or positive")
 
     @classmethod
     def from_config(cls, s: PrivacySection) -> DpPolicy | None:

@@ -68,10 +68,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aggregator.fold import Admitted, RoundUpdates, RunningSum, l2_norm
+from aggregator.fold import Admitted, RoundUpdates, RunningSum
 from fedge.codecs import CodecError, UpdateCodec
 from fedge.privacy import noise_rng
-from fedge.tensors import ModelArrays, TensorSpec
+from fedge.tensors import ModelArrays, TensorSpec, dot, l2_norm
 
 if TYPE_CHECKING:
     from aggregator.config import ServerSection
@@ -229,15 +229,7 @@ class RoundAggregate:
         reference direction (cosine below ``direction_tau``)."""
         if self.reference is None or norm == 0.0:
             return False
-        dot = 0.0
-        for name, a in self.updates.scratch.items():
-            flat, ref = a.reshape(-1), self.reference[name].reshape(-1)
-            with np.errstate(over="ignore", invalid="ignore"):
-                part = float(np.dot(flat, ref))
-            if not math.isfinite(part):  # a huge but finite update: again in float64
-                part = float(np.dot(flat.astype(np.float64), ref.astype(np.float64)))
-            dot += part
-        cosine = dot / (self.ref_norm * norm)
+        cosine = dot(self.updates.scratch, self.reference) / (self.ref_norm * norm)
         self.cosines[client] = cosine
         return cosine < self.d.direction_tau
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedge.tensors import ModelArrays
+from fedge.tensors import ModelArrays, l2_norm
 
 NOISE = ("central", "distributed")
 
@@ -63,15 +63,10 @@ class DpPlan:
         return cls(float(clip), noise, float(std))
 
 
-def l2(arrays: ModelArrays) -> float:
-    return math.sqrt(sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64)))
-                         for a in arrays.values()))
-
-
 def clip_update(arrays: ModelArrays, clip: float) -> tuple[ModelArrays, bool]:
     """``arrays`` scaled down to L2 norm ``clip`` if longer (a new dict);
     and whether it was."""
-    norm = l2(arrays)
+    norm = l2_norm(arrays)
     if norm <= clip:
         return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}, False
     factor = np.float32(clip / norm)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -176,3 +177,24 @@ def zeros_like_spec(spec: TensorSpec, dtype: type = np.float32) -> ModelArrays:
 
 def all_finite(arrays: Mapping[str, np.ndarray]) -> bool:
     return all(bool(np.isfinite(a).all()) for a in arrays.values())
+
+
+def dot(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """The dot product over every tensor of ``a`` with the same-named one of
+    ``b``: float32 (fast, and precise enough to compare and bound norms),
+    again in float64 for a tensor whose float32 products overflow (a large
+    but finite delta)."""
+    total = 0.0
+    for name, x in a.items():
+        fx, fy = x.reshape(-1), b[name].reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            part = float(np.dot(fx, fy))
+        if not math.isfinite(part):
+            part = float(np.dot(fx.astype(np.float64), fy.astype(np.float64)))
+        total += part
+    return total
+
+
+def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm over every tensor (see ``dot``)."""
+    return math.sqrt(dot(arrays, arrays))

@@ -18,8 +18,8 @@ from fedge import config
 from fedge.codecs import make_codec
 from fedge.config import ConfigError
 from fedge.messages import RoundAnnouncement
-from fedge.privacy import DpPlan, add_noise, clip_update, l2
-from fedge.tensors import TensorSpec
+from fedge.privacy import DpPlan, add_noise, clip_update
+from fedge.tensors import TensorSpec, l2_norm
 from tests.unit.test_rounds import announcement, finished, make_core, online, send, update
 
 SHAPES = {"a": (50, 40), "b": (40,)}
@@ -117,7 +117,7 @@ def test_the_noise_has_the_stated_standard_deviation():
 def test_a_device_clips_before_compression_and_adds_its_share():
     big = rand(10.0)
     clipped, was = clip_update(big, 2.0)
-    assert was and l2(clipped) == pytest.approx(2.0, rel=1e-5)
+    assert was and l2_norm(clipped) == pytest.approx(2.0, rel=1e-5)
     tiny = rand(0.001)
     small, was = clip_update(tiny, 2.0)
     assert not was and np.array_equal(flat(small), flat(tiny))
