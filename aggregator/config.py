@@ -121,9 +121,9 @@ class ServerSection:
     krum_m: int = setting(0, "krum: updates averaged after scoring; 0: n - f.")
     direction: str = setting(
         "momentum", "Leave out updates that point away from where the model has been going: momentum (cosine to "
-        "a momentum of the applied model changes below direction_tau) or off."
+        "a momentum of the rounds' averaged deltas below direction_tau) or off."
     )
-    direction_beta: float = setting(0.9, "direction: decay of the momentum of applied changes, in [0, 1).")
+    direction_beta: float = setting(0.9, "direction: decay of the momentum of averaged deltas, in [0, 1).")
     direction_tau: float = setting(0.0, "direction: updates whose cosine to the momentum is below this are left "
                                    "out, in [-1, 1).")
 
@@ -214,12 +214,24 @@ class IdentitySection:
 @dataclass(frozen=True)
 class PrivacySection:
     mode: str = setting(
-        "off", "Client-level differential privacy: off, or central (DP-FedAvg, McMahan et al. 2018: devices clip "
+        "off", "Client-level differential privacy: off; central (DP-FedAvg, McMahan et al. 2018: devices clip "
         "their update to clip, the aggregator clips again, adds Gaussian noise of standard deviation "
-        "noise_multiplier x clip to the sum and divides by the expected number of devices). On, devices are "
-        "chosen by Poisson sampling at sampling_rate, not by selection.fraction, and every round releases a model."
+        "noise_multiplier x clip to the sum and divides by the expected number of devices); or distributed "
+        "(each device adds its share of that noise before compressing, the aggregator adds only what missing "
+        "devices did not: for use with secure aggregation). On, devices are chosen by Poisson sampling at "
+        "sampling_rate, not by selection.fraction, and every round releases a model."
     )
-    clip: float = setting(1.0, "C: the L2 bound on one device's update.")
+    clip: float = setting(1.0, "C: the L2 bound on one device's update (where it starts, with clip_quantile).")
+    clip_quantile: float = setting(
+        0.0, "0: a fixed clip. In (0, 1): adaptive clipping (Andrew et al. 2021): the clip follows this quantile "
+        "of the devices' update norms, from a noised count of updates within it."
+    )
+    clip_learning_rate: float = setting(0.2, "Adaptive clipping's geometric step: clip x exp(-rate x error).")
+    clip_bit_noise: float = setting(
+        5.0, "Adaptive clipping: standard deviation of the noise on the count of updates within the clip "
+        "(Andrew et al.: the expected devices per round / 20). Its privacy cost is taken from the model's "
+        "noise, so that the two together spend what noise_multiplier states."
+    )
     noise_multiplier: float = setting(1.0, "z: the noise on the sum has standard deviation z x clip.")
     sampling_rate: float = setting(
         0.1, "q: each eligible device is in a round independently with this probability (Poisson sampling, "

@@ -19,6 +19,21 @@ states ``z``; ``adaptive_noise_multiplier`` gives the ``z_delta`` to use.
 Every round is the same event, so the accountant's whole state is the
 number of rounds that released a model: restored from the checkpoint, a
 round redone after a crash is counted once.
+
+That ``epsilon`` holds against whoever sees the released models but not who
+took part in each round: Poisson sampling amplifies privacy only while the
+sample is secret. The aggregator chose the sample, the broker routes the
+updates, and the events topic names who was accepted; against them the
+sampling buys nothing. ``Ledger`` therefore also keeps, for each device, the
+Gaussian queries it actually took part in (Gaussian mechanisms compose
+exactly: noise multipliers z_i spend what one of ``(sum z_i^-2)^-1/2``
+spends), and the job reports the worst device's epsilon when participation
+is known, ``epsilon_participant``. With ``distributed`` noise it keeps a
+third figure, ``epsilon_aggregator``: what the aggregator itself learns about
+the worst device from what it receives before it adds anything. Without
+secure aggregation that is each device's update with its own noise share
+alone (noise multiplier ``z / sqrt(m)``), which is weak; secure aggregation
+lets it see only the sum.
 """
 
 from __future__ import annotations
@@ -26,14 +41,15 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aggregator.config import PrivacySection
 
 ACCOUNTANTS = ("rdp", "pld")
-MODES = ("off", "central")
+MODES = ("off", "central", "distributed")
 
 # dp-accounting logs a warning per RDP order it cannot evaluate; the orders
 # it drops only make the bound looser, never wrong.
@@ -63,33 +79,122 @@ class PrivacySpec:
 
 @dataclass(frozen=True)
 class DpPolicy:
-    """A job's differential privacy, from ``[privacy]``."""
+    """A job's differential privacy, from ``[privacy]``.
+
+    ``noise``: ``central`` (the aggregator adds all of it) or ``distributed``
+    (each device adds a share, the aggregator tops up what missing devices
+    did not add). ``clip_quantile`` > 0 turns on adaptive clipping: ``clip``
+    is then where the bound starts, and it moves each round by
+    ``exp(-clip_learning_rate x (noised unclipped fraction - quantile))``;
+    the noised fraction's sum carries noise of ``clip_bit_noise``."""
 
     spec: PrivacySpec
     clip: float
     target_epsilon: float = 0.0  # 0: no budget
+    noise: str = "central"
+    clip_quantile: float = 0.0  # 0: a fixed clip
+    clip_learning_rate: float = 0.2
+    clip_bit_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.clip) and self.clip > 0):
             raise ValueError("privacy.clip must be a positive number (the L2 bound on one device's update)")
         if not (math.isfinite(self.target_epsilon) and self.target_epsilon >= 0):
             raise ValueError("privacy.target_epsilon must be 0 (no budget) or positive")
+        if self.noise not in ("central", "distributed"):
+            raise ValueError("privacy.mode must be central or distributed for a private job")
+        if not 0 <= self.clip_quantile < 1:
+            raise ValueError("privacy.clip_quantile must be 0 (a fixed clip) or in (0, 1)")
+        if self.adaptive:
+            if not (math.isfinite(self.clip_learning_rate) and self.clip_learning_rate > 0):
+                raise ValueError("privacy.clip_learning_rate must be positive")
+            if not (math.isfinite(self.clip_bit_noise) and self.clip_bit_noise > 0):
+                raise ValueError("privacy.clip_bit_noise must be positive with adaptive clipping "
+                                 "(Andrew et al. suggest the expected devices per round / 20)")
+            adaptive_noise_multiplier(self.spec.noise_multiplier, self.clip_bit_noise)  # raises if it cannot
 
     @classmethod
     def from_config(cls, s: PrivacySection) -> DpPolicy | None:
         if s.mode == "off":
             return None
-        return cls(PrivacySpec(s.noise_multiplier, s.sampling_rate, s.delta, s.accountant), s.clip, s.target_epsilon)
+        return cls(PrivacySpec(s.noise_multiplier, s.sampling_rate, s.delta, s.accountant), s.clip,
+                   s.target_epsilon, s.mode, s.clip_quantile, s.clip_learning_rate, s.clip_bit_noise)
 
     @property
-    def noise_std(self) -> float:
+    def adaptive(self) -> bool:
+        return self.clip_quantile > 0
+
+    @property
+    def model_noise_multiplier(self) -> float:
+        """Of the model's sum: ``noise_multiplier``, less what adaptive
+        clipping's bit query spends."""
+        z = self.spec.noise_multiplier
+        return adaptive_noise_multiplier(z, self.clip_bit_noise) if self.adaptive else z
+
+    def noise_std(self, clip: float) -> float:
         """Of the Gaussian noise on the round's sum, per coordinate."""
-        return self.spec.noise_multiplier * self.clip
+        return self.model_noise_multiplier * clip
 
     def denominator(self, candidates: int) -> float:
         """The expected number of devices in a round of ``candidates``
         eligible ones: the fixed divisor of the sum (at least 1)."""
         return max(1.0, self.spec.sampling_rate * candidates)
+
+    def next_clip(self, clip: float, unclipped: float) -> float:
+        """Adaptive clipping's geometric step, from the noised fraction of
+        updates that were within the clip."""
+        return clip * math.exp(-self.clip_learning_rate * (unclipped - self.clip_quantile))
+
+
+class Ledger:
+    """What each device has spent, for the two figures that do not assume a
+    secret sample (see the module's docstring): per device, the sum of
+    ``z^-2`` over the Gaussian queries it took part in, for the released
+    models and for the aggregator's own view."""
+
+    def __init__(self) -> None:
+        self.released: dict[str, float] = {}
+        self.aggregator: dict[str, float] = {}
+
+    def add(self, clients: Iterable[str], z_released: float, z_aggregator: float | None) -> None:
+        for c in clients:
+            self.released[c] = self.released.get(c, 0.0) + z_released ** -2
+            if z_aggregator is not None:
+                self.aggregator[c] = self.aggregator.get(c, 0.0) + z_aggregator ** -2
+
+    def worst(self, delta: float, accountant: str) -> tuple[float, float | None]:
+        """(epsilon_participant, epsilon_aggregator or None) of the worst device."""
+        rel = gaussian_epsilon(max(self.released.values(), default=0.0), delta, accountant)
+        agg = gaussian_epsilon(max(self.aggregator.values()), delta, accountant) if self.aggregator else None
+        return rel, agg
+
+    def to_json(self) -> dict[str, Any]:
+        return {"released": dict(self.released), "aggregator": dict(self.aggregator)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Ledger:
+        ledger = cls()
+        if isinstance(data, dict):
+            for name, into in (("released", ledger.released), ("aggregator", ledger.aggregator)):
+                for c, v in (data.get(name) or {}).items():
+                    into[str(c)] = float(v)
+        return ledger
+
+
+@functools.lru_cache(maxsize=256)
+def gaussian_epsilon(rho: float, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` of one Gaussian query of noise multiplier
+    ``rho^-1/2`` without sampling: what a composition of Gaussians with
+    ``sum z_i^-2 = rho`` spends (0 for none)."""
+    if rho <= 0:
+        return 0.0
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    acc = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(rho ** -0.5))
+    eps = float(acc.get_epsilon(delta))
+    return eps if math.isfinite(eps) else math.inf
 
 
 def adaptive_noise_multiplier(z: float, z_bits: float) -> float:
@@ -135,3 +240,21 @@ def rounds_within(spec: PrivacySpec, target_epsilon: float, limit: int = 100_000
         else:
             hi = mid
     return lo
+
+
+def noise_for_budget(target_epsilon: float, rounds: int, sampling_rate: float, delta: float,
+                     accountant: str = "rdp", low: float = 0.05, high: float = 200.0) -> float:
+    """The smallest noise multiplier (to 0.1%) whose ``rounds`` rounds at
+    ``sampling_rate`` stay within ``target_epsilon`` at ``delta``: how a job
+    of a planned length picks its noise."""
+    def fits(z: float) -> bool:
+        return epsilon(PrivacySpec(z, sampling_rate, delta, accountant), rounds) <= target_epsilon
+
+    if not fits(high):
+        raise ValueError(f"no noise multiplier up to {high} keeps {rounds} rounds within epsilon {target_epsilon}")
+    if fits(low):
+        return low
+    while high / low > 1.001:
+        mid = math.sqrt(low * high)
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high

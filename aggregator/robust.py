@@ -24,9 +24,9 @@ A fourth looks at where an update points, since a device can send an
 update of honest norm and weight that pulls the wrong way (a sign flip,
 flipped labels), which neither bound sees:
 
-* **direction**: the aggregator keeps a momentum of the model changes it
-  applied (``reference = direction_beta x reference + last change``, one
-  model of memory, checkpointed); an update whose cosine to it is below
+* **direction**: the aggregator keeps a momentum of the rounds' averaged
+  deltas, before the server optimizer (``reference = direction_beta x
+  reference + last averaged delta``, one model of memory, checkpointed); an update whose cosine to it is below
   ``direction_tau`` is left out of the round (its receipt says accepted; the
   round record lists it in ``left_out``). The first round, with no
   reference, is not filtered; a round whose every update is left out fails
@@ -126,6 +126,16 @@ class Combined:
     capped: int  # updates whose weight was capped
     median_norm: float  # of the round's updates, before clipping
     median_samples: float  # claimed by the round's updates, before capping
+    private: PrivateRelease | None = None  # a differentially private round: what it added
+
+
+@dataclass(frozen=True)
+class PrivateRelease:
+    """What a private round added to its sum, for the round's record."""
+
+    shares: int  # noise shares in the sum (distributed), else 0
+    noise_std: float  # the noise the aggregator itself added, per coordinate
+    unclipped: float | None  # adaptive clipping: the noised fraction of updates within the clip
 
 
 def dense_bytes(spec: TensorSpec, updates: int) -> int:
@@ -179,7 +189,9 @@ class RoundAggregate:
         self.dp = dp
         self.left: list[Admitted] = []  # left out by the direction filter
         self.cosines: dict[str, float] = {}
-        self.reference = reference if self.d.direction != "off" else None
+        # A noisy update's direction is mostly its noise share's: no filter then.
+        filtered = self.d.direction != "off" and not (dp is not None and dp.distributed)
+        self.reference = reference if filtered else None
         self.ref_norm = 0.0 if self.reference is None else l2_norm(self.reference)
         if self.ref_norm == 0.0:
             self.reference = None
@@ -193,8 +205,9 @@ class RoundAggregate:
         self.mass = 0.0  # sum of |coefficient| x norm: bounds every coordinate of the sum
         self.clipped = 0
         self.capped = 0
-        if dp is not None:  # the clip is the bound, every device weighs one: nothing to calibrate
-            self.fixed, self.bound = True, dp.clip
+        self.bits = 0.0  # adaptive clipping's count of updates within the clip, centred
+        if dp is not None:  # the clip (or a noisy update's bound) is the bound, every device weighs one
+            self.fixed, self.bound = True, dp.bound
 
     def __len__(self) -> int:
         return len(self.updates)
@@ -203,11 +216,13 @@ class RoundAggregate:
     def items(self) -> list[Admitted]:
         return self.updates.items
 
-    def admit(self, client: str, body: bytes, samples: int) -> Admitted:
+    def admit(self, client: str, body: bytes, samples: int, bit: float | None = None) -> Admitted:
         """Check ``body`` (``RoundUpdates.measure``) and fold or keep it.
         Raises ``CodecError``/``TensorError`` and keeps nothing for a body
         that is not a finite delta of the model's shape, or one whose weight
-        and norm would overflow the round's sum."""
+        and norm would overflow the round's sum. ``bit``: adaptive
+        clipping's report, counted with the update (bounded to what an
+        honest device could send)."""
         norm = self.updates.measure(body)  # the delta is now in the scratch model
         if self._points_away(client, norm):
             item = Admitted(client, None, int(samples), norm)
@@ -217,6 +232,9 @@ class RoundAggregate:
             self._fold_scratch(samples, norm)  # raises before anything is kept
             item = Admitted(client, None, int(samples), norm)
             self.updates.items.append(item)
+            if self.dp is not None and self.dp.bit_std > 0:
+                limit = self.dp.bit_limit
+                self.bits += min(limit, max(-limit, 0.0 if bit is None else bit))
             return item
         item = Admitted(client, bytes(body), int(samples), norm)
         self.updates.items.append(item)
@@ -294,17 +312,24 @@ class RoundAggregate:
         """(sum of clipped updates + Gaussian noise) / the fixed denominator:
         released whatever arrived, none included (the accountant counts every
         round; a round that released nothing when nobody was sampled would
-        tell who was)."""
+        tell who was). With distributed noise the sum already holds one
+        share per update, and the aggregator adds what the missing ones
+        would have (the released model always carries the full noise)."""
         dp = self.dp
         assert dp is not None
-        rng = noise_rng()
-        scale = np.float32(1.0 / dp.denominator)
-        delta = {name: ((a + rng.normal(0.0, dp.noise_std, size=a.shape)) * scale).astype(np.float32)
-                 for name, a in self.sum.acc.items()}
         items = self.updates.items
+        rng = noise_rng()
+        missing = dp.missing(len(items))
+        scale = np.float32(1.0 / dp.denominator)
+        delta = {name: ((a + rng.normal(0.0, dp.noise_std * missing, size=a.shape)) * scale).astype(np.float32)
+                 for name, a in self.sum.acc.items()}
+        unclipped = None
+        if dp.bit_std > 0:
+            unclipped = (self.bits + float(rng.normal(0.0, dp.bit_std * missing))) / dp.denominator + 0.5
         norms = [a.norm for a in items] or [0.0]
-        return Combined(delta, tuple(a.client for a in items), dp.clip, int(self.clipped), 0,
-                        float(np.median(norms)), float(np.median([a.samples for a in items] or [0])))
+        release = PrivateRelease(len(items) if dp.distributed else 0, dp.noise_std * missing, unclipped)
+        return Combined(delta, tuple(a.client for a in items), dp.bound, int(self.clipped), 0,
+                        float(np.median(norms)), float(np.median([a.samples for a in items] or [0])), release)
 
 
 @dataclass(frozen=True)
@@ -312,11 +337,45 @@ class DpRound:
     """A differentially private round: every update is clipped to ``clip``
     and weighs one; Gaussian noise of ``noise_std`` per coordinate is added
     to the sum, which is divided by ``denominator`` (fixed before the round:
-    the expected number of devices)."""
+    the expected number of devices). ``distributed``: each device added a
+    share of ``noise_std / sqrt(denominator)`` and the aggregator adds only
+    what missing shares leave out; the aggregator cannot clip a noisy
+    update to ``clip``, so it bounds it at ``noisy_bound``. ``bit_std`` > 0:
+    adaptive clipping, whose count of updates within the clip carries noise
+    of ``bit_std``, shared the same way."""
 
     clip: float
     noise_std: float
     denominator: float
+    distributed: bool = False
+    noisy_bound: float = 0.0
+    bit_std: float = 0.0
+
+    @property
+    def bound(self) -> float:
+        return self.noisy_bound if self.distributed else self.clip
+
+    @property
+    def share(self) -> float:
+        """A device's share of the noise, per coordinate (distributed)."""
+        return self.noise_std / math.sqrt(self.denominator) if self.distributed else 0.0
+
+    @property
+    def bit_share(self) -> float:
+        return self.bit_std / math.sqrt(self.denominator) if self.distributed else 0.0
+
+    @property
+    def bit_limit(self) -> float:
+        """The most one report may move the count: +-1/2, plus a wide margin
+        for its noise share (distributed)."""
+        return 0.5 + 8.0 * self.bit_share
+
+    def missing(self, shares: int) -> float:
+        """The fraction of the noise's standard deviation the aggregator
+        adds when ``shares`` updates are in the sum."""
+        if not self.distributed:
+            return 1.0
+        return math.sqrt(max(0.0, 1.0 - shares / self.denominator))
 
 
 def combine(updates: RoundUpdates, d: Defences, norm_history: Sequence[float],

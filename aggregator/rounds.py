@@ -67,7 +67,7 @@ from aggregator import selection
 from aggregator.config import AggregatorConfig
 from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
-from aggregator.privacy import DpPolicy, epsilon
+from aggregator.privacy import DpPolicy, Ledger, epsilon
 from aggregator.robust import (
     DENSE_RULES,
     HISTORY,
@@ -298,9 +298,12 @@ class RoundCore:
                 f"({policy.aggregation_bytes >> 20} MiB): lower selection.max_clients or raise the limit")
         self.norm_history: list[float] = []  # median update norm of recent rounds
         self.sample_history: list[float] = []  # median sample count of recent rounds
-        # A momentum of the model changes applied: the direction filter's reference.
+        # A momentum of the rounds' averaged deltas: the direction filter's reference.
         self.direction_ref: ModelArrays | None = None
         self.dp_rounds = 0  # differentially private rounds that released a model (the accountant's state)
+        self.dp_ledger = Ledger()  # what each device spent, for the figures that do not assume a secret sample
+        self.dp_clip = policy.privacy.clip if policy.privacy is not None else 0.0  # moves with adaptive clipping
+        self.round_dp: DpRound | None = None  # the open round's privacy, fixed when it opens
         self.next_round = 1
         self.attempt = 0
         self.new_id = new_id
@@ -489,8 +492,11 @@ class RoundCore:
         if not 1 <= upd.num_samples <= self.policy.max_samples:
             return self._reject("bad_samples", f"num_samples={upd.num_samples} outside 1..{self.policy.max_samples}",
                                 ev.client, upd)
+        if self.round_dp is not None and self.round_dp.bit_std > 0 and upd.clip_bit is None:
+            return self._reject("missing_clip_bit", "this private round clips adaptively: the update must say "
+                                "whether it was within the clip (clip_bit)", ev.client, upd)
         try:
-            self.updates.admit(ev.client, upd.body, upd.num_samples)
+            self.updates.admit(ev.client, upd.body, upd.num_samples, upd.clip_bit)
         except (CodecError, TensorError) as exc:
             return self._reject(exc.reason, str(exc), ev.client, upd)
         op.accepted[ev.client] = upd.update_id
@@ -605,6 +611,7 @@ class RoundCore:
 
     def _announce(self, now: float, selected: tuple[str, ...], attempt: int) -> list[Action]:
         self.attempt = attempt
+        self.round_dp = self._dp_round()
         msg = self._announcement(RoundState.OPEN, selected, now)
         fanout = max(len(self.online), len(selected))
         self.open = _OpenRound(
@@ -612,7 +619,7 @@ class RoundCore:
             deadline=now + self.policy.deadline_s,
             bytes_down=self._published_bytes + len(msg) * fanout,
         )
-        self.updates.reset(self.norm_history, self.sample_history, self.direction_ref, self._dp_round())
+        self.updates.reset(self.norm_history, self.sample_history, self.direction_ref, self.round_dp)
         self.state = RoundState.OPEN
         record = {"round": self.next_round, "attempt": attempt, "selected": list(selected),
                   "model_digest": self.model_digest}
@@ -622,17 +629,31 @@ class RoundCore:
         dp = self.policy.privacy
         if dp is None:
             return None
-        return DpRound(dp.clip, dp.noise_std, dp.denominator(len(self._eligible())))
+        clip, m = self.dp_clip, dp.denominator(len(self._eligible()))
+        std = dp.noise_std(clip)
+        # A distributed round's update is its clipped delta plus a share of
+        # standard deviation std / sqrt(m) per coordinate: its norm stays
+        # below clip + share x (sqrt(d) + 8) but with odds too small to
+        # matter, and a coarse quantizer at most triples that.
+        share = std / math.sqrt(m)
+        noisy_bound = 3.0 * (clip + share * (math.sqrt(self.spec.num_params) + 8.0))
+        return DpRound(clip, std, m, dp.noise == "distributed", noisy_bound,
+                       dp.clip_bit_noise if dp.adaptive else 0.0)
 
     def _announcement(self, state: RoundState, selected: tuple[str, ...], now: float) -> bytes:
-        dp = self.policy.privacy
         return RoundAnnouncement(
             job=self.job, round=self.next_round, attempt=self.attempt, state=state.value,
             model_digest=self.model_digest, selected=selected, deadline_s=self.policy.deadline_s,
             training=self.plan, codec=self.codec_params, issued_at=round(now, 3),
             key_digest=self.models.key_digest, key_round=self.models.key_round,
-            dp=None if dp is None else DpPlan(dp.clip, "central", 0.0),
+            dp=self._plan() if state == RoundState.OPEN else None,
         ).encode()
+
+    def _plan(self) -> DpPlan | None:
+        r = self.round_dp
+        if r is None:
+            return None
+        return DpPlan(r.clip, "distributed" if r.distributed else "central", r.share, r.bit_std > 0, r.bit_share)
 
     def _close(self, now: float, reason: str) -> list[Action]:
         op = self.open
@@ -650,11 +671,7 @@ class RoundCore:
         self.counters["rounds_ok" if ok else "rounds_failed"] += 1
         extra: dict[str, Any] = {}
         if dp is not None:
-            if ok:
-                self.dp_rounds += 1
-            extra = {"epsilon": round(epsilon(dp.spec, self.dp_rounds), 4), "delta": dp.spec.delta,
-                     "noise_multiplier": dp.spec.noise_multiplier, "sampling_rate": dp.spec.sampling_rate,
-                     "dp_clip": dp.clip, "dp_rounds": self.dp_rounds, "accountant": dp.spec.accountant}
+            extra = self._spend(dp, combined)
         if failure:
             self.counters[failure] += 1
         record = RoundRecord(
@@ -687,6 +704,40 @@ class RoundCore:
         last = last or self.state == RoundState.DONE  # e.g. the privacy budget stopped the job
         return [*actions, *follow, RoundFinished(record, self.models.exact, last)]
 
+    def _spend(self, dp: DpPolicy, combined: Combined | None) -> dict[str, Any]:
+        """Count a private round that computed a release (also one that then
+        failed: its result was looked at), move an adaptive clip, and say
+        what the job has spent."""
+        r = self.round_dp
+        assert r is not None
+        private = None if combined is None else combined.private
+        if combined is not None and private is not None:
+            self.dp_rounds += 1
+            z = dp.spec.noise_multiplier
+            # The aggregator's own view: each update with its share alone
+            # (no secure aggregation yet); central noise protects nothing from it.
+            self.dp_ledger.add(combined.used, z, z / math.sqrt(r.denominator) if r.distributed else None)
+            if private.unclipped is not None:
+                self.dp_clip = dp.next_clip(self.dp_clip, private.unclipped)
+        participant, aggregator = self.dp_ledger.worst(dp.spec.delta, dp.spec.accountant)
+        extra: dict[str, Any] = {
+            "epsilon": round(epsilon(dp.spec, self.dp_rounds), 4), "delta": dp.spec.delta,
+            "noise_multiplier": dp.spec.noise_multiplier, "sampling_rate": dp.spec.sampling_rate,
+            "dp_clip": float(f"{r.clip:.6g}"), "dp_rounds": self.dp_rounds, "accountant": dp.spec.accountant,
+            "dp_noise": "distributed" if r.distributed else "central",
+            "epsilon_participant": round(participant, 4),
+        }
+        if aggregator is not None:
+            extra["epsilon_aggregator"] = round(aggregator, 4) if math.isfinite(aggregator) else None
+        if private is not None:
+            extra["dp_noise_added"] = float(f"{private.noise_std:.6g}")
+            if r.distributed:
+                extra["dp_noise_shares"] = private.shares
+            if private.unclipped is not None:
+                extra["dp_unclipped"] = round(private.unclipped, 4)
+                extra["dp_next_clip"] = float(f"{self.dp_clip:.6g}")
+        return extra
+
     def _step(self, op: _OpenRound) -> tuple[Combined | None, bool, str | None]:
         """Combine the round's updates and advance the model: (what the
         defences did, whether a key was cut, why the round failed or None).
@@ -717,24 +768,26 @@ class RoundCore:
                 exact = self.optimizer.step(self.models.exact, combined.delta)
             if not _finite(exact):
                 raise ValueError("the next model is not finite")
-            before = self.models.exact
             key_cut = self.models.advance(op.round, exact, op.num_samples)
         except (ValueError, ArithmeticError, CodecError) as exc:
             self.optimizer.load_state(saved)
             log.error("round %d: %s; the round fails and the model stays", op.round, exc)
             return combined, False, "nonfinite_model"
-        self._steer(before, self.models.exact)
+        self._steer(combined.delta)
         return combined, key_cut, None
 
-    def _steer(self, before: ModelArrays, after: ModelArrays) -> None:
-        """Fold the change just applied into the direction filter's reference."""
+    def _steer(self, delta: ModelArrays) -> None:
+        """Fold the round's averaged delta into the direction filter's
+        reference: what the devices' updates agreed on, before the server's
+        optimizer (whose momentum can overshoot, so that honest devices
+        rightly pull back against the change it applied)."""
         d = self.policy.defences
         if d.direction == "off":
             return
         ref = self.direction_ref
         self.direction_ref = {
-            k: (after[k] - before[k] if ref is None else np.float32(d.direction_beta) * ref[k] + (after[k] - before[k]))
-            .astype(np.float32) for k in after}
+            k: (delta[k] if ref is None else np.float32(d.direction_beta) * ref[k] + delta[k]).astype(np.float32)
+            for k in delta}
 
     def _train_loss(self, op: _OpenRound) -> float | None:
         """Mean training loss the devices reported, weighted by their capped sample counts."""
@@ -775,6 +828,8 @@ class RoundCore:
             "norm_history": self.norm_history,
             "sample_history": self.sample_history,
             "dp_rounds": self.dp_rounds,
+            "dp_clip": self.dp_clip,
+            "dp_ledger": self.dp_ledger.to_json(),
             "benched": {c: list(v) for c, v in self.benched.items()},
             "counters": dict(self.counters),
             "history": [r.to_json() for r in self.history],
@@ -801,6 +856,9 @@ class RoundCore:
         self.norm_history = [float(x) for x in meta.get("norm_history", [])][-HISTORY:]
         self.sample_history = [float(x) for x in meta.get("sample_history", [])][-HISTORY:]
         self.dp_rounds = int(meta.get("dp_rounds", 0))
+        self.dp_ledger = Ledger.from_json(meta.get("dp_ledger"))
+        if self.policy.privacy is not None:
+            self.dp_clip = float(meta.get("dp_clip") or self.policy.privacy.clip)
         ref = {k[len("dir/"):]: np.array(v, dtype=np.float32) for k, v in arrays.items() if k.startswith("dir/")}
         if ref:
             self.spec.check(ref, what="checkpoint direction reference")

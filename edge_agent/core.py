@@ -95,7 +95,7 @@ from fedge.messages import (
     TrainingPlan,
     Update,
 )
-from fedge.privacy import add_noise, clip_update, noise_rng
+from fedge.privacy import noise_rng, privatize
 from fedge.tensors import ModelArrays, TensorError, TensorSpec
 from fedge.wire import WireError
 
@@ -577,12 +577,15 @@ class AgentCore:
             rng = np.random.default_rng(_seed(self.client_id, t.round, "encode"))
             ef = error_feedback(ann.codec)
             target = _with_residual(ev.delta, self.residual if ef else None)
+            bit: float | None = None
             if ann.dp is not None:
                 # Differential privacy: clip before compression (the residual
                 # included), then this device's noise share, if it has one.
-                target, clipped = clip_update(target, ann.dp.clip)
+                target, clipped, bit = privatize(target, ann.dp, noise_rng())
                 self._count("dp_clipped" if clipped else "dp_within_clip")
-                target = add_noise(target, ann.dp.noise_std, noise_rng())
+                # The quantization error of a noisy update is mostly that of
+                # the noise: fed back, it would spend the next clip on noise.
+                ef = ef and ann.dp.noise_std == 0
             body = codec.encode(target, rng)
             residual: ModelArrays | None = None
             if ef:
@@ -593,7 +596,7 @@ class AgentCore:
         update = Update(
             job=self.job, round=t.round, sender=self.client_id, update_id=self.new_id()[:16],
             num_samples=ev.num_samples, codec=ann.codec, base_model=t.base_model, body=body,
-            loss=ev.loss, train_seconds=round(ev.seconds, 4),
+            loss=ev.loss, train_seconds=round(ev.seconds, 4), clip_bit=bit,
         )
         message = update.encode()
         self.state.record(t.round, t.base_model)

@@ -50,6 +50,15 @@ def _optional_number(h: dict[str, Any], key: str, what: str, default: float) -> 
     return float(value)
 
 
+def _clip_bit(h: dict[str, Any]) -> float | None:
+    if h.get("clip_bit") is None:
+        return None
+    value = _optional_number(h, "clip_bit", "update", 0.0)
+    if not math.isfinite(value):
+        raise ProtocolError("malformed", "update header field 'clip_bit' must be finite")
+    return value
+
+
 def _optional_object(h: dict[str, Any], key: str, what: str) -> dict[str, Any]:
     """An object field that may be absent or null (then empty)."""
     value = h.get(key)
@@ -284,6 +293,7 @@ class Update:
     body: bytes
     loss: float = 0.0
     train_seconds: float = 0.0
+    clip_bit: float | None = None  # adaptive clipping's report (fedge.privacy.clip_bit), if asked for
 
     def encode(self) -> bytes:
         header = {
@@ -297,6 +307,8 @@ class Update:
             "loss": self.loss if math.isfinite(self.loss) else None,
             "train_seconds": self.train_seconds,
         }
+        if self.clip_bit is not None:
+            header["clip_bit"] = self.clip_bit
         return wire.encode(Kind.UPDATE, header, self.body)
 
     @classmethod
@@ -313,6 +325,7 @@ class Update:
             body=env.body,
             loss=_optional_number(h, "loss", "update", math.nan),
             train_seconds=_optional_number(h, "train_seconds", "update", 0.0),
+            clip_bit=_clip_bit(h),
         )
 
 

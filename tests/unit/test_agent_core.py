@@ -29,6 +29,7 @@ from fedge import tensors, wire
 from fedge.codecs import make_codec
 from fedge.downlink import encode_delta, rebuild
 from fedge.messages import Ack, Decline, GlobalModel, ModelDelta, RoundAnnouncement, Status, TrainingPlan, Update
+from fedge.privacy import DpPlan
 from fedge.tensors import TensorSpec, state_digest
 from fedge.wire import Kind
 
@@ -54,10 +55,10 @@ def delta_msg(target, round_=1, key=KEY, tamper=False):
     return msg, digest
 
 
-def ann_msg(model_digest, round_=1, attempt=1, selected=(ME,), state="open", codec=None, key_digest=None):
+def ann_msg(model_digest, round_=1, attempt=1, selected=(ME,), state="open", codec=None, key_digest=None, dp=None):
     return RoundAnnouncement(job=JOB, round=round_, attempt=attempt, state=state, model_digest=model_digest,
                              selected=selected, training=TrainingPlan(), codec=codec or {"name": "int8"},
-                             key_digest=key_digest or state_digest(KEY)).encode()
+                             key_digest=key_digest or state_digest(KEY), dp=dp).encode()
 
 
 def make(**kw):
@@ -301,3 +302,27 @@ def test_corrupt_or_foreign_models_are_ignored():
 def test_unknown_downlink_mode_is_named():
     with pytest.raises(ValueError, match=r"agent\.downlink"):
         make(downlink="sometimes")
+
+
+@pytest.mark.parametrize("noise", ["central", "distributed"])
+def test_a_private_round_clips_before_encoding_adds_the_share_and_reports_the_bit(noise):
+    codec = {"name": "topk", "fraction": 1.0, "values": "float32"}  # lossless, error feedback on
+    share = 0.0 if noise == "central" else 0.3
+    plan = DpPlan(0.5, noise, share, bit=True, bit_std=share)
+    core = make()
+    k, digest = key_msg()
+    core.handle(KeyArrived(k, 0.0))
+    core.handle(AnnouncementArrived(ann_msg(digest, codec=codec, dp=plan), 1.0))
+    acts = train(core)  # DELTA's norm is 1.73: clipped
+    upd = Update.parse(wire.decode(only(acts, PublishUpdate)[0].message))
+    sent = make_codec(codec).decode(upd.body, SPEC)
+    clipped = {n: v * np.float32(0.5 / tensors.l2_norm(DELTA)) for n, v in DELTA.items()}
+    noise_part = np.concatenate([(sent[n] - clipped[n]).ravel() for n in SPEC.names])
+    if noise == "central":
+        assert tensors.l2_norm(sent) == pytest.approx(0.5, rel=1e-5) and upd.clip_bit == -0.5
+        assert not np.any(noise_part > 1e-6)
+    else:
+        assert 0.1 < noise_part.std() < 0.6 and upd.clip_bit != -0.5  # the share, and a noised report
+        # the residual would hold the noise's quantization error: none is kept
+        assert only(acts, PersistResidual)[0].residual is None
+    assert core.counters["dp_clipped"] == 1

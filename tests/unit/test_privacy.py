@@ -10,7 +10,14 @@ import pytest
 from dp_accounting import pld, rdp
 
 from aggregator.config import AggregatorConfig
-from aggregator.privacy import DpPolicy, PrivacySpec, adaptive_noise_multiplier, epsilon, rounds_within
+from aggregator.privacy import (
+    DpPolicy,
+    PrivacySpec,
+    adaptive_noise_multiplier,
+    epsilon,
+    noise_for_budget,
+    rounds_within,
+)
 from aggregator.robust import Defences, DpRound, RoundAggregate
 from aggregator.rounds import TimerFired
 from aggregator.selection import poisson
@@ -20,7 +27,7 @@ from fedge.config import ConfigError
 from fedge.messages import RoundAnnouncement
 from fedge.privacy import DpPlan, add_noise, clip_update
 from fedge.tensors import TensorSpec, l2_norm
-from tests.unit.test_rounds import announcement, finished, make_core, online, send, update
+from tests.unit.test_rounds import acks, announcement, delta_for, finished, make_core, online, send, update
 
 SHAPES = {"a": (50, 40), "b": (40,)}
 SPEC = TensorSpec(tuple(SHAPES.items()))
@@ -134,9 +141,9 @@ def test_a_device_clips_before_compression_and_adds_its_share():
 # --- the core --------------------------------------------------------------------
 
 
-def dp_core(target=0.0, rate=1.0, rounds=5):
+def dp_core(target=0.0, rate=1.0, rounds=5, **kw):
     policy = DpPolicy(PrivacySpec(1.0, rate, 1e-5), clip=0.5, target_epsilon=target)
-    return make_core(privacy=policy, rounds=rounds, defences=Defences(direction="off"))
+    return make_core(privacy=policy, rounds=rounds, defences=Defences(direction="off"), **kw)
 
 
 def run_round(core, clients, now):
@@ -239,3 +246,134 @@ def test_a_round_with_nobody_sampled_releases_noise_and_the_next_round_is_unharm
     fin = finished(actions)[-1]
     assert fin.record.round == 6 and fin.record.status == "ok" and fin.record.clients == 3
     assert fin.record.train_loss is not None and core.counters.get("internal_error", 0) == 0
+
+
+# --- distributed noise -------------------------------------------------------------
+
+
+def test_distributed_noise_tops_up_what_missing_devices_did_not_add():
+    # four devices expected; each adds a share of 2 / sqrt(4) = 1 per coordinate
+    plan = DpRound(clip=1.0, noise_std=2.0, denominator=4.0, distributed=True, noisy_bound=1e6)
+    assert plan.share == pytest.approx(1.0)
+    share_rng = np.random.default_rng(5)
+    for arrived, topped_up in ((0, 2.0), (1, np.sqrt(3.0)), (4, 0.0), (6, 0.0)):
+        agg = RoundAggregate(SPEC, NONE, Defences(direction="off"))
+        agg.reset((), (), None, plan)
+        for i in range(arrived):  # each update: nothing but its share
+            agg.admit(f"c{i}", NONE.encode(add_noise(rand(0.0), plan.share, share_rng), rng), 1)
+        out = agg.combine()
+        assert out.private.shares == arrived and out.private.noise_std == pytest.approx(topped_up)
+        # what the released sum carries: the full noise (more, with more devices than expected)
+        want = 2.0 ** 2 * max(1.0, arrived / 4.0)
+        total = flat(out.delta) * 4.0
+        assert abs(total.var() / want - 1) < 4 * np.sqrt(2 / total.size)
+        assert out.clipped == 0
+
+
+def test_a_distributed_round_bounds_a_noisy_update_without_shrinking_its_noise():
+    core = make_core(codec="int2", privacy=DpPolicy(PrivacySpec(1.0, 1.0, 1e-5), clip=0.5, noise="distributed"),
+                     defences=Defences(direction="off"), rounds=3, min_clients=4)
+    actions = online(core, "a", "b", "c", "d") + core.handle(TimerFired(0.0))
+    ann = announcement(actions)
+    assert ann.dp == DpPlan(0.5, "distributed", 0.5 / 2.0, False, 0.0)  # z C / sqrt(q x 4)
+    share_rng = np.random.default_rng(9)
+    for c in ann.selected:  # honest devices: clipped, plus their share, then int2 (coarse)
+        d, _ = clip_update(delta_for(c), 0.5)
+        actions += send(core, c, update(core, c, delta=add_noise(d, ann.dp.noise_std, share_rng)), now=1.0)
+    rec = finished(actions)[-1].record
+    assert rec.status == "ok" and rec.clients == 4 and rec.clipped == 0  # no honest update was scaled down
+    assert rec.extra["dp_noise"] == "distributed" and rec.extra["dp_noise_shares"] == 4
+    assert rec.extra["dp_noise_added"] == 0.0
+    # against the aggregator, which sees each update with its share alone: z / sqrt(4) per round
+    assert rec.extra["epsilon_aggregator"] == pytest.approx(gaussian_reference(0.5, 1, 1e-5), abs=1e-3)
+    # a device that skips the clip is still bounded, far above the clip
+    actions = core.handle(TimerFired(2.0))
+    actions += send(core, "a", update(core, "a", delta=delta_for("a", scale=1e4)), now=3.0)
+    for c in "bcd":
+        actions += send(core, c, update(core, c, delta=delta_for(c, scale=1e-3)), now=3.0)
+    rec = finished(actions)[-1].record
+    assert rec.clipped == 1 and rec.norm_bound > 0.5
+
+
+def gaussian_reference(z, rounds, delta, accountant="rdp"):
+    acc = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(z), rounds)
+    return acc.get_epsilon(delta)
+
+
+def test_the_worst_devices_epsilon_with_known_participation_counts_only_its_rounds():
+    core = dp_core(rate=1.0, rounds=4)
+    actions = online(core, "a", "b")
+    for r, senders in enumerate((["a", "b"], ["a", "b"], ["a"]), start=1):  # b is silent in round 3
+        assert core.open.round == r and core.open.selected == ("a", "b")
+        now = 10.0 * r
+        for c in senders:
+            actions += send(core, c, update(core, c, samples=7), now=now)
+        if len(senders) < 2:
+            actions += core.handle(TimerFired(now + 59.0))  # its deadline (60 s from its opening)
+    rec = finished(actions)[-1].record
+    assert rec.round == 3 and rec.accepted == ("a",)
+    assert core.dp_ledger.released == {"a": 3.0, "b": 2.0}  # sum of z^-2 over the rounds it was in
+    assert rec.extra["epsilon_participant"] == pytest.approx(gaussian_reference(1.0, 3, 1e-5), abs=1e-3)
+    assert "epsilon_aggregator" not in rec.extra  # central noise: the aggregator sees clipped updates
+    arrays, meta = core.snapshot()
+    again = dp_core(rate=1.0, rounds=4)
+    again.restore(arrays, meta, None)
+    assert again.dp_ledger.to_json() == core.dp_ledger.to_json()
+
+
+# --- adaptive clipping ---------------------------------------------------------------
+
+
+def adaptive_core(clip=0.01, bit_noise=1.0):
+    policy = DpPolicy(PrivacySpec(1.0, 1.0, 1e-5), clip=clip, clip_quantile=0.5, clip_learning_rate=0.2,
+                      clip_bit_noise=bit_noise)
+    return make_core(privacy=policy, rounds=60, defences=Defences(direction="off"), min_clients=4)
+
+
+def test_adaptive_clipping_follows_the_quantile_and_its_cost_comes_out_of_the_models_noise():
+    core = adaptive_core(clip=0.1)
+    norms = {c: 0.5 * (i + 1) for i, c in enumerate("abcd")}  # 0.5, 1, 1.5, 2: the median is 1-1.5
+    clips = []
+    actions = online(core, *norms)
+    assert announcement(actions).dp.bit
+    for r in range(60):
+        plan, now = core.round_dp, 10.0 * r
+        clips.append(plan.clip)
+        for c in core.open.selected:
+            d = delta_for(c)
+            d = {k: v * np.float32(norms[c] / l2_norm(delta_for(c))) for k, v in d.items()}
+            within = norms[c] <= plan.clip
+            actions = send(core, c, update(core, c, delta=d, clip_bit=0.5 if within else -0.5), now=now)
+        rec = finished(actions)[-1].record
+        assert rec.round == r + 1 and rec.extra["dp_clip"] == pytest.approx(clips[-1], rel=1e-5)
+        assert rec.extra["dp_next_clip"] == pytest.approx(core.dp_clip, rel=1e-5)
+    assert clips[1] > clips[0] and 0.6 < np.median(clips[-10:]) < 2.5  # up from 0.1 to the median norm
+    # z = 1 in all: the model's own noise is the rest of it, (1 - (2 x 1)^-2)^-1/2
+    assert core.round_dp.noise_std == pytest.approx(clips[-1] * (1 - 0.25) ** -0.5, rel=1e-5)
+
+
+def test_an_adaptive_round_refuses_an_update_without_its_report_and_bounds_a_wild_one():
+    core = adaptive_core(clip=1.0)
+    ann = announcement(online(core, "a", "b", "c", "d"))
+    [ack] = acks(send(core, "a", update(core, "a"), now=1.0))
+    assert ack.status == "rejected" and ack.reason.startswith("missing_clip_bit")
+    agg = core.updates
+    send(core, "a", update(core, "a", clip_bit=1e9, update_id="u2"), now=1.0)
+    assert agg.bits == pytest.approx(0.5)  # one report moves the count by 1/2 at most
+    assert ann.dp.bit_std == 0.0  # central: no share
+
+
+def test_adaptive_clipping_that_leaves_the_model_no_noise_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"clip_bit_noise|bit-query"):
+        config.updated(AggregatorConfig(), privacy={"mode": "central", "noise_multiplier": 1.0,
+                                                    "clip_quantile": 0.5, "clip_bit_noise": 0.4}).check()
+    ok = config.updated(AggregatorConfig(), privacy={"mode": "distributed", "clip_quantile": 0.5})
+    assert DpPolicy.from_config(ok.privacy).adaptive
+
+
+def test_the_noise_for_a_budget_is_the_smallest_that_keeps_the_rounds_within_it():
+    z = noise_for_budget(3.0, 100, 0.05, 1e-3)
+    assert epsilon(PrivacySpec(z, 0.05, 1e-3), 100) <= 3.0 < epsilon(PrivacySpec(z * 0.99, 0.05, 1e-3), 100)
+    with pytest.raises(ValueError, match="no noise multiplier"):
+        noise_for_budget(1e-6, 100, 1.0, 1e-9, high=2.0)

@@ -62,13 +62,13 @@ def delta_for(client, scale=1.0):
 
 
 def update(core, client, *, delta=None, round=None, samples=10, codec=None, base=None, job=JOB, sender=None,
-           update_id=None):
+           update_id=None, clip_bit=None):
     delta = delta if delta is not None else delta_for(client)
     params = codec or core.codec_params
     return Update(job=job, round=core.next_round if round is None else round, sender=sender or client,
                   update_id=update_id or f"u-{client}", num_samples=samples, codec=params,
                   base_model=base or core.model_digest,
-                  body=make_codec(params).encode(delta, np.random.default_rng(0))).encode()
+                  body=make_codec(params).encode(delta, np.random.default_rng(0)), clip_bit=clip_bit).encode()
 
 
 def send(core, client, message, now=1.0):
