@@ -1,0 +1,212 @@
+"""Secure aggregation's protocol core: the sum is exact with dropouts at
+every stage up to what the threshold tolerates, nothing is revealed below
+it, masked inputs look uniform, and the integers cannot overflow."""
+
+import numpy as np
+import pytest
+
+from fedge.secagg import (
+    Context,
+    SecAggClient,
+    SecAggError,
+    SecAggPlan,
+    SecAggServer,
+    _combine,
+    _split,
+    dequantize,
+    neighbours,
+    pack,
+    quantize,
+    unpack,
+)
+
+CTX = Context("job", 3, 1)
+COUNT = 257
+
+
+def plan(n=8, threshold=3, degree=4, bits=12, bound=1.0):
+    return SecAggPlan.for_devices(n, threshold, degree, bits, bound)
+
+
+def run(p, inputs, drop=None):
+    """One attempt over ``inputs`` (device -> uint32 vector); ``drop`` maps a
+    stage (1-4) to the devices that go silent from it on. Returns the server."""
+    drop = {k: set(v) for k, v in (drop or {}).items()}
+    gone = set()
+    clients = {u: SecAggClient(u, p, CTX) for u in inputs}
+    server = SecAggServer(p, CTX, COUNT)
+    gone |= drop.get(1, set())
+    for u, c in clients.items():
+        if u not in gone:
+            server.add_keys(u, *c.advertise())
+    keys = server.key_set()
+    gone |= drop.get(2, set())
+    for u in keys:
+        if u not in gone:
+            server.add_shares(u, clients[u].share(keys))
+    gone |= drop.get(3, set())
+    for u in sorted(server.sharers):
+        if u not in gone:
+            server.add_input(u, clients[u].masked_input(inputs[u], server.shares_for(u), server.sharers))
+    gone |= drop.get(4, set())
+    for u in sorted(server.survivors):
+        if u not in gone:
+            server.add_reveal(u, clients[u].unmask(server.survivors))
+    return server
+
+
+def inputs_for(p, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {f"d{i:02d}": quantize(rng.uniform(-1, 1, COUNT), p, rng) for i in range(n)}
+
+
+def expected(p, inputs, who):
+    total = np.zeros(COUNT, dtype=np.uint32)
+    for u in who:
+        total += inputs[u]
+    return total & np.uint32(p.mask)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+@pytest.mark.parametrize("dropped", [0, 1, 2])
+def test_the_sum_is_exact_with_dropouts_at_each_stage(stage, dropped):
+    p = plan()
+    inputs = inputs_for(p, 8, seed=stage * 10 + dropped)
+    gone = {f"d{i:02d}" for i in range(dropped)}
+    server = run(p, inputs, {stage: gone})
+    assert server.ready()
+    included = set(inputs) - gone if stage <= 3 else set(inputs)  # a device gone at stage 4 had sent its input
+    assert server.survivors == included
+    np.testing.assert_array_equal(server.result(), expected(p, inputs, included))
+
+
+def test_dropouts_spread_over_every_stage_and_the_full_graph():
+    p = plan(n=7, threshold=4, degree=6)  # degree >= n - 1: plain SecAgg, everyone is a neighbour
+    inputs = inputs_for(p, 7, seed=5)
+    server = run(p, inputs, {1: {"d00"}, 2: {"d01"}, 3: {"d02"}})
+    np.testing.assert_array_equal(server.result(), expected(p, inputs, {"d03", "d04", "d05", "d06"}))
+
+
+def test_below_the_threshold_nothing_is_revealed():
+    p = plan(threshold=4, degree=5)
+    inputs = inputs_for(p, 8)
+    with pytest.raises(SecAggError, match="threshold"):
+        run(p, inputs, {3: {f"d{i:02d}" for i in range(5)}})  # 3 masked inputs: the devices refuse to reveal
+    # a device asked to reveal for too few survivors refuses, and reveals once only
+    client = SecAggClient("a", p, CTX)
+    client.sharers = frozenset("abcde")
+    with pytest.raises(SecAggError, match="nothing is revealed"):
+        client.unmask({"a", "b"})
+    client.unmask({"a", "b", "c", "d"})
+    with pytest.raises(SecAggError, match="already revealed"):
+        client.unmask({"a", "b", "c", "d"})
+
+
+def test_too_many_dropouts_at_unmasking_leave_the_sum_masked():
+    p = plan(threshold=3, degree=4)
+    inputs = inputs_for(p, 8)
+    server = run(p, inputs, {4: {f"d{i:02d}" for i in range(6)}})  # two reveal: too few shares
+    assert not server.ready()
+    with pytest.raises(SecAggError, match="too few shares"):
+        server.result()
+
+
+def test_fewer_than_threshold_shares_say_nothing_about_the_secret():
+    # t - 1 shares of two different secrets are distributed alike (uniform)
+    rng_bytes = []
+    for secret in (bytes(32), bytes([255]) * 32):
+        firsts = np.array([_split(secret, 3, 5)[0][0] for _ in range(4000)])
+        counts = np.bincount(firsts // 16, minlength=16)
+        chi2 = float(((counts - 250) ** 2 / 250).sum())
+        assert chi2 < 45  # 15 degrees of freedom: p < 1e-4 beyond this
+        rng_bytes.append(firsts)
+    secret = bytes(range(32))
+    shares = _split(secret, 3, 5)
+    assert _combine({1: shares[0], 2: shares[1]}) != secret
+    assert _combine({1: shares[0], 3: shares[2], 5: shares[4]}) == secret
+
+
+def test_a_masked_input_is_indistinguishable_from_uniform():
+    p = plan(n=5, threshold=2, degree=4, bits=8)
+    client = SecAggClient("a", p, CTX)
+    others = {u: SecAggClient(u, p, CTX) for u in "bcde"}
+    keys = {"a": client.advertise(), **{u: c.advertise() for u, c in others.items()}}
+    client.share(keys)
+    y = client.masked_input(np.zeros(60_000, dtype=np.uint32), {}, set(keys))  # the input is all zeros
+    top = (y >> np.uint32(p.modulus_bits - 4)).astype(np.int64)
+    counts = np.bincount(top, minlength=16)
+    chi2 = float(((counts - 3750) ** 2 / 3750).sum())
+    assert chi2 < 45
+
+
+def test_integers_cannot_overflow_and_round_trip():
+    for n, bits in ((10, 8), (300, 16), (1000, 12)):
+        p = plan(n=n, bits=bits, bound=0.5)
+        assert p.capacity() >= n and p.modulus_bits <= 32
+        for sign in (1.0, -1.0):
+            x = quantize(np.full(COUNT, sign * 7.0), p, np.random.default_rng(0))  # clamped to +-bound
+            total = np.zeros(COUNT, dtype=np.uint32)
+            for _ in range(n):
+                total += x
+            np.testing.assert_allclose(dequantize(total & np.uint32(p.mask), p), sign * 0.5 * n, rtol=1e-6)
+    with pytest.raises(SecAggError, match="modulus"):
+        plan(n=10**6, bits=24)
+    p = plan(bits=12)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, 100_000)
+    mean = np.mean([dequantize(quantize(x[:1000], p, rng), p) for _ in range(200)], axis=0)
+    assert np.abs(mean - x[:1000]).max() < 5 / p.scale  # unbiased: the rounding averages out
+    v = rng.integers(0, 1 << p.modulus_bits, 1001, dtype=np.uint32)
+    data = pack(v, p.modulus_bits)
+    assert len(data) == (1001 * p.modulus_bits + 7) // 8
+    np.testing.assert_array_equal(unpack(data, 1001, p.modulus_bits), v)
+    with pytest.raises(SecAggError, match="bytes"):
+        unpack(data[:-1], 1001, p.modulus_bits)
+
+
+def test_the_graph_is_symmetric_shared_and_of_the_stated_degree():
+    ids = [f"d{i:03d}" for i in range(50)]
+    g = neighbours(ids, 6, CTX.graph_seed())
+    assert g == neighbours(list(reversed(ids)), 6, CTX.graph_seed())
+    assert all(len(vs) == 6 and u not in vs for u, vs in g.items())
+    assert all(u in g[v] for u, vs in g.items() for v in vs)
+    assert g != neighbours(ids, 6, Context("job", 3, 2).graph_seed())  # a new attempt, a new graph
+
+
+def test_tampered_or_misrouted_shares_and_bad_inputs_are_refused():
+    p = plan(n=5, threshold=2, degree=4)
+    clients = {u: SecAggClient(u, p, CTX) for u in "abcde"}
+    keys = {u: c.advertise() for u, c in clients.items()}
+    sent = {u: c.share(keys) for u, c in clients.items()}
+    tampered = bytearray(sent["b"]["a"])
+    tampered[-1] ^= 1
+    with pytest.raises(SecAggError, match="does not decrypt"):
+        clients["a"].masked_input(np.zeros(4, np.uint32), {"b": bytes(tampered)}, set(keys))
+    with pytest.raises(SecAggError, match="does not decrypt"):
+        clients["a"].masked_input(np.zeros(4, np.uint32), {"b": sent["b"]["c"]}, set(keys))  # for c, not a
+    with pytest.raises(SecAggError, match="own keys"):
+        clients["a"].share({**keys, "a": keys["b"]})
+    server = SecAggServer(p, CTX, 4)
+    for u, c in clients.items():
+        server.add_keys(u, *c.advertise())
+    with pytest.raises(SecAggError, match="other keys"):
+        server.add_keys("a", *clients["b"].advertise())
+    server.key_set()
+    with pytest.raises(SecAggError, match="did not share"):
+        server.add_input("a", np.zeros(4, np.uint32))
+    server.add_shares("a", sent["a"])
+    with pytest.raises(SecAggError, match="values below"):
+        server.add_input("a", np.full(4, 1 << 31, np.uint32))
+
+
+def test_every_attempt_has_fresh_keys_and_seeds():
+    p = plan()
+    a1, a2 = SecAggClient("a", p, Context("job", 3, 1)), SecAggClient("a", p, Context("job", 3, 2))
+    assert a1.advertise() != a2.advertise() and a1._b != a2._b
+    assert len({k for c in (a1, a2) for k in c.advertise()}) == 4
+
+
+def test_plans_are_checked():
+    for kw in ({"threshold": 1}, {"degree": 2}, {"bits": 30}, {"bound": 0.0}):
+        with pytest.raises(SecAggError):
+            plan(**kw)
