@@ -295,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     identity_cli.add_commands(sub)
 
+    from fedge_cli import privacy as privacy_cli
+
+    privacy_cli.add_commands(sub)
+
     from export import cli as export_cli
 
     export_cli.add_commands(sub)

@@ -81,6 +81,30 @@ def test_a_private_demo_stops_at_its_budget_and_reports_epsilon(tmp_path, cli_en
     assert all(r["delta"] == 1e-3 and r["sampling_rate"] == 0.5 and r["noise_multiplier"] == 1.5 for r in rounds)
 
 
+def test_privacy_plans_the_noise_for_a_budget_and_accounts_a_jobs_config(tmp_path, cli_env):
+    from aggregator.privacy import PrivacySpec, epsilon
+
+    proc = run(cli_env, "privacy", "--target-epsilon", "3", "--rounds", "200", "--sampling-rate", "0.1",
+               "--delta", "1e-5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    spec = PrivacySpec(plan["noise_multiplier"], 0.1, 1e-5)
+    assert epsilon(spec, 200) <= 3.0 < epsilon(PrivacySpec(plan["noise_multiplier"] * 0.99, 0.1, 1e-5), 200)
+    assert plan["rounds_within_target"] == 200
+    job = tmp_path / "job.toml"
+    job.write_text('[job]\nrounds = 40\n[privacy]\nmode = "central"\nnoise_multiplier = 1.0\n'
+                   'sampling_rate = 0.1\ntarget_epsilon = 2.0\n')
+    proc = run(cli_env, "privacy", "--config", str(job))
+    assert proc.returncode == 0, proc.stderr
+    assert f"after     40 rounds: epsilon {epsilon(PrivacySpec(1.0, 0.1, 1e-5), 40):.3f}" in proc.stdout
+    assert "allows" in proc.stdout
+    for bad in (["privacy", "--rounds", "5"], ["privacy", "--target-epsilon", "1", "--rounds", "5",
+                                              "--sampling-rate", "2"],
+                ["privacy", "--config", str(tmp_path / "missing.toml")]):
+        proc = run(cli_env, *bad)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (bad, proc.stderr)
+
+
 @pytest.mark.parametrize("role", ["aggregator", "agent"])
 def test_config_prints_a_complete_documented_file(cli_env, role):
     proc = run(cli_env, "config", role)
