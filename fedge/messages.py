@@ -18,6 +18,7 @@ from typing import Any
 from fedge import wire
 from fedge.errors import FedgeError
 from fedge.privacy import DpPlan
+from fedge.secagg import SEALED_BYTES
 from fedge.tensors import TensorError, TensorSpec
 from fedge.topics import check_id
 from fedge.wire import Envelope, Kind
@@ -504,6 +505,114 @@ class Artifact:
         if art.manifest.get("sha256") not in (None, art.sha256):
             raise ProtocolError("checksum", "artifact manifest names another file")
         return art
+
+
+MAX_SECAGG_DEVICES = 10_000
+# stage -> (who sends it, bytes per entry of ``ids``); see fedge.secagg
+SECAGG_STAGES: dict[str, tuple[str, int]] = {
+    "keys": ("device", 64),  # ids = (sender,): its encryption and mask public keys
+    "keyset": ("aggregator", 64),  # peers = U1; ids = the recipient's neighbours, their keys
+    "shares": ("device", SEALED_BYTES),  # ids = the neighbours each sealed share is for
+    "routed": ("aggregator", SEALED_BYTES),  # peers = U2 (who shared); ids = who each sealed share is from
+    "survivors": ("aggregator", 0),  # peers = U3 (who sent masked inputs)
+    "reveal": ("device", 32),  # ids = whose share; kinds "b"/"s"; indices: the share's index
+}
+
+
+@dataclass(frozen=True)
+class SecAggStage:
+    """One stage of secure aggregation between the aggregator and one
+    device (``client``) for one round attempt. Devices send theirs on their
+    update topic, the aggregator on the device's ack topic; both are signed
+    like every other message. What ``ids``, ``peers`` and the fixed-size
+    entries of the body mean depends on ``stage`` (``SECAGG_STAGES``)."""
+
+    job: str
+    round: int
+    attempt: int
+    client: str
+    stage: str
+    ids: tuple[str, ...] = ()
+    blobs: tuple[bytes, ...] = ()
+    peers: tuple[str, ...] = ()
+    kinds: str = ""  # reveal: "b" or "s" per id
+    indices: tuple[int, ...] = ()  # reveal: the share's index per id
+
+    def __post_init__(self) -> None:
+        if self.stage not in SECAGG_STAGES:
+            raise ProtocolError("malformed", f"secagg stage {self.stage!r} is not known")
+        size = SECAGG_STAGES[self.stage][1]
+        if len(self.ids) > MAX_SECAGG_DEVICES or len(self.peers) > MAX_SECAGG_DEVICES:
+            raise ProtocolError("malformed", f"secagg {self.stage} names over {MAX_SECAGG_DEVICES} devices")
+        if len(set(self.ids)) != len(self.ids) or len(set(self.peers)) != len(self.peers):
+            raise ProtocolError("malformed", f"secagg {self.stage} names a device twice")
+        if size and (len(self.blobs) != len(self.ids) or any(len(b) != size for b in self.blobs)):
+            raise ProtocolError("malformed", f"secagg {self.stage} needs one {size}-byte entry per device")
+        if not size and self.blobs:
+            raise ProtocolError("malformed", f"secagg {self.stage} carries no entries")
+        if self.stage == "reveal":
+            if len(self.kinds) != len(self.ids) or set(self.kinds) - {"b", "s"} or len(self.indices) != len(self.ids):
+                raise ProtocolError("malformed", "secagg reveal needs a kind (b or s) and an index per share")
+            if any(not 1 <= i <= MAX_SECAGG_DEVICES for i in self.indices):
+                raise ProtocolError("malformed", "secagg reveal share index out of range")
+        elif self.kinds or self.indices:
+            raise ProtocolError("malformed", f"secagg {self.stage} carries no kinds or indices")
+
+    @property
+    def sender(self) -> str:
+        return self.client if SECAGG_STAGES[self.stage][0] == "device" else AGGREGATOR
+
+    def encode(self) -> bytes:
+        header: dict[str, Any] = {
+            "job": self.job, "round": self.round, "attempt": self.attempt, "sender": self.sender,
+            "client": self.client, "stage": self.stage, "ids": list(self.ids), "peers": list(self.peers),
+            "num_samples": 0, "codec": None,
+        }
+        if self.stage == "reveal":
+            header.update(kinds=self.kinds, indices=list(self.indices))
+        return wire.encode(Kind.SECAGG, header, b"".join(self.blobs))
+
+    @classmethod
+    def parse(cls, env: Envelope) -> SecAggStage:
+        h = _expect(env, Kind.SECAGG)
+        stage = _field(h, "stage", str, "secagg")
+        if stage not in SECAGG_STAGES:
+            raise ProtocolError("malformed", f"secagg stage {stage!r} is not known")
+        size = SECAGG_STAGES[stage][1]
+        ids = _ids(h, "ids")
+        body = env.body
+        if len(body) != size * len(ids):
+            raise ProtocolError("malformed", f"secagg {stage} body is {len(body)} bytes, not {size} x {len(ids)}")
+        indices = h.get("indices", [])
+        if not isinstance(indices, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
+            raise ProtocolError("malformed", "secagg indices must be a list of integers")
+        kinds = h.get("kinds", "")
+        if not isinstance(kinds, str):
+            raise ProtocolError("malformed", "secagg kinds must be a string")
+        msg = cls(
+            job=_id(h, "job", "secagg"), round=_field(h, "round", int, "secagg"),
+            attempt=_field(h, "attempt", int, "secagg"), client=_id(h, "client", "secagg"), stage=stage,
+            ids=ids, blobs=tuple(body[i * size:(i + 1) * size] for i in range(len(ids))) if size else (),
+            peers=_ids(h, "peers"), kinds=kinds, indices=tuple(indices),
+        )
+        if h.get("sender") != msg.sender:
+            raise ProtocolError("sender_mismatch", f"secagg {stage} must come from {msg.sender}")
+        return msg
+
+
+def _ids(h: dict[str, Any], key: str) -> tuple[str, ...]:
+    raw = h.get(key, [])
+    if not isinstance(raw, list) or len(raw) > MAX_SECAGG_DEVICES:
+        raise ProtocolError("malformed", f"secagg {key} must be a list of at most {MAX_SECAGG_DEVICES} ids")
+    out = []
+    for value in raw:
+        if not isinstance(value, str):
+            raise ProtocolError("malformed", f"secagg {key} must hold device ids")
+        try:
+            out.append(check_id(value, f"secagg {key} entry"))
+        except ValueError as exc:
+            raise ProtocolError("malformed", str(exc)) from None
+    return tuple(out)
 
 
 def encode_event(job: str, record: dict[str, Any]) -> bytes:

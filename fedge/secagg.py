@@ -267,6 +267,7 @@ class Context:
 
 
 _SHARE_PLAIN = struct.Struct("<H32s32s")  # share index, share of s, share of b
+SEALED_BYTES = 12 + _SHARE_PLAIN.size + 16  # nonce, the share, Poly1305's tag
 
 
 # --- a device ----------------------------------------------------------------------

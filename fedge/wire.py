@@ -60,6 +60,7 @@ class Kind(enum.IntEnum):
     ARTIFACT = 8
     MODEL_DELTA = 9
     KEYS = 10  # the aggregator's key rotations (fedge.messages.KeyChain)
+    SECAGG = 11  # a secure-aggregation stage (fedge.messages.SecAggStage)
     # Local only: between the agent and its training worker process.
     TRAIN_REQUEST = 32
     TRAIN_RESULT = 33

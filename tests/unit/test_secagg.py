@@ -210,3 +210,37 @@ def test_plans_are_checked():
     for kw in ({"threshold": 1}, {"degree": 2}, {"bits": 30}, {"bound": 0.0}):
         with pytest.raises(SecAggError):
             plan(**kw)
+
+
+# --- the stages on the wire ----------------------------------------------------------
+
+
+def test_every_stage_round_trips_and_malformed_stages_are_refused():
+    from fedge import wire
+    from fedge.messages import ProtocolError, SecAggStage
+
+    p = plan(n=5, threshold=2, degree=4)
+    clients = {u: SecAggClient(u, p, CTX) for u in ("d1", "d2", "d3")}
+    keys = {u: c.advertise() for u, c in clients.items()}
+    sealed = clients["d1"].share(keys)
+    stages = [
+        SecAggStage("job", 3, 1, "d1", "keys", ("d1",), (b"".join(keys["d1"]),)),
+        SecAggStage("job", 3, 1, "d1", "keyset", ("d2", "d3"), (b"".join(keys["d2"]), b"".join(keys["d3"])),
+                    peers=("d1", "d2", "d3")),
+        SecAggStage("job", 3, 1, "d1", "shares", tuple(sealed), tuple(sealed.values())),
+        SecAggStage("job", 3, 1, "d2", "routed", ("d1",), (sealed["d2"],), peers=("d1", "d2")),
+        SecAggStage("job", 3, 1, "d2", "survivors", peers=("d1", "d2", "d3")),
+        SecAggStage("job", 3, 1, "d2", "reveal", ("d1", "d3"), (bytes(32), bytes(range(32))), kinds="bs",
+                    indices=(2, 3)),
+    ]
+    for msg in stages:
+        assert SecAggStage.parse(wire.decode(msg.encode())) == msg
+    good = wire.decode(stages[0].encode())
+    for change, body in (({"stage": "gossip"}, None), ({"ids": ["d1", "d1"]}, b"x" * 128), ({}, b"x" * 63),
+                         ({"sender": "aggregator"}, None), ({"ids": ["bad id!"]}, None),
+                         ({"kinds": "b", "indices": [1]}, None), ({"ids": "d1"}, None)):
+        bad = wire.encode(good.kind, {**good.header, **change}, good.body if body is None else body)
+        with pytest.raises(ProtocolError):
+            SecAggStage.parse(wire.decode(bad))
+    with pytest.raises(ProtocolError, match="kind"):
+        SecAggStage("job", 3, 1, "d2", "reveal", ("d1",), (bytes(32),), kinds="x", indices=(1,))
