@@ -295,16 +295,23 @@ class SecAggClient:
         """Stage 1: (encryption key, mask key), public halves."""
         return _raw_public(self._c), _raw_public(self._s)
 
-    def share(self, keys: Mapping[str, tuple[bytes, bytes]]) -> dict[str, bytes]:
-        """Stage 2: from the key set U1, an encrypted share for each neighbour."""
-        if self.me not in keys or keys[self.me] != self.advertise():
+    def share(self, keys: Mapping[str, tuple[bytes, bytes]], devices: Iterable[str] | None = None
+              ) -> dict[str, bytes]:
+        """Stage 2: from the key set U1 (``devices``, default: the ids of
+        ``keys``) and at least its neighbours' keys, an encrypted share for
+        each neighbour."""
+        ids = set(keys if devices is None else devices)
+        if self.me not in ids or keys.get(self.me, self.advertise()) != self.advertise():
             raise SecAggError("the key set does not hold this device's own keys")
-        parsed = {u: (_public(c, u), _public(s, u)) for u, (c, s) in keys.items()}
-        graph = neighbours(keys, self.plan.degree, self.context.graph_seed())[self.me]
+        graph = neighbours(ids, self.plan.degree, self.context.graph_seed())[self.me]
+        missing = [v for v in graph if v not in keys]
+        if missing:
+            raise SecAggError(f"no keys for neighbour {missing[0]}")
+        parsed = {v: (_public(keys[v][0], v), _public(keys[v][1], v)) for v in graph}
         if len(graph) + 1 < self.plan.threshold:
             raise SecAggError(f"{len(graph)} neighbours answered: with this device, fewer than the threshold "
                               f"{self.plan.threshold}")
-        self.keys = {u: (bytes(c), bytes(s)) for u, (c, s) in keys.items()}
+        self.keys = {v: (bytes(keys[v][0]), bytes(keys[v][1])) for v in graph}
         self.graph = graph
         # The holders are the neighbours and the device itself (as in
         # SecAgg, where every user holds a share of its own secrets): its

@@ -1,0 +1,192 @@
+"""The aggregator's side of one securely aggregated round attempt, without
+I/O: which stage it is in, when each stage ends, what to send each device.
+
+``SecureRound`` wraps ``fedge.secagg.SecAggServer`` (the cryptography) with
+the round's timing: every stage ends when every device it waits for has
+answered, or at its deadline, whichever comes first, so that a device that
+drops out never stalls the round (the protocol tolerates it while each
+survivor keeps ``threshold`` surviving neighbours).
+
+* ``keys``: waits for the selected devices' public keys; then each device
+  in U1 gets the id list U1 and its neighbours' keys (``keyset``).
+* ``shares``: waits for U1's sealed shares; then each device in U2 gets the
+  shares addressed to it and the list U2 (``routed``).
+* ``inputs``: waits for U2's masked inputs (they come with the round's
+  updates, after training: this stage ends with the round's own deadline);
+  then each device in U3 gets the list U3 (``survivors``).
+* ``unmask``: waits for U3's revealed shares; then the sum is known, or the
+  round fails (too few shares) and nothing is revealed.
+
+Anything a device sends out of turn, twice, or that the protocol refuses is
+a ``refusal`` with a reason; it never raises out of here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedge.messages import SecAggStage
+from fedge.secagg import Context, SecAggError, SecAggPlan, SecAggServer, unpack
+
+log = logging.getLogger("fedge.aggregator")
+
+STAGES = ("keys", "shares", "inputs", "unmask", "done", "failed")
+
+
+@dataclass
+class SecureRound:
+    job: str
+    round: int
+    attempt: int
+    selected: tuple[str, ...]
+    plan: SecAggPlan
+    count: int  # coordinates in a masked input
+    stage_s: float  # how long the keys, shares and unmask stages may take
+    now: float
+    stage: str = "keys"
+    deadline: float = 0.0
+    failure: str = ""
+    refusals: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.server = SecAggServer(self.plan, Context(self.job, self.round, self.attempt), self.count)
+        self.deadline = self.now + self.stage_s
+
+    @property
+    def context(self) -> Context:
+        return self.server.context
+
+    @staticmethod
+    def context_for(job: str, round_: int, attempt: int) -> Context:
+        return Context(job, round_, attempt)
+
+    # --- what devices send -----------------------------------------------------
+
+    def on_stage(self, client: str, msg: SecAggStage) -> str | None:
+        """A device's keys, shares or revealed shares. Returns None when
+        taken, else the reason it was refused."""
+        if (msg.job, msg.round, msg.attempt, msg.client) != (self.job, self.round, self.attempt, client):
+            return self._refuse("secagg_wrong_round")
+        if client not in self.selected:
+            return self._refuse("secagg_not_selected")
+        want = {"keys": "keys", "shares": "shares", "reveal": "unmask"}.get(msg.stage)
+        if want != self.stage:
+            return self._refuse("secagg_out_of_turn")
+        try:
+            if msg.stage == "keys":
+                if msg.ids != (client,):
+                    raise SecAggError("keys name another device")
+                blob = msg.blobs[0]
+                self.server.add_keys(client, blob[:32], blob[32:])
+            elif msg.stage == "shares":
+                if client in self.server.sharers:
+                    return self._refuse("secagg_duplicate")
+                self.server.add_shares(client, dict(zip(msg.ids, msg.blobs, strict=True)))
+            else:
+                if client in self.server.revealed:
+                    return self._refuse("secagg_duplicate")
+                self.server.add_reveal(client, {u: (msg.kinds[i], msg.indices[i], msg.blobs[i])
+                                                for i, u in enumerate(msg.ids)})
+        except SecAggError as exc:
+            log.warning("secagg round %d: %s: %s", self.round, client, exc)
+            return self._refuse("secagg_refused")
+        return None
+
+    def on_input(self, client: str, body: bytes) -> str | None:
+        """A device's masked input (an update's body). None when taken."""
+        if self.stage != "inputs":
+            return self._refuse("secagg_out_of_turn")
+        if client in self.server.survivors:
+            return self._refuse("secagg_duplicate")
+        try:
+            self.server.add_input(client, unpack(body, self.count, self.plan.modulus_bits))
+        except SecAggError as exc:
+            log.warning("secagg round %d: %s: %s", self.round, client, exc)
+            return self._refuse("secagg_refused")
+        return None
+
+    # --- time --------------------------------------------------------------------
+
+    def waiting_for(self) -> set[str]:
+        """Who the current stage still waits for."""
+        s = self.server
+        if self.stage == "keys":
+            return set(self.selected) - set(s.keys)
+        if self.stage == "shares":
+            return set(s.keys) - s.sharers
+        if self.stage == "inputs":
+            return s.sharers - s.survivors
+        if self.stage == "unmask":
+            return s.survivors - set(s.revealed)
+        return set()
+
+    def advance(self, now: float, inputs_closed: bool = False) -> list[SecAggStage]:
+        """End the current stage if everyone answered or its deadline passed
+        (the inputs stage ends only when the round says so: ``inputs_closed``);
+        returns the messages for the next one."""
+        out: list[SecAggStage] = []
+        while self.stage not in ("done", "failed"):
+            if self.stage == "inputs":
+                if not (inputs_closed or not self.waiting_for()):
+                    break
+            elif self.waiting_for() and now < self.deadline:
+                break
+            step = self._next(now)
+            if step is None:
+                break
+            out += step
+        return out
+
+    def _next(self, now: float) -> list[SecAggStage] | None:
+        s = self.server
+        self.deadline = now + self.stage_s
+        try:
+            if self.stage == "keys":
+                keys = s.key_set()
+                self.stage = "shares"
+                return [SecAggStage(self.job, self.round, self.attempt, u, "keyset", tuple(s.graph[u]),
+                                    tuple(b"".join(keys[v]) for v in s.graph[u]), peers=tuple(sorted(keys)))
+                        for u in sorted(keys)]
+            if self.stage == "shares":
+                if len(s.sharers) < self.plan.threshold:
+                    raise SecAggError(f"{len(s.sharers)} devices shared, fewer than the threshold "
+                                      f"{self.plan.threshold}")
+                self.stage = "inputs"
+                sharers = tuple(sorted(s.sharers))
+                out = []
+                for u in sharers:
+                    routed = s.shares_for(u)
+                    out.append(SecAggStage(self.job, self.round, self.attempt, u, "routed", tuple(routed),
+                                           tuple(routed.values()), peers=sharers))
+                return out
+            if self.stage == "inputs":
+                if len(s.survivors) < self.plan.threshold:
+                    raise SecAggError(f"{len(s.survivors)} masked inputs, fewer than the threshold "
+                                      f"{self.plan.threshold}")
+                self.stage = "unmask"
+                survivors = tuple(sorted(s.survivors))
+                return [SecAggStage(self.job, self.round, self.attempt, u, "survivors", peers=survivors)
+                        for u in survivors]
+            if self.stage == "unmask":
+                if not s.ready():
+                    raise SecAggError("too few shares were revealed to remove the masks")
+                self.stage = "done"
+                return []
+        except SecAggError as exc:
+            self.stage, self.failure = "failed", str(exc)
+            log.error("secagg round %d attempt %d failed: %s", self.round, self.attempt, exc)
+            return []
+        return None
+
+    def result(self) -> np.ndarray:
+        """The sum of U3's inputs modulo 2^modulus_bits (stage ``done``)."""
+        if self.stage != "done":
+            raise SecAggError(f"the sum is not known (stage {self.stage})")
+        return self.server.result()
+
+    def _refuse(self, reason: str) -> str:
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        return reason
