@@ -59,6 +59,7 @@ import random
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -103,6 +104,25 @@ class SecAggPlan:
             raise SecAggError("secagg bound must be a positive number")
         if not self.bits < self.modulus_bits <= MAX_MODULUS_BITS:
             raise SecAggError(f"secagg modulus_bits must be in {self.bits + 1}..{MAX_MODULUS_BITS}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "degree": self.degree, "bits": self.bits, "bound": self.bound,
+                "modulus_bits": self.modulus_bits}
+
+    @classmethod
+    def from_json(cls, data: Any) -> SecAggPlan:
+        if not isinstance(data, dict):
+            raise SecAggError("secagg plan must be an object")
+        ints = {}
+        for key in ("threshold", "degree", "bits", "modulus_bits"):
+            value = data.get(key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SecAggError(f"secagg {key} must be an integer")
+            ints[key] = value
+        bound = data.get("bound")
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+            raise SecAggError("secagg bound must be a number")
+        return cls(ints["threshold"], ints["degree"], ints["bits"], float(bound), ints["modulus_bits"])
 
     @classmethod
     def for_devices(cls, devices: int, threshold: int, degree: int, bits: int, bound: float) -> SecAggPlan:

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from aggregator.secure import SecureRound
+from edge_agent.secure import SecureSession
 from fedge import wire
 from fedge.messages import SecAggStage
-from fedge.secagg import SecAggClient, SecAggPlan, pack, quantize
+from fedge.secagg import SecAggPlan, quantize
 
 JOB, ROUND, ATTEMPT, COUNT = "job", 4, 1, 300
 PLAN = SecAggPlan.for_devices(8, 3, 4, 12, 1.0)
@@ -20,32 +21,27 @@ def wire_trip(msg):
 
 
 class Device:
+    """A device's real side (edge_agent.secure.SecureSession) and its input."""
+
     def __init__(self, me, x):
         self.me = me
         self.x = x
-        self.client = SecAggClient(me, PLAN, SecureRound.context_for(JOB, ROUND, ATTEMPT))
+        self.session = SecureSession(me, JOB, ROUND, ATTEMPT, SecAggPlan.from_json(PLAN.to_json()))
+        self.session.input = x  # already integers: the protocol, not the quantizer, is under test here
         self.inbox = {}
+        self.replies = {}
 
     def keys(self):
-        c, s = self.client.advertise()
-        return SecAggStage(JOB, ROUND, ATTEMPT, self.me, "keys", (self.me,), (c + s,))
+        return self.session.keys()
 
     def shares(self):
-        ks = self.inbox["keyset"]
-        keys = {u: (b[:32], b[32:]) for u, b in zip(ks.ids, ks.blobs, strict=True)}
-        sealed = self.client.share(keys, ks.peers)
-        return SecAggStage(JOB, ROUND, ATTEMPT, self.me, "shares", tuple(sealed), tuple(sealed.values()))
+        return self.replies["keyset"]
 
     def masked(self):
-        r = self.inbox["routed"]
-        y = self.client.masked_input(self.x, dict(zip(r.ids, r.blobs, strict=True)), r.peers)
-        return pack(y, PLAN.modulus_bits)
+        return self.session.masked_body()
 
     def reveal(self):
-        out = self.client.unmask(self.inbox["survivors"].peers)
-        ids = tuple(out)
-        return SecAggStage(JOB, ROUND, ATTEMPT, self.me, "reveal", ids, tuple(out[u][2] for u in ids),
-                           kinds="".join(out[u][0] for u in ids), indices=tuple(out[u][1] for u in ids))
+        return self.replies["survivors"]
 
 
 def fleet(n=8, seed=0):
@@ -56,7 +52,11 @@ def fleet(n=8, seed=0):
 def deliver(devices, messages):
     for m in messages:
         m = wire_trip(m)
-        devices[m.client].inbox[m.stage] = m
+        d = devices[m.client]
+        d.inbox[m.stage] = m
+        reply = d.session.on_stage(m)
+        assert not isinstance(reply, str), reply
+        d.replies[m.stage] = reply
 
 
 def run(devices, silent=None, stage_s=10.0):
@@ -124,3 +124,20 @@ def test_out_of_turn_repeated_and_foreign_messages_are_refused_with_a_reason():
     stranger = Device("x9", devices["d0"].x)
     assert sr.on_stage("x9", stranger.keys()) == "secagg_not_selected"
     assert sr.refusals["secagg_wrong_round"] == 2
+
+
+def test_a_device_refuses_what_comes_out_of_turn_or_for_another_attempt():
+    session = SecureSession("d1", JOB, ROUND, ATTEMPT, PLAN)
+    early = SecAggStage(JOB, ROUND, ATTEMPT, "d1", "survivors", peers=("d1", "d2", "d3"))
+    assert session.on_stage(early) == "secagg_out_of_turn"  # nothing sent yet: reveal nothing
+    routed = SecAggStage(JOB, ROUND, ATTEMPT, "d1", "routed", peers=("d1",))
+    assert session.on_stage(routed) == "secagg_out_of_turn"  # no keyset yet
+    other = SecAggStage(JOB, ROUND, ATTEMPT + 1, "d1", "survivors", peers=("d1",))
+    assert session.on_stage(other) == "secagg_wrong_round"
+    assert session.masked_body() is None
+    session.set_update(np.zeros(COUNT), np.random.default_rng(0))
+    assert session.masked_body() is None  # the routed shares are not here yet
+    assert SecAggPlan.from_json(PLAN.to_json()) == PLAN
+    for bad in ({**PLAN.to_json(), "bits": "8"}, {**PLAN.to_json(), "threshold": 1}, [1]):
+        with pytest.raises(ValueError):
+            SecAggPlan.from_json(bad)
