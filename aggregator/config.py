@@ -284,6 +284,10 @@ class AggregatorConfig:
         if self.server.aggregation != "mean":
             raise ConfigError(f"privacy.mode = {dp.mode!r} needs server.aggregation = \"mean\" (the accountant "
                               f"covers a clipped sum with Gaussian noise, not {self.server.aggregation})")
+        if dp.mode == "distributed" and self.codec.name != "none":
+            raise ConfigError(f"privacy.mode = \"distributed\" needs codec.name = \"none\" (float32; zlib may "
+                              f"stay): each device's noise share must reach the sum exactly for the sum's noise to "
+                              f"be Gaussian, and {self.codec.name} would quantize every share apart")
 
     def check(self) -> None:
         """Every value the service will use, checked now: one ``ConfigError`` line."""

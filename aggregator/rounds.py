@@ -300,7 +300,9 @@ class RoundCore:
         self.sample_history: list[float] = []  # median sample count of recent rounds
         # A momentum of the rounds' averaged deltas: the direction filter's reference.
         self.direction_ref: ModelArrays | None = None
-        self.dp_rounds = 0  # differentially private rounds that released a model (the accountant's state)
+        # Private rounds that computed a noised sum (the accountant's state):
+        # released, or failed after it was looked at (still counted).
+        self.dp_rounds = 0
         self.dp_ledger = Ledger()  # what each device spent, for the figures that do not assume a secret sample
         self.dp_clip = policy.privacy.clip if policy.privacy is not None else 0.0  # moves with adaptive clipping
         self.round_dp: DpRound | None = None  # the open round's privacy, fixed when it opens
@@ -631,12 +633,12 @@ class RoundCore:
             return None
         clip, m = self.dp_clip, dp.denominator(len(self._eligible()))
         std = dp.noise_std(clip)
-        # A distributed round's update is its clipped delta plus a share of
-        # standard deviation std / sqrt(m) per coordinate: its norm stays
-        # below clip + share x (sqrt(d) + 8) but with odds too small to
-        # matter, and a coarse quantizer at most triples that.
+        # A distributed round's update (float32: the config allows no other
+        # codec) is its clipped delta plus a share of standard deviation
+        # std / sqrt(m) per coordinate: its norm stays below
+        # clip + share x (sqrt(d) + 8) but with odds too small to matter.
         share = std / math.sqrt(m)
-        noisy_bound = 3.0 * (clip + share * (math.sqrt(self.spec.num_params) + 8.0))
+        noisy_bound = clip + share * (math.sqrt(self.spec.num_params) + 8.0)
         return DpRound(clip, std, m, dp.noise == "distributed", noisy_bound,
                        dp.clip_bit_noise if dp.adaptive else 0.0)
 

@@ -17,7 +17,8 @@ PRIVACY = {"mode": "distributed", "clip": 0.5, "noise_multiplier": 1.0, "samplin
 
 
 def test_a_private_job_with_distributed_noise_survives_an_aggregator_restart(mosquitto, tmp_path):
-    cfg = updated(job_config(tmp_path, mosquitto.url, rounds=5, agents=4), privacy=PRIVACY)
+    cfg = updated(job_config(tmp_path, mosquitto.url, rounds=5, agents=4), privacy=PRIVACY,
+                  codec={"name": "none"})  # distributed noise travels in float32
     fleet_specs = devices(tmp_path, "itest", 4)
     with running_fleet(fleet_specs, cfg.broker) as fleet:
         with running_aggregator(cfg) as (service, first):

@@ -271,13 +271,13 @@ def test_distributed_noise_tops_up_what_missing_devices_did_not_add():
 
 
 def test_a_distributed_round_bounds_a_noisy_update_without_shrinking_its_noise():
-    core = make_core(codec="int2", privacy=DpPolicy(PrivacySpec(1.0, 1.0, 1e-5), clip=0.5, noise="distributed"),
+    core = make_core(codec="none", privacy=DpPolicy(PrivacySpec(1.0, 1.0, 1e-5), clip=0.5, noise="distributed"),
                      defences=Defences(direction="off"), rounds=3, min_clients=4)
     actions = online(core, "a", "b", "c", "d") + core.handle(TimerFired(0.0))
     ann = announcement(actions)
     assert ann.dp == DpPlan(0.5, "distributed", 0.5 / 2.0, False, 0.0)  # z C / sqrt(q x 4)
     share_rng = np.random.default_rng(9)
-    for c in ann.selected:  # honest devices: clipped, plus their share, then int2 (coarse)
+    for c in ann.selected:  # honest devices: clipped, plus their share, sent as float32
         d, _ = clip_update(delta_for(c), 0.5)
         actions += send(core, c, update(core, c, delta=add_noise(d, ann.dp.noise_std, share_rng)), now=1.0)
     rec = finished(actions)[-1].record
@@ -368,8 +368,12 @@ def test_adaptive_clipping_that_leaves_the_model_no_noise_is_refused_in_one_line
     with pytest.raises(ConfigError, match=r"clip_bit_noise|bit-query"):
         config.updated(AggregatorConfig(), privacy={"mode": "central", "noise_multiplier": 1.0,
                                                     "clip_quantile": 0.5, "clip_bit_noise": 0.4}).check()
-    ok = config.updated(AggregatorConfig(), privacy={"mode": "distributed", "clip_quantile": 0.5})
+    ok = config.updated(AggregatorConfig(), privacy={"mode": "distributed", "clip_quantile": 0.5},
+                        codec={"name": "none"})
+    ok.check()
     assert DpPolicy.from_config(ok.privacy).adaptive
+    with pytest.raises(ConfigError, match=r"codec\.name = \"none\""):
+        config.updated(AggregatorConfig(), privacy={"mode": "distributed"}).check()  # int2 would quantize shares
 
 
 def test_the_noise_for_a_budget_is_the_smallest_that_keeps_the_rounds_within_it():
