@@ -360,7 +360,8 @@ def main() -> None:
         "machine": machine(),
         "task": (f"MNIST 2NN (hidden {args.hidden}), IID over {args.devices} devices "
                  f"({60000 // args.devices} training images each), E={args.epochs}, B={args.batch_size}, "
-                 f"lr {args.lr}; server lr {args.server_lr}, momentum {args.server_momentum} (direction filter off); "
+                 f"lr {args.lr}; server lr {args.server_lr} (adaptive clipping: {args.adaptive_server_lr}), "
+                 f"momentum {args.server_momentum} (direction filter off); "
                  f"uplink {args.codec} + zlib (distributed: float32); "
                  f"{args.rounds} rounds; the 10,000 test images"),
         "privacy": {"sampling": "Poisson", "sampling_rate": args.sampling_rate, "delta": delta,
