@@ -204,7 +204,8 @@ def adaptive_noise_multiplier(z: float, z_bits: float) -> float:
     ``z_delta = (z^-2 - (2 z_bits)^-2)^(-1/2)``."""
     rest = z ** -2 - (2 * z_bits) ** -2
     if not rest > 0:
-        raise ValueError(f"a bit-query noise multiplier of {z_bits} leaves nothing for the model at {z}: raise it")
+        raise ValueError(f"privacy.clip_bit_noise = {z_bits:g} leaves no noise for the model at noise_multiplier "
+                         f"{z:g}: raise clip_bit_noise above {z / 2:g}")
     return rest ** -0.5
 
 
