@@ -348,7 +348,9 @@ def test_adaptive_clipping_follows_the_quantile_and_its_cost_comes_out_of_the_mo
         rec = finished(actions)[-1].record
         assert rec.round == r + 1 and rec.extra["dp_clip"] == pytest.approx(clips[-1], rel=1e-5)
         assert rec.extra["dp_next_clip"] == pytest.approx(core.dp_clip, rel=1e-5)
-    assert clips[1] > clips[0] and 0.6 < np.median(clips[-10:]) < 2.5  # up from 0.1 to the median norm
+    # up from 0.1 to about the median norm; the count's noise (std 1 over 4
+    # devices) moves single steps either way, so only the trend is checked
+    assert np.median(clips[10:20]) > clips[0] and 0.6 < np.median(clips[-10:]) < 2.5
     # z = 1 in all: the model's own noise is the rest of it, (1 - (2 x 1)^-2)^-1/2
     assert core.round_dp.noise_std == pytest.approx(clips[-1] * (1 - 0.25) ** -0.5, rel=1e-5)
 
