@@ -123,7 +123,9 @@ def test_forgeries_fail_and_the_job_trains_while_under_attack(mosquitto, tmp_pat
         refused = sum((dev.refused for dev in fleet.devices.values()), start=Counter())
     forger.stop()
 
-    assert [r["status"] for r in records] == ["ok"] * 10, [(r["status"], r["rejected"], r.get("selected"), r.get("accepted"), r.get("closed_by"), r.get("failure"), r.get("left_out")) for r in records]
+    assert [r["status"] for r in records] == ["ok"] * 10, [
+        (r["status"], r["rejected"], r.get("selected"), r.get("accepted"), r.get("closed_by"), r.get("failure"),
+         r.get("left_out")) for r in records]
     # Nothing forged was folded: every accepted update came from a real,
     # enrolled device, and the forged ones never made a real one late.
     assert all(set(r["accepted"]) <= {"dev-0", "dev-1", "dev-2", "spare-0"} and r["late"] == 0 for r in records)
