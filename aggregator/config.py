@@ -11,6 +11,7 @@ line. Configs are immutable: build a changed copy with
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,6 +246,34 @@ class PrivacySection:
 
 
 @dataclass(frozen=True)
+class SecAggSection:
+    mode: str = setting(
+        "off", "Secure aggregation (SecAgg+, Bonawitz et al. 2017 with Bell et al. 2020's neighbourhood graph): "
+        "off, or on: each device masks its update so that the aggregator learns only the round's sum. On, the "
+        "uplink is masked integers (not codec.*), every update weighs one, and per-update defences (server.clip, "
+        "weight_cap, direction) cannot look inside an update: each coordinate is bounded by bound instead."
+    )
+    threshold: int = setting(
+        0, "t: shares that rebuild a device's secrets; fewer reveal nothing. 0: a majority of its share holders "
+        "(itself and its neighbours)."
+    )
+    degree: int = setting(
+        0, "Neighbours each device masks with and shares to; 0: min(n - 1, 2 ceil(log2 n) + 2) for n selected "
+        "devices (every other device up to 10)."
+    )
+    bits: int = setting(16, "Bits per coordinate of a device's update, sign included (2..24); the sum gets "
+                        "ceil(log2(n)) more so that it cannot wrap.")
+    bound: float = setting(
+        0.0, "The largest |coordinate| of an update: coordinates are clamped to it before they become integers. "
+        "0: the privacy clip (required when privacy is off)."
+    )
+    stage_s: float = setting(
+        20.0, "Seconds each of the key, share and unmask stages may take; the masked inputs come with the updates, "
+        "within the round's deadline."
+    )
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     job: JobSection = section(JobSection, "The job: model, seed, length, where state lives.")
     selection: SelectionSection = section(SelectionSection, "Who takes part in a round and when it closes.")
@@ -257,6 +286,7 @@ class AggregatorConfig:
     limits: LimitsSection = section(LimitsSection, "Bounds that protect the aggregator from bad input.")
     identity: IdentitySection = section(IdentitySection, "Who may take part, and how devices know the aggregator.")
     privacy: PrivacySection = section(PrivacySection, "Client-level differential privacy and its budget.")
+    secagg: SecAggSection = section(SecAggSection, "Secure aggregation: the aggregator learns only each round's sum.")
     broker: BrokerSettings = section(BrokerSettings, "How to reach the MQTT broker.")
 
 
@@ -289,6 +319,39 @@ class AggregatorConfig:
                               f"stay): each device's noise share must reach the sum exactly for the sum's noise to "
                               f"be Gaussian, and {self.codec.name} would quantize every share apart")
 
+    def _check_secagg(self) -> None:
+        sa = self.secagg
+        if sa.mode not in ("off", "on"):
+            raise ConfigError(f"secagg.mode {sa.mode!r} is not known; use off or on")
+        if sa.mode == "off":
+            return
+        if self.server.aggregation != "mean":
+            raise ConfigError(f"secagg.mode = \"on\" needs server.aggregation = \"mean\": the aggregator sees only "
+                              f"the sum, which {self.server.aggregation} cannot be computed from")
+        if self.privacy.mode == "distributed":
+            raise ConfigError("secagg.mode = \"on\" with privacy.mode = \"distributed\" is not supported yet (the "
+                              "noise shares must be added in integers to stay Gaussian after masking): use "
+                              "privacy.mode = \"central\", which secure aggregation keeps from seeing single updates")
+        if not 2 <= sa.bits <= 24:
+            raise ConfigError(f"secagg.bits = {sa.bits}: use 2..24 (16 keeps quantization error far below the "
+                              f"update's own)")
+        if sa.threshold < 0 or sa.degree < 0:
+            raise ConfigError("secagg.threshold and secagg.degree must be 0 (automatic) or positive")
+        if sa.threshold == 1 or (sa.threshold and sa.degree and sa.threshold > sa.degree):
+            raise ConfigError(f"secagg.threshold = {sa.threshold} must be at least 2 and at most secagg.degree "
+                              f"({sa.degree})")
+        if not (sa.bound >= 0 and math.isfinite(sa.bound)):
+            raise ConfigError("secagg.bound must be a positive number, or 0 for the privacy clip")
+        if sa.bound == 0 and self.privacy.mode == "off":
+            raise ConfigError("secagg.bound = 0 takes the privacy clip, but privacy.mode is off: set secagg.bound "
+                              "to the largest |coordinate| an update may have (e.g. 0.05)")
+        if not sa.stage_s > 0:
+            raise ConfigError("secagg.stage_s must be positive")
+        if self.selection.min_clients < 3:
+            raise ConfigError(f"secagg.mode = \"on\" needs selection.min_clients >= 3 (it is "
+                              f"{self.selection.min_clients}): with two devices each could subtract its own update "
+                              f"from the sum")
+
     def check(self) -> None:
         """Every value the service will use, checked now: one ``ConfigError`` line."""
         from aggregator.optimizers import SERVER_OPTIMIZERS
@@ -298,6 +361,7 @@ class AggregatorConfig:
         self.broker.check()
         _checked_id(check_id, self.job.name, "job.name")
         self._check_privacy()
+        self._check_secagg()
         if self.codec.name not in CODECS:
             raise ConfigError(f"codec.name {self.codec.name!r} is not known; use one of {', '.join(sorted(CODECS))}")
         for what, spec in (("codec", self.codec.spec), ("downlink.codec", self.downlink.codec)):

@@ -74,17 +74,22 @@ from aggregator.robust import (
     Combined,
     Defences,
     DpRound,
+    PrivateRelease,
     RoundAggregate,
     dense_bytes,
     sample_cap,
 )
+from aggregator.secure import SecAggPolicy, SecureRound
 from fedge import wire
 from fedge.codecs import CodecError, make_codec, requirements
 from fedge.config import ConfigError
 from fedge.identity import IdentityError
-from fedge.messages import Ack, Decline, ProtocolError, RoundAnnouncement, TrainingPlan, Update
-from fedge.privacy import DpPlan
+from fedge.messages import Ack, Decline, ProtocolError, RoundAnnouncement, SecAggStage, TrainingPlan, Update
+from fedge.privacy import DpPlan, noise_rng
 from fedge.records import RoundRecord
+from fedge.secagg import CAPABILITY as SECAGG_CAPABILITY
+from fedge.secagg import CODEC as SECAGG_CODEC
+from fedge.secagg import SecAggError, SecAggPlan, dequantize, unflatten
 from fedge.tensors import ModelArrays, TensorError
 from fedge.wire import Envelope, Kind, WireError
 
@@ -114,6 +119,7 @@ class RoundPolicy:
     max_devices: int = 100_000
     offline_grace_s: float = 5.0
     privacy: DpPolicy | None = None
+    secagg: SecAggPolicy | None = None
 
     @classmethod
     def from_config(cls, cfg: AggregatorConfig) -> RoundPolicy:
@@ -124,7 +130,7 @@ class RoundPolicy:
                    max_update_bytes=cfg.limits.max_update_bytes, seed=cfg.job.seed,
                    defences=Defences.from_config(cfg.server), aggregation_bytes=cfg.limits.aggregation_bytes,
                    max_devices=cfg.limits.max_devices, offline_grace_s=sel.offline_grace_s,
-                   privacy=DpPolicy.from_config(cfg.privacy))
+                   privacy=DpPolicy.from_config(cfg.privacy), secagg=SecAggPolicy.from_config(cfg.secagg))
 
 
 class RoundState(str, enum.Enum):
@@ -239,6 +245,7 @@ class _OpenRound:
     losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # client -> (loss, samples)
     due: float | None = None  # quorum reached at this time: close on the next tick
     grace_until: float | None = None  # only offline devices are awaited: close then
+    closing: str | None = None  # secure aggregation: inputs closed (for this reason), unmasking
 
 
 def _finite(arrays: ModelArrays) -> bool:
@@ -281,8 +288,11 @@ class RoundCore:
         self.job = job
         self.policy = policy
         self.plan = plan
-        self.codec_params = dict(codec)
-        self.codec = make_codec(self.codec_params)
+        # A securely aggregated job's updates are masked integers (the round's
+        # SecAggPlan), announced as the "secagg" codec; the configured codec
+        # is then unused.
+        self.codec_params = dict(SECAGG_CODEC) if policy.secagg is not None else dict(codec)
+        self.codec = make_codec(codec)
         self.optimizer = optimizer
         self.models = ModelLineage(
             job=job, factory=model_factory, factory_args=model_args, initial=initial_model,
@@ -306,6 +316,14 @@ class RoundCore:
         self.dp_ledger = Ledger()  # what each device spent, for the figures that do not assume a secret sample
         self.dp_clip = policy.privacy.clip if policy.privacy is not None else 0.0  # moves with adaptive clipping
         self.round_dp: DpRound | None = None  # the open round's privacy, fixed when it opens
+        self.secure: SecureRound | None = None  # the open attempt's secure aggregation
+        self.secure_failure = ""  # why the open attempt could not start secure aggregation
+        if policy.secagg is not None and policy.defences.rule == "mean" and (
+                policy.defences.clip != "off" or policy.defences.direction != "off"
+                or policy.defences.weight_cap != 0):
+            log.warning("secure aggregation: the aggregator sees only each round's sum, so the per-update "
+                        "defences (server.clip, weight_cap, direction) do not run; every coordinate of an update "
+                        "is bounded by secagg.bound and every update weighs one")
         self.next_round = 1
         self.attempt = 0
         self.new_id = new_id
@@ -367,9 +385,15 @@ class RoundCore:
     def next_deadline(self) -> float | None:
         if self.open:
             op = self.open
+            sec = self.secure
+            if op.closing is not None and sec is not None:
+                return sec.deadline  # unmasking
             if op.due is not None:
                 return op.due
-            return op.deadline if op.grace_until is None else min(op.grace_until, op.deadline)
+            at = op.deadline if op.grace_until is None else min(op.grace_until, op.deadline)
+            if sec is not None and sec.stage in ("keys", "shares"):
+                at = min(at, sec.deadline)
+            return at
         if self._ready_since is not None:
             return self._ready_since + self.policy.settle_s
         return None
@@ -394,12 +418,22 @@ class RoundCore:
                 # on the responses of the others after a short grace (an
                 # "offline", true or forged, never holds a round open).
                 op.gone.add(ev.client)
+                if self.secure is not None:
+                    self.secure.absent.add(ev.client)
                 self._check_quorum(ev.now)
+        if ev.online and self.secure is not None:
+            self.secure.absent.discard(ev.client)
         if self.state == RoundState.WAITING:
             return self._try_open(ev.now)
         return []
 
     def _on_timer(self, now: float) -> list[Action]:
+        if self.open and self.secure is not None:
+            moved = self._advance_secure(now)
+            if self.open is None or self.open.closing is not None:
+                return moved  # closed, or still unmasking
+            if moved:
+                return moved + self._on_timer(now)
         if self.open and (self.open.due is not None
                           or (self.open.grace_until is not None and now >= self.open.grace_until)):
             return self._close(now, reason="quorum")
@@ -449,6 +483,8 @@ class RoundCore:
                 self.verify(ev.client, env)
             if env.kind == Kind.DECLINE:
                 return self._on_decline(ev.client, Decline.parse(env), ev.now)
+            if env.kind == Kind.SECAGG:
+                return self._on_secagg(ev.client, SecAggStage.parse(env), ev.now)
             upd = Update.parse(env)
         except IdentityError as exc:
             # No receipt: the device whose id it carries did not send it, and
@@ -494,13 +530,31 @@ class RoundCore:
         if not 1 <= upd.num_samples <= self.policy.max_samples:
             return self._reject("bad_samples", f"num_samples={upd.num_samples} outside 1..{self.policy.max_samples}",
                                 ev.client, upd)
-        if self.round_dp is not None and self.round_dp.bit_std > 0 and upd.clip_bit is None:
-            return self._reject("missing_clip_bit", "this private round clips adaptively: the update must say "
-                                "whether it was within the clip (clip_bit)", ev.client, upd)
-        try:
-            self.updates.admit(ev.client, upd.body, upd.num_samples, upd.clip_bit)
-        except (CodecError, TensorError) as exc:
-            return self._reject(exc.reason, str(exc), ev.client, upd)
+        if self.secure is not None:
+            if upd.attempt != op.attempt:
+                # Masked for another attempt of this round (delivered late
+                # across a restart): worthless here, and its sender has
+                # moved on to this attempt. No receipt.
+                self.counters["secagg_stale_attempt"] += 1
+                log.info("dropped %s's masked input for attempt %s of round %d (attempt %d is open)", ev.client,
+                         upd.attempt, op.round, op.attempt)
+                return []
+            if op.closing is not None:
+                return self._reject("late", "the round stopped taking masked inputs (unmasking)", ev.client, upd)
+            refused = self.secure.on_input(ev.client, upd.body)
+            if refused is not None:
+                return self._reject(refused, "the masked input was refused by secure aggregation", ev.client, upd)
+        elif self.policy.secagg is not None:
+            return self._reject("secagg_failed", f"secure aggregation could not start: {self.secure_failure}",
+                                ev.client, upd)
+        else:
+            if self.round_dp is not None and self.round_dp.bit_std > 0 and upd.clip_bit is None:
+                return self._reject("missing_clip_bit", "this private round clips adaptively: the update must say "
+                                    "whether it was within the clip (clip_bit)", ev.client, upd)
+            try:
+                self.updates.admit(ev.client, upd.body, upd.num_samples, upd.clip_bit)
+            except (CodecError, TensorError) as exc:
+                return self._reject(exc.reason, str(exc), ev.client, upd)
         op.accepted[ev.client] = upd.update_id
         op.num_samples += upd.num_samples
         if math.isfinite(upd.loss):
@@ -508,6 +562,38 @@ class RoundCore:
         self.counters["accepted"] += 1
         self._check_quorum(ev.now)
         return [SendAck(ev.client, Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "accepted").encode())]
+
+    def _on_secagg(self, client: str, msg: SecAggStage, now: float) -> list[Action]:
+        """A device's keys, shares or revealed shares for the open attempt."""
+        sec, op = self.secure, self.open
+        if sec is None or op is None or (msg.round, msg.attempt) < (op.round, op.attempt):
+            # Most often a reveal that came after unmasking had what it needed.
+            self.counters["secagg_late"] += 1
+            return []
+        refused = sec.on_stage(client, msg)
+        if refused is not None:
+            self.counters[refused] += 1
+            op.rejected[refused] += 1
+            log.warning("dropped a secagg %s message from %s (%s)", msg.stage, client, refused)
+            return []
+        return self._advance_secure(now)
+
+    def _advance_secure(self, now: float, inputs_closed: bool = False) -> list[Action]:
+        """Move secure aggregation on (a stage whose devices all answered or
+        whose deadline passed ends) and send each device its next message;
+        close the round once unmasking has ended."""
+        sec, op = self.secure, self.open
+        if sec is None or op is None:
+            return []
+        before = sec.stage
+        actions: list[Action] = [SendAck(m.client, m.encode()) for m in sec.advance(now, inputs_closed)]
+        if sec.stage != before:
+            self._check_quorum(now)  # who can still send an input has changed
+            if sec.stage == "failed" and op.closing is None:
+                op.due = now  # nothing more can come of this attempt
+        if op.closing is not None and sec.stage in ("done", "failed"):
+            actions += self._close(now, op.closing)
+        return actions
 
     def _on_decline(self, client: str, dec: Decline, now: float) -> list[Action]:
         op = self.open
@@ -534,6 +620,9 @@ class RoundCore:
         # on a broker without ACL a forger can refuse a device's update in its
         # name, and must not close a round before the real one arrives.
         answered = op.declined | (op.refused - set(op.accepted) if enough else set())
+        if self.secure is not None:
+            # Devices that sent no keys or shares in time cannot add an input.
+            answered = answered | (self.secure.out_of_round() - set(op.accepted))
         responded = len(op.accepted) + len(answered)
         if op.due is None and responded >= selection.quorum_size(len(op.selected), self.policy.quorum):
             op.due = now
@@ -551,7 +640,7 @@ class RoundCore:
 
     def _eligible(self) -> list[str]:
         # A device must decode the downlink's deltas as well as encode updates.
-        needed = requirements(self.codec_params)
+        needed = [SECAGG_CAPABILITY] if self.policy.secagg is not None else requirements(self.codec_params)
         if self.models.codec is not None:
             needed += requirements(self.models.downlink_params)
         candidates = selection.eligible(self.online, needed)
@@ -614,6 +703,17 @@ class RoundCore:
     def _announce(self, now: float, selected: tuple[str, ...], attempt: int) -> list[Action]:
         self.attempt = attempt
         self.round_dp = self._dp_round()
+        self.secure, self.secure_failure = None, ""
+        if self.policy.secagg is not None:
+            # Every attempt its own keys and masks: a restarted round is a new attempt.
+            try:
+                plan = self.policy.secagg.plan(len(selected), self.round_dp.clip if self.round_dp else 0.0)
+                count = self.spec.num_params + (1 if self.round_dp is not None and self.round_dp.bit_std > 0 else 0)
+                self.secure = SecureRound(self.job, self.next_round, attempt, selected, plan, count,
+                                          self.policy.secagg.stage_s, now)
+            except SecAggError as exc:
+                self.secure_failure = str(exc)
+                log.error("round %d: %s; the round fails", self.next_round, exc)
         msg = self._announcement(RoundState.OPEN, selected, now)
         fanout = max(len(self.online), len(selected))
         self.open = _OpenRound(
@@ -623,6 +723,8 @@ class RoundCore:
         )
         self.updates.reset(self.norm_history, self.sample_history, self.direction_ref, self.round_dp)
         self.state = RoundState.OPEN
+        if self.policy.secagg is not None and self.secure is None:
+            self.open.due = now  # too few devices to aggregate securely: close at the next tick
         record = {"round": self.next_round, "attempt": attempt, "selected": list(selected),
                   "model_digest": self.model_digest}
         return [SaveRoundOpen(record), PublishAnnouncement(msg)]
@@ -649,7 +751,11 @@ class RoundCore:
             training=self.plan, codec=self.codec_params, issued_at=round(now, 3),
             key_digest=self.models.key_digest, key_round=self.models.key_round,
             dp=self._plan() if state == RoundState.OPEN else None,
+            secagg=self._secure_plan() if state == RoundState.OPEN else None,
         ).encode()
+
+    def _secure_plan(self) -> SecAggPlan | None:
+        return None if self.secure is None else self.secure.plan
 
     def _plan(self) -> DpPlan | None:
         r = self.round_dp
@@ -660,10 +766,21 @@ class RoundCore:
     def _close(self, now: float, reason: str) -> list[Action]:
         op = self.open
         assert op is not None
+        sec = self.secure
+        if sec is not None and sec.stage not in ("done", "failed"):
+            # Stop taking masked inputs and unmask the sum of those in hand;
+            # the round closes when unmasking ends (``_advance_secure``).
+            op.closing = reason
+            if sec.stage in ("keys", "shares"):
+                sec.fail(f"the round closed ({reason}) before the devices had shared their keys")
+            return self._advance_secure(now, inputs_closed=True)
         # A private round releases a model whatever arrived (noise alone, if
         # nothing did): the accountant counts it, and skipping it would tell.
         dp = self.policy.privacy
         ok = len(op.accepted) >= self.policy.min_updates or dp is not None
+        if not ok:
+            log.warning("round %d fails: %d update(s), fewer than selection.min_updates (%d)", op.round,
+                        len(op.accepted), self.policy.min_updates)
         key_cut = False
         combined: Combined | None = None
         failure = None
@@ -674,6 +791,10 @@ class RoundCore:
         extra: dict[str, Any] = {}
         if dp is not None:
             extra = self._spend(dp, combined)
+        if sec is not None or self.policy.secagg is not None:
+            extra["secagg"] = self._secure_summary()
+        if not ok and failure is None and self.policy.secagg is not None and (sec is None or sec.stage == "failed"):
+            failure = "secagg_failed"
         if failure:
             self.counters[failure] += 1
         record = RoundRecord(
@@ -693,6 +814,7 @@ class RoundCore:
         self._bench(op)
         self.last_selected = frozenset(op.selected)
         self.open = None
+        self.secure = None
         self.updates.reset(self.norm_history, self.sample_history, self.direction_ref)
         self.next_round = op.round + 1
         self.state = RoundState.WAITING
@@ -745,20 +867,86 @@ class RoundCore:
         defences did, whether a key was cut, why the round failed or None).
         A round whose result is not finite or cannot be published fails, and
         the model and the optimizer's state stay as they were."""
-        try:
-            combined = self.updates.combine()
-        except ValueError as exc:  # e.g. every update left out as overflowing
-            log.error("round %d: %s; the round fails and the model stays", op.round, exc)
-            if self.updates.left and not self.updates.items:
-                # Never let the filter stop a job: the next round is not filtered.
-                log.warning("round %d: the direction filter's reference is dropped", op.round)
-                self.direction_ref = None
-            return None, False, "aggregation_failed"
-        except Exception:
-            log.exception("round %d: combining %d updates failed; the round fails and the model stays",
-                          op.round, len(self.updates))
-            return None, False, "aggregation_failed"
-        if combined.used:  # a private round may release noise alone: no norms to remember
+        if self.policy.secagg is not None:
+            try:
+                combined = self._secure_combined()
+            except SecAggError as exc:
+                log.error("round %d: secure aggregation failed: %s; the round fails and the model stays", op.round,
+                          exc)
+                return None, False, "secagg_failed"
+        else:
+            try:
+                combined = self.updates.combine()
+            except ValueError as exc:
+                return self._combine_failed(op, exc)
+            except Exception:
+                log.exception("round %d: combining %d updates failed; the round fails and the model stays",
+                              op.round, len(self.updates))
+                return None, False, "aggregation_failed"
+        return self._apply(op, combined)
+
+    def _combine_failed(self, op: _OpenRound, exc: ValueError) -> tuple[Combined | None, bool, str | None]:
+        """E.g. every update left out as overflowing."""
+        log.error("round %d: %s; the round fails and the model stays", op.round, exc)
+        if self.updates.left and not self.updates.items:
+            # Never let the filter stop a job: the next round is not filtered.
+            log.warning("round %d: the direction filter's reference is dropped", op.round)
+            self.direction_ref = None
+        return None, False, "aggregation_failed"
+
+    def _secure_combined(self) -> Combined:
+        """The round's mean from the unmasked sum: every survivor's update
+        weighs one. A private round adds the aggregator's noise to the sum
+        and divides by the fixed denominator; it releases noise alone when
+        secure aggregation failed (as any private round with no updates).
+        Raises ``SecAggError`` when there is no sum and no privacy."""
+        sec, dp = self.secure, self.round_dp
+        n = self.spec.num_params
+        total: np.ndarray | None = None
+        used: tuple[str, ...] = ()
+        if sec is not None and sec.stage == "done":
+            total = dequantize(sec.result(), sec.plan).astype(np.float64)
+            used = tuple(sorted(sec.server.survivors))
+        elif dp is None:
+            raise SecAggError(sec.failure if sec is not None else self.secure_failure)
+        if dp is None:
+            assert total is not None
+            flat = total[:n] / len(used)
+            private, bound = None, None  # (each coordinate was clamped to secagg.bound: not a norm bound)
+        else:
+            rng = noise_rng()
+            summed = total[:n] if total is not None else np.zeros(n)
+            flat = (summed + rng.normal(0.0, dp.noise_std, size=n)) / dp.denominator
+            unclipped = None
+            if dp.bit_std > 0:
+                assert sec is None or total is None or len(total) == n + 1
+                bits = float(total[n]) / sec.plan.bound if total is not None and sec is not None else 0.0
+                unclipped = (bits + float(rng.normal(0.0, dp.bit_std))) / dp.denominator + 0.5
+            private = PrivateRelease(0, dp.noise_std, unclipped)
+            bound = dp.clip  # devices clipped their updates, which no one can check
+        samples = [float(self.open.num_samples) / max(len(used), 1)] if self.open is not None else [0.0]
+        return Combined(unflatten(flat, self.spec.entries), used, bound, 0, 0, float("nan"), samples[0], private)
+
+    def _secure_summary(self) -> dict[str, Any]:
+        """What secure aggregation did this attempt, for the round's record."""
+        sec = self.secure
+        if sec is None:
+            return {"stage": "failed", "failure": self.secure_failure}
+        s = sec.server
+        out: dict[str, Any] = {"stage": sec.stage, "keys": len(s.keys), "shared": len(s.sharers),
+                               "inputs": len(s.survivors), "revealed": len(s.revealed),
+                               "threshold": sec.plan.threshold, "degree": sec.plan.degree,
+                               "modulus_bits": sec.plan.modulus_bits}
+        if sec.failure:
+            out["failure"] = sec.failure
+        if sec.refusals:
+            out["refused"] = dict(sec.refusals)
+        return out
+
+    def _apply(self, op: _OpenRound, combined: Combined) -> tuple[Combined | None, bool, str | None]:
+        # A private round may release noise alone, and a secure one has no
+        # update norms: nothing to remember for the defences.
+        if combined.used and self.policy.secagg is None:
             self.norm_history = [*self.norm_history[-(HISTORY - 1):], combined.median_norm]
             self.sample_history = [*self.sample_history[-(HISTORY - 1):], combined.median_samples]
         if not _finite(combined.delta):

@@ -24,7 +24,9 @@ a ``refusal`` with a reason; it never raises out of here.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,36 @@ from fedge.secagg import Context, SecAggError, SecAggPlan, SecAggServer, unpack
 log = logging.getLogger("fedge.aggregator")
 
 STAGES = ("keys", "shares", "inputs", "unmask", "done", "failed")
+
+
+@dataclass(frozen=True)
+class SecAggPolicy:
+    """The job's secure aggregation settings (``[secagg]``); each round's
+    ``SecAggPlan`` is made from them for the devices it selected."""
+
+    threshold: int = 0  # 0: a majority of a device's share holders
+    degree: int = 0  # 0: min(n - 1, 2 ceil(log2 n) + 2)
+    bits: int = 16
+    bound: float = 0.0  # 0: the privacy clip of the round
+    stage_s: float = 20.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> SecAggPolicy | None:
+        if cfg.mode == "off":
+            return None
+        return cls(cfg.threshold, cfg.degree, cfg.bits, cfg.bound, cfg.stage_s)
+
+    def plan(self, n: int, clip: float) -> SecAggPlan:
+        """The plan for a round of ``n`` selected devices (``clip``: the
+        round's privacy clip, 0 without privacy). Raises ``SecAggError``
+        when ``n`` devices are too few for it."""
+        if n < 3:
+            raise SecAggError(f"{n} selected devices are too few for secure aggregation (3 at least)")
+        degree = self.degree or (n - 1 if n <= 10 else 2 * math.ceil(math.log2(n)) + 2)
+        degree = min(degree, n - 1)
+        threshold = self.threshold or (degree + 1) // 2 + 1
+        threshold = min(threshold, degree)
+        return SecAggPlan.for_devices(n, threshold, degree, self.bits, self.bound or clip)
 
 
 @dataclass
@@ -50,6 +82,7 @@ class SecureRound:
     deadline: float = 0.0
     failure: str = ""
     refusals: dict[str, int] = field(default_factory=dict)
+    absent: set[str] = field(default_factory=set)  # went offline: no stage waits for them
 
     def __post_init__(self) -> None:
         self.server = SecAggServer(self.plan, Context(self.job, self.round, self.attempt), self.count)
@@ -111,17 +144,33 @@ class SecureRound:
     # --- time --------------------------------------------------------------------
 
     def waiting_for(self) -> set[str]:
-        """Who the current stage still waits for."""
+        """Who the current stage still waits for (not devices gone offline;
+        unmasking stops waiting once the shares in hand remove every mask)."""
         s = self.server
         if self.stage == "keys":
-            return set(self.selected) - set(s.keys)
+            return set(self.selected) - set(s.keys) - self.absent
         if self.stage == "shares":
-            return set(s.keys) - s.sharers
+            return set(s.keys) - s.sharers - self.absent
         if self.stage == "inputs":
-            return s.sharers - s.survivors
+            return s.sharers - s.survivors - self.absent
         if self.stage == "unmask":
-            return s.survivors - set(s.revealed)
+            return set() if s.ready() else s.survivors - set(s.revealed) - self.absent
         return set()
+
+    def out_of_round(self) -> set[str]:
+        """Selected devices that can no longer add to this attempt's sum:
+        they sent no keys, or no shares, before that stage ended."""
+        s = self.server
+        if self.stage == "keys":
+            return set()
+        if self.stage == "shares":
+            return set(self.selected) - set(s.keys)
+        return set(self.selected) - s.sharers
+
+    def fail(self, why: str) -> None:
+        if self.stage not in ("done", "failed"):
+            self.stage, self.failure = "failed", why
+            log.error("secagg round %d attempt %d failed: %s", self.round, self.attempt, why)
 
     def advance(self, now: float, inputs_closed: bool = False) -> list[SecAggStage]:
         """End the current stage if everyone answered or its deadline passed

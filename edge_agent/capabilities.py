@@ -13,6 +13,7 @@ from typing import Any
 import fedge
 from fedge import codecs
 from fedge.cpu import board_model
+from fedge.secagg import CAPABILITY as SECAGG
 
 
 def _mem_mb() -> int:
@@ -47,5 +48,5 @@ def describe(role: str = "trainer") -> dict[str, Any]:
         "fedge": fedge.__version__,
         "torch": _version("torch"),
         "onnxruntime": _version("onnxruntime"),
-        "codecs": codecs.supported(),
+        "codecs": [*codecs.supported(), SECAGG],
     }

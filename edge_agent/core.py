@@ -81,6 +81,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.config import DOWNLINKS, check_choice
+from edge_agent.secure import SecureSession
 from fedge import tensors, wire
 from fedge.codecs import CodecError, error_feedback, make_codec
 from fedge.downlink import rebuild
@@ -91,13 +92,15 @@ from fedge.messages import (
     ModelDelta,
     ProtocolError,
     RoundAnnouncement,
+    SecAggStage,
     Status,
     TrainingPlan,
     Update,
 )
 from fedge.privacy import noise_rng, privatize
+from fedge.secagg import flatten
 from fedge.tensors import ModelArrays, TensorError, TensorSpec
-from fedge.wire import WireError
+from fedge.wire import Kind, WireError
 
 log = logging.getLogger("fedge.agent")
 
@@ -301,6 +304,19 @@ class _Training:
 
 
 @dataclass
+class _SecureInput:
+    """A trained update, clipped and flattened, kept in memory while its
+    round runs: each attempt of the round masks it afresh."""
+
+    round: int
+    base_model: str
+    flat: np.ndarray
+    num_samples: int
+    loss: float
+    seconds: float
+
+
+@dataclass
 class _Resend:
     at: float
     interval: float
@@ -332,6 +348,8 @@ class AgentCore:
     resend: _Resend | None = None
     subscribed: set[str] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)
+    session: SecureSession | None = None  # the secure aggregation of the open round's attempt
+    secure_input: _SecureInput | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.downlink, DOWNLINKS, "agent.downlink")
@@ -503,6 +521,11 @@ class AgentCore:
             return []
         prev = self.announcement
         self.announcement = ann
+        if self.secure_input is not None and (ann.round, ann.model_digest) != (
+                self.secure_input.round, self.secure_input.base_model):
+            self.secure_input = None
+        if self.session is not None and (ann.round, ann.attempt) != (self.session.round, self.session.attempt):
+            self.session = None
         if ann.state == "done" and (prev is None or prev.state != "done"):
             log.info("%s: job %s is done", self.client_id, self.job)
         actions = self._adopt_spares(ann)
@@ -526,7 +549,10 @@ class AgentCore:
 
     def _on_ack(self, ev: AckArrived) -> list[Action]:
         try:
-            ack = Ack.parse(wire.decode(ev.message))
+            env = wire.decode(ev.message)
+            if env.kind == Kind.SECAGG:
+                return self._on_secagg(SecAggStage.parse(env), ev.now)
+            ack = Ack.parse(env)
         except (WireError, ProtocolError) as exc:
             self._count("bad_ack")
             log.warning("%s: ignored a receipt: %s", self.client_id, exc)
@@ -547,6 +573,89 @@ class AgentCore:
         self.state.pending = replace(p, final=True)
         actions: list[Action] = [PersistState(self.state.to_json(), self.update_bytes)]
         return actions + self._restore_unsent()
+
+    # --- secure aggregation ------------------------------------------------------
+
+    def _on_secagg(self, msg: SecAggStage, now: float) -> list[Action]:
+        """The aggregator's next stage for this device: answer it, and send
+        the masked input once it can be made."""
+        s = self.session
+        if s is None:
+            self._count("secagg_stray")
+            return []
+        out = s.on_stage(msg)
+        if isinstance(out, str):
+            self._count(out)
+            log.warning("%s: ignored a secagg %s message (%s)", self.client_id, msg.stage, out)
+            return []
+        actions: list[Action] = [] if out is None else [PublishUpdate(out.encode())]
+        return actions + self._secure_send(now)
+
+    def _secure_begin(self, ann: RoundAnnouncement) -> list[Action]:
+        """A securely aggregated attempt that selected this device: fresh
+        keys (sent at once, while training runs). A device that already
+        trained for this round but no longer holds the update (it
+        restarted) sits the attempt out: it never trains twice."""
+        assert ann.secagg is not None
+        s = self.session
+        if s is not None and (s.round, s.attempt) == (ann.round, ann.attempt):
+            return []
+        inp = self.secure_input
+        have = inp is not None and (inp.round, inp.base_model) == (ann.round, ann.model_digest)
+        if self.state.has_handled(ann.round, ann.model_digest) and not have:
+            return []
+        self.session = SecureSession(self.client_id, self.job, ann.round, ann.attempt, ann.secagg)
+        if have:
+            assert inp is not None
+            self.session.set_update(inp.flat, noise_rng())
+        self._count("secagg_sessions")
+        return [PublishUpdate(self.session.keys().encode())]
+
+    def _secure_done(self, t: _Training, ev: TrainingDone, ann: RoundAnnouncement) -> list[Action]:
+        """Training finished for a secure round: clip (privacy), flatten,
+        and add the adaptive clip report as one more coordinate (the
+        aggregator may see it only in the sum)."""
+        assert ann.secagg is not None and self.key is not None
+        target, bit = ev.delta, None
+        if ann.dp is not None:
+            target, clipped, bit = privatize(target, ann.dp, noise_rng())
+            self._count("dp_clipped" if clipped else "dp_within_clip")
+        try:
+            flat = flatten(target, self.key.model.spec.names)
+        except KeyError as exc:
+            return self._decline(t, f"the trained update lacks tensor {exc}")
+        if bit is not None:
+            flat = np.append(flat, bit * ann.secagg.bound)
+        self.secure_input = _SecureInput(t.round, t.base_model, flat, ev.num_samples, ev.loss, ev.seconds)
+        self.state.record(t.round, t.base_model)
+        self.residual = None  # secure rounds keep no error feedback: nothing of an update stays behind
+        s = self.session
+        if s is not None and (s.round, s.attempt) == (ann.round, ann.attempt):
+            s.set_update(flat, noise_rng())
+        return [PersistResidual(None), PersistState(self.state.to_json(), self.update_bytes),
+                *self._secure_send(ev.now)]
+
+    def _secure_send(self, now: float) -> list[Action]:
+        """The update with the masked input, once the session has both the
+        trained update and the shares routed to it (once per attempt)."""
+        s, inp, ann = self.session, self.secure_input, self.announcement
+        if s is None or inp is None or ann is None or not self._open_for_me(ann) or (ann.round, ann.attempt) != (
+                s.round, s.attempt):
+            return []
+        body = s.masked_body()
+        if body is None:
+            return []
+        update = Update(
+            job=self.job, round=inp.round, sender=self.client_id, update_id=self.new_id()[:16],
+            num_samples=inp.num_samples, codec=ann.codec, base_model=inp.base_model, body=body, loss=inp.loss,
+            train_seconds=round(inp.seconds, 4), attempt=ann.attempt,
+        )
+        message = update.encode()
+        self.state.pending = Pending(inp.round, update.update_id, inp.base_model, sent_attempt=ann.attempt)
+        self.update_bytes = message
+        self.resend = _Resend(now + self.resend_after_s, self.resend_after_s)
+        self._count("updates_sent")
+        return [PersistState(self.state.to_json(), message), PublishUpdate(message)]
 
     def _restore_unsent(self) -> list[Action]:
         """The aggregator did not count the pending update: with error
@@ -572,6 +681,8 @@ class AgentCore:
             self._count("stale_training")
             log.info("%s: round %d closed before training finished; result dropped", self.client_id, t.round)
             return self._consider(ev.now)
+        if ann.secagg is not None:
+            return self._secure_done(t, ev, ann)
         try:
             codec = make_codec(ann.codec)
             rng = np.random.default_rng(_seed(self.client_id, t.round, "encode"))
@@ -653,6 +764,8 @@ class AgentCore:
             p is not None and self._open_for_me(ann) and ann is not None and ann.round == p.round
             and not p.final and self.update_bytes is not None and p.base_model == ann.model_digest
             and p.acked_attempt < ann.attempt
+            # A masked input is masked for one attempt: never resent to another.
+            and (ann.secagg is None or p.sent_attempt == ann.attempt)
         )
 
     def _consider(self, now: float) -> list[Action]:
@@ -661,6 +774,11 @@ class AgentCore:
             return []
         assert ann is not None
         p = self.state.pending
+        if ann.secagg is not None:
+            actions = self._secure_begin(ann)
+            if self.state.has_handled(ann.round, ann.model_digest) or self.training is not None:
+                return actions
+            return actions + self._start_training(ann)
         if p is not None and p.round == ann.round and p.base_model == ann.model_digest:
             # Sent before this process started, or the aggregator re-announced
             # the round (it restarted and lost its sum): send the same bytes.
@@ -673,6 +791,9 @@ class AgentCore:
             return []
         if self.state.has_handled(ann.round, ann.model_digest) or self.training is not None:
             return []
+        return self._start_training(ann)
+
+    def _start_training(self, ann: RoundAnnouncement) -> list[Action]:
         if not self._has_announced_model() or self.key is None or self.current is None:
             return []  # the model for this round is still on its way
         cur = self.current

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import threading
 import time
 from collections import Counter
@@ -65,6 +66,10 @@ from fedge.transport import LinkFactory
 from fedge.wire import Kind
 
 log = logging.getLogger("fedge.agent")
+# Where a simulated device may drop out of a round: before its secure
+# aggregation keys, its shares, its update (the only stage of a plain round)
+# or its revealed shares.
+DROPOUT_STAGES = ("keys", "shares", "update", "reveal")
 PRESENCE_REPAIR_S = 5.0  # at most one presence repair per device this often
 TRAFFIC_ROUNDS = 1024  # rounds of traffic counts kept for the demo and benchmarks
 
@@ -92,6 +97,11 @@ class DeviceSpec:
     # everything it acts on must be signed by that aggregator.
     identity: Identity | None = None
     aggregator_key: PublicKey | None = None
+    # Simulation only (the demo, tests, benchmarks): in each round, with this
+    # probability, the device goes silent at one of ``dropout_stages``
+    # (chosen at random) and sends nothing more for that round.
+    dropout: float = 0.0
+    dropout_stages: tuple[str, ...] = DROPOUT_STAGES
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,7 @@ class _Device:
                 with contextlib.suppress(IdentityError):  # a damaged file: back to the pin
                     self.aggregator_key = PublicKey.from_text(stored["current"])
         self.refused: Counter[str] = Counter()  # messages not believed, by reason
+        self.dropped_rounds: dict[int, str] = {}  # simulated dropouts: round -> the stage it went silent at
         self._refusals_logged: dict[str, float] = {}
         self.link = link_factory(
             spec.broker or broker, spec.client_id, inbox.put, subscriptions=subscriptions,
@@ -224,6 +235,33 @@ class _Device:
             if topic != self.topics.keys:
                 self.link.subscribe(topic)
         return True
+
+    def silenced(self, message: bytes) -> bool:
+        """Whether a simulated dropout keeps ``message`` from being sent."""
+        if self.spec.dropout <= 0:
+            return False
+        peeked = wire.peek(message)
+        if peeked is None:
+            return False
+        kind, header = peeked
+        round_ = header.get("round")
+        if kind == Kind.SECAGG:
+            stage = {"keys": "keys", "shares": "shares", "reveal": "reveal"}.get(str(header.get("stage")), "")
+        elif kind in (Kind.UPDATE, Kind.DECLINE):
+            stage = "update"
+        else:
+            return False
+        if not isinstance(round_, int) or not stage:
+            return False
+        if round_ not in self.dropped_rounds:
+            rng = random.Random(f"{self.spec.client_id}/{round_}/dropout")
+            chosen = rng.choice(self.spec.dropout_stages) if rng.random() < self.spec.dropout else ""
+            self.dropped_rounds = {**dict(list(self.dropped_rounds.items())[-15:]), round_: chosen}
+            if chosen:
+                log.info("%s: simulated dropout: silent in round %d from its %s on", self.spec.client_id, round_,
+                         chosen)
+        chosen = self.dropped_rounds[round_]
+        return bool(chosen) and DROPOUT_STAGES.index(stage) >= DROPOUT_STAGES.index(chosen)
 
     # --- inference devices ---------------------------------------------------------
 
@@ -484,6 +522,8 @@ class AgentRuntime:
             dev.link.unsubscribe(self._channel_filter(dev, action.channel))
             dev.downloads.discard(action.channel)
         elif isinstance(action, PublishUpdate):
+            if dev.silenced(action.message):
+                return
             dev.link.publish_chunked(lambda _i: dev.topics.update(cid), dev.sign(action.message))
         elif isinstance(action, PublishStatus):
             dev.link.publish(dev.topics.status(cid), dev.presence(action.message), retain=True)

@@ -18,7 +18,7 @@ from typing import Any
 from fedge import wire
 from fedge.errors import FedgeError
 from fedge.privacy import DpPlan
-from fedge.secagg import SEALED_BYTES
+from fedge.secagg import SEALED_BYTES, SecAggError, SecAggPlan
 from fedge.tensors import TensorError, TensorSpec
 from fedge.topics import check_id
 from fedge.wire import Envelope, Kind
@@ -226,6 +226,7 @@ class RoundAnnouncement:
     key_digest: str = ""
     key_round: int = 0
     dp: DpPlan | None = None  # the round is differentially private: clip (and noise) as it says
+    secagg: SecAggPlan | None = None  # the round is securely aggregated (codec {"name": "secagg"})
 
     def encode(self) -> bytes:
         header = {
@@ -246,6 +247,8 @@ class RoundAnnouncement:
         }
         if self.dp is not None:
             header["dp"] = self.dp.to_json()
+        if self.secagg is not None:
+            header["secagg"] = self.secagg.to_json()
         return wire.encode(Kind.ROUND, header)
 
     @classmethod
@@ -262,6 +265,10 @@ class RoundAnnouncement:
             dp = None if h.get("dp") is None else DpPlan.from_json(h["dp"])
         except ValueError as exc:
             raise ProtocolError("malformed", f"round {exc}") from None
+        try:
+            secagg = None if h.get("secagg") is None else SecAggPlan.from_json(h["secagg"])
+        except SecAggError as exc:
+            raise ProtocolError("malformed", f"round {exc}") from None
         return cls(
             job=_id(h, "job", "round"),
             round=_field(h, "round", int, "round"),
@@ -276,6 +283,7 @@ class RoundAnnouncement:
             key_digest=_field(h, "key_digest", str, "round"),
             key_round=_field(h, "key_round", int, "round"),
             dp=dp,
+            secagg=secagg,
         )
 
 
@@ -295,6 +303,9 @@ class Update:
     loss: float = 0.0
     train_seconds: float = 0.0
     clip_bit: float | None = None  # adaptive clipping's report (fedge.privacy.clip_bit), if asked for
+    # Secure aggregation: the round attempt whose masks the body carries (a
+    # masked input is worth nothing to another attempt).
+    attempt: int | None = None
 
     def encode(self) -> bytes:
         header = {
@@ -310,6 +321,8 @@ class Update:
         }
         if self.clip_bit is not None:
             header["clip_bit"] = self.clip_bit
+        if self.attempt is not None:
+            header["attempt"] = self.attempt
         return wire.encode(Kind.UPDATE, header, self.body)
 
     @classmethod
@@ -327,6 +340,7 @@ class Update:
             loss=_optional_number(h, "loss", "update", math.nan),
             train_seconds=_optional_number(h, "train_seconds", "update", 0.0),
             clip_bit=_clip_bit(h),
+            attempt=None if h.get("attempt") is None else _field(h, "attempt", int, "update"),
         )
 
 

@@ -71,6 +71,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 SEED_BYTES = 32
+# What a device advertises (among its codecs) to say it can take part, and
+# the codec a secure round announces and its updates echo: the body is the
+# masked input, packed at the plan's modulus bits.
+CAPABILITY = "secagg"
+CODEC: dict[str, Any] = {"name": "secagg"}
 SHARE_BYTES = 16  # PyCryptodome shares 16-byte secrets; a 32-byte secret is two of them
 MAX_MODULUS_BITS = 32
 
@@ -165,6 +170,23 @@ def quantize(flat: np.ndarray, plan: SecAggPlan, rng: np.random.Generator) -> np
     q = np.floor(x + rng.random(x.shape))
     q = np.clip(q, -plan.levels, plan.levels).astype(np.int64)
     return (q & plan.mask).astype(np.uint32)
+
+
+def flatten(arrays: Mapping[str, np.ndarray], names: Iterable[str]) -> np.ndarray:
+    """Named tensors as one float64 vector, in ``names`` order (the model's)."""
+    return np.concatenate([np.asarray(arrays[n], dtype=np.float64).reshape(-1) for n in names])
+
+
+def unflatten(flat: np.ndarray, entries: Iterable[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+    """The inverse of ``flatten``: float32 tensors of the given shapes."""
+    out, at = {}, 0
+    for name, shape in entries:
+        size = int(np.prod(shape, dtype=np.int64))
+        out[name] = np.asarray(flat[at:at + size], dtype=np.float32).reshape(shape)
+        at += size
+    if at != len(flat):
+        raise SecAggError(f"a flat vector of {len(flat)} values does not fit a model of {at}")
+    return out
 
 
 def dequantize(total: np.ndarray, plan: SecAggPlan) -> np.ndarray:
