@@ -54,6 +54,15 @@ class DemoOptions:
     timeout_s: float = 600.0
     signing: str = "required"  # or "off"
     target_epsilon: float = 0.0  # > 0: differentially private, with this budget (see DEMO_PRIVACY)
+    secure_aggregation: bool = False  # the aggregator learns only each round's sum (see DEMO_SECAGG)
+    dropout: float = 0.0  # each selected agent silently drops out of a round with this probability
+
+
+# Secure aggregation for the digits MLP: its updates' coordinates stay well
+# within +-0.5 (a private job bounds them by its clip instead). Short stages:
+# the demo's agents answer in milliseconds, and a dropped agent costs a stage.
+DEMO_SECAGG = {"mode": "on", "bound": 0.5, "stage_s": 3.0}
+DROPOUT_DEADLINE_S = 10.0  # with --dropout: an agent silent before its update is awaited this long
 
 
 # Client-level DP for ten devices: each in a round with probability 0.5 (about
@@ -84,6 +93,12 @@ def job_config(opts: DemoOptions, broker_url: str, state_dir: Path) -> Aggregato
     )
     if opts.codec:
         cfg = updated(cfg, codec=CodecSection.from_spec(opts.codec))
+    if opts.secure_aggregation:
+        cfg = updated(cfg, secagg={**DEMO_SECAGG, "bound": 0.0 if opts.target_epsilon > 0 else DEMO_SECAGG["bound"]},
+                      # the aggregator cannot look inside a masked update: say so rather than be warned
+                      server={"clip": "off", "direction": "off", "weight_cap": 0.0})
+    if opts.dropout > 0:
+        cfg = updated(cfg, selection={"deadline_s": DROPOUT_DEADLINE_S})
     if opts.target_epsilon > 0:
         cfg = updated(cfg, privacy={**DEMO_PRIVACY, "target_epsilon": opts.target_epsilon})
         if not opts.codec:  # int2's rounding makes a clipped update twice as long: the clip would halve it
@@ -94,7 +109,7 @@ def job_config(opts: DemoOptions, broker_url: str, state_dir: Path) -> Aggregato
 def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     from aggregator.service import AggregatorService
     from edge_agent.pool import TrainingPool
-    from edge_agent.runtime import AgentRuntime, DeviceSpec
+    from edge_agent.runtime import DROPOUT_STAGES, AgentRuntime, DeviceSpec
     from fedge_cli.broker import EmbeddedBroker
     from fedge_cli.identity import provision
 
@@ -136,7 +151,9 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             data_args={"client": i, "clients": opts.agents, "partition": "dirichlet", "alpha": opts.alpha,
                        "seed": opts.seed},
             state_dir=state_dir / "agents" / cid, downlink=opts.downlink, durable=False,
-            identity=identities.get(cid), aggregator_key=aggregator_key,
+            identity=identities.get(cid), aggregator_key=aggregator_key, dropout=opts.dropout,
+            # a plain round has one stage to drop out before: the update
+            dropout_stages=DROPOUT_STAGES if opts.secure_aggregation else ("update",),
         )
         for i, cid in enumerate(ids)
     ]
@@ -145,7 +162,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     pool = TrainingPool(size=opts.workers, mode="warm", threads=1)
     fleet = AgentRuntime(devices, broker, pool)
     fleet_ref.append(fleet)
-    codec = opts.codec or cfg.codec.spec
+    codec = {"name": "secagg"} if opts.secure_aggregation else opts.codec or cfg.codec.spec
     out.write(f"fedge demo: {opts.agents} agents, {opts.rounds} rounds, {opts.data} (Dirichlet alpha={opts.alpha}), "
               f"codec {json.dumps(codec)}, broker {url}{' (embedded)' if embedded else ''}\n")
     if opts.target_epsilon > 0:
@@ -158,6 +175,20 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                   f"rate {dp.spec.sampling_rate}, delta {dp.spec.delta}; epsilon <= {opts.target_epsilon} allows "
                   f"{allowed} round{'s' if allowed != 1 else ''} ({dp.spec.accountant.upper()}). Ten devices are too "
                   f"few for a useful private model: the noise outweighs them\n")
+    if opts.secure_aggregation:
+        from aggregator.secure import SecAggPolicy
+
+        sa = SecAggPolicy.from_config(cfg.secagg)
+        assert sa is not None
+        plan = sa.plan(opts.agents, cfg.privacy.clip if opts.target_epsilon > 0 else 0.0)
+        out.write(f"secure aggregation: each agent masks its update with {plan.degree} neighbours; any "
+                  f"{plan.threshold} of an agent's {plan.degree + 1} share holders rebuild its secrets, fewer learn "
+                  f"nothing; {plan.bits}-bit coordinates within +-{plan.bound:g}, summed modulo "
+                  f"2^{plan.modulus_bits}. The aggregator sees only each round's sum\n")
+    if opts.dropout > 0:
+        stages = "its keys, shares, update or revealed shares" if opts.secure_aggregation else "its update"
+        out.write(f"dropout: each selected agent goes silent for a round with probability {opts.dropout:g}, "
+                  f"before {stages} (at random); a round waits at most {cfg.selection.deadline_s:g} s for it\n")
     table.header()
     started = time.perf_counter()
     threads = [threading.Thread(target=aggregator.run, name="aggregator", daemon=True),
@@ -199,7 +230,7 @@ def summarize(records: list[RoundRecord], wall: float, finished: bool) -> dict[s
     keys = ("round", "accuracy", "loss", "clients", "bytes_up", "bytes_down", "seconds")
     private = ("epsilon", "delta", "noise_multiplier", "sampling_rate")
     rounds = [{k: r.get(k) for k in keys} | {"status": r.status}
-              | {k: r.extra[k] for k in private if k in r.extra} for r in records]
+              | {k: r.extra[k] for k in (*private, "secagg") if k in r.extra} for r in records]
     secs = sorted(r.seconds for r in records) or [0.0]
     accs = [r.accuracy for r in records if r.accuracy is not None]
     return {

@@ -76,11 +76,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.agents < 2:
         raise UsageError("--agents must be at least 2")
+    if args.secure_aggregation and args.agents < 3:
+        raise UsageError("--secure-aggregation needs --agents 3 or more (with two, each could subtract its own "
+                         "update from the sum)")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout {args.dropout:g} must be in [0, 1): the probability an agent drops out of a round")
     _check_fleet_size(args.agents, embedded_broker=args.broker is None)
     opts = DemoOptions(
         agents=args.agents, rounds=args.rounds, data=args.data, broker=args.broker, protocol=args.protocol,
         codec=_codec_arg(args.codec), seed=args.seed, alpha=args.alpha, workers=args.workers, json_path=args.json,
         state_dir=args.state_dir, signing=args.signing, target_epsilon=args.target_epsilon,
+        secure_aggregation=args.secure_aggregation, dropout=args.dropout,
     )
     summary = run_demo(opts)
     return 0 if summary["finished"] else 1
@@ -264,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--state-dir", default=None, help="keep state here instead of a temporary directory")
     d.add_argument("--target-epsilon", type=float, default=0.0, metavar="E",
                    help="run with client-level differential privacy until epsilon would exceed E")
+    d.add_argument("--secure-aggregation", action="store_true",
+                   help="mask every update (SecAgg+) so that the aggregator learns only each round's sum")
+    d.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="each selected agent silently drops out of a round with probability P, at a random stage")
     d.add_argument("--signing", default="required", choices=["required", "off"],
                    help="required (default): every agent has its own key, enrolled with the aggregator, and "
                         "all messages are signed; off: nothing is signed (logged)")

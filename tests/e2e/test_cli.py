@@ -121,6 +121,25 @@ def _one_line_error(proc, *needles):
         assert n in lines[0], lines[0]
 
 
+def test_a_secure_demo_with_dropouts_trains_on_the_sums_it_unmasks(tmp_path, cli_env):
+    out = tmp_path / "sa.json"
+    proc = run(cli_env, "demo", "--agents", "6", "--rounds", "4", "--secure-aggregation", "--dropout", "0.3",
+               "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "secure aggregation: each agent masks its update with 5 neighbours" in proc.stdout
+    assert "dropout: each selected agent goes silent" in proc.stdout and "Traceback" not in proc.stderr
+    rounds = json.loads(out.read_text())["rounds"]
+    assert len(rounds) == 4
+    for r in rounds:  # a round either unmasked the sum of what reached it, or failed and revealed nothing
+        sec = r["secagg"]
+        assert (r["status"], sec["stage"]) in (("ok", "done"), ("failed", "failed")), r
+        assert sec["keys"] >= sec["shared"] >= sec["inputs"]
+        assert r["status"] == "failed" or r["clients"] == sec["inputs"]
+    # With P = 0.3 at least one agent (seeded per agent and round) drops out in these four rounds.
+    assert any(r["clients"] < 6 for r in rounds), rounds
+    assert any(r["status"] == "ok" for r in rounds)
+
+
 def test_user_mistakes_get_one_clear_line_and_exit_2(tmp_path, cli_env):
     _one_line_error(run(cli_env, "aggregator", "--config", str(tmp_path / "missing.toml")), "does not exist")
     typo = tmp_path / "typo.toml"
@@ -143,6 +162,8 @@ def test_user_mistakes_get_one_clear_line_and_exit_2(tmp_path, cli_env):
     _one_line_error(run(cli_env, "agent", "--config", str(bad_url)), "broker.url")
     _one_line_error(run(cli_env, "demo", "--codec", "int9"), "unknown codec 'int9'")
     _one_line_error(run(cli_env, "demo", "--codec", '{"name": int8}'), "not valid JSON")
+    _one_line_error(run(cli_env, "demo", "--dropout", "1.5"), "--dropout 1.5 must be in [0, 1)")
+    _one_line_error(run(cli_env, "demo", "--agents", "2", "--secure-aggregation"), "--agents 3 or more")
     _one_line_error(run(cli_env, "fleet", "--agents", "400", "--config", str(tmp_path / "none.toml")),
                     "--agents 400", "several processes")
 
