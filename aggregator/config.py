@@ -314,7 +314,7 @@ class AggregatorConfig:
         if self.server.aggregation != "mean":
             raise ConfigError(f"privacy.mode = {dp.mode!r} needs server.aggregation = \"mean\" (the accountant "
                               f"covers a clipped sum with Gaussian noise, not {self.server.aggregation})")
-        if dp.mode == "distributed" and self.codec.name != "none":
+        if dp.mode == "distributed" and self.codec.name != "none" and self.secagg.mode == "off":
             raise ConfigError(f"privacy.mode = \"distributed\" needs codec.name = \"none\" (float32; zlib may "
                               f"stay): each device's noise share must reach the sum exactly for the sum's noise to "
                               f"be Gaussian, and {self.codec.name} would quantize every share apart")
@@ -328,10 +328,9 @@ class AggregatorConfig:
         if self.server.aggregation != "mean":
             raise ConfigError(f"secagg.mode = \"on\" needs server.aggregation = \"mean\": the aggregator sees only "
                               f"the sum, which {self.server.aggregation} cannot be computed from")
-        if self.privacy.mode == "distributed":
-            raise ConfigError("secagg.mode = \"on\" with privacy.mode = \"distributed\" is not supported yet (the "
-                              "noise shares must be added in integers to stay Gaussian after masking): use "
-                              "privacy.mode = \"central\", which secure aggregation keeps from seeing single updates")
+        if self.privacy.mode != "off" and sa.bound != 0:
+            raise ConfigError(f"secagg.bound = {sa.bound:g} with privacy on: leave it 0, the privacy clip bounds "
+                              f"every coordinate (and the integer noise is sized for it)")
         if not 2 <= sa.bits <= 24:
             raise ConfigError(f"secagg.bits = {sa.bits}: use 2..24 (16 keeps quantization error far below the "
                               f"update's own)")

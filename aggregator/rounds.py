@@ -89,7 +89,7 @@ from fedge.privacy import DpPlan, noise_rng
 from fedge.records import RoundRecord
 from fedge.secagg import CAPABILITY as SECAGG_CAPABILITY
 from fedge.secagg import CODEC as SECAGG_CODEC
-from fedge.secagg import SecAggError, SecAggPlan, dequantize, unflatten
+from fedge.secagg import SecAggError, SecAggPlan, ddgauss_tau, dequantize, rounding_bound, unflatten
 from fedge.tensors import ModelArrays, TensorError
 from fedge.wire import Envelope, Kind, WireError
 
@@ -707,7 +707,9 @@ class RoundCore:
         if self.policy.secagg is not None:
             # Every attempt its own keys and masks: a restarted round is a new attempt.
             try:
-                plan = self.policy.secagg.plan(len(selected), self.round_dp.clip if self.round_dp else 0.0)
+                noise, aux = self._integer_noise()
+                plan = self.policy.secagg.plan(len(selected), self.round_dp.clip if self.round_dp else 0.0, noise,
+                                               aux)
                 count = self.spec.num_params + (1 if self.round_dp is not None and self.round_dp.bit_std > 0 else 0)
                 self.secure = SecureRound(self.job, self.next_round, attempt, selected, plan, count,
                                           self.policy.secagg.stage_s, now)
@@ -753,6 +755,20 @@ class RoundCore:
             dp=self._plan() if state == RoundState.OPEN else None,
             secagg=self._secure_plan() if state == RoundState.OPEN else None,
         ).encode()
+
+    def _integer_noise(self) -> tuple[float, float]:
+        """Distributed privacy with secure aggregation: each device's
+        discrete Gaussian share, in integers, for the model coordinates and
+        for adaptive clipping's report (DDGauss). The model's share is sized
+        for the sensitivity after conditional rounding, so that ``m`` shares
+        carry the round's noise multiplier exactly."""
+        dp, sa = self.round_dp, self.policy.secagg
+        if dp is None or not dp.distributed or sa is None:
+            return 0.0, 0.0
+        levels = 2 ** (sa.bits - 1) - 1
+        z = dp.noise_std / dp.clip
+        return (z * rounding_bound(levels, self.spec.num_params) / math.sqrt(dp.denominator),
+                dp.bit_share * levels)
 
     def _secure_plan(self) -> SecAggPlan | None:
         return None if self.secure is None else self.secure.plan
@@ -838,9 +854,11 @@ class RoundCore:
         if combined is not None and private is not None:
             self.dp_rounds += 1
             z = dp.spec.noise_multiplier
-            # The aggregator's own view: each update with its share alone
-            # (no secure aggregation yet); central noise protects nothing from it.
-            self.dp_ledger.add(combined.used, z, z / math.sqrt(r.denominator) if r.distributed else None)
+            # The aggregator's own view: each update with its share alone, or
+            # with secure aggregation only their sum, with all of its shares;
+            # central noise protects nothing from it.
+            shares = len(combined.used) if self.policy.secagg is not None else 1
+            self.dp_ledger.add(combined.used, z, z * math.sqrt(shares / r.denominator) if r.distributed else None)
             if private.unclipped is not None:
                 self.dp_clip = dp.next_clip(self.dp_clip, private.unclipped)
         participant, aggregator = self.dp_ledger.worst(dp.spec.delta, dp.spec.accountant)
@@ -916,13 +934,23 @@ class RoundCore:
         else:
             rng = noise_rng()
             summed = total[:n] if total is not None else np.zeros(n)
-            flat = (summed + rng.normal(0.0, dp.noise_std, size=n)) / dp.denominator
+            noise_std, bit_std = dp.noise_std, dp.bit_std
+            if dp.distributed:
+                # The devices' integer shares carry k / m of the variance
+                # (of the noise the conditional rounding's bound asks for):
+                # the aggregator adds the rest.
+                sa = self.policy.secagg
+                assert sa is not None
+                levels = 2 ** (sa.bits - 1) - 1
+                full = noise_std * rounding_bound(levels, n) / levels
+                noise_std, bit_std = full * dp.missing(len(used)), bit_std * dp.missing(len(used))
+            flat = (summed + rng.normal(0.0, noise_std, size=n)) / dp.denominator
             unclipped = None
             if dp.bit_std > 0:
                 assert sec is None or total is None or len(total) == n + 1
                 bits = float(total[n]) / sec.plan.bound if total is not None and sec is not None else 0.0
-                unclipped = (bits + float(rng.normal(0.0, dp.bit_std))) / dp.denominator + 0.5
-            private = PrivateRelease(0, dp.noise_std, unclipped)
+                unclipped = (bits + float(rng.normal(0.0, bit_std))) / dp.denominator + 0.5
+            private = PrivateRelease(len(used) if dp.distributed else 0, noise_std, unclipped)
             bound = dp.clip  # devices clipped their updates, which no one can check
         samples = [float(self.open.num_samples) / max(len(used), 1)] if self.open is not None else [0.0]
         return Combined(unflatten(flat, self.spec.entries), used, bound, 0, 0, float("nan"), samples[0], private)
@@ -941,6 +969,9 @@ class RoundCore:
             out["failure"] = sec.failure
         if sec.refusals:
             out["refused"] = dict(sec.refusals)
+        if sec.plan.noise:
+            out["integer_noise"] = float(f"{sec.plan.noise:.6g}")
+            out["ddgauss_tau"] = float(f"{ddgauss_tau(sec.plan.noise, len(s.survivors)):.3g}")
         return out
 
     def _apply(self, op: _OpenRound, combined: Combined) -> tuple[Combined | None, bool, str | None]:

@@ -55,17 +55,18 @@ class SecAggPolicy:
             return None
         return cls(cfg.threshold, cfg.degree, cfg.bits, cfg.bound, cfg.stage_s)
 
-    def plan(self, n: int, clip: float) -> SecAggPlan:
+    def plan(self, n: int, clip: float, noise: float = 0.0, aux_noise: float = 0.0) -> SecAggPlan:
         """The plan for a round of ``n`` selected devices (``clip``: the
-        round's privacy clip, 0 without privacy). Raises ``SecAggError``
-        when ``n`` devices are too few for it."""
+        round's privacy clip, 0 without privacy; ``noise``, ``aux_noise``:
+        each device's integer noise, distributed privacy). Raises
+        ``SecAggError`` when ``n`` devices are too few for it."""
         if n < 3:
             raise SecAggError(f"{n} selected devices are too few for secure aggregation (3 at least)")
         degree = self.degree or (n - 1 if n <= 10 else 2 * math.ceil(math.log2(n)) + 2)
         degree = min(degree, n - 1)
         threshold = self.threshold or (degree + 1) // 2 + 1
         threshold = min(threshold, degree)
-        return SecAggPlan.for_devices(n, threshold, degree, self.bits, self.bound or clip)
+        return SecAggPlan.for_devices(n, threshold, degree, self.bits, self.bound or clip, noise, aux_noise)
 
 
 @dataclass

@@ -314,6 +314,7 @@ class _SecureInput:
     num_samples: int
     loss: float
     seconds: float
+    model: int  # coordinates of the model; the one after them, if any: adaptive clipping's report
 
 
 @dataclass
@@ -607,7 +608,7 @@ class AgentCore:
         self.session = SecureSession(self.client_id, self.job, ann.round, ann.attempt, ann.secagg)
         if have:
             assert inp is not None
-            self.session.set_update(inp.flat, noise_rng())
+            self.session.set_update(inp.flat, noise_rng(), inp.model)
         self._count("secagg_sessions")
         return [PublishUpdate(self.session.keys().encode())]
 
@@ -618,7 +619,9 @@ class AgentCore:
         assert ann.secagg is not None and self.key is not None
         target, bit = ev.delta, None
         if ann.dp is not None:
-            target, clipped, bit = privatize(target, ann.dp, noise_rng())
+            # Clip (and report); a distributed round's noise is added in
+            # integers after rounding, by the session (DDGauss).
+            target, clipped, bit = privatize(target, replace(ann.dp, noise_std=0.0, bit_std=0.0), noise_rng())
             self._count("dp_clipped" if clipped else "dp_within_clip")
         try:
             flat = flatten(target, self.key.model.spec.names)
@@ -626,12 +629,13 @@ class AgentCore:
             return self._decline(t, f"the trained update lacks tensor {exc}")
         if bit is not None:
             flat = np.append(flat, bit * ann.secagg.bound)
-        self.secure_input = _SecureInput(t.round, t.base_model, flat, ev.num_samples, ev.loss, ev.seconds)
+        self.secure_input = _SecureInput(t.round, t.base_model, flat, ev.num_samples, ev.loss, ev.seconds,
+                                         self.key.model.spec.num_params)
         self.state.record(t.round, t.base_model)
         self.residual = None  # secure rounds keep no error feedback: nothing of an update stays behind
         s = self.session
         if s is not None and (s.round, s.attempt) == (ann.round, ann.attempt):
-            s.set_update(flat, noise_rng())
+            s.set_update(flat, noise_rng(), self.secure_input.model)
         return [PersistResidual(None), PersistState(self.state.to_json(), self.update_bytes),
                 *self._secure_send(ev.now)]
 

@@ -18,7 +18,7 @@ import logging
 import numpy as np
 
 from fedge.messages import SecAggStage
-from fedge.secagg import Context, SecAggClient, SecAggError, SecAggPlan, pack, quantize
+from fedge.secagg import Context, SecAggClient, SecAggError, SecAggPlan, pack, quantize, quantize_noisy
 
 log = logging.getLogger("fedge.agent")
 
@@ -65,10 +65,15 @@ class SecureSession:
             return self._refuse("secagg_refused")
         return self._refuse("secagg_out_of_turn")
 
-    def set_update(self, flat: np.ndarray, rng: np.random.Generator) -> None:
-        """The update to add (clipped, with its noise share if distributed),
-        flattened in the model's tensor order."""
-        self.input = quantize(flat, self.plan, rng)
+    def set_update(self, flat: np.ndarray, rng: np.random.Generator, model: int | None = None) -> None:
+        """The update to add (clipped when private), flattened in the model's
+        tensor order; its first ``model`` coordinates are the model's (the
+        rest: adaptive clipping's report). With distributed privacy the
+        plan's integer noise is added here (``quantize_noisy``)."""
+        if self.plan.noise or self.plan.aux_noise:
+            self.input = quantize_noisy(flat, self.plan, rng, len(flat) if model is None else model)
+        else:
+            self.input = quantize(flat, self.plan, rng)
 
     def masked_body(self) -> bytes | None:
         """The masked input, packed, once the update and the routed shares

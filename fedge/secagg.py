@@ -78,6 +78,15 @@ CAPABILITY = "secagg"
 CODEC: dict[str, Any] = {"name": "secagg"}
 SHARE_BYTES = 16  # PyCryptodome shares 16-byte secrets; a 32-byte secret is two of them
 MAX_MODULUS_BITS = 32
+# Distributed DP in integers: a device's noise is cut at this many standard
+# deviations (the mass beyond is below 1e-32), so that the modulus can hold
+# the noisy sum by construction, not just with high probability.
+NOISE_TAIL = 12.0
+# Conditional randomized rounding (Kairouz et al. 2021): sqrt(2 ln(1/beta))
+# with beta = exp(-1/2), their choice; a rounding is redrawn until the
+# rounded update's norm is within ``rounding_bound``.
+ROUNDING_SLACK = 1.0
+MAX_ROUNDINGS = 1000
 
 
 class SecAggError(ValueError):
@@ -97,6 +106,11 @@ class SecAggPlan:
     bits: int  # a device's coordinate is an integer of this many bits, sign included
     bound: float  # |coordinate| is clamped to this before it is made an integer
     modulus_bits: int  # inputs and their sum live modulo 2^modulus_bits
+    # Distributed DP in integers: the standard deviation of a device's
+    # discrete Gaussian noise per model coordinate, and on the extra
+    # coordinate that carries adaptive clipping's report (0: none).
+    noise: float = 0.0
+    aux_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.threshold < 2:
@@ -109,10 +123,17 @@ class SecAggPlan:
             raise SecAggError("secagg bound must be a positive number")
         if not self.bits < self.modulus_bits <= MAX_MODULUS_BITS:
             raise SecAggError(f"secagg modulus_bits must be in {self.bits + 1}..{MAX_MODULUS_BITS}")
+        for name in ("noise", "aux_noise"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= 2 ** MAX_MODULUS_BITS):
+                raise SecAggError(f"secagg {name} must be a number in 0..2^{MAX_MODULUS_BITS}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "degree": self.degree, "bits": self.bits, "bound": self.bound,
-                "modulus_bits": self.modulus_bits}
+        out: dict[str, Any] = {"threshold": self.threshold, "degree": self.degree, "bits": self.bits,
+                               "bound": self.bound, "modulus_bits": self.modulus_bits}
+        if self.noise or self.aux_noise:
+            out.update(noise=self.noise, aux_noise=self.aux_noise)
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> SecAggPlan:
@@ -124,26 +145,38 @@ class SecAggPlan:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise SecAggError(f"secagg {key} must be an integer")
             ints[key] = value
-        bound = data.get("bound")
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)):
-            raise SecAggError("secagg bound must be a number")
-        return cls(ints["threshold"], ints["degree"], ints["bits"], float(bound), ints["modulus_bits"])
+        numbers = {}
+        for key, default in (("bound", None), ("noise", 0.0), ("aux_noise", 0.0)):
+            value = data.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SecAggError(f"secagg {key} must be a number")
+            numbers[key] = float(value)
+        return cls(ints["threshold"], ints["degree"], ints["bits"], numbers["bound"], ints["modulus_bits"],
+                   numbers["noise"], numbers["aux_noise"])
 
     @classmethod
-    def for_devices(cls, devices: int, threshold: int, degree: int, bits: int, bound: float) -> SecAggPlan:
+    def for_devices(cls, devices: int, threshold: int, degree: int, bits: int, bound: float, noise: float = 0.0,
+                    aux_noise: float = 0.0) -> SecAggPlan:
         """The plan whose modulus holds the sum of ``devices`` inputs: each
-        is at most ``levels`` in absolute value, so the sum's magnitude is
-        at most ``devices x levels``, and one more bit holds its sign."""
+        is at most ``peak`` in absolute value (``levels``, plus the noise cut
+        at ``NOISE_TAIL`` deviations), so the sum's magnitude is at most
+        ``devices x peak``, and one more bit holds its sign."""
         levels = 2 ** (bits - 1) - 1
-        modulus_bits = max(bits + 1, math.ceil(math.log2(devices * levels + 1)) + 1)
+        peak = levels + math.ceil(NOISE_TAIL * max(noise, aux_noise))
+        modulus_bits = max(bits + 1, math.ceil(math.log2(devices * peak + 1)) + 1)
         if modulus_bits > MAX_MODULUS_BITS:
             raise SecAggError(f"{devices} devices at {bits} bits need a {modulus_bits}-bit modulus, over "
                               f"{MAX_MODULUS_BITS}: lower secagg.bits")
-        return cls(threshold, degree, bits, bound, modulus_bits)
+        return cls(threshold, degree, bits, bound, modulus_bits, noise, aux_noise)
 
     @property
     def levels(self) -> int:
         return 2 ** (self.bits - 1) - 1
+
+    @property
+    def peak(self) -> int:
+        """The largest magnitude of one input's coordinate (noise included)."""
+        return self.levels + math.ceil(NOISE_TAIL * max(self.noise, self.aux_noise))
 
     @property
     def scale(self) -> float:
@@ -155,7 +188,7 @@ class SecAggPlan:
 
     def capacity(self) -> int:
         """The most inputs whose sum cannot wrap."""
-        return ((1 << (self.modulus_bits - 1)) - 1) // self.levels
+        return ((1 << (self.modulus_bits - 1)) - 1) // self.peak
 
 
 # --- integers ------------------------------------------------------------------
@@ -187,6 +220,74 @@ def unflatten(flat: np.ndarray, entries: Iterable[tuple[str, tuple[int, ...]]]) 
     if at != len(flat):
         raise SecAggError(f"a flat vector of {len(flat)} values does not fit a model of {at}")
     return out
+
+
+def rounding_bound(levels: int, count: int) -> float:
+    """The L2 bound on a clipped update of ``count`` coordinates after
+    conditional randomized rounding (Kairouz et al. 2021, the DDGauss
+    mechanism): the clip is ``levels`` in integers, and rounding each
+    coordinate up or down adds at most ``count / 4`` to the squared norm in
+    expectation; a rounding beyond the bound is redrawn. This is the
+    sensitivity the integer noise is sized for."""
+    c = float(levels)
+    return math.sqrt(c * c + count / 4 + ROUNDING_SLACK * (c + math.sqrt(count) / 2))
+
+
+def discrete_gaussian(sigma: float, size: int, rng: np.random.Generator, tail: float = NOISE_TAIL) -> np.ndarray:
+    """``size`` draws from the discrete Gaussian N_Z(0, sigma^2), cut at
+    ``tail`` deviations: Canonne, Kamath and Steinke's sampler (2020,
+    Algorithm 3), vectorized: a discrete Laplace draw (the difference of two
+    geometric draws) of scale ``t = floor(sigma) + 1``, kept with
+    probability ``exp(-(|y| - sigma^2 / t)^2 / (2 sigma^2))``."""
+    out = np.zeros(size, dtype=np.int64)
+    if sigma <= 0 or size == 0:
+        return out
+    t = math.floor(sigma) + 1
+    p = -math.expm1(-1.0 / t)
+    filled = 0
+    while filled < size:
+        k = int((size - filled) * 1.7) + 64
+        y = rng.geometric(p, k).astype(np.int64) - rng.geometric(p, k).astype(np.int64)
+        keep = rng.random(k) < np.exp(-((np.abs(y) - sigma * sigma / t) ** 2) / (2 * sigma * sigma))
+        y = y[keep & (np.abs(y) <= tail * sigma)]
+        take = min(len(y), size - filled)
+        out[filled:filled + take] = y[:take]
+        filled += take
+    return out
+
+
+def quantize_noisy(flat: np.ndarray, plan: SecAggPlan, rng: np.random.Generator, model: int) -> np.ndarray:
+    """Distributed DP in integers (DDGauss): the first ``model`` coordinates
+    (an update clipped to ``plan.bound`` in L2) are rounded conditionally,
+    so that their norm stays within ``rounding_bound``, and get this
+    device's discrete Gaussian share ``plan.noise``; the coordinates after
+    them (adaptive clipping's report) are rounded and get ``aux_noise``.
+    Sums of such shares stay discrete Gaussian to within a distance the
+    record states (``ddgauss_tau``), so the sum is as private as the
+    Gaussian mechanism at the noise it carries. Modulo ``2^modulus_bits``."""
+    x = np.clip(np.asarray(flat, dtype=np.float64), -plan.bound, plan.bound) * plan.scale
+    head, rest = x[:model], x[model:]
+    limit = rounding_bound(plan.levels, model) ** 2
+    for _ in range(MAX_ROUNDINGS):
+        q = np.floor(head + rng.random(head.shape))
+        if float(q @ q) <= limit:
+            break
+    else:
+        raise SecAggError(f"no rounding of the update within its norm bound in {MAX_ROUNDINGS} draws "
+                          f"(was it clipped to {plan.bound:g}?)")
+    q = q.astype(np.int64) + discrete_gaussian(plan.noise, model, rng)
+    aux = np.floor(rest + rng.random(rest.shape)).astype(np.int64) + discrete_gaussian(plan.aux_noise, len(rest), rng)
+    return (np.concatenate([q, aux]) & plan.mask).astype(np.uint32)
+
+
+def ddgauss_tau(sigma: float, devices: int) -> float:
+    """Kairouz et al.'s tau for a sum of ``devices`` discrete Gaussian
+    shares of deviation ``sigma``: how far the sum may be from one discrete
+    Gaussian (the concentrated-DP epsilon grows by at most ``tau x
+    sqrt(coordinates)``). Below 1e-30 once ``sigma`` is a few units."""
+    if sigma <= 0 or devices < 2:
+        return 0.0
+    return 10.0 * sum(math.exp(-2 * math.pi ** 2 * sigma ** 2 * k / (k + 1)) for k in range(1, devices))
 
 
 def dequantize(total: np.ndarray, plan: SecAggPlan) -> np.ndarray:

@@ -30,9 +30,9 @@ def inputs(monkeypatch):
     seen: dict[tuple[int, int, str], np.ndarray] = {}
     original = SecureSession.set_update
 
-    def spy(self, flat, rng):
+    def spy(self, flat, rng, model=None):
         seen[(self.round, self.attempt, self.me)] = np.array(flat)
-        return original(self, flat, rng)
+        return original(self, flat, rng, model)
 
     monkeypatch.setattr(SecureSession, "set_update", spy)
     return seen

@@ -13,10 +13,14 @@ from fedge.secagg import (
     SecAggServer,
     _combine,
     _split,
+    ddgauss_tau,
     dequantize,
+    discrete_gaussian,
     neighbours,
     pack,
     quantize,
+    quantize_noisy,
+    rounding_bound,
     unpack,
 )
 
@@ -244,3 +248,52 @@ def test_every_stage_round_trips_and_malformed_stages_are_refused():
             SecAggStage.parse(wire.decode(bad))
     with pytest.raises(ProtocolError, match="kind"):
         SecAggStage("job", 3, 1, "d2", "reveal", ("d1",), (bytes(32),), kinds="x", indices=(1,))
+
+
+@pytest.mark.parametrize("sigma", [0.6, 1.5, 4.0])
+def test_the_discrete_gaussian_sampler_has_its_distribution(sigma):
+    """Chi-square of 200,000 draws against N_Z(0, sigma^2)'s mass function
+    (bins with at least 20 expected draws; the rest pooled in the tails)."""
+    from scipy import stats
+
+    draws = discrete_gaussian(sigma, 200_000, np.random.default_rng(7))
+    support = np.arange(-int(12 * sigma) - 1, int(12 * sigma) + 2)
+    pmf = np.exp(-support.astype(float) ** 2 / (2 * sigma ** 2))
+    pmf /= pmf.sum()
+    expected = pmf * len(draws)
+    inner = expected >= 20
+    observed = np.array([np.count_nonzero(draws == k) for k in support])
+    obs = np.append(observed[inner], observed[~inner].sum())
+    exp = np.append(expected[inner], expected[~inner].sum())
+    assert stats.chisquare(obs, exp).pvalue > 1e-3
+    assert np.abs(draws).max() <= 12 * sigma
+
+
+def test_noisy_integers_stay_within_the_rounding_bound_and_the_modulus():
+    """Conditional rounding keeps a clipped update's integer norm within
+    ``rounding_bound``; the noise is cut at 12 deviations, so a plan's
+    capacity of devices sums without wrapping, noise included; the sum of
+    m shares carries m times a share's variance."""
+    rng = np.random.default_rng(3)
+    n, count = 40, 5_000
+    p = SecAggPlan.for_devices(n, 3, 4, 12, 1.0, noise=30.0, aux_noise=5.0)
+    assert p.capacity() >= n and p.peak == p.levels + 360
+    x = rng.normal(size=count)
+    x *= 1.0 / np.linalg.norm(x)  # clipped to the bound
+    flat = np.append(x, 0.5)  # and a clip report
+    total = np.zeros(count + 1, dtype=np.uint32)
+    clean = np.zeros(count)
+    for _ in range(n):
+        q = quantize_noisy(flat, p, rng, count)
+        total = (total + q) & np.uint32(p.mask)
+        clean += x
+    got = dequantize(total, p).astype(np.float64)
+    noise = (got[:count] - clean) * p.scale
+    assert noise.std() == pytest.approx(30.0 * np.sqrt(n), rel=0.05)  # rounding adds at most n / 4 per coordinate
+    assert got[count] == pytest.approx(n * 0.5, abs=6 * 5.0 * np.sqrt(n) / p.scale)
+    bare = SecAggPlan.for_devices(n, 3, 4, 12, 1.0)
+    for _ in range(20):
+        q = quantize_noisy(x, bare, rng, count).astype(np.int64)
+        q = np.where(q > bare.mask // 2, q - (bare.mask + 1), q)
+        assert np.linalg.norm(q) <= rounding_bound(bare.levels, count)
+    assert ddgauss_tau(3.0, 300) < 1e-30 and ddgauss_tau(0.2, 300) > 1e-3

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from aggregator.config import AggregatorConfig
+from aggregator.privacy import adaptive_noise_multiplier
 from edge_agent.pool import TrainingPool
 from edge_agent.secure import SecureSession
 from fedge import tensors
@@ -39,9 +40,9 @@ def inputs(monkeypatch):
     seen: dict[tuple[int, int, str], np.ndarray] = {}
     original = SecureSession.set_update
 
-    def spy(self, flat, rng):
+    def spy(self, flat, rng, model=None):
         seen[(self.round, self.attempt, self.me)] = np.array(flat)
-        return original(self, flat, rng)
+        return original(self, flat, rng, model)
 
     monkeypatch.setattr(SecureSession, "set_update", spy)
     return seen
@@ -150,7 +151,46 @@ def test_secure_aggregation_config_is_checked():
     with pytest.raises(ConfigError, match=r"server\.aggregation"):
         updated(base, secagg={"mode": "on", "bound": 0.1}, selection={"min_clients": 3, "max_clients": 5},
                 server={"aggregation": "median"}).check()
-    with pytest.raises(ConfigError, match="distributed"):
-        updated(base, secagg={"mode": "on"}, selection={"min_clients": 3},
-                privacy={"mode": "distributed"}, codec={"name": "none"}).check()
+    with pytest.raises(ConfigError, match="leave it 0, the privacy clip"):
+        updated(base, secagg={"mode": "on", "bound": 0.1}, selection={"min_clients": 3},
+                privacy={"mode": "central"}).check()
     updated(base, secagg={"mode": "on"}, selection={"min_clients": 3}, privacy={"mode": "central"}).check()
+    # Distributed noise goes in integers with secure aggregation: no float32 uplink needed.
+    updated(base, secagg={"mode": "on"}, selection={"min_clients": 3}, privacy={"mode": "distributed"}).check()
+
+
+def test_distributed_noise_in_integers_gives_the_release_exactly_the_noise_it_accounts_for(tmp_path, inputs):
+    """Distributed privacy under secure aggregation (DDGauss): each of four
+    devices clips its update, rounds it within the conditional-rounding
+    bound and adds a discrete Gaussian share; the aggregator unmasks the sum
+    and adds nothing when every expected device is in it. The released
+    change, times the denominator, minus the devices' clipped inputs is the
+    noise alone: its deviation is z x clip (times the rounding bound's
+    1 + 1e-4), within sampling error over the model's 4,810 coordinates."""
+    clip, z = 0.5, 0.8
+    cfg = updated(job(tmp_path, min_clients=4, deadline_s=60.0), job={"rounds": 2},
+                  training={"epochs": 1, "batch_size": 32, "lr": 0.1},
+                  privacy={"mode": "distributed", "clip": clip, "noise_multiplier": z, "sampling_rate": 1.0,
+                           "delta": 1e-3, "clip_quantile": 0.5, "clip_bit_noise": 2.0},
+                  secagg={"mode": "on", "stage_s": 5.0}, server={"clip": "off", "direction": "off"})
+    records, models = [], []
+    with job_and_fleet(cfg, MemoryBroker(), devices(tmp_path, 4), TrainingPool(size=1, mode="warm", threads=1),
+                       on_record=records.append) as (service, _):
+        models.append(dict(service.core.models.exact))
+        wait_for(lambda: len(records) >= 1, 120)
+        models.append(dict(service.core.models.exact))
+        assert service.done.wait(60)
+    first = records[0]
+    assert first.status == "ok" and first.extra["dp_noise_shares"] == 4 == first.clients, first
+    assert first.extra["secagg"]["ddgauss_tau"] < 1e-30
+    # The aggregator saw only the sum, with all of its noise: no worse off than anyone who sees the model.
+    assert first.extra["epsilon_aggregator"] == first.extra["epsilon_participant"]
+    names = tensors.TensorSpec.of(models[0]).names
+    n = len(flatten(models[0], names))
+    mine = [flat for (r, _, _), flat in inputs.items() if r == 1]
+    assert len(mine) == 4 and all(len(f) == n + 1 for f in mine)  # the model, and the clip report
+    assert all(np.linalg.norm(f[:n]) <= clip * (1 + 1e-6) for f in mine)
+    noise = (flatten(models[1], names) - flatten(models[0], names)) * 4 - np.sum(mine, axis=0)[:n]
+    want = adaptive_noise_multiplier(z, 2.0) * clip  # adaptive clipping's report takes its part of z
+    assert abs(noise.mean()) < 4 * want / np.sqrt(n)
+    assert noise.std() == pytest.approx(want, rel=0.05), (noise.std(), want)
