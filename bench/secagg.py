@@ -14,10 +14,19 @@ devices), threshold a majority of a device's share holders.
 Compare the masked input with the same update under the job's default
 codec (int2 + zlib): masked data look uniform and do not compress.
 
-This is the protocol's cost only; ``bench/secagg.py`` will grow real rounds
-over Mosquitto when secure aggregation is wired into the roles (issue 14).
+``--mode rounds`` runs real jobs instead: a private Mosquitto, the
+aggregator service and N real agents (each its own MQTT connection, signed
+messages, real training in a pool of two workers), each job once with plain
+rounds (the job's default int2 + zlib uplink) and once with secure
+aggregation, and reports wall time per round (announcement to close, the
+median after the first round, which loads the workers) and MQTT payload
+bytes per device per round, up and down. ``--mode accuracy`` runs the demo
+workload (10 agents, digits, 30 rounds) with and without secure aggregation
+over several seeds: secure aggregation must not cost accuracy.
 
     python bench/secagg.py --out bench/results/secagg_protocol.json
+    python bench/secagg.py --mode rounds --out bench/results/secagg_rounds.json
+    python bench/secagg.py --mode accuracy --out bench/results/secagg_accuracy.json
 """
 
 from __future__ import annotations
@@ -140,15 +149,146 @@ def one(n: int, count: int, bits: int, dropout: float, seed: int) -> dict[str, A
     }
 
 
+JOBS = {
+    # model: (factory, data, data args, training, evaluation args)
+    "digits_mlp": ("fedge.models:digits_mlp", "fedge.datasets:digits", {"partition": "dirichlet", "alpha": 0.5},
+                   {"epochs": 2, "batch_size": 16, "lr": 0.1}, {"split": "test"}),
+    "mnist_2nn": ("fedge.models:mnist_2nn", "fedge.datasets:mnist", {"partition": "iid"},
+                  {"epochs": 1, "batch_size": 10, "lr": 0.1}, {"split": "test"}),
+}
+
+
+def job_rounds(url: str, model: str, n: int, rounds: int, secure: bool, seed: int, tmp: Path) -> dict[str, Any]:
+    """One real job over ``url``: per-round seconds and bytes per device."""
+    import threading
+
+    from aggregator.config import AggregatorConfig
+    from aggregator.service import AggregatorService
+    from edge_agent.pool import TrainingPool
+    from edge_agent.runtime import AgentRuntime, DeviceSpec
+    from fedge.config import BrokerSettings, updated
+    from fedge_cli.identity import provision
+
+    factory, data, data_args, training, eval_args = JOBS[model]
+    state = tmp / f"{model}-{n}-{'secure' if secure else 'plain'}-{seed}"
+    cfg = updated(AggregatorConfig(), job={"name": "bench-secagg", "model": factory, "rounds": rounds, "seed": seed,
+                                            "state_dir": str(state / "aggregator")},
+                  selection={"min_clients": n, "deadline_s": 600.0, "settle_s": 2.0},
+                  training=training, evaluate={"data": data, "args": eval_args},
+                  limits={"messages_per_s": 50.0}, broker={"url": url})
+    if secure:
+        cfg = updated(cfg, secagg={"mode": "on", "bound": 0.5, "stage_s": 120.0},
+                      server={"clip": "off", "direction": "off", "weight_cap": 0.0})
+    ids = [f"d{i:03d}" for i in range(n)]
+    aggregator_key, keys = provision(state / "aggregator", ids, state / "keys")
+    specs = [DeviceSpec(client_id=c, job="bench-secagg", data=data,
+                        data_args={"client": i, "clients": n, "seed": seed, **data_args},
+                        state_dir=state / "agents" / c, durable=False, identity=keys[c],
+                        aggregator_key=aggregator_key, downlink="follow")
+             for i, c in enumerate(ids)]
+    records: list[Any] = []
+    service = AggregatorService(cfg, on_record=records.append)
+    pool = TrainingPool(size=2, mode="warm", threads=1)
+    fleet = AgentRuntime(specs, BrokerSettings(url=url), pool)
+    threads = [threading.Thread(target=service.run, daemon=True), threading.Thread(target=fleet.run, daemon=True)]
+    fleet.start()
+    for t in threads:
+        t.start()
+    try:
+        if not service.done.wait(600 + 120 * rounds):
+            raise SystemExit(f"{model} n={n} secure={secure}: the job did not finish: {records}")
+    finally:
+        service.stop()
+        fleet.stop()
+        for t in threads:
+            t.join(30)
+        fleet.close()
+        pool.close()
+    steady = records[1:] or records
+    up = [fleet.traffic.get(r.round, [0, 0])[0] / n for r in steady]
+    down = [fleet.traffic.get(r.round, [0, 0])[1] / n for r in steady]
+    out = {"model": model, "devices": n, "secure": secure, "rounds": len(records),
+           "status": [r.status for r in records],
+           "round_seconds_median": round(statistics.median(r.seconds for r in steady), 3),
+           "round_seconds": [round(r.seconds, 3) for r in records],
+           "device_bytes_up_per_round": int(statistics.median(up)),
+           "device_bytes_down_per_round": int(statistics.median(down)),
+           "accuracy": [r.accuracy for r in records]}
+    if secure:
+        out["secagg"] = records[-1].extra.get("secagg")
+    return out
+
+
+def rounds_mode(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    from bench._common import PrivateMosquitto
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-secagg-") as tmp:
+        for model in args.models.split(","):
+            for n in (int(x) for x in args.devices.split(",")):
+                for secure in (False, True):
+                    mosq = PrivateMosquitto()
+                    try:
+                        row = job_rounds(mosq.url, model, n, args.rounds, secure, args.seed, Path(tmp))
+                    finally:
+                        mosq.close()
+                    print(f"{model} n={n} {'secure' if secure else 'plain'}: {row['round_seconds_median']} s/round, "
+                          f"up {row['device_bytes_up_per_round']} B, down {row['device_bytes_down_per_round']} B "
+                          f"per device", file=sys.stderr, flush=True)
+                    rows.append(row)
+    return {"benchmark": "secagg rounds over Mosquitto", "machine": machine(), "rounds": args.rounds,
+            "results": rows}
+
+
+def accuracy_mode(args: argparse.Namespace) -> dict[str, Any]:
+    import io
+
+    from bench._common import PrivateMosquitto
+    from fedge_cli.demo import DemoOptions, run_demo
+
+    rows = []
+    for seed in range(args.seeds):
+        for secure in (False, True):
+            mosq = PrivateMosquitto()
+            try:
+                summary = run_demo(DemoOptions(broker=mosq.url, seed=seed, secure_aggregation=secure),
+                                   out=io.StringIO())
+            finally:
+                mosq.close()
+            rows.append({"seed": seed, "secure": secure, "final_accuracy": summary["final_accuracy"],
+                         "best_accuracy": summary["best_accuracy"],
+                         "median_round_seconds": summary["median_round_seconds"]})
+            print(rows[-1], file=sys.stderr, flush=True)
+    summary_rows = {}
+    for secure in (False, True):
+        accs = [r["final_accuracy"] for r in rows if r["secure"] == secure]
+        summary_rows["secure" if secure else "plain"] = {
+            "final_accuracy_mean": round(statistics.mean(accs), 4),
+            "final_accuracy_min": round(min(accs), 4), "final_accuracy_max": round(max(accs), 4)}
+    return {"benchmark": "secagg accuracy (the demo workload)", "machine": machine(), "runs": rows,
+            "summary": summary_rows}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", default="protocol", choices=["protocol", "rounds", "accuracy"])
     p.add_argument("--devices", default="10,50,100,300")
     p.add_argument("--models", default="digits_mlp,mnist_2nn")
     p.add_argument("--bits", type=int, default=16)
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.1, help="protocol mode: devices that drop after sharing")
+    p.add_argument("--rounds", type=int, default=3, help="rounds mode: rounds per job")
+    p.add_argument("--seeds", type=int, default=3, help="accuracy mode: seeds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out")
     args = p.parse_args()
+    if args.mode == "rounds":
+        emit(rounds_mode(args), args.out)
+        return
+    if args.mode == "accuracy":
+        emit(accuracy_mode(args), args.out)
+        return
     rows = []
     for model in args.models.split(","):
         for n in (int(x) for x in args.devices.split(",")):

@@ -18,6 +18,7 @@ from typing import Any
 from fedge import wire
 from fedge.errors import FedgeError
 from fedge.privacy import DpPlan
+from fedge.secagg import MAX_DEVICES as SECAGG_MAX_DEVICES
 from fedge.secagg import SEALED_BYTES, SecAggError, SecAggPlan
 from fedge.tensors import TensorError, TensorSpec
 from fedge.topics import check_id
@@ -521,7 +522,7 @@ class Artifact:
         return art
 
 
-MAX_SECAGG_DEVICES = 10_000
+MAX_SECAGG_DEVICES = SECAGG_MAX_DEVICES
 # stage -> (who sends it, bytes per entry of ``ids``); see fedge.secagg
 SECAGG_STAGES: dict[str, tuple[str, int]] = {
     "keys": ("device", 64),  # ids = (sender,): its encryption and mask public keys

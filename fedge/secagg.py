@@ -78,6 +78,7 @@ CAPABILITY = "secagg"
 CODEC: dict[str, Any] = {"name": "secagg"}
 SHARE_BYTES = 16  # PyCryptodome shares 16-byte secrets; a 32-byte secret is two of them
 MAX_MODULUS_BITS = 32
+MAX_DEVICES = 10_000  # in one secure round (the stage messages' id lists hold no more)
 # Distributed DP in integers: a device's noise is cut at this many standard
 # deviations (the mass beyond is below 1e-32), so that the modulus can hold
 # the noisy sum by construction, not just with high probability.
@@ -117,6 +118,8 @@ class SecAggPlan:
             raise SecAggError("secagg threshold must be at least 2")
         if self.degree < self.threshold:
             raise SecAggError(f"secagg degree {self.degree} is below the threshold {self.threshold}")
+        if self.degree > MAX_DEVICES:
+            raise SecAggError(f"secagg degree {self.degree} is over {MAX_DEVICES} devices")
         if not 2 <= self.bits <= 24:
             raise SecAggError("secagg bits must be in 2..24")
         if not (math.isfinite(self.bound) and self.bound > 0):
