@@ -56,6 +56,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/export.py --out bench/results/export.json
 	$(BIN)/python bench/fedavg_mnist.py --out bench/results/fedavg_mnist_iid.json
 	$(BIN)/python bench/poisoning.py --out bench/results/poisoning.json
+	$(BIN)/python bench/privacy.py --out bench/results/privacy.json
+	$(BIN)/python bench/secagg.py --out bench/results/secagg_protocol.json
+	$(BIN)/python bench/secagg.py --mode rounds --rounds 5 --out bench/results/secagg_rounds.json
+	$(BIN)/python bench/secagg.py --mode accuracy --out bench/results/secagg_accuracy.json
 
 # The pathological non-IID split of the FedAvg paper: 800 rounds per codec, long.
 bench-noniid: $(STAMP)

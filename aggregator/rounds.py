@@ -892,6 +892,9 @@ class RoundCore:
                 log.error("round %d: secure aggregation failed: %s; the round fails and the model stays", op.round,
                           exc)
                 return None, False, "secagg_failed"
+            except Exception:  # e.g. a share that PyCryptodome cannot combine
+                log.exception("round %d: unmasking the sum failed; the round fails and the model stays", op.round)
+                return None, False, "secagg_failed"
         else:
             try:
                 combined = self.updates.combine()

@@ -151,7 +151,7 @@ def one(n: int, count: int, bits: int, dropout: float, seed: int) -> dict[str, A
 
 JOBS = {
     # model: (factory, data, data args, training, evaluation args)
-    "digits_mlp": ("fedge.models:digits_mlp", "fedge.datasets:digits", {"partition": "dirichlet", "alpha": 0.5},
+    "digits_mlp": ("fedge.models:digits_mlp", "fedge.datasets:digits", {"partition": "iid"},
                    {"epochs": 2, "batch_size": 16, "lr": 0.1}, {"split": "test"}),
     "mnist_2nn": ("fedge.models:mnist_2nn", "fedge.datasets:mnist", {"partition": "iid"},
                   {"epochs": 1, "batch_size": 10, "lr": 0.1}, {"split": "test"}),

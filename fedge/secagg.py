@@ -79,6 +79,12 @@ CODEC: dict[str, Any] = {"name": "secagg"}
 SHARE_BYTES = 16  # PyCryptodome shares 16-byte secrets; a 32-byte secret is two of them
 MAX_MODULUS_BITS = 32
 MAX_DEVICES = 10_000  # in one secure round (the stage messages' id lists hold no more)
+# The modulus has this many bits beyond what the honest sum needs. A masked
+# input cannot be range-checked, so a device could send any integer; with the
+# headroom, an unmasked sum outside the honest range exposes it (or a bad
+# share: the sum is then uniform, out of range in 3 coordinates of 4), and
+# what passes moves each coordinate by at most the honest range.
+GUARD_BITS = 2
 # Distributed DP in integers: a device's noise is cut at this many standard
 # deviations (the mass beyond is below 1e-32), so that the modulus can hold
 # the noisy sum by construction, not just with high probability.
@@ -163,10 +169,11 @@ class SecAggPlan:
         """The plan whose modulus holds the sum of ``devices`` inputs: each
         is at most ``peak`` in absolute value (``levels``, plus the noise cut
         at ``NOISE_TAIL`` deviations), so the sum's magnitude is at most
-        ``devices x peak``, and one more bit holds its sign."""
+        ``devices x peak``; one more bit holds its sign, and ``GUARD_BITS``
+        more expose a sum that no honest inputs make."""
         levels = 2 ** (bits - 1) - 1
         peak = levels + math.ceil(NOISE_TAIL * max(noise, aux_noise))
-        modulus_bits = max(bits + 1, math.ceil(math.log2(devices * peak + 1)) + 1)
+        modulus_bits = max(bits + 1, math.ceil(math.log2(devices * peak + 1)) + 1) + GUARD_BITS
         if modulus_bits > MAX_MODULUS_BITS:
             raise SecAggError(f"{devices} devices at {bits} bits need a {modulus_bits}-bit modulus, over "
                               f"{MAX_MODULUS_BITS}: lower secagg.bits")
@@ -192,6 +199,16 @@ class SecAggPlan:
     def capacity(self) -> int:
         """The most inputs whose sum cannot wrap."""
         return ((1 << (self.modulus_bits - 1)) - 1) // self.peak
+
+    def check_sum(self, total: np.ndarray, inputs: int) -> None:
+        """Raise ``SecAggError`` unless every coordinate of an unmasked sum
+        of ``inputs`` inputs is within what honest inputs can make."""
+        t = np.asarray(total, dtype=np.int64) & self.mask
+        signed = np.where(t >= 1 << (self.modulus_bits - 1), t - (1 << self.modulus_bits), t)
+        worst = int(np.abs(signed).max(initial=0))
+        if worst > inputs * self.peak:
+            raise SecAggError(f"the unmasked sum of {inputs} inputs reaches {worst}, beyond the {inputs * self.peak} "
+                              f"honest inputs can: a device sent a masked input or a share not made by the protocol")
 
 
 # --- integers ------------------------------------------------------------------
@@ -650,4 +667,6 @@ class SecAggServer:
                     total -= prg(seed, self.count, self.plan)
                 else:
                     total += prg(seed, self.count, self.plan)
-        return total & np.uint32(self.plan.mask)
+        total &= np.uint32(self.plan.mask)
+        self.plan.check_sum(total, len(self.survivors))
+        return total

@@ -297,3 +297,23 @@ def test_noisy_integers_stay_within_the_rounding_bound_and_the_modulus():
         q = np.where(q > bare.mask // 2, q - (bare.mask + 1), q)
         assert np.linalg.norm(q) <= rounding_bound(bare.levels, count)
     assert ddgauss_tau(3.0, 300) < 1e-30 and ddgauss_tau(0.2, 300) > 1e-3
+
+
+def test_an_input_or_share_not_made_by_the_protocol_fails_the_sum_instead_of_corrupting_it():
+    """A masked input cannot be range-checked: a device may send any
+    integers. The modulus's guard bits expose a sum no honest inputs make;
+    so does a forged share (the self mask then comes off wrong and the sum is
+    uniform). What passes moves the sum by at most the honest range."""
+    p = plan()
+    good = inputs_for(p, 8, seed=3)
+    rng = np.random.default_rng(4)
+    hostile = dict(good, d03=rng.integers(0, 1 << p.modulus_bits, COUNT, dtype=np.uint32))
+    with pytest.raises(SecAggError, match="beyond"):
+        run(p, hostile).result()
+    server = run(p, good)
+    for shares in server.revealed.values():  # d00's self-mask seed comes back wrong
+        if "d00" in shares:
+            kind, index, share = shares["d00"]
+            shares["d00"] = (kind, index, bytes(b ^ 0x5A for b in share))
+    with pytest.raises(SecAggError, match="beyond"):
+        server.result()
