@@ -66,8 +66,11 @@ def test_new_global_models_reach_an_inference_only_device_as_verified_onnx(mosqu
         x, y = datasets.digits(split="test")
         answer = http(f"http://127.0.0.1:{port}/predict", {"inputs": x.tolist()})
         accuracy = float(np.mean(np.asarray(answer["predictions"]) == y))
-        # The device computes exactly what the aggregator's quantization report measured.
-        assert abs(accuracy - published["accuracy"]) < 1e-9
+        # The device computes exactly what the aggregator's quantization report
+        # measured: for the target (arm64), or, where this x86 host's default
+        # int8 kernels compute something else (no VNNI), for them.
+        assert abs(accuracy - published.get("host_accuracy", published["accuracy"])) < 1e-9
+        assert abs(published["accuracy"] - published["float_accuracy"]) < 0.02
         assert "libtorch" not in Path(f"/proc/{kiosk.pid}/maps").read_text()
 
         np.savez(tmp_path / "test.npz", x=x, labels=y)
