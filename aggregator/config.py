@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedge.config import BrokerSettings, ConfigError, section, setting
+from fedge.metrics import MetricsSettings
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,7 @@ class AggregatorConfig:
     identity: IdentitySection = section(IdentitySection, "Who may take part, and how devices know the aggregator.")
     privacy: PrivacySection = section(PrivacySection, "Client-level differential privacy and its budget.")
     secagg: SecAggSection = section(SecAggSection, "Secure aggregation: the aggregator learns only each round's sum.")
+    metrics: MetricsSettings = section(MetricsSettings, "Prometheus metrics over HTTP (off by default).")
     broker: BrokerSettings = section(BrokerSettings, "How to reach the MQTT broker.")
 
 
@@ -406,6 +408,7 @@ class AggregatorConfig:
             raise ConfigError("selection.min_clients and selection.min_updates must be at least 1")
         self.onnx.check()
         self.identity.check()
+        self.metrics.check()
 
 
 def _checked_id(check_id: Any, value: str, what: str) -> None:

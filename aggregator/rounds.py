@@ -338,6 +338,10 @@ class RoundCore:
         self.last_selected: frozenset[str] = frozenset()  # of the round that closed last
         self._now = 0.0  # the time of the event being handled
         self.counters: Counter[str] = Counter()
+        # The same counts, by kind, for metrics: updates refused (by reason;
+        # "late" included) and rounds failed (by failure).
+        self.rejections: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
         self.history: list[RoundRecord] = []  # the last few records, for restarts
         self._restored_open: dict[str, Any] | None = None
         self._waiting_announced = 0
@@ -449,6 +453,7 @@ class RoundCore:
         update (or, for a malformed one, its header: ``named``) gives its
         round and update id."""
         self.counters[reason] += 1
+        self.rejections[reason] += 1
         if self.open:
             if reason == "late":
                 self.open.late += 1
@@ -811,6 +816,8 @@ class RoundCore:
             extra["secagg"] = self._secure_summary()
         if not ok and failure is None and self.policy.secagg is not None and (sec is None or sec.stage == "failed"):
             failure = "secagg_failed"
+        if not ok:
+            self.failures[failure or "too_few_updates"] += 1
         if failure:
             self.counters[failure] += 1
         record = RoundRecord(
@@ -1056,6 +1063,8 @@ class RoundCore:
             "dp_ledger": self.dp_ledger.to_json(),
             "benched": {c: list(v) for c, v in self.benched.items()},
             "counters": dict(self.counters),
+            "rejections": dict(self.rejections),
+            "failures": dict(self.failures),
             "history": [r.to_json() for r in self.history],
             "checkpoint_id": self.new_id(),
         }
@@ -1089,6 +1098,8 @@ class RoundCore:
         self.direction_ref = ref or None
         self.benched = {c: (int(v[0]), int(v[1])) for c, v in meta.get("benched", {}).items()}
         self.counters = Counter(meta.get("counters", {}))
+        self.rejections = Counter(meta.get("rejections", {}))
+        self.failures = Counter(meta.get("failures", {}))
         self.history = [RoundRecord.from_json(r) for r in meta.get("history", [])]
         self.resume_round(open_round)
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aggregator.artifacts import ArtifactBuilt, ArtifactFailed, OnnxPublisher
 from aggregator.config import AggregatorConfig
@@ -46,11 +46,15 @@ from fedge.chunks import ChunkError, Reassembler, parse_chunk
 from fedge.config import ConfigError
 from fedge.identity import Identity, IdentityError, check_signed, next_key_path, sign_link
 from fedge.messages import KeyChain, KeyLink, ProtocolError, Status, TrainingPlan
+from fedge.metrics import CountingLink, Traffic
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.records import RoundRecord
 from fedge.topics import JobTopics
 from fedge.transport import LinkFactory
 from fedge.wire import Envelope, WireError
+
+if TYPE_CHECKING:
+    from aggregator.metrics import AggregatorMetrics
 
 log = logging.getLogger("fedge.aggregator")
 
@@ -97,12 +101,14 @@ class AggregatorService:
             max_partials_per_stream=2, timeout_s=cfg.limits.reassembly_timeout_s,
             check_ids=False,  # RoundCore verifies the envelope's sha256
         )
+        self.traffic = Traffic()  # MQTT payload bytes by direction and channel
         self.link = link_factory(
             cfg.broker, f"fedge-aggregator-{cfg.job.name}", self.inbox.put,
             subscriptions=[self.topics.update_filter, self.topics.status_filter],
             will=(self.topics.server, self._seal(Status(messages.AGGREGATOR, "offline").encode())),
             name="aggregator",
         )
+        self.link = CountingLink(self.link, self.traffic, self.topics.channel)
         self._eval_data: Any = None
         self._eval_model: Any = None
         self.onnx = (OnnxPublisher(cfg, self.state.root / "onnx", self.inbox.put) if cfg.onnx.every > 0 else None)
@@ -118,6 +124,14 @@ class AggregatorService:
         self._log_limit = RateLimiter(1 / 60, 1, 10_000)  # one line a minute per (device, kind)
         self._failures_logged: set[tuple[str, str]] = set()
         self.artifacts: list[dict[str, Any]] = []
+        self.metrics: AggregatorMetrics | None = None
+        if cfg.metrics.enabled:
+            from aggregator.metrics import AggregatorMetrics
+
+            self.metrics = AggregatorMetrics(cfg.metrics)
+        self.checkpoint_time: float | None = self.state.checkpoint_time()
+        self._handle_started = 0.0
+        self._last_record: RoundRecord | None = self.core.history[-1] if self.core.history else None
 
     # --- identity ---------------------------------------------------------------
 
@@ -237,6 +251,8 @@ class AggregatorService:
         chain = self._key_chain()
         if chain is not None:  # first, so that devices know the key before what it signed
             self.link.publish(self.topics.keys, chain, retain=True)
+        if self.metrics is not None:
+            self.metrics.start()  # first: a port already taken is a ConfigError before anything is published
         self._execute(self.core.start(now))
         if self.core.state == "done":
             log.info("job %s already ran all %d rounds; publishing its final state", self.cfg.job.name,
@@ -262,8 +278,12 @@ class AggregatorService:
                 self._feed(TimerFired(now))
                 if self.core.state == "done":  # however it ended (its last round, or a budget)
                     self.done.set()
+                if self.metrics is not None and self.metrics.collector.due(now):
+                    self._publish_metrics(now)
         finally:
             self.link.stop(final=(self.topics.server, self._seal(Status(messages.AGGREGATOR, "offline").encode())))
+            if self.metrics is not None:
+                self.metrics.close()
         return 0
 
     # --- events ----------------------------------------------------------------
@@ -271,10 +291,15 @@ class AggregatorService:
     def _feed(self, event: Event) -> None:
         """Hand ``event`` to the core and carry out what it returns. Contained:
         whatever goes wrong is counted and logged, and the loop goes on."""
+        started = self._handle_started = time.perf_counter()
+        accepted = self.core.counters["accepted"]
         try:
             self._execute(self.core.handle(event))
         except Exception as exc:
             self._contained(exc, event, getattr(event, "now", monotonic()))
+        if (self.metrics is not None and isinstance(event, MessageArrived)
+                and self.core.counters["accepted"] > accepted):
+            self.metrics.fold_seconds.observe(time.perf_counter() - started)
 
     def _contained(self, exc: Exception, item: object, now: float) -> None:
         """A failure no input may cause: counted as ``internal_error`` and
@@ -308,6 +333,7 @@ class AggregatorService:
         if not isinstance(item, Inbound):
             return
         channel, client = self.topics.parse(item.topic)
+        self.traffic.add("in", channel, len(item.payload))
         if channel == "status" and client:
             if self._limited(self.status_limit, client, "presence", now):
                 return
@@ -389,6 +415,7 @@ class AggregatorService:
         for action in actions:
             if isinstance(action, SaveCheckpoint):
                 self.state.save_checkpoint(action.arrays, action.meta)
+                self.checkpoint_time = time.time()
             elif isinstance(action, SaveRoundOpen):
                 self.state.save_open_round(action.record)
             elif isinstance(action, PublishModel):
@@ -414,6 +441,9 @@ class AggregatorService:
 
     def _record_round(self, fin: RoundFinished) -> None:
         record = fin.record
+        if self.metrics is not None:  # the close: its checkpoint and model are out; evaluation is not counted
+            self.metrics.close_seconds.observe(time.perf_counter() - self._handle_started)
+            self.metrics.round_seconds.observe(record.seconds)
         ev = self.cfg.evaluate
         if ev.data and (fin.last or record.round % max(1, ev.every) == 0):
             started = time.perf_counter()
@@ -426,6 +456,11 @@ class AggregatorService:
             record = record.replace(accuracy=metrics.get("accuracy"), loss=metrics.get("loss"),
                                     eval_seconds=round(time.perf_counter() - started, 4))
         record = record.replace(dropped_chunks=self.dropped_chunks, time=round(time.time(), 3))
+        self._last_record = record
+        if self.metrics is not None:
+            if record.eval_seconds is not None:
+                self.metrics.eval_seconds.observe(record.eval_seconds)
+            self._publish_metrics(monotonic())
         self.state.append_round(record.to_json())
         self.link.publish(self.topics.events, self._seal(messages.encode_event(self.cfg.job.name, record.to_json())))
         log.info("round %d %s: %d/%d clients%s", record.round, record.status, record.clients, record.selected,
@@ -438,6 +473,46 @@ class AggregatorService:
                 log.exception("the on_record callback failed for round %d", record.round)
         if self.onnx is not None and record.status == "ok" and self.onnx.due(record.round, fin.last):
             self.onnx.submit(record.round, self.core.exact_model_message())
+
+    def _publish_metrics(self, now: float) -> None:
+        """Swap a fresh snapshot in for the metrics listener's thread."""
+        assert self.metrics is not None
+        try:
+            self.metrics.collector.publish(self._metrics_snapshot(), now)
+        except Exception:  # metrics must never stop the job
+            self._feed(Incident("metrics_failed", None, now))
+            log.exception("building the metrics snapshot failed (counted as metrics_failed)")
+
+    def _metrics_snapshot(self) -> dict[str, Any]:
+        """Plain data, copied on the loop's thread: what ``aggregator.metrics.render`` shows."""
+        import fedge
+
+        core = self.core
+        op = core.open
+        last = self._last_record
+        cfg = self.cfg
+        snap: dict[str, Any] = {
+            "job": cfg.job.name, "model": cfg.job.model, "version": fedge.__version__,
+            "round": op.round if op is not None else core.next_round - 1,
+            "rounds_planned": cfg.job.rounds, "done": core.state == "done",
+            "counters": dict(core.counters), "rejections": dict(core.rejections), "failures": dict(core.failures),
+            "traffic": self.traffic.copy(),
+            "clients_online": len(core.online), "clients_known": len(core.known),
+            "clients_selected": len(op.selected) if op is not None else 0,
+            "clients_responded": len(op.accepted) if op is not None else 0,
+            "clients_benched": sum(1 for _, until in core.benched.values() if until > core.next_round),
+            "reassembly_bytes": self.updates.held, "reassembly_limit_bytes": cfg.limits.reassembly_bytes,
+            "inbox_messages": len(self.inbox),
+            "last": {} if last is None else {"accuracy": last.accuracy, "loss": last.loss,
+                                             "train_loss": last.train_loss},
+            "checkpoint_time": self.checkpoint_time,
+        }
+        if cfg.privacy.mode != "off":
+            extra = {} if last is None else last.extra
+            snap["privacy"] = {"epsilon": extra.get("epsilon", 0.0),
+                               "epsilon_participant": extra.get("epsilon_participant"),
+                               "budget": cfg.privacy.target_epsilon, "delta": cfg.privacy.delta}
+        return snap
 
     def _publish_retained(self, what: str, topic_for: Callable[[int], str], message: bytes | None) -> None:
         """Publish ``message`` retained as chunks (or clear it, for None), and

@@ -42,6 +42,13 @@ class StateDir:
         blob[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         atomic_write(self.root / CHECKPOINT, tensors.pack(blob))
 
+    def checkpoint_time(self) -> float | None:
+        """Unix time the checkpoint was written, or None when there is none."""
+        try:
+            return (self.root / CHECKPOINT).stat().st_mtime
+        except OSError:
+            return None
+
     def load_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         path = self.root / CHECKPOINT
         if not path.exists():

@@ -13,6 +13,7 @@ import shutil
 import socket
 from dataclasses import dataclass
 
+from edge_agent.metrics import AgentMetricsSettings
 from fedge.config import BrokerSettings, ConfigError, section, setting
 
 ROLES = ("trainer", "inference")
@@ -103,6 +104,7 @@ class AgentConfig:
     data: DataSection = section(DataSection, "The device's local data; it never leaves the device.")
     worker: WorkerSection = section(WorkerSection, "The process that runs training.")
     inference: InferenceSection = section(InferenceSection, "Inference-only devices (agent.role = inference).")
+    metrics: AgentMetricsSettings = section(AgentMetricsSettings, "Prometheus metrics over HTTP (off by default).")
     broker: BrokerSettings = section(BrokerSettings, "How to reach the MQTT broker.")
     identity: IdentitySection = section(IdentitySection, "This device's key, and the aggregator's it believes.")
 
@@ -123,6 +125,7 @@ class AgentConfig:
             raise ConfigError(str(exc)) from None
         check_choice(self.agent.role, ROLES, "agent.role")
         self.identity.check()
+        self.metrics.check()
         check_choice(self.agent.downlink, DOWNLINKS, "agent.downlink")
         if self.worker.python and not shutil.which(self.worker.python):
             raise ConfigError(f"worker.python {self.worker.python!r} is not an executable; give the full path")

@@ -562,6 +562,7 @@ class AgentCore:
         if ack.client != self.client_id or p is None or ack.update_id != p.update_id or ack.round != p.round:
             return []
         if ack.status in ("accepted", "duplicate"):
+            self._count(f"update_{ack.status}")
             self.state.pending = replace(p, acked_attempt=max(p.acked_attempt, ack.attempt))
             if not self._needs_sending(self.state.pending):
                 self.resend = None
@@ -735,6 +736,7 @@ class AgentCore:
         return self._consider(ev.now)
 
     def _decline(self, t: _Training, reason: str) -> list[Action]:
+        self._count("declined")
         self.state.record(t.round, t.base_model)
         self.state.pending = None
         self.update_bytes = None

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_agent import capabilities
 from edge_agent.config import ROLES, check_choice
@@ -60,10 +60,14 @@ from fedge.config import BrokerSettings
 from fedge.files import atomic_write
 from fedge.identity import Identity, IdentityError, PublicKey, check_signed, follow_chain
 from fedge.messages import KeyChain, ProtocolError, Status
+from fedge.metrics import CountingLink, MetricsSettings, Traffic
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.topics import JobTopics, check_id
 from fedge.transport import LinkFactory
 from fedge.wire import Kind
+
+if TYPE_CHECKING:
+    from edge_agent.metrics import AgentMetrics
 
 log = logging.getLogger("fedge.agent")
 # Where a simulated device may drop out of a round: before its secure
@@ -335,13 +339,26 @@ def _served_by(dev: _Device) -> Callable[[], ServedModel | None]:
 
 class AgentRuntime:
     def __init__(self, devices: list[DeviceSpec], broker: BrokerSettings, pool: TrainingPool,
-                 tick_s: float = 0.5, link_factory: LinkFactory = MqttLink) -> None:
+                 tick_s: float = 0.5, link_factory: LinkFactory = MqttLink,
+                 metrics: MetricsSettings | None = None) -> None:
         """``link_factory`` makes each device's broker connection (``MqttLink``;
-        tests pass ``fedge.transport.MemoryBroker().link``)."""
+        tests pass ``fedge.transport.MemoryBroker().link``); ``metrics``, when
+        enabled, serves Prometheus metrics from ``start()`` to ``close()``."""
         for d in devices:
             check_id(d.client_id, "agent id")
         self.inbox = Inbox(maxsize=max(1024, 64 * len(devices)))
         self.devices = {d.client_id: _Device(d, broker, self.inbox, link_factory) for d in devices}
+        # MQTT payload bytes by direction and channel, for metrics.
+        self.bytes_by_channel = Traffic()
+        for dev in self.devices.values():
+            dev.link = CountingLink(dev.link, self.bytes_by_channel, dev.topics.channel)
+        self.connected: set[str] = set()
+        self.last_training: dict[str, Any] = {}  # the newest training run of any device
+        self.metrics: AgentMetrics | None = None
+        if metrics is not None and metrics.enabled:
+            from edge_agent.metrics import AgentMetrics
+
+            self.metrics = AgentMetrics(metrics)
         self.pool = pool
         self.tick_s = tick_s
         self._stop = threading.Event()
@@ -363,6 +380,9 @@ class AgentRuntime:
     # --- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.start()
+            self._publish_metrics(monotonic())
         for server in self.servers:
             server.start()
             log.info("prediction API on http://%s:%d (POST /predict, GET /health)",
@@ -374,6 +394,8 @@ class AgentRuntime:
         self._stop.set()
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         for server in self.servers:
             server.stop()
         for dev in self.devices.values():
@@ -395,6 +417,34 @@ class AgentRuntime:
                 for dev in self.devices.values():
                     dev.downloads.expire(now)
                     self._run(dev, Tick(now))
+            if self.metrics is not None and self.metrics.collector.due(now):
+                self._publish_metrics(now)
+
+    def _publish_metrics(self, now: float) -> None:
+        assert self.metrics is not None
+        try:
+            self.metrics.collector.publish(self._metrics_snapshot(), now)
+        except Exception as exc:  # metrics must never stop the device
+            self._contained("agent", exc, "metrics")
+
+    def _metrics_snapshot(self) -> dict[str, Any]:
+        """Plain data, copied on the loop's thread: what ``edge_agent.metrics.render`` shows."""
+        import fedge
+
+        counters: Counter[str] = Counter()
+        for dev in self.devices.values():
+            counters.update(dev.core.counters)
+            counters.update({f"refused_{k}": v for k, v in dev.refused.items()})
+        counters["presence_repaired"] = self.presence_repairs
+        counters["internal_error"] = sum(self.failures.values())
+        return {
+            "version": fedge.__version__,
+            "devices": [(d.spec.client_id, d.spec.job, d.spec.role) for d in self.devices.values()],
+            "connected": len(self.connected),
+            "counters": {k: v for k, v in counters.items() if v},
+            "traffic": self.bytes_by_channel.copy(),
+            "last_training": dict(self.last_training),
+        }
 
     # --- events ----------------------------------------------------------------
 
@@ -404,15 +454,18 @@ class AgentRuntime:
             self._run(dev, self._training_event(item, now))
             return
         if isinstance(item, LinkUp):
+            self.connected.add(item.link)
             self._run(self.devices[item.link], Connected(now))
             return
         if isinstance(item, LinkDown):
+            self.connected.discard(item.link)
             log.warning("%s: lost the broker (%s); reconnecting", item.link, item.reason)
             return
         if not isinstance(item, Inbound):
             return
         dev = self.devices[item.link]
         channel, _ = dev.topics.parse(item.topic)
+        self.bytes_by_channel.add("in", channel, len(item.payload))
         if channel == "status":
             if item.topic == dev.topics.status(dev.spec.client_id):  # some brokers send more than was subscribed
                 self._own_presence(dev, item.payload, now)
@@ -471,7 +524,13 @@ class AgentRuntime:
         except tensors.TensorError as exc:
             return TrainingFailed(item.job_id, f"unreadable training result: {exc}", now)
         h = env.header
-        return TrainingDone(item.job_id, delta, int(h["num_samples"]), float(h["loss"]), float(h["seconds"]), now)
+        done = TrainingDone(item.job_id, delta, int(h["num_samples"]), float(h["loss"]), float(h["seconds"]), now)
+        rss = h.get("max_rss_bytes")
+        self.last_training = {"seconds": done.seconds, "time": time.time(), "samples": done.num_samples,
+                              "max_rss_bytes": rss if isinstance(rss, int) and rss >= 0 else None}
+        if self.metrics is not None:
+            self.metrics.training_seconds.observe(done.seconds)
+        return done
 
     # --- actions ---------------------------------------------------------------
 

@@ -6,7 +6,7 @@ length and a fedge wire envelope (no pickle across the pipe either):
 
 * ``TRAIN_REQUEST``: header {model, model_args, data, data_args, plan, seed},
   body = the global model's tensors (safetensors, float32).
-* ``TRAIN_RESULT``: header {num_samples, loss, steps, seconds}, body = the
+* ``TRAIN_RESULT``: header {num_samples, loss, steps, seconds, max_rss_bytes}, body = the
   delta local - global (safetensors, float32).
 * ``TRAIN_ERROR``: header {error}.
 
@@ -30,6 +30,14 @@ from typing import Any, BinaryIO
 FRAME = struct.Struct("<Q")
 MAX_FRAME = 4 << 30
 
+
+
+def _max_rss_bytes() -> int:
+    """This worker's peak resident memory so far (a warm worker's over all its rounds)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
 
 def read_frame(stream: BinaryIO) -> bytes | None:
     head = stream.read(FRAME.size)
@@ -104,7 +112,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             reply = wire.encode(
                 Kind.TRAIN_RESULT,
                 {"num_samples": result.num_samples, "loss": result.loss, "steps": result.steps,
-                 "seconds": time.perf_counter() - started},
+                 "seconds": time.perf_counter() - started, "max_rss_bytes": _max_rss_bytes()},
                 tensors.pack(delta),
             )
         except Exception as exc:  # every failure becomes a reply; the loop goes on

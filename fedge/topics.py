@@ -98,6 +98,10 @@ class JobTopics:
     def artifact_filter(self, name: str) -> str:
         return f"{self.base}/artifact/{name}/+"
 
+    def channel(self, topic: str) -> str:
+        """The channel of a topic of this job (``parse``'s first part)."""
+        return self.parse(topic)[0]
+
     def parse(self, topic: str) -> tuple[str, str | None]:
         """Split a topic of this job into (channel, client-or-name).
 

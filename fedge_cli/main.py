@@ -158,7 +158,7 @@ def _run_agents(cfg: Any, devices: list[Any], pool_size: int, mode: str, threads
 
     pool = TrainingPool(size=pool_size, mode=mode, threads=threads, timeout_s=cfg.worker.timeout_s,
                         python=cfg.worker.python)
-    runtime = AgentRuntime(devices, cfg.broker, pool)
+    runtime = AgentRuntime(devices, cfg.broker, pool, metrics=cfg.metrics)
     _on_signals(runtime.stop)
     runtime.start()
     try:

@@ -61,12 +61,12 @@ def identity_toml(tmp: Path, device_id: str) -> str:
 
 @contextmanager
 def running_fleet(specs: list[DeviceSpec], settings: BrokerSettings, workers: int = 2,
-                  pool: TrainingPool | None = None) -> Iterator[AgentRuntime]:
+                  pool: TrainingPool | None = None, metrics: Any = None) -> Iterator[AgentRuntime]:
     """Devices in one runtime; ``pool`` shares another fleet's warm workers
     (devices that join later then train at once instead of starting PyTorch)."""
     own = pool is None
     pool = pool or TrainingPool(size=workers, mode="warm", threads=1)
-    fleet = AgentRuntime(specs, settings, pool, tick_s=0.2)
+    fleet = AgentRuntime(specs, settings, pool, tick_s=0.2, metrics=metrics)
     fleet.start()
     t = threading.Thread(target=fleet.run, daemon=True)
     t.start()

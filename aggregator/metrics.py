@@ -1,0 +1,154 @@
+"""The aggregator's Prometheus metrics (``[metrics]`` in the job's config).
+
+``AggregatorMetrics`` owns a registry of its own (never the process-wide
+default, so two services in one process do not mix), the latency
+histograms the service observes, and a ``SnapshotCollector`` that renders
+``snapshot`` dicts the service's loop builds (``AggregatorService._metrics_snapshot``).
+
+Every metric and its labels are listed in ``METRICS`` and in the README
+("Metrics"); ``tests/unit/test_metrics.py`` checks that the two agree with
+what a scrape returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from fedge.metrics import FAST_BUCKETS, SLOW_BUCKETS, MetricsListener, MetricsSettings, SnapshotCollector
+
+# Counter keys of ``RoundCore.counters`` that have families of their own.
+_OUTCOMES = {"rounds_ok": "ok", "rounds_failed": "failed"}
+_UPDATE_STATUSES = ("accepted", "duplicate", "declined")
+
+# name -> (type, help, labels): the public surface, documented in the README.
+METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "fedge_job_info": ("gauge", "The job this aggregator runs (value 1).", ("job_name", "model", "version")),
+    "fedge_round": ("gauge", "The round open now, or the last one closed.", ()),
+    "fedge_rounds_planned": ("gauge", "Rounds the job runs (job.rounds).", ()),
+    "fedge_job_done": ("gauge", "1 once the job has ended (its last round, or a privacy budget).", ()),
+    "fedge_rounds_total": ("counter", "Rounds closed, by outcome (ok, failed).", ("outcome",)),
+    "fedge_round_failures_total": ("counter", "Failed rounds, by reason.", ("reason",)),
+    "fedge_updates_total": ("counter", "Updates by receipt status (accepted, rejected, late, duplicate, declined).",
+                            ("status",)),
+    "fedge_updates_rejected_total": ("counter", "Refused updates, by reason.", ("reason",)),
+    "fedge_incidents_total": ("counter", "Other things the aggregator counted and dropped or survived, by kind "
+                              "(rate_limited, bad_status, chunk_*, internal_error, ...).", ("kind",)),
+    "fedge_transport_bytes_total": ("counter", "MQTT payload bytes, by direction (in, out) and channel.",
+                                    ("direction", "channel")),
+    "fedge_transport_messages_total": ("counter", "MQTT messages (chunks), by direction and channel.",
+                                       ("direction", "channel")),
+    "fedge_clients_online": ("gauge", "Devices whose presence says online.", ()),
+    "fedge_clients_known": ("gauge", "Devices that ever announced themselves to this job.", ()),
+    "fedge_clients_selected": ("gauge", "Devices selected for the open round (0 between rounds).", ()),
+    "fedge_clients_responded": ("gauge", "Updates accepted in the open round so far.", ()),
+    "fedge_clients_benched": ("gauge", "Devices sitting out rounds for not responding.", ()),
+    "fedge_reassembly_bytes": ("gauge", "Bytes held for updates still arriving in chunks.", ()),
+    "fedge_reassembly_limit_bytes": ("gauge", "limits.reassembly_bytes.", ()),
+    "fedge_inbox_messages": ("gauge", "Messages waiting for the aggregator's loop.", ()),
+    "fedge_model_accuracy": ("gauge", "Held-out accuracy of the last evaluated global model (0..1).", ()),
+    "fedge_model_loss": ("gauge", "Held-out loss of the last evaluated global model.", ()),
+    "fedge_train_loss": ("gauge", "Mean training loss the devices reported in the last round.", ()),
+    "fedge_privacy_epsilon": ("gauge", "Epsilon the job has spent (privacy on).", ()),
+    "fedge_privacy_epsilon_participant": ("gauge", "The worst device's epsilon, no secret sampling assumed.", ()),
+    "fedge_privacy_epsilon_budget": ("gauge", "privacy.target_epsilon; the job stops before it (0: none).", ()),
+    "fedge_privacy_delta": ("gauge", "The delta of (epsilon, delta).", ()),
+    "fedge_checkpoint_timestamp_seconds": ("gauge", "Unix time of the last checkpoint written.", ()),
+    "fedge_checkpoint_age_seconds": ("gauge", "Seconds since the last checkpoint written.", ()),
+    "fedge_update_fold_seconds": ("histogram", "Time to check and fold one accepted update.", ()),
+    "fedge_round_close_seconds": ("histogram", "Time from the round's close to its checkpoint and new model "
+                                  "published (evaluation excluded).", ()),
+    "fedge_round_duration_seconds": ("histogram", "Time a round was open.", ()),
+    "fedge_evaluation_seconds": ("histogram", "Time to evaluate a new global model.", ()),
+}
+
+
+def render(snap: dict[str, Any]) -> Iterator[Any]:
+    """Metric families from a snapshot (``AggregatorService._metrics_snapshot``)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    def gauge(name: str, value: float | None, labels: dict[str, str] | None = None) -> Any:
+        _kind, doc, names = METRICS[name]
+        family = GaugeMetricFamily(name, doc, labels=list(names))
+        if value is not None:
+            family.add_metric([labels[n] for n in names] if labels else [], float(value))
+        return family
+
+    def counter(name: str, values: dict[Any, int]) -> Any:
+        _kind, doc, names = METRICS[name]
+        family = CounterMetricFamily(name[: -len("_total")], doc, labels=list(names))
+        for key, value in sorted(values.items()):
+            family.add_metric(list(key) if isinstance(key, tuple) else [key], float(value))
+        return family
+
+    yield gauge("fedge_job_info", 1, {"job_name": snap["job"], "model": snap["model"], "version": snap["version"]})
+    yield gauge("fedge_round", snap["round"])
+    yield gauge("fedge_rounds_planned", snap["rounds_planned"])
+    yield gauge("fedge_job_done", 1 if snap["done"] else 0)
+    counters: dict[str, int] = snap["counters"]
+    rejections: dict[str, int] = snap["rejections"]
+    failures: dict[str, int] = snap["failures"]
+    yield counter("fedge_rounds_total", {o: counters.get(k, 0) for k, o in _OUTCOMES.items()})
+    yield counter("fedge_round_failures_total", failures)
+    statuses = {s: counters.get(s, 0) for s in _UPDATE_STATUSES}
+    statuses["late"] = rejections.get("late", 0)
+    statuses["rejected"] = sum(v for k, v in rejections.items() if k != "late")
+    yield counter("fedge_updates_total", statuses)
+    yield counter("fedge_updates_rejected_total", {k: v for k, v in rejections.items() if k != "late"})
+    # Everything else the core counted: what is not an outcome, a status, a
+    # rejection or a failure (a reason may be counted as more than one).
+    own = set(_OUTCOMES) | set(_UPDATE_STATUSES)
+    incidents = {k: v - rejections.get(k, 0) - failures.get(k, 0) for k, v in counters.items() if k not in own}
+    yield counter("fedge_incidents_total", {k: v for k, v in incidents.items() if v > 0})
+    traffic_bytes, traffic_messages = snap["traffic"]
+    yield counter("fedge_transport_bytes_total", traffic_bytes)
+    yield counter("fedge_transport_messages_total", traffic_messages)
+    for name in ("clients_online", "clients_known", "clients_selected", "clients_responded", "clients_benched",
+                 "reassembly_bytes", "reassembly_limit_bytes", "inbox_messages"):
+        yield gauge(f"fedge_{name}", snap[name])
+    last = snap["last"]
+    yield gauge("fedge_model_accuracy", last.get("accuracy"))
+    yield gauge("fedge_model_loss", last.get("loss"))
+    yield gauge("fedge_train_loss", last.get("train_loss"))
+    privacy = snap.get("privacy")
+    if privacy is not None:
+        yield gauge("fedge_privacy_epsilon", privacy.get("epsilon", 0.0))
+        yield gauge("fedge_privacy_epsilon_participant", privacy.get("epsilon_participant"))
+        yield gauge("fedge_privacy_epsilon_budget", privacy["budget"])
+        yield gauge("fedge_privacy_delta", privacy["delta"])
+    checkpoint = snap["checkpoint_time"]
+    if checkpoint is not None:
+        yield gauge("fedge_checkpoint_timestamp_seconds", checkpoint)
+        yield gauge("fedge_checkpoint_age_seconds", max(0.0, time.time() - checkpoint))
+
+
+class AggregatorMetrics:
+    """The registry, the histograms, and (``start``) the HTTP listener."""
+
+    def __init__(self, settings: MetricsSettings) -> None:
+        from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
+
+        self.settings = settings
+        self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.collector = SnapshotCollector(render)
+        self.registry.register(self.collector)
+
+        def histogram(name: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(name, METRICS[name][1], buckets=buckets, registry=self.registry)
+
+        self.fold_seconds = histogram("fedge_update_fold_seconds", FAST_BUCKETS)
+        self.close_seconds = histogram("fedge_round_close_seconds", FAST_BUCKETS)
+        self.round_seconds = histogram("fedge_round_duration_seconds", SLOW_BUCKETS)
+        self.eval_seconds = histogram("fedge_evaluation_seconds", SLOW_BUCKETS)
+        self.listener: MetricsListener | None = None
+
+    def start(self) -> None:
+        self.listener = MetricsListener(self.settings, self.registry, "aggregator")
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None

@@ -1,0 +1,117 @@
+"""The edge agent's Prometheus metrics (``[metrics]`` in the agent's config;
+off by default, loopback when on).
+
+The runtime's loop builds a snapshot (``AgentRuntime._metrics_snapshot``)
+and this module renders it; the HTTP listener's thread never touches a
+device's state. A runtime that simulates several devices (``fedge fleet``)
+sums them, and says how many there are (``fedge_agent_devices``).
+
+Every metric is listed in ``METRICS`` and in the README ("Metrics").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from fedge.config import setting
+from fedge.metrics import SLOW_BUCKETS, MetricsListener, MetricsSettings, SnapshotCollector
+
+
+@dataclass(frozen=True)
+class AgentMetricsSettings(MetricsSettings):
+    port: int = setting(9465, "TCP port to listen on (the aggregator's default is 9464); 0 picks a free one.")
+
+
+# Counter keys of ``AgentCore.counters`` with families of their own.
+_RECEIPTS = {"update_accepted": "accepted", "update_duplicate": "duplicate", "update_rejected": "rejected",
+             "update_late": "late"}
+_OWN = {"updates_sent", "declined", "training_failed", *_RECEIPTS}
+
+METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "fedge_agent_info": ("gauge", "This device (value 1).", ("device", "job_name", "role", "version")),
+    "fedge_agent_devices": ("gauge", "Devices this process runs (1, or a simulated fleet's size).", ()),
+    "fedge_agent_connected": ("gauge", "Devices connected to the broker now.", ()),
+    "fedge_agent_rounds_trained_total": ("counter", "Updates trained and sent (one per round taken part in).", ()),
+    "fedge_agent_declines_total": ("counter", "Rounds declined (training failed, or its update could not be "
+                                   "made).", ()),
+    "fedge_agent_training_failures_total": ("counter", "Training runs that failed.", ()),
+    "fedge_agent_receipts_total": ("counter", "Receipts from the aggregator, by status (accepted, duplicate, rejected, "
+                                   "late).",
+                                   ("status",)),
+    "fedge_agent_events_total": ("counter", "Other things the device counted (refused messages, resends, "
+                                 "stale training, ...), by kind.", ("kind",)),
+    "fedge_agent_transport_bytes_total": ("counter", "MQTT payload bytes, by direction (in, out) and channel.",
+                                          ("direction", "channel")),
+    "fedge_agent_transport_messages_total": ("counter", "MQTT messages (chunks), by direction and channel.",
+                                             ("direction", "channel")),
+    "fedge_agent_last_training_seconds": ("gauge", "How long the last training run took.", ()),
+    "fedge_agent_last_training_timestamp_seconds": ("gauge", "Unix time the last training run ended.", ()),
+    "fedge_agent_last_training_samples": ("gauge", "Examples the last training run used.", ()),
+    "fedge_agent_worker_max_rss_bytes": ("gauge", "Peak resident memory of the training worker in its last run "
+                                         "(per_round: that run's; warm: the worker's so far).", ()),
+    "fedge_agent_training_seconds": ("histogram", "Time a training run took.", ()),
+}
+
+
+def render(snap: dict[str, Any]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    def gauge(name: str, value: float | None) -> Any:
+        family = GaugeMetricFamily(name, METRICS[name][1])
+        if value is not None:
+            family.add_metric([], float(value))
+        return family
+
+    def counter(name: str, values: dict[Any, int]) -> Any:
+        _kind, doc, labels = METRICS[name]
+        family = CounterMetricFamily(name[: -len("_total")], doc, labels=list(labels))
+        for key, value in sorted(values.items()):
+            family.add_metric(list(key) if isinstance(key, tuple) else ([key] if labels else []), float(value))
+        return family
+
+    info = GaugeMetricFamily("fedge_agent_info", METRICS["fedge_agent_info"][1], labels=list(METRICS[
+        "fedge_agent_info"][2]))
+    for device, job, role in snap["devices"]:
+        info.add_metric([device, job, role, snap["version"]], 1.0)
+    yield info
+    yield gauge("fedge_agent_devices", len(snap["devices"]))
+    yield gauge("fedge_agent_connected", snap["connected"])
+    counters: dict[str, int] = snap["counters"]
+    yield counter("fedge_agent_rounds_trained_total", {"": counters.get("updates_sent", 0)})
+    yield counter("fedge_agent_declines_total", {"": counters.get("declined", 0)})
+    yield counter("fedge_agent_training_failures_total", {"": counters.get("training_failed", 0)})
+    yield counter("fedge_agent_receipts_total", {s: counters.get(k, 0) for k, s in _RECEIPTS.items()})
+    yield counter("fedge_agent_events_total", {k: v for k, v in counters.items() if k not in _OWN})
+    traffic_bytes, traffic_messages = snap["traffic"]
+    yield counter("fedge_agent_transport_bytes_total", traffic_bytes)
+    yield counter("fedge_agent_transport_messages_total", traffic_messages)
+    last = snap["last_training"]
+    yield gauge("fedge_agent_last_training_seconds", last.get("seconds"))
+    yield gauge("fedge_agent_last_training_timestamp_seconds", last.get("time"))
+    yield gauge("fedge_agent_last_training_samples", last.get("samples"))
+    yield gauge("fedge_agent_worker_max_rss_bytes", last.get("max_rss_bytes"))
+
+
+class AgentMetrics:
+    def __init__(self, settings: MetricsSettings) -> None:
+        from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
+
+        self.settings = settings
+        self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.collector = SnapshotCollector(render)
+        self.registry.register(self.collector)
+        self.training_seconds = Histogram("fedge_agent_training_seconds", METRICS["fedge_agent_training_seconds"][1],
+                                          buckets=SLOW_BUCKETS, registry=self.registry)
+        self.listener: MetricsListener | None = None
+
+    def start(self) -> None:
+        self.listener = MetricsListener(self.settings, self.registry, "agent")
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None

@@ -1,0 +1,111 @@
+"""Metrics settings, the listener's failures, and how a snapshot becomes
+metric families (the real scrape of a real job: tests/integration/test_metrics.py)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aggregator.config import AggregatorConfig
+from aggregator.metrics import render
+from edge_agent.config import AgentConfig
+from fedge.config import ConfigError, render_defaults, updated
+from fedge.metrics import MetricsListener, MetricsSettings, SnapshotCollector, _loopback
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"port": 70000}, "metrics.port = 70000 is not a TCP port"),
+    ({"port": -1}, "is not a TCP port"),
+    ({"host": ""}, "metrics.host is empty"),
+    ({"cert_file": "/etc/hostname"}, "go together"),
+    ({"enabled": True, "cert_file": "/nonexistent.pem", "key_file": "/nonexistent.key"}, "not a readable file"),
+])
+def test_bad_settings_get_one_line_naming_the_key(change, words):
+    with pytest.raises(ConfigError, match=words):
+        updated(AggregatorConfig(), metrics=change).check()
+
+
+def test_metrics_are_off_by_default_and_loopback_when_on():
+    for cfg, port in ((AggregatorConfig(), 9464), (AgentConfig(), 9465)):
+        assert cfg.metrics.enabled is False
+        assert cfg.metrics.host == "127.0.0.1"
+        assert cfg.metrics.port == port
+    assert "[metrics]" in render_defaults(AggregatorConfig) and "[metrics]" in render_defaults(AgentConfig)
+
+
+def test_only_loopback_hosts_count_as_loopback():
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
+    assert not _loopback("0.0.0.0") and not _loopback("192.168.1.10") and not _loopback("metrics.example")
+
+
+def test_a_port_already_taken_is_one_config_error():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot serve aggregator metrics on 127.0.0.1:{port}.*metrics.port"):
+            MetricsListener(MetricsSettings(enabled=True, port=port), CollectorRegistry(), "aggregator")
+
+
+def _snapshot(**changes):
+    snap = {
+        "job": "j", "model": "m:f", "version": "0.1.0", "round": 4, "rounds_planned": 10, "done": False,
+        # "unknown_sender" was counted once as a rejection and twice as an
+        # incident (a presence that failed its signature check).
+        "counters": {"rounds_ok": 3, "rounds_failed": 1, "accepted": 7, "duplicate": 2, "declined": 1,
+                     "late": 2, "stale_base": 1, "unknown_sender": 3, "rate_limited": 5,
+                     "secagg_failed": 1},
+        "rejections": {"late": 2, "stale_base": 1, "unknown_sender": 1},
+        "failures": {"secagg_failed": 1},
+        "traffic": ({("in", "update"): 1000}, {("in", "update"): 3}),
+        "clients_online": 5, "clients_known": 6, "clients_selected": 4, "clients_responded": 2,
+        "clients_benched": 1, "reassembly_bytes": 0, "reassembly_limit_bytes": 1 << 20, "inbox_messages": 0,
+        "last": {"accuracy": 0.9, "loss": None, "train_loss": 0.3}, "checkpoint_time": None,
+    }
+    snap.update(changes)
+    return snap
+
+
+def _scrape(snap) -> dict:
+    registry = CollectorRegistry(auto_describe=False)
+    collector = SnapshotCollector(render)
+    registry.register(collector)
+    collector.publish(snap)
+    out: dict = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_a_snapshot_sorts_every_count_into_one_family():
+    m = _scrape(_snapshot())
+    assert m[("fedge_rounds_total", (("outcome", "ok"),))] == 3
+    assert m[("fedge_rounds_total", (("outcome", "failed"),))] == 1
+    assert m[("fedge_round_failures_total", (("reason", "secagg_failed"),))] == 1
+    updates = {labels[0][1]: v for (name, labels), v in m.items() if name == "fedge_updates_total"}
+    assert updates == {"accepted": 7, "duplicate": 2, "declined": 1, "late": 2, "rejected": 2}
+    assert m[("fedge_updates_rejected_total", (("reason", "unknown_sender"),))] == 1
+    incidents = {labels[0][1]: v for (name, labels), v in m.items() if name == "fedge_incidents_total"}
+    assert incidents == {"rate_limited": 5, "unknown_sender": 2}  # nothing counted twice
+    assert m[("fedge_model_accuracy", ())] == 0.9
+    assert ("fedge_model_loss", ()) not in m  # not evaluated: no sample rather than a made-up 0
+    assert not any(name.startswith("fedge_privacy") or name.startswith("fedge_checkpoint") for name, _ in m)
+
+
+def test_privacy_and_checkpoint_age_appear_when_there_is_something_to_say():
+    m = _scrape(_snapshot(privacy={"epsilon": 1.5, "epsilon_participant": 2.0, "budget": 8.0, "delta": 1e-5},
+                          checkpoint_time=1.0))
+    assert m[("fedge_privacy_epsilon", ())] == 1.5
+    assert m[("fedge_privacy_epsilon_budget", ())] == 8.0
+    assert m[("fedge_checkpoint_timestamp_seconds", ())] == 1.0
+    assert m[("fedge_checkpoint_age_seconds", ())] > 1e9
+
+
+def test_no_snapshot_yet_serves_no_fedge_metrics():
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(render))
+    assert b"fedge_" not in generate_latest(registry)
