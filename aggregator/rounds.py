@@ -732,6 +732,8 @@ class RoundCore:
         self.state = RoundState.OPEN
         if self.policy.secagg is not None and self.secure is None:
             self.open.due = now  # too few devices to aggregate securely: close at the next tick
+        if not selected:
+            self.open.due = now  # an empty Poisson sample: nobody to wait for (a private round releases noise)
         record = {"round": self.next_round, "attempt": attempt, "selected": list(selected),
                   "model_digest": self.model_digest}
         return [SaveRoundOpen(record), PublishAnnouncement(msg)]
