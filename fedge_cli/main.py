@@ -309,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     privacy_cli.add_commands(sub)
 
+    from fedge_cli import report as report_cli
+
+    report_cli.add_commands(sub)
+
     from export import cli as export_cli
 
     export_cli.add_commands(sub)

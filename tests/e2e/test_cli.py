@@ -81,6 +81,48 @@ def test_a_private_demo_stops_at_its_budget_and_reports_epsilon(tmp_path, cli_en
     assert all(r["delta"] == 1e-3 and r["sampling_rate"] == 0.5 and r["noise_multiplier"] == 1.5 for r in rounds)
 
 
+def test_report_draws_a_real_private_job_as_png_and_self_contained_html(tmp_path, cli_env):
+    import base64
+    import re
+
+    from matplotlib import image
+
+    state = tmp_path / "state"
+    proc = run(cli_env, "demo", "--agents", "4", "--rounds", "3", "--target-epsilon", "8", "--state-dir", str(state))
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (state / "aggregator" / "rounds.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    proc = run(cli_env, "report", "--state-dir", str(state / "aggregator"), "--out", str(tmp_path / "r" / "job"),
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["job"] == "demo-digits" and summary["rounds"] == 3
+    assert summary["final_accuracy"] == records[-1]["accuracy"]
+    assert summary["epsilon"] == records[-1]["epsilon"]
+    assert summary["bytes_up"] == sum(r["bytes_up"] for r in records)
+    png = (tmp_path / "r" / "job.png").read_bytes()
+    height, width, _ = image.imread(tmp_path / "r" / "job.png").shape
+    assert width > 1000 and height > 1000  # four rows of panels: privacy is drawn
+    page = (tmp_path / "r" / "job.html").read_text()
+    embedded = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert embedded and base64.b64decode(embedded.group(1)) == png
+    assert not re.search(r'(src|href)="(http|//)', page), "the page fetches nothing"
+    for r in records:
+        assert f"<td>{r['accuracy']:.4f}</td>" in page and f"<td>{r['epsilon']:.3f}</td>" in page
+    assert page.count("<tr>") == 3 + 1 + 8  # the rounds, the header row, eight summary rows (epsilon included)
+
+    # A torn line is skipped and said; nothing to draw, or nowhere to look, is one line and exit 2.
+    log = state / "aggregator" / "rounds.jsonl"
+    log.write_text(log.read_text() + '{"round": 4, "status"')
+    proc = run(cli_env, "report", "--state-dir", str(state / "aggregator"), "--out", str(tmp_path / "again"))
+    assert proc.returncode == 0 and "skipped 1 line(s)" in proc.stderr and "3 rounds" in proc.stdout
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "rounds.jsonl").write_text("not json\n")
+    _one_line_error(run(cli_env, "report", "--state-dir", str(tmp_path / "empty")), "holds no round record")
+    _one_line_error(run(cli_env, "report", "--state-dir", str(tmp_path / "nowhere")), "does not exist")
+    _one_line_error(run(cli_env, "report", "--follow"), "--follow reads the job's events topic")
+
+
 def test_privacy_plans_the_noise_for_a_budget_and_accounts_a_jobs_config(tmp_path, cli_env):
     from aggregator.privacy import PrivacySpec, epsilon
 
