@@ -200,6 +200,8 @@ class PublishAnnouncement:
 class SendAck:
     client: str
     message: bytes
+    receipt: str = ""  # for an update's receipt: its status, and the reason of a refusal ("rejected: stale_base")
+    round: int = 0  # the receipt's round
 
 
 @dataclass(frozen=True)
@@ -475,7 +477,7 @@ class RoundCore:
             self._check_quorum(self._now)
         ack = Ack(self.job, named[0], self.open.attempt if self.open else self.attempt, client, named[1],
                   status, f"{reason}: {detail}"[:300])
-        return [SendAck(client, ack.encode())]
+        return [SendAck(client, ack.encode(), status if status == "late" else f"{status}: {reason}", named[0])]
 
     def _on_message(self, ev: MessageArrived) -> list[Action]:
         self._now = ev.now
@@ -516,7 +518,7 @@ class RoundCore:
                 self.counters["duplicate"] += 1
                 ack = Ack(self.job, counted.round, counted.attempt, ev.client, upd.update_id, "duplicate",
                           f"round {counted.round} counted an update from this device")
-                return [SendAck(ev.client, ack.encode())]
+                return [SendAck(ev.client, ack.encode(), "duplicate", counted.round)]
             return self._reject("late", f"round {upd.round} is closed", ev.client, upd)
         if upd.round > op.round:
             return self._reject("future_round", f"round {upd.round} is not open (round {op.round} is)", ev.client, upd)
@@ -526,7 +528,7 @@ class RoundCore:
             self.counters["duplicate"] += 1
             ack = Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "duplicate",
                       f"already counted update {op.accepted[ev.client]}")
-            return [SendAck(ev.client, ack.encode())]
+            return [SendAck(ev.client, ack.encode(), "duplicate", op.round)]
         if upd.base_model != self.model_digest:
             return self._reject("stale_base", "trained from another global model", ev.client, upd)
         if upd.codec != self.codec_params:
@@ -566,7 +568,8 @@ class RoundCore:
             op.losses[ev.client] = (upd.loss, upd.num_samples)
         self.counters["accepted"] += 1
         self._check_quorum(ev.now)
-        return [SendAck(ev.client, Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "accepted").encode())]
+        ack = Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "accepted")
+        return [SendAck(ev.client, ack.encode(), "accepted", op.round)]
 
     def _on_secagg(self, client: str, msg: SecAggStage, now: float) -> list[Action]:
         """A device's keys, shares or revealed shares for the open attempt."""

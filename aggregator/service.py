@@ -18,8 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aggregator import fleet as fleet_file
 from aggregator.artifacts import ArtifactBuilt, ArtifactFailed, OnnxPublisher
 from aggregator.config import AggregatorConfig
+from aggregator.fleet import Fleet
 from aggregator.optimizers import make_server_optimizer
 from aggregator.ratelimit import RateLimiter
 from aggregator.registry import Registry, RegistryError
@@ -130,6 +132,10 @@ class AggregatorService:
 
             self.metrics = AggregatorMetrics(cfg.metrics)
         self.checkpoint_time: float | None = self.state.checkpoint_time()
+        # Each device as `fedge status` shows it (retained on device/<id>).
+        self.fleet = Fleet(cfg.job.name, cfg.limits.max_devices)
+        self.fleet.load(self.state.load_json(fleet_file.FILE))
+        self._fleet_flushed = 0.0
         self._handle_started = 0.0
         self._last_record: RoundRecord | None = self.core.history[-1] if self.core.history else None
 
@@ -280,7 +286,14 @@ class AggregatorService:
                     self.done.set()
                 if self.metrics is not None and self.metrics.collector.due(now):
                     self._publish_metrics(now)
+                if self.fleet.dirty and now - self._fleet_flushed >= 1.0:
+                    self._publish_fleet(now)
         finally:
+            with contextlib.suppress(Exception):  # what the fleet view last heard, out before we go
+                if self.fleet.dirty:
+                    self._publish_fleet(monotonic())
+                if self.fleet.changed:
+                    self.state.save_json(fleet_file.FILE, self.fleet.to_json())
             self.link.stop(final=(self.topics.server, self._seal(Status(messages.AGGREGATOR, "offline").encode())))
             if self.metrics is not None:
                 self.metrics.close()
@@ -340,6 +353,7 @@ class AggregatorService:
             event = self._status_event(client, item.payload, now)
             if event is not None:
                 self._feed(event)
+                self.fleet.presence(client, event.online, event.info, time.time())
         elif channel == "update" and client:
             if self._limited(self.chunk_limit, client, "update bytes", now, cost=len(item.payload)):
                 return
@@ -357,6 +371,7 @@ class AggregatorService:
                     log.warning("dropped a chunk from %s: %s", client, exc)
                 return
             if message is not None and not self._limited(self.message_limit, client, "messages", now):
+                self.fleet.heard(client, time.time())
                 self._feed(MessageArrived(client, message, now))
 
     def _limited(self, limiter: RateLimiter, client: str, what: str, now: float, cost: float = 1.0) -> bool:
@@ -416,6 +431,8 @@ class AggregatorService:
             if isinstance(action, SaveCheckpoint):
                 self.state.save_checkpoint(action.arrays, action.meta)
                 self.checkpoint_time = time.time()
+                if self.fleet.changed:
+                    self.state.save_json(fleet_file.FILE, self.fleet.to_json())
             elif isinstance(action, SaveRoundOpen):
                 self.state.save_open_round(action.record)
             elif isinstance(action, PublishModel):
@@ -429,6 +446,8 @@ class AggregatorService:
                 self.link.publish(self.topics.round, self._seal(self._stamped(action.message)), retain=True)
             elif isinstance(action, SendAck):
                 self.link.publish(self.topics.ack(action.client), self._seal(action.message))
+                if action.receipt:
+                    self.fleet.receipt(action.client, action.receipt, action.round, time.time())
             elif isinstance(action, RoundFinished):
                 self._finish_round(action)
 
@@ -473,6 +492,12 @@ class AggregatorService:
                 log.exception("the on_record callback failed for round %d", record.round)
         if self.onnx is not None and record.status == "ok" and self.onnx.due(record.round, fin.last):
             self.onnx.submit(record.round, self.core.exact_model_message())
+
+    def _publish_fleet(self, now: float) -> None:
+        """Publish the device records that changed, retained, signed."""
+        self._fleet_flushed = now
+        for record in self.fleet.take_dirty():
+            self.link.publish(self.topics.device(record.device), self._seal(record.encode()), retain=True)
 
     def _publish_metrics(self, now: float) -> None:
         """Swap a fresh snapshot in for the metrics listener's thread."""

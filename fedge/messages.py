@@ -402,6 +402,69 @@ class Status:
                    seq=seq)
 
 
+# What a device's presence info may say that a fleet view shows: key -> type.
+DEVICE_INFO = {"role": str, "ram_mb": int, "cpus": int, "arch": str, "board": str, "os": str, "python": str,
+               "fedge": str, "torch": str, "onnxruntime": str, "codecs": list}
+MAX_INFO_TEXT = 120
+
+
+def device_info(info: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a presence's ``info`` a fleet view shows, typed and
+    bounded; anything else (or of the wrong type) is dropped."""
+    out: dict[str, Any] = {}
+    for key, typ in DEVICE_INFO.items():
+        value = info.get(key)
+        if isinstance(value, bool) or not isinstance(value, typ):
+            continue
+        if isinstance(value, str):
+            value = value[:MAX_INFO_TEXT]
+        elif isinstance(value, int):
+            value = max(0, min(value, 1 << 40))
+        elif isinstance(value, list):
+            value = [v[:40] for v in value[:32] if isinstance(v, str)]
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """The aggregator's record of one device, retained on
+    ``fedge/v1/<job>/device/<id>`` for ``fedge status``: whether it is
+    online, when the aggregator last heard from it (the aggregator's clock),
+    the rounds it contributed to, its last receipt, and what its presence
+    said about it (``device_info``)."""
+
+    job: str
+    device: str
+    online: bool
+    last_seen: float  # Unix time, the aggregator's clock; 0: never
+    rounds: int  # updates of this device the aggregator accepted
+    last_receipt: str  # "accepted", "duplicate", "late", "rejected: <reason>"; "" before any
+    last_round: int  # the round of that receipt, or the last one the device was selected for
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        header = {"job": self.job, "round": self.last_round, "sender": AGGREGATOR, "device": self.device,
+                  "online": self.online, "last_seen": round(self.last_seen, 3), "rounds": self.rounds,
+                  "last_receipt": self.last_receipt[:200], "info": device_info(self.info)}
+        return wire.encode(Kind.DEVICE, header)
+
+    @classmethod
+    def parse(cls, env: Envelope) -> DeviceRecord:
+        h = _expect(env, Kind.DEVICE)
+        rounds = _field(h, "rounds", int, "device record")
+        last_round = _field(h, "round", int, "device record")
+        last_seen = _optional_number(h, "last_seen", "device record", 0.0)
+        if rounds < 0 or last_round < 0 or not (math.isfinite(last_seen) and last_seen >= 0):
+            raise ProtocolError("malformed", "device record counts and times must not be negative")
+        return cls(
+            job=_id(h, "job", "device record"), device=_id(h, "device", "device record"),
+            online=_field(h, "online", bool, "device record"), last_seen=last_seen, rounds=rounds,
+            last_receipt=_field(h, "last_receipt", str, "device record")[:200], last_round=last_round,
+            info=device_info(_optional_object(h, "info", "device record")),
+        )
+
+
 @dataclass(frozen=True)
 class Ack:
     """The aggregator's receipt for one update: ``accepted``, ``duplicate``

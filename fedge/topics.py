@@ -76,6 +76,14 @@ class JobTopics:
     def status_filter(self) -> str:
         return f"{self.base}/status/+"
 
+    def device(self, client: str) -> str:
+        """The aggregator's record of a device, retained (``messages.DeviceRecord``)."""
+        return f"{self.base}/device/{client}"
+
+    @property
+    def device_filter(self) -> str:
+        return f"{self.base}/device/+"
+
     def ack(self, client: str) -> str:
         return f"{self.base}/ack/{client}"
 
@@ -118,7 +126,7 @@ class JobTopics:
             return head, None
         if head == "model" and len(parts) == 3 and parts[1] in ("key", "delta"):
             return parts[1], None
-        if head in ("update", "status", "ack") and len(parts) == 2 and _ID.match(parts[1]):
+        if head in ("update", "status", "ack", "device") and len(parts) == 2 and _ID.match(parts[1]):
             return head, parts[1]
         if head == "artifact" and len(parts) == 3:
             return "artifact", parts[1]

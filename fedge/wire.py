@@ -61,6 +61,7 @@ class Kind(enum.IntEnum):
     MODEL_DELTA = 9
     KEYS = 10  # the aggregator's key rotations (fedge.messages.KeyChain)
     SECAGG = 11  # a secure-aggregation stage (fedge.messages.SecAggStage)
+    DEVICE = 12  # the aggregator's record of one device (fedge.messages.DeviceRecord)
     # Local only: between the agent and its training worker process.
     TRAIN_REQUEST = 32
     TRAIN_RESULT = 33

@@ -313,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_cli.add_commands(sub)
 
+    from fedge_cli import status as status_cli
+
+    status_cli.add_commands(sub)
+
     from export import cli as export_cli
 
     export_cli.add_commands(sub)

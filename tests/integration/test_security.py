@@ -83,6 +83,7 @@ def test_a_job_runs_over_tls_with_passwords_and_acls_and_devices_stay_in_their_l
         impostor.loop_start()
         impostor.subscribe(topics.ack("dev-1"), qos=1)
         impostor.subscribe(topics.update_filter, qos=1)
+        impostor.subscribe(topics.device_filter, qos=1)  # the fleet's hardware and receipts: not for devices
         forged = chunks.split(b"forged update for dev-1", 1000)[0]
         impostor.publish(topics.update("dev-1"), forged, qos=1).wait_for_publish(5)
         impostor.publish(topics.key_chunk(0), chunks.split(b"evil model", 1000)[0], qos=1,
@@ -110,6 +111,18 @@ def test_a_job_runs_over_tls_with_passwords_and_acls_and_devices_stay_in_their_l
     reader.loop_stop()
     # (as published: signed by the aggregator; Ed25519 signatures are deterministic)
     assert chunks.parse_chunk(seen[0]).message_id == chunks.message_id(wire.seal(genuine_key, identity))
+    # The observer (fedge status) reads the device records a device may not.
+    records_seen: list[str] = []
+    observer = paho.Client(CallbackAPIVersion.VERSION2)
+    observer.username_pw_set("observer", "pw-observer")
+    observer.tls_set(ca_certs=str(pki / "ca.crt"))
+    observer.on_message = lambda c, u, m: records_seen.append(m.topic)
+    observer.connect("127.0.0.1", broker.port)
+    observer.subscribe(topics.device_filter, qos=1)
+    observer.loop_start()
+    wait_for(lambda: len(records_seen) >= 2, 10, "the retained device records")
+    observer.loop_stop()
+    assert sorted(records_seen) == [topics.device("dev-0"), topics.device("dev-1")]
 
 
 def test_wrong_credentials_and_unknown_cas_are_refused(secure_broker):
