@@ -13,6 +13,7 @@ from fedge.messages import (
     Ack,
     Artifact,
     Decline,
+    DeviceRecord,
     GlobalModel,
     KeyChain,
     ModelDelta,
@@ -29,16 +30,18 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.
                     max_leaves=8)
 PARSERS = {Kind.STATUS: Status, Kind.UPDATE: Update, Kind.ROUND: RoundAnnouncement, Kind.ACK: Ack,
            Kind.DECLINE: Decline, Kind.MODEL: GlobalModel, Kind.MODEL_DELTA: ModelDelta, Kind.ARTIFACT: Artifact,
-           Kind.KEYS: KeyChain, Kind.SECAGG: SecAggStage}
+           Kind.KEYS: KeyChain, Kind.SECAGG: SecAggStage, Kind.DEVICE: DeviceRecord}
 FIELDS = ["job", "round", "attempt", "sender", "state", "info", "update_id", "num_samples", "codec", "base_model",
           "loss", "train_seconds", "selected", "model_digest", "deadline_s", "training", "issued_at", "key_digest",
           "key_round", "client", "status", "reason", "spec", "model", "model_args", "key_round", "target_digest",
-          "links", "stage", "ids", "peers", "kinds", "indices"]
+          "links", "stage", "ids", "peers", "kinds", "indices", "device", "online", "last_seen", "rounds",
+          "last_receipt"]
 VALID = {"job": "j", "round": 1, "attempt": 1, "sender": "dev-1", "state": "online", "info": {}, "update_id": "u",
          "num_samples": 10, "codec": {"name": "none"}, "base_model": "0" * 64, "selected": ["dev-1"],
          "model_digest": "0" * 64, "deadline_s": 60, "training": {}, "issued_at": 0.0, "key_digest": "0" * 64,
          "key_round": 0, "client": "dev-1", "status": "accepted", "links": [],
-         "stage": "survivors", "ids": [], "peers": ["dev-1"]}
+         "stage": "survivors", "ids": [], "peers": ["dev-1"], "device": "dev-1", "online": True,
+         "last_seen": 1.0, "rounds": 3, "last_receipt": "accepted"}
 
 
 # Recursive JSON is slow to draw on a cold start (no example database): not a property of the parsers.
