@@ -84,6 +84,7 @@ from fedge import wire
 from fedge.codecs import CodecError, make_codec, requirements
 from fedge.config import ConfigError
 from fedge.identity import IdentityError
+from fedge.logs import fields
 from fedge.messages import Ack, Decline, ProtocolError, RoundAnnouncement, SecAggStage, TrainingPlan, Update
 from fedge.privacy import DpPlan, noise_rng
 from fedge.records import RoundRecord
@@ -461,7 +462,9 @@ class RoundCore:
                 self.open.late += 1
             else:
                 self.open.rejected[reason] += 1
-        log.warning("dropped message from %s: %s (%s)", client, detail, reason)
+        log.warning("dropped message from %s: %s (%s)", client, detail, reason,
+                    extra=fields(device=client, reason=reason, round=upd.round if upd is not None else named[0]
+                                 if named is not None else None))
         if upd is not None:
             named = (upd.round, upd.update_id)
         if named is None:
@@ -544,7 +547,8 @@ class RoundCore:
                 # moved on to this attempt. No receipt.
                 self.counters["secagg_stale_attempt"] += 1
                 log.info("dropped %s's masked input for attempt %s of round %d (attempt %d is open)", ev.client,
-                         upd.attempt, op.round, op.attempt)
+                         upd.attempt, op.round, op.attempt,
+                         extra=fields(device=ev.client, round=op.round, reason="secagg_stale_attempt"))
                 return []
             if op.closing is not None:
                 return self._reject("late", "the round stopped taking masked inputs (unmasking)", ev.client, upd)
@@ -582,7 +586,8 @@ class RoundCore:
         if refused is not None:
             self.counters[refused] += 1
             op.rejected[refused] += 1
-            log.warning("dropped a secagg %s message from %s (%s)", msg.stage, client, refused)
+            log.warning("dropped a secagg %s message from %s (%s)", msg.stage, client, refused,
+                        extra=fields(device=client, round=msg.round, reason=refused))
             return []
         return self._advance_secure(now)
 
@@ -612,7 +617,8 @@ class RoundCore:
             return []
         op.declined.add(client)
         self.counters["declined"] += 1
-        log.info("%s declined round %d: %s", client, dec.round, dec.reason)
+        log.info("%s declined round %d: %s", client, dec.round, dec.reason,
+                 extra=fields(device=client, round=dec.round, reason="declined"))
         self._check_quorum(now)
         return []
 
@@ -703,7 +709,8 @@ class RoundCore:
             if spend > dp.target_epsilon:
                 log.warning("privacy budget: round %d would bring epsilon to %.3f (delta %g), over "
                             "privacy.target_epsilon = %g; the job stops after %d private rounds", self.next_round,
-                            spend, dp.spec.delta, dp.target_epsilon, self.dp_rounds)
+                            spend, dp.spec.delta, dp.target_epsilon, self.dp_rounds,
+                            extra=fields(round=self.next_round, reason="budget_stop"))
                 self.counters["budget_stop"] += 1
                 return self._finish_job(now)
         return self._announce(now, self._select(candidates), 1)
@@ -723,7 +730,8 @@ class RoundCore:
                                           self.policy.secagg.stage_s, now)
             except SecAggError as exc:
                 self.secure_failure = str(exc)
-                log.error("round %d: %s; the round fails", self.next_round, exc)
+                log.error("round %d: %s; the round fails", self.next_round, exc,
+                          extra=fields(round=self.next_round, reason="secagg_failed"))
         msg = self._announcement(RoundState.OPEN, selected, now)
         fanout = max(len(self.online), len(selected))
         self.open = _OpenRound(
@@ -806,7 +814,8 @@ class RoundCore:
         ok = len(op.accepted) >= self.policy.min_updates or dp is not None
         if not ok:
             log.warning("round %d fails: %d update(s), fewer than selection.min_updates (%d)", op.round,
-                        len(op.accepted), self.policy.min_updates)
+                        len(op.accepted), self.policy.min_updates, extra=fields(round=op.round,
+                                                                               reason="too_few_updates"))
         key_cut = False
         combined: Combined | None = None
         failure = None
@@ -902,10 +911,11 @@ class RoundCore:
                 combined = self._secure_combined()
             except SecAggError as exc:
                 log.error("round %d: secure aggregation failed: %s; the round fails and the model stays", op.round,
-                          exc)
+                          exc, extra=fields(round=op.round, reason="secagg_failed"))
                 return None, False, "secagg_failed"
             except Exception:  # e.g. a share that PyCryptodome cannot combine
-                log.exception("round %d: unmasking the sum failed; the round fails and the model stays", op.round)
+                log.exception("round %d: unmasking the sum failed; the round fails and the model stays", op.round,
+                              extra=fields(round=op.round, reason="secagg_failed"))
                 return None, False, "secagg_failed"
         else:
             try:
@@ -914,13 +924,14 @@ class RoundCore:
                 return self._combine_failed(op, exc)
             except Exception:
                 log.exception("round %d: combining %d updates failed; the round fails and the model stays",
-                              op.round, len(self.updates))
+                              op.round, len(self.updates), extra=fields(round=op.round, reason="aggregation_failed"))
                 return None, False, "aggregation_failed"
         return self._apply(op, combined)
 
     def _combine_failed(self, op: _OpenRound, exc: ValueError) -> tuple[Combined | None, bool, str | None]:
         """E.g. every update left out as overflowing."""
-        log.error("round %d: %s; the round fails and the model stays", op.round, exc)
+        log.error("round %d: %s; the round fails and the model stays", op.round, exc,
+                  extra=fields(round=op.round, reason="aggregation_failed"))
         if self.updates.left and not self.updates.items:
             # Never let the filter stop a job: the next round is not filtered.
             log.warning("round %d: the direction filter's reference is dropped", op.round)
@@ -996,7 +1007,8 @@ class RoundCore:
             self.norm_history = [*self.norm_history[-(HISTORY - 1):], combined.median_norm]
             self.sample_history = [*self.sample_history[-(HISTORY - 1):], combined.median_samples]
         if not _finite(combined.delta):
-            log.error("round %d: the averaged delta is not finite; the round fails and the model stays", op.round)
+            log.error("round %d: the averaged delta is not finite; the round fails and the model stays", op.round,
+                      extra=fields(round=op.round, reason="nonfinite_model"))
             return combined, False, "nonfinite_model"
         saved = {slot: dict(named) for slot, named in self.optimizer.state().items()}
         try:
@@ -1007,7 +1019,8 @@ class RoundCore:
             key_cut = self.models.advance(op.round, exact, op.num_samples)
         except (ValueError, ArithmeticError, CodecError) as exc:
             self.optimizer.load_state(saved)
-            log.error("round %d: %s; the round fails and the model stays", op.round, exc)
+            log.error("round %d: %s; the round fails and the model stays", op.round, exc,
+                      extra=fields(round=op.round, reason="nonfinite_model"))
             return combined, False, "nonfinite_model"
         self._steer(combined.delta)
         return combined, key_cut, None

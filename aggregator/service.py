@@ -47,6 +47,7 @@ from fedge import messages, wire
 from fedge.chunks import ChunkError, Reassembler, parse_chunk
 from fedge.config import ConfigError
 from fedge.identity import Identity, IdentityError, check_signed, next_key_path, sign_link
+from fedge.logs import fields
 from fedge.messages import KeyChain, KeyLink, ProtocolError, Status, TrainingPlan
 from fedge.metrics import CountingLink, Traffic
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
@@ -333,7 +334,8 @@ class AggregatorService:
             return
         if isinstance(item, ArtifactFailed):
             self._feed(Incident("onnx_failed", None, now))
-            log.error("ONNX export of round %d failed (the job goes on): %s", item.round, item.error)
+            log.error("ONNX export of round %d failed (the job goes on): %s", item.round, item.error,
+                      extra=fields(round=item.round, reason="onnx_failed"))
             return
         if isinstance(item, LinkUp):
             log.info("connected to %s (session present: %s)", self.link.address, item.session_present)
@@ -368,7 +370,8 @@ class AggregatorService:
                 self.dropped_chunks += 1
                 self._feed(Incident(f"chunk_{exc.reason}", client, now))
                 if self._log_limit.allow((client, exc.reason), now):
-                    log.warning("dropped a chunk from %s: %s", client, exc)
+                    log.warning("dropped a chunk from %s: %s", client, exc,
+                                extra=fields(device=client, reason=f"chunk_{exc.reason}"))
                 return
             if message is not None and not self._limited(self.message_limit, client, "messages", now):
                 self.fleet.heard(client, time.time())
@@ -382,7 +385,7 @@ class AggregatorService:
         self._feed(Incident("rate_limited", client, now))
         if self._log_limit.allow((client, what), now):
             log.warning("%s is over its rate of %s; dropping (counted as rate_limited, logged once a minute)",
-                        client, what)
+                        client, what, extra=fields(device=client, reason="rate_limited"))
         return True
 
     def _status_event(self, client: str, payload: bytes, now: float) -> ClientStatus | None:
@@ -398,11 +401,11 @@ class AggregatorService:
         except IdentityError as exc:
             self._feed(Incident(exc.reason, client, now))
             if self._log_limit.allow((client, exc.reason), now):
-                log.warning("ignored presence of %s: %s", client, exc)
+                log.warning("ignored presence of %s: %s", client, exc, extra=fields(device=client, reason=exc.reason))
             return None
         except (WireError, ProtocolError) as exc:
             self._feed(Incident("bad_status", client, now))
-            log.warning("ignored status of %s: %s", client, exc)
+            log.warning("ignored status of %s: %s", client, exc, extra=fields(device=client, reason="bad_status"))
             return ClientStatus(client, False, {}, now)
         if status.sender != client:
             self._feed(Incident("bad_status", client, now))
@@ -419,7 +422,7 @@ class AggregatorService:
             if status.seq <= last:
                 self._feed(Incident("replayed_status", client, now))
                 log.warning("ignored presence of %s: sequence %d is not newer than %d (a replay)", client,
-                            status.seq, last)
+                            status.seq, last, extra=fields(device=client, reason="replayed_status"))
                 return None
             self._presence_seq[client] = (status.seq, env.signature)
         return ClientStatus(client, status.state == "online", status.info, now)
@@ -470,7 +473,8 @@ class AggregatorService:
                 metrics = self._evaluate(fin.model)
             except Exception:  # the evaluation data or model code: the round itself stands
                 self._feed(Incident("eval_failed", None, monotonic()))
-                log.exception("evaluating the model of round %d failed; recorded without accuracy", record.round)
+                log.exception("evaluating the model of round %d failed; recorded without accuracy", record.round,
+                              extra=fields(round=record.round, reason="eval_failed"))
                 metrics = {}
             record = record.replace(accuracy=metrics.get("accuracy"), loss=metrics.get("loss"),
                                     eval_seconds=round(time.perf_counter() - started, 4))
@@ -483,7 +487,8 @@ class AggregatorService:
         self.state.append_round(record.to_json())
         self.link.publish(self.topics.events, self._seal(messages.encode_event(self.cfg.job.name, record.to_json())))
         log.info("round %d %s: %d/%d clients%s", record.round, record.status, record.clients, record.selected,
-                 "" if record.accuracy is None else f", accuracy {record.accuracy:.4f}")
+                 "" if record.accuracy is None else f", accuracy {record.accuracy:.4f}",
+                 extra=fields(round=record.round, status=record.status, reason=record.failure))
         if self.on_record is not None:
             try:
                 self.on_record(record)

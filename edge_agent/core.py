@@ -85,6 +85,7 @@ from edge_agent.secure import SecureSession
 from fedge import tensors, wire
 from fedge.codecs import CodecError, error_feedback, make_codec
 from fedge.downlink import rebuild
+from fedge.logs import fields
 from fedge.messages import (
     Ack,
     Decline,
@@ -410,16 +411,17 @@ class AgentCore:
             model.spec.check(arrays, what="key model")
         except (WireError, ProtocolError, TensorError) as exc:
             self._count("bad_model")
-            log.warning("%s: ignored a key model: %s", self.client_id, exc)
+            log.warning("%s: ignored a key model: %s", self.client_id, exc, extra=fields(device=self.client_id))
             return []
         if model.job != self.job:
             self._count("bad_model")
-            log.warning("%s: ignored a key model of job %r", self.client_id, model.job)
+            log.warning("%s: ignored a key model of job %r", self.client_id, model.job,
+                        extra=fields(device=self.client_id))
             return []
         if not self._allowed(model.model):
             self._count("refused_model")
             log.error("%s: refused global model factory %r: set agent.model to it if this device should run it",
-                      self.client_id, model.model)
+                      self.client_id, model.model, extra=fields(device=self.client_id))
             return []
         digest = hashlib.sha256(model.body).hexdigest()
         if self.key is not None and digest == self.key.digest:
@@ -444,7 +446,7 @@ class AgentCore:
             delta = ModelDelta.parse(wire.decode(message))
         except (WireError, ProtocolError) as exc:
             self._count("bad_delta")
-            log.warning("%s: ignored a model delta: %s", self.client_id, exc)
+            log.warning("%s: ignored a model delta: %s", self.client_id, exc, extra=fields(device=self.client_id))
             return []
         if delta.job != self.job:
             return []
@@ -468,7 +470,8 @@ class AgentCore:
             arrays = rebuild(key.arrays, make_codec(d.codec), d.body, key.model.spec)
         except (CodecError, TensorError) as exc:
             self._count("bad_delta")
-            log.warning("%s: cannot apply the delta of round %d: %s", self.client_id, d.round, exc)
+            log.warning("%s: cannot apply the delta of round %d: %s", self.client_id, d.round, exc,
+                        extra=fields(device=self.client_id))
             self.latest_delta = None
             return
         # Packed once: the canonical bytes give the digest, the arrays (views
@@ -480,7 +483,8 @@ class AgentCore:
             # delta; the next key (or a re-subscription to it) resynchronises.
             self._count("corrupt_delta")
             log.error("%s: the model rebuilt from key round %d and delta round %d does not match its digest; "
-                      "waiting for a key model", self.client_id, key.model.round, d.round)
+                      "waiting for a key model", self.client_id, key.model.round, d.round,
+                      extra=fields(device=self.client_id))
             self.latest_delta = None
             return
         self.current = _Current(tensors.unpack(body), digest, body)
@@ -516,7 +520,8 @@ class AgentCore:
             ann = RoundAnnouncement.parse(wire.decode(ev.message))
         except (WireError, ProtocolError) as exc:
             self._count("bad_announcement")
-            log.warning("%s: ignored a round announcement: %s", self.client_id, exc)
+            log.warning("%s: ignored a round announcement: %s", self.client_id, exc,
+                        extra=fields(device=self.client_id))
             return []
         if ann.job != self.job:
             return []
@@ -528,7 +533,7 @@ class AgentCore:
         if self.session is not None and (ann.round, ann.attempt) != (self.session.round, self.session.attempt):
             self.session = None
         if ann.state == "done" and (prev is None or prev.state != "done"):
-            log.info("%s: job %s is done", self.client_id, self.job)
+            log.info("%s: job %s is done", self.client_id, self.job, extra=fields(device=self.client_id))
         actions = self._adopt_spares(ann)
         if self.key is not None and self.key.digest == ann.model_digest and not self._has_announced_model():
             self.current = _Current(self.key.arrays, self.key.digest, self.key.model.body)
@@ -556,7 +561,7 @@ class AgentCore:
             ack = Ack.parse(env)
         except (WireError, ProtocolError) as exc:
             self._count("bad_ack")
-            log.warning("%s: ignored a receipt: %s", self.client_id, exc)
+            log.warning("%s: ignored a receipt: %s", self.client_id, exc, extra=fields(device=self.client_id))
             return []
         p = self.state.pending
         if ack.client != self.client_id or p is None or ack.update_id != p.update_id or ack.round != p.round:
@@ -571,7 +576,8 @@ class AgentCore:
             return []
         self.resend = None
         self._count(f"update_{ack.status}")
-        log.error("%s: round %d update was %s: %s", self.client_id, ack.round, ack.status, ack.reason)
+        log.error("%s: round %d update was %s: %s", self.client_id, ack.round, ack.status, ack.reason,
+                  extra=fields(device=self.client_id, round=ack.round, status=ack.status, reason=ack.reason[:80]))
         self.state.pending = replace(p, final=True)
         actions: list[Action] = [PersistState(self.state.to_json(), self.update_bytes)]
         return actions + self._restore_unsent()
@@ -588,7 +594,8 @@ class AgentCore:
         out = s.on_stage(msg)
         if isinstance(out, str):
             self._count(out)
-            log.warning("%s: ignored a secagg %s message (%s)", self.client_id, msg.stage, out)
+            log.warning("%s: ignored a secagg %s message (%s)", self.client_id, msg.stage, out,
+                        extra=fields(device=self.client_id))
             return []
         actions: list[Action] = [] if out is None else [PublishUpdate(out.encode())]
         return actions + self._secure_send(now)
@@ -684,7 +691,8 @@ class AgentCore:
         ann = self.announcement
         if not self._open_for_me(ann) or ann is None or ann.round != t.round or ann.model_digest != t.base_model:
             self._count("stale_training")
-            log.info("%s: round %d closed before training finished; result dropped", self.client_id, t.round)
+            log.info("%s: round %d closed before training finished; result dropped", self.client_id, t.round,
+                     extra=fields(device=self.client_id, round=t.round, reason="stale_training"))
             return self._consider(ev.now)
         if ann.secagg is not None:
             return self._secure_done(t, ev, ann)
@@ -729,7 +737,8 @@ class AgentCore:
             return []
         self.training = None
         self._count("training_failed")
-        log.error("%s: training for round %d failed: %s", self.client_id, t.round, ev.reason)
+        log.error("%s: training for round %d failed: %s", self.client_id, t.round, ev.reason,
+                  extra=fields(device=self.client_id, round=t.round, reason="training_failed"))
         ann = self.announcement
         if ann is not None and ann.round == t.round and self._open_for_me(ann):
             return self._decline(t, ev.reason)
@@ -754,7 +763,8 @@ class AgentCore:
         interval = min(r.interval * 2, MAX_RESEND_S)
         self.resend = _Resend(now + interval, interval)
         self._count("resent")
-        log.info("%s: no receipt for round %d yet; sending the update again", self.client_id, p.round)
+        log.info("%s: no receipt for round %d yet; sending the update again", self.client_id, p.round,
+                 extra=fields(device=self.client_id, round=p.round, reason="resent"))
         return [PublishUpdate(self.update_bytes)]
 
     # --- decisions -------------------------------------------------------------

@@ -59,6 +59,7 @@ from fedge.chunks import ChunkError, Reassembler
 from fedge.config import BrokerSettings
 from fedge.files import atomic_write
 from fedge.identity import Identity, IdentityError, PublicKey, check_signed, follow_chain
+from fedge.logs import fields
 from fedge.messages import KeyChain, ProtocolError, Status
 from fedge.metrics import CountingLink, MetricsSettings, Traffic
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
@@ -206,7 +207,7 @@ class _Device:
             if now - self._refusals_logged.get(reason, -120.0) >= 60.0:
                 self._refusals_logged[reason] = now
                 log.warning("%s: not acting on %s (%s; counted, logged once a minute)", self.spec.client_id,
-                            what, exc)
+                            what, exc, extra=fields(device=self.spec.client_id))
             return False
         return True
 
@@ -227,12 +228,14 @@ class _Device:
             check_signed(env, new, "a key chain")
         except (wire.WireError, ProtocolError, IdentityError) as exc:
             self.refused[exc.reason] += 1
-            log.warning("%s: not acting on a key chain (%s)", self.spec.client_id, exc)
+            log.warning("%s: not acting on a key chain (%s)", self.spec.client_id, exc,
+                        extra=fields(device=self.spec.client_id))
             return False
         if new == self.aggregator_key:
             return False
         log.warning("%s: the aggregator's key rotated from %s to %s (signed over by the old key)",
-                    self.spec.client_id, self.aggregator_key.fingerprint, new.fingerprint)
+                    self.spec.client_id, self.aggregator_key.fingerprint, new.fingerprint,
+                    extra=fields(device=self.spec.client_id))
         self.store.save_identity({**self.store.load_identity(), "pinned": pinned.to_text(), "current": new.to_text()})
         self.aggregator_key = new
         for topic in list(getattr(self.link, "subscriptions", [])):
@@ -263,7 +266,7 @@ class _Device:
             self.dropped_rounds = {**dict(list(self.dropped_rounds.items())[-15:]), round_: chosen}
             if chosen:
                 log.info("%s: simulated dropout: silent in round %d from its %s on", self.spec.client_id, round_,
-                         chosen)
+                         chosen, extra=fields(device=self.spec.client_id))
         chosen = self.dropped_rounds[round_]
         return bool(chosen) and DROPOUT_STAGES.index(stage) >= DROPOUT_STAGES.index(chosen)
 
@@ -300,19 +303,20 @@ class _Device:
         info = json.loads(info_file.read_text())
         if hashlib.sha256(self.model_file.read_bytes()).hexdigest() != info.get("sha256"):
             log.error("%s: %s does not match its recorded sha256; waiting for a fresh copy",
-                      self.spec.client_id, self.model_file)
+                      self.spec.client_id, self.model_file, extra=fields(device=self.spec.client_id))
             return False
         try:
             predictor = OnnxPredictor(self.model_file, threads=self.spec.threads or None)
         except OnnxModelError as exc:
-            log.error("%s: cannot serve %s: %s", self.spec.client_id, self.model_file, exc)
+            log.error("%s: cannot serve %s: %s", self.spec.client_id, self.model_file, exc,
+                      extra=fields(device=self.spec.client_id))
             return False
         self.served = ServedModel(predictor, info)
         self._warn_if_int8_saturates()
         assert isinstance(self.core, InferenceCore)
         self.core.handle(ArtifactServed(int(info["round"]), str(info["sha256"])))
         log.info("%s: serving %s of round %d (%s, sha256 %s)", self.spec.client_id, self.model_file.name,
-                 info["round"], info["variant"], info["sha256"][:12])
+                 info["round"], info["variant"], info["sha256"][:12], extra=fields(device=self.spec.client_id))
         return True
 
     def _warn_if_int8_saturates(self) -> None:
@@ -330,7 +334,7 @@ class _Device:
             log.warning("%s: this CPU (%s) saturates int8 pair sums that %s's full 8-bit weights can reach (it was "
                         "quantized for %s): answers may differ from the target's; set onnx.target = \"x86\" for "
                         "devices like this one", self.spec.client_id, host_cpu().describe(), self.model_file.name,
-                        quant.get("target"))
+                        quant.get("target"), extra=fields(device=self.spec.client_id))
 
 
 def _served_by(dev: _Device) -> Callable[[], ServedModel | None]:
@@ -459,7 +463,8 @@ class AgentRuntime:
             return
         if isinstance(item, LinkDown):
             self.connected.discard(item.link)
-            log.warning("%s: lost the broker (%s); reconnecting", item.link, item.reason)
+            log.warning("%s: lost the broker (%s); reconnecting", item.link, item.reason,
+                        extra=fields(device=item.link))
             return
         if not isinstance(item, Inbound):
             return
@@ -478,7 +483,7 @@ class AgentRuntime:
             try:
                 message = dev.downloads.feed(channel, item.payload, now)
             except ChunkError as exc:
-                log.warning("%s: dropped a %s chunk: %s", item.link, channel, exc)
+                log.warning("%s: dropped a %s chunk: %s", item.link, channel, exc, extra=fields(device=item.link))
                 return
             if message is not None:
                 self._count_traffic(message, 1, self._partial_bytes.pop(stream, 0), serves_next=True)
@@ -512,7 +517,8 @@ class AgentRuntime:
         dev.presence_repaired = now
         self.presence_repairs += 1
         log.warning("%s: the broker showed this device as %s while it is connected; published online again",
-                    dev.spec.client_id, "offline" if status is not None else "absent or unreadable")
+                    dev.spec.client_id, "offline" if status is not None else "absent or unreadable",
+                    extra=fields(device=dev.spec.client_id))
         dev.link.publish(dev.topics.status(dev.spec.client_id), dev.presence(dev.core.status("online")), retain=True)
 
     def _training_event(self, item: _Trained, now: float) -> Event:
@@ -557,7 +563,7 @@ class AgentRuntime:
         self.failures[kind] += 1
         if self.failures[kind] == 1:
             log.error("%s: failed to handle %s (counted; repeats are not logged)", client_id, kind[0],
-                      exc_info=exc)
+                      exc_info=exc, extra=fields(device=client_id))
 
     def _execute(self, dev: _Device, action: Action | InstallArtifact) -> None:
         before = dev.link.bytes_out

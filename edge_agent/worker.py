@@ -136,8 +136,9 @@ def main() -> None:
     # Frames own the real stdout; anything user code prints goes to stderr.
     frames_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    logging.basicConfig(level=os.environ.get("FEDGE_LOG_LEVEL", "WARNING"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fedge import logs
+
+    logs.setup(os.environ.get("FEDGE_LOG_LEVEL", "WARNING"))
     serve(sys.stdin.buffer, frames_out)
 
 

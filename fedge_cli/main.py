@@ -30,10 +30,10 @@ class UsageError(OneReasonError):
     default_reason = "usage"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("FEDGE_LOG_LEVEL", level.upper())
+def _setup_logging(level: str, fmt: str | None = None) -> None:
+    from fedge import logs
+
+    logs.setup(level, fmt)
 
 
 def _on_signals(stop: Callable[[], None]) -> None:
@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedge", description="Federated learning for fleets of small devices over MQTT.")
     p.add_argument("--version", action="version", version=f"fedge {__version__}")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-format", default=None, choices=["text", "json"],
+                   help="text (default) or json: one object per line with time, level, logger, message and, where "
+                        "a line is about one, round, device, reason and status")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="run a whole federation (broker, aggregator, agents) in one command")
@@ -329,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _setup_logging(args.log_level or args.default_level)
+    _setup_logging(args.log_level or args.default_level, args.log_format)
     from fedge.config import ConfigError
     from fedge.imports import ImportSpecError
 

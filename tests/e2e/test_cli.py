@@ -123,6 +123,15 @@ def test_report_draws_a_real_private_job_as_png_and_self_contained_html(tmp_path
     _one_line_error(run(cli_env, "report", "--follow"), "--follow reads the job's events topic")
 
 
+def test_json_logs_are_one_object_per_line_from_every_process(cli_env):
+    proc = run(cli_env, "--log-format", "json", "--log-level", "INFO", "demo", "--agents", "3", "--rounds", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]  # every line is JSON
+    closed = [e for e in lines if e.get("status") == "ok" and e["message"].startswith(f"round {e.get('round')} ok")]
+    assert [e["round"] for e in closed] == [1, 2]
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in lines)
+
+
 def test_privacy_plans_the_noise_for_a_budget_and_accounts_a_jobs_config(tmp_path, cli_env):
     from aggregator.privacy import PrivacySpec, epsilon
 
