@@ -6,7 +6,7 @@ a wrong clock cannot move it), how many of its updates were accepted, its
 last receipt, and what its presence said about it (``messages.device_info``,
 typed and bounded). Entries that changed are published retained on
 ``fedge/v1/<job>/device/<id>`` at most once a second, and the whole ledger is
-kept in the state directory (``devices.json``) at each round's end, so a
+kept in the state directory (``fleet.json``) at each round's end, so a
 restarted aggregator keeps its counts.
 
 Bounded: at most ``max_devices`` entries; a new device over that evicts the
@@ -24,7 +24,7 @@ from fedge.topics import check_id
 
 log = logging.getLogger(__name__)
 
-FILE = "devices.json"
+FILE = "fleet.json"
 
 
 @dataclass
@@ -121,4 +121,4 @@ class Fleet:
                     last_receipt=str(raw["last_receipt"])[:200], last_round=int(raw["last_round"]),
                     info=device_info(raw.get("info") or {}))
             except (ValueError, KeyError, TypeError):
-                log.warning("devices.json: skipped the entry of %r (not well formed)", client)
+                log.warning("fleet.json: skipped the entry of %r (not well formed)", client)

@@ -14,6 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.config import AggregatorConfig
 from aggregator.fleet import FILE
+from aggregator.registry import Registry
 from fedge.config import render_defaults
 from fedge.messages import DeviceRecord
 from fedge.topics import JobTopics
@@ -62,9 +63,12 @@ def test_status_shows_each_device_its_hardware_rounds_and_receipts(mosquitto, tm
         assert d["last_receipt"] == "accepted" and d["last_round"] == 2
     left = view["devices"]["dev-2"]
     assert left["last_seen"] is not None and view["time"] - 120 < left["last_seen"] <= view["time"]
-    # The aggregator keeps what it knows across restarts.
+    # The aggregator keeps what it knows across restarts, beside (never over) its device registry.
     saved = json.loads((tmp_path / "aggregator" / FILE).read_text())
     assert saved["devices"]["dev-0"]["rounds"] == 2
+    registry = Registry(tmp_path / "aggregator")
+    registry.reload()
+    assert sorted(d.id for d in registry.active()) == ["dev-0", "dev-1", "dev-2"]
 
     table = subprocess.run(fedge_cmd("status", "--config", str(conf), "--wait", "5"), env=cli_env,
                            capture_output=True, text=True, timeout=60)
