@@ -10,6 +10,7 @@ import platform
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from importlib import metadata
@@ -17,6 +18,22 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def note(message: str) -> None:
+    """A line of progress on stderr when it is a terminal; nothing in a log or CI
+    (the results are the JSON)."""
+    from fedge.progress import interactive
+
+    if interactive():
+        print(message, file=sys.stderr, flush=True)
+
+
+def progress(label: str, total: int | None = None, unit: str = "") -> Any:
+    """A ``fedge.progress.Progress`` line on stderr, silent when it is not a terminal."""
+    from fedge.progress import Progress
+
+    return Progress(label, total, unit=unit)
 
 
 def machine() -> dict[str, Any]:

@@ -42,7 +42,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator.config import AggregatorConfig
-from bench._common import REPO, PrivateMosquitto, emit, machine
+from bench._common import REPO, PrivateMosquitto, emit, machine, note
 from fedge import chunks, wire
 from fedge.chunks import Reassembler
 from fedge.codecs import make_codec, parse_spec, supported
@@ -215,8 +215,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedge-bench-agg-") as tmp:
-        runs = [run_one(n, args.publishers, args.rounds, Path(tmp), args.downlink, args.signing)
-                for n in args.clients]
+        runs = []
+        for n in args.clients:
+            note(f"{n} clients, {args.rounds} rounds ...")
+            runs.append(run_one(n, args.publishers, args.rounds, Path(tmp), args.downlink, args.signing))
+            note(f"{n} clients: {runs[-1]['updates_per_s']['median']} updates/s")
     peaks = [r["aggregator_peak_rss_mb"] for r in runs]
     slowest = min(r["updates_per_s"]["median"] for r in runs)
     growth = (max(peaks) - min(peaks)) / min(peaks)

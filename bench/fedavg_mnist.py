@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator.config import AggregatorConfig, CodecSection
-from bench._common import REPO, PrivateMosquitto, emit, machine
+from bench._common import REPO, PrivateMosquitto, emit, machine, note
 from fedge.codecs import parse_spec
 from fedge.config import BrokerSettings, updated
 from fedge.records import RoundRecord
@@ -91,7 +91,7 @@ def run_codec(codec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
             if acc is not None and acc >= args.target and not reached:
                 reached.append(record["round"])
             if args.progress:
-                print(f"  {codec['name']} round {record['round']:4d} accuracy {acc:.4f}", file=sys.stderr)
+                note(f"  {codec['name']} round {record['round']:4d} accuracy {acc:.4f}")
             if reached and args.stop_at_target:
                 service.stop()
 
@@ -216,8 +216,8 @@ def main() -> None:
         run = run_codec(codec, args)
         run["timing"] = codec_timings(codec, args.lr, args.data)
         runs.append(run)
-        print(json.dumps({k: run[k] for k in ("codec", "rounds_to_target", "final_accuracy", "uplink_bytes",
-                                                "downlink_bytes", "wall_seconds")}), file=sys.stderr)
+        note(json.dumps({k: run[k] for k in ("codec", "rounds_to_target", "final_accuracy", "uplink_bytes",
+                                                "downlink_bytes", "wall_seconds")}))
     base = next((r for r in runs if r["codec"]["name"] == "none"), None)
     for r in runs:
         if base and base["uplink_bytes_per_update"]:

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import emit, machine
+from bench._common import emit, machine, note
 
 MODELS = {"digits_mlp": 4_810, "mnist_2nn": 199_210}
 SLOTS = 4096
@@ -98,7 +98,7 @@ def main() -> None:
     for model, count in MODELS.items():
         for row in (paillier(count, args.paillier_sample, rng), ckks(count, rng)):
             rows.append({"model": model, "parameters": count, **row})
-            print(rows[-1], file=sys.stderr, flush=True)
+            note(rows[-1])
     emit({"benchmark": "homomorphic encryption of one update", "machine": machine(), "results": rows}, args.out)
 
 

@@ -73,7 +73,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator.config import AggregatorConfig
-from bench._common import REPO, emit, machine
+from bench._common import REPO, emit, machine, note
 from fedge.config import updated
 
 MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
@@ -579,9 +579,9 @@ def main() -> None:
                      "final_accuracy": None, "best_accuracy": None, "crashes": [], "stalled": None,
                      "closed_by": {}}
             runs.append(r)
-            print(f"[{len(runs)}/{len(jobs)}] {t} {d} {a} seed {s}: final {r['final_accuracy']} "
+            note(f"[{len(runs)}/{len(jobs)}] {t} {d} {a} seed {s}: final {r['final_accuracy']} "
                   f"rejected {r.get('rejected')} crashes {len(r['crashes'])} stalled {r['stalled']} "
-                  f"({r.get('wall_seconds')} s)", file=sys.stderr)
+                  f"({r.get('wall_seconds')} s)")
     order = {(t, d, a, s): i for i, (t, d, a, s) in
              enumerate((t, d, a, s) for t in tasks for d in chosen_defences for a in attacks for s in range(10))}
     runs.sort(key=lambda r: order.get((r["task"], r["defence"], r["attack"], r["seed"]), 1 << 30))
@@ -593,8 +593,8 @@ def main() -> None:
               file=sys.stderr)
     noise = noise_floor(runs)
     bar = bar_verdicts(runs, noise)
-    print(table(runs, chosen_defences, attacks), file=sys.stderr)
-    print(f"\nbar: {bar['statement']}\nmisses (one attacker, defaults): {bar['misses'] or 'none'}", file=sys.stderr)
+    note(table(runs, chosen_defences, attacks))
+    note(f"\nbar: {bar['statement']}\nmisses (one attacker, defaults): {bar['misses'] or 'none'}")
 
     cfg = AggregatorConfig()
     emit({

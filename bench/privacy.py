@@ -63,7 +63,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator.config import AggregatorConfig
-from bench._common import REPO, emit, machine
+from bench._common import REPO, emit, machine, note
 from fedge.config import updated
 
 MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
@@ -260,8 +260,8 @@ def _task(args: argparse.Namespace, task: tuple[str, dict[str, Any] | None, int]
     epsilon.cache_clear()
     gaussian_epsilon.cache_clear()
     r = run(name, args, _FLEET[0], privacy, seed)
-    print(f"{name} seed {seed}: accuracy {r['final_accuracy']} epsilon {r['epsilon']} "
-          f"({r['wall_seconds_per_round']} s/round)", file=sys.stderr, flush=True)
+    note(f"{name} seed {seed}: accuracy {r['final_accuracy']} epsilon {r['epsilon']} "
+          f"({r['wall_seconds_per_round']} s/round)")
     return r
 
 

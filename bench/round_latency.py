@@ -19,13 +19,27 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator.config import AggregatorConfig
-from bench._common import PrivateMosquitto, emit, machine
+from bench._common import PrivateMosquitto, emit, machine, progress
 from fedge.codecs import parse_spec
 from fedge_cli.demo import DemoOptions, run_demo
+
+
+class _Rows(io.StringIO):
+    """The demo's table, kept in memory; each round row advances ``bar``."""
+
+    def __init__(self, bar: Any) -> None:
+        super().__init__()
+        self.bar = bar
+
+    def write(self, text: str) -> int:
+        if text[:5].strip().isdigit():
+            self.bar.advance()
+        return super().write(text)
 
 
 def main() -> None:
@@ -49,8 +63,9 @@ def main() -> None:
     codec = args.codec or AggregatorConfig().codec.spec
     started = time.perf_counter()
     try:
-        summary = run_demo(DemoOptions(agents=args.agents, rounds=args.rounds, broker=url, codec=codec),
-                           out=io.StringIO())
+        with progress("demo rounds", args.rounds, unit="rounds") as bar:
+            summary = run_demo(DemoOptions(agents=args.agents, rounds=args.rounds, broker=url, codec=codec),
+                               out=_Rows(bar))
     finally:
         if mosq:
             mosq.close()

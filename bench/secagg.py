@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import emit, machine
+from bench._common import emit, machine, note
 
 MODELS = {"digits_mlp": 4_810, "mnist_2nn": 199_210}
 
@@ -234,9 +234,9 @@ def rounds_mode(args: argparse.Namespace) -> dict[str, Any]:
                         row = job_rounds(mosq.url, model, n, args.rounds, secure, args.seed, Path(tmp))
                     finally:
                         mosq.close()
-                    print(f"{model} n={n} {'secure' if secure else 'plain'}: {row['round_seconds_median']} s/round, "
+                    note(f"{model} n={n} {'secure' if secure else 'plain'}: {row['round_seconds_median']} s/round, "
                           f"up {row['device_bytes_up_per_round']} B, down {row['device_bytes_down_per_round']} B "
-                          f"per device", file=sys.stderr, flush=True)
+                          f"per device")
                     rows.append(row)
     return {"benchmark": "secagg rounds over Mosquitto", "machine": machine(), "rounds": args.rounds,
             "results": rows}
@@ -260,7 +260,7 @@ def accuracy_mode(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({"seed": seed, "secure": secure, "final_accuracy": summary["final_accuracy"],
                          "best_accuracy": summary["best_accuracy"],
                          "median_round_seconds": summary["median_round_seconds"]})
-            print(rows[-1], file=sys.stderr, flush=True)
+            note(rows[-1])
     summary_rows = {}
     for secure in (False, True):
         accs = [r["final_accuracy"] for r in rows if r["secure"] == secure]
@@ -293,8 +293,8 @@ def main() -> None:
     for model in args.models.split(","):
         for n in (int(x) for x in args.devices.split(",")):
             row = {"model": model, **one(n, MODELS[model], args.bits, args.dropout, args.seed)}
-            print(f"{model} n={n}: device {row['device_seconds_median']} s, aggregator {row['aggregator_seconds']} s, "
-                  f"sent {row['device_bytes_sent_median']} B", file=sys.stderr, flush=True)
+            note(f"{model} n={n}: device {row['device_seconds_median']} s, aggregator {row['aggregator_seconds']} s, "
+                  f"sent {row['device_bytes_sent_median']} B")
             rows.append(row)
     emit({"benchmark": "secagg protocol (no broker)", "machine": machine(), "dropout": args.dropout,
           "results": rows}, args.out)

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import emit, machine
+from bench._common import emit, machine, note
 from fedge import tensors, wire
 from fedge.codecs import make_codec
 from fedge.identity import Identity, check_signed
@@ -57,6 +57,7 @@ def main() -> None:
     }
     rows = {}
     for name, plain in messages.items():
+        note(f"{name} ({len(plain)} bytes) ...")
         signed = wire.seal(plain, me)
         rows[name] = {
             "bytes": len(plain),

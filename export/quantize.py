@@ -45,6 +45,7 @@ from export.errors import ExportError
 from export.files import check_outputs, replace_atomically, sha256_file, temp_path_beside, write_json
 from export.manifest import build_manifest, count_parameters, manifest_path, read_manifest, write_manifest
 from fedge.errors import first_line
+from fedge.progress import Progress
 
 MODES = ("static", "dynamic", "fp16")
 METHODS = ("minmax", "entropy", "percentile")
@@ -247,17 +248,22 @@ class _Reader:
         self.dtypes = dtypes
         self.rows = len(next(iter(self.arrays.values())))
         self.pos = 0
+        self.progress = Progress("calibrating", self.rows, unit="rows")
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.pos >= self.rows:
+            self.progress.close()
             return None
         end = self.pos + CALIBRATION_BATCH
         batch = {n: np.ascontiguousarray(a[self.pos:end], dtype=self.dtypes[n]) for n, a in self.arrays.items()}
+        self.progress.set(min(end, self.rows))
         self.pos = end
         return batch
 
     def rewind(self) -> None:
         self.pos = 0
+        self.progress.close()
+        self.progress = Progress("calibrating (again)", self.rows, unit="rows")
 
 
 def _quantize_int8(src: Path, dst: Path, cfg: QuantConfig, calibration: Mapping[str, np.ndarray] | None,

@@ -26,6 +26,7 @@ import numpy as np
 from export.data import Dataset
 from export.target import Evaluation, target_outputs
 from fedge.onnxrt import ORT_TYPES, OnnxPredictor, default_threads, open_session
+from fedge.progress import Progress
 
 MIN_RUNS = 50
 
@@ -207,8 +208,10 @@ def compare_models(reference: str | Path, candidate: str | Path, *, eval_set: Da
                          "did not shrink this model (its weights sit in operators left in float, or are too few to "
                          "outweigh the added scales)")
     if eval_set is not None:
-        ref_out = OnnxPredictor(reference, threads).predict(eval_set.inputs)
-        cand_out = target_outputs(candidate, eval_set.inputs, threads=threads, evaluation=evaluation)
+        with Progress(f"evaluating {labels[0]}", eval_set.rows, unit="examples") as p:
+            ref_out = OnnxPredictor(reference, threads).predict(eval_set.inputs, p)
+        with Progress(f"evaluating {labels[1]}", eval_set.rows, unit="examples") as p:
+            cand_out = target_outputs(candidate, eval_set.inputs, threads=threads, evaluation=evaluation, progress=p)
         cmp.eval_rows = eval_set.rows
         diff = ref_out.astype(np.float64) - cand_out.astype(np.float64)
         cmp.max_abs_diff = float(np.max(np.abs(diff))) if diff.size else 0.0
@@ -228,7 +231,8 @@ def compare_models(reference: str | Path, candidate: str | Path, *, eval_set: Da
             cmp.notes.append("the first output is not a classifier's (n, classes): compared by max |difference|, "
                              "mean squared error and SNR")
         if evaluation is not None and evaluation.host_default_differs:
-            host_out = OnnxPredictor(candidate, threads).predict(eval_set.inputs)
+            with Progress(f"evaluating {labels[1]} with this host's kernels", eval_set.rows, unit="examples") as p:
+                host_out = OnnxPredictor(candidate, threads).predict(eval_set.inputs, p)
             cmp.host_default = _classifier_figures(ref_out, host_out, eval_set.labels)
             cmp.host_default["max_abs_diff"] = float(np.max(np.abs(ref_out.astype(np.float64) - host_out)))
             cmp.notes.append(_host_default_note(cmp.host_default))

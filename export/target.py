@@ -267,7 +267,7 @@ def write_exact_int8_copy(model_path: str | Path, out_path: str | Path) -> Path:
 
 
 def target_outputs(model_path: str | Path, inputs: Any, *, threads: int | None = None,
-                   evaluation: Evaluation | None = None) -> np.ndarray:
+                   evaluation: Evaluation | None = None, progress: Any = None) -> np.ndarray:
     """The first output of the model at ``model_path`` on ``inputs``, as its
     target computes it: from the file itself where this host's int8 kernels
     are exact (or ``evaluation`` says they agree with the target's), else from
@@ -278,7 +278,7 @@ def target_outputs(model_path: str | Path, inputs: Any, *, threads: int | None =
 
     needs_copy = evaluation.host_default_differs if evaluation is not None else not int8_products_exact()
     if not needs_copy:
-        return OnnxPredictor(model_path, threads).predict(inputs)
+        return OnnxPredictor(model_path, threads).predict(inputs, progress)
     with tempfile.TemporaryDirectory(prefix="fedge-exact-") as tmp:
         copy = write_exact_int8_copy(model_path, Path(tmp) / Path(model_path).name)
-        return OnnxPredictor(copy, threads).predict(inputs)
+        return OnnxPredictor(copy, threads).predict(inputs, progress)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedge.errors import OneReasonError, one_line
+from fedge.progress import Progress
 
 
 class OnnxModelError(OneReasonError):
@@ -130,8 +131,10 @@ class OnnxPredictor:
             raise OnnxModelError(f"inputs have different batch sizes {sorted(sizes)}")
         return feeds
 
-    def run(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> list[np.ndarray]:
-        """All outputs, computed chunk by chunk and concatenated."""
+    def run(self, inputs: Mapping[str, np.ndarray] | np.ndarray, progress: Progress | None = None
+            ) -> list[np.ndarray]:
+        """All outputs, computed chunk by chunk and concatenated (``progress``
+        advanced by each chunk's rows)."""
         feeds = self._feeds(inputs)
         n = len(next(iter(feeds.values())))
         chunks: list[list[np.ndarray]] = []
@@ -141,10 +144,12 @@ class OnnxPredictor:
                 chunks.append(self.session.run(None, part))
             except Exception as exc:
                 raise OnnxModelError(run_failure(self.path.name, exc, start)) from None
+            if progress is not None:
+                progress.advance(min(self.batch_size, n - start))
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.output_names))]
 
-    def predict(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:
-        return self.run(inputs)[0]
+    def predict(self, inputs: Mapping[str, np.ndarray] | np.ndarray, progress: Progress | None = None) -> np.ndarray:
+        return self.run(inputs, progress)[0]
 
 
 def check_input(name: str, arr: np.ndarray, dtype: np.dtype[Any], shape: tuple[Any, ...]) -> None:

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 from aggregator.config import AggregatorConfig, CodecSection
 from fedge.config import BrokerSettings, updated
+from fedge.progress import Progress, interactive
 from fedge.records import RoundRecord
 from fedge_cli.table import RoundTable
 
@@ -127,7 +128,11 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     records: list[RoundRecord] = []
     fleet_ref: list[Any] = []
 
+    # On a terminal, the first round (the workers start PyTorch) shows what it waits for.
+    progress = Progress("round 1", enabled=interactive(sys.stderr) and interactive(out))
+
     def on_record(record: RoundRecord) -> None:
+        progress.close()
         # Bytes as the devices saw them: MQTT payload bytes the agents sent and
         # received for this round (announcement, model, update, receipt).
         up, down = fleet_ref[0].traffic.get(record.round, [0, 0]) if fleet_ref else (0, 0)
@@ -199,9 +204,11 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             t.start()
         deadline = time.monotonic() + opts.timeout_s
         while not aggregator.done.wait(0.2) and threads[0].is_alive() and time.monotonic() < deadline:
-            pass
+            if progress.enabled:
+                progress.set(note=_first_round(aggregator, opts.agents))
         finished = aggregator.done.is_set()
     finally:
+        progress.close()
         aggregator.stop()
         fleet.stop()
         for t in threads:
@@ -224,6 +231,15 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     if not finished:
         raise TimeoutError(f"the demo did not finish within {opts.timeout_s:.0f} s")
     return summary
+
+
+def _first_round(aggregator: Any, agents: int) -> str:
+    """What the first round waits for (read from another thread: counts only)."""
+    core = aggregator.core
+    op = core.open
+    if op is None:
+        return f"{len(core.online)}/{agents} agents online"
+    return f"{len(op.accepted)}/{len(op.selected)} updates in (the training workers start PyTorch)"
 
 
 def summarize(records: list[RoundRecord], wall: float, finished: bool) -> dict[str, Any]:

@@ -33,6 +33,7 @@ def test_demo_runs_end_to_end_with_the_embedded_broker(tmp_path, cli_env):
     assert [r["round"] for r in result["rounds"]] == list(range(1, 31))
     assert result["final_accuracy"] >= 0.90
     assert "Traceback" not in proc.stderr
+    assert "\r" not in proc.stdout + proc.stderr, "progress lines are for terminals, not pipes"
 
 
 def test_demo_against_an_external_broker_over_mqtt5(mosquitto, tmp_path, cli_env):
