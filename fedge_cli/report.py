@@ -256,12 +256,14 @@ def write_report(records: list[RoundRecord], job: str, out: Path) -> dict[str, A
 # --- the command ---------------------------------------------------------------
 
 
-def _follow(cfg: Any, out: Path) -> dict[str, Any] | None:
+def _follow(cfg: Any, out: Path, key: Any) -> dict[str, Any] | None:
     """Records from the events topic, the report rewritten after each, until
-    the job's last round or a signal."""
+    the job's last round or a signal. With the aggregator's public ``key``,
+    an event it did not sign is left out."""
     import queue as _queue
 
     from fedge import messages, wire
+    from fedge.identity import IdentityError, check_signed
     from fedge.mqtt import Inbound, MqttLink
     from fedge.topics import JobTopics
     from fedge_cli.main import _on_signals
@@ -284,8 +286,11 @@ def _follow(cfg: Any, out: Path) -> dict[str, Any] | None:
             if not isinstance(item, Inbound):
                 continue
             try:
-                record = RoundRecord.from_json(messages.parse_event(wire.decode(item.payload)))
-            except FedgeError as exc:  # whatever a broker hands us
+                env = wire.decode(item.payload)
+                if key is not None:
+                    check_signed(env, key, "an event")
+                record = RoundRecord.from_json(messages.parse_event(env))
+            except (FedgeError, IdentityError) as exc:  # whatever a broker hands us
                 log.warning("ignored an event: %s", exc)
                 continue
             by_round[record.round] = record
@@ -312,8 +317,14 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise UsageError("--follow reads the job's events topic: give --config job.toml (its [job] and [broker])")
         from aggregator.config import AggregatorConfig
         from fedge import config
+        from fedge_cli.status import aggregator_key
 
-        summary = _follow(config.load(args.config, AggregatorConfig, args.set), out)
+        cfg = config.load(args.config, AggregatorConfig, args.set)
+        key = aggregator_key(args.aggregator_key, cfg)
+        if key is None:
+            print("fedge report: events are not checked against the aggregator's signature (give "
+                  "--aggregator-key, or run where the job's key file is readable)", file=sys.stderr)
+        summary = _follow(cfg, out, key)
         if summary is None:
             raise UsageError("no round was published before the report was stopped")
     else:
@@ -367,6 +378,9 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     s.add_argument("--follow", action="store_true",
                    help="read the events topic and rewrite the report after each round, until the job's last")
+    s.add_argument("--aggregator-key", default=None, metavar="KEY",
+                   help="with --follow: the aggregator's public key (ed25519:... or a file) its events must be "
+                        "signed by; default: the job's key file, when readable here")
     s.add_argument("--job", default=None, help="the job's name in the title (default: from the config or directory)")
     s.add_argument("--out", default="fedge-report", help="write OUT.png and OUT.html (default fedge-report)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -30,11 +30,13 @@ from fedge.errors import FedgeError
 log = logging.getLogger(__name__)
 
 
-def _aggregator_key(args: argparse.Namespace, cfg: Any) -> Any:
+def aggregator_key(text: str | None, cfg: Any) -> Any:
+    """The aggregator's public key: ``text`` (a key or a file), else that of
+    the job's key file when this user can read it, else None."""
     from fedge.identity import Identity, read_public_key
 
-    if args.aggregator_key:
-        return read_public_key(args.aggregator_key)
+    if text:
+        return read_public_key(text)
     path = Path(cfg.identity.key_file) if cfg.identity.key_file else Path(cfg.job.state_dir) / "aggregator.key"
     try:
         return Identity.load(path).public
@@ -175,7 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise UsageError("--wait must be a positive number of seconds")
     cfg = config.load(args.config, AggregatorConfig, args.set)
     try:
-        key = _aggregator_key(args, cfg)
+        key = aggregator_key(args.aggregator_key, cfg)
     except FedgeError as exc:
         raise UsageError(f"--aggregator-key: {exc}") from None
     try:
