@@ -109,3 +109,17 @@ def test_no_snapshot_yet_serves_no_fedge_metrics():
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(render))
     assert b"fedge_" not in generate_latest(registry)
+
+
+def test_every_metric_is_documented_in_the_readme():
+    from pathlib import Path
+
+    from aggregator.metrics import METRICS as AGGREGATOR
+    from edge_agent.metrics import METRICS as AGENT
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [name for name in [*AGGREGATOR, *AGENT] if f"`{name}`" not in readme]
+    assert not missing, f"README (Observability) lacks {missing}"
+    for name, (kind, _, labels) in {**AGGREGATOR, **AGENT}.items():
+        assert name.startswith("fedge_") and (name.endswith("_total") == (kind == "counter")), name
+        assert "device" not in labels or name == "fedge_agent_info", f"{name}: one series per device"
