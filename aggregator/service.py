@@ -260,6 +260,7 @@ class AggregatorService:
             self.link.publish(self.topics.keys, chain, retain=True)
         if self.metrics is not None:
             self.metrics.start()  # first: a port already taken is a ConfigError before anything is published
+        self._handle_started = time.perf_counter()
         self._execute(self.core.start(now))
         if self.core.state == "done":
             log.info("job %s already ran all %d rounds; publishing its final state", self.cfg.job.name,

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator.config import AggregatorConfig
-from bench._common import REPO, PrivateMosquitto, emit, machine, note
+from bench._common import REPO, PrivateMosquitto, emit, free_port, machine, note
 from fedge import chunks, wire
 from fedge.chunks import Reassembler
 from fedge.codecs import make_codec, parse_spec, supported
@@ -75,8 +76,9 @@ def toml_table(d: dict) -> str:
 
 
 def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict | None = None,
-            signing: str = "required") -> dict:
+            signing: str = "required", metrics: bool = False) -> dict:
     mosq = PrivateMosquitto()
+    metrics_port = free_port()
     topics = JobTopics(JOB)
     state = workdir / f"agg-{n}"
     conf = workdir / f"job-{n}.toml"
@@ -87,6 +89,7 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
         + (f"[downlink]\ncodec = {toml_table(downlink)}\n" if downlink else "")
         + f'[broker]\nurl = "{mosq.url}"\n'
         + f'[identity]\nsigning = "{signing}"\n'
+        + (f"[metrics]\nenabled = true\nport = {metrics_port}\n" if metrics else "")
     )
     clients = [f"c{i:04d}" for i in range(n)]
     # Signed (the default): every client has its own key, enrolled; it signs
@@ -117,6 +120,20 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
             latest["key"] = GlobalModel.parse(wire.decode(whole))
 
     measured = []
+    scrapes = {"ok": 0, "failed": 0}
+    scraping = threading.Event()
+
+    def scrape() -> None:  # as Prometheus would, every second, while the aggregator folds
+        while not scraping.wait(1.0):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+                    r.read()
+                scrapes["ok"] += 1
+            except OSError:
+                scrapes["failed"] += 1
+
+    if metrics:
+        threading.Thread(target=scrape, daemon=True).start()
     try:
         info = {"codecs": supported(), "role": "trainer"}
         for i, c in enumerate(clients):
@@ -190,8 +207,10 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
             "aggregator_rss_mb_ready": round(rss_ready, 1),
             "aggregator_peak_rss_mb": round(peak, 1),
             "rounds": measured,
+            **({"metrics_scrapes": dict(scrapes)} if metrics else {}),
         }
     finally:
+        scraping.set()
         agg.send_signal(signal.SIGTERM)
         try:
             agg.wait(20)
@@ -212,13 +231,15 @@ def main() -> None:
                     help='downlink codec, e.g. none (a full model every round); default: the job default')
     ap.add_argument("--signing", default="required", choices=["required", "off"],
                     help="required (default): clients sign, the aggregator verifies; off: neither")
+    ap.add_argument("--metrics", action="store_true", help="the aggregator serves Prometheus metrics while it folds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedge-bench-agg-") as tmp:
         runs = []
         for n in args.clients:
             note(f"{n} clients, {args.rounds} rounds ...")
-            runs.append(run_one(n, args.publishers, args.rounds, Path(tmp), args.downlink, args.signing))
+            runs.append(run_one(n, args.publishers, args.rounds, Path(tmp), args.downlink, args.signing,
+                                args.metrics))
             note(f"{n} clients: {runs[-1]['updates_per_s']['median']} updates/s")
     peaks = [r["aggregator_peak_rss_mb"] for r in runs]
     slowest = min(r["updates_per_s"]["median"] for r in runs)
@@ -232,7 +253,7 @@ def main() -> None:
                      "timing": "updates/s = clients / (last receipt - first publish); the aggregator sends a "
                                "receipt after folding each update. The round close (optimizer step, checkpoint "
                                "with fsync, republishing the model) is reported apart as round_close_seconds.",
-                     "signing": args.signing,
+                     "signing": args.signing, "metrics": args.metrics,
                      "note": "aggregator, broker and the publishing clients all share the machine's cores"},
         "machine": machine(),
         "runs": runs,
