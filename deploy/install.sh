@@ -13,7 +13,8 @@
 #   --system-site-packages  let the virtualenv see the system's packages (a Jetson's
 #                         JetPack PyTorch, for instance)
 #   --torch SPEC          install PyTorch from this spec first, e.g. "torch==2.5.1" or
-#                         a wheel file (default: whatever pip resolves for fedge[agent])
+#                         a wheel file (default on aarch64: torch==2.9.1, PyPI's CPU-only
+#                         build there; elsewhere whatever pip resolves for fedge[agent])
 #   --aggregator-key KEY  agent, inference: the aggregator's public key (ed25519:..., as
 #                         `fedge aggregator` logs it), pinned in ETC/aggregator.pub
 #   --no-service          do not install the systemd unit (containers, tests)
@@ -25,10 +26,10 @@
 # Run it again to upgrade: the virtualenv is updated, configs are never overwritten.
 set -euo pipefail
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2; }
 
 role="${1:-}"
-[ -n "$role" ] || usage
+case "$role" in ""|-h|--help) usage ;; esac
 shift
 prefix=/opt/fedge etc=/etc/fedge python=python3 torch_spec="" service=1 venv_flags=() aggregator_key=""
 while [ $# -gt 0 ]; do
@@ -58,6 +59,25 @@ if [ -n "$aggregator_key" ]; then
         *) echo "install.sh: --aggregator-key must be the key the aggregator logs (ed25519:...), not '$aggregator_key'" >&2
            exit 2 ;;
     esac
+fi
+
+# PyTorch and ONNX Runtime publish wheels for 64-bit ARM and x86-64 only: on a
+# 32-bit OS (Raspberry Pi OS armhf) pip would build for hours, then fail.
+arch="$(uname -m)"
+case "$arch" in
+    armv6l|armv7l|armv8l|armhf|arm)
+        echo "install.sh: this is a 32-bit ARM system ($arch): PyTorch and ONNX Runtime publish no wheels for it;" \
+             "install the 64-bit Raspberry Pi OS (or another aarch64 OS) and run this again" >&2
+        exit 2 ;;
+esac
+# On aarch64, PyPI's newest torch wheels bring several GB of CUDA libraries
+# that a Raspberry Pi can never use; 2.9.1 is PyPI's CPU-only build there
+# (about 0.7 GB). A Jetson keeps JetPack's PyTorch: --system-site-packages,
+# or --torch with NVIDIA's wheel.
+ARM64_TORCH="torch==2.9.1"
+if [ "$arch" = aarch64 ] && [ -z "$torch_spec" ] && [ "$role" = agent ] \
+        && [ ${#venv_flags[@]} -eq 0 ]; then
+    torch_spec="$ARM64_TORCH"
 fi
 
 src="$(cd "$(dirname "$0")/.." && pwd)"

@@ -43,3 +43,26 @@ def test_inference_install_has_every_package_and_no_pytorch(tmp_path):
     bad = subprocess.run([str(REPO / "deploy" / "install.sh"), "inference", "--aggregator-key", "0xabc"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--aggregator-key must be" in bad.stderr
+
+
+@pytest.mark.parametrize("machine", ["armv7l", "armv6l"])
+def test_a_32_bit_arm_system_gets_one_line_and_nothing_installed(tmp_path, machine):
+    # A 32-bit Raspberry Pi OS, as uname reports it there.
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "uname").write_text(f"#!/bin/sh\necho {machine}\n")
+    (shim / "uname").chmod(0o755)
+    import os
+
+    env = dict(os.environ, PATH=f"{shim}:{os.environ['PATH']}")
+    proc = subprocess.run([str(REPO / "deploy" / "install.sh"), "agent", "--prefix", str(tmp_path / "opt"),
+                           "--etc", str(tmp_path / "etc"), "--no-service"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "64-bit Raspberry Pi OS" in proc.stderr, proc.stderr
+    assert not (tmp_path / "opt").exists() and not (tmp_path / "etc").exists(), "never a half-installed device"
+
+
+def test_help_prints_the_options():
+    proc = subprocess.run([str(REPO / "deploy" / "install.sh"), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--aggregator-key KEY" in proc.stdout and "torch==2.9.1" in proc.stdout
