@@ -18,7 +18,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedge-installed
 
-.PHONY: install demo test lint unit integration test-no-vnni bench bench-noniid clean
+.PHONY: install demo test lint unit integration test-no-vnni test-arm64 bench bench-noniid clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration tests/e2e
+
+# The agent on arm64: a Debian bookworm arm64 root (cached in ~/.cache/fedge-arm64)
+# under qemu-user, install.sh inside as a Pi owner runs it, rounds against this
+# host's aggregator. Root, debootstrap, qemu-user-static; slow (tens of minutes).
+test-arm64: $(STAMP)
+	FEDGE_ARM64=1 $(BIN)/python -m pytest -v -x tests/arm64
 
 # The export suite on an emulated AMD EPYC without VNNI (qemu-x86_64; slow: ~4 min).
 test-no-vnni: $(STAMP)

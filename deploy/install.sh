@@ -86,6 +86,10 @@ import sys
 sys.exit(0 if sys.version_info >= (3, 10) else 1)
 PY
 
+"$python" -c "import venv, ensurepip" 2>/dev/null || {
+    echo "install.sh: $python cannot make a virtualenv (no venv/ensurepip module): apt install python3-venv" >&2
+    exit 2; }
+
 if [ "$(id -u)" = 0 ] && ! id fedge >/dev/null 2>&1; then
     useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin fedge
 fi

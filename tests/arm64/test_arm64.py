@@ -1,0 +1,299 @@
+"""The edge agent on arm64, as a Raspberry Pi owner installs and runs it:
+Debian bookworm arm64 (Raspberry Pi OS's base) under qemu-user, the
+repository copied in as a ``git clone`` would leave it, ``deploy/install.sh``
+run inside for the trainer and for an inference-only device, then both run
+inside against an aggregator and a Mosquitto on the host.
+
+Not part of ``make test``: it builds a root file system and installs PyTorch
+under emulation. ``make test-arm64`` runs it (root, debootstrap, qemu-user-
+static; tens of minutes the first time). What it measured goes to
+``FEDGE_ARM64_REPORT`` (default ``bench/results/arm64.json``): emulated
+figures, not a board's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedge.config import updated
+from tests.conftest import REPO, free_port
+
+from ..integration.support import devices, job_config, running_aggregator, running_fleet, wait_for
+
+pytestmark = pytest.mark.arm64
+ROOT = Path(os.environ.get("FEDGE_ARM64_ROOT", str(Path.home() / ".cache" / "fedge-arm64" / "root")))
+REPORT = Path(os.environ.get("FEDGE_ARM64_REPORT", str(REPO / "bench" / "results" / "arm64.json")))
+MEASURED: dict[str, Any] = {}
+
+
+def chroot(*cmd: str, timeout: float = 600, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+           "LANG": "C.UTF-8", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    proc = subprocess.run(["chroot", str(ROOT), *cmd], env=env, capture_output=True, text=True, timeout=timeout,
+                          **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def popen_chroot(*cmd: str, log: Path) -> subprocess.Popen:
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+           "LANG": "C.UTF-8"}
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(["chroot", str(ROOT), *cmd], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _du_mb(path: Path) -> float:
+    out = subprocess.run(["du", "-sm", str(path)], capture_output=True, text=True, check=True).stdout
+    return float(out.split()[0])
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def root():
+    if os.geteuid() != 0:
+        pytest.skip("needs root: debootstrap, chroot, binfmt_misc")
+    started = time.monotonic()
+    subprocess.run(["bash", str(REPO / "tests" / "arm64" / "rootfs.sh"), str(ROOT)], check=True, timeout=3600)
+    MEASURED["rootfs_ready_seconds"] = round(time.monotonic() - started, 1)
+    assert chroot("uname", "-m").stdout.strip() == "aarch64"
+    yield ROOT
+    subprocess.run(["bash", str(REPO / "tests" / "arm64" / "rootfs.sh"), str(ROOT), "--umount"], check=False)
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    MEASURED["emulation"] = (f"qemu-user {_qemu_version()} on {_host_cpu()}: emulated arm64, not a board's speed")
+    REPORT.write_text(json.dumps({"benchmark": "arm64 (emulated)", "measured": MEASURED}, indent=2) + "\n")
+
+
+def _qemu_version() -> str:
+    out = subprocess.run(["qemu-aarch64-static", "--version"], capture_output=True, text=True).stdout
+    return out.split("\n")[0].split("version")[-1].strip()
+
+
+def _host_cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
+@pytest.fixture(scope="module")
+def installed(root):
+    """The repository as a clone leaves it (tracked files only), then
+    install.sh for the trainer and the inference-only role, nothing by hand."""
+    src = root / "opt" / "src" / "fedge"
+    subprocess.run(["rm", "-rf", str(root / "opt"), str(root / "etc" / "fedge"), str(root / "etc" / "fedge-inference")],
+                   check=True)
+    src.mkdir(parents=True)
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    with open(root / "opt" / "src.tar", "wb") as tar:
+        subprocess.run(["tar", "--null", "-T", "-", "-cf", "-"], cwd=REPO, input=files, check=True, stdout=tar)
+    subprocess.run(["tar", "-xf", str(root / "opt" / "src.tar"), "-C", str(src)], check=True)
+    (root / "opt" / "src.tar").unlink()
+    out = {}
+    for role, prefix, etc in (("agent", "/opt/fedge", "/etc/fedge"),
+                              ("inference", "/opt/fedge-inference", "/etc/fedge-inference")):
+        started = time.monotonic()
+        proc = chroot("/opt/src/fedge/deploy/install.sh", role, "--prefix", prefix, "--etc", etc, "--no-service",
+                      timeout=5400)
+        seconds = time.monotonic() - started
+        venv = root / prefix.lstrip("/") / "venv"
+        out[role] = {"install_seconds": round(seconds, 1), "venv_mb": _du_mb(venv), "log": proc.stdout[-2000:]}
+        assert "fedge 0.1.0" in proc.stdout, proc.stdout
+        key = next(line for line in proc.stdout.splitlines() if "fedge enroll" in line).split()[-1]
+        out[role]["public_key"] = key
+    pkgs = chroot("/opt/fedge/venv/bin/python", "-m", "pip", "list", "--format=json").stdout
+    names = {p["name"].lower(): p["version"] for p in json.loads(pkgs)}
+    assert names["torch"] == "2.9.1" and not any(n.startswith("nvidia") for n in names), \
+        "a Raspberry Pi install must never pull CUDA"
+    inf = json.loads(chroot("/opt/fedge-inference/venv/bin/python", "-m", "pip", "list", "--format=json").stdout)
+    assert "torch" not in {p["name"].lower() for p in inf}, "the inference role never installs PyTorch"
+    MEASURED["install"] = {r: {k: v for k, v in o.items() if k not in ("log", "public_key")} for r, o in out.items()}
+    MEASURED["install"]["agent"]["torch"] = names["torch"]
+    return out
+
+
+def _agent_toml(etc: str, device: str, url: str, aggregator_key: str, extra: str = "") -> str:
+    return (f'[agent]\nid = "{device}"\njob = "arm"\nstate_dir = "/var/lib/{device}"\n{extra}'
+            f'[broker]\nurl = "{url}"\nreconnect_min_s = 1\nreconnect_max_s = 2\n'
+            f'[identity]\nkey_file = "{etc}/device.key"\naggregator_key = "{aggregator_key}"\n')
+
+
+def test_the_arm64_agent_trains_rounds_that_are_folded(installed, mosquitto, tmp_path):
+    from aggregator.registry import Registry
+    from fedge.identity import PublicKey
+
+    cfg = updated(job_config(tmp_path, mosquitto.url, job="arm", rounds=3, agents=2),
+                  selection={"min_clients": 2, "deadline_s": 600.0})
+    host = devices(tmp_path, "arm", 1, prefix="x86")  # makes the aggregator's key; enrolls the x86 device
+    aggregator_key = host[0].aggregator_key.to_text()
+    registry = Registry(tmp_path / "aggregator")
+    registry.reload()
+    registry.enroll("pi-arm64", PublicKey.from_text(installed["agent"]["public_key"]))
+    metrics_port = free_port()
+    toml = _agent_toml("/etc/fedge", "pi-arm64", mosquitto.url, aggregator_key,
+                       extra="") + ('[data]\nfactory = "fedge.datasets:digits"\n'
+                                    'args = { client = 1, clients = 2, partition = "iid" }\n'
+                                    f"[metrics]\nenabled = true\nport = {metrics_port}\n")
+    (ROOT / "etc" / "fedge" / "agent.toml").write_text(toml)
+    agent = popen_chroot("/opt/fedge/venv/bin/fedge", "agent", "--config", "/etc/fedge/agent.toml",
+                         log=tmp_path / "arm-agent.log")
+    try:
+        # Idle: connected, no round yet. No PyTorch in the agent, as on x86.
+        wait_for(lambda: _scrape(metrics_port).get("fedge_agent_connected") == 1.0, 300, "the arm64 agent online")
+        time.sleep(3)
+        maps = Path(f"/proc/{agent.pid}/maps").read_text()
+        MEASURED["idle_agent"] = {"rss_mb": round(_rss_mb(agent.pid), 1), "pytorch_loaded": "libtorch" in maps,
+                                  "note": "VmRSS of the qemu-user process running the agent (qemu's own memory "
+                                          "included)"}
+        assert "libtorch" not in maps
+        with running_aggregator(cfg) as (service, records), running_fleet(host, cfg.broker):
+            assert service.done.wait(3600), f"job did not finish: {records}\n{(tmp_path / 'arm-agent.log').read_text()}"
+        assert all(r["status"] == "ok" and "pi-arm64" in r["accepted"] for r in records), records
+        assert records[-1]["accuracy"] > records[0]["accuracy"] - 0.05
+        metrics = _scrape(metrics_port)
+        assert metrics["fedge_agent_rounds_trained_total"] == 3.0
+        MEASURED["training_round"] = {
+            "last_training_seconds": round(metrics["fedge_agent_last_training_seconds"], 2),
+            "worker_max_rss_mb": round(metrics["fedge_agent_worker_max_rss_bytes"] / 2**20, 1),
+            "round_seconds": [r["seconds"] for r in records],
+            "workload": "digits MLP, half of the digits training set, 2 epochs, batch 16, worker per_round",
+        }
+    finally:
+        agent.terminate()
+        try:
+            agent.wait(30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+
+
+def _scrape(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def test_the_arm64_inference_device_installs_and_serves_the_quantized_model(installed, mosquitto, tmp_path):
+    from aggregator.registry import Registry
+    from fedge import datasets
+    from fedge.identity import PublicKey
+
+    cfg = job_config(tmp_path, mosquitto.url, job="arm", rounds=2, agents=2)
+    cfg = updated(cfg, onnx={"every": 2, "name": "digits", "inputs": ["x:1x64:float32"], "quantize": "static",
+                             "target": "arm64"})
+    host = devices(tmp_path, "arm", 2, prefix="x86")
+    registry = Registry(tmp_path / "aggregator")
+    registry.reload()
+    registry.enroll("kiosk-arm64", PublicKey.from_text(installed["inference"]["public_key"]))
+    port = free_port()
+    toml = _agent_toml("/etc/fedge-inference", "kiosk-arm64", mosquitto.url, host[0].aggregator_key.to_text(),
+                       extra='role = "inference"\n') + f'[inference]\nartifact = "digits"\nserve = "127.0.0.1:{port}"\n'
+    (ROOT / "etc" / "fedge-inference" / "agent.toml").write_text(toml)
+    kiosk = popen_chroot("/opt/fedge-inference/venv/bin/fedge", "agent", "--config", "/etc/fedge-inference/agent.toml",
+                         log=tmp_path / "kiosk.log")
+    try:
+        wait_for(lambda: _health(port) is not None, 300, "the arm64 inference device's API")
+        with running_aggregator(cfg) as (service, records), running_fleet(host, cfg.broker):
+            assert service.done.wait(600), records
+            wait_for(lambda: service.artifacts, 600, "the ONNX export")
+            published = service.artifacts[-1]
+        wait_for(lambda: (_health(port) or {}).get("ready"), 600, "the arm64 device to install the model")
+        health = _health(port)
+        assert health["sha256"] == published["sha256"] and health["round"] == 2
+        x, y = datasets.digits(split="test")
+        answer = _post(port, {"inputs": x.tolist()})
+        accuracy = float(np.mean(np.asarray(answer["predictions"]) == y))
+        # ONNX Runtime's ARM kernels compute what the aggregator's target-faithful report said.
+        MEASURED["inference_device"] = {"accuracy_on_arm64": accuracy, "reported_for_arm64": published["accuracy"],
+                                        "host_default_kernels": published.get("host_accuracy")}
+        assert abs(accuracy - published["accuracy"]) <= 0.005, MEASURED["inference_device"]
+        assert "libtorch" not in Path(f"/proc/{kiosk.pid}/maps").read_text()
+    finally:
+        kiosk.terminate()
+        kiosk.wait(30)
+
+
+def _health(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            return json.loads(r.read())
+    except OSError:
+        return None
+
+
+def _post(port: int, payload: dict) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.parametrize("model", ["digits_mlp", "mnist_cnn"])
+def test_quantize_target_arm64_figures_hold_on_arm64(installed, tmp_path, model, cli_env):
+    """``fedge quantize --target arm64`` on the host reports figures for arm64;
+    the same file evaluated inside the arm64 root with ONNX Runtime's ARM
+    kernels must agree within 0.5 point of accuracy."""
+    from fedge import datasets
+    from tests.conftest import MNIST, fedge_cmd
+
+    if model == "mnist_cnn" and not MNIST.exists():
+        pytest.skip(f"needs {MNIST}")
+    work = tmp_path / model
+    work.mkdir()
+    if model == "digits_mlp":
+        x, y = datasets.digits(split="test")
+        factory, data, spec = "fedge.models:digits_mlp", "fedge.datasets:digits", "x:1x64:float32"
+        train_args, cal_args, eval_args = {}, {"split": "train"}, {"split": "test"}
+    else:
+        x, y = datasets.mnist(path=str(MNIST), split="test", shape="image", limit=2000)
+        factory, data, spec = "fedge.models:mnist_cnn", "fedge.datasets:mnist", "x:1x1x28x28:float32"
+        train_args = {"path": str(MNIST), "shape": "image", "limit": 10000}
+        cal_args = {"path": str(MNIST), "split": "train", "shape": "image", "limit": 512}
+        eval_args = {"path": str(MNIST), "split": "test", "shape": "image", "limit": 2000}
+    trained = work / "weights.pt"
+    subprocess.run([sys.executable, "-m", "tests.arm64.train", factory, data, str(trained), json.dumps(train_args)],
+                   env=cli_env, check=True, timeout=1800, cwd=REPO)
+    subprocess.run(fedge_cmd("export", "--model", factory, "--weights", str(trained), "--input", spec, "--out",
+                             str(work / "float.onnx")), env=cli_env, check=True, capture_output=True, timeout=600)
+    q = subprocess.run(fedge_cmd("quantize", "--model", str(work / "float.onnx"), "--out", str(work / "int8.onnx"),
+                                 "--mode", "static", "--target", "arm64", "--calibration", data,
+                                 "--calibration-args", json.dumps(cal_args), "--eval", data, "--eval-args",
+                                 json.dumps(eval_args), "--no-latency", "--json", str(work / "report.json")),
+                       env=cli_env, capture_output=True, text=True, timeout=1800)
+    assert q.returncode == 0, q.stderr
+    report = json.loads((work / "report.json").read_text())
+    host_figure = report["candidate"]["accuracy"]
+    inside = ROOT / "opt" / "quantize-check"
+    inside.mkdir(parents=True, exist_ok=True)
+    (inside / "int8.onnx").write_bytes((work / "int8.onnx").read_bytes())
+    np.savez(inside / "test.npz", x=x)
+    chroot("/opt/fedge-inference/venv/bin/fedge", "predict", "--model", "/opt/quantize-check/int8.onnx",
+           "--input", "/opt/quantize-check/test.npz", "--output", "/opt/quantize-check/out.npz", "--force",
+           timeout=1800)
+    predictions = np.load(inside / "out.npz")["predictions"]
+    arm = float(np.mean(predictions == y))
+    MEASURED.setdefault("quantize_arm64", {})[model] = {
+        "host_reported": host_figure, "on_arm64": arm, "examples": len(y),
+        "host_default_kernels": (report.get("host_default_kernels") or {}).get("accuracy")}
+    assert abs(arm - host_figure) <= 0.005, MEASURED["quantize_arm64"][model]
