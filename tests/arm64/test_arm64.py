@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from fedge.config import updated
-from tests.conftest import REPO, free_port
+from tests.conftest import MNIST, REPO, free_port
 
 from ..integration.support import devices, job_config, running_aggregator, running_fleet, wait_for
 
@@ -34,6 +34,9 @@ pytestmark = pytest.mark.arm64
 ROOT = Path(os.environ.get("FEDGE_ARM64_ROOT", str(Path.home() / ".cache" / "fedge-arm64" / "root")))
 REPORT = Path(os.environ.get("FEDGE_ARM64_REPORT", str(REPO / "bench" / "results" / "arm64.json")))
 MEASURED: dict[str, Any] = {}
+# What imports ONNX Runtime runs under the newer qemu rootfs.sh copies in
+# (Debian bookworm's 7.2, the binfmt_misc handler, crashes in that import).
+ORT = ("/usr/local/bin/qemu-aarch64-ort", "/opt/fedge-inference/venv/bin/python")
 
 
 def chroot(*cmd: str, timeout: float = 600, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
@@ -82,7 +85,10 @@ def root():
 
 
 def _qemu_version() -> str:
-    out = subprocess.run(["qemu-aarch64-static", "--version"], capture_output=True, text=True).stdout
+    import shutil
+
+    qemu = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static") or "qemu-aarch64"
+    out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
     return out.split("\n")[0].split("version")[-1].strip()
 
 
@@ -97,6 +103,12 @@ def _host_cpu() -> str:
 def installed(root):
     """The repository as a clone leaves it (tracked files only), then
     install.sh for the trainer and the inference-only role, nothing by hand."""
+    if os.environ.get("FEDGE_ARM64_REUSE") == "1" and (root / "opt" / "fedge-inference" / "venv").exists():
+        # Debugging the tests themselves: keep the installs of the last run.
+        keys = {role: chroot(f"/opt/{prefix}/venv/bin/fedge", "keys", "show", "--key", f"/etc/{prefix}/device.key"
+                             ).stdout.split()[-1]
+                for role, prefix in (("agent", "fedge"), ("inference", "fedge-inference"))}
+        return {role: {"public_key": key} for role, key in keys.items()}
     src = root / "opt" / "src" / "fedge"
     subprocess.run(["rm", "-rf", str(root / "opt"), str(root / "etc" / "fedge"), str(root / "etc" / "fedge-inference")],
                    check=True)
@@ -139,18 +151,29 @@ def test_the_arm64_agent_trains_rounds_that_are_folded(installed, mosquitto, tmp
     from aggregator.registry import Registry
     from fedge.identity import PublicKey
 
+    # The device's own data, as an owner's would be: a file on the device read
+    # by a data factory (MNIST's here; the agent install has no scikit-learn).
+    data_dir = ROOT / "var" / "lib" / "fedge-data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "mnist.npz").write_bytes(MNIST.read_bytes())
+    shared = {"clients": 2, "partition": "iid", "limit": 2000}
     cfg = updated(job_config(tmp_path, mosquitto.url, job="arm", rounds=3, agents=2),
-                  selection={"min_clients": 2, "deadline_s": 600.0})
-    host = devices(tmp_path, "arm", 1, prefix="x86")  # makes the aggregator's key; enrolls the x86 device
+                  job={"name": "arm", "model": "fedge.models:mnist_2nn", "rounds": 3,
+                       "state_dir": str(tmp_path / "aggregator")},
+                  evaluate={"data": "fedge.datasets:mnist", "args": {"path": str(MNIST), "split": "test",
+                                                                      "limit": 2000}},
+                  selection={"min_clients": 2, "deadline_s": 1800.0})
+    host = devices(tmp_path, "arm", 1, prefix="x86", data="fedge.datasets:mnist", path=str(MNIST), **shared)
     aggregator_key = host[0].aggregator_key.to_text()
     registry = Registry(tmp_path / "aggregator")
     registry.reload()
     registry.enroll("pi-arm64", PublicKey.from_text(installed["agent"]["public_key"]))
     metrics_port = free_port()
-    toml = _agent_toml("/etc/fedge", "pi-arm64", mosquitto.url, aggregator_key,
-                       extra="") + ('[data]\nfactory = "fedge.datasets:digits"\n'
-                                    'args = { client = 1, clients = 2, partition = "iid" }\n'
-                                    f"[metrics]\nenabled = true\nport = {metrics_port}\n")
+    toml = _agent_toml("/etc/fedge", "pi-arm64", mosquitto.url, aggregator_key) + (
+        '[data]\nfactory = "fedge.datasets:mnist"\n'
+        'args = { path = "/var/lib/fedge-data/mnist.npz", client = 1, clients = 2, partition = "iid", '
+        'limit = 2000 }\n'
+        f"[metrics]\nenabled = true\nport = {metrics_port}\n")
     (ROOT / "etc" / "fedge" / "agent.toml").write_text(toml)
     agent = popen_chroot("/opt/fedge/venv/bin/fedge", "agent", "--config", "/etc/fedge/agent.toml",
                          log=tmp_path / "arm-agent.log")
@@ -173,7 +196,7 @@ def test_the_arm64_agent_trains_rounds_that_are_folded(installed, mosquitto, tmp
             "last_training_seconds": round(metrics["fedge_agent_last_training_seconds"], 2),
             "worker_max_rss_mb": round(metrics["fedge_agent_worker_max_rss_bytes"] / 2**20, 1),
             "round_seconds": [r["seconds"] for r in records],
-            "workload": "digits MLP, half of the digits training set, 2 epochs, batch 16, worker per_round",
+            "workload": "MNIST 2NN (199,210 parameters), 1,000 examples, 2 epochs, batch 16, worker per_round",
         }
     finally:
         agent.terminate()
@@ -210,8 +233,8 @@ def test_the_arm64_inference_device_installs_and_serves_the_quantized_model(inst
     toml = _agent_toml("/etc/fedge-inference", "kiosk-arm64", mosquitto.url, host[0].aggregator_key.to_text(),
                        extra='role = "inference"\n') + f'[inference]\nartifact = "digits"\nserve = "127.0.0.1:{port}"\n'
     (ROOT / "etc" / "fedge-inference" / "agent.toml").write_text(toml)
-    kiosk = popen_chroot("/opt/fedge-inference/venv/bin/fedge", "agent", "--config", "/etc/fedge-inference/agent.toml",
-                         log=tmp_path / "kiosk.log")
+    kiosk = popen_chroot(*ORT, "/opt/fedge-inference/venv/bin/fedge", "agent", "--config",
+                         "/etc/fedge-inference/agent.toml", log=tmp_path / "kiosk.log")
     try:
         wait_for(lambda: _health(port) is not None, 300, "the arm64 inference device's API")
         with running_aggregator(cfg) as (service, records), running_fleet(host, cfg.broker):
@@ -288,7 +311,7 @@ def test_quantize_target_arm64_figures_hold_on_arm64(installed, tmp_path, model,
     inside.mkdir(parents=True, exist_ok=True)
     (inside / "int8.onnx").write_bytes((work / "int8.onnx").read_bytes())
     np.savez(inside / "test.npz", x=x)
-    chroot("/opt/fedge-inference/venv/bin/fedge", "predict", "--model", "/opt/quantize-check/int8.onnx",
+    chroot(*ORT, "/opt/fedge-inference/venv/bin/fedge", "predict", "--model", "/opt/quantize-check/int8.onnx",
            "--input", "/opt/quantize-check/test.npz", "--output", "/opt/quantize-check/out.npz", "--force",
            timeout=1800)
     predictions = np.load(inside / "out.npz")["predictions"]
