@@ -85,11 +85,13 @@ def root():
 
 
 def _qemu_version() -> str:
-    import shutil
-
-    qemu = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static") or "qemu-aarch64"
-    out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
-    return out.split("\n")[0].split("version")[-1].strip()
+    """Both emulators: the binfmt_misc handler and the one for ONNX Runtime."""
+    handler = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").read_text().splitlines()[1].split()[-1]
+    versions = []
+    for qemu in (handler, str(ROOT / ORT[0].lstrip("/"))):
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
+        versions.append(out.split("\n")[0].split("version")[-1].strip().split()[0])
+    return f"{versions[0]} (the agent, its worker), {versions[1]} (ONNX Runtime)"
 
 
 def _host_cpu() -> str:
