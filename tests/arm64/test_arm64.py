@@ -143,6 +143,12 @@ def installed(root):
     return out
 
 
+def _fresh_state(device: str) -> None:
+    """A device that never ran: the root is reused between runs, and an agent
+    that remembers having trained (round 1, this model) would sit the round out."""
+    subprocess.run(["rm", "-rf", str(ROOT / "var" / "lib" / device)], check=True)
+
+
 def _agent_toml(etc: str, device: str, url: str, aggregator_key: str, extra: str = "") -> str:
     return (f'[agent]\nid = "{device}"\njob = "arm"\nstate_dir = "/var/lib/{device}"\n{extra}'
             f'[broker]\nurl = "{url}"\nreconnect_min_s = 1\nreconnect_max_s = 2\n'
@@ -171,6 +177,7 @@ def test_the_arm64_agent_trains_rounds_that_are_folded(installed, mosquitto, tmp
     registry.reload()
     registry.enroll("pi-arm64", PublicKey.from_text(installed["agent"]["public_key"]))
     metrics_port = free_port()
+    _fresh_state("pi-arm64")
     toml = _agent_toml("/etc/fedge", "pi-arm64", mosquitto.url, aggregator_key) + (
         '[data]\nfactory = "fedge.datasets:mnist"\n'
         'args = { path = "/var/lib/fedge-data/mnist.npz", client = 1, clients = 2, partition = "iid", '
@@ -232,6 +239,7 @@ def test_the_arm64_inference_device_installs_and_serves_the_quantized_model(inst
     registry.reload()
     registry.enroll("kiosk-arm64", PublicKey.from_text(installed["inference"]["public_key"]))
     port = free_port()
+    _fresh_state("kiosk-arm64")
     toml = _agent_toml("/etc/fedge-inference", "kiosk-arm64", mosquitto.url, host[0].aggregator_key.to_text(),
                        extra='role = "inference"\n') + f'[inference]\nartifact = "digits"\nserve = "127.0.0.1:{port}"\n'
     (ROOT / "etc" / "fedge-inference" / "agent.toml").write_text(toml)
