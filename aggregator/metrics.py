@@ -16,14 +16,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from fedge.metrics import FAST_BUCKETS, SLOW_BUCKETS, MetricsListener, MetricsSettings, SnapshotCollector
+from fedge.metrics import FAST_BUCKETS, SLOW_BUCKETS, Families, MetricsSettings, MetricTable, ServiceMetrics
 
 # Counter keys of ``RoundCore.counters`` that have families of their own.
 _OUTCOMES = {"rounds_ok": "ok", "rounds_failed": "failed"}
 _UPDATE_STATUSES = ("accepted", "duplicate", "declined")
 
 # name -> (type, help, labels): the public surface, documented in the README.
-METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+METRICS: MetricTable = {
     "fedge_job_info": ("gauge", "The job this aggregator runs (value 1).", ("job_name", "model", "version")),
     "fedge_round": ("gauge", "The round open now, or the last one closed.", ()),
     "fedge_rounds_planned": ("gauge", "Rounds the job runs (job.rounds).", ()),
@@ -66,21 +66,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 
 def render(snap: dict[str, Any]) -> Iterator[Any]:
     """Metric families from a snapshot (``AggregatorService._metrics_snapshot``)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    def gauge(name: str, value: float | None, labels: dict[str, str] | None = None) -> Any:
-        _kind, doc, names = METRICS[name]
-        family = GaugeMetricFamily(name, doc, labels=list(names))
-        if value is not None:
-            family.add_metric([labels[n] for n in names] if labels else [], float(value))
-        return family
-
-    def counter(name: str, values: dict[Any, int]) -> Any:
-        _kind, doc, names = METRICS[name]
-        family = CounterMetricFamily(name[: -len("_total")], doc, labels=list(names))
-        for key, value in sorted(values.items()):
-            family.add_metric(list(key) if isinstance(key, tuple) else [key], float(value))
-        return family
+    f = Families(METRICS)
+    gauge, counter = f.gauge, f.counter
 
     yield gauge("fedge_job_info", 1, {"job_name": snap["job"], "model": snap["model"], "version": snap["version"]})
     yield gauge("fedge_round", snap["round"])
@@ -123,32 +110,12 @@ def render(snap: dict[str, Any]) -> Iterator[Any]:
         yield gauge("fedge_checkpoint_age_seconds", max(0.0, time.time() - checkpoint))
 
 
-class AggregatorMetrics:
+class AggregatorMetrics(ServiceMetrics):
     """The registry, the histograms, and (``start``) the HTTP listener."""
 
     def __init__(self, settings: MetricsSettings) -> None:
-        from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
-
-        self.settings = settings
-        self.registry = CollectorRegistry(auto_describe=False)
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        self.collector = SnapshotCollector(render)
-        self.registry.register(self.collector)
-
-        def histogram(name: str, buckets: tuple[float, ...]) -> Any:
-            return Histogram(name, METRICS[name][1], buckets=buckets, registry=self.registry)
-
-        self.fold_seconds = histogram("fedge_update_fold_seconds", FAST_BUCKETS)
-        self.close_seconds = histogram("fedge_round_close_seconds", FAST_BUCKETS)
-        self.round_seconds = histogram("fedge_round_duration_seconds", SLOW_BUCKETS)
-        self.eval_seconds = histogram("fedge_evaluation_seconds", SLOW_BUCKETS)
-        self.listener: MetricsListener | None = None
-
-    def start(self) -> None:
-        self.listener = MetricsListener(self.settings, self.registry, "aggregator")
-
-    def close(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+        super().__init__(settings, METRICS, render, "aggregator")
+        self.fold_seconds = self.histogram("fedge_update_fold_seconds", FAST_BUCKETS)
+        self.close_seconds = self.histogram("fedge_round_close_seconds", FAST_BUCKETS)
+        self.round_seconds = self.histogram("fedge_round_duration_seconds", SLOW_BUCKETS)
+        self.eval_seconds = self.histogram("fedge_evaluation_seconds", SLOW_BUCKETS)

@@ -292,8 +292,7 @@ class AggregatorService:
                     self._publish_fleet(now)
         finally:
             with contextlib.suppress(Exception):  # what the fleet view last heard, out before we go
-                if self.fleet.dirty:
-                    self._publish_fleet(monotonic())
+                self._publish_fleet(monotonic())
                 if self.fleet.changed:
                     self.state.save_json(fleet_file.FILE, self.fleet.to_json())
             self.link.stop(final=(self.topics.server, self._seal(Status(messages.AGGREGATOR, "offline").encode())))
@@ -500,10 +499,14 @@ class AggregatorService:
             self.onnx.submit(record.round, self.core.exact_model_message())
 
     def _publish_fleet(self, now: float) -> None:
-        """Publish the device records that changed, retained, signed."""
+        """Publish the device records that changed, retained, signed; a
+        failure is counted (``internal_error``), never the loop's end."""
         self._fleet_flushed = now
-        for record in self.fleet.take_dirty():
-            self.link.publish(self.topics.device(record.device), self._seal(record.encode()), retain=True)
+        try:
+            for record in self.fleet.take_dirty():
+                self.link.publish(self.topics.device(record.device), self._seal(record.encode()), retain=True)
+        except Exception as exc:
+            self._contained(exc, "fleet records", now)
 
     def _publish_metrics(self, now: float) -> None:
         """Swap a fresh snapshot in for the metrics listener's thread."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedge.config import setting
-from fedge.metrics import SLOW_BUCKETS, MetricsListener, MetricsSettings, SnapshotCollector
+from fedge.metrics import SLOW_BUCKETS, Families, MetricsSettings, MetricTable, ServiceMetrics
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ _RECEIPTS = {"update_accepted": "accepted", "update_duplicate": "duplicate", "up
              "update_late": "late"}
 _OWN = {"updates_sent", "declined", "training_failed", *_RECEIPTS}
 
-METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+METRICS: MetricTable = {
     "fedge_agent_info": ("gauge", "This device (value 1).", ("device", "job_name", "role", "version")),
     "fedge_agent_devices": ("gauge", "Devices this process runs (1, or a simulated fleet's size).", ()),
     "fedge_agent_connected": ("gauge", "Devices connected to the broker now.", ()),
@@ -56,26 +56,10 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 
 
 def render(snap: dict[str, Any]) -> Iterator[Any]:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    def gauge(name: str, value: float | None) -> Any:
-        family = GaugeMetricFamily(name, METRICS[name][1])
-        if value is not None:
-            family.add_metric([], float(value))
-        return family
-
-    def counter(name: str, values: dict[Any, int]) -> Any:
-        _kind, doc, labels = METRICS[name]
-        family = CounterMetricFamily(name[: -len("_total")], doc, labels=list(labels))
-        for key, value in sorted(values.items()):
-            family.add_metric(list(key) if isinstance(key, tuple) else ([key] if labels else []), float(value))
-        return family
-
-    info = GaugeMetricFamily("fedge_agent_info", METRICS["fedge_agent_info"][1], labels=list(METRICS[
-        "fedge_agent_info"][2]))
-    for device, job, role in snap["devices"]:
-        info.add_metric([device, job, role, snap["version"]], 1.0)
-    yield info
+    f = Families(METRICS)
+    gauge, counter = f.gauge, f.counter
+    yield f.gauges("fedge_agent_info", (([device, job, role, snap["version"]], 1.0)
+                                        for device, job, role in snap["devices"]))
     yield gauge("fedge_agent_devices", len(snap["devices"]))
     yield gauge("fedge_agent_connected", snap["connected"])
     counters: dict[str, int] = snap["counters"]
@@ -94,24 +78,7 @@ def render(snap: dict[str, Any]) -> Iterator[Any]:
     yield gauge("fedge_agent_worker_max_rss_bytes", last.get("max_rss_bytes"))
 
 
-class AgentMetrics:
+class AgentMetrics(ServiceMetrics):
     def __init__(self, settings: MetricsSettings) -> None:
-        from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
-
-        self.settings = settings
-        self.registry = CollectorRegistry(auto_describe=False)
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        self.collector = SnapshotCollector(render)
-        self.registry.register(self.collector)
-        self.training_seconds = Histogram("fedge_agent_training_seconds", METRICS["fedge_agent_training_seconds"][1],
-                                          buckets=SLOW_BUCKETS, registry=self.registry)
-        self.listener: MetricsListener | None = None
-
-    def start(self) -> None:
-        self.listener = MetricsListener(self.settings, self.registry, "agent")
-
-    def close(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+        super().__init__(settings, METRICS, render, "agent")
+        self.training_seconds = self.histogram("fedge_agent_training_seconds", SLOW_BUCKETS)

@@ -180,3 +180,79 @@ class CountingLink:
             self._traffic.bytes[key] = self._traffic.bytes.get(key, 0) + len(message)
             self._traffic.messages[key] = self._traffic.messages.get(key, 0) + len(result)
         return result
+
+
+# name -> (type, help, labels): each role's public metrics.
+MetricTable = dict[str, tuple[str, str, tuple[str, ...]]]
+
+
+class Families:
+    """Metric families built from a role's ``MetricTable`` (its help and labels)."""
+
+    def __init__(self, table: MetricTable) -> None:
+        self.table = table
+
+    def gauge(self, name: str, value: float | None, labels: dict[str, str] | None = None) -> Any:
+        """A gauge with one sample (none when ``value`` is None: unknown, not 0)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        _kind, doc, names = self.table[name]
+        family = GaugeMetricFamily(name, doc, labels=list(names))
+        if value is not None:
+            family.add_metric([labels[n] for n in names] if labels else [], float(value))
+        return family
+
+    def gauges(self, name: str, samples: Iterable[tuple[list[str], float]]) -> Any:
+        """A labelled gauge with a sample per label-value list."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        _kind, doc, names = self.table[name]
+        family = GaugeMetricFamily(name, doc, labels=list(names))
+        for values, value in samples:
+            family.add_metric(values, float(value))
+        return family
+
+    def counter(self, name: str, values: dict[Any, int]) -> Any:
+        """A counter ``name`` (ending in ``_total``) with a sample per key: a
+        label value, a tuple of them, or anything for an unlabelled one."""
+        from prometheus_client.core import CounterMetricFamily
+
+        _kind, doc, names = self.table[name]
+        family = CounterMetricFamily(name[: -len("_total")], doc, labels=list(names))
+        for key, value in sorted(values.items()):
+            family.add_metric(list(key) if isinstance(key, tuple) else ([key] if names else []), float(value))
+        return family
+
+
+class ServiceMetrics:
+    """A service's own registry (never the process-wide default: two services
+    in one process must not mix), the process and platform collectors, a
+    ``SnapshotCollector`` over ``render``, histograms from the table, and
+    (``start`` to ``close``) the HTTP listener."""
+
+    def __init__(self, settings: MetricsSettings, table: MetricTable, render: Callable[[Any], Iterable[Any]],
+                 what: str) -> None:
+        from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+        self.settings = settings
+        self.table = table
+        self.what = what
+        self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.collector = SnapshotCollector(render)
+        self.registry.register(self.collector)
+        self.listener: MetricsListener | None = None
+
+    def histogram(self, name: str, buckets: tuple[float, ...]) -> Any:
+        from prometheus_client import Histogram
+
+        return Histogram(name, self.table[name][1], buckets=buckets, registry=self.registry)
+
+    def start(self) -> None:
+        self.listener = MetricsListener(self.settings, self.registry, self.what)
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fedge import __version__
@@ -208,24 +208,23 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_watch(args: argparse.Namespace) -> int:
+def round_events(cfg: Any, who: str, key: Any = None) -> Iterator[Any]:
+    """The job's round records as the aggregator publishes them on its events
+    topic, until a signal. Each is parsed into a ``RoundRecord``; with the
+    aggregator's public ``key``, one it did not sign is left out (logged)."""
     import queue as _queue
 
-    from aggregator.config import AggregatorConfig
-    from fedge import config, messages, wire
+    from fedge import messages, wire
+    from fedge.identity import IdentityError, check_signed
     from fedge.mqtt import Inbound, MqttLink
     from fedge.records import RoundRecord
     from fedge.topics import JobTopics
-    from fedge_cli.table import RoundTable
 
-    cfg = config.load(args.config, AggregatorConfig, args.set)
     topics = JobTopics(cfg.job.name)
     events: _queue.Queue[object] = _queue.Queue()
-    link = MqttLink(cfg.broker, f"fedge-watch-{os.getpid()}", events.put, subscriptions=[topics.events],
+    link = MqttLink(cfg.broker, f"fedge-{who}-{os.getpid()}", events.put, subscriptions=[topics.events],
                     persistent=False)
-    table = RoundTable(sys.stdout, privacy=cfg.privacy.mode != "off")
-    table.header()
-    stopped = []
+    stopped: list[bool] = []
     _on_signals(lambda: stopped.append(True))
     link.start()
     try:
@@ -234,13 +233,31 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 item = events.get(timeout=0.5)
             except _queue.Empty:
                 continue
-            if isinstance(item, Inbound):
-                try:
-                    table.row(RoundRecord.from_json(messages.parse_event(wire.decode(item.payload))))
-                except FedgeError as exc:  # wire, protocol or record: whatever a broker hands us
-                    log.warning("ignored an event: %s", exc)
+            if not isinstance(item, Inbound):
+                continue
+            try:
+                env = wire.decode(item.payload)
+                if key is not None:
+                    check_signed(env, key, "an event")
+                record = RoundRecord.from_json(messages.parse_event(env))
+            except (FedgeError, IdentityError) as exc:  # wire, protocol or record: whatever a broker hands us
+                log.warning("ignored an event: %s", exc)
+                continue
+            yield record
     finally:
         link.stop()
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from aggregator.config import AggregatorConfig
+    from fedge import config
+    from fedge_cli.table import RoundTable
+
+    cfg = config.load(args.config, AggregatorConfig, args.set)
+    table = RoundTable(sys.stdout, privacy=cfg.privacy.mode != "off")
+    table.header()
+    for record in round_events(cfg, "watch"):
+        table.row(record)
     return 0
 
 

@@ -260,46 +260,16 @@ def _follow(cfg: Any, out: Path, key: Any) -> dict[str, Any] | None:
     """Records from the events topic, the report rewritten after each, until
     the job's last round or a signal. With the aggregator's public ``key``,
     an event it did not sign is left out."""
-    import queue as _queue
+    from fedge_cli.main import round_events
 
-    from fedge import messages, wire
-    from fedge.identity import IdentityError, check_signed
-    from fedge.mqtt import Inbound, MqttLink
-    from fedge.topics import JobTopics
-    from fedge_cli.main import _on_signals
-
-    topics = JobTopics(cfg.job.name)
-    events: _queue.Queue[object] = _queue.Queue()
-    link = MqttLink(cfg.broker, f"fedge-report-{id(events):x}", events.put, subscriptions=[topics.events],
-                    persistent=False)
     by_round: dict[int, RoundRecord] = {}
     summary = None
-    stopped: list[bool] = []
-    _on_signals(lambda: stopped.append(True))
-    link.start()
-    try:
-        while not stopped:
-            try:
-                item = events.get(timeout=0.5)
-            except _queue.Empty:
-                continue
-            if not isinstance(item, Inbound):
-                continue
-            try:
-                env = wire.decode(item.payload)
-                if key is not None:
-                    check_signed(env, key, "an event")
-                record = RoundRecord.from_json(messages.parse_event(env))
-            except (FedgeError, IdentityError) as exc:  # whatever a broker hands us
-                log.warning("ignored an event: %s", exc)
-                continue
-            by_round[record.round] = record
-            summary = write_report([by_round[r] for r in sorted(by_round)], cfg.job.name, out)
-            print(f"round {record.round}: {summary['html']}", file=sys.stderr)
-            if record.round >= cfg.job.rounds:
-                break
-    finally:
-        link.stop()
+    for record in round_events(cfg, "report", key):
+        by_round[record.round] = record
+        summary = write_report([by_round[r] for r in sorted(by_round)], cfg.job.name, out)
+        print(f"round {record.round}: {summary['html']}", file=sys.stderr)
+        if record.round >= cfg.job.rounds:
+            break
     return summary
 
 
