@@ -51,9 +51,13 @@ def _query(port: int, expr: str) -> dict:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
-            return json.loads(response.read())
+            body = response.read()
     except urllib.error.HTTPError as exc:  # a query Prometheus cannot parse: 400 with the reason
-        return json.loads(exc.read())
+        body = exc.read()
+    try:
+        return json.loads(body)
+    except ValueError:  # still starting: 503 "Service Unavailable" in plain text
+        return {"status": "error", "error": body.decode(errors="replace").strip()}
 
 
 def _expr(text: str) -> str:
@@ -75,16 +79,20 @@ def test_every_panel_query_runs_on_a_real_prometheus_scraping_a_real_job(mosquit
             f"      - targets: ['127.0.0.1:{service.metrics.listener.port}']\n"
             f"  - job_name: fedge-agents\n    static_configs:\n"
             f"      - targets: ['127.0.0.1:{fleet.metrics.listener.port}']\n")
+        log = (tmp_path / "prometheus.log").open("w")
         prom = subprocess.Popen(
             ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL, stderr=log)
         try:
             def scraped_rounds() -> float:
                 try:
-                    result = _query(prom_port, "max(fedge_rounds_total)")["data"]["result"]
-                except (OSError, KeyError):
+                    answer = _query(prom_port, "max(fedge_rounds_total)")
+                except OSError:  # not listening yet
                     return 0
+                if answer.get("status") != "success":
+                    return 0
+                result = answer["data"]["result"]
                 return float(result[0]["value"][1]) if result else 0
 
             wait_for(lambda: scraped_rounds() >= 4, 120, "Prometheus to see four rounds")
@@ -104,6 +112,7 @@ def test_every_panel_query_runs_on_a_real_prometheus_scraping_a_real_job(mosquit
         finally:
             prom.terminate()
             prom.wait(20)
+            log.close()
     assert not failures, failures
     assert not empty, empty
     assert set(MUST_HAVE_DATA) <= {p["title"] for p in dashboard["panels"]}
