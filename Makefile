@@ -18,7 +18,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedge-installed
 
-.PHONY: install demo test lint unit integration test-no-vnni test-arm64 bench bench-noniid clean
+.PHONY: install demo test lint unit integration test-no-vnni test-arm64 test-systemd bench bench-noniid clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ integration: $(STAMP)
 # host's aggregator. Root, debootstrap, qemu-user-static; slow (tens of minutes).
 test-arm64: $(STAMP)
 	FEDGE_ARM64=1 $(BIN)/python -m pytest -v -x tests/arm64
+
+# The service units under a real systemd (root; systemd-nspawn boots a Debian root).
+test-systemd: $(STAMP)
+	FEDGE_SYSTEMD=1 $(BIN)/python -m pytest -v -x tests/systemd
 
 # The export suite on an emulated AMD EPYC without VNNI (qemu-x86_64; slow: ~4 min).
 test-no-vnni: $(STAMP)

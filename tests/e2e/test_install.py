@@ -66,3 +66,50 @@ def test_a_32_bit_arm_system_gets_one_line_and_nothing_installed(tmp_path, machi
 def test_help_prints_the_options():
     proc = subprocess.run([str(REPO / "deploy" / "install.sh"), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--aggregator-key KEY" in proc.stdout and "torch==2.9.1" in proc.stdout
+
+
+def _jetson_install(tmp_path, pythonpath: str | None):
+    import os
+
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.run([str(REPO / "deploy" / "install.sh"), "agent", "--system-site-packages", "--python",
+                           "/usr/bin/python3", "--prefix", str(tmp_path / "opt"), "--etc", str(tmp_path / "etc"),
+                           "--no-service"], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_jetson_path_without_a_system_pytorch_gets_one_line_and_nothing_installed(tmp_path):
+    # --system-site-packages is the Jetson path: JetPack's PyTorch, never PyPI's.
+    # This host's system Python has none.
+    proc = _jetson_install(tmp_path, None)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "sees no PyTorch" in proc.stderr, proc.stderr
+    assert not (tmp_path / "opt").exists() and not (tmp_path / "etc").exists(), "never a half-installed device"
+
+
+def test_jetson_path_with_a_pytorch_older_than_the_worker_needs_is_refused(tmp_path):
+    # JetPack 5's PyTorch, as its version string reads (the module is a stand-in).
+    fake = tmp_path / "jetpack5"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text('__version__ = "2.1.0a0+41361538.nv23.06"\n')
+    proc = _jetson_install(tmp_path, str(fake))
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert line.count("\n") == 0 and f"PyTorch 2.1.0a0+41361538.nv23.06 ({fake / 'torch'}) is older than 2.3" in line, \
+        line
+    assert not (tmp_path / "opt").exists()
+
+
+@pytest.mark.parametrize(("python", "says"), [
+    ("python3", "needs a full path"),
+    ("/nonexistent/python3", "is not an executable"),
+    ("/usr/bin/python3", "cannot import PyTorch"),  # this host's system Python has none
+])
+def test_worker_python_that_cannot_train_is_refused_before_anything_is_made(tmp_path, python, says):
+    proc = subprocess.run([str(REPO / "deploy" / "install.sh"), "agent", "--worker-python", python, "--prefix",
+                           str(tmp_path / "opt"), "--etc", str(tmp_path / "etc"), "--no-service"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and says in proc.stderr, proc.stderr
+    assert not (tmp_path / "opt").exists() and not (tmp_path / "etc").exists()
