@@ -82,4 +82,12 @@ mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
 mountpoint -q "$root/sys" || mount -t sysfs sys "$root/sys"
 mountpoint -q "$root/dev" || mount --bind /dev "$root/dev"
 mountpoint -q "$root/dev/pts" || mount --bind /dev/pts "$root/dev/pts"
-echo "==> $root: $(chroot "$root" uname -m), $(chroot "$root" python3 --version)"
+# Raspberry Pi OS ships systemd: install.sh enables the unit in it (offline,
+# as when an SD-card image is built in a chroot), and its systemd-analyze
+# checks the unit there. (Roots cached before this step get it now.)
+if [ ! -x "$root/usr/bin/systemd-analyze" ]; then
+    echo "==> systemd into $root"
+    chroot "$root" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+echo "==> $root: $(chroot "$root" uname -m), $(chroot "$root" python3 --version), $(chroot "$root" systemctl --version | head -1)"

@@ -120,11 +120,16 @@ def installed(root):
         subprocess.run(["tar", "--null", "-T", "-", "-cf", "-"], cwd=REPO, input=files, check=True, stdout=tar)
     subprocess.run(["tar", "-xf", str(root / "opt" / "src.tar"), "-C", str(src)], check=True)
     (root / "opt" / "src.tar").unlink()
+    subprocess.run(["rm", "-f", str(root / "etc" / "systemd" / "system" / "fedge-agent.service"),
+                    str(root / "etc" / "systemd" / "system" / "multi-user.target.wants" / "fedge-agent.service")],
+                   check=True)
     out = {}
-    for role, prefix, etc in (("agent", "/opt/fedge", "/etc/fedge"),
-                              ("inference", "/opt/fedge-inference", "/etc/fedge-inference")):
+    # The trainer exactly as a Pi owner runs it, systemd unit included; the
+    # inference device is another board (one fedge-agent.service per device).
+    for role, prefix, etc, flags in (("agent", "/opt/fedge", "/etc/fedge", ()),
+                                     ("inference", "/opt/fedge-inference", "/etc/fedge-inference", ("--no-service",))):
         started = time.monotonic()
-        proc = chroot("/opt/src/fedge/deploy/install.sh", role, "--prefix", prefix, "--etc", etc, "--no-service",
+        proc = chroot("/opt/src/fedge/deploy/install.sh", role, "--prefix", prefix, "--etc", etc, *flags,
                       timeout=5400)
         seconds = time.monotonic() - started
         venv = root / prefix.lstrip("/") / "venv"
@@ -139,8 +144,28 @@ def installed(root):
     inf = json.loads(chroot("/opt/fedge-inference/venv/bin/python", "-m", "pip", "list", "--format=json").stdout)
     assert "torch" not in {p["name"].lower() for p in inf}, "the inference role never installs PyTorch"
     MEASURED["install"] = {r: {k: v for k, v in o.items() if k not in ("log", "public_key")} for r, o in out.items()}
+    MEASURED["systemd_unit"] = _check_unit(root, out["agent"]["log"])
     MEASURED["install"]["agent"]["torch"] = names["torch"]
     return out
+
+
+def _check_unit(root: Path, log: str) -> dict[str, Any]:
+    """install.sh wrote and enabled fedge-agent.service with no systemd running
+    (a chroot, as when an SD-card image is built), and arm64's systemd finds
+    nothing wrong with it. It cannot boot here (qemu-user runs programs, not an
+    init), so the sandbox is checked by what systemd says of the file."""
+    unit = root / "etc" / "systemd" / "system" / "fedge-agent.service"
+    wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants" / "fedge-agent.service"
+    assert unit.exists() and wants.is_symlink(), log
+    assert "enabled and starts at boot (systemd is not running here)" in log, log
+    verify = chroot("systemd-analyze", "verify", "/etc/systemd/system/fedge-agent.service", check=False)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    security = chroot("systemd-analyze", "security", "--offline=true", "/etc/systemd/system/fedge-agent.service")
+    line = security.stdout.strip().splitlines()[-1]
+    exposure = float(line.split(":")[1].split()[0])
+    assert exposure <= 4.0, security.stdout  # systemd's "OK" band; without the hardening it is 8.5
+    return {"enabled": True, "verify": "clean", "exposure": exposure, "systemd": chroot(
+        "systemctl", "--version").stdout.split("\n")[0]}
 
 
 def _fresh_state(device: str) -> None:
@@ -213,6 +238,88 @@ def test_the_arm64_agent_trains_rounds_that_are_folded(installed, mosquitto, tmp
             agent.wait(30)
         except subprocess.TimeoutExpired:
             agent.kill()
+
+
+SYSTEM_TORCH = "/usr/local/lib/python3.11/dist-packages"
+
+
+def test_the_jetson_paths_train_with_the_system_pytorch_and_install_none(installed, mosquitto, tmp_path):
+    """A Jetson keeps JetPack's PyTorch, which NVIDIA ships as a wheel for the
+    system Python. Neither the board nor that wheel is here (NVIDIA's index is
+    not a package registry this machine reaches, and CUDA cannot run under
+    qemu), so the stand-in is PyPI's CPU torch 2.9.1 installed for the root's
+    system Python the same way, with pip. Both documented paths must install
+    no PyTorch of their own and train with that one:
+    ``install.sh agent --system-site-packages``, and ``--worker-python
+    /usr/bin/python3``, whose agent virtualenv has no PyTorch at all (so a
+    round it trains can only have run in that interpreter)."""
+    from aggregator.registry import Registry
+    from fedge.identity import PublicKey
+
+    if chroot("/usr/bin/python3", "-c", "import torch", check=False).returncode != 0:
+        chroot("/opt/fedge/venv/bin/python", "-m", "pip", "install", "--quiet", "--target", SYSTEM_TORCH,
+               "torch==2.9.1", timeout=3600)
+    installs: dict[str, Any] = {}
+    for name, flags in (("jetson-site", ["--system-site-packages"]),
+                        ("jetson-worker", ["--worker-python", "/usr/bin/python3"])):
+        subprocess.run(["rm", "-rf", str(ROOT / "opt" / name), str(ROOT / "etc" / name)], check=True)
+        started = time.monotonic()
+        proc = chroot("/opt/src/fedge/deploy/install.sh", "agent", *flags, "--prefix", f"/opt/{name}", "--etc",
+                      f"/etc/{name}", "--no-service", timeout=3600)
+        installs[name] = {"install_seconds": round(time.monotonic() - started, 1),
+                          "venv_mb": _du_mb(ROOT / "opt" / name / "venv")}
+        # PyPI's aarch64 2.9.1 calls itself 2.9.1+cpu; NVIDIA's read 2.5.0a0+872d972e41.nv24.08.
+        assert (f"PyTorch: the system's, 2.9.1+cpu ({SYSTEM_TORCH}/torch); none from PyPI" in proc.stdout), proc.stdout
+        own = json.loads(chroot(f"/opt/{name}/venv/bin/python", "-m", "pip", "list", "--local", "--format=json"
+                                ).stdout)
+        assert not {p["name"].lower() for p in own} & {"torch", "nvidia-cuda-runtime-cu12"}, own
+        installs[name]["public_key"] = next(
+            line for line in proc.stdout.splitlines() if "fedge enroll" in line).split()[-1]
+    sees = chroot("/opt/jetson-site/venv/bin/python", "-c", "import torch; print(torch.__file__)").stdout
+    assert sees.startswith(SYSTEM_TORCH), sees
+    assert chroot("/opt/jetson-worker/venv/bin/python", "-c", "import torch", check=False).returncode != 0
+    assert 'python = "/usr/bin/python3"' in (ROOT / "etc" / "jetson-worker" / "agent.toml").read_text()
+
+    data_dir = ROOT / "var" / "lib" / "fedge-data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "mnist.npz").write_bytes(MNIST.read_bytes())
+    cfg = updated(job_config(tmp_path, mosquitto.url, job="arm", rounds=2, agents=2),
+                  job={"name": "arm", "model": "fedge.models:mnist_2nn", "rounds": 2,
+                       "state_dir": str(tmp_path / "aggregator")},
+                  evaluate={"data": "fedge.datasets:mnist", "args": {"path": str(MNIST), "split": "test",
+                                                                      "limit": 2000}},
+                  selection={"min_clients": 2, "deadline_s": 1800.0})
+    registry = Registry(tmp_path / "aggregator")
+    registry.reload()
+    aggregator_key = devices(tmp_path, "arm", 1, prefix="x86")[0].aggregator_key.to_text()
+    agents = []
+    try:
+        for i, name in enumerate(installs):
+            registry.enroll(name, PublicKey.from_text(installs[name]["public_key"]))
+            _fresh_state(name)
+            worker = '[worker]\npython = "/usr/bin/python3"\n' if name == "jetson-worker" else ""
+            toml = _agent_toml(f"/etc/{name}", name, mosquitto.url, aggregator_key) + worker + (
+                '[data]\nfactory = "fedge.datasets:mnist"\n'
+                f'args = {{ path = "/var/lib/fedge-data/mnist.npz", client = {i}, clients = 2, partition = "iid", '
+                'limit = 2000 }\n')
+            (ROOT / "etc" / name / "agent.toml").write_text(toml)
+            agents.append(popen_chroot(f"/opt/{name}/venv/bin/fedge", "agent", "--config", f"/etc/{name}/agent.toml",
+                                       log=tmp_path / f"{name}.log"))
+        with running_aggregator(cfg) as (service, records):
+            assert service.done.wait(3600), (records, [(tmp_path / f"{n}.log").read_text()[-2000:] for n in installs])
+        assert all(r["status"] == "ok" and set(installs) <= set(r["accepted"]) for r in records), records
+    finally:
+        for agent in agents:
+            agent.terminate()
+            try:
+                agent.wait(30)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+    MEASURED["jetson_paths"] = {
+        "stand_in": f"PyPI's CPU torch 2.9.1 installed for the system Python in {SYSTEM_TORCH}",
+        "install": {n: {k: v for k, v in o.items() if k != "public_key"} for n, o in installs.items()},
+        "round_seconds": [r["seconds"] for r in records],
+    }
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -330,3 +437,83 @@ def test_quantize_target_arm64_figures_hold_on_arm64(installed, tmp_path, model,
         "host_reported": host_figure, "on_arm64": arm, "examples": len(y),
         "host_default_kernels": (report.get("host_default_kernels") or {}).get("accuracy")}
     assert abs(arm - host_figure) <= 0.005, MEASURED["quantize_arm64"][model]
+
+
+def test_the_agent_unit_runs_under_arm64_systemd(installed, mosquitto, tmp_path):
+    """Raspberry Pi OS bookworm's systemd (252, arm64) boots the root under
+    systemd-nspawn, its PID 1 running under qemu-user, and starts the
+    fedge-agent.service that install.sh enabled, with the unit's sandbox: the
+    agent runs as ``fedge`` with no capabilities and no new privileges, and
+    trains rounds that are folded. The unit's seccomp filters
+    (SystemCallArchitectures, RestrictAddressFamilies) are not applied under
+    qemu-user: the agent carries only the filters nspawn puts on every
+    process in the container (an arm64 filter could not judge the host's x86
+    system calls anyway). ``make test-systemd`` shows them applied, natively,
+    on x86."""
+    from aggregator.registry import Registry
+    from fedge.identity import PublicKey
+    from tests.systemd.nspawn import Booted, seccomp_filters, status_of
+
+    device = "pi-systemd"
+    data_dir = ROOT / "var" / "lib" / "fedge-data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "mnist.npz").write_bytes(MNIST.read_bytes())
+    cfg = updated(job_config(tmp_path, mosquitto.url, job="arm", rounds=2, agents=1),
+                  job={"name": "arm", "model": "fedge.models:mnist_2nn", "rounds": 2,
+                       "state_dir": str(tmp_path / "aggregator")},
+                  evaluate={"data": "fedge.datasets:mnist", "args": {"path": str(MNIST), "split": "test",
+                                                                      "limit": 2000}},
+                  selection={"min_clients": 1, "deadline_s": 1800.0})
+    aggregator_key = devices(tmp_path, "arm", 1, prefix="x86")[0].aggregator_key.to_text()
+    registry = Registry(tmp_path / "aggregator")
+    registry.reload()
+    registry.enroll(device, PublicKey.from_text(installed["agent"]["public_key"]))
+    subprocess.run(["rm", "-rf", str(ROOT / "var" / "lib" / "fedge-agent")], check=True)
+    # The installed config, edited as the owner would; the state directory is the unit's.
+    (ROOT / "etc" / "fedge" / "agent.toml").write_text(
+        _agent_toml("/etc/fedge", device, mosquitto.url, aggregator_key).replace(
+            f'state_dir = "/var/lib/{device}"', 'state_dir = "/var/lib/fedge-agent"')
+        + '[data]\nfactory = "fedge.datasets:mnist"\n'
+          'args = { path = "/var/lib/fedge-data/mnist.npz", client = 0, clients = 2, partition = "iid", '
+          'limit = 2000 }\n')
+    script = str(REPO / "tests" / "arm64" / "rootfs.sh")
+    subprocess.run(["bash", script, str(ROOT), "--umount"], check=True)  # nspawn mounts its own
+    booted = None
+    try:
+        started = time.monotonic()
+        booted = Booted(ROOT, tmp_path / "nspawn.log", boot_timeout=900)
+        boot_seconds = time.monotonic() - started
+
+        def journal() -> str:
+            assert booted is not None
+            return booted.run("journalctl", "-u", "fedge-agent", "--no-pager", "-o", "cat", check=False,
+                              timeout=300).stdout[-4000:]
+
+        wait_for(lambda: booted.run("systemctl", "is-active", "fedge-agent", check=False, timeout=300
+                                    ).stdout.strip() == "active", 300, "fedge-agent.service active")
+        active_seconds = time.monotonic() - started
+        pid = int(booted.run("systemctl", "show", "-P", "MainPID", "fedge-agent", timeout=300).stdout)
+        status = status_of(booted, pid)
+        filters = seccomp_filters(booted, pid)
+        with running_aggregator(cfg) as (service, records):
+            finished = service.done.wait(3600)
+            assert finished, f"job did not finish: {records}\n{journal()}"
+        assert all(r["status"] == "ok" and device in r["accepted"] for r in records), (records, journal())
+        assert status["CapBnd"] == "0000000000000000" and status["CapEff"] == "0000000000000000", status
+        assert status["NoNewPrivs"] == "1", status
+        assert status["Uid"].split()[0] == booted.run("id", "-u", "fedge").stdout.strip(), status
+        restarts = booted.run("systemctl", "show", "-P", "NRestarts", "fedge-agent").stdout.strip()
+        assert restarts == "0", journal()
+        MEASURED.setdefault("systemd_unit", {}).update({
+            "boot_seconds": round(boot_seconds, 1), "agent_active_seconds": round(active_seconds, 1),
+            "ran_as": "fedge", "restarts": int(restarts),
+            "process": {k: status[k] for k in ("CapBnd", "NoNewPrivs")},
+            "seccomp_filters": {"agent": filters[0], "container_init": filters[1]},
+            "round_seconds": [r["seconds"] for r in records],
+            "note": "arm64 systemd as PID 1 under qemu-user in systemd-nspawn; " + (
+                "the unit's seccomp filters are not applied under qemu-user (the agent has only nspawn's)"
+                if filters[0] == filters[1] else "the unit's seccomp filters are applied")})
+    finally:
+        if booted is not None:
+            booted.stop()
+        subprocess.run(["bash", script, str(ROOT)], check=True, timeout=600, capture_output=True)
