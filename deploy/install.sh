@@ -133,6 +133,17 @@ if [ "$role" = agent ] && [ -z "$torch_spec" ]; then
         trainer="$("$python" -c 'import sys; print(getattr(sys, "_base_executable", "") or sys.executable)')"
     fi
 fi
+if [ -n "$worker_python" ]; then
+    # The worker imports fedge and its packages from the agent's virtualenv:
+    # compiled ones (numpy, cryptography) load only into the same Python.
+    mine="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    theirs="$("$worker_python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo "?")"
+    if [ "$mine" != "$theirs" ]; then
+        echo "install.sh: --worker-python $worker_python is Python $theirs and the virtualenv's $python is $mine:" \
+             "the worker loads the virtualenv's packages, so pass --python $worker_python too" >&2
+        exit 2
+    fi
+fi
 if [ -n "$trainer" ]; then
     found="$(torch_of "$trainer")"
     case "$found" in

@@ -106,10 +106,14 @@ def test_jetson_path_with_a_pytorch_older_than_the_worker_needs_is_refused(tmp_p
     ("python3", "needs a full path"),
     ("/nonexistent/python3", "is not an executable"),
     ("/usr/bin/python3", "cannot import PyTorch"),  # this host's system Python has none
+    ("/root/.pyenv/versions/3.10.13/bin/python3.10", "is Python 3.10 and the virtualenv's"),
 ])
 def test_worker_python_that_cannot_train_is_refused_before_anything_is_made(tmp_path, python, says):
-    proc = subprocess.run([str(REPO / "deploy" / "install.sh"), "agent", "--worker-python", python, "--prefix",
-                           str(tmp_path / "opt"), "--etc", str(tmp_path / "etc"), "--no-service"],
+    if "pyenv" in python and not Path(python).exists():
+        pytest.skip(f"no {python} on this machine")
+    proc = subprocess.run([str(REPO / "deploy" / "install.sh"), "agent", "--python", "/usr/bin/python3",
+                           "--worker-python", python, "--prefix", str(tmp_path / "opt"), "--etc", str(tmp_path / "etc"),
+                           "--no-service"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and says in proc.stderr, proc.stderr
     assert not (tmp_path / "opt").exists() and not (tmp_path / "etc").exists()
