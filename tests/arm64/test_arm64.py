@@ -180,22 +180,27 @@ def _agent_toml(etc: str, device: str, url: str, aggregator_key: str, extra: str
             f'[identity]\nkey_file = "{etc}/device.key"\naggregator_key = "{aggregator_key}"\n')
 
 
+def _mnist_job(tmp_path: Path, url: str, rounds: int, min_clients: int):
+    """A job on the MNIST 2NN, evaluated on this host, and the devices' own
+    data: a file on each device read by a data factory (MNIST's here; the
+    agent install has no scikit-learn)."""
+    data_dir = ROOT / "var" / "lib" / "fedge-data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "mnist.npz").write_bytes(MNIST.read_bytes())
+    return updated(job_config(tmp_path, url, job="arm", rounds=rounds, agents=min_clients),
+                   job={"name": "arm", "model": "fedge.models:mnist_2nn", "rounds": rounds,
+                        "state_dir": str(tmp_path / "aggregator")},
+                   evaluate={"data": "fedge.datasets:mnist", "args": {"path": str(MNIST), "split": "test",
+                                                                       "limit": 2000}},
+                   selection={"min_clients": min_clients, "deadline_s": 1800.0})
+
+
 def test_the_arm64_agent_trains_rounds_that_are_folded(installed, mosquitto, tmp_path):
     from aggregator.registry import Registry
     from fedge.identity import PublicKey
 
-    # The device's own data, as an owner's would be: a file on the device read
-    # by a data factory (MNIST's here; the agent install has no scikit-learn).
-    data_dir = ROOT / "var" / "lib" / "fedge-data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "mnist.npz").write_bytes(MNIST.read_bytes())
     shared = {"clients": 2, "partition": "iid", "limit": 2000}
-    cfg = updated(job_config(tmp_path, mosquitto.url, job="arm", rounds=3, agents=2),
-                  job={"name": "arm", "model": "fedge.models:mnist_2nn", "rounds": 3,
-                       "state_dir": str(tmp_path / "aggregator")},
-                  evaluate={"data": "fedge.datasets:mnist", "args": {"path": str(MNIST), "split": "test",
-                                                                      "limit": 2000}},
-                  selection={"min_clients": 2, "deadline_s": 1800.0})
+    cfg = _mnist_job(tmp_path, mosquitto.url, rounds=3, min_clients=2)
     host = devices(tmp_path, "arm", 1, prefix="x86", data="fedge.datasets:mnist", path=str(MNIST), **shared)
     aggregator_key = host[0].aggregator_key.to_text()
     registry = Registry(tmp_path / "aggregator")
@@ -280,15 +285,7 @@ def test_the_jetson_paths_train_with_the_system_pytorch_and_install_none(install
     assert chroot("/opt/jetson-worker/venv/bin/python", "-c", "import torch", check=False).returncode != 0
     assert 'python = "/usr/bin/python3"' in (ROOT / "etc" / "jetson-worker" / "agent.toml").read_text()
 
-    data_dir = ROOT / "var" / "lib" / "fedge-data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "mnist.npz").write_bytes(MNIST.read_bytes())
-    cfg = updated(job_config(tmp_path, mosquitto.url, job="arm", rounds=2, agents=2),
-                  job={"name": "arm", "model": "fedge.models:mnist_2nn", "rounds": 2,
-                       "state_dir": str(tmp_path / "aggregator")},
-                  evaluate={"data": "fedge.datasets:mnist", "args": {"path": str(MNIST), "split": "test",
-                                                                      "limit": 2000}},
-                  selection={"min_clients": 2, "deadline_s": 1800.0})
+    cfg = _mnist_job(tmp_path, mosquitto.url, rounds=2, min_clients=2)
     registry = Registry(tmp_path / "aggregator")
     registry.reload()
     aggregator_key = devices(tmp_path, "arm", 1, prefix="x86")[0].aggregator_key.to_text()
@@ -455,15 +452,7 @@ def test_the_agent_unit_runs_under_arm64_systemd(installed, mosquitto, tmp_path)
     from tests.systemd.nspawn import Booted, seccomp_filters, status_of
 
     device = "pi-systemd"
-    data_dir = ROOT / "var" / "lib" / "fedge-data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "mnist.npz").write_bytes(MNIST.read_bytes())
-    cfg = updated(job_config(tmp_path, mosquitto.url, job="arm", rounds=2, agents=1),
-                  job={"name": "arm", "model": "fedge.models:mnist_2nn", "rounds": 2,
-                       "state_dir": str(tmp_path / "aggregator")},
-                  evaluate={"data": "fedge.datasets:mnist", "args": {"path": str(MNIST), "split": "test",
-                                                                      "limit": 2000}},
-                  selection={"min_clients": 1, "deadline_s": 1800.0})
+    cfg = _mnist_job(tmp_path, mosquitto.url, rounds=2, min_clients=1)
     aggregator_key = devices(tmp_path, "arm", 1, prefix="x86")[0].aggregator_key.to_text()
     registry = Registry(tmp_path / "aggregator")
     registry.reload()
