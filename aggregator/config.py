@@ -11,6 +11,7 @@ line. Configs are immutable: build a changed copy with
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -175,6 +176,11 @@ class OnnxSection:
         if self.target not in ("arm64", "x86", "jetson"):
             raise ConfigError(f"onnx.target {self.target!r} is not known; use arm64, x86 or jetson")
         _checked_id(check_id, self.name, "onnx.name")
+        # The export runs in a child of this interpreter: its toolchain must be here.
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"onnx.every = {self.every} needs the export toolchain ({', '.join(missing)} missing): "
+                              "pip install 'fedge[aggregator,export]' in the aggregator's environment")
 
 
 @dataclass(frozen=True)

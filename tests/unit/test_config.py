@@ -106,3 +106,19 @@ def test_example_configs_in_deploy_are_valid():
         cls = AgentConfig if "agent" in f.name else AggregatorConfig
         # the agent's pins a key file that install.sh writes
         config.load(f, cls, [f"identity.aggregator_key={KEY}"] if cls is AgentConfig else [])
+
+
+def test_onnx_exports_without_the_export_toolchain_are_refused_in_one_line(monkeypatch):
+    # An aggregator installed with install.sh has fedge[aggregator], not fedge[export].
+    import importlib.util
+
+    from aggregator.config import OnnxSection
+
+    section = OnnxSection(every=5, inputs=["x:1x64:float32"])
+    section.check()  # this environment has the toolchain
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"onnx.every = 5 needs the export toolchain \(onnx missing\): "
+                                          r"pip install 'fedge\[aggregator,export\]'"):
+        section.check()
+    OnnxSection(every=0).check()  # no exports, no toolchain needed
