@@ -39,11 +39,19 @@ class Booted:
         return state in ("running", "degraded")
 
     def _init(self) -> bool:
+        """The container's PID 1: nspawn's child that is PID 1 in its own
+        namespace (while booting, nspawn's helper children come and go)."""
         children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
-        # (an arm64 systemd's process is qemu-user running it: match the command line)
-        if children and b"systemd" in Path(f"/proc/{children[0]}/cmdline").read_bytes():
-            self.pid = int(children[0])
-        return self.pid > 0
+        for child in children:
+            try:
+                status = Path(f"/proc/{child}/status").read_text()
+            except OSError:
+                continue
+            nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+            if len(nspid) > 1 and nspid[-1] == "1":
+                self.pid = int(child)
+                return True
+        return False
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         return _run(["nsenter", "-t", str(self.pid), "-a", "env", f"PATH={PATH}", *cmd], timeout=timeout,
