@@ -113,3 +113,28 @@ def cli_env():
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+# Suites that run only when asked for: marker -> (environment switch, make target).
+OPT_IN = {
+    "arm64": ("FEDGE_ARM64", "make test-arm64"),
+    "systemd": ("FEDGE_SYSTEMD", "make test-systemd"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``make test`` leaves out the opt-in suites (root, a root file system,
+    tens of minutes); their make targets set the switch that runs them."""
+    for marker, (switch, target) in OPT_IN.items():
+        if os.environ.get(switch) == "1":
+            continue
+        skip = pytest.mark.skip(reason=f"opt-in suite: run {target}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
+
+
+def require_root(what: str) -> None:
+    """An opt-in suite that was asked for fails, not skips, without root."""
+    if os.geteuid() != 0:
+        pytest.fail(f"{what} needs root: run it as root (sudo make ...)", pytrace=False)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from fedge.config import updated
-from tests.conftest import MNIST, REPO, free_port
+from tests.conftest import MNIST, REPO, free_port, require_root
 
 from ..integration.support import devices, job_config, running_aggregator, running_fleet, wait_for
 
@@ -71,8 +71,7 @@ def _rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def root():
-    if os.geteuid() != 0:
-        pytest.skip("needs root: debootstrap, chroot, binfmt_misc")
+    require_root("make test-arm64 (debootstrap, chroot, binfmt_misc)")
     started = time.monotonic()
     subprocess.run(["bash", str(REPO / "tests" / "arm64" / "rootfs.sh"), str(ROOT)], check=True, timeout=3600)
     MEASURED["rootfs_ready_seconds"] = round(time.monotonic() - started, 1)
@@ -392,10 +391,8 @@ def test_quantize_target_arm64_figures_hold_on_arm64(installed, tmp_path, model,
     the same file evaluated inside the arm64 root with ONNX Runtime's ARM
     kernels must agree within 0.5 point of accuracy."""
     from fedge import datasets
-    from tests.conftest import MNIST, fedge_cmd
+    from tests.conftest import fedge_cmd
 
-    if model == "mnist_cnn" and not MNIST.exists():
-        pytest.skip(f"needs {MNIST}")
     work = tmp_path / model
     work.mkdir()
     if model == "digits_mlp":

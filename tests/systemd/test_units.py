@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MNIST, REPO
+from tests.conftest import MNIST, REPO, require_root
 
 from ..integration.support import wait_for
 from .nspawn import PATH, Booted, exposure, seccomp_filters, status_of
@@ -47,10 +47,13 @@ def chroot(*cmd: str, timeout: float = 1800, check: bool = True) -> subprocess.C
 
 @pytest.fixture(scope="module")
 def root():
-    if os.geteuid() != 0:
-        pytest.skip("needs root: debootstrap, chroot, systemd-nspawn")
-    if shutil.which("systemd-nspawn") is None or shutil.which("debootstrap") is None:
-        pytest.skip("needs systemd-nspawn and debootstrap (apt install systemd-container debootstrap)")
+    require_root("make test-systemd (debootstrap, chroot, systemd-nspawn)")
+    missing = [pkg for cmd, pkg in (("systemd-nspawn", "systemd-container"), ("debootstrap", "debootstrap"))
+               if shutil.which(cmd) is None]
+    if missing:  # Debian's packages, as rootfs.sh installs debootstrap for make test-arm64
+        _run(["apt-get", "update", "-qq"], timeout=600)
+        _run(["apt-get", "install", "-y", "-qq", *missing], timeout=1200,
+             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     if not (ROOT / ".fedge-rootfs").exists():
         subprocess.run(["rm", "-rf", str(ROOT)], check=True)
         ROOT.mkdir(parents=True)
