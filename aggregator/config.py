@@ -16,7 +16,19 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fedge.config import BrokerSettings, ConfigError, section, setting
+from fedge.config import (
+    DECAY,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    BrokerSettings,
+    ConfigError,
+    Range,
+    at_least,
+    check_ranges,
+    section,
+    setting,
+)
 from fedge.metrics import MetricsSettings
 
 
@@ -25,41 +37,49 @@ class JobSection:
     name: str = setting("default", "Job name; it becomes the topic level fedge/v1/<name>/.")
     model: str = setting("fedge.models:digits_mlp", "Model factory as module:callable returning a torch.nn.Module.")
     model_args: dict = setting({}, "Keyword arguments for the model factory.")
-    seed: int = setting(0, "Seed for the initial model and client selection.")
-    rounds: int = setting(30, "Rounds to run; the job then announces state=done.")
+    seed: int = setting(0, "Seed for the initial model and client selection.", NON_NEGATIVE)
+    rounds: int = setting(30, "Rounds to run; the job then announces state=done.", at_least(1))
     state_dir: str = setting("fedge-aggregator-state", "Checkpoints and the per-round log (rounds.jsonl) live here.")
+    linger_s: float = setting(
+        0.0, "After the last round (or the privacy budget), keep running this many seconds: the final state stays "
+        "published, metrics keep being served (fedge_job_done 1), late updates get their receipts; then exit 0. "
+        "0: until stopped (SIGTERM, Ctrl-C), as a service should.", Range(0, lo_open=True, zero="until stopped")
+    )
 
 
 @dataclass(frozen=True)
 class SelectionSection:
-    fraction: float = setting(1.0, "Fraction C of the online clients selected each round.")
-    min_clients: int = setting(2, "Fewest clients selected per round; a round waits until this many are online.")
-    max_clients: int = setting(0, "Most clients selected per round; 0 means no cap.")
+    fraction: float = setting(1.0, "Fraction C of the online clients selected each round.", FRACTION)
+    min_clients: int = setting(2, "Fewest clients selected per round; a round waits until this many are online.",
+                               at_least(1))
+    max_clients: int = setting(0, "Most clients selected per round; 0 means no cap.", NON_NEGATIVE)
     quorum: float = setting(
-        1.0, "Close the round early once this fraction of the selected clients has reported (over-selection)."
+        1.0, "Close the round early once this fraction of the selected clients has reported (over-selection).", FRACTION
     )
-    min_updates: int = setting(1, "Fewest updates a round may aggregate; below it at the deadline the round fails.")
-    deadline_s: float = setting(120.0, "Seconds a round stays open; stragglers after it are late.")
+    min_updates: int = setting(1, "Fewest updates a round may aggregate; below it at the deadline the round fails.",
+                               at_least(1))
+    deadline_s: float = setting(120.0, "Seconds a round stays open; stragglers after it are late.", POSITIVE)
     settle_s: float = setting(
-        2.0, "Once enough clients are online, wait this long for more before selecting (presence arrives in bursts)."
+        2.0, "Once enough clients are online, wait this long for more before selecting (presence arrives in bursts).",
+        NON_NEGATIVE
     )
     offline_grace_s: float = setting(
         5.0, "When only selected devices that went offline are still awaited, close the round this much later "
-        "(a device that reconnects at once still makes it) instead of at the deadline."
+        "(a device that reconnects at once still makes it) instead of at the deadline.", NON_NEGATIVE
     )
 
 
 @dataclass(frozen=True)
 class TrainingSection:
-    epochs: int = setting(1, "Local epochs E per round.")
-    batch_size: int = setting(32, "Local batch size B.")
-    lr: float = setting(0.05, "Client learning rate.")
+    epochs: int = setting(1, "Local epochs E per round.", at_least(1))
+    batch_size: int = setting(32, "Local batch size B.", at_least(1))
+    lr: float = setting(0.05, "Client learning rate.", POSITIVE)
     optimizer: str = setting("sgd", "Client optimizer: sgd or adam.")
-    momentum: float = setting(0.0, "SGD momentum on the client.")
-    weight_decay: float = setting(0.0, "Client weight decay.")
-    prox_mu: float = setting(0.0, "FedProx proximal term mu; 0 is plain FedAvg local training.")
+    momentum: float = setting(0.0, "SGD momentum on the client.", DECAY)
+    weight_decay: float = setting(0.0, "Client weight decay.", NON_NEGATIVE)
+    prox_mu: float = setting(0.0, "FedProx proximal term mu; 0 is plain FedAvg local training.", NON_NEGATIVE)
     loss: str = setting("cross_entropy", "Loss: cross_entropy, bce (binary, one logit) or mse.")
-    max_steps: int = setting(0, "Cap on local optimizer steps per round; 0 means no cap.")
+    max_steps: int = setting(0, "Cap on local optimizer steps per round; 0 means no cap.", NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -90,19 +110,21 @@ class DownlinkSection:
         {"name": "int4", "block": 64, "lossless": "zlib"},
         "How the model's change since the last key travels to devices; {name = \"none\"}: a full model every round.",
     )
-    key_every: int = setting(50, "Publish a full key model every this many rounds; deltas build on the latest key.")
+    key_every: int = setting(50, "Publish a full key model every this many rounds; deltas build on the latest key.",
+                             at_least(1))
 
 
 @dataclass(frozen=True)
 class ServerSection:
     optimizer: str = setting("fedavg", "Server optimizer: fedavg, fedavgm, fedadam or fedyogi.")
-    lr: float = setting(1.0, "Server learning rate (1.0 with fedavg is plain FedAvg).")
-    momentum: float = setting(0.9, "Server momentum for fedavgm.")
-    beta1: float = setting(0.9, "First-moment decay for fedadam/fedyogi.")
-    beta2: float = setting(0.99, "Second-moment decay for fedadam/fedyogi.")
-    tau: float = setting(1e-3, "Adaptivity epsilon for fedadam/fedyogi.")
+    lr: float = setting(1.0, "Server learning rate (1.0 with fedavg is plain FedAvg).", POSITIVE)
+    momentum: float = setting(0.9, "Server momentum for fedavgm.", DECAY)
+    beta1: float = setting(0.9, "First-moment decay for fedadam/fedyogi.", DECAY)
+    beta2: float = setting(0.99, "Second-moment decay for fedadam/fedyogi.", DECAY)
+    tau: float = setting(1e-3, "Adaptivity epsilon for fedadam/fedyogi.", POSITIVE)
     max_samples_per_update: int = setting(
-        1_000_000, "Updates claiming more samples are rejected (an absolute bound; weight_cap is the relative one)."
+        1_000_000, "Updates claiming more samples are rejected (an absolute bound; weight_cap is the relative one).",
+        at_least(1)
     )
     aggregation: str = setting(
         "mean", "How a round's updates combine: mean (weighted, FedAvg), median, trimmed_mean or krum (multi-Krum)."
@@ -111,42 +133,46 @@ class ServerSection:
         "adaptive", "Norm bound on every update: adaptive (clip_multiplier x the median norm of the round's "
         "first updates and recent rounds), fixed (clip_norm) or off."
     )
-    clip_norm: float = setting(0.0, "The L2 bound on an update's delta when clip = \"fixed\".")
+    clip_norm: float = setting(0.0, "The L2 bound on an update's delta when clip = \"fixed\".", NON_NEGATIVE)
     clip_multiplier: float = setting(
-        1.0, "Adaptive bound: this many times the median update norm (the round's first and recent rounds')."
+        1.0, "Adaptive bound: this many times the median update norm (the round's first and recent rounds').", POSITIVE
     )
     weight_cap: float = setting(
         2.0, "No update counts more samples than weight_cap x the median sample count (of the round's first "
-        "updates and recent rounds), whatever it claims; 0: no cap. At least 1."
+        "updates and recent rounds), whatever it claims; 0: no cap. At least 1.", at_least(1, zero="no cap")
     )
-    trim_fraction: float = setting(0.1, "trimmed_mean: fraction of the largest and of the smallest values dropped.")
-    krum_f: int = setting(1, "krum: hostile updates per round to tolerate (f).")
-    krum_m: int = setting(0, "krum: updates averaged after scoring; 0: n - f.")
+    trim_fraction: float = setting(0.1, "trimmed_mean: fraction of the largest and of the smallest values dropped.",
+                                   Range(0, 0.5, hi_open=True))
+    krum_f: int = setting(1, "krum: hostile updates per round to tolerate (f).", NON_NEGATIVE)
+    krum_m: int = setting(0, "krum: updates averaged after scoring; 0: n - f.", NON_NEGATIVE)
     direction: str = setting(
-        "momentum", "Leave out updates that point away from where the model has been going: momentum (cosine to "
-        "a momentum of the rounds' averaged deltas below direction_tau) or off."
+        "momentum", "Leave out updates that point away from where the fleet has been going: momentum (cosine to "
+        "a momentum of the direction every update of each round agreed on, below the round's cutoff) or off."
     )
-    direction_beta: float = setting(0.9, "direction: decay of the momentum of averaged deltas, in [0, 1).")
-    direction_tau: float = setting(0.0, "direction: updates whose cosine to the momentum is below this are left "
-                                   "out, in [-1, 1).")
+    direction_beta: float = setting(0.9, "direction: decay of the momentum of agreed directions, in [0, 1).", DECAY)
+    direction_tau: float = setting(0.0, "direction: the highest cutoff: an update whose cosine to the momentum is "
+                                   "below it is left out, the cutoff lowered to the previous round's median cosine "
+                                   "less three robust deviations where honest devices spread wider; in [-1, 1).",
+                                   Range(-1, 1, hi_open=True))
 
 
 @dataclass(frozen=True)
 class EvaluateSection:
     data: str = setting("", "Held-out data as module:callable (arrays or torch Dataset); empty: no evaluation.")
     args: dict = setting({}, "Keyword arguments for the evaluation data callable.")
-    batch_size: int = setting(1024, "Evaluation batch size.")
-    every: int = setting(1, "Evaluate every k rounds (and always after the last one).")
+    batch_size: int = setting(1024, "Evaluation batch size.", at_least(1))
+    every: int = setting(1, "Evaluate every k rounds (and always after the last one).", at_least(1))
 
 
 @dataclass(frozen=True)
 class OnnxSection:
     every: int = setting(
-        0, "Publish the global model as ONNX every k closed rounds (and after the last one); 0: never."
+        0, "Publish the global model as ONNX every k closed rounds (and after the last one); 0: never.", NON_NEGATIVE
     )
     name: str = setting("model", "Artifact name: devices read it from fedge/v1/<job>/artifact/<name>/.")
     inputs: list = setting([], "Input signature, e.g. [\"x:1x64:float32\"]; the first dimension is the batch.")
-    opset: int = setting(17, "ONNX opset (17: ONNX Runtime on a Raspberry Pi and TensorRT 8.6 on a Jetson).")
+    opset: int = setting(17, "ONNX opset (17: ONNX Runtime on a Raspberry Pi and TensorRT 8.6 on a Jetson).",
+                         at_least(13))
     quantize: str = setting("static", "none (float32), static (int8 QDQ), dynamic (int8) or fp16.")
     target: str = setting("arm64", "Quantization preset: arm64, x86 or jetson.")
     calibration: str = setting(
@@ -154,9 +180,10 @@ class OnnxSection:
     )
     calibration_args: dict = setting({}, "Keyword arguments for the calibration callable.")
     max_accuracy_drop: float = setting(
-        0.0, "Refuse a quantized model that loses more accuracy points than this on the [evaluate] data; 0: no gate."
+        0.0, "Refuse a quantized model that loses more accuracy points than this on the [evaluate] data; 0: no gate.",
+        Range(0, 100)
     )
-    timeout_s: float = setting(900.0, "An export that takes longer is abandoned (the job goes on).")
+    timeout_s: float = setting(900.0, "An export that takes longer is abandoned (the job goes on).", POSITIVE)
 
     def check(self) -> None:
         if self.every <= 0:
@@ -185,20 +212,23 @@ class OnnxSection:
 
 @dataclass(frozen=True)
 class LimitsSection:
-    max_update_bytes: int = setting(64 << 20, "Largest update accepted, in bytes.")
-    reassembly_bytes: int = setting(256 << 20, "Memory for partially received updates, across all clients.")
-    reassembly_timeout_s: float = setting(120.0, "A partially received message is dropped after this long.")
+    max_update_bytes: int = setting(64 << 20, "Largest update accepted, in bytes.", at_least(1))
+    reassembly_bytes: int = setting(256 << 20, "Memory for partially received updates, across all clients.",
+                                    at_least(1))
+    reassembly_timeout_s: float = setting(120.0, "A partially received message is dropped after this long.", POSITIVE)
     messages_per_s: float = setting(
         20.0, "Per device: messages (updates, declines, presence) accepted per second on average; more are "
-        "dropped. Keep it above the rounds per second a job runs (the demo runs up to 10)."
+        "dropped. Keep it above the rounds per second a job runs (the demo runs up to 10).", POSITIVE
     )
-    message_burst: int = setting(100, "Per device: messages accepted at once before messages_per_s applies.")
+    message_burst: int = setting(100, "Per device: messages accepted at once before messages_per_s applies.",
+                                 at_least(1))
     max_devices: int = setting(
-        100_000, "Most device ids the aggregator keeps track of; presence from further new ids is ignored (counted)."
+        100_000, "Most device ids the aggregator keeps track of; presence from further new ids is ignored (counted).",
+        at_least(1)
     )
     aggregation_bytes: int = setting(
         1 << 30, "Memory a robust rule (median, trimmed_mean, krum) may use to hold a round's updates dense; "
-        "the job refuses to start when selection.max_clients x 4 bytes x parameters exceeds it."
+        "the job refuses to start when selection.max_clients x 4 bytes x parameters exceeds it.", at_least(1)
     )
 
 
@@ -229,26 +259,34 @@ class PrivacySection:
         "devices did not: for use with secure aggregation). On, devices are chosen by Poisson sampling at "
         "sampling_rate, not by selection.fraction, and every round releases a model."
     )
-    clip: float = setting(1.0, "C: the L2 bound on one device's update (where it starts, with clip_quantile).")
+    clip: float = setting(1.0, "C: the L2 bound on one device's update (where it starts, with clip_quantile).",
+                          POSITIVE)
     clip_quantile: float = setting(
         0.0, "0: a fixed clip. In (0, 1): adaptive clipping (Andrew et al. 2021): the clip follows this quantile "
-        "of the devices' update norms, from a noised count of updates within it."
+        "of the devices' update norms, from a noised count of updates within it.", DECAY
     )
-    clip_learning_rate: float = setting(0.2, "Adaptive clipping's geometric step: clip x exp(-rate x error).")
+    clip_learning_rate: float = setting(0.2, "Adaptive clipping's geometric step: clip x exp(-rate x error).", POSITIVE)
     clip_bit_noise: float = setting(
         5.0, "Adaptive clipping: standard deviation of the noise on the count of updates within the clip "
         "(Andrew et al.: the expected devices per round / 20). Its privacy cost is taken from the model's "
-        "noise, so that the two together spend what noise_multiplier states."
+        "noise, so that the two together spend what noise_multiplier states.", NON_NEGATIVE
     )
-    noise_multiplier: float = setting(1.0, "z: the noise on the sum has standard deviation z x clip.")
+    noise_multiplier: float = setting(1.0, "z: the noise on the sum has standard deviation z x clip.", POSITIVE)
     sampling_rate: float = setting(
         0.1, "q: each eligible device is in a round independently with this probability (Poisson sampling, "
-        "as the accountant assumes)."
+        "as the accountant assumes).", FRACTION
     )
-    delta: float = setting(1e-5, "The delta of (epsilon, delta); below 1 / the number of devices.")
+    delta: float = setting(1e-5, "The delta of (epsilon, delta); below 1 / the number of devices.",
+                           Range(0, 1, lo_open=True, hi_open=True))
     accountant: str = setting("rdp", "dp-accounting's accountant: rdp or pld (tighter, slower).")
+    min_devices: int = setting(
+        0, "N: a private round opens only once this many eligible devices are online, and samples an expected "
+        "sampling_rate x N of them (each with probability sampling_rate x N / online, never above sampling_rate), "
+        "dividing its noised sum by that fixed number whoever is online; 0: selection.min_clients. Set it to "
+        "the fleet's size: sampling_rate x N must be at least 1.", NON_NEGATIVE
+    )
     target_epsilon: float = setting(
-        0.0, "The budget: the job stops before a round whose epsilon would exceed it; 0: no budget."
+        0.0, "The budget: the job stops before a round whose epsilon would exceed it; 0: no budget.", NON_NEGATIVE
     )
 
 
@@ -262,21 +300,21 @@ class SecAggSection:
     )
     threshold: int = setting(
         0, "t: shares that rebuild a device's secrets; fewer reveal nothing. 0: a majority of its share holders "
-        "(itself and its neighbours)."
+        "(itself and its neighbours).", NON_NEGATIVE
     )
     degree: int = setting(
         0, "Neighbours each device masks with and shares to; 0: min(n - 1, 2 ceil(log2 n) + 2) for n selected "
-        "devices (every other device up to 10)."
+        "devices (every other device up to 10).", NON_NEGATIVE
     )
     bits: int = setting(16, "Bits per coordinate of a device's update, sign included (2..24); the sum gets "
-                        "ceil(log2(n)) more so that it cannot wrap.")
+                        "ceil(log2(n)) more so that it cannot wrap.", Range(2, 24))
     bound: float = setting(
         0.0, "The largest |coordinate| of an update: coordinates are clamped to it before they become integers. "
-        "0: the privacy clip (required when privacy is off)."
+        "0: the privacy clip (required when privacy is off).", NON_NEGATIVE
     )
     stage_s: float = setting(
         20.0, "Seconds each of the key, share and unmask stages may take; the masked inputs come with the updates, "
-        "within the round's deadline."
+        "within the round's deadline.", POSITIVE
     )
 
 
@@ -316,7 +354,7 @@ class AggregatorConfig:
         if dp.mode == "off":
             return
         try:
-            DpPolicy.from_config(dp)
+            DpPolicy.from_config(dp, self.selection.min_clients)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if self.server.aggregation != "mean":
@@ -365,6 +403,7 @@ class AggregatorConfig:
         from fedge.codecs import CODECS, CodecError, make_codec
         from fedge.topics import check_id
 
+        check_ranges(self)  # every number within its setting's range, before anything uses one
         self.broker.check()
         _checked_id(check_id, self.job.name, "job.name")
         self._check_privacy()

@@ -39,6 +39,9 @@ METRICS: MetricTable = {
                                     ("direction", "channel")),
     "fedge_transport_messages_total": ("counter", "MQTT messages (chunks), by direction and channel.",
                                        ("direction", "channel")),
+    "fedge_broker_connected": ("gauge", "1 while connected to the broker, 0 while not.", ()),
+    "fedge_broker_connect_failures_total": ("counter", "Connection attempts to the broker that failed (refused, "
+                                            "host name not resolved, TLS, credentials refused).", ()),
     "fedge_clients_online": ("gauge", "Devices whose presence says online.", ()),
     "fedge_clients_known": ("gauge", "Devices that ever announced themselves to this job.", ()),
     "fedge_clients_selected": ("gauge", "Devices selected for the open round (0 between rounds).", ()),
@@ -91,6 +94,8 @@ def render(snap: dict[str, Any]) -> Iterator[Any]:
     traffic_bytes, traffic_messages = snap["traffic"]
     yield counter("fedge_transport_bytes_total", traffic_bytes)
     yield counter("fedge_transport_messages_total", traffic_messages)
+    yield gauge("fedge_broker_connected", 1 if snap["broker_connected"] else 0)
+    yield counter("fedge_broker_connect_failures_total", {"": snap["broker_connect_failures"]})
     for name in ("clients_online", "clients_known", "clients_selected", "clients_responded", "clients_benched",
                  "reassembly_bytes", "reassembly_limit_bytes", "inbox_messages"):
         yield gauge(f"fedge_{name}", snap[name])

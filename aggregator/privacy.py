@@ -95,6 +95,7 @@ class DpPolicy:
     clip_quantile: float = 0.0  # 0: a fixed clip
     clip_learning_rate: float = 0.2
     clip_bit_noise: float = 0.0
+    min_devices: int = 1  # N: a round waits for N eligible devices and expects sampling_rate x N of them
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.clip) and self.clip > 0):
@@ -103,6 +104,13 @@ class DpPolicy:
             raise ValueError("privacy.target_epsilon must be 0 (no budget) or positive")
         if self.noise not in ("central", "distributed"):
             raise ValueError("privacy.mode must be central or distributed for a private job")
+        if self.spec.sampling_rate * self.min_devices < 1 - 1e-9:
+            need = math.ceil(1 / self.spec.sampling_rate - 1e-9)
+            raise ValueError(
+                f"privacy.min_devices: a private round expects sampling_rate x min_devices = "
+                f"{self.spec.sampling_rate * self.min_devices:g} devices (sampling_rate {self.spec.sampling_rate:g}, "
+                f"min_devices {self.min_devices}), so its noise would swamp the average; set privacy.min_devices "
+                f"to the fleet's size, at least {need} (0 takes selection.min_clients)")
         if not 0 <= self.clip_quantile < 1:
             raise ValueError("privacy.clip_quantile must be 0 (a fixed clip) or in (0, 1)")
         if self.adaptive:
@@ -114,11 +122,13 @@ class DpPolicy:
             adaptive_noise_multiplier(self.spec.noise_multiplier, self.clip_bit_noise)  # raises if it cannot
 
     @classmethod
-    def from_config(cls, s: PrivacySection) -> DpPolicy | None:
+    def from_config(cls, s: PrivacySection, min_clients: int = 1) -> DpPolicy | None:
+        """``min_clients``: selection.min_clients, what privacy.min_devices = 0 means."""
         if s.mode == "off":
             return None
         return cls(PrivacySpec(s.noise_multiplier, s.sampling_rate, s.delta, s.accountant), s.clip,
-                   s.target_epsilon, s.mode, s.clip_quantile, s.clip_learning_rate, s.clip_bit_noise)
+                   s.target_epsilon, s.mode, s.clip_quantile, s.clip_learning_rate, s.clip_bit_noise,
+                   s.min_devices or max(1, min_clients))
 
     @property
     def adaptive(self) -> bool:
@@ -135,10 +145,20 @@ class DpPolicy:
         """Of the Gaussian noise on the round's sum, per coordinate."""
         return self.model_noise_multiplier * clip
 
-    def denominator(self, candidates: int) -> float:
-        """The expected number of devices in a round of ``candidates``
-        eligible ones: the fixed divisor of the sum (at least 1)."""
-        return max(1.0, self.spec.sampling_rate * candidates)
+    @property
+    def denominator(self) -> float:
+        """The expected number of devices in a round, sampling_rate x
+        min_devices: the fixed divisor of the noised sum. Fixed for the job:
+        a round that divided by the devices online when it opened would,
+        opened with one online, release noise a hundred times too large."""
+        return self.spec.sampling_rate * self.min_devices
+
+    def rate(self, candidates: int) -> float:
+        """Each of ``candidates`` (at least ``min_devices``) eligible devices
+        is sampled with this probability, so that a round expects exactly
+        ``denominator`` devices. Never above ``sampling_rate``: each device's
+        chance of taking part stays within what the accountant assumes."""
+        return min(self.spec.sampling_rate, self.denominator / max(candidates, 1))
 
     def next_clip(self, clip: float, unclipped: float) -> float:
         """Adaptive clipping's geometric step, from the noised fraction of

@@ -8,7 +8,9 @@ next message it checks: a revocation takes effect then, without a restart.
 Each entry: the device id, its public key (``ed25519:...``), when it was
 enrolled, and when it was revoked (if it was). A revoked device stays in the
 file, so that the record of who was trusted when survives, and so that
-enrolling the same id again is a deliberate act (``--replace``).
+enrolling the same id again is a deliberate act (``--replace``): with
+another key, or after a revocation. Enrolling an active device with the key
+it has changes nothing.
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ class Registry:
 
     def _enroll(self, device_id: str, key: PublicKey, replace: bool) -> Device:
         old = self.devices.get(device_id)
+        if old is not None and old.active and old.key == key:
+            return old  # enrolled with this very key already: nothing to change, nothing to replace
         if old is not None and not replace:
             state = "revoked" if not old.active else "enrolled"
             raise RegistryError(f"{device_id} is already {state} (key {old.key.fingerprint}); "

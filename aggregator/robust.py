@@ -24,18 +24,31 @@ A fourth looks at where an update points, since a device can send an
 update of honest norm and weight that pulls the wrong way (a sign flip,
 flipped labels), which neither bound sees:
 
-* **direction**: the aggregator keeps a momentum of the rounds' averaged
-  deltas, before the server optimizer (``reference = direction_beta x
-  reference + last averaged delta``, one model of memory, checkpointed); an update whose cosine to it is below
-  ``direction_tau`` is left out of the round (its receipt says accepted; the
-  round record lists it in ``left_out``). The first round, with no
-  reference, is not filtered; a round whose every update is left out fails
-  and the reference is dropped, so a filter can never stop a job. On the
-  poisoning benchmark's digits split, honest updates' cosines to a 0.9
-  momentum stay above 0 after the first few rounds while a sign-flipper's
-  and a label-flipper's fall below it; early on, a label-flipper is not
-  caught. An attacker who knows the rule can keep its cosine just above
-  tau: the norm bound is then what limits it.
+* **direction**: the aggregator keeps a momentum of the direction the
+  round's devices agreed on: the mean of the unit vectors of *every*
+  update the round received, admitted or not (``reference = direction_beta
+  x reference + that mean``, one model of memory, checkpointed). An update
+  whose cosine to it is below the round's cutoff is left out of the round
+  (its receipt says accepted; the round record lists it in ``left_out``).
+  The cutoff is ``direction_tau``, lowered to what the previous round's
+  devices showed: the median of their cosines less ``DIRECTION_SPREAD``
+  robust deviations (1.4826 x MAD). The first round, with no reference, is
+  not filtered; a round whose every update is left out fails and the
+  reference is dropped, so a filter can never stop a job.
+  Why both: a reference built from the admitted updates only was its own
+  echo. On non-IID data, a device left out once kept pointing "away" from
+  a reference it no longer fed, and near convergence, where devices'
+  updates conflict and their mean is small, honest cosines spread around 0:
+  on the poisoning benchmark's digits split, over 400 rounds with no
+  attacker, honest devices sat out 53% of their updates, one for 117 rounds
+  in a row, and accuracy fell from 96.9% to 90.2%. Every device now has
+  one vote in the reference however it is filtered, and the cutoff follows
+  the spread honest devices actually show: early in a job (cosines around
+  0.5) a sign-flipper's and a label-flipper's updates fall below it; late,
+  an update that points against a reference nobody agrees on is no longer
+  told from an honest one, and the norm bound is what limits it. An
+  attacker who knows the rule can keep its cosine just above the cutoff:
+  the norm bound is then what limits it.
 
 The bound and the cap are fixed once the round has ``CALIBRATION`` updates
 (or at close, for a smaller round); from then on every update is folded the
@@ -88,6 +101,19 @@ HISTORY = 10
 CALIBRATION = 5
 # The largest a coordinate of a round's float32 sum may be allowed to reach.
 SUM_LIMIT = 1e37
+# The direction filter's cutoff: at most this many robust deviations below
+# the median cosine of the previous round's updates (and never above tau).
+DIRECTION_SPREAD = 3.0
+
+
+def direction_cutoff(tau: float, cosines: Sequence[float]) -> float:
+    """The cosine below which an update is left out this round, from the
+    previous round's updates' cosines to the reference they were held to."""
+    if len(cosines) < 3:
+        return tau
+    med = float(np.median(cosines))
+    spread = 1.4826 * float(np.median(np.abs(np.asarray(cosines) - med)))
+    return min(tau, med - DIRECTION_SPREAD * spread)
 
 
 @dataclass(frozen=True)
@@ -178,12 +204,16 @@ class RoundAggregate:
         self.updates = RoundUpdates(spec, codec)
         self.stream = d.rule == "mean"
         self.sum = RunningSum(spec)
+        # The unit vectors of every update of the round (the direction filter's next reference).
+        self.heading = RunningSum(spec) if d.direction != "off" else None
         self.reset((), ())
 
     def reset(self, norm_history: Sequence[float], sample_history: Sequence[float],
-              reference: ModelArrays | None = None, dp: DpRound | None = None) -> None:
+              reference: ModelArrays | None = None, dp: DpRound | None = None,
+              cutoff: float | None = None) -> None:
         """Forget the round; the next one's bound and cap draw on these
-        medians of recent rounds, its direction filter on ``reference``;
+        medians of recent rounds, its direction filter on ``reference``
+        with ``cutoff`` (default ``direction_tau``; see ``direction_cutoff``);
         ``dp``: the round is differentially private (see ``DpRound``)."""
         self.updates.reset()
         self.dp = dp
@@ -191,6 +221,10 @@ class RoundAggregate:
         self.cosines: dict[str, float] = {}
         # A noisy update's direction is mostly its noise share's: no filter then.
         filtered = self.d.direction != "off" and not (dp is not None and dp.distributed)
+        self.cutoff = self.d.direction_tau if cutoff is None else min(cutoff, self.d.direction_tau)
+        if self.heading is not None:
+            self.heading.reset()
+        self.steering = filtered  # whether this round's updates feed the next reference
         self.reference = reference if filtered else None
         self.ref_norm = 0.0 if self.reference is None else l2_norm(self.reference)
         if self.ref_norm == 0.0:
@@ -244,12 +278,27 @@ class RoundAggregate:
 
     def _points_away(self, client: str, norm: float) -> bool:
         """Whether the update in the scratch model points away from the
-        reference direction (cosine below ``direction_tau``)."""
-        if self.reference is None or norm == 0.0:
+        reference direction (cosine below the round's cutoff). Every update
+        with a direction also casts its vote for the next reference."""
+        if norm == 0.0 or not math.isfinite(norm):
+            return False
+        if self.heading is not None and self.steering:
+            for name, a in self.updates.scratch.items():
+                self.heading.acc[name] += a * np.float32(1.0 / norm)
+            self.heading.count += 1
+        if self.reference is None:
             return False
         cosine = dot(self.updates.scratch, self.reference) / (self.ref_norm * norm)
         self.cosines[client] = cosine
-        return cosine < self.d.direction_tau
+        return cosine < self.cutoff
+
+    def agreed_direction(self) -> ModelArrays | None:
+        """The mean unit vector of every update of the round, left out or
+        not (None: none had a direction): what the next reference follows."""
+        if self.heading is None or self.heading.count == 0:
+            return None
+        scale = np.float32(1.0 / self.heading.count)
+        return {name: (a * scale).astype(np.float32) for name, a in self.heading.acc.items()}
 
     def _calibrate(self) -> None:
         items = self.updates.items

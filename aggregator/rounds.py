@@ -77,6 +77,7 @@ from aggregator.robust import (
     PrivateRelease,
     RoundAggregate,
     dense_bytes,
+    direction_cutoff,
     sample_cap,
 )
 from aggregator.secure import SecAggPolicy, SecureRound
@@ -85,7 +86,16 @@ from fedge.codecs import CodecError, make_codec, requirements
 from fedge.config import ConfigError
 from fedge.identity import IdentityError
 from fedge.logs import fields
-from fedge.messages import Ack, Decline, ProtocolError, RoundAnnouncement, SecAggStage, TrainingPlan, Update
+from fedge.messages import (
+    MODEL_UNAVAILABLE,
+    Ack,
+    Decline,
+    ProtocolError,
+    RoundAnnouncement,
+    SecAggStage,
+    TrainingPlan,
+    Update,
+)
 from fedge.privacy import DpPlan, noise_rng
 from fedge.records import RoundRecord
 from fedge.secagg import CAPABILITY as SECAGG_CAPABILITY
@@ -131,7 +141,8 @@ class RoundPolicy:
                    max_update_bytes=cfg.limits.max_update_bytes, seed=cfg.job.seed,
                    defences=Defences.from_config(cfg.server), aggregation_bytes=cfg.limits.aggregation_bytes,
                    max_devices=cfg.limits.max_devices, offline_grace_s=sel.offline_grace_s,
-                   privacy=DpPolicy.from_config(cfg.privacy), secagg=SecAggPolicy.from_config(cfg.secagg))
+                   privacy=DpPolicy.from_config(cfg.privacy, sel.min_clients),
+                   secagg=SecAggPolicy.from_config(cfg.secagg))
 
 
 class RoundState(str, enum.Enum):
@@ -249,6 +260,8 @@ class _OpenRound:
     due: float | None = None  # quorum reached at this time: close on the next tick
     grace_until: float | None = None  # only offline devices are awaited: close then
     closing: str | None = None  # secure aggregation: inputs closed (for this reason), unmasking
+    model_missing: int = 0  # devices that declined for lack of the announced model
+    republished: bool = False  # the model was published again this attempt (a device lacked it)
 
 
 def _finite(arrays: ModelArrays) -> bool:
@@ -311,8 +324,10 @@ class RoundCore:
                 f"({policy.aggregation_bytes >> 20} MiB): lower selection.max_clients or raise the limit")
         self.norm_history: list[float] = []  # median update norm of recent rounds
         self.sample_history: list[float] = []  # median sample count of recent rounds
-        # A momentum of the rounds' averaged deltas: the direction filter's reference.
+        # A momentum of the direction each round's devices agreed on: the direction filter's
+        # reference; and the cosines of the last round's updates to it, which set the next cutoff.
         self.direction_ref: ModelArrays | None = None
+        self.direction_cosines: list[float] = []
         # Private rounds that computed a noised sum (the accountant's state):
         # released, or failed after it was looked at (still counted).
         self.dp_rounds = 0
@@ -617,10 +632,40 @@ class RoundCore:
             return []
         op.declined.add(client)
         self.counters["declined"] += 1
-        log.info("%s declined round %d: %s", client, dec.round, dec.reason,
-                 extra=fields(device=client, round=dec.round, reason="declined"))
+        actions: list[Action] = []
+        if dec.code == MODEL_UNAVAILABLE:
+            # The broker lost, withheld or replaced a retained key or delta:
+            # publish both again (once an attempt) for the devices still
+            # fetching, and for the next round.
+            op.model_missing += 1
+            self.counters[MODEL_UNAVAILABLE] += 1
+            log.warning("%s declined round %d: it cannot build the announced model (%s)%s", client, dec.round,
+                        dec.reason[len(MODEL_UNAVAILABLE) + 1:].strip(),
+                        "" if op.republished else "; publishing the key and delta again",
+                        extra=fields(device=client, round=dec.round, reason=MODEL_UNAVAILABLE))
+            if not op.republished:
+                op.republished = True
+                actions = self._model_messages()
+        else:
+            log.info("%s declined round %d: %s", client, dec.round, dec.reason,
+                     extra=fields(device=client, round=dec.round, reason="declined"))
         self._check_quorum(now)
-        return []
+        return actions
+
+    def _model_messages(self) -> list[Action]:
+        """Publish the current key and delta again (counted)."""
+        self.counters["model_republished"] += 1
+        return [PublishModel(self.models.key_message), PublishDelta(self.models.delta_message)]
+
+    def republish(self, now: float) -> list[Action]:
+        """Everything the job keeps retained on the broker, as it is now: the
+        key, the delta and the current announcement (for a broker that lost
+        its retained messages, e.g. restarted without persistence)."""
+        if self.state == RoundState.OPEN and self.open is not None:
+            announcement = self._announcement(RoundState.OPEN, self.open.selected, now)
+        else:
+            announcement = self._announcement(self.state, (), now)
+        return [*self._model_messages(), PublishAnnouncement(announcement)]
 
     # --- round lifecycle -------------------------------------------------------
 
@@ -661,7 +706,13 @@ class RoundCore:
         ready = [c for c in candidates if self.benched.get(c, (0, 0))[1] <= self.next_round]
         # Benched devices fill in when the others are too few: a small fleet
         # with a slow device must not wait for good.
-        return ready if len(ready) >= self.policy.min_clients else candidates
+        return ready if len(ready) >= self._needed() else candidates
+
+    def _needed(self) -> int:
+        """Eligible devices a round waits for: selection.min_clients, and a
+        private round's privacy.min_devices."""
+        dp = self.policy.privacy
+        return max(self.policy.min_clients, dp.min_devices if dp is not None else 0)
 
     def _bench(self, op: _OpenRound) -> None:
         """Selected devices that neither sent an update (valid or refused) nor
@@ -679,7 +730,7 @@ class RoundCore:
     def _select(self, candidates: list[str]) -> tuple[str, ...]:
         p = self.policy
         if p.privacy is not None:
-            return selection.poisson(candidates, rate=p.privacy.spec.sampling_rate, seed=p.seed,
+            return selection.poisson(candidates, rate=p.privacy.rate(len(candidates)), seed=p.seed,
                                      round_=self.next_round)
         return selection.select(candidates, fraction=p.fraction, min_clients=p.min_clients,
                                 max_clients=p.max_clients, seed=p.seed, round_=self.next_round)
@@ -688,13 +739,17 @@ class RoundCore:
         if self.next_round > self.policy.rounds:
             return self._finish_job(now)
         candidates = self._eligible()
-        if len(candidates) < self.policy.min_clients:
+        dp = self.policy.privacy
+        # A private round divides its noised sum by the cohort it expects of
+        # min_devices devices: it never opens with fewer.
+        needed = self._needed()
+        if len(candidates) < needed:
             self.state = RoundState.WAITING
             self._ready_since = None
             if self._waiting_announced != self.next_round:
                 self._waiting_announced = self.next_round
-                log.info("round %d waits for %d eligible clients online (%d now)", self.next_round,
-                         self.policy.min_clients, len(candidates))
+                log.info("round %d waits for %d eligible clients online (%d now)%s", self.next_round, needed,
+                         len(candidates), "" if needed == self.policy.min_clients else " (privacy.min_devices)")
                 return [PublishAnnouncement(self._announcement(RoundState.WAITING, (), now))]
             return []
         if settle and self.policy.settle_s > 0:
@@ -703,7 +758,6 @@ class RoundCore:
             if now < self._ready_since + self.policy.settle_s:
                 return []
         self._ready_since = None
-        dp = self.policy.privacy
         if dp is not None and dp.target_epsilon > 0:
             spend = epsilon(dp.spec, self.dp_rounds + 1)
             if spend > dp.target_epsilon:
@@ -739,7 +793,8 @@ class RoundCore:
             deadline=now + self.policy.deadline_s,
             bytes_down=self._published_bytes + len(msg) * fanout,
         )
-        self.updates.reset(self.norm_history, self.sample_history, self.direction_ref, self.round_dp)
+        self.updates.reset(self.norm_history, self.sample_history, self.direction_ref, self.round_dp,
+                           direction_cutoff(self.policy.defences.direction_tau, self.direction_cosines))
         self.state = RoundState.OPEN
         if self.policy.secagg is not None and self.secure is None:
             self.open.due = now  # too few devices to aggregate securely: close at the next tick
@@ -753,7 +808,7 @@ class RoundCore:
         dp = self.policy.privacy
         if dp is None:
             return None
-        clip, m = self.dp_clip, dp.denominator(len(self._eligible()))
+        clip, m = self.dp_clip, dp.denominator
         std = dp.noise_std(clip)
         # A distributed round's update (float32: the config allows no other
         # codec) is its clipped delta plus a share of standard deviation
@@ -830,10 +885,14 @@ class RoundCore:
             extra["secagg"] = self._secure_summary()
         if not ok and failure is None and self.policy.secagg is not None and (sec is None or sec.stage == "failed"):
             failure = "secagg_failed"
-        if not ok:
-            self.failures[failure or "too_few_updates"] += 1
         if failure:
             self.counters[failure] += 1
+        if not ok and failure is None:
+            # Named by its cause where the devices gave one: the model did
+            # not reach them (the broker lost it), or too few answered.
+            failure = MODEL_UNAVAILABLE if op.model_missing else "too_few_updates"
+        if failure is not None and not ok:
+            self.failures[failure] += 1
         record = RoundRecord(
             round=op.round, attempt=op.attempt, status="ok" if ok else "failed", closed_by=reason,
             selected=len(op.selected), clients=len(op.accepted), declined=len(op.declined), late=op.late,
@@ -859,6 +918,13 @@ class RoundCore:
         if key_cut:
             actions += [PublishModel(self.models.key_message), PublishDelta(None)]
         elif ok:
+            actions.append(PublishDelta(self.models.delta_message))
+        elif op.model_missing or not op.accepted:
+            # A failed round leaves the model as it was, but its retained
+            # copies may be what failed it (lost, or replaced on a broker
+            # without ACL): publish them again so the next round can run.
+            actions += self._model_messages()
+        else:
             actions.append(PublishDelta(self.models.delta_message))
         last = self.next_round > self.policy.rounds
         follow = self._finish_job(now) if last else self._try_open(now, settle=False)
@@ -936,6 +1002,7 @@ class RoundCore:
             # Never let the filter stop a job: the next round is not filtered.
             log.warning("round %d: the direction filter's reference is dropped", op.round)
             self.direction_ref = None
+            self.direction_cosines = []
         return None, False, "aggregation_failed"
 
     def _secure_combined(self) -> Combined:
@@ -1022,16 +1089,22 @@ class RoundCore:
             log.error("round %d: %s; the round fails and the model stays", op.round, exc,
                       extra=fields(round=op.round, reason="nonfinite_model"))
             return combined, False, "nonfinite_model"
-        self._steer(combined.delta)
+        self._steer()
         return combined, key_cut, None
 
-    def _steer(self, delta: ModelArrays) -> None:
-        """Fold the round's averaged delta into the direction filter's
-        reference: what the devices' updates agreed on, before the server's
+    def _steer(self) -> None:
+        """Fold the direction the round's devices agreed on (the mean unit
+        vector of every update, left out or not: see ``aggregator.robust``)
+        into the direction filter's reference, before the server's
         optimizer (whose momentum can overshoot, so that honest devices
         rightly pull back against the change it applied)."""
         d = self.policy.defences
         if d.direction == "off":
+            return
+        if self.updates.cosines:
+            self.direction_cosines = [float(f"{c:.6g}") for c in self.updates.cosines.values()]
+        delta = self.updates.agreed_direction()
+        if delta is None:
             return
         ref = self.direction_ref
         self.direction_ref = {
@@ -1075,6 +1148,7 @@ class RoundCore:
             **model_meta,
             "known": sorted(self.known),
             "norm_history": self.norm_history,
+            "direction_cosines": self.direction_cosines,
             "sample_history": self.sample_history,
             "dp_rounds": self.dp_rounds,
             "dp_clip": self.dp_clip,
@@ -1114,6 +1188,7 @@ class RoundCore:
         if ref:
             self.spec.check(ref, what="checkpoint direction reference")
         self.direction_ref = ref or None
+        self.direction_cosines = [float(c) for c in meta.get("direction_cosines", [])][:100_000]
         self.benched = {c: (int(v[0]), int(v[1])) for c, v in meta.get("benched", {}).items()}
         self.counters = Counter(meta.get("counters", {}))
         self.rejections = Counter(meta.get("rejections", {}))

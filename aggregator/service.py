@@ -98,6 +98,16 @@ class AggregatorService:
         self._later: list[Event] = []  # events raised while the core handled another
         self._session = uuid.uuid4().hex[:16]
         self._registry_failed = False
+        self._verified: tuple[str, bytes] | None = None  # (device, signature) the shell checked last
+        # Presences refused for a key not (yet) enrolled, newest last: taken
+        # once the device is enrolled (fedge enroll while the job runs).
+        self._held: dict[str, bytes] = {}
+        self._later_held: list[str] = []  # held presences whose devices the registry now knows
+        self._registry_polled = 0.0
+        self._connections = 0  # LinkUps so far: after the first, the broker may have lost what we published
+        self._announced: list[bytes] = []  # the last announcements published, newest last
+        self._announcement_repaired = -60.0
+        self._announcement_seen = False  # our own came back: what arrives from then on is the broker's copy
         self.inbox = Inbox(maxsize=4096)
         self.updates = Reassembler(
             max_bytes=cfg.limits.reassembly_bytes, max_message_bytes=cfg.limits.max_update_bytes,
@@ -107,7 +117,9 @@ class AggregatorService:
         self.traffic = Traffic()  # MQTT payload bytes by direction and channel
         self.link = link_factory(
             cfg.broker, f"fedge-aggregator-{cfg.job.name}", self.inbox.put,
-            subscriptions=[self.topics.update_filter, self.topics.status_filter],
+            # Its own announcement too: one replaced or cleared on the broker
+            # is published again (see _watch_announcement).
+            subscriptions=[self.topics.update_filter, self.topics.status_filter, self.topics.round],
             will=(self.topics.server, self._seal(Status(messages.AGGREGATOR, "offline").encode())),
             name="aggregator",
         )
@@ -213,6 +225,8 @@ class AggregatorService:
             return None
         try:
             changed = reg.reload()
+            if self._registry_failed:
+                log.warning("the device registry %s is readable again", reg.path)
             self._registry_failed = False
         except RegistryError as exc:
             if not self._registry_failed:
@@ -225,12 +239,50 @@ class AggregatorService:
             for client in [c for c in self.core.online if reg.key_of(c) is None]:
                 log.warning("%s is no longer enrolled: it takes no further part", client)
                 self._later.append(ClientStatus(client, False, {}, monotonic()))
+            self._later_held = [c for c in self._held if reg.key_of(c) is not None]
         return reg
 
+    def _poll_registry(self, now: float) -> None:
+        """Once a second: the registry, re-read if the operator changed it,
+        so that an enrollment or revocation takes effect within seconds
+        even for a device that sends nothing; a presence held for a key not
+        enrolled is taken once its device is."""
+        if self.registry is None or now - self._registry_polled < 1.0:
+            return
+        self._registry_polled = now
+        self._registry_current()
+        taken, self._later_held = self._later_held, []
+        for client in taken:
+            payload = self._held.pop(client, None)
+            if payload is None:
+                continue
+            log.info("%s is enrolled now: taking the presence it sent before", client,
+                     extra=fields(device=client, reason="enrolled"))
+            self._presence(client, payload, now)
+
     def _verify_device(self, client: str, env: Envelope) -> None:
+        if self._verified is not None and self._verified == (client, env.signature):
+            self._verified = None  # the shell checked this very message (_signed_by)
+            return
         reg = self._registry_current()
         assert reg is not None
         check_signed(env, reg.key_of(client), f"{env.kind.name.lower()} from {client}")
+
+    def _signed_by(self, client: str, message: bytes) -> bool:
+        """Whether ``message`` is signed by ``client``'s enrolled key (always
+        True when signing is off). Checked before the device's rate is
+        charged, so that an outsider cannot spend a real device's budget on
+        a broker without ACL; the core then skips checking it again, and
+        re-checks (and counts) one that failed."""
+        if self.registry is None:
+            return True
+        try:
+            env = wire.decode(message, max_body=self.cfg.limits.max_update_bytes)
+            self._verify_device(client, env)
+        except (WireError, IdentityError):
+            return False
+        self._verified = (client, env.signature)
+        return True
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -252,8 +304,26 @@ class AggregatorService:
     def stop(self) -> None:
         self._stop.set()
 
+    def _job_done(self) -> None:
+        """Say once, in the log and in the metrics, how the job ended."""
+        records = self.core.history
+        last = self._last_record
+        failed = self.core.counters.get("rounds_failed", 0)
+        linger = self.cfg.job.linger_s
+        log.info("job %s is done after round %d (%d failed)%s; %s", self.cfg.job.name, self.core.next_round - 1,
+                 failed, "" if last is None or last.accuracy is None else f", final accuracy {last.accuracy:.4f}",
+                 "serving its final state and metrics until stopped (SIGTERM or Ctrl-C; job.linger_s sets a time)"
+                 if linger == 0 else f"serving its final state and metrics for {linger:g} s (job.linger_s)",
+                 extra=fields(status="done", round=records[-1].round if records else None))
+        if self.metrics is not None:
+            self._publish_metrics(monotonic())
+
     def run(self) -> int:
-        """Run until the job is done (returns 0) or ``stop()`` (returns 0)."""
+        """Run until ``stop()``, or until ``job.linger_s`` after the job is
+        done; returns 0. A job's end is a state, not an exit: ``done`` is
+        set at once, and the service goes on publishing its final state
+        and serving metrics (``fedge_job_done`` 1) so that a scrape, a
+        watcher and a late device all see how it ended."""
         now = monotonic()
         chain = self._key_chain()
         if chain is not None:  # first, so that devices know the key before what it signed
@@ -267,10 +337,16 @@ class AggregatorService:
                      self.cfg.job.rounds)
             self.done.set()
         self.link.start()
+        done_at: float | None = None
         try:
-            if self.done.is_set():
-                self.link.wait_connected(self.cfg.broker.keepalive_s)
-            while not self._stop.is_set() and not (self.done.is_set() and not self._exporting()):
+            while not self._stop.is_set():
+                if done_at is None and self.done.is_set() and not self._exporting():
+                    done_at = monotonic()
+                    self._job_done()
+                if done_at is not None and 0 < self.cfg.job.linger_s <= monotonic() - done_at and (
+                        self.link.connected.is_set()
+                        or monotonic() - done_at > self.cfg.job.linger_s + self.cfg.broker.keepalive_s):
+                    break  # (the final state is out first, unless the broker stays away)
                 deadline = self.core.next_deadline()
                 wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - monotonic()))
                 item = self.inbox.get(timeout=wait)
@@ -283,6 +359,9 @@ class AggregatorService:
                 while self._later:
                     self._feed(self._later.pop(0))
                 self.updates.expire(now)
+                self._poll_registry(now)
+                while self._later:
+                    self._feed(self._later.pop(0))
                 self._feed(TimerFired(now))
                 if self.core.state == "done":  # however it ended (its last round, or a budget)
                     self.done.set()
@@ -341,6 +420,9 @@ class AggregatorService:
             log.info("connected to %s (session present: %s)", self.link.address, item.session_present)
             self.link.publish(self.topics.server, self._seal(Status(messages.AGGREGATOR, "online").encode()),
                               retain=True)
+            self._connections += 1
+            if self._connections > 1 and not item.session_present:
+                self._repair_broker(now)
             return
         if isinstance(item, LinkDown):
             log.warning("lost the broker (%s); reconnecting", item.reason)
@@ -349,13 +431,10 @@ class AggregatorService:
             return
         channel, client = self.topics.parse(item.topic)
         self.traffic.add("in", channel, len(item.payload))
-        if channel == "status" and client:
-            if self._limited(self.status_limit, client, "presence", now):
-                return
-            event = self._status_event(client, item.payload, now)
-            if event is not None:
-                self._feed(event)
-                self.fleet.presence(client, event.online, event.info, time.time())
+        if channel == "round":
+            self._watch_announcement(item.payload, now)
+        elif channel == "status" and client:
+            self._presence(client, item.payload, now)
         elif channel == "update" and client:
             if self._limited(self.chunk_limit, client, "update bytes", now, cost=len(item.payload)):
                 return
@@ -373,9 +452,57 @@ class AggregatorService:
                     log.warning("dropped a chunk from %s: %s", client, exc,
                                 extra=fields(device=client, reason=f"chunk_{exc.reason}"))
                 return
-            if message is not None and not self._limited(self.message_limit, client, "messages", now):
+            if message is None:
+                return
+            signed = self._signed_by(client, message)
+            if signed and self._limited(self.message_limit, client, "messages", now):
+                self._verified = None
+                return
+            if signed:
                 self.fleet.heard(client, time.time())
-                self._feed(MessageArrived(client, message, now))
+            self._feed(MessageArrived(client, message, now))  # a forgery: the core refuses and counts it
+            self._verified = None
+
+    def _presence(self, client: str, payload: bytes, now: float) -> None:
+        """A device's presence: believed, charged to its rate (after the
+        signature is checked: an outsider's forgeries cost only its own
+        refusals) and fed."""
+        event = self._status_event(client, payload, now)
+        if event is not None and not self._limited(self.status_limit, client, "presence", now):
+            self._feed(event)
+            self.fleet.presence(client, event.online, event.info, time.time())
+
+    def _repair_broker(self, now: float) -> None:
+        """The broker kept no session for us (restarted without persistence,
+        or it expired): it most likely lost the retained messages too.
+        Publish again everything the job keeps there."""
+        log.warning("the broker at %s kept no session for the aggregator (restarted without persistence?): "
+                    "publishing the key chain, model, delta, announcement and device records again",
+                    self.link.address, extra=fields(reason="broker_repaired"))
+        self._feed(Incident("broker_repaired", None, now))
+        chain = self._key_chain()
+        if chain is not None:
+            self.link.publish(self.topics.keys, chain, retain=True)
+        self._execute(self.core.republish(now))
+        self.fleet.dirty.update(self.fleet.entries)
+
+    def _watch_announcement(self, payload: bytes, now: float) -> None:
+        """The retained announcement as the broker holds it (we subscribe to
+        our own): one we did not publish (replaced on a broker without ACL)
+        or none (cleared) is replaced by the current one, at most once every
+        5 seconds. Until the first of ours comes back, what arrives is the
+        copy retained before this process published (a restart)."""
+        if payload in self._announced:
+            self._announcement_seen = True
+            return
+        if not self._announcement_seen or now - self._announcement_repaired < 5.0:
+            return
+        self._announcement_repaired = now
+        self._feed(Incident("announcement_repaired", None, now))
+        log.warning("the broker's retained announcement is %s; publishing the current one again",
+                    "gone" if not payload else "not one this aggregator published",
+                    extra=fields(reason="announcement_repaired"))
+        self._execute([a for a in self.core.republish(now) if isinstance(a, PublishAnnouncement)])
 
     def _limited(self, limiter: RateLimiter, client: str, what: str, now: float, cost: float = 1.0) -> bool:
         """True (counted as ``rate_limited``, logged at most once a minute per
@@ -400,8 +527,18 @@ class AggregatorService:
             status = Status.parse(env)
         except IdentityError as exc:
             self._feed(Incident(exc.reason, client, now))
+            hint = ""
+            if exc.reason in ("unknown_signer", "wrong_signer") and self.registry is not None:
+                # Held, bounded: taken as soon as the operator enrolls the device.
+                self._held.pop(client, None)
+                self._held[client] = payload
+                while len(self._held) > min(self.cfg.limits.max_devices, 4096):
+                    self._held.pop(next(iter(self._held)))
+                hint = (f"; once enrolled (fedge enroll --config <this job's config> {client} KEY) it is taken "
+                        "within seconds, with no restart")
             if self._log_limit.allow((client, exc.reason), now):
-                log.warning("ignored presence of %s: %s", client, exc, extra=fields(device=client, reason=exc.reason))
+                log.warning("ignored presence of %s: %s%s", client, exc, hint,
+                            extra=fields(device=client, reason=exc.reason))
             return None
         except (WireError, ProtocolError) as exc:
             self._feed(Incident("bad_status", client, now))
@@ -446,7 +583,9 @@ class AggregatorService:
                 if len(action.message) > self.link.max_packet_bytes - 1024:
                     log.error("round announcement is %d bytes, over the broker's packet limit (%d bytes); "
                               "lower selection.max_clients", len(action.message), self.link.max_packet_bytes)
-                self.link.publish(self.topics.round, self._seal(self._stamped(action.message)), retain=True)
+                message = self._seal(self._stamped(action.message))
+                self._announced = [*self._announced[-7:], message]
+                self.link.publish(self.topics.round, message, retain=True)
             elif isinstance(action, SendAck):
                 self.link.publish(self.topics.ack(action.client), self._seal(action.message))
                 if action.receipt:
@@ -531,6 +670,8 @@ class AggregatorService:
             "rounds_planned": cfg.job.rounds, "done": core.state == "done",
             "counters": dict(core.counters), "rejections": dict(core.rejections), "failures": dict(core.failures),
             "traffic": self.traffic.copy(),
+            # Through the CountingLink to the link's own attributes.
+            "broker_connected": self.link.connected.is_set(), "broker_connect_failures": self.link.connect_failures,
             "clients_online": len(core.online), "clients_known": len(core.known),
             "clients_selected": len(op.selected) if op is not None else 0,
             "clients_responded": len(op.accepted) if op is not None else 0,

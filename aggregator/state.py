@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedge import tensors
-from fedge.files import atomic_write
+from fedge.files import atomic_write, writable_dir
 
 CHECKPOINT = "checkpoint.safetensors"
 OPEN_ROUND = "round.json"
@@ -31,9 +31,12 @@ class StateDir:
     """The aggregator's state directory (the device's twin is
     ``edge_agent.state.StateDir``)."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: str | Path, writable: bool = True) -> None:
+        """Made if missing and proved writable (else one ``ConfigError``
+        line naming job.state_dir), so that a job that could not save its
+        first checkpoint never starts; ``writable=False`` only reads (a
+        report)."""
+        self.root = writable_dir(root, "job.state_dir") if writable else Path(root)
 
     # checkpoint ---------------------------------------------------------------
 

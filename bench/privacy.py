@@ -90,7 +90,9 @@ def job_config(args: argparse.Namespace, privacy: dict[str, Any] | None, seed: i
         evaluate={"data": "fedge.datasets:mnist", "args": {"path": str(MNIST), "split": "test"}},
         limits={"max_devices": max(args.devices, 1000)},
         codec=codec_for(args, privacy),
-        privacy=privacy or {},
+        # A private round opens once the whole fleet is online and expects
+        # sampling_rate x devices of it, whoever is online (privacy.min_devices).
+        privacy={**privacy, "min_devices": args.devices} if privacy else {},
     )
 
 

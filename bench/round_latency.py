@@ -83,8 +83,11 @@ def main() -> None:
         "seconds_per_round": {"median": round(median, 4), "p90": round(q[8], 4), "max": round(max(steady), 4),
                               "first_round": rounds[0]["seconds"], "note": "median/p90/max exclude round 1 "
                               "(training workers warming up)"},
-        "bytes_per_round": {"up": int(statistics.median(r["bytes_up"] for r in rounds)),
-                            "down": int(statistics.median(r["bytes_down"] for r in rounds))},
+        # As the agents measured them: MQTT payloads all agents sent (up) and received (down), every
+        # agent's copy of the model included (the aggregator's own count is the rounds' bytes_up/bytes_down).
+        "bytes_per_round": {"up": int(statistics.median(r["agents_bytes_sent"] for r in rounds)),
+                            "down": int(statistics.median(r["agents_bytes_received"] for r in rounds)),
+                            "counted_by": "agents"},
         "final_accuracy": summary["final_accuracy"],
         "wall_seconds": round(time.perf_counter() - started, 2),
         "bar": {"median_round_seconds_lt": 1.0, "pass": median < 1.0},

@@ -14,7 +14,16 @@ import socket
 from dataclasses import dataclass
 
 from edge_agent.metrics import AgentMetricsSettings
-from fedge.config import BrokerSettings, ConfigError, section, setting
+from fedge.config import (
+    NON_NEGATIVE,
+    POSITIVE,
+    BrokerSettings,
+    ConfigError,
+    at_least,
+    check_ranges,
+    section,
+    setting,
+)
 
 ROLES = ("trainer", "inference")
 DOWNLINKS = ("on_demand", "follow")
@@ -36,11 +45,16 @@ class AgentSection:
     model: str = setting(
         "", "Model factory this device accepts; empty: only the built-in fedge.models factories."
     )
-    max_model_bytes: int = setting(256 << 20, "Largest global model the agent will download, in bytes.")
+    max_model_bytes: int = setting(256 << 20, "Largest global model the agent will download, in bytes.", at_least(1))
     downlink: str = setting(
         "on_demand", "on_demand: fetch the model only when selected (fewest bytes); follow: keep every model."
     )
-    resend_after_s: float = setting(20.0, "Resend an update not acknowledged after this long (doubling).")
+    resend_after_s: float = setting(20.0, "Resend an update not acknowledged after this long (doubling).", POSITIVE)
+    model_wait_s: float = setting(
+        10.0, "Selected but lacking the announced model, with no model bytes arriving for this long: fetch the "
+        "key and delta again; after two such fetches, decline the round (model_unavailable), which makes the "
+        "aggregator publish them again.", POSITIVE
+    )
 
 
 @dataclass(frozen=True)
@@ -56,18 +70,18 @@ class WorkerSection:
     mode: str = setting(
         "per_round", "Training worker: per_round (no PyTorch in memory while idle) or warm (kept between rounds)."
     )
-    threads: int = setting(0, "PyTorch threads in the worker; 0: all cores.")
+    threads: int = setting(0, "PyTorch threads in the worker; 0: all cores.", NON_NEGATIVE)
     python: str = setting(
         "", "Python interpreter that runs training (one with PyTorch, e.g. JetPack's); empty: the agent's own."
     )
-    timeout_s: float = setting(3600.0, "A training run longer than this is killed and declined.")
+    timeout_s: float = setting(3600.0, "A training run longer than this is killed and declined.", POSITIVE)
 
 
 @dataclass(frozen=True)
 class InferenceSection:
     artifact: str = setting("model", "Name of the published ONNX artifact to download and serve.")
     serve: str = setting("", "host:port for a local HTTP prediction API (POST /predict); empty: none.")
-    threads: int = setting(0, "ONNX Runtime threads; 0: all cores.")
+    threads: int = setting(0, "ONNX Runtime threads; 0: all cores.", NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,7 @@ class AgentConfig:
         """Every value the agent will use, checked now: one ``ConfigError`` line."""
         from fedge.topics import check_id
 
+        check_ranges(self)  # every number within its setting's range, before anything uses one
         self.broker.check()
         try:
             check_id(self.client_id(), "agent.id")
@@ -129,3 +144,27 @@ class AgentConfig:
         check_choice(self.agent.downlink, DOWNLINKS, "agent.downlink")
         if self.worker.python and not shutil.which(self.worker.python):
             raise ConfigError(f"worker.python {self.worker.python!r} is not an executable; give the full path")
+        if self.inference.serve:
+            host, _, port = self.inference.serve.rpartition(":")
+            if not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(f"inference.serve {self.inference.serve!r} must be host:port, e.g. "
+                                  "127.0.0.1:8080 (empty: no prediction API)")
+        if self.agent.role == "trainer":
+            self._check_code()
+
+    def _check_code(self) -> None:
+        """The data factory (and the model the device accepts) resolve where
+        the training worker will import them, found without importing them:
+        the agent itself never loads PyTorch while idle."""
+        from fedge.imports import ImportSpecError, find_callable, find_callable_in
+
+        for key, spec in (("data.factory", self.data.factory), ("agent.model", self.agent.model)):
+            if key == "agent.model" and not spec:  # empty: the built-in models only
+                continue
+            try:
+                if self.worker.python:
+                    find_callable_in(self.worker.python, spec, key)
+                else:
+                    find_callable(spec, key)
+            except ImportSpecError as exc:
+                raise ConfigError(str(exc)) from None

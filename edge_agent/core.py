@@ -87,6 +87,7 @@ from fedge.codecs import CodecError, error_feedback, make_codec
 from fedge.downlink import rebuild
 from fedge.logs import fields
 from fedge.messages import (
+    MODEL_UNAVAILABLE,
     Ack,
     Decline,
     GlobalModel,
@@ -163,8 +164,16 @@ class Tick:
     now: float
 
 
+@dataclass(frozen=True)
+class ModelBytes:
+    """Part of a key or delta arrived (a chunk of a message still incomplete):
+    a download is in progress, so the device does not fetch it again."""
+
+    now: float
+
+
 Event = (Connected | KeyArrived | DeltaArrived | AnnouncementArrived | AckArrived | TrainingDone
-         | TrainingFailed | Tick)
+         | TrainingFailed | Tick | ModelBytes)
 
 # --- actions ---------------------------------------------------------------------
 
@@ -222,8 +231,17 @@ class Unsubscribe:
     channel: str
 
 
+@dataclass(frozen=True)
+class Refetch:
+    """Subscribe to ``channel`` again although subscribed: the broker then
+    sends its retained copy again (MQTT 3.1.1 3.8.4, 5 3.8.4). Partial
+    downloads of the channel are dropped first."""
+
+    channel: str
+
+
 Action = (PublishStatus | PublishUpdate | StartTraining | PersistState | PersistResidual | PersistKey
-          | Subscribe | Unsubscribe)
+          | Subscribe | Unsubscribe | Refetch)
 
 # --- state -----------------------------------------------------------------------
 
@@ -324,6 +342,22 @@ class _Resend:
     interval: float
 
 
+MODEL_REFETCHES = 2  # fetches of a missing model before the round is declined (model_unavailable)
+
+
+@dataclass
+class _ModelWait:
+    """Selected for ``round`` (attempt, model) and lacking its model since
+    ``since``; the last model bytes (or fetch) at ``progress``."""
+
+    round: int
+    attempt: int
+    model: str
+    since: float
+    progress: float
+    fetches: int = 0
+
+
 @dataclass
 class AgentCore:
     client_id: str
@@ -332,6 +366,7 @@ class AgentCore:
     accepted_model: str = ""  # factory this device accepts; "" = built-ins only
     resend_after_s: float = 20.0
     downlink: str = "on_demand"  # or "follow"
+    model_wait_s: float = 10.0  # no model bytes for this long while lacking the announced model: fetch again
     state: AgentState = field(default_factory=AgentState)
     update_bytes: bytes | None = None  # bytes of state.pending, restored by the shell
     residual: ModelArrays | None = None  # error-feedback memory, restored by the shell
@@ -352,6 +387,7 @@ class AgentCore:
     counters: dict[str, int] = field(default_factory=dict)
     session: SecureSession | None = None  # the secure aggregation of the open round's attempt
     secure_input: _SecureInput | None = None
+    model_wait: _ModelWait | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.downlink, DOWNLINKS, "agent.downlink")
@@ -359,6 +395,10 @@ class AgentCore:
     # --- entry points ----------------------------------------------------------
 
     def handle(self, event: Event) -> list[Action]:
+        if isinstance(event, ModelBytes):
+            if self.model_wait is not None:
+                self.model_wait.progress = event.now
+            return []
         if isinstance(event, Connected):
             # The link re-subscribes what this process subscribed, so only the
             # unwanted channels need stating: the broker may remember them
@@ -745,14 +785,71 @@ class AgentCore:
         return self._consider(ev.now)
 
     def _decline(self, t: _Training, reason: str) -> list[Action]:
+        return self._decline_round(t.round, t.base_model, reason)
+
+    def _decline_round(self, round_: int, model: str, reason: str) -> list[Action]:
         self._count("declined")
-        self.state.record(t.round, t.base_model)
+        self.state.record(round_, model)
         self.state.pending = None
         self.update_bytes = None
-        message = Decline(self.job, t.round, self.client_id, reason).encode()
+        message = Decline(self.job, round_, self.client_id, reason).encode()
         return [PersistState(self.state.to_json(), None), PublishUpdate(message)]
 
     def _on_tick(self, now: float) -> list[Action]:
+        return self._watch_model(now) + self._resend_due(now)
+
+    def _awaits_model(self) -> bool:
+        """Selected for the open round, due to train, and lacking its model."""
+        ann = self.announcement
+        if ann is None or not self._open_for_me(ann) or self.training is not None or self._has_announced_model():
+            return False
+        if self.state.has_handled(ann.round, ann.model_digest):
+            return False
+        p = self.state.pending
+        return p is None or (p.round, p.base_model) != (ann.round, ann.model_digest)
+
+    def _model_gap(self, ann: RoundAnnouncement) -> str:
+        """What this device lacks to build the announced model, in words."""
+        if self.key is None or self.key.digest != ann.key_digest:
+            return f"no key model {ann.key_digest[:12]} (round {ann.key_round})"
+        d = self.latest_delta
+        if d is None or d.target_digest != ann.model_digest:
+            return f"no delta from key round {ann.key_round} to model {ann.model_digest[:12]}"
+        return f"the delta to model {ann.model_digest[:12]} does not rebuild it"
+
+    def _watch_model(self, now: float) -> list[Action]:
+        """A selected device whose announced model does not arrive (the
+        broker lost, withheld or replaced a retained key or delta) fetches
+        it again after ``model_wait_s`` without model bytes; after
+        ``MODEL_REFETCHES`` fetches it declines the round, saying why, so
+        that the aggregator publishes the model again and the round need
+        not wait for it."""
+        ann = self.announcement
+        if ann is None or not self._awaits_model():
+            self.model_wait = None
+            return []
+        w = self.model_wait
+        if w is None or (w.round, w.attempt, w.model) != (ann.round, ann.attempt, ann.model_digest):
+            self.model_wait = _ModelWait(ann.round, ann.attempt, ann.model_digest, now, now)
+            return []
+        if now - w.progress < self.model_wait_s:
+            return []
+        gap = self._model_gap(ann)
+        if w.fetches < MODEL_REFETCHES:
+            w.fetches += 1
+            w.progress = now
+            self._count("model_refetch")
+            log.warning("%s: round %d: %s after %.0f s; fetching the model again", self.client_id, ann.round, gap,
+                        now - w.since, extra=fields(device=self.client_id, round=ann.round, reason="model_refetch"))
+            return [Refetch(c) for c in CHANNELS if c in self._wanted()]
+        self.model_wait = None
+        self._count(MODEL_UNAVAILABLE)
+        log.error("%s: round %d: %s after %d fetches in %.0f s; declining the round (the aggregator publishes the "
+                  "model again)", self.client_id, ann.round, gap, w.fetches + 1, now - w.since,
+                  extra=fields(device=self.client_id, round=ann.round, reason=MODEL_UNAVAILABLE))
+        return self._decline_round(ann.round, ann.model_digest, f"{MODEL_UNAVAILABLE}: {gap}")
+
+    def _resend_due(self, now: float) -> list[Action]:
         r = self.resend
         p = self.state.pending
         if r is None or p is None or now < r.at:

@@ -33,6 +33,11 @@ METRICS: MetricTable = {
     "fedge_agent_info": ("gauge", "This device (value 1).", ("device", "job_name", "role", "version")),
     "fedge_agent_devices": ("gauge", "Devices this process runs (1, or a simulated fleet's size).", ()),
     "fedge_agent_connected": ("gauge", "Devices connected to the broker now.", ()),
+    "fedge_broker_connected": ("gauge", "1 while every device of this process is connected to the broker, 0 "
+                               "while one is not.", ()),
+    "fedge_broker_connect_failures_total": ("counter", "Connection attempts to the broker that failed (refused, "
+                                            "host name not resolved, TLS, credentials refused), all devices "
+                                            "together.", ()),
     "fedge_agent_rounds_trained_total": ("counter", "Updates trained and sent (one per round taken part in).", ()),
     "fedge_agent_declines_total": ("counter", "Rounds declined (training failed, or its update could not be "
                                    "made).", ()),
@@ -62,6 +67,8 @@ def render(snap: dict[str, Any]) -> Iterator[Any]:
                                         for device, job, role in snap["devices"]))
     yield gauge("fedge_agent_devices", len(snap["devices"]))
     yield gauge("fedge_agent_connected", snap["connected"])
+    yield gauge("fedge_broker_connected", 1 if snap["broker_connected"] else 0)
+    yield counter("fedge_broker_connect_failures_total", {"": snap["broker_connect_failures"]})
     counters: dict[str, int] = snap["counters"]
     yield counter("fedge_agent_rounds_trained_total", {"": counters.get("updates_sent", 0)})
     yield counter("fedge_agent_declines_total", {"": counters.get("declined", 0)})

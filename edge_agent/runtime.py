@@ -15,6 +15,7 @@ This module never imports PyTorch; training happens in worker processes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import random
@@ -37,11 +38,13 @@ from edge_agent.core import (
     DeltaArrived,
     Event,
     KeyArrived,
+    ModelBytes,
     PersistKey,
     PersistResidual,
     PersistState,
     PublishStatus,
     PublishUpdate,
+    Refetch,
     StartTraining,
     Subscribe,
     Tick,
@@ -89,6 +92,7 @@ class DeviceSpec:
     accepted_model: str = ""
     max_model_bytes: int = 256 << 20
     resend_after_s: float = 20.0
+    model_wait_s: float = 10.0  # see agent.model_wait_s
     info: dict[str, Any] = field(default_factory=dict)
     broker: BrokerSettings | None = None  # this device's own credentials; default: the runtime's
     role: str = "trainer"  # or "inference"
@@ -107,6 +111,37 @@ class DeviceSpec:
     # (chosen at random) and sends nothing more for that round.
     dropout: float = 0.0
     dropout_stages: tuple[str, ...] = DROPOUT_STAGES
+
+
+class RefusalLog:
+    """Which refused messages get a log line: every distinct one (a new
+    forgery is never hidden behind an older one of the same reason), but
+    not the same bytes again (a retained copy resent on each subscription,
+    a QoS 1 redelivery), and at most ``per_minute`` lines a minute per
+    reason, the next line saying how many were left out."""
+
+    def __init__(self, per_minute: int = 5, remembered: int = 64) -> None:
+        self.per_minute = per_minute
+        self.remembered = remembered
+        self._seen: dict[bytes, None] = {}  # digests of refused messages, oldest first
+        self._windows: dict[str, tuple[float, int, int]] = {}  # reason -> (window start, lines, left out)
+
+    def allow(self, reason: str, message: bytes, now: float) -> str | None:
+        """None: no line for this refusal; else the note the line ends with."""
+        digest = hashlib.sha256(message).digest()[:16]
+        if digest in self._seen:
+            return None
+        self._seen[digest] = None
+        if len(self._seen) > self.remembered:
+            del self._seen[next(iter(self._seen))]
+        start, lines, left_out = self._windows.get(reason, (now, 0, 0))
+        if now - start >= 60.0:
+            start, lines = now, 0
+        if lines >= self.per_minute:
+            self._windows[reason] = (start, lines, left_out + 1)
+            return None
+        self._windows[reason] = (start, lines + 1, 0)
+        return f"; {left_out} more refused for this reason were not logged" if left_out else ""
 
 
 @dataclass(frozen=True)
@@ -132,7 +167,8 @@ class _Device:
             state, update = self.store.load()
             self.core = AgentCore(
                 client_id=spec.client_id, job=spec.job, info=info, accepted_model=spec.accepted_model,
-                resend_after_s=spec.resend_after_s, downlink=spec.downlink, state=state, update_bytes=update,
+                resend_after_s=spec.resend_after_s, downlink=spec.downlink, model_wait_s=spec.model_wait_s,
+                state=state, update_bytes=update,
                 residual=self.store.load_residual(),
             )
             key = self.store.load_key()
@@ -159,7 +195,7 @@ class _Device:
                     self.aggregator_key = PublicKey.from_text(stored["current"])
         self.refused: Counter[str] = Counter()  # messages not believed, by reason
         self.dropped_rounds: dict[int, str] = {}  # simulated dropouts: round -> the stage it went silent at
-        self._refusals_logged: dict[str, float] = {}
+        self.refusal_log = RefusalLog()
         self.link = link_factory(
             spec.broker or broker, spec.client_id, inbox.put, subscriptions=subscriptions,
             will=(self.topics.status(spec.client_id), self.presence(self.core.status("offline"))),
@@ -204,10 +240,10 @@ class _Device:
         except (wire.WireError, IdentityError) as exc:
             reason = exc.reason
             self.refused[reason] += 1
-            if now - self._refusals_logged.get(reason, -120.0) >= 60.0:
-                self._refusals_logged[reason] = now
-                log.warning("%s: not acting on %s (%s; counted, logged once a minute)", self.spec.client_id,
-                            what, exc, extra=fields(device=self.spec.client_id))
+            said = self.refusal_log.allow(reason, message, now)
+            if said is not None:
+                log.warning("%s: not acting on %s (%s; counted%s)", self.spec.client_id, what, exc, said,
+                            extra=fields(device=self.spec.client_id, reason=reason))
             return False
         return True
 
@@ -293,8 +329,6 @@ class _Device:
     def load(self) -> bool:
         """(Re)load the installed model, if its bytes still match what was
         installed; a device restarts serving before the broker answers."""
-        import hashlib
-
         from fedge.onnxrt import OnnxModelError, OnnxPredictor
 
         info_file = self.model_file.with_suffix(".info.json")
@@ -445,6 +479,9 @@ class AgentRuntime:
             "version": fedge.__version__,
             "devices": [(d.spec.client_id, d.spec.job, d.spec.role) for d in self.devices.values()],
             "connected": len(self.connected),
+            # The links' own state (through each CountingLink), as their network threads see it.
+            "broker_connected": all(d.link.connected.is_set() for d in self.devices.values()),
+            "broker_connect_failures": sum(d.link.connect_failures for d in self.devices.values()),
             "counters": {k: v for k, v in counters.items() if v},
             "traffic": self.bytes_by_channel.copy(),
             "last_training": dict(self.last_training),
@@ -485,7 +522,10 @@ class AgentRuntime:
             except ChunkError as exc:
                 log.warning("%s: dropped a %s chunk: %s", item.link, channel, exc, extra=fields(device=item.link))
                 return
-            if message is not None:
+            if message is None:
+                if channel != "artifact":
+                    self._run(dev, ModelBytes(now))
+            else:
                 self._count_traffic(message, 1, self._partial_bytes.pop(stream, 0), serves_next=True)
                 if dev.believed(message, f"a {channel} message", now):
                     arrived = {"key": KeyArrived, "delta": DeltaArrived, "artifact": ArtifactArrived}[channel]
@@ -586,6 +626,9 @@ class AgentRuntime:
         elif isinstance(action, Unsubscribe):
             dev.link.unsubscribe(self._channel_filter(dev, action.channel))
             dev.downloads.discard(action.channel)
+        elif isinstance(action, Refetch):
+            dev.downloads.discard(action.channel)
+            dev.link.subscribe(self._channel_filter(dev, action.channel))
         elif isinstance(action, PublishUpdate):
             if dev.silenced(action.message):
                 return

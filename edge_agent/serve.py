@@ -6,7 +6,9 @@ latest verified ONNX model, with ONNX Runtime and the standard library only.
                  -> {"predictions": [...], "probabilities": [[...]], "round": 7}
 
 It binds to loopback unless told otherwise (inference.serve), refuses bodies
-over 8 MiB, and answers a bad request with 400 and one line saying why.
+over 8 MiB, and answers a bad request (not JSON, the wrong shape, NaN or
+infinite values: ``fedge.onnxrt.check_input``) with 400 and one line saying
+why.
 """
 
 from __future__ import annotations

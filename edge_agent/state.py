@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edge_agent.core import AgentState
 from fedge import tensors
-from fedge.files import atomic_write
+from fedge.files import atomic_write, writable_dir
 from fedge.tensors import ModelArrays
 
 log = logging.getLogger("fedge.agent")
@@ -32,7 +32,7 @@ class StateDir:
         self.root = Path(root)
         self.durable = durable
         self._written_update: bytes | None = None
-        self.root.mkdir(parents=True, exist_ok=True)
+        writable_dir(self.root, "agent.state_dir")  # one ConfigError line, before the device starts
         self.state_file = self.root / "agent.json"
         self.update_file = self.root / "pending.update"
         self.residual_file = self.root / "residual.safetensors"

@@ -235,7 +235,7 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE[:DTYPE]", required=True,
                    help="a model input, batch first, e.g. x:1x64:float32 (repeat for several; batch is dynamic)")
     e.add_argument("--output-name", action="append", default=[], metavar="NAME", help="name the outputs in order")
-    e.add_argument("--out", required=True, metavar="FILE.onnx")
+    e.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
     e.add_argument("--opset", type=int, default=17,
                    help="ONNX opset (default 17: ONNX Runtime >= 1.14 and TensorRT 8.6/10 read it)")
     e.add_argument("--atol", type=float, default=1e-4, help="parity tolerance, absolute (default 1e-4)")
@@ -246,13 +246,14 @@ def add_commands(sub: Any) -> None:
     e.set_defaults(func=_guarded("export", cmd_export), default_level="WARNING")
 
     q = sub.add_parser("quantize", help="quantize an ONNX model (int8 static/dynamic, fp16) and compare it")
-    q.add_argument("--model", required=True, metavar="FLOAT.onnx")
-    q.add_argument("--out", required=True, metavar="FILE.onnx")
+    q.add_argument("--model", required=True, metavar="FLOAT.onnx", help="the float32 ONNX model to quantize")
+    q.add_argument("--out", required=True, metavar="FILE.onnx", help="the quantized ONNX file to write")
     q.add_argument("--mode", default="static", choices=["static", "dynamic", "fp16"],
                    help="static QDQ int8 (default; conv/MLP), dynamic int8 (RNN/Transformer), or fp16")
     q.add_argument("--calibration", default=None, metavar="FILE.npz|MODULE:CALLABLE",
                    help="calibration data: .npz named after the inputs, or a data spec (split='train')")
-    q.add_argument("--calibration-args", default="{}", metavar="JSON")
+    q.add_argument("--calibration-args", default="{}", metavar="JSON",
+                   help="keyword arguments for a module:callable --calibration, as a JSON object")
     q.add_argument("--calibration-size", type=int, default=512, help="calibration rows to use (default 512)")
     q.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="calibration method (default minmax)")
@@ -265,7 +266,8 @@ def add_commands(sub: Any) -> None:
                    help="x86 only: the CPU has VNNI (keeps the full 8-bit weight range)")
     q.add_argument("--eval", default=None, metavar="FILE.npz|MODULE:CALLABLE",
                    help="evaluation set with labels: .npz (inputs + 'labels'), or a data spec (split='test')")
-    q.add_argument("--eval-args", default="{}", metavar="JSON")
+    q.add_argument("--eval-args", default="{}", metavar="JSON",
+                   help="keyword arguments for a module:callable --eval, as a JSON object")
     q.add_argument("--eval-size", type=int, default=0, help="evaluation rows to use (default all)")
     q.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
                    help="fail (exit 1) if accuracy drops by more than this many percentage points")
@@ -278,25 +280,25 @@ def add_commands(sub: Any) -> None:
     q.set_defaults(func=_guarded("quantize", cmd_quantize), default_level="WARNING")
 
     i = sub.add_parser("inspect", help="summarise an ONNX file and check it against its manifest")
-    i.add_argument("model", metavar="FILE.onnx")
+    i.add_argument("model", metavar="FILE.onnx", help="the ONNX model to summarise")
     i.add_argument("--json", default=None, metavar="FILE", help="also write the summary as JSON")
     i.set_defaults(func=_guarded("inspect", cmd_inspect), default_level="WARNING")
 
     b = sub.add_parser("bench-model", help="latency (p50/p90) of ONNX files at given batch sizes and threads")
-    b.add_argument("models", nargs="+", metavar="FILE.onnx")
+    b.add_argument("models", nargs="+", metavar="FILE.onnx", help="the ONNX models to time")
     b.add_argument("--batch", type=int, action="append", default=[], help="batch size (repeat; default 1)")
     b.add_argument("--threads", type=int, action="append", default=[], help="intra-op threads (repeat; default all)")
     b.add_argument("--runs", type=int, default=100, help="timed runs (at least 50)")
-    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     b.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON (default: stdout)")
     b.set_defaults(func=_guarded("bench-model", cmd_bench_model), default_level="WARNING")
 
     p = sub.add_parser("predict", help="run an ONNX model on inputs from an .npz (ONNX Runtime only, no PyTorch)")
-    p.add_argument("--model", required=True, metavar="FILE.onnx")
+    p.add_argument("--model", required=True, metavar="FILE.onnx", help="the ONNX model to run")
     p.add_argument("--input", required=True, metavar="FILE.npz", help="arrays named after the model inputs")
     p.add_argument("--output", default=None, metavar="FILE.npz",
                    help="save outputs, predictions (argmax) and probabilities")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all cores)")
     p.add_argument("--show", type=int, default=20, help="rows to print (default 20)")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     p.set_defaults(func=_guarded("predict", cmd_predict), default_level="WARNING")

@@ -6,7 +6,10 @@ Each role owns its sections, their defaults and their checks
 becomes such a config. A config is a tree of small frozen dataclasses; each
 field is declared with ``setting(default, doc)`` so that ``render_defaults``
 can print a complete, commented file (``fedge config aggregator``) and the
-README can quote it. ``updated`` builds a changed copy.
+README can quote it. ``updated`` builds a changed copy. A number's setting
+also names the values it allows (``valid=POSITIVE``, a ``Range``), which
+``check_ranges`` enforces for a whole config: one line naming the key, the
+value and the range.
 
 Loading rejects unknown keys with a suggestion (``did you mean ...``) and
 wrong types with the key's path, because a silently ignored typo in a fleet
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import typing
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedge.chunks import CHUNK_HEADER, MIN_CHUNK_DATA, PACKET_OVERHEAD
 from fedge.errors import OneReasonError
 
 if sys.version_info >= (3, 11):
@@ -35,6 +40,8 @@ else:  # pragma: no cover - exercised on Python 3.10 devices
     import tomli as tomllib
 
 T = TypeVar("T")
+# The smallest MQTT packet a chunk of MIN_CHUNK_DATA bytes fits in (fedge.chunks).
+MIN_PACKET_BYTES = MIN_CHUNK_DATA + PACKET_OVERHEAD + CHUNK_HEADER.size
 
 
 class ConfigError(OneReasonError):
@@ -43,10 +50,60 @@ class ConfigError(OneReasonError):
     default_reason = "config"
 
 
-def setting(default: Any, doc: str) -> Any:
+@dataclass(frozen=True)
+class Range:
+    """The values a number setting allows: ``lo`` to ``hi`` (None: no bound),
+    each end included unless ``lo_open``/``hi_open``; with ``zero``, 0 is
+    allowed too and means that ("no cap"). Never NaN or infinite."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    zero: str = ""
+
+    def allows(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.zero and value == 0:
+            return True
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def describe(self, integer: bool = False) -> str:
+        """The range in words: "a number > 0", "an integer in [2, 24]"."""
+        kind = "an integer" if integer else "a number"
+        if self.lo is not None and self.hi is not None:
+            text = f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{kind} {'>' if self.lo_open else '>='} {self.lo:g}"
+        elif self.hi is not None:
+            text = f"{kind} {'<' if self.hi_open else '<='} {self.hi:g}"
+        else:
+            text = f"a finite {'integer' if integer else 'number'}"
+        return f"0 ({self.zero}) or {text}" if self.zero else text
+
+
+POSITIVE = Range(0, lo_open=True)  # durations, rates, sizes that must be some
+NON_NEGATIVE = Range(0)  # counts and weights where 0 means none
+FRACTION = Range(0, 1, lo_open=True)  # (0, 1]: a share of something
+DECAY = Range(0, 1, hi_open=True)  # [0, 1): momenta, decays, quantiles
+
+
+def at_least(n: float, zero: str = "") -> Range:
+    return Range(n, zero=zero)
+
+
+def setting(default: Any, doc: str, valid: Range | None = None) -> Any:
+    """A config key: its default, its one-line meaning and, for a number,
+    the values it allows (checked by ``check_ranges``)."""
+    meta: dict[str, Any] = {"doc": doc}
+    if valid is not None:
+        meta["valid"] = valid
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def section(cls: type, doc: str) -> Any:
@@ -69,16 +126,20 @@ class BrokerSettings:
     cert_file: str = setting("", "Client certificate for mutual TLS; empty for none.")
     key_file: str = setting("", "Private key of the client certificate.")
     tls_insecure: bool = setting(False, "Skip the certificate host name check (test setups only).")
-    keepalive_s: int = setting(30, "MQTT keep-alive interval; the broker declares us gone after 1.5x this.")
+    keepalive_s: int = setting(30, "MQTT keep-alive interval; the broker declares us gone after 1.5x this.",
+                               Range(1, 65535))
     max_packet_bytes: int = setting(
-        262144, "Largest MQTT packet we send; payloads are chunked below it (AWS IoT Core: 131072)."
+        262144, "Largest MQTT packet we send; payloads are chunked below it (AWS IoT Core: 131072).",
+        at_least(MIN_PACKET_BYTES),
     )
-    reconnect_min_s: float = setting(1.0, "First reconnect delay; doubles up to reconnect_max_s.")
-    reconnect_max_s: float = setting(60.0, "Longest reconnect delay.")
+    reconnect_min_s: float = setting(1.0, "First reconnect delay; doubles up to reconnect_max_s.", POSITIVE)
+    reconnect_max_s: float = setting(60.0, "Longest reconnect delay.", POSITIVE)
     session_expiry_s: int = setting(
-        86400, "How long the broker keeps our session (subscriptions, queued QoS 1 messages) while we are offline."
+        86400, "How long the broker keeps our session (subscriptions, queued QoS 1 messages) while we are offline.",
+        Range(0, 2**32 - 1),
     )
-    max_queued_messages: int = setting(2000, "Outgoing QoS 1 messages kept while disconnected; 0 means no limit.")
+    max_queued_messages: int = setting(2000, "Outgoing QoS 1 messages kept while disconnected; 0 means no limit.",
+                                       NON_NEGATIVE)
 
     def check(self) -> None:
         """The values; whether the password file can be read is asked by
@@ -88,6 +149,10 @@ class BrokerSettings:
         parse_url(self.url)
         if self.protocol not in ("3.1.1", "311", "5"):
             raise ConfigError(f"broker.protocol {self.protocol!r} is not supported; use \"3.1.1\" or \"5\"")
+        check_ranges(self, "broker.")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ConfigError(f"broker.reconnect_max_s = {self.reconnect_max_s:g} is below broker.reconnect_min_s = "
+                              f"{self.reconnect_min_s:g}: the delay doubles from the one up to the other")
 
     def password(self) -> str | None:
         if self.password_env and os.environ.get(self.password_env):
@@ -139,6 +204,24 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             want = {dict: dict, list: list}.get(typing.get_origin(want) or want, want)
             kwargs[key] = _coerce(value, want, path)
     return cls(**kwargs)
+
+
+def check_ranges(cfg: Any, where: str = "") -> None:
+    """Every number in ``cfg`` (a config or one of its sections, whose keys
+    are named from ``where``) finite and within its setting's ``valid``
+    range: else one ``ConfigError`` naming the key, the value and the range."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        path = f"{where}{f.name}"
+        if f.metadata.get("section"):
+            check_ranges(value, f"{path}.")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        valid = f.metadata.get("valid") or Range()
+        if not valid.allows(value):
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise ConfigError(f"{path} = {shown} is out of range: use {valid.describe(isinstance(value, int))}")
 
 
 def load(path: str | Path | None, cls: type[T], overrides: list[str] | None = None) -> T:
@@ -203,8 +286,11 @@ def render_defaults(cls: type, instance: Any = None) -> str:
         out.append(f"# {f.metadata['doc']}")
         out.append(f"[{name}]")
         for key, sf in _fields(type(sub)).items():
-            out.append(f"# {sf.metadata['doc']}")
-            out.append(f"{key} = {_toml_value(getattr(sub, key))}")
+            value = getattr(sub, key)
+            valid = sf.metadata.get("valid")
+            allowed = f" Allowed: {valid.describe(isinstance(value, int))}." if valid is not None else ""
+            out.append(f"# {sf.metadata['doc']}{allowed}")
+            out.append(f"{key} = {_toml_value(value)}")
         out.append("")
     return "\n".join(out)
 

@@ -345,6 +345,12 @@ class Update:
         )
 
 
+# A selected device that cannot build the announced model from what the broker
+# holds (a retained key or delta lost, withheld or replaced) declines with this
+# code; the aggregator then publishes the model again.
+MODEL_UNAVAILABLE = "model_unavailable"
+
+
 @dataclass(frozen=True)
 class Decline:
     """A selected client that will not deliver this round (training failed,
@@ -353,7 +359,13 @@ class Decline:
     job: str
     round: int
     sender: str
-    reason: str
+    reason: str  # "<code>: <words>" for the reasons an aggregator acts on (MODEL_UNAVAILABLE)
+
+    @property
+    def code(self) -> str:
+        """The reason's code: the word before its first ':' ('' if none)."""
+        head, sep, _ = self.reason.partition(":")
+        return head if sep and head.isidentifier() else ""
 
     def encode(self) -> bytes:
         header = {"job": self.job, "round": self.round, "sender": self.sender, "num_samples": 0,

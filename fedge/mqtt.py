@@ -25,6 +25,13 @@ chunked again at the new size before paho sends them again; what cannot be
 chunked (a plain ``publish``) is given up with an error line, and a plain
 ``publish`` over the known limit is refused up front. Every change of the
 limit is logged once, naming ``broker.max_packet_bytes``.
+
+An unreachable broker is never silent: paho retries a failed connection with
+backoff but says nothing, so every link tells ``OUTAGES`` of each failed
+attempt (why it failed: refused, a host name that does not resolve, TLS, a
+CONNACK refusal) and of each connection, and that says once, a second
+later, that the broker cannot be reached, again every minute while it
+lasts, and once when it is reached again (see ``OutageReporter``).
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -51,12 +59,15 @@ from fedge.transport import Inbound, LinkDown, LinkEvent, LinkUp
 
 __all__ = [
     "MIN_PACKET_BYTES",
+    "OUTAGES",
     "Inbound",
     "Inbox",
     "LinkDown",
     "LinkEvent",
     "LinkUp",
     "MqttLink",
+    "OutageReporter",
+    "describe_failure",
     "lowered_limit",
     "monotonic",
     "parse_url",
@@ -167,12 +178,186 @@ def parse_url(url: str) -> tuple[str, int, bool]:
     return parts.hostname, parts.port or (8883 if tls else 1883), tls
 
 
+def describe_failure(exc: BaseException, host: str, port: int, timeout: float) -> str:
+    """Why a connection attempt failed, and what to do about it, for a log line."""
+    if isinstance(exc, socket.gaierror):
+        return f"host name {host} does not resolve ({exc.strerror}); check broker.url and this host's DNS"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {host}:{port}; start the broker, or correct the port in broker.url"
+    if isinstance(exc, TimeoutError):
+        return (f"no answer from {host}:{port} within {timeout:g} s; check the network, its firewalls, and the "
+                "host in broker.url")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"its TLS certificate is not trusted ({exc.verify_message}); set broker.ca_file to the CA that "
+                "signed it")
+    if isinstance(exc, ssl.SSLError):
+        return (f"TLS failed ({exc.reason or exc}); check that the port speaks TLS (mqtts://) and broker.ca_file, "
+                "cert_file and key_file")
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}; check the network and broker.url"
+    return f"{exc}; check broker.url"
+
+
+@dataclass(eq=False)
+class _Broker:
+    """What the links of this process to one broker URL report (``OutageReporter``)."""
+
+    url: str
+    links: set[MqttLink] = field(default_factory=set)
+    # Links whose last attempt failed: link -> (why, log level).
+    failing: dict[MqttLink, tuple[str, int]] = field(default_factory=dict)
+    since: float = 0.0  # when the outage began: the earliest such link's down_since
+    failed_at: float = 0.0  # the outage's first failed attempt
+    error: str = ""  # the newest failure's
+    said: float | None = None  # when a line about it was last logged; None: none yet
+
+
+class OutageReporter:
+    """One log line per outage of a broker, not one per link and retry.
+
+    paho retries a failed connection by itself, with backoff, and says
+    nothing; a role that waits for the broker would wait in silence. Each
+    link reports every failed attempt (``failed``) and every connection
+    (``reached``) here. While some link of a broker URL fails, this says so
+    once (the URL and the error), ``grace_s`` after the first failure, then
+    every ``period_s`` with how long it has lasted, and once when the last
+    failing link connects. A blip that a retry mends within ``grace_s`` says
+    nothing (the roles log a dropped connection themselves).
+
+    Keyed by broker URL because a simulated fleet (``fedge fleet``, the demo)
+    runs hundreds of links to one broker in one process: they share a line
+    ("300 of 300 links"), and the grace lets links started one after another
+    all try once before it is written. The lines come from a thread of the
+    reporter's own, running only while some link fails, so that the period
+    holds whatever paho's backoff (``broker.reconnect_max_s``) is.
+    """
+
+    def __init__(self, period_s: float = 60.0, grace_s: float = 1.0, tick_s: float = 0.25) -> None:
+        self.period_s = period_s
+        self.grace_s = grace_s
+        self.tick_s = tick_s
+        self._brokers: dict[str, _Broker] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def join(self, link: MqttLink) -> None:
+        with self._lock:
+            self._brokers.setdefault(link.settings.url, _Broker(link.settings.url)).links.add(link)
+
+    def leave(self, link: MqttLink) -> None:
+        """A stopped link: it no longer counts, and an outage only it had ends unsaid."""
+        with self._lock:
+            broker = self._brokers.get(link.settings.url)
+            if broker is None:
+                return
+            broker.links.discard(link)
+            broker.failing.pop(link, None)
+            if not broker.failing:
+                broker.said = None
+            if not broker.links:
+                del self._brokers[broker.url]
+
+    def failed(self, link: MqttLink, error: str, level: int) -> None:
+        """``link``'s connection attempt failed (called once per attempt)."""
+        now = monotonic()
+        with self._lock:
+            broker = self._brokers.get(link.settings.url)
+            if broker is None or link not in broker.links:
+                return  # stopped meanwhile
+            down_since = now if link.down_since is None else link.down_since
+            if not broker.failing:
+                broker.since, broker.failed_at = down_since, now
+            broker.since = min(broker.since, down_since)
+            broker.failing[link] = (error, level)
+            broker.error = error
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fedge-broker-outages", daemon=True)
+                self._thread.start()
+
+    def reached(self, link: MqttLink) -> None:
+        """``link`` connected: the end of the outage once no link of its broker fails."""
+        now = monotonic()
+        with self._lock:
+            broker = self._brokers.get(link.settings.url)
+            if broker is None or broker.failing.pop(link, None) is None or broker.failing:
+                return
+            said, broker.said = broker.said, None
+            lasted = now - broker.since
+        if said is not None:
+            log.info("reached the broker at %s after %.0f s", broker.url, lasted)
+
+    def _run(self) -> None:
+        while True:
+            lines: list[tuple[int, str]] = []
+            with self._lock:
+                now = monotonic()
+                active = [b for b in self._brokers.values() if b.failing]
+                if not active:
+                    self._thread = None
+                    return
+                for b in active:
+                    if b.said is None and now - b.failed_at >= self.grace_s:
+                        lines.append(self._line(b, now, first=True))
+                    elif b.said is not None and now - b.said >= self.period_s:
+                        lines.append(self._line(b, now, first=False))
+            for level, line in lines:
+                log.log(level, "%s", line)
+            time.sleep(self.tick_s)
+
+    @staticmethod
+    def _line(b: _Broker, now: float, first: bool) -> tuple[int, str]:
+        """Holds the lock."""
+        b.said = now
+        level = max(lvl for _, lvl in b.failing.values())
+        many = f" ({len(b.failing)} of {len(b.links)} links of this process)" if len(b.links) > 1 else ""
+        if first:
+            return level, f"cannot reach the broker at {b.url}{many}, retrying: {b.error}"
+        return level, f"still cannot reach the broker at {b.url} after {now - b.since:.0f} s{many}: {b.error}"
+
+
+# The process's reporter: every MqttLink reports to it.
+OUTAGES = OutageReporter()
+
+
+class _Client(paho.Client):
+    """paho's client, telling the link why each connection attempt failed.
+
+    paho's network thread catches the OSError of a failed attempt (refused,
+    a host name that does not resolve, TLS), calls ``on_connect_fail``
+    without it, and retries; any other exception (a host name that cannot
+    even be encoded) would end that thread, and with it every retry, with a
+    traceback nobody reads on a device. ``on_attempt`` hears None as an
+    attempt starts and the exception when it fails, which is passed on as an
+    OSError so that paho keeps retrying."""
+
+    on_attempt: Callable[[BaseException | None], None] | None = None
+
+    def reconnect(self) -> paho.MQTTErrorCode:
+        if self.on_attempt is not None:
+            self.on_attempt(None)
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            if self.on_attempt is not None:
+                self.on_attempt(exc)
+            raise
+        except ValueError as exc:
+            if self.on_attempt is not None:
+                self.on_attempt(exc)
+            raise OSError(str(exc)) from exc
+
+
 class MqttLink:
     """One MQTT connection.
 
     ``sink`` receives every ``LinkEvent`` (typically ``queue.Queue.put``); it
     runs on paho's network thread and must be quick. When it blocks (a full
     bounded queue) paho stops reading, which pushes back on the broker.
+
+    Failed connection attempts are reported to ``OUTAGES`` (logged), unless
+    ``report_outages`` is False: a one-shot command that gives up and says
+    why itself (``fedge status``, with ``last_error``). ``connected``,
+    ``down_since`` and ``connect_failures`` are for metrics.
     """
 
     def __init__(
@@ -185,6 +370,7 @@ class MqttLink:
         will: tuple[str, bytes] | None = None,
         persistent: bool = True,
         name: str | None = None,
+        report_outages: bool = True,
     ) -> None:
         settings.check()  # the URL and protocol, as the config checks them
         self.settings = settings
@@ -200,7 +386,13 @@ class MqttLink:
         self.bytes_in = 0
         self.refused = 0  # messages not published because they cannot fit the broker's packet limit
         self.connected = threading.Event()
-        self._last_refusal = ""
+        # Since when (monotonic) the link has been without a connection: from
+        # start() to its first, from a drop to the next; None while connected.
+        self.down_since: float | None = None
+        self.connect_failures = 0  # connection attempts that failed
+        self.last_error = ""  # why the last one failed, and what to do about it
+        self._attempt_failed = False  # the attempt under way has failed (and was counted)
+        self._report_outages = report_outages
         self._announced = 0  # the last Maximum Packet Size a CONNACK gave, once logged
         self._fits = 0  # the largest publish the broker ever acknowledged
         self._suspect = 0  # the size outstanding at the last drop (see _blame_packet_size)
@@ -211,10 +403,10 @@ class MqttLink:
         self._closing = False
         if settings.protocol == "5":
             protocol = paho.MQTTv5
-            self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+            self.client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
         else:  # "3.1.1" or "311": settings.check() refused anything else
             protocol = paho.MQTTv311
-            self.client = paho.Client(
+            self.client = _Client(
                 CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, clean_session=not persistent
             )
         self._v5 = protocol == paho.MQTTv5
@@ -240,6 +432,7 @@ class MqttLink:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        self.client.on_attempt = self._on_attempt
         self._started = False
 
     # --- lifecycle -----------------------------------------------------------
@@ -252,6 +445,9 @@ class MqttLink:
 
     def start(self) -> None:
         self._closing = False
+        self.down_since = monotonic()
+        if self._report_outages:
+            OUTAGES.join(self)
         props = None
         clean_start: Any = paho.MQTT_CLEAN_START_FIRST_ONLY
         if self._v5:
@@ -281,6 +477,7 @@ class MqttLink:
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)
         self._closing = True
+        OUTAGES.leave(self)
         self.client.disconnect()
         self.client.loop_stop()
         # paho closes its wake-up socket pair (two loopback TCP sockets) only
@@ -477,30 +674,55 @@ class MqttLink:
 
     # --- paho callbacks (network thread) ------------------------------------------
 
+    def _on_attempt(self, exc: BaseException | None) -> None:
+        if exc is None:
+            self._attempt_failed = False
+        else:
+            self._failed(describe_failure(exc, self.host, self.port, self.client.connect_timeout), logging.WARNING)
+
+    def _failed(self, error: str, level: int) -> None:
+        """The attempt under way failed: counted and reported once, however
+        many of paho's callbacks say so (a refusal is a failed CONNACK and
+        then a disconnect)."""
+        if self._attempt_failed or self._closing:
+            return
+        self._attempt_failed = True
+        self.connect_failures += 1
+        self.last_error = error
+        if self._report_outages:
+            OUTAGES.failed(self, error, level)
+
     def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags,
                     reason: paho.ReasonCode, properties: Properties | None) -> None:
         if reason.is_failure:
             text = str(reason)
-            if text != self._last_refusal:
-                hint = ""
-                if "authori" in text.lower() or "password" in text.lower():
-                    hint = f"; check broker.username and the password in ${self.settings.password_env}"
-                log.error("%s: broker %s:%d refused the connection: %s%s", self.name, self.host, self.port, text, hint)
-                self._last_refusal = text
+            if "authori" in text.lower() or "password" in text.lower():
+                self._failed(f"the broker refused the connection ({text}); check broker.username and the password "
+                             f"in ${self.settings.password_env} or broker.password_file", logging.ERROR)
+            else:
+                self._failed(f"the broker refused the connection ({text}); see the broker's log", logging.ERROR)
             return
-        self._last_refusal = ""
         with self._lock:
             self._adopt_announced_limit(properties)
             self._fit_queue()
         if self.subscriptions:
             client.subscribe([(t, 1) for t in self.subscriptions])
+        self.down_since = None
         self.connected.set()
+        if self._report_outages:
+            OUTAGES.reached(self)
         self.sink(LinkUp(self.name, bool(flags.session_present)))
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: paho.DisconnectFlags,
                        reason: paho.ReasonCode, properties: Properties | None) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        if was:
+            self.down_since = monotonic()
+        elif not self._closing:  # closed before accepting us (a refusal was counted already)
+            self._failed(f"the broker closed the connection before accepting it ({reason}); check that "
+                         "broker.url's scheme (mqtt:// or mqtts://) matches the port, and the broker's log",
+                         logging.WARNING)
         text = str(reason)
         dropped = reason.value == PACKET_TOO_LARGE or (
             reason.is_failure and not flags.is_disconnect_packet_from_server)

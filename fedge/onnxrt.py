@@ -154,8 +154,9 @@ class OnnxPredictor:
 
 def check_input(name: str, arr: np.ndarray, dtype: np.dtype[Any], shape: tuple[Any, ...]) -> None:
     """Refuse an array that the model would misread: wrong rank, a fixed
-    dimension of the wrong size, or fractional values for an integer input
-    (which a cast would silently truncate)."""
+    dimension of the wrong size, fractional values for an integer input
+    (which a cast would silently truncate), or NaN and infinities (which a
+    model answers with something that looks like an answer: class 0)."""
     expected = _dims(shape)
     if arr.ndim != len(shape):
         raise OnnxModelError(f"input {name!r} has shape {_dims(arr.shape)}; the model expects rank {len(shape)} "
@@ -170,6 +171,12 @@ def check_input(name: str, arr: np.ndarray, dtype: np.dtype[Any], shape: tuple[A
         raise OnnxModelError(f"input {name!r} holds {arr.dtype} values but the model takes {dtype} (ids, classes or "
                              f"flags): store integers, e.g. x.astype(np.{dtype}), rather than letting a cast "
                              "truncate fractions")
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0]) if arr.ndim else 0
+            raise OnnxModelError(f"input {name!r} holds {int(bad.sum())} NaN or infinite value(s), the first in "
+                                 f"row {row}: a model's answer to them means nothing; fill or drop those rows")
 
 
 def run_failure(model: str, exc: BaseException, first_row: int = 0) -> str:

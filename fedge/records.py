@@ -48,7 +48,7 @@ class RoundRecord:
     model_digest: str
     accepted: tuple[str, ...] = ()
     # What the defences did (aggregator.robust):
-    failure: str | None = None  # why an ok-by-count round failed: nonfinite_model, aggregation_failed
+    failure: str | None = None  # why the round failed: too_few_updates, model_unavailable, nonfinite_model, ...
     norm_bound: float | None = None  # the L2 bound applied to updates, if any
     clipped: int = 0  # updates scaled down to the bound
     weight_capped: int = 0  # updates whose weight was capped

@@ -24,6 +24,7 @@ limits, restarts).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -62,6 +63,9 @@ class Link(Protocol):
     address: str  # host:port, for log lines
     bytes_out: int  # payload bytes published
     bytes_in: int  # payload bytes received
+    connected: threading.Event  # set while connected
+    down_since: float | None  # monotonic time since which it has been without a connection; None while connected
+    connect_failures: int  # connection attempts that failed
 
     @property
     def max_packet_bytes(self) -> int:
@@ -237,9 +241,12 @@ class MemoryLink:
         self.max_packet_bytes = broker.max_packet_bytes
         self.chunk_bytes = chunks.chunk_data_size(broker.max_packet_bytes)
         self.connected = threading.Event()
+        self.down_since: float | None = None
+        self.connect_failures = 0  # a memory broker never refuses
 
     def start(self) -> None:
         self.connected.set()
+        self.down_since = None
         self.broker.connect(self)
 
     def wait_connected(self, timeout: float) -> bool:
@@ -289,4 +296,5 @@ class MemoryLink:
     def dropped(self, reason: str) -> None:
         if self.connected.is_set():
             self.connected.clear()
+            self.down_since = time.monotonic()
             self.sink(LinkDown(self.name, reason))

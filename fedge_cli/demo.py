@@ -124,8 +124,9 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     state_dir = Path(opts.state_dir or tempfile.mkdtemp(prefix="fedge-demo-"))
     if not own_state and (state_dir / "aggregator").exists():
         shutil.rmtree(state_dir / "aggregator")
-    table = RoundTable(out, privacy=opts.target_epsilon > 0)
+    table = RoundTable(out, privacy=opts.target_epsilon > 0, bytes_by="agents")
     records: list[RoundRecord] = []
+    agent_bytes: dict[int, tuple[int, int]] = {}  # round -> (sent, received) by all agents
     fleet_ref: list[Any] = []
 
     # On a terminal, the first round (the workers start PyTorch) shows what it waits for.
@@ -133,13 +134,15 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
 
     def on_record(record: RoundRecord) -> None:
         progress.close()
-        # Bytes as the devices saw them: MQTT payload bytes the agents sent and
-        # received for this round (announcement, model, update, receipt).
-        up, down = fleet_ref[0].traffic.get(record.round, [0, 0]) if fleet_ref else (0, 0)
-        record = record.replace(bytes_up=up, bytes_down=down)
+        # Bytes as the devices saw them: MQTT payload bytes all agents sent and
+        # received for this round (announcement, every copy of the model,
+        # update, receipt). The record keeps the aggregator's own count
+        # (bytes_up, bytes_down), as rounds.jsonl and `fedge report` have it.
+        sent, received = fleet_ref[0].traffic.get(record.round, [0, 0]) if fleet_ref else (0, 0)
+        agent_bytes[record.round] = (sent, received)
         records.append(record)
         try:
-            table.row(record)
+            table.row(record, (sent, received))
         except BrokenPipeError:  # `fedge demo | head`: the reader is gone, so stop
             aggregator.stop()
 
@@ -173,7 +176,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     if opts.target_epsilon > 0:
         from aggregator.privacy import DpPolicy, rounds_within
 
-        dp = DpPolicy.from_config(cfg.privacy)
+        dp = DpPolicy.from_config(cfg.privacy, cfg.selection.min_clients)
         assert dp is not None
         allowed = rounds_within(dp.spec, opts.target_epsilon)
         out.write(f"differential privacy: clip {dp.clip}, noise multiplier {dp.spec.noise_multiplier}, sampling "
@@ -220,11 +223,15 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         if own_state:
             shutil.rmtree(state_dir, ignore_errors=True)
     wall = time.perf_counter() - started
-    summary = summarize(records, wall, finished)
+    summary = summarize(records, wall, finished, agent_bytes)
+    final = summary["final_accuracy"]
+    failed = f" ({summary['failed_rounds']} failed)" if summary["failed_rounds"] else ""
     out.write(
-        f"done: {len(records)} rounds in {wall:.1f} s; final accuracy {summary['final_accuracy']:.4f}; "
-        f"median round {summary['median_round_seconds']:.3f} s; uplink {summary['bytes_up'] / 1e6:.2f} MB, "
-        f"downlink {summary['bytes_down'] / 1e6:.2f} MB\n"
+        f"done: {len(records)} rounds{failed} in {wall:.1f} s; final accuracy "
+        f"{'- (no round was evaluated)' if final is None else f'{final:.4f}'}; "
+        f"median round {summary['median_round_seconds']:.3f} s; the agents sent "
+        f"{summary['agents_bytes_sent'] / 2**20:.2f} MiB and received {summary['agents_bytes_received'] / 2**20:.2f} "
+        "MiB\n"
     )
     if opts.json_path:
         Path(opts.json_path).write_text(json.dumps(summary, indent=2) + "\n")
@@ -242,20 +249,42 @@ def _first_round(aggregator: Any, agents: int) -> str:
     return f"{len(op.accepted)}/{len(op.selected)} updates in (the training workers start PyTorch)"
 
 
-def summarize(records: list[RoundRecord], wall: float, finished: bool) -> dict[str, Any]:
+def summarize(records: list[RoundRecord], wall: float, finished: bool,
+              agent_bytes: dict[int, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """The demo's results. ``bytes_up``/``bytes_down`` are the aggregator's
+    count, as in its round records (``rounds.jsonl``, ``fedge report``):
+    the update messages it received; each model message it published once
+    plus the announcement once per online device. ``agents_bytes_sent`` and
+    ``agents_bytes_received`` are what all agents sent and received as MQTT
+    payloads, every copy of the model included."""
+    agent_bytes = agent_bytes or {}
     keys = ("round", "accuracy", "loss", "clients", "bytes_up", "bytes_down", "seconds")
     private = ("epsilon", "delta", "noise_multiplier", "sampling_rate")
     rounds = [{k: r.get(k) for k in keys} | {"status": r.status}
+              | dict(zip(("agents_bytes_sent", "agents_bytes_received"), agent_bytes.get(r.round, (0, 0)), strict=True))
               | {k: r.extra[k] for k in (*private, "secagg") if k in r.extra} for r in records]
     secs = sorted(r.seconds for r in records) or [0.0]
     accs = [r.accuracy for r in records if r.accuracy is not None]
     return {
         "rounds": rounds,
-        "final_accuracy": accs[-1] if accs else 0.0,
-        "best_accuracy": max(accs) if accs else 0.0,
+        "failed_rounds": sum(1 for r in records if r.status != "ok"),
+        "final_accuracy": accs[-1] if accs else None,
+        "best_accuracy": max(accs) if accs else None,
         "median_round_seconds": secs[len(secs) // 2],
         "bytes_up": sum(r.bytes_up for r in records),
         "bytes_down": sum(r.bytes_down for r in records),
+        "agents_bytes_sent": sum(r["agents_bytes_sent"] for r in rounds),
+        "agents_bytes_received": sum(r["agents_bytes_received"] for r in rounds),
         "wall_seconds": round(wall, 3),
         "finished": finished,
     }
+
+
+def check_split(opts: DemoOptions) -> None:
+    """Every agent's share of the data can be made with these options (a
+    tiny ``alpha`` may leave an agent without examples): else the data
+    set's one-line ``ValueError``, before anything starts."""
+    from fedge.imports import load_callable
+
+    load = load_callable(DATASETS[opts.data][0], "data")
+    load(client=0, clients=opts.agents, partition="dirichlet", alpha=opts.alpha, seed=opts.seed)

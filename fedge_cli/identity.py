@@ -65,12 +65,15 @@ def _rotate(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
-def _registry(config_path: str, overrides: list[str]) -> Any:
+def _registry(config_path: str, overrides: list[str], writes: bool = False) -> Any:
     from aggregator.config import AggregatorConfig
     from aggregator.registry import Registry
     from fedge import config
+    from fedge.files import writable_dir
 
     cfg = config.load(config_path, AggregatorConfig, overrides)
+    if writes:  # one line naming job.state_dir, not a traceback from the lock file
+        writable_dir(cfg.job.state_dir, "job.state_dir")
     return Registry(Path(cfg.job.state_dir))
 
 
@@ -80,7 +83,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
     try:
         key = read_public_key(args.key)
-        dev = _registry(args.config, args.set).enroll(args.device, key, replace=args.replace)
+        registry = _registry(args.config, args.set, writes=True)
+        if registry.key_of(args.device) == key:  # enrolled, active, with this very key: nothing to do
+            print(f"{args.device} is already enrolled with this key ({key.fingerprint}); nothing changed")
+            return 0
+        dev = registry.enroll(args.device, key, replace=args.replace)
     except (IdentityError, RegistryError) as exc:
         _fail(exc)
     print(f"enrolled {dev.id} with key {dev.key.fingerprint}")
@@ -91,7 +98,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     from aggregator.registry import RegistryError
 
     try:
-        dev = _registry(args.config, args.set).revoke(args.device)
+        dev = _registry(args.config, args.set, writes=True).revoke(args.device)
     except RegistryError as exc:
         _fail(exc)
     print(f"revoked {dev.id} (key {dev.key.fingerprint}); the aggregator refuses it from its next message")
@@ -152,7 +159,8 @@ def add_commands(sub: Any) -> None:
     rot = kk.add_parser("rotate", help="make the aggregator's next key (taken at its next start, signed over by "
                                        "the current one)")
     rot.add_argument("--config", required=True, help="the job's TOML config")
-    rot.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    rot.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a key of the job's config (not for secrets)")
     k.set_defaults(func=cmd_keys, default_level="WARNING")
 
     for name, func, helptext in (
@@ -162,12 +170,15 @@ def add_commands(sub: Any) -> None:
     ):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--config", required=True, help="the job's TOML config (its state directory holds them)")
-        s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+        s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a key of the job's config (not for secrets)")
         if name in ("enroll", "revoke"):
             s.add_argument("device", help="device id (its agent.id)")
         if name == "enroll":
             s.add_argument("key", help="its public key (ed25519:...) or a file holding it (NAME.pub)")
-            s.add_argument("--replace", action="store_true", help="give an enrolled device a new key")
+            s.add_argument("--replace", action="store_true",
+                           help="give an enrolled (or revoked) device another key; enrolling it again with the "
+                                "key it has needs no flag and changes nothing")
         if name == "devices":
-            s.add_argument("--json", action="store_true")
+            s.add_argument("--json", action="store_true", help="print the devices as JSON")
         s.set_defaults(func=func, default_level="WARNING")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -71,11 +72,25 @@ def _check_fleet_size(agents: int, embedded_broker: bool = False) -> None:
                          "run several processes with fewer agents each")
 
 
+def _check_flag(flag: str, value: float, ok: bool, allowed: str) -> None:
+    """One line naming the flag, its value and what it may be, when not ``ok``."""
+    if not ok or not math.isfinite(value):
+        raise UsageError(f"{flag} {value:g} is out of range: use {allowed}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fedge_cli.demo import DemoOptions, run_demo
+    from fedge_cli.demo import DemoOptions, check_split, run_demo
 
     if args.agents < 2:
         raise UsageError("--agents must be at least 2")
+    _check_flag("--rounds", args.rounds, args.rounds >= 1, "at least 1")
+    _check_flag("--alpha", args.alpha, args.alpha > 0, "a number > 0 (the Dirichlet label skew: 0.1 is "
+                "strongly skewed, 100 nearly IID)")
+    _check_flag("--seed", args.seed, args.seed >= 0, "an integer >= 0")
+    _check_flag("--workers", args.workers, args.workers >= 1, "at least 1")
+    if args.target_epsilon is not None:
+        _check_flag("--target-epsilon", args.target_epsilon, args.target_epsilon > 0,
+                    "a number > 0 (the privacy budget), or leave the flag out for a demo without privacy")
     if args.secure_aggregation and args.agents < 3:
         raise UsageError("--secure-aggregation needs --agents 3 or more (with two, each could subtract its own "
                          "update from the sum)")
@@ -85,11 +100,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     opts = DemoOptions(
         agents=args.agents, rounds=args.rounds, data=args.data, broker=args.broker, protocol=args.protocol,
         codec=_codec_arg(args.codec), seed=args.seed, alpha=args.alpha, workers=args.workers, json_path=args.json,
-        state_dir=args.state_dir, signing=args.signing, target_epsilon=args.target_epsilon,
+        state_dir=args.state_dir, signing=args.signing, target_epsilon=args.target_epsilon or 0.0,
         secure_aggregation=args.secure_aggregation, dropout=args.dropout,
     )
+    try:
+        check_split(opts)
+    except ValueError as exc:
+        raise UsageError(f"--alpha {args.alpha:g} with --agents {args.agents}: {exc}; raise --alpha or use fewer "
+                         "agents") from None
     summary = run_demo(opts)
-    return 0 if summary["finished"] else 1
+    # A demo whose every round failed did not show federated learning: not a success.
+    all_failed = bool(summary["rounds"]) and summary["failed_rounds"] == len(summary["rounds"])
+    return 0 if summary["finished"] and not all_failed else 1
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
@@ -109,12 +131,16 @@ def _devices(cfg: Any, count: int | None) -> list[Any]:
     from pathlib import Path
 
     from edge_agent.runtime import DeviceSpec
+    from fedge.files import writable_dir
 
+    # Before a device key is made in it: one line, not a traceback (each
+    # device's StateDir checks its own directory again).
+    writable_dir(cfg.agent.state_dir, "agent.state_dir")
     base = cfg.client_id()
     common = dict(job=cfg.agent.job, data=cfg.data.factory, accepted_model=cfg.agent.model,
                   max_model_bytes=cfg.agent.max_model_bytes, resend_after_s=cfg.agent.resend_after_s,
                   role=cfg.agent.role, artifact=cfg.inference.artifact, threads=cfg.inference.threads,
-                  downlink=cfg.agent.downlink)
+                  downlink=cfg.agent.downlink, model_wait_s=cfg.agent.model_wait_s)
     if count is None:
         state_dir = Path(cfg.agent.state_dir)
         return [DeviceSpec(client_id=base, data_args=dict(cfg.data.args), state_dir=state_dir,
@@ -189,6 +215,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
     if args.agents < 1:
         raise UsageError("--agents must be at least 1")
+    _check_flag("--workers", args.workers, args.workers >= 1, "at least 1")
     _check_fleet_size(args.agents)
     cfg = config.load(args.config, AgentConfig, args.set)  # checked as it loads
     cfg.broker.password()  # an unreadable password file is named now, not after start-up
@@ -208,41 +235,58 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def round_events(cfg: Any, who: str, key: Any = None) -> Iterator[Any]:
+def round_events(cfg: Any, who: str, key: Any = None, done_grace_s: float = 3.0) -> Iterator[Any]:
     """The job's round records as the aggregator publishes them on its events
-    topic, until a signal. Each is parsed into a ``RoundRecord``; with the
-    aggregator's public ``key``, one it did not sign is left out (logged)."""
+    topic, until the job is done or a signal. Each is parsed into a
+    ``RoundRecord``; with the aggregator's public ``key``, one it did not
+    sign is left out (logged). The job is done when its announcement says
+    so: the generator ends once the last round's record is in, or
+    ``done_grace_s`` later (a job that ended before we subscribed publishes
+    no more records)."""
     import queue as _queue
+    import time as _time
 
     from fedge import messages, wire
     from fedge.identity import IdentityError, check_signed
+    from fedge.messages import RoundAnnouncement
     from fedge.mqtt import Inbound, MqttLink
     from fedge.records import RoundRecord
     from fedge.topics import JobTopics
 
     topics = JobTopics(cfg.job.name)
     events: _queue.Queue[object] = _queue.Queue()
-    link = MqttLink(cfg.broker, f"fedge-{who}-{os.getpid()}", events.put, subscriptions=[topics.events],
-                    persistent=False)
+    link = MqttLink(cfg.broker, f"fedge-{who}-{os.getpid()}", events.put,
+                    subscriptions=[topics.events, topics.round], persistent=False)
     stopped: list[bool] = []
     _on_signals(lambda: stopped.append(True))
+    last_round = 0  # of the newest record
+    done: tuple[int, float] | None = None  # (the job's last round, when we learnt it was done)
     link.start()
     try:
         while not stopped:
+            if done is not None and (last_round >= done[0] or _time.monotonic() - done[1] >= done_grace_s):
+                log.info("job %s is done after round %d", cfg.job.name, done[0])
+                return
             try:
                 item = events.get(timeout=0.5)
             except _queue.Empty:
                 continue
-            if not isinstance(item, Inbound):
+            if not isinstance(item, Inbound) or not item.payload:
                 continue
             try:
                 env = wire.decode(item.payload)
                 if key is not None:
-                    check_signed(env, key, "an event")
+                    check_signed(env, key, "an event" if item.topic == topics.events else "an announcement")
+                if item.topic == topics.round:
+                    ann = RoundAnnouncement.parse(env)
+                    if ann.state == "done" and done is None:
+                        done = (ann.round - 1, _time.monotonic())
+                    continue
                 record = RoundRecord.from_json(messages.parse_event(env))
             except (FedgeError, IdentityError) as exc:  # wire, protocol or record: whatever a broker hands us
-                log.warning("ignored an event: %s", exc)
+                log.warning("ignored %s: %s", "an event" if item.topic == topics.events else "an announcement", exc)
                 continue
+            last_round = max(last_round, record.round)
             yield record
     finally:
         link.stop()
@@ -284,12 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help='update codec: a name (int8) or JSON ({"name": "topk", "fraction": 0.05}); default: '
                         "the job default, int2 with zlib")
     d.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha (default 0.5)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0,
+                   help="seed of the job (initial model, selection) and of the agents' data split (default 0)")
     d.add_argument("--workers", type=int, default=2, help="training worker processes (default 2)")
     d.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     d.add_argument("--state-dir", default=None, help="keep state here instead of a temporary directory")
-    d.add_argument("--target-epsilon", type=float, default=0.0, metavar="E",
-                   help="run with client-level differential privacy until epsilon would exceed E")
+    d.add_argument("--target-epsilon", type=float, default=None, metavar="E",
+                   help="run with client-level differential privacy until epsilon would exceed E (> 0); "
+                        "default: no privacy")
     d.add_argument("--secure-aggregation", action="store_true",
                    help="mask every update (SecAgg+) so that the aggregator learns only each round's sum")
     d.add_argument("--dropout", type=float, default=0.0, metavar="P",
@@ -312,13 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fleet", help="simulate N agents in one process (testing, benchmarks)")
     f.add_argument("--config", default=None, help="agent TOML config (agent.id is the id prefix)")
-    f.add_argument("--agents", type=int, required=True)
-    f.add_argument("--workers", type=int, default=2, help="shared training worker processes")
-    f.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    f.add_argument("--agents", type=int, required=True,
+                   help="simulated agents, each with its own MQTT connection, id <agent.id>-000 on and state "
+                        "directory in agent.state_dir")
+    f.add_argument("--workers", type=int, default=2, help="shared training worker processes (default 2)")
+    f.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (not for secrets)")
     f.set_defaults(func=cmd_fleet, default_level="INFO")
 
     c = sub.add_parser("config", help="print a complete config file with every default, documented")
-    c.add_argument("role", choices=["aggregator", "agent"])
+    c.add_argument("role", choices=["aggregator", "agent"], help="whose config: aggregator or agent")
     c.set_defaults(func=cmd_config, default_level="WARNING")
 
     from fedge_cli import identity as identity_cli

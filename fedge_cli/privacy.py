@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -22,8 +23,15 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     from fedge import config
     from fedge_cli.main import UsageError
 
+    if args.accountant is not None and args.accountant not in ACCOUNTANTS:
+        raise UsageError(f"--accountant {args.accountant!r} is not known; use one of {', '.join(ACCOUNTANTS)}")
     if args.config:
-        cfg = config.load(args.config, AggregatorConfig, args.set)
+        # The flags given beside it change the job's keys as --set would (and are checked with them).
+        given = {"privacy.accountant": args.accountant, "privacy.target_epsilon": args.target_epsilon,
+                 "job.rounds": args.rounds, "privacy.sampling_rate": args.sampling_rate, "privacy.delta": args.delta}
+        flags = [f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"
+                 for key, value in given.items() if value is not None]
+        cfg = config.load(args.config, AggregatorConfig, [*args.set, *flags])
         if cfg.privacy.mode == "off":
             raise UsageError(f"{args.config} has [privacy] mode = \"off\": nothing to account; set mode to "
                              "central or distributed")
@@ -34,13 +42,16 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         if args.target_epsilon is None or args.rounds is None:
             raise UsageError("give --config job.toml, or --target-epsilon E and --rounds R (with --sampling-rate "
                              "and --delta) to get the noise multiplier")
-        if args.accountant not in ACCOUNTANTS:
-            raise UsageError(f"--accountant must be one of {', '.join(ACCOUNTANTS)}")
-        if args.rounds < 1 or not args.target_epsilon > 0:
+        accountant = args.accountant or "rdp"
+        q = 0.1 if args.sampling_rate is None else args.sampling_rate
+        delta = 1e-5 if args.delta is None else args.delta
+        if args.rounds < 1 or not (math.isfinite(args.target_epsilon) and args.target_epsilon > 0):
             raise UsageError("--rounds must be at least 1 and --target-epsilon positive")
+        if not 0 < q <= 1 or not 0 < delta < 1:
+            raise UsageError(f"--sampling-rate {q:g} must be in (0, 1] and --delta {delta:g} in (0, 1)")
         try:
-            z = noise_for_budget(args.target_epsilon, args.rounds, args.sampling_rate, args.delta, args.accountant)
-            spec = PrivacySpec(z, args.sampling_rate, args.delta, args.accountant)
+            z = noise_for_budget(args.target_epsilon, args.rounds, q, delta, accountant)
+            spec = PrivacySpec(z, q, delta, accountant)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         rounds, target = args.rounds, args.target_epsilon
@@ -68,12 +79,19 @@ def cmd_privacy(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     s = sub.add_parser("privacy", help="plan a private job: the noise for a budget, or what a job's [privacy] spends")
-    s.add_argument("--config", default=None, help="a job's TOML config: account its [privacy]")
-    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    s.add_argument("--target-epsilon", type=float, default=None, metavar="E")
-    s.add_argument("--rounds", type=int, default=None, metavar="R")
-    s.add_argument("--sampling-rate", type=float, default=0.1, metavar="Q", help="Poisson rate (default 0.1)")
-    s.add_argument("--delta", type=float, default=1e-5, help="default 1e-5")
-    s.add_argument("--accountant", default="rdp", help="rdp (default) or pld")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--config", default=None,
+                   help="a job's TOML config: account its [privacy] (the flags below, given, override its keys)")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="with --config: override a config key")
+    s.add_argument("--target-epsilon", type=float, default=None, metavar="E",
+                   help="the budget: the noise multiplier that keeps --rounds within it (with --config: "
+                        "privacy.target_epsilon)")
+    s.add_argument("--rounds", type=int, default=None, metavar="R", help="rounds to run (with --config: job.rounds)")
+    s.add_argument("--sampling-rate", type=float, default=None, metavar="Q",
+                   help="Poisson rate (default 0.1; with --config: privacy.sampling_rate)")
+    s.add_argument("--delta", type=float, default=None,
+                   help="the delta of (epsilon, delta) (default 1e-5; with --config: privacy.delta)")
+    s.add_argument("--accountant", default=None,
+                   help="rdp (default) or pld (tighter, slower); with --config: privacy.accountant")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(func=cmd_privacy, default_level="WARNING")

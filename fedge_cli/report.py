@@ -10,7 +10,11 @@ uses); a line or event that is not one is counted and skipped.
 The picture: accuracy and held-out loss per round (training loss beside
 it), participation (selected, responded, declined, late, rejected), uplink
 and downlink bytes per round and cumulative, round duration (failed rounds
-in red), and epsilon when the job is private. The HTML page embeds the
+in red), and epsilon when the job is private. Bytes are the aggregator's
+count, as its records carry them: up, the update messages it received;
+down, what it published (each model message once, the announcement once per
+online device), not every device's copy (``fedge demo`` measures those on
+its agents and names them so). The HTML page embeds the
 picture as a data URI, with a summary and a per-round table: one file that
 opens anywhere, with nothing fetched.
 """
@@ -33,6 +37,10 @@ from fedge.errors import FedgeError
 from fedge.records import RoundRecord
 
 log = logging.getLogger(__name__)
+# What the records' bytes_up and bytes_down count (the aggregator's side; see fedge_cli.table).
+UP_LABEL = "update messages the aggregator received"
+DOWN_LABEL = "published: each model message once, the announcement once per online device"
+DEMO_AGGREGATOR = "aggregator"  # where `fedge demo --state-dir D` keeps its aggregator's state: D/aggregator
 
 
 # --- reading -------------------------------------------------------------------
@@ -135,10 +143,10 @@ def render_png(records: list[RoundRecord], job: str) -> bytes:
 
     ax = axes[1][1]
     width = 0.4
-    ax.bar([x - width / 2 for x in rounds], [r.bytes_up / 1024 for r in records], width, label="uplink")
-    ax.bar([x + width / 2 for x in rounds], [r.bytes_down / 1024 for r in records], width, label="downlink")
+    ax.bar([x - width / 2 for x in rounds], [r.bytes_up / 1024 for r in records], width, label=UP_LABEL)
+    ax.bar([x + width / 2 for x in rounds], [r.bytes_down / 1024 for r in records], width, label=DOWN_LABEL)
     ax.set_ylabel("KiB")
-    ax.set_title("bytes per round")
+    ax.set_title("bytes per round, as the aggregator counts them")
     ax.legend(loc="upper right", fontsize=8)
 
     ax = axes[2][0]
@@ -149,10 +157,10 @@ def render_png(records: list[RoundRecord], job: str) -> bytes:
         down += r.bytes_down
         cum_up.append(up / 2**20)
         cum_down.append(down / 2**20)
-    ax.plot(rounds, cum_up, label="uplink")
-    ax.plot(rounds, cum_down, label="downlink")
+    ax.plot(rounds, cum_up, label=UP_LABEL)
+    ax.plot(rounds, cum_down, label=DOWN_LABEL)
     ax.set_ylabel("MiB")
-    ax.set_title("bytes, cumulative")
+    ax.set_title("bytes, cumulative, as the aggregator counts them")
     ax.legend(loc="upper left", fontsize=8)
 
     ax = axes[2][1]
@@ -199,15 +207,15 @@ def render_html(records: list[RoundRecord], summary: dict[str, Any], png: bytes)
         ("final accuracy", _fmt(None if s["final_accuracy"] is None else 100 * s["final_accuracy"], ".2f") + " %"),
         ("best accuracy", _fmt(None if s["best_accuracy"] is None else 100 * s["best_accuracy"], ".2f") + " %"),
         ("updates folded", str(s["updates_folded"])),
-        ("uplink", f"{s['bytes_up'] / 2**20:.2f} MiB"),
-        ("downlink", f"{s['bytes_down'] / 2**20:.2f} MiB"),
+        (f"uplink: {UP_LABEL}", f"{s['bytes_up'] / 2**20:.2f} MiB"),
+        (f"downlink: {DOWN_LABEL}", f"{s['bytes_down'] / 2**20:.2f} MiB"),
         ("median round", f"{s['median_round_seconds']:.3f} s"),
     ]
     if s["epsilon"] is not None:
         facts.append(("epsilon spent", f"{s['epsilon']:.3f}"))
     head = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts)
     cols = ("round", "status", "selected", "responded", "declined", "late", "rejected", "accuracy", "loss",
-            "up KiB", "down KiB", "seconds", "epsilon")
+            "up KiB (updates received)", "down KiB (published)", "seconds", "epsilon")
     rows = []
     for r in records:
         cells = (r.round, r.status + (f" ({r.failure})" if r.failure else ""), r.selected, r.clients, r.declined,
@@ -308,6 +316,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             state, job = Path(cfg.job.state_dir), args.job or cfg.job.name
         else:
             raise UsageError("give --state-dir DIR (the aggregator's job.state_dir) or --config job.toml")
+        if state.is_dir() and not (state / "rounds.jsonl").is_file() and (state / DEMO_AGGREGATOR).is_dir():
+            state = state / DEMO_AGGREGATOR  # a `fedge demo --state-dir` directory: its aggregator's state
         log_file = state / "rounds.jsonl" if state.is_dir() else state
         if not log_file.is_file():
             raise UsageError(f"{log_file} does not exist: point --state-dir at the aggregator's job.state_dir "
@@ -333,7 +343,7 @@ def _job_of(state: Path) -> str:
     root = state if state.is_dir() else state.parent
     if (root / CHECKPOINT).is_file():
         try:
-            loaded = StateDir(root).load_checkpoint()
+            loaded = StateDir(root, writable=False).load_checkpoint()
         except (OSError, ValueError, FedgeError):
             loaded = None
         if loaded is not None and isinstance(loaded[1].get("job"), str):
@@ -343,9 +353,11 @@ def _job_of(state: Path) -> str:
 
 def add_commands(sub: Any) -> None:
     s = sub.add_parser("report", help="draw a job's progress: a PNG and a self-contained HTML page")
-    s.add_argument("--state-dir", default=None, help="the aggregator's job.state_dir (or its rounds.jsonl)")
+    s.add_argument("--state-dir", default=None,
+                   help="the aggregator's job.state_dir (or its rounds.jsonl, or a `fedge demo --state-dir`)")
     s.add_argument("--config", default=None, help="the job's TOML config: its state_dir, or with --follow its broker")
-    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a key of the job's config (not for secrets)")
     s.add_argument("--follow", action="store_true",
                    help="read the events topic and rewrite the report after each round, until the job's last")
     s.add_argument("--aggregator-key", default=None, metavar="KEY",

@@ -56,8 +56,10 @@ def collect(cfg: Any, key: Any, wait_s: float, quiet_s: float = 0.7) -> dict[str
 
     topics = JobTopics(cfg.job.name)
     inbox: queue.Queue[object] = queue.Queue()
+    # It gives up with one line of its own, naming why (the link's last_error), rather than log retries.
     link = MqttLink(cfg.broker, f"fedge-status-{id(inbox):x}", inbox.put,
-                    subscriptions=[topics.status_filter, topics.device_filter, topics.server], persistent=False)
+                    subscriptions=[topics.status_filter, topics.device_filter, topics.server], persistent=False,
+                    report_outages=False)
     presence: dict[str, Any] = {}
     records: dict[str, Any] = {}
     aggregator = "unknown"
@@ -66,7 +68,8 @@ def collect(cfg: Any, key: Any, wait_s: float, quiet_s: float = 0.7) -> dict[str
     link.start()
     try:
         if not link.wait_connected(min(wait_s, cfg.broker.keepalive_s)):
-            raise ConnectionError(f"cannot reach the broker at {cfg.broker.url}")
+            why = link.last_error or "no answer yet; check broker.url and the broker's credentials"
+            raise ConnectionError(f"cannot reach the broker at {cfg.broker.url}: {why}")
         last = time.monotonic()
         while time.monotonic() - started < wait_s and time.monotonic() - last < quiet_s:
             try:
@@ -183,7 +186,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         view = collect(cfg, key, args.wait)
     except ConnectionError as exc:
-        raise UsageError(f"{exc}; check [broker] url and credentials in {args.config or 'the config'}") from None
+        raise UsageError(f"{exc} ([broker] in {args.config or 'the defaults'})") from None
     if args.json:
         print(json.dumps(view, indent=2))
     else:
@@ -194,7 +197,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     s = sub.add_parser("status", help="the fleet of a job: each device's state, hardware, software and rounds")
     s.add_argument("--config", default=None, help="the job's TOML config (its [job] name and [broker])")
-    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a key of the job's config (not for secrets)")
     s.add_argument("--aggregator-key", default=None, metavar="KEY",
                    help="the aggregator's public key (ed25519:... or a file) to verify its device records; "
                         "default: the job's key file, when readable here")

@@ -6,27 +6,46 @@ from typing import TextIO
 
 from fedge.records import RoundRecord
 
+# What the two byte columns count, by who counted them. The aggregator's round
+# record counts what it handled: the update messages it received (up); each
+# model message it published once, plus the announcement once per online
+# device (down). The demo also measures what all its agents sent and received
+# as MQTT payloads: every device's copy of the model counts there.
+BYTES = {
+    "aggregator": (("up KiB", "down KiB"),
+                   "bytes: up = update messages the aggregator received; down = what it published (each model "
+                   "message once, the announcement once per online device)"),
+    "agents": (("sent KiB", "recv KiB"),
+               "bytes: sent / recv = MQTT payloads all agents sent / received (every agent's copy of the model "
+               "counts)"),
+}
+
 
 class RoundTable:
-    """The live per-round table."""
+    """The live per-round table; ``bytes_by`` says whose byte counts the rows
+    carry ("aggregator": the records' own; "agents": measured on the
+    devices, passed to ``row``), and the header says what they count."""
 
-    COLUMNS = ("round", "clients", "accuracy", "loss", "up KB", "down KB", "seconds")
-
-    def __init__(self, out: TextIO, privacy: bool = False) -> None:
+    def __init__(self, out: TextIO, privacy: bool = False, bytes_by: str = "aggregator") -> None:
         self.out = out
         self.privacy = privacy  # an epsilon column: the job is differentially private
+        self.bytes_by = bytes_by
+        self.columns = ("round", "clients", "accuracy", "loss", *BYTES[bytes_by][0], "seconds")
 
     def header(self) -> None:
-        line = "{:>5} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8}".format(*self.COLUMNS)
-        self.out.write(line + (f" {'epsilon':>8}" if self.privacy else "") + "\n")
+        """What the byte columns count, then the column names."""
+        line = "{:>5} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8}".format(*self.columns)
+        self.out.write(BYTES[self.bytes_by][1] + "\n" + line + (f" {'epsilon':>8}" if self.privacy else "") + "\n")
         self.out.flush()
 
-    def row(self, r: RoundRecord) -> None:
+    def row(self, r: RoundRecord, measured: tuple[int, int] | None = None) -> None:
+        """One round; ``measured``: (sent, received) bytes, for ``bytes_by="agents"``."""
         acc = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
         loss = "-" if r.loss is None else f"{r.loss:.4f}"
+        up, down = measured if measured is not None else (r.bytes_up, r.bytes_down)
         self.out.write(
             f"{r.round:>5} {f'{r.clients}/{r.selected}':>8} {acc:>9} {loss:>8} "
-            f"{r.bytes_up / 1024:>9.1f} {r.bytes_down / 1024:>9.1f} {r.seconds:>8.3f}"
+            f"{up / 1024:>9.1f} {down / 1024:>9.1f} {r.seconds:>8.3f}"
             + (f" {_epsilon(r):>8}" if self.privacy else "") + "\n"
         )
         self.out.flush()

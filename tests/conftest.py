@@ -25,8 +25,10 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    def __init__(self, workdir: Path, extra: str = "", port: int | None = None, tls: bool = False) -> None:
+    def __init__(self, workdir: Path, extra: str = "", port: int | None = None, tls: bool = False,
+                 persistence: bool = True) -> None:
         self.workdir = workdir
+        self.persistence = persistence
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.extra = extra
@@ -45,7 +47,7 @@ class Mosquitto:
             # Started as root, mosquitto would drop to its own user, which
             # cannot read the test's private temporary directory.
             + ("user root\n" if os.geteuid() == 0 else "")
-            + f"persistence true\npersistence_location {self.workdir}/\n"
+            + f"persistence {'true' if self.persistence else 'false'}\npersistence_location {self.workdir}/\n"
             f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n"
             "max_queued_messages 20000\n"
             + (self.extra if "allow_anonymous" in self.extra else "allow_anonymous true\n" + self.extra)
@@ -88,8 +90,8 @@ def mosquitto_factory(tmp_path):
         pytest.fail("mosquitto is not installed: apt-get install mosquitto mosquitto-clients")
     brokers: list[Mosquitto] = []
 
-    def make(extra: str = "", tls: bool = False, name: str = "broker") -> Mosquitto:
-        b = Mosquitto(tmp_path / name, extra=extra, tls=tls)
+    def make(extra: str = "", tls: bool = False, name: str = "broker", persistence: bool = True) -> Mosquitto:
+        b = Mosquitto(tmp_path / name, extra=extra, tls=tls, persistence=persistence)
         brokers.append(b)
         return b.start()
 

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from fedge.identity import Identity
 from tests.conftest import fedge_cmd
 
 if sys.version_info >= (3, 11):
@@ -14,6 +15,7 @@ else:
     import tomli as tomllib
 
 pytestmark = pytest.mark.e2e
+KEY = Identity.generate().public.to_text()  # an aggregator key for agents to pin (nothing connects)
 
 
 def run(cli_env, *args, timeout=300):
@@ -74,7 +76,8 @@ def test_a_private_demo_stops_at_its_budget_and_reports_epsilon(tmp_path, cli_en
     assert proc.returncode == 0, proc.stderr
     spec = PrivacySpec(DEMO_PRIVACY["noise_multiplier"], DEMO_PRIVACY["sampling_rate"], DEMO_PRIVACY["delta"])
     allowed = rounds_within(spec, 3.0)
-    assert f"allows {allowed} round" in proc.stdout and "epsilon" in proc.stdout.splitlines()[2]
+    header = next(line for line in proc.stdout.splitlines() if line.lstrip().startswith("round  clients"))
+    assert f"allows {allowed} round" in proc.stdout and header.endswith("epsilon")
     assert "privacy budget" in proc.stderr and "Traceback" not in proc.stderr
     rounds = json.loads(out.read_text())["rounds"]
     assert len(rounds) == allowed  # the budget, not --rounds, ended it
@@ -89,18 +92,27 @@ def test_report_draws_a_real_private_job_as_png_and_self_contained_html(tmp_path
     from matplotlib import image
 
     state = tmp_path / "state"
-    proc = run(cli_env, "demo", "--agents", "4", "--rounds", "3", "--target-epsilon", "8", "--state-dir", str(state))
-    assert proc.returncode == 0, proc.stderr
+    shown = run(cli_env, "demo", "--agents", "4", "--rounds", "3", "--target-epsilon", "8", "--state-dir", str(state),
+                "--json", str(tmp_path / "demo.json"))
+    assert shown.returncode == 0, shown.stderr
     records = [json.loads(line) for line in (state / "aggregator" / "rounds.jsonl").read_text().splitlines()]
     assert len(records) == 3
-    proc = run(cli_env, "report", "--state-dir", str(state / "aggregator"), "--out", str(tmp_path / "r" / "job"),
-               "--json")
+    # The demo's own --state-dir is enough: the report finds its aggregator's state in it.
+    proc = run(cli_env, "report", "--state-dir", str(state), "--out", str(tmp_path / "r" / "job"), "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["job"] == "demo-digits" and summary["rounds"] == 3
     assert summary["final_accuracy"] == records[-1]["accuracy"]
     assert summary["epsilon"] == records[-1]["epsilon"]
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in records)
+    # Same name, same count: the demo's bytes_up/bytes_down are the aggregator's, as the report's are; what
+    # the agents measured has names of its own, and the table says which it shows.
+    demo = json.loads((tmp_path / "demo.json").read_text())
+    assert (demo["bytes_up"], demo["bytes_down"]) == (summary["bytes_up"], summary["bytes_down"])
+    assert [r["bytes_down"] for r in demo["rounds"]] == [r["bytes_down"] for r in records]
+    assert demo["agents_bytes_received"] == sum(r["agents_bytes_received"] for r in demo["rounds"]) > 0
+    assert "sent KiB  recv KiB" in shown.stdout and "MQTT payloads all agents sent / received" in shown.stdout
+    assert f"received {demo['agents_bytes_received'] / 2**20:.2f} MiB" in shown.stdout
     png = (tmp_path / "r" / "job.png").read_bytes()
     height, width, _ = image.imread(tmp_path / "r" / "job.png").shape
     assert width > 1000 and height > 1000  # four rows of panels: privacy is drawn
@@ -145,11 +157,18 @@ def test_privacy_plans_the_noise_for_a_budget_and_accounts_a_jobs_config(tmp_pat
     assert plan["rounds_within_target"] == 200
     job = tmp_path / "job.toml"
     job.write_text('[job]\nrounds = 40\n[privacy]\nmode = "central"\nnoise_multiplier = 1.0\n'
-                   'sampling_rate = 0.1\ntarget_epsilon = 2.0\n')
+                   'sampling_rate = 0.1\ntarget_epsilon = 2.0\nmin_devices = 10\n')
     proc = run(cli_env, "privacy", "--config", str(job))
     assert proc.returncode == 0, proc.stderr
     assert f"after     40 rounds: epsilon {epsilon(PrivacySpec(1.0, 0.1, 1e-5), 40):.3f}" in proc.stdout
     assert "allows" in proc.stdout
+    # The flags beside --config are honoured, as the job's keys they name.
+    proc = run(cli_env, "privacy", "--config", str(job), "--accountant", "pld", "--rounds", "20", "--json")
+    assert proc.returncode == 0, proc.stderr
+    pld = json.loads(proc.stdout)
+    assert pld["accountant"] == "pld" and pld["rounds"] == 20
+    assert pld["epsilon"]["20"] == round(epsilon(PrivacySpec(1.0, 0.1, 1e-5, "pld"), 20), 4)
+    _one_line_error(run(cli_env, "privacy", "--config", str(job), "--accountant", "exact"), "--accountant 'exact'")
     for bad in (["privacy", "--rounds", "5"], ["privacy", "--target-epsilon", "1", "--rounds", "5",
                                               "--sampling-rate", "2"],
                 ["privacy", "--config", str(tmp_path / "missing.toml")]):
@@ -218,6 +237,57 @@ def test_user_mistakes_get_one_clear_line_and_exit_2(tmp_path, cli_env):
     _one_line_error(run(cli_env, "demo", "--agents", "2", "--secure-aggregation"), "--agents 3 or more")
     _one_line_error(run(cli_env, "fleet", "--agents", "400", "--config", str(tmp_path / "none.toml")),
                     "--agents 400", "several processes")
+    deadline = tmp_path / "deadline.toml"
+    deadline.write_text("[selection]\ndeadline_s = -5\n")
+    _one_line_error(run(cli_env, "aggregator", "--config", str(deadline)),
+                    "selection.deadline_s = -5 is out of range: use a number > 0")
+    no_data = tmp_path / "data.toml"
+    no_data.write_text(f"[data]\nfactory = 'mydata:load'\n[identity]\naggregator_key = '{KEY}'\n")
+    _one_line_error(run(cli_env, "agent", "--config", str(no_data)), "data.factory 'mydata:load'",
+                    "module 'mydata' not found")
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--alpha", "-1"], "--alpha -1 is out of range: use a number > 0"),
+    (["--alpha", "0.001"], "could not give every one of 10 clients"),
+    (["--target-epsilon", "0"], "--target-epsilon 0 is out of range: use a number > 0 (the privacy budget)"),
+    (["--rounds", "0"], "--rounds 0 is out of range: use at least 1"),
+    (["--workers", "0"], "--workers 0 is out of range"),
+])
+def test_the_demos_flags_are_checked_before_it_starts(cli_env, argv, words):
+    _one_line_error(run(cli_env, "demo", *argv, timeout=120), words)
+
+
+def test_a_state_directory_that_cannot_be_written_stops_each_role_in_one_line(tmp_path, cli_env):
+    # Under a regular file: unwritable even for root, whom chmod does not stop.
+    (tmp_path / "file").write_text("")
+    state = tmp_path / "file" / "state"
+    job = tmp_path / "job.toml"
+    job.write_text(f"[job]\nstate_dir = '{state}'\n")
+    agent = tmp_path / "agent.toml"
+    agent.write_text(f"[agent]\nstate_dir = '{state}'\n[identity]\naggregator_key = '{KEY}'\n")
+    for argv, key in ((["aggregator", "--config", str(job)], "job.state_dir"),
+                      (["agent", "--config", str(agent)], "agent.state_dir"),
+                      (["fleet", "--agents", "2", "--config", str(agent)], "agent.state_dir")):
+        _one_line_error(run(cli_env, *argv, timeout=120), f"{key} '{state}' cannot be written",
+                        f"{tmp_path / 'file'} is a file, not a directory", f"set {key} to a directory")
+    assert (tmp_path / "file").read_text() == ""
+
+
+def test_every_flag_says_what_it_is_for():
+    import argparse
+
+    from fedge_cli.main import build_parser
+
+    def undocumented(parser, where):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from undocumented(sub, f"{where} {name}")
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                yield f"{where} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(undocumented(build_parser(), "fedge")) == []
 
 
 def test_version(cli_env):
@@ -234,7 +304,13 @@ def test_keys_enroll_revoke_and_devices_from_the_command_line(tmp_path, cli_env)
     shown = run(cli_env, "keys", "show", "--key", str(tmp_path / "dev.key"))
     assert shown.stdout == made.stdout
     assert run(cli_env, "enroll", "--config", str(job), "dev-1", str(tmp_path / "dev.pub")).returncode == 0
-    again = run(cli_env, "enroll", "--config", str(job), "dev-1", made.stdout.strip())
+    registry = (tmp_path / "state" / "devices.json").read_bytes()
+    same = run(cli_env, "enroll", "--config", str(job), "dev-1", made.stdout.strip())  # the key it has: nothing to do
+    assert same.returncode == 0 and same.stderr == "", same.stderr
+    assert same.stdout.count("\n") == 1 and "dev-1 is already enrolled with this key" in same.stdout
+    assert (tmp_path / "state" / "devices.json").read_bytes() == registry
+    other = run(cli_env, "keys", "new", "--out", str(tmp_path / "other.key")).stdout.strip()
+    again = run(cli_env, "enroll", "--config", str(job), "dev-1", other)  # another key: a deliberate act
     assert again.returncode == 2 and "--replace" in again.stderr and len(again.stderr.splitlines()) == 1
     assert run(cli_env, "revoke", "--config", str(job), "dev-1").returncode == 0
     listed = json.loads(run(cli_env, "devices", "--config", str(job), "--json").stdout)

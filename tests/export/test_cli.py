@@ -224,6 +224,10 @@ def test_npy_files_feed_a_one_input_model(run_cli, digits_model, tmp_path):
 @pytest.mark.parametrize("arrays, argv, names", [
     ({"x": np.zeros((4, 65), np.float32)}, ["predict"], ["dimension 1 is 65", "expects 64", "batchx64"]),
     ({"x": np.zeros((4, 8, 8), np.float32)}, ["predict"], ["rank 2", "batchx64"]),
+    ({"x": np.where(np.arange(4 * 64).reshape(4, 64) == 130, np.nan, 0).astype(np.float32)}, ["predict"],
+     ["input 'x' holds 1 NaN or infinite value(s), the first in row 2", "fill or drop those rows"]),
+    ({"x": np.full((4, 64), np.inf, np.float32), "labels": np.zeros(4)}, ["quantize", "--mode", "dynamic", "--eval"],
+     ["evaluation data", "NaN or infinite"]),
     ({"x": np.zeros((4, 65), np.float32), "labels": np.zeros(4)}, ["quantize", "--mode", "dynamic", "--eval"],
      ["evaluation data", "dimension 1 is 65"]),
     ({"x": np.zeros((4, 65), np.float32)}, ["quantize", "--calibration"], ["calibration data", "dimension 1 is 65"]),

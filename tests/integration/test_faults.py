@@ -88,7 +88,7 @@ def test_aggregator_sigkilled_at_random_moments_loses_no_round_and_counts_no_upd
     conf = tmp_path / "job.toml"
     state = tmp_path / "aggregator"
     conf.write_text(
-        f'[job]\nname = "crashy"\nrounds = {rounds}\nstate_dir = "{state}"\n'
+        f'[job]\nname = "crashy"\nrounds = {rounds}\nstate_dir = "{state}"\nlinger_s = 1\n'
         f'[selection]\nmin_clients = 4\ndeadline_s = 20\n'
         f'[training]\nepochs = 1\nbatch_size = 16\nlr = 0.1\n'
         f'[evaluate]\ndata = "fedge.datasets:digits"\nargs = {{ split = "test" }}\n'

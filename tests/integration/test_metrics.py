@@ -4,6 +4,7 @@ HTTP the way Prometheus does, and checked against the job's own records."""
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -58,6 +59,10 @@ def test_a_scrape_agrees_with_the_jobs_records(mosquitto, tmp_path):
     try:
         with running_fleet(devices(tmp_path, "itest", 3), cfg.broker):
             assert service.done.wait(90), f"job did not finish: {records}"
+            # The end is a state: the service stays up, and a scrape after it sees it (issue 26, item 4).
+            wait_for(lambda: value(scrape(ports[-1]), "fedge_job_done") == 1, 10, "fedge_job_done 1")
+            time.sleep(1.5)
+            assert thread.is_alive() and value(scrape(ports[-1]), "fedge_job_done") == 1
     finally:
         service.stop()
         thread.join(15)
@@ -71,6 +76,8 @@ def test_a_scrape_agrees_with_the_jobs_records(mosquitto, tmp_path):
     assert value(last, "fedge_updates_total", status="accepted") == sum(r.clients for r in records) == 9
     assert value(last, "fedge_updates_total", status="rejected") == 0
     assert value(last, "fedge_clients_online") == 3
+    assert value(last, "fedge_broker_connected") == 1
+    assert value(last, "fedge_broker_connect_failures_total") == 0
     assert value(last, "fedge_clients_known") == 3
     # Uplink: every update's bytes arrived on the update channel (plus chunk headers).
     up = value(last, "fedge_transport_bytes_total", direction="in", channel="update")
@@ -114,6 +121,8 @@ def test_an_agents_scrape_counts_its_rounds_receipts_and_training(mosquitto, tmp
         metrics = scrape(port)
     assert value(metrics, "fedge_agent_devices") == 3
     assert value(metrics, "fedge_agent_connected") == 3
+    assert value(metrics, "fedge_broker_connected") == 1
+    assert value(metrics, "fedge_broker_connect_failures_total") == 0
     assert value(metrics, "fedge_agent_info", device="dev-1", job_name="itest", role="trainer",
                  version="0.1.0") == 1
     assert value(metrics, "fedge_agent_rounds_trained_total") == 6

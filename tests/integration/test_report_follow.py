@@ -49,3 +49,28 @@ def test_follow_draws_the_rounds_as_they_close_and_stops_at_the_last(mosquitto, 
     assert [line.split(":")[0] for line in err.splitlines() if line.startswith("round ")] == \
         ["round 1", "round 2", "round 3"]  # rewritten after each
     assert (tmp_path / "live.png").stat().st_size > 10_000 and "data:image/png" in (tmp_path / "live.html").read_text()
+
+
+def test_watch_prints_the_rounds_and_exits_at_the_jobs_end(mosquitto, tmp_path, cli_env):
+    """fedge watch used to run forever after the last round (issue 26, item 4):
+    the job's end is its announcement's state, and watch ends with it, after
+    the last round's row; started after the end, it says so and exits."""
+    cfg = job_config(tmp_path, mosquitto.url, rounds=2, agents=2)
+    conf = tmp_path / "job.toml"
+    conf.write_text(render_defaults(AggregatorConfig, cfg))
+    fleet = devices(tmp_path, "itest", 2)
+    watch = subprocess.Popen(fedge_cmd("watch", "--config", str(conf)), env=cli_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)  # subscribed before the first round closes (events are not retained)
+        with running_aggregator(cfg) as (service, records), running_fleet(fleet, cfg.broker):
+            assert service.done.wait(90), f"job did not finish: {records}"
+            out, err = watch.communicate(timeout=30)  # while the aggregator still runs
+    finally:
+        watch.kill()
+    assert watch.returncode == 0, err
+    rows = [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
+    assert rows[-2:] == ["1", "2"], out
+    again = subprocess.run(fedge_cmd("watch", "--config", str(conf)), env=cli_env, capture_output=True, text=True,
+                           timeout=30)
+    assert again.returncode == 0 and "is done after round 2" in again.stderr, again.stderr

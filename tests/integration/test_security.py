@@ -133,11 +133,14 @@ def test_wrong_credentials_and_unknown_cas_are_refused(secure_broker):
     link.start()
     assert not link.wait_connected(3)
     link.stop()
+    # Each says why, for the outage line and `fedge status`.
+    assert link.connect_failures >= 1 and "refused the connection (Not authorized)" in link.last_error
     no_ca = dataclasses.replace(settings_for(broker, pki, tmp, "dev-0"), ca_file="")
     link = MqttLink(no_ca, "dev-0", events.append, persistent=False)
     link.start()
     assert not link.wait_connected(3)
     link.stop()
+    assert link.connect_failures >= 1 and "TLS certificate is not trusted" in link.last_error
     ok = MqttLink(settings_for(broker, pki, tmp, "dev-0"), "dev-0", events.append, persistent=False)
     ok.start()
     assert ok.wait_connected(5)

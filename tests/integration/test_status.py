@@ -52,7 +52,8 @@ def test_status_shows_each_device_its_hardware_rounds_and_receipts(mosquitto, tm
         assert staying.connected == {"dev-0", "dev-1"}
     assert proc.returncode == 0, proc.stderr
     view = json.loads(proc.stdout)
-    assert view["aggregator"] == "offline"  # the job is done: its aggregator has left
+    # The job is done, and its aggregator still serves its final state until stopped (job.linger_s).
+    assert view["aggregator"] == "online"
     assert sorted(view["devices"]) == ["dev-0", "dev-1", "dev-2"]
     assert view["skipped"] == 2 and view["unverified"] == 0
     for name, d in view["devices"].items():
@@ -60,7 +61,8 @@ def test_status_shows_each_device_its_hardware_rounds_and_receipts(mosquitto, tm
         assert d["role"] == "trainer" and d["fedge"] == "0.1.0" and d["arch"] and d["ram_mb"] > 0 and d["cpus"] >= 1
         assert "int2" in d["codecs"]
         assert d["rounds"] == sum(1 for r in records if name in r["accepted"]) == 2
-        assert d["last_receipt"] == "accepted" and d["last_round"] == 2
+        # Counted either way: a device whose receipt was slow resends, and the copy is "duplicate".
+        assert d["last_receipt"] in ("accepted", "duplicate") and d["last_round"] == 2
     left = view["devices"]["dev-2"]
     assert left["last_seen"] is not None and view["time"] - 120 < left["last_seen"] <= view["time"]
     # The aggregator keeps what it knows across restarts, beside (never over) its device registry.
@@ -74,9 +76,10 @@ def test_status_shows_each_device_its_hardware_rounds_and_receipts(mosquitto, tm
                            capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].startswith("job itest: aggregator offline, 0/3 devices online")  # the fleets closed too
+    assert lines[0].startswith("job itest: aggregator offline, 0/3 devices online")  # stopped; the fleets closed too
     assert lines[1].split()[:3] == ["device", "role", "state"]
-    assert any(line.startswith("dev-2") and "offline" in line and "accepted (round 2)" in line for line in lines)
+    assert any(line.startswith("dev-2") and "offline" in line and
+               ("accepted (round 2)" in line or "duplicate (round 2)" in line) for line in lines)
     assert "left out 2 message(s)" in table.stdout
 
 
@@ -87,4 +90,5 @@ def test_status_without_a_broker_is_one_line(tmp_path, cli_env):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "cannot reach the broker at mqtt://127.0.0.1:9" in lines[0], proc.stderr
+    assert len(lines) == 1 and "cannot reach the broker at mqtt://127.0.0.1:9: connection refused" in lines[0], \
+        proc.stderr

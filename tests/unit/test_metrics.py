@@ -61,6 +61,7 @@ def _snapshot(**changes):
         "rejections": {"late": 2, "stale_base": 1, "unknown_sender": 1},
         "failures": {"secagg_failed": 1},
         "traffic": ({("in", "update"): 1000}, {("in", "update"): 3}),
+        "broker_connected": True, "broker_connect_failures": 0,
         "clients_online": 5, "clients_known": 6, "clients_selected": 4, "clients_responded": 2,
         "clients_benched": 1, "reassembly_bytes": 0, "reassembly_limit_bytes": 1 << 20, "inbox_messages": 0,
         "last": {"accuracy": 0.9, "loss": None, "train_loss": 0.3}, "checkpoint_time": None,
@@ -94,6 +95,13 @@ def test_a_snapshot_sorts_every_count_into_one_family():
     assert m[("fedge_model_accuracy", ())] == 0.9
     assert ("fedge_model_loss", ()) not in m  # not evaluated: no sample rather than a made-up 0
     assert not any(name.startswith("fedge_privacy") or name.startswith("fedge_checkpoint") for name, _ in m)
+
+
+def test_the_broker_connection_is_a_gauge_and_its_failed_attempts_a_counter():
+    m = _scrape(_snapshot())
+    assert m[("fedge_broker_connected", ())] == 1 and m[("fedge_broker_connect_failures_total", ())] == 0
+    m = _scrape(_snapshot(broker_connected=False, broker_connect_failures=7))
+    assert m[("fedge_broker_connected", ())] == 0 and m[("fedge_broker_connect_failures_total", ())] == 7
 
 
 def test_privacy_and_checkpoint_age_appear_when_there_is_something_to_say():

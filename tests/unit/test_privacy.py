@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 
+from aggregator import selection
 from aggregator.config import AggregatorConfig
 from aggregator.privacy import (
     DpPolicy,
@@ -141,8 +142,8 @@ def test_a_device_clips_before_compression_and_adds_its_share():
 # --- the core --------------------------------------------------------------------
 
 
-def dp_core(target=0.0, rate=1.0, rounds=5, **kw):
-    policy = DpPolicy(PrivacySpec(1.0, rate, 1e-5), clip=0.5, target_epsilon=target)
+def dp_core(target=0.0, rate=1.0, rounds=5, min_devices=2, **kw):
+    policy = DpPolicy(PrivacySpec(1.0, rate, 1e-5), clip=0.5, target_epsilon=target, min_devices=min_devices)
     return make_core(privacy=policy, rounds=rounds, defences=Defences(direction="off"), **kw)
 
 
@@ -163,7 +164,7 @@ def run_round(core, clients, now):
 
 
 def test_private_rounds_announce_the_clip_and_record_epsilon():
-    core = dp_core()
+    core = dp_core(min_devices=3)
     ann, actions = run_round(core, ["a", "b", "c"], 0.0)
     assert ann.dp == DpPlan(0.5, "central", 0.0)
     [fin] = finished(actions)
@@ -202,16 +203,18 @@ def test_a_restart_gives_the_same_epsilon_and_a_redone_round_is_not_counted_twic
 
 
 def test_privacy_config_is_checked_in_one_line():
-    ok = config.updated(AggregatorConfig(), privacy={"mode": "central", "clip": 0.5})
+    ok = config.updated(AggregatorConfig(), privacy={"mode": "central", "clip": 0.5, "min_devices": 10})
     assert DpPolicy.from_config(ok.privacy).clip == 0.5
     assert DpPolicy.from_config(AggregatorConfig().privacy) is None
     for bad, words in (({"mode": "local"}, "privacy.mode"), ({"mode": "central", "clip": 0}, "privacy.clip"),
                        ({"mode": "central", "sampling_rate": 0}, "sampling_rate"),
-                       ({"mode": "central", "delta": 1}, "privacy.delta")):
+                       ({"mode": "central", "delta": 1}, "privacy.delta"),
+                       ({"mode": "central"}, r"privacy\.min_devices.* 0\.2 devices.*at least 10")):
         with pytest.raises(ConfigError, match=words):
             config.updated(AggregatorConfig(), privacy=bad).check()
     with pytest.raises(ConfigError, match=r"server\.aggregation"):
-        config.updated(AggregatorConfig(), privacy={"mode": "central"}, server={"aggregation": "median"},
+        config.updated(AggregatorConfig(), privacy={"mode": "central", "min_devices": 10},
+                       server={"aggregation": "median"},
                        selection={"max_clients": 10}).check()
 
 
@@ -228,8 +231,9 @@ def test_an_old_announcement_without_dp_still_parses_and_a_bad_plan_is_refused()
         RoundAnnouncement.parse(wire.decode(bad))
 
 
-def test_a_round_with_nobody_sampled_releases_noise_and_the_next_round_is_unharmed():
-    core = dp_core(rate=1e-9, rounds=10)  # nobody is sampled
+def test_a_round_with_nobody_sampled_releases_noise_and_the_next_round_is_unharmed(monkeypatch):
+    core = dp_core(rate=1.0, rounds=10, min_devices=3)
+    monkeypatch.setattr(selection, "poisson", lambda *a, **kw: ())  # nobody is sampled
     actions = online(core, "a", "b", "c") + core.handle(TimerFired(0.0))
     assert announcement(actions).selected == ()
     # Nobody to wait for: it closes at once, not at its deadline; round 2 opens, empty too.
@@ -239,7 +243,7 @@ def test_a_round_with_nobody_sampled_releases_noise_and_the_next_round_is_unharm
     while core.next_round < 5:  # rounds 2-4: empty too (their medians must not become the history)
         core.handle(TimerFired(1000.0 * core.next_round))
     assert core.norm_history == [] and core.sample_history == []
-    core.policy = dataclasses.replace(core.policy, privacy=DpPolicy(PrivacySpec(1.0, 1.0, 1e-5), clip=0.5))
+    monkeypatch.undo()
     actions = core.handle(TimerFired(5000.0))  # round 5 closes; round 6 samples everyone
     ann = announcement(actions)
     assert ann.round == 6 and ann.selected == ("a", "b", "c")
@@ -273,7 +277,8 @@ def test_distributed_noise_tops_up_what_missing_devices_did_not_add():
 
 
 def test_a_distributed_round_bounds_a_noisy_update_without_shrinking_its_noise():
-    core = make_core(codec="none", privacy=DpPolicy(PrivacySpec(1.0, 1.0, 1e-5), clip=0.5, noise="distributed"),
+    core = make_core(codec="none", privacy=DpPolicy(PrivacySpec(1.0, 1.0, 1e-5), clip=0.5, noise="distributed",
+                                                    min_devices=4),
                      defences=Defences(direction="off"), rounds=3, min_clients=4)
     actions = online(core, "a", "b", "c", "d") + core.handle(TimerFired(0.0))
     ann = announcement(actions)
@@ -329,7 +334,7 @@ def test_the_worst_devices_epsilon_with_known_participation_counts_only_its_roun
 
 def adaptive_core(clip=0.01, bit_noise=1.0):
     policy = DpPolicy(PrivacySpec(1.0, 1.0, 1e-5), clip=clip, clip_quantile=0.5, clip_learning_rate=0.2,
-                      clip_bit_noise=bit_noise)
+                      clip_bit_noise=bit_noise, min_devices=4)
     return make_core(privacy=policy, rounds=60, defences=Defences(direction="off"), min_clients=4)
 
 
@@ -370,14 +375,14 @@ def test_an_adaptive_round_refuses_an_update_without_its_report_and_bounds_a_wil
 
 def test_adaptive_clipping_that_leaves_the_model_no_noise_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"clip_bit_noise|bit-query"):
-        config.updated(AggregatorConfig(), privacy={"mode": "central", "noise_multiplier": 1.0,
+        config.updated(AggregatorConfig(), privacy={"mode": "central", "noise_multiplier": 1.0, "min_devices": 10,
                                                     "clip_quantile": 0.5, "clip_bit_noise": 0.4}).check()
-    ok = config.updated(AggregatorConfig(), privacy={"mode": "distributed", "clip_quantile": 0.5},
+    ok = config.updated(AggregatorConfig(), privacy={"mode": "distributed", "clip_quantile": 0.5, "min_devices": 10},
                         codec={"name": "none"})
     ok.check()
     assert DpPolicy.from_config(ok.privacy).adaptive
-    with pytest.raises(ConfigError, match=r"codec\.name = \"none\""):
-        config.updated(AggregatorConfig(), privacy={"mode": "distributed"}).check()  # int2 would quantize shares
+    with pytest.raises(ConfigError, match=r"codec\.name = \"none\""):  # int2 would quantize shares
+        config.updated(AggregatorConfig(), privacy={"mode": "distributed", "min_devices": 10}).check()
 
 
 def test_the_noise_for_a_budget_is_the_smallest_that_keeps_the_rounds_within_it():
@@ -385,3 +390,37 @@ def test_the_noise_for_a_budget_is_the_smallest_that_keeps_the_rounds_within_it(
     assert epsilon(PrivacySpec(z, 0.05, 1e-3), 100) <= 3.0 < epsilon(PrivacySpec(z * 0.99, 0.05, 1e-3), 100)
     with pytest.raises(ValueError, match="no noise multiplier"):
         noise_for_budget(1e-6, 100, 1.0, 1e-9, high=2.0)
+
+
+# --- the cohort (issue 26, item 10) -------------------------------------------------
+
+
+def test_a_private_round_never_opens_below_its_cohort_and_divides_by_a_fixed_number():
+    """Presence arrives one device at a time, with no settling: round 1 used
+    to open with the first device online and divide the noised sum by
+    max(1, q x 1), releasing noise 1/q times too large."""
+    policy = DpPolicy(PrivacySpec(1.0, 0.5, 1e-5), clip=0.5, min_devices=10)
+    core = make_core(privacy=policy, rounds=3, defences=Defences(direction="off"), min_clients=1, settle_s=0.0)
+    core.start(0.0)
+    clients = [f"d{i:02d}" for i in range(20)]
+    for i, c in enumerate(clients[:10]):
+        ann = announcement(online(core, c, now=float(i)))
+        assert (ann is None or ann.state != "open") == (i < 9), (i, ann)
+    assert core.round_dp is not None and core.round_dp.denominator == 5.0  # q x min_devices
+    assert core.round_dp.noise_std == pytest.approx(0.5)  # z x clip: divided by 5, not by 0.5 x who was online
+    # With twice the fleet online, each device is sampled half as often: the
+    # same expected cohort, the same denominator, never above q.
+    online(core, *clients[10:], now=20.0)
+    assert policy.rate(20) == 0.25 and policy.rate(10) == 0.5 and policy.rate(5) == 0.5
+    sizes = [len(selection.poisson(clients, rate=policy.rate(20), seed=s, round_=1)) for s in range(400)]
+    assert abs(np.mean(sizes) - 5.0) < 0.3
+
+
+def test_a_private_job_whose_cohort_is_under_one_device_is_refused_at_start():
+    with pytest.raises(ConfigError, match=r"privacy\.min_devices.*at least 10"):
+        config.updated(AggregatorConfig(), privacy={"mode": "central", "sampling_rate": 0.1},
+                       selection={"min_clients": 5}).check()
+    ok = config.updated(AggregatorConfig(), privacy={"mode": "central", "sampling_rate": 0.1},
+                        selection={"min_clients": 10})  # 0: min_clients
+    ok.check()
+    assert DpPolicy.from_config(ok.privacy, ok.selection.min_clients).denominator == pytest.approx(1.0)

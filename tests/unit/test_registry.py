@@ -35,6 +35,19 @@ def test_enrolling_twice_is_a_deliberate_act_and_keys_are_not_shared(tmp_path):
     assert reg.key_of("dev-1") == b
 
 
+def test_enrolling_a_device_again_with_the_key_it_has_changes_nothing(tmp_path):
+    reg = Registry(tmp_path)
+    key = Identity.generate().public
+    first = reg.enroll("dev-1", key)
+    written = (tmp_path / "devices.json").read_bytes()
+    assert reg.enroll("dev-1", key) == first  # no --replace needed, and nothing rewritten
+    assert (tmp_path / "devices.json").read_bytes() == written
+    reg.revoke("dev-1")
+    with pytest.raises(RegistryError, match="already revoked"):  # reinstating a revoked device is deliberate
+        reg.enroll("dev-1", key)
+    assert reg.enroll("dev-1", key, replace=True).active
+
+
 @pytest.mark.parametrize("bad_id", ["", "a/b", "dev+1", "#"])
 def test_a_device_id_that_cannot_be_a_topic_level_is_refused(tmp_path, bad_id):
     with pytest.raises(RegistryError):

@@ -326,3 +326,51 @@ def test_a_round_whose_every_update_points_away_fails_and_the_filter_forgets_its
     assert core.direction_ref is None  # the next round is not filtered: a filter never stops a job
     [fin] = finished(_round(core, {f"d{i}": ({k: -v for k, v in direction.items()}, 10) for i in range(3)}))
     assert fin.record.status == "ok"
+
+
+def test_a_left_out_update_still_votes_for_the_next_reference_and_the_cutoff_follows_the_spread():
+    """Issue 26, item 7: the reference used to follow the admitted updates
+    only, so a device left out once kept pointing away from it for good (on
+    non-IID data honest devices sat out 53% of their updates). Every update
+    now has one vote, left out or not; and the cutoff drops to the previous
+    round's median cosine less three robust deviations when honest devices
+    spread wider than tau allows."""
+    from aggregator.robust import direction_cutoff
+
+    reference = rand()
+    along = [{k: v + 0.3 * rng.normal(size=v.shape).astype(np.float32) for k, v in reference.items()} for _ in range(3)]
+    against = {k: -v * 2 for k, v in reference.items()}
+    agg = RoundAggregate(SPEC, NONE, Defences(clip="off"))
+    agg.reset((), (), reference)
+    for i, d in enumerate([*along, against]):
+        agg.admit(f"c{i}", NONE.encode(d, rng), 10)
+    assert [a.client for a in agg.left] == ["c3"]
+    agreed = agg.agreed_direction()
+    units = [flat(d) / np.linalg.norm(flat(d)) for d in [*along, against]]
+    np.testing.assert_allclose(flat(agreed), np.mean(units, axis=0), rtol=1e-4, atol=1e-6)
+    # The cutoff: tau while the previous round's cosines agree; lower where they spread.
+    assert direction_cutoff(0.0, [0.5, 0.55, 0.6, 0.45, 0.5]) == 0.0
+    wide = [0.3, 0.05, -0.2, 0.25, -0.1, 0.1, 0.0]
+    med = np.median(wide)
+    assert direction_cutoff(0.0, wide) == pytest.approx(med - 3 * 1.4826 * np.median(np.abs(np.array(wide) - med)))
+    assert direction_cutoff(0.0, [0.3]) == 0.0  # too few to say
+    agg.reset((), (), reference, cutoff=-0.9)
+    agg.admit("c3", NONE.encode(against, rng), 10)  # cosine -1: still below any cutoff
+    assert [a.client for a in agg.left] == ["c3"]
+    agg.reset((), (), reference, cutoff=-0.5)
+    mild = {k: -0.2 * v + rng.normal(size=v.shape).astype(np.float32) for k, v in reference.items()}
+    agg.admit("c4", NONE.encode(mild, rng), 10)
+    assert agg.cosines["c4"] < 0 and agg.left == []  # below tau, above the round's cutoff: kept
+
+
+def test_the_cutoffs_cosines_survive_a_restart():
+    core = make_core()
+    direction = _honest()
+    for _ in range(2):
+        _round(core, {f"d{i}": ({k: v + 0.002 * rng.normal(size=v.shape).astype(np.float32)
+                                 for k, v in direction.items()}, 10) for i in range(4)})
+    assert len(core.direction_cosines) == 4
+    arrays, meta = core.snapshot()
+    again = make_core()
+    again.restore(arrays, meta, None)
+    assert again.direction_cosines == core.direction_cosines

@@ -476,3 +476,50 @@ def test_an_update_with_a_mistyped_header_field_gets_a_counted_rejection_and_a_r
     assert [(r.status, r.update_id) for r in receipts] == [("rejected", "u-a")]
     assert "train_seconds" in receipts[0].reason
     assert core.counters["malformed"] == 1 and core.counters["accepted"] == 0
+
+
+# --- a model the broker lost (issue 26, item 1) -----------------------------------
+
+
+def test_a_device_lacking_the_model_makes_the_aggregator_publish_it_again_once_an_attempt():
+    core = make_core(min_clients=3, downlink={"name": "int8", "block": 8}, min_updates=2)
+    core.start(0.0)
+    online(core, "a", "b", "c")
+    assert core.open is not None
+    r = core.next_round
+
+    def decline(client, now):
+        msg = Decline(JOB, r, client, "model_unavailable: no delta from key round 0 to model abc").encode()
+        return send(core, client, msg, now)
+
+    acts = decline("a", 1.0)
+    assert [type(a) for a in acts if isinstance(a, (PublishModel, PublishDelta))] == [PublishModel, PublishDelta]
+    assert not [a for a in decline("b", 2.0) if isinstance(a, (PublishModel, PublishDelta))]  # once an attempt
+    assert core.counters["model_unavailable"] == 2 and core.counters["model_republished"] == 1
+    acts = send(core, "c", update(core, "c"), 3.0)  # all answered: the round closes, one update < min_updates
+    rec = finished(acts)[0].record
+    assert rec["status"] == "failed" and rec.failure == "model_unavailable"
+    # A failed round publishes the model again for the next one.
+    assert any(isinstance(a, PublishModel) for a in acts) and any(isinstance(a, PublishDelta) for a in acts)
+    assert core.failures["model_unavailable"] == 1
+
+
+def test_every_failed_round_names_its_reason_and_republishes_the_delta():
+    core = make_core(min_clients=2, min_updates=2)
+    core.start(0.0)
+    online(core, "a", "b")
+    acts = core.handle(TimerFired(61.0))  # nobody answered: deadline
+    rec = finished(acts)[0].record
+    assert rec["status"] == "failed" and rec.failure == "too_few_updates"
+    assert any(isinstance(a, PublishModel) for a in acts)  # nothing arrived: maybe no one had the model
+    assert any(isinstance(a, PublishDelta) for a in acts)
+
+
+def test_republish_gives_what_the_broker_should_hold():
+    core = make_core(min_clients=2, downlink={"name": "int8", "block": 8})
+    core.start(0.0)
+    online(core, "a", "b")
+    acts = core.republish(5.0)
+    assert [type(a) for a in acts] == [PublishModel, PublishDelta, PublishAnnouncement]
+    ann = announcement(acts)
+    assert ann.state == "open" and set(ann.selected) == {"a", "b"} and ann.round == 1

@@ -153,10 +153,12 @@ def test_secure_aggregation_config_is_checked():
                 server={"aggregation": "median"}).check()
     with pytest.raises(ConfigError, match="leave it 0, the privacy clip"):
         updated(base, secagg={"mode": "on", "bound": 0.1}, selection={"min_clients": 3},
-                privacy={"mode": "central"}).check()
-    updated(base, secagg={"mode": "on"}, selection={"min_clients": 3}, privacy={"mode": "central"}).check()
+                privacy={"mode": "central", "min_devices": 30}).check()
+    updated(base, secagg={"mode": "on"}, selection={"min_clients": 3},
+            privacy={"mode": "central", "min_devices": 30}).check()
     # Distributed noise goes in integers with secure aggregation: no float32 uplink needed.
-    updated(base, secagg={"mode": "on"}, selection={"min_clients": 3}, privacy={"mode": "distributed"}).check()
+    updated(base, secagg={"mode": "on"}, selection={"min_clients": 3},
+            privacy={"mode": "distributed", "min_devices": 30}).check()
 
 
 def test_distributed_noise_in_integers_gives_the_release_exactly_the_noise_it_accounts_for(tmp_path, inputs):

@@ -176,3 +176,37 @@ def test_a_device_over_its_message_rate_is_dropped_and_counted(tmp_path):
         wait_for(lambda: service.core.counters["rate_limited"] >= 40)
         wait_for(lambda: (ann := announcement(broker)) is not None and ann.state == "open")
         assert announcement(broker).selected == ("chatty",)  # what got through still counts
+
+
+def test_a_jobs_end_is_a_state_the_service_keeps_until_stopped(tmp_path):
+    """The last round closes; the service stays up with the final state
+    published and the metrics saying done (a scrape must see the end; an
+    exit would read as a crash), until stopped (issue 26, item 4)."""
+    cfg = job(tmp_path, deadline_s=0.3, min_updates=1)
+    cfg = updated(cfg, job={"rounds": 1})
+    broker = MemoryBroker()
+    with running(cfg, broker) as service:
+        broker.publish("dev-1", TOPICS.status("dev-1"), Status("dev-1", "online", {"codecs": supported()}).encode(),
+                       retain=True)
+        wait_for(service.done.is_set)
+        time.sleep(1.0)
+        thread = next(t for t in threading.enumerate() if getattr(t, "_target", None) == service.run)
+        assert thread.is_alive()
+        assert announcement(broker).state == "done"
+        snap = service._metrics_snapshot()
+        assert snap["done"] and snap["round"] == 1
+        assert Status.parse(wire.decode(broker.retained[TOPICS.server])).state == "online"
+
+
+def test_job_linger_s_exits_by_itself_that_long_after_the_end(tmp_path):
+    cfg = updated(job(tmp_path, deadline_s=0.3), job={"rounds": 1, "linger_s": 0.5})
+    broker = MemoryBroker()
+    service = AggregatorService(cfg, link_factory=broker.link)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(service.run()), daemon=True)
+    thread.start()
+    broker.publish("dev-1", TOPICS.status("dev-1"), Status("dev-1", "online", {"codecs": supported()}).encode(),
+                   retain=True)
+    thread.join(30)
+    assert result == [0] and service.done.is_set()
+    assert Status.parse(wire.decode(broker.retained[TOPICS.server])).state == "offline"

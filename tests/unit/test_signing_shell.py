@@ -120,3 +120,25 @@ def test_a_key_file_others_can_read_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="chmod 600"):
         AggregatorService(updated(signed_job(tmp_path), identity={"key_file": str(key)}),
                           link_factory=MemoryBroker().link)
+
+
+def test_a_device_enrolled_while_the_job_runs_is_taken_within_seconds(tmp_path):
+    """The README's order: the agent starts (its presence is refused: its key
+    is not enrolled), the operator runs fedge enroll, and the device takes
+    part with no restart of anything (issue 26, item 3)."""
+    cfg = updated(signed_job(tmp_path), selection={"min_clients": 2})
+    early, late = Identity.generate(), Identity.generate()
+    Registry(tmp_path / "agg").enroll("dev-1", early.public)
+    broker = MemoryBroker()
+    with running(cfg, broker) as service:
+        wait_for(lambda: broker.retained.get(TOPICS.server))
+        broker.publish("dev-1", TOPICS.status("dev-1"), presence(early, "dev-1", 1), retain=True)
+        broker.publish("dev-2", TOPICS.status("dev-2"), presence(late, "dev-2", 1), retain=True)
+        wait_for(lambda: service.core.counters["unknown_signer"] == 1)
+        assert "dev-2" not in service.core.online and service.core.open is None
+        Registry(tmp_path / "agg").enroll("dev-2", late.public)  # the operator, from another process
+        wait_for(lambda: (a := announcement(broker)[1]) is not None and a.state == "open")
+        assert set(announcement(broker)[1].selected) == {"dev-1", "dev-2"}
+        # Revoked while idle: offline within seconds, before it sends anything.
+        Registry(tmp_path / "agg").revoke("dev-2")
+        wait_for(lambda: "dev-2" not in service.core.online)
