@@ -151,8 +151,10 @@ ATTACKS: dict[str, Attack] = {
 }
 
 
-def job_config(task: Task, server: dict[str, Any], rounds: int, seed: int) -> AggregatorConfig:
-    return updated(
+def job_config(task: Task, server: dict[str, Any], rounds: int, seed: int,
+               sections: dict[str, dict[str, Any]] | None = None) -> AggregatorConfig:
+    """``sections``: other config sections to set (codec, downlink: see bench/defaults_cost.py)."""
+    cfg = updated(
         AggregatorConfig(),
         job={"name": "poisoning", "model": task.model, "seed": seed, "rounds": rounds,
              "state_dir": "unused-no-state-is-written"},
@@ -161,6 +163,7 @@ def job_config(task: Task, server: dict[str, Any], rounds: int, seed: int) -> Ag
         evaluate={"data": task.data, "args": dict(task.test_args)},
         server=dict(server),
     )
+    return updated(cfg, **sections) if sections else cfg
 
 
 def device_seed(seed: int, client: str, round_: int, purpose: str) -> int:
@@ -320,7 +323,7 @@ def _worker_init() -> None:
 
 
 def run_one(task_name: str, task: Task, defence: str, server: dict[str, Any], attack_name: str, rounds: int,
-            seed: int) -> dict[str, Any]:
+            seed: int, sections: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     from aggregator.rounds import ClientStatus, MessageArrived, TimerFired
     from aggregator.service import build_core
     from fedge import codecs
@@ -330,7 +333,7 @@ def run_one(task_name: str, task: Task, defence: str, server: dict[str, Any], at
     fleet = _FLEETS.get((task_name, seed))
     if fleet is None:
         fleet = _FLEETS[(task_name, seed)] = Fleet(task, seed)
-    cfg = job_config(task, server, rounds, seed)
+    cfg = job_config(task, server, rounds, seed, sections)
     cfg.check()
     clients = [f"c{i:02d}" for i in range(CLIENTS)]
     hostile = set(clients[CLIENTS - attack.attackers:]) if attack.attackers else set()
@@ -350,6 +353,9 @@ def run_one(task_name: str, task: Task, defence: str, server: dict[str, Any], at
     closed_by: Counter[str] = Counter()
     clipped = capped = declined = 0
     left_out: Counter[str] = Counter()
+    late_left_out: Counter[str] = Counter()  # in the last quarter of the rounds
+    streak: Counter[str] = Counter()  # consecutive rounds each device was left out, up to now
+    longest: Counter[str] = Counter()  # the longest such run per device
     residuals: dict[str, dict[str, np.ndarray]] = {}
     stalled: str | None = None
     round_seconds: list[float] = []
@@ -387,6 +393,11 @@ def run_one(task_name: str, task: Task, defence: str, server: dict[str, Any], at
         capped += rec.weight_capped
         declined += rec.declined
         left_out.update(rec.left_out)
+        if len(curve) > 3 * rounds // 4:
+            late_left_out.update(rec.left_out)
+        for c in clients:
+            streak[c] = streak[c] + 1 if c in rec.left_out else 0
+            longest[c] = max(longest[c], streak[c])
         round_seconds.append(rec.seconds)
         bounds.append(rec.norm_bound)
         medians.append(float(f"{core.norm_history[-1]:.4g}") if rec.clients and core.norm_history else None)
@@ -404,7 +415,12 @@ def run_one(task_name: str, task: Task, defence: str, server: dict[str, Any], at
         "round_seconds_simulated_median": statistics.median(round_seconds) if round_seconds else None,
         "clipped": clipped, "weight_capped": capped,
         "left_out": {"attackers": sum(n for c, n in left_out.items() if c in hostile),
-                     "honest": sum(n for c, n in left_out.items() if c not in hostile)},
+                     "honest": sum(n for c, n in left_out.items() if c not in hostile),
+                     "per_device": dict(sorted(left_out.items())),
+                     # the longest run of consecutive rounds an honest device sat out: the bar is that no
+                     # honest device is left out round after round
+                     "honest_longest_streak": max((longest[c] for c in clients if c not in hostile), default=0),
+                     "honest_last_quarter": sum(n for c, n in late_left_out.items() if c not in hostile)},
         "crashes": shell.crashes, "stalled": stalled,
         "counters": dict(core.counters),
         "accuracy_curve": curve,
