@@ -166,11 +166,15 @@ class ClientStatus:
 
 @dataclass(frozen=True)
 class MessageArrived:
-    """A whole (reassembled) message from ``fedge/v1/<job>/update/<client>``."""
+    """A whole (reassembled) message from ``fedge/v1/<job>/update/<client>``;
+    ``envelope``: the same bytes, already decoded by the shell (which checks
+    a signature before it charges the device's rate), so the body is not
+    hashed twice."""
 
     client: str
     message: bytes
     now: float
+    envelope: Envelope | None = None
 
 
 @dataclass(frozen=True)
@@ -503,7 +507,7 @@ class RoundCore:
             self.open.bytes_up += len(ev.message)
         env = None
         try:
-            env = wire.decode(ev.message, max_body=self.policy.max_update_bytes)
+            env = ev.envelope or wire.decode(ev.message, max_body=self.policy.max_update_bytes)
             if self.verify is not None:
                 self.verify(ev.client, env)
             if env.kind == Kind.DECLINE:

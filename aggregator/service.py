@@ -268,21 +268,21 @@ class AggregatorService:
         assert reg is not None
         check_signed(env, reg.key_of(client), f"{env.kind.name.lower()} from {client}")
 
-    def _signed_by(self, client: str, message: bytes) -> bool:
-        """Whether ``message`` is signed by ``client``'s enrolled key (always
-        True when signing is off). Checked before the device's rate is
-        charged, so that an outsider cannot spend a real device's budget on
-        a broker without ACL; the core then skips checking it again, and
-        re-checks (and counts) one that failed."""
-        if self.registry is None:
-            return True
+    def _signed_by(self, client: str, message: bytes) -> Envelope | None:
+        """``message`` decoded, if it is signed by ``client``'s enrolled key
+        (any well-formed message when signing is off); None otherwise.
+        Checked before the device's rate is charged, so that an outsider
+        cannot spend a real device's budget on a broker without ACL; the
+        core takes the envelope and skips checking it again, and decodes
+        and checks again (and counts) one that failed."""
         try:
             env = wire.decode(message, max_body=self.cfg.limits.max_update_bytes)
-            self._verify_device(client, env)
+            if self.registry is not None:
+                self._verify_device(client, env)
         except (WireError, IdentityError):
-            return False
+            return None
         self._verified = (client, env.signature)
-        return True
+        return env
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -454,13 +454,13 @@ class AggregatorService:
                 return
             if message is None:
                 return
-            signed = self._signed_by(client, message)
-            if signed and self._limited(self.message_limit, client, "messages", now):
+            env = self._signed_by(client, message)
+            if env is not None and self._limited(self.message_limit, client, "messages", now):
                 self._verified = None
                 return
-            if signed:
+            if env is not None:
                 self.fleet.heard(client, time.time())
-            self._feed(MessageArrived(client, message, now))  # a forgery: the core refuses and counts it
+            self._feed(MessageArrived(client, message, now, env))  # a forgery: the core refuses and counts it
             self._verified = None
 
     def _presence(self, client: str, payload: bytes, now: float) -> None:
