@@ -235,7 +235,7 @@ class Unsubscribe:
 class Refetch:
     """Subscribe to ``channel`` again although subscribed: the broker then
     sends its retained copy again (MQTT 3.1.1 3.8.4, 5 3.8.4). Partial
-    downloads of the channel are dropped first."""
+    downloads are kept (what comes again is duplicate chunks)."""
 
     channel: str
 
@@ -366,7 +366,7 @@ class AgentCore:
     accepted_model: str = ""  # factory this device accepts; "" = built-ins only
     resend_after_s: float = 20.0
     downlink: str = "on_demand"  # or "follow"
-    model_wait_s: float = 10.0  # no model bytes for this long while lacking the announced model: fetch again
+    model_wait_s: float = 30.0  # no model bytes for this long while lacking the announced model: fetch again
     state: AgentState = field(default_factory=AgentState)
     update_bytes: bytes | None = None  # bytes of state.pending, restored by the shell
     residual: ModelArrays | None = None  # error-feedback memory, restored by the shell

@@ -92,7 +92,7 @@ class DeviceSpec:
     accepted_model: str = ""
     max_model_bytes: int = 256 << 20
     resend_after_s: float = 20.0
-    model_wait_s: float = 10.0  # see agent.model_wait_s
+    model_wait_s: float = 30.0  # see agent.model_wait_s
     info: dict[str, Any] = field(default_factory=dict)
     broker: BrokerSettings | None = None  # this device's own credentials; default: the runtime's
     role: str = "trainer"  # or "inference"
@@ -627,7 +627,8 @@ class AgentRuntime:
             dev.link.unsubscribe(self._channel_filter(dev, action.channel))
             dev.downloads.discard(action.channel)
         elif isinstance(action, Refetch):
-            dev.downloads.discard(action.channel)
+            # Partial downloads are kept: chunks the broker sends again are
+            # duplicates, and a slow link's download still completes.
             dev.link.subscribe(self._channel_filter(dev, action.channel))
         elif isinstance(action, PublishUpdate):
             if dev.silenced(action.message):
