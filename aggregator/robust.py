@@ -206,6 +206,7 @@ class RoundAggregate:
         self.sum = RunningSum(spec)
         # The unit vectors of every update of the round (the direction filter's next reference).
         self.heading = RunningSum(spec) if d.direction != "off" else None
+        self._scratch_scale = 1.0  # the scratch model holds the update divided by this
         self.reset((), ())
 
     def reset(self, norm_history: Sequence[float], sample_history: Sequence[float],
@@ -280,17 +281,22 @@ class RoundAggregate:
         """Whether the update in the scratch model points away from the
         reference direction (cosine below the round's cutoff). Every update
         with a direction also casts its vote for the next reference."""
+        self._scratch_scale = 1.0
         if norm == 0.0 or not math.isfinite(norm):
             return False
+        cosine = None
+        if self.reference is not None:
+            cosine = dot(self.updates.scratch, self.reference) / (self.ref_norm * norm)
+            self.cosines[client] = cosine
         if self.heading is not None and self.steering:
+            # In place, on the fold's hot path: the scratch model becomes the
+            # unit vector (added to the heading) and the fold scales it back.
             for name, a in self.updates.scratch.items():
-                self.heading.acc[name] += a * np.float32(1.0 / norm)
+                np.multiply(a, np.float32(1.0 / norm), out=a)
+                self.heading.acc[name] += a
             self.heading.count += 1
-        if self.reference is None:
-            return False
-        cosine = dot(self.updates.scratch, self.reference) / (self.ref_norm * norm)
-        self.cosines[client] = cosine
-        return cosine < self.cutoff
+            self._scratch_scale = norm
+        return cosine is not None and cosine < self.cutoff
 
     def agreed_direction(self) -> ModelArrays | None:
         """The mean unit vector of every update of the round, left out or
@@ -309,6 +315,7 @@ class RoundAggregate:
         items.clear()
         for a in kept:
             self.updates.decode(a.body or b"")
+            self._scratch_scale = 1.0
             try:
                 self._fold_scratch(a.samples, a.norm)
             except CodecError as exc:  # admitted before the bound was known; left out
@@ -331,8 +338,9 @@ class RoundAggregate:
         self.clipped += factor < 1.0
         self.capped += weight < samples
         if coef > 0:
+            scale = np.float32(coef * self._scratch_scale)  # the scratch may hold the unit vector (_points_away)
             for name, a in self.updates.scratch.items():
-                np.multiply(a, np.float32(coef), out=a)
+                np.multiply(a, scale, out=a)
                 self.sum.acc[name] += a
 
     def combine(self) -> Combined:
