@@ -5,8 +5,8 @@ loading weights from one of three files, and describing that origin for the
 manifest:
 
 - a state dict saved with ``torch.save(model.state_dict(), path)``, read with
-  ``torch.load(..., weights_only=True)`` and never otherwise (DESIGN.md:
-  never unpickle);
+  ``torch.load(..., weights_only=True)`` and never otherwise (fedge's wire
+  rule: nothing is unpickled);
 - a ``.safetensors`` file of float tensors;
 - a fedge global-model message (the retained ``Kind.MODEL`` envelope), which
   also names the factory and the round that produced it.
