@@ -135,7 +135,8 @@ class ServerSection:
     )
     clip_norm: float = setting(0.0, "The L2 bound on an update's delta when clip = \"fixed\".", NON_NEGATIVE)
     clip_multiplier: float = setting(
-        1.0, "Adaptive bound: this many times the median update norm (the round's first and recent rounds').", POSITIVE
+        1.25, "Adaptive bound: this many times the median update norm (the round's first and recent rounds').",
+        POSITIVE
     )
     weight_cap: float = setting(
         2.0, "No update counts more samples than weight_cap x the median sample count (of the round's first "

@@ -80,6 +80,7 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
     "no_bound_cap": ({"clip": "off", "weight_cap": 0.0}, {}),
     "no_bound": ({"clip": "off"}, {}),
     "no_cap": ({"weight_cap": 0.0}, {}),
+    "bound_x1.25": ({"clip_multiplier": 1.25}, {}),
     "bound_x1.5": ({"clip_multiplier": 1.5}, {}),
     "bound_x2": ({"clip_multiplier": 2.0}, {}),
     "int8_up": ({}, {"codec": {"name": "int8", "params": {"lossless": "zlib"}}}),

@@ -119,7 +119,7 @@ def test_a_small_round_fixes_its_bound_at_close_and_recent_rounds_outvote_its_ow
     deltas = [rand(), {k: v * 50 for k, v in rand().items()}]
     agg = streamed(deltas, [10, 10**6], Defences(), history=([1.0] * 4, [10.0] * 4))
     out = agg.combine()
-    assert out.bound == pytest.approx(1.0)  # the median of the history and the two norms
+    assert out.bound == pytest.approx(1.25)  # the default 1.25 x the median of the history and the two norms
     assert out.clipped == 2 and out.capped == 1  # cap: 2 x 10 samples
 
 
