@@ -31,9 +31,14 @@ update of honest norm and weight that pulls the wrong way (a sign flip,
 flipped labels), which neither bound sees:
 
 * **direction**: the aggregator keeps a momentum of the direction the
-  round's devices agreed on: the mean of the unit vectors of *every*
-  update the round received, admitted or not (``reference = direction_beta
-  x reference + that mean``, one model of memory, checkpointed). An update
+  round's devices agreed on: the sum of *every* update the round received,
+  admitted or not, each weighted as the mean weighs it (capped samples,
+  bounded norm), divided by their total pull (the sum of weight x bounded
+  norm), so a weighted mean of their unit vectors: of norm 1 when they all
+  agree, near 0 when they cancel (``reference = direction_beta x reference
+  + that mean``, one model of memory, checkpointed). The admitted updates'
+  part is the round's own sum, so the vote costs nothing per update; a
+  left-out update is folded into a second sum. An update
   whose cosine to it is below the round's cutoff is left out of the round
   (its receipt says accepted; the round record lists it in ``left_out``).
   The cutoff is ``direction_tau``, lowered to what the previous round's
@@ -55,6 +60,10 @@ flipped labels), which neither bound sees:
   told from an honest one, and the norm bound is what limits it. An
   attacker who knows the rule can keep its cosine just above the cutoff:
   the norm bound is then what limits it.
+  A private round is not filtered and does not move the reference: the
+  reference and cutoff are made of single updates, which the privacy
+  accountant does not count (and, with distributed noise, an update's
+  direction is mostly its noise share's); the clip bounds each update.
 
 The bound and the cap are fixed once the round has ``CALIBRATION`` updates
 (or at close, for a smaller round); from then on every update is folded the
@@ -210,9 +219,9 @@ class RoundAggregate:
         self.updates = RoundUpdates(spec, codec)
         self.stream = d.rule == "mean"
         self.sum = RunningSum(spec)
-        # The unit vectors of every update of the round (the direction filter's next reference).
-        self.heading = RunningSum(spec) if d.direction != "off" else None
-        self._scratch_scale = 1.0  # the scratch model holds the update divided by this
+        # The left-out updates, weighted as the sum weighs the admitted ones
+        # (the direction filter's next reference); made on the first one.
+        self.left_sum: RunningSum | None = None
         self.reset((), ())
 
     def reset(self, norm_history: Sequence[float], sample_history: Sequence[float],
@@ -226,11 +235,13 @@ class RoundAggregate:
         self.dp = dp
         self.left: list[Admitted] = []  # left out by the direction filter
         self.cosines: dict[str, float] = {}
-        # A noisy update's direction is mostly its noise share's: no filter then.
-        filtered = self.d.direction != "off" and not (dp is not None and dp.distributed)
+        # A private round: no filter (see the module's docstring).
+        filtered = self.d.direction != "off" and dp is None
         self.cutoff = self.d.direction_tau if cutoff is None else min(cutoff, self.d.direction_tau)
-        if self.heading is not None:
-            self.heading.reset()
+        if self.left_sum is not None:
+            self.left_sum.reset()
+        self.left_mass = 0.0  # sum of weight x bounded norm of the left-out updates
+        self.pull: tuple[ModelArrays, float] | None = None  # a dense rule's weighted sum and its mass, at close
         self.steering = filtered  # whether this round's updates feed the next reference
         self.reference = reference if filtered else None
         self.ref_norm = 0.0 if self.reference is None else l2_norm(self.reference)
@@ -266,6 +277,7 @@ class RoundAggregate:
         honest device could send)."""
         norm = self.updates.measure(body)  # the delta is now in the scratch model
         if self._points_away(client, norm):
+            self._fold_left(samples, norm)
             item = Admitted(client, None, int(samples), norm)
             self.left.append(item)
             return item
@@ -285,32 +297,55 @@ class RoundAggregate:
 
     def _points_away(self, client: str, norm: float) -> bool:
         """Whether the update in the scratch model points away from the
-        reference direction (cosine below the round's cutoff). Every update
-        with a direction also casts its vote for the next reference."""
-        self._scratch_scale = 1.0
-        if norm == 0.0 or not math.isfinite(norm):
+        reference direction (cosine below the round's cutoff)."""
+        if self.reference is None or norm == 0.0 or not math.isfinite(norm):
             return False
-        cosine = None
-        if self.reference is not None:
-            cosine = dot(self.updates.scratch, self.reference) / (self.ref_norm * norm)
-            self.cosines[client] = cosine
-        if self.heading is not None and self.steering:
-            # In place, on the fold's hot path: the scratch model becomes the
-            # unit vector (added to the heading) and the fold scales it back.
-            for name, a in self.updates.scratch.items():
-                np.multiply(a, np.float32(1.0 / norm), out=a)
-                self.heading.acc[name] += a
-            self.heading.count += 1
-            self._scratch_scale = norm
-        return cosine is not None and cosine < self.cutoff
+        cosine = dot(self.updates.scratch, self.reference) / (self.ref_norm * norm)
+        self.cosines[client] = cosine
+        return cosine < self.cutoff
+
+    def _fold_left(self, samples: int, norm: float) -> None:
+        """A left-out update's vote for the next reference, weighted as the
+        round's sum would weigh it (the bound and cap not fixed yet: those
+        of recent rounds)."""
+        if not self.steering or norm == 0.0 or not math.isfinite(norm):
+            return
+        bound = self.bound if self.fixed else norm_bound([], self.norm_history, self.d)
+        cap = self.cap if self.fixed else sample_cap([], self.sample_history, self.d) if self.sample_history else None
+        weight = float(samples) if cap is None else min(float(samples), cap)
+        coef = weight * (1.0 if bound is None or norm <= bound else bound / norm)
+        if not coef > 0 or self.left_mass + coef * norm > SUM_LIMIT:
+            return
+        if self.left_sum is None:
+            self.left_sum = RunningSum(self.updates.spec)
+        for name, a in self.updates.scratch.items():
+            self.left_sum.acc[name] += a * np.float32(coef)
+        self.left_mass += coef * norm
 
     def agreed_direction(self) -> ModelArrays | None:
-        """The mean unit vector of every update of the round, left out or
-        not (None: none had a direction): what the next reference follows."""
-        if self.heading is None or self.heading.count == 0:
+        """Where the round's updates, left out or not, pulled together: their
+        sum as the round weighs them over their total pull (None: no update
+        had a direction, or the round does not steer). Call after
+        ``combine``."""
+        if not self.steering:
             return None
-        scale = np.float32(1.0 / self.heading.count)
-        return {name: (a * scale).astype(np.float32) for name, a in self.heading.acc.items()}
+        if self.stream and not self.fixed and self.items:
+            self._calibrate()
+        if self.stream:
+            admitted, mass = (self.sum.acc, self.mass) if self.fixed else (None, 0.0)
+        else:
+            admitted, mass = self.pull if self.pull is not None else (None, 0.0)
+        total = mass + self.left_mass
+        if not total > 0 or not math.isfinite(total):
+            return None
+        scale = np.float32(1.0 / total)
+        out = {}
+        for name, _ in self.updates.spec.entries:
+            a = np.zeros(self.updates.scratch[name].shape, np.float32) if admitted is None else admitted[name] * scale
+            if self.left_mass > 0 and self.left_sum is not None:
+                a += self.left_sum.acc[name] * scale
+            out[name] = a.astype(np.float32)
+        return out
 
     def _calibrate(self) -> None:
         items = self.updates.items
@@ -321,7 +356,6 @@ class RoundAggregate:
         items.clear()
         for a in kept:
             self.updates.decode(a.body or b"")
-            self._scratch_scale = 1.0
             try:
                 self._fold_scratch(a.samples, a.norm)
             except CodecError as exc:  # admitted before the bound was known; left out
@@ -344,7 +378,7 @@ class RoundAggregate:
         self.clipped += factor < 1.0
         self.capped += weight < samples
         if coef > 0:
-            scale = np.float32(coef * self._scratch_scale)  # the scratch may hold the unit vector (_points_away)
+            scale = np.float32(coef)
             for name, a in self.updates.scratch.items():
                 np.multiply(a, scale, out=a)
                 self.sum.acc[name] += a
@@ -359,7 +393,10 @@ class RoundAggregate:
         if not items:
             raise ValueError("no updates admitted")
         if not self.stream:
-            return combine(self.updates, self.d, self.norm_history, self.sample_history)
+            pull: list[tuple[ModelArrays, float]] | None = [] if self.steering else None
+            combined = combine(self.updates, self.d, self.norm_history, self.sample_history, pull=pull)
+            self.pull = pull[0] if pull else None
+            return combined
         if not self.fixed:
             self._calibrate()
             items = self.updates.items
@@ -442,9 +479,12 @@ class DpRound:
 
 
 def combine(updates: RoundUpdates, d: Defences, norm_history: Sequence[float],
-            sample_history: Sequence[float] = ()) -> Combined:
+            sample_history: Sequence[float] = (), pull: list[tuple[ModelArrays, float]] | None = None) -> Combined:
     """A dense rule's averaged delta over every kept body; the histories
-    hold the median norms and sample counts of recent rounds."""
+    hold the median norms and sample counts of recent rounds. ``pull``: a
+    list to append the updates' weighted sum (as the mean would weigh them)
+    and its mass (sum of weight x bounded norm) to, for the direction
+    filter's reference."""
     items = updates.items
     if not items:
         raise ValueError("no updates admitted")
@@ -458,6 +498,10 @@ def combine(updates: RoundUpdates, d: Defences, norm_history: Sequence[float],
     weights = np.array([n if cap is None else min(n, cap) for n in samples], dtype=np.float64)
     capped = int(np.count_nonzero(weights < samples))
     stacks = _dense(updates, factors)
+    if pull is not None:
+        share = weights.astype(np.float32)
+        pull.append(({k: np.tensordot(share, v, axes=1).astype(np.float32) for k, v in stacks.items()},
+                     float(np.sum(weights * factors * norms))))
     used = tuple(a.client for a in items)
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result fails the round after
         if d.rule == "median":

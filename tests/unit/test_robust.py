@@ -332,7 +332,8 @@ def test_a_left_out_update_still_votes_for_the_next_reference_and_the_cutoff_fol
     """Issue 26, item 7: the reference used to follow the admitted updates
     only, so a device left out once kept pointing away from it for good (on
     non-IID data honest devices sat out 53% of their updates). Every update
-    now has one vote, left out or not; and the cutoff drops to the previous
+    now votes, left out or not, weighted as the round's mean weighs it (here
+    equal samples, no bound: the sum over the sum of norms); and the cutoff drops to the previous
     round's median cosine less three robust deviations when honest devices
     spread wider than tau allows."""
     from aggregator.robust import direction_cutoff
@@ -346,8 +347,9 @@ def test_a_left_out_update_still_votes_for_the_next_reference_and_the_cutoff_fol
         agg.admit(f"c{i}", NONE.encode(d, rng), 10)
     assert [a.client for a in agg.left] == ["c3"]
     agreed = agg.agreed_direction()
-    units = [flat(d) / np.linalg.norm(flat(d)) for d in [*along, against]]
-    np.testing.assert_allclose(flat(agreed), np.mean(units, axis=0), rtol=1e-4, atol=1e-6)
+    every = [flat(d) for d in [*along, against]]
+    want = np.sum(every, axis=0) / sum(np.linalg.norm(v) for v in every)
+    np.testing.assert_allclose(flat(agreed), want, rtol=1e-4, atol=1e-6)
     # The cutoff: tau while the previous round's cosines agree; lower where they spread.
     assert direction_cutoff(0.0, [0.5, 0.55, 0.6, 0.45, 0.5]) == 0.0
     wide = [0.3, 0.05, -0.2, 0.25, -0.1, 0.1, 0.0]
@@ -374,3 +376,34 @@ def test_the_cutoffs_cosines_survive_a_restart():
     again = make_core()
     again.restore(arrays, meta, None)
     assert again.direction_cosines == core.direction_cosines
+
+
+def test_a_dense_rules_reference_follows_every_update_as_the_mean_would_weigh_it():
+    reference = rand()
+    along = [{k: v + 0.3 * rng.normal(size=v.shape).astype(np.float32) for k, v in reference.items()} for _ in range(3)]
+    against = {k: -v * 2 for k, v in reference.items()}
+    agg = RoundAggregate(SPEC, NONE, Defences(rule="median", clip="off"))
+    agg.reset((), (), reference)
+    for i, d in enumerate([*along, against]):
+        agg.admit(f"c{i}", NONE.encode(d, rng), 10)
+    assert [a.client for a in agg.left] == ["c3"]
+    agg.combine()
+    every = [flat(d) for d in [*along, against]]
+    want = np.sum(every, axis=0) / sum(np.linalg.norm(v) for v in every)
+    np.testing.assert_allclose(flat(agg.agreed_direction()), want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_private_round_neither_filters_nor_moves_the_reference():
+    """The reference and the cutoff are made of single updates, which the
+    privacy accountant does not count: a private round must not use them."""
+    from aggregator.robust import DpRound
+
+    reference = rand()
+    against = {k: -v for k, v in reference.items()}
+    agg = RoundAggregate(SPEC, NONE, Defences())
+    agg.reset((), (), reference, dp=DpRound(clip=1e6, noise_std=0.0, denominator=2.0))
+    agg.admit("c0", NONE.encode(against, rng), 10)
+    agg.admit("c1", NONE.encode(against, rng), 10)
+    assert not agg.left and not agg.cosines
+    agg.combine()
+    assert agg.agreed_direction() is None
