@@ -54,6 +54,12 @@ from fedge_cli.identity import provision
 JOB = "agg-bench"
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def vm(pid: int, key: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -173,7 +179,8 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
                 sent.append(time.perf_counter())
 
             threads = [threading.Thread(target=publish, args=(k,)) for k in range(publishers)]
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), cpu_seconds(agg.pid)
+            cpu_folded = cpu0
             for t in threads:
                 t.start()
             acked, first_ack, last_ack, record = 0, t0, t0, None
@@ -183,6 +190,8 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
                     acked += 1
                     first_ack = stamp if acked == 1 else first_ack
                     last_ack = stamp
+                    if acked == n:
+                        cpu_folded = cpu_seconds(agg.pid)
                 elif topic == topics.events:
                     record, closed = parse_event(wire.decode(payload)), stamp
                 else:
@@ -192,6 +201,7 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
             fold_s = last_ack - t0
             measured.append({"round": ann.round, "accepted": record["clients"], "receipts": acked,
                              "fold_seconds": round(fold_s, 3), "updates_per_s": round(n / fold_s, 1),
+                             "aggregator_cpu_ms_per_update": round(1000 * (cpu_folded - cpu0) / n, 2),
                              "close_seconds": round(closed - last_ack, 3),
                              "first_receipt_seconds": round(first_ack - t0, 3),
                              "publish_seconds": round(max(sent) - t0, 3)})
@@ -202,6 +212,8 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
             "parameters": spec.num_params,
             "update_bytes": len(msg),
             "updates_per_s": {"median": statistics.median(rates), "min": rates[0], "max": rates[-1]},
+            "aggregator_cpu_ms_per_update_median": statistics.median(
+                m["aggregator_cpu_ms_per_update"] for m in measured),
             "megabytes_per_s_median": round(statistics.median(rates) * len(msg) / 1e6, 1),
             "round_close_seconds_median": statistics.median(m["close_seconds"] for m in measured),
             "aggregator_rss_mb_ready": round(rss_ready, 1),
@@ -252,7 +264,9 @@ def main() -> None:
                      "rounds_per_size": args.rounds,
                      "timing": "updates/s = clients / (last receipt - first publish); the aggregator sends a "
                                "receipt after folding each update. The round close (optimizer step, checkpoint "
-                               "with fsync, republishing the model) is reported apart as round_close_seconds.",
+                               "with fsync, republishing the model) is reported apart as round_close_seconds. aggregator_cpu_ms_per_update: the aggregator process's CPU "
+                               "time (user + system, all threads) from the first publish to the last receipt, per "
+                               "update: what folding costs, whatever else loads the machine.",
                      "signing": args.signing, "metrics": args.metrics,
                      "note": "aggregator, broker and the publishing clients all share the machine's cores"},
         "machine": machine(),

@@ -26,7 +26,8 @@ Tasks:
   over 10 devices), the digits MLP (64-128-10), E=1, B=16, lr 0.05, to 85%;
 * ``mnist_shards``: MNIST's pathological non-IID split (McMahan et al.:
   sorted by label, two shards per device) over 10 devices keeping 1,000
-  examples each, the 2NN, E=1, B=10, lr 0.1, to 90%.
+  examples each, the 2NN, E=1, B=10, lr 0.1, to 85% (plain FedAvg reaches
+  about 87% in the 100 rounds).
 
 Bar (issue 26): with the defaults, rounds to the target within 15% of plain
 float32 FedAvg on the same plan.
@@ -68,7 +69,7 @@ TASKS: dict[str, tuple[Task, float]] = {
         rounds=100, training={"epochs": 1, "batch_size": 10, "lr": 0.1},
         note="MNIST, pathological non-IID (sorted by label, 2 shards per device) over 10 devices keeping 1,000 "
              "examples each, the 2NN (199,210 parameters), E=1, B=10, lr 0.1; the 10,000-image test set",
-    ), 0.90),
+    ), 0.85),
 }
 
 PLAIN_SERVER = {"clip": "off", "weight_cap": 0.0, "direction": "off"}
