@@ -318,8 +318,9 @@ class RoundAggregate:
             return
         if self.left_sum is None:
             self.left_sum = RunningSum(self.updates.spec)
-        for name, a in self.updates.scratch.items():
-            self.left_sum.acc[name] += a * np.float32(coef)
+        for name, a in self.updates.scratch.items():  # in place: the scratch is not needed again
+            np.multiply(a, np.float32(coef), out=a)
+            self.left_sum.acc[name] += a
         self.left_mass += coef * norm
 
     def agreed_direction(self) -> ModelArrays | None:
