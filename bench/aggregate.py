@@ -264,7 +264,8 @@ def main() -> None:
                      "rounds_per_size": args.rounds,
                      "timing": "updates/s = clients / (last receipt - first publish); the aggregator sends a "
                                "receipt after folding each update. The round close (optimizer step, checkpoint "
-                               "with fsync, republishing the model) is reported apart as round_close_seconds. aggregator_cpu_ms_per_update: the aggregator process's CPU "
+                               "with fsync, republishing the model) is reported apart as round_close_seconds. "
+                               "aggregator_cpu_ms_per_update: the aggregator process's CPU "
                                "time (user + system, all threads) from the first publish to the last receipt, per "
                                "update: what folding costs, whatever else loads the machine.",
                      "signing": args.signing, "metrics": args.metrics,
