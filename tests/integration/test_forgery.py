@@ -83,7 +83,9 @@ def forged_update(core, sender: str, update_id: str) -> bytes:
 
 def test_forgeries_fail_and_the_job_trains_while_under_attack(mosquitto, tmp_path):
     cfg = job_config(tmp_path, mosquitto.url, job=JOB, rounds=16, agents=3)
-    cfg = dataclasses.replace(cfg, selection=dataclasses.replace(cfg.selection, min_clients=3, deadline_s=20.0,
+    # A 60 s deadline: a loaded machine's first training (a cold worker) can
+    # take longer than 20 s, and the test wants every round to train.
+    cfg = dataclasses.replace(cfg, selection=dataclasses.replace(cfg.selection, min_clients=3, deadline_s=60.0,
                                                                  settle_s=1.0))
     assert cfg.identity.signing == "required"  # the default
     # Each with its own key, enrolled; all pin the aggregator's key. The
@@ -135,7 +137,7 @@ def test_forgeries_fail_and_the_job_trains_while_under_attack(mosquitto, tmp_pat
             forger.publish(TOPICS.round, first, retain=True)
             Registry(tmp_path / "aggregator").revoke("spare-0")
             revoked_at = len(records)
-            wait_for(lambda: service.done.is_set(), 240, "the job")
+            wait_for(lambda: service.done.is_set(), 600, "the job")
             late_device = late.devices["late-0"]
         counters = dict(core.counters)
         refused = sum((dev.refused for dev in fleet.devices.values()), start=Counter())
