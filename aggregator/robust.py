@@ -204,6 +204,13 @@ def sample_cap(samples: Sequence[float], history: Sequence[float], d: Defences) 
     return d.weight_cap * float(np.median([*samples, *history]))
 
 
+def _weighing(samples: int, norm: float, bound: float | None, cap: float | None) -> tuple[float, float]:
+    """An update's weight (its samples, capped) and the factor that scales
+    it down to the norm bound."""
+    weight = float(samples) if cap is None else min(float(samples), cap)
+    return weight, 1.0 if bound is None or norm <= bound else bound / max(norm, 1e-30)
+
+
 class RoundAggregate:
     """The open round's admitted updates under the job's defences.
 
@@ -312,8 +319,8 @@ class RoundAggregate:
             return
         bound = self.bound if self.fixed else norm_bound([], self.norm_history, self.d)
         cap = self.cap if self.fixed else sample_cap([], self.sample_history, self.d) if self.sample_history else None
-        weight = float(samples) if cap is None else min(float(samples), cap)
-        coef = weight * (1.0 if bound is None or norm <= bound else bound / norm)
+        weight, factor = _weighing(samples, norm, bound, cap)
+        coef = weight * factor
         if not coef > 0 or self.left_mass + coef * norm > SUM_LIMIT:
             return
         if self.left_sum is None:
@@ -366,10 +373,9 @@ class RoundAggregate:
 
     def _fold_scratch(self, samples: int, norm: float) -> None:
         """Add the update in the scratch model, bounded and capped, to the sum."""
-        weight = float(samples) if self.cap is None else min(float(samples), self.cap)
+        weight, factor = _weighing(samples, norm, self.bound, self.cap)
         if self.dp is not None:
             weight = 1.0
-        factor = 1.0 if self.bound is None or norm <= self.bound else self.bound / max(norm, 1e-30)
         coef = weight * factor
         if self.mass + coef * norm > SUM_LIMIT:
             raise CodecError("overflow", f"an update of norm {norm:.3g} x weight {weight:.3g} would overflow "
