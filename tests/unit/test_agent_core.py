@@ -7,7 +7,6 @@ import pytest
 
 from edge_agent.core import (
     AckArrived,
-    AgentCore,
     AgentState,
     AnnouncementArrived,
     Connected,
@@ -21,61 +20,17 @@ from edge_agent.core import (
     StartTraining,
     Subscribe,
     Tick,
-    TrainingDone,
     TrainingFailed,
     Unsubscribe,
 )
 from fedge import tensors, wire
 from fedge.codecs import make_codec
-from fedge.downlink import encode_delta, rebuild
-from fedge.messages import Ack, Decline, GlobalModel, ModelDelta, RoundAnnouncement, Status, TrainingPlan, Update
+from fedge.messages import Ack, Decline, Status, Update
 from fedge.privacy import DpPlan
-from fedge.tensors import TensorSpec, state_digest
+from fedge.tensors import state_digest
 from fedge.wire import Kind
 
-JOB = "unit"
-ME = "pi-1"
-KEY = {"w": np.arange(16, dtype=np.float32).reshape(4, 4) / 10, "b": np.ones(4, np.float32)}
-SPEC = TensorSpec.of(KEY)
-DOWN = {"name": "int8", "block": 8}
-
-
-def key_msg(arrays=KEY, round_=0, factory="fedge.models:digits_mlp", job=JOB):
-    msg = GlobalModel(job=job, round=round_, model=factory, model_args={}, spec=TensorSpec.of(arrays),
-                      body=tensors.pack(arrays)).encode()
-    return msg, state_digest(arrays)
-
-
-def delta_msg(target, round_=1, key=KEY, tamper=False):
-    codec = make_codec(DOWN)
-    body = encode_delta(target, key, codec, np.random.default_rng(round_))
-    digest = state_digest(rebuild(key, codec, body, SPEC))
-    msg = ModelDelta(job=JOB, round=round_, key_round=0, key_digest=state_digest(key),
-                     target_digest="0" * 64 if tamper else digest, codec=DOWN, body=body).encode()
-    return msg, digest
-
-
-def ann_msg(model_digest, round_=1, attempt=1, selected=(ME,), state="open", codec=None, key_digest=None, dp=None):
-    return RoundAnnouncement(job=JOB, round=round_, attempt=attempt, state=state, model_digest=model_digest,
-                             selected=selected, training=TrainingPlan(), codec=codec or {"name": "int8"},
-                             key_digest=key_digest or state_digest(KEY), dp=dp).encode()
-
-
-def make(**kw):
-    return AgentCore(client_id=ME, job=JOB, info={"codecs": ["none", "int8", "topk"]}, resend_after_s=10.0, **kw)
-
-
-def only(actions, cls):
-    return [a for a in actions if isinstance(a, cls)]
-
-
-DELTA = {"w": np.full((4, 4), 0.25, np.float32), "b": np.full(4, -0.5, np.float32)}
-
-
-def train(core, now=5.0, samples=42, delta=None):
-    start = core.training
-    assert start is not None
-    return core.handle(TrainingDone(start.job_id, delta or DELTA, samples, 0.7, 1.2, now))
+from .builders import DELTA, JOB, KEY, ME, SPEC, ann_msg, delta_msg, key_msg, make, only, train
 
 
 def selected_core(**kw):

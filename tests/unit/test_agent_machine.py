@@ -33,7 +33,7 @@ from fedge import wire
 from fedge.messages import Ack, Update
 from fedge.wire import Kind
 
-from .test_agent_core import DELTA, JOB, KEY, ME, ann_msg, key_msg, make
+from .builders import DELTA, JOB, KEY, ME, ann_msg, key_msg, make
 
 # Two models, as an aggregator's two sessions (or a failed and a successful
 # round) would name; the second key has the higher round.

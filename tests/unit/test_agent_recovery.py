@@ -25,7 +25,7 @@ from fedge import wire
 from fedge.messages import Ack, Update
 from fedge.tensors import state_digest
 
-from .test_agent_core import JOB, KEY, ME, ann_msg, delta_msg, key_msg, make, only, train
+from .builders import JOB, KEY, ME, ann_msg, delta_msg, key_msg, make, only, train
 
 FORGED = 10**9
 

@@ -8,9 +8,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 from aggregator.service import AggregatorService
 from edge_agent.pool import TrainingPool
@@ -18,34 +15,8 @@ from edge_agent.runtime import AgentRuntime, DeviceSpec
 from fedge.config import updated
 from fedge.transport import MemoryBroker
 
-from .test_service_shell import JOB, TOPICS, job, wait_for
-
-
-def devices(tmp: Path, n: int) -> list[DeviceSpec]:
-    return [DeviceSpec(client_id=f"dev-{i}", job=JOB, data="fedge.datasets:digits",
-                       data_args={"client": i, "clients": n}, state_dir=tmp / f"dev-{i}", durable=False)
-            for i in range(n)]
-
-
-@contextmanager
-def job_and_fleet(cfg, broker: MemoryBroker, specs: list[DeviceSpec], pool: TrainingPool,
-                  **service_kw) -> Iterator[tuple[AggregatorService, AgentRuntime]]:
-    """The aggregator and the devices, each on its own thread, on ``broker``."""
-    service = AggregatorService(cfg, link_factory=broker.link, **service_kw)
-    fleet = AgentRuntime(specs, cfg.broker, pool, link_factory=broker.link)
-    threads = [threading.Thread(target=service.run, daemon=True), threading.Thread(target=fleet.run, daemon=True)]
-    fleet.start()
-    for t in threads:
-        t.start()
-    try:
-        yield service, fleet
-    finally:
-        service.stop()
-        fleet.stop()
-        for t in threads:
-            t.join(10)
-        fleet.close()
-        pool.close()
+from .builders import SHELL_JOB as JOB
+from .builders import TOPICS, devices, job, job_and_fleet, wait_for
 
 
 def test_a_job_runs_over_the_memory_broker_through_redelivery_and_a_reconnect(tmp_path):

@@ -3,7 +3,7 @@ round's deadline at most once, and an "offline" never holds a round open
 (fault campaign, case 5)."""
 
 from aggregator.rounds import ClientStatus, TimerFired
-from tests.unit.test_rounds import acks, announcement, finished, make_core, online, send, update
+from tests.unit.builders import acks, announcement, finished, make_core, online, send, update
 
 REAL = ("a", "b", "c")
 
@@ -96,7 +96,7 @@ def test_a_refused_update_is_a_response_so_the_round_closes_on_quorum():
     waiting for its deadline: its sender is told "rejected" and never resends."""
     import numpy as np
 
-    from tests.unit.test_rounds import INITIAL
+    from tests.unit.builders import INITIAL
 
     core = make_core(min_clients=3)
     online(core, *REAL)

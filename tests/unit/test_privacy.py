@@ -28,7 +28,7 @@ from fedge.config import ConfigError
 from fedge.messages import RoundAnnouncement
 from fedge.privacy import DpPlan, add_noise, clip_update
 from fedge.tensors import TensorSpec, l2_norm
-from tests.unit.test_rounds import acks, announcement, delta_for, finished, make_core, online, send, update
+from tests.unit.builders import acks, announcement, delta_for, finished, make_core, online, send, update
 
 SHAPES = {"a": (50, 40), "b": (40,)}
 SPEC = TensorSpec(tuple(SHAPES.items()))

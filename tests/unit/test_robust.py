@@ -20,7 +20,7 @@ from aggregator.robust import (
 from fedge import tensors
 from fedge.codecs import CodecError, make_codec
 from fedge.tensors import TensorSpec
-from tests.unit.test_rounds import INITIAL, finished, make_core, online, send, update
+from tests.unit.builders import INITIAL, finished, make_core, online, send, update
 
 SHAPES = {"a": (5, 4), "b": (4,)}
 SPEC = TensorSpec(tuple(SHAPES.items()))

@@ -1,92 +1,36 @@
 """The aggregator's round state machine: quorum, deadline, duplicates, late and
 hostile updates, restarts. No network, no sleeps: time is an argument."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 
-from aggregator.config import AggregatorConfig
-from aggregator.optimizers.fedavg import FedAvg
-from aggregator.robust import Defences
 from aggregator.rounds import (
-    ClientStatus,
     MessageArrived,
     PublishAnnouncement,
     PublishDelta,
     PublishModel,
-    RoundCore,
-    RoundFinished,
-    RoundPolicy,
     SaveCheckpoint,
     SaveRoundOpen,
-    SendAck,
     TimerFired,
 )
 from fedge import tensors, wire
 from fedge.codecs import make_codec
 from fedge.downlink import rebuild
-from fedge.messages import Ack, Decline, GlobalModel, ModelDelta, RoundAnnouncement, TrainingPlan, Update
-
-JOB = "unit"
-# Plain FedAvg, for tests that compare with a NumPy reference of it (the
-# defences have their own tests, tests/unit/test_robust.py).
-PLAIN = Defences(clip="off", weight_cap=0.0, direction="off")
-INITIAL = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.ones(2, np.float32)}
-
-
-def make_core(codec="none", downlink=None, key_every=20, **kw):
-    policy = dataclasses.replace(RoundPolicy.from_config(AggregatorConfig()),
-                                 **{"rounds": 5, "min_clients": 2, "deadline_s": 60.0, "settle_s": 0.0, **kw})
-    return RoundCore(job=JOB, policy=policy, plan=TrainingPlan(), codec={"name": codec}, optimizer=FedAvg(),
-                     model_factory="fedge.models:digits_mlp", model_args={}, initial_model=INITIAL,
-                     downlink=downlink, key_every=key_every)
-
-
-def online(core, *clients, now=0.0, info=None):
-    out = []
-    for c in clients:
-        out += core.handle(ClientStatus(c, True, info or {}, now))
-    return out
-
-
-def announcement(actions):
-    anns = [a for a in actions if isinstance(a, PublishAnnouncement)]
-    return RoundAnnouncement.parse(wire.decode(anns[-1].message)) if anns else None
-
-
-def delta_for(client, scale=1.0):
-    seed = sum(map(ord, client))
-    rng = np.random.default_rng(seed)
-    return {k: (rng.normal(size=v.shape) * scale).astype(np.float32) for k, v in INITIAL.items()}
-
-
-def update(core, client, *, delta=None, round=None, samples=10, codec=None, base=None, job=JOB, sender=None,
-           update_id=None, clip_bit=None):
-    delta = delta if delta is not None else delta_for(client)
-    params = codec or core.codec_params
-    return Update(job=job, round=core.next_round if round is None else round, sender=sender or client,
-                  update_id=update_id or f"u-{client}", num_samples=samples, codec=params,
-                  base_model=base or core.model_digest,
-                  body=make_codec(params).encode(delta, np.random.default_rng(0)), clip_bit=clip_bit).encode()
-
-
-def send(core, client, message, now=1.0):
-    """Deliver a message, then tick as the service does after every event."""
-    return core.handle(MessageArrived(client, message, now)) + core.handle(TimerFired(now))
-
-
-def acks(actions):
-    return [Ack.parse(wire.decode(a.message)) for a in actions if isinstance(a, SendAck)]
-
-
-def finished(actions):
-    return [a for a in actions if isinstance(a, RoundFinished)]
-
-
-def reference_fedavg(model, deltas_and_weights):
-    total = sum(w for _, w in deltas_and_weights)
-    return {k: model[k] + sum(d[k].astype(np.float64) * w for d, w in deltas_and_weights) / total for k in model}
+from fedge.messages import Decline, GlobalModel, ModelDelta
+from tests.unit.builders import (
+    INITIAL,
+    JOB,
+    PLAIN,
+    acks,
+    announcement,
+    delta_for,
+    finished,
+    make_core,
+    online,
+    reference_fedavg,
+    send,
+    update,
+)
 
 
 def test_waits_for_min_clients_then_announces_with_a_saved_selection():

@@ -21,8 +21,7 @@ from fedge.config import ConfigError, updated
 from fedge.secagg import SecAggPlan, flatten, quantize
 from fedge.transport import MemoryBroker
 
-from .test_fleet_shell import devices, job_and_fleet
-from .test_service_shell import job, wait_for
+from .builders import devices, job, job_and_fleet, wait_for
 
 BOUND = 0.5
 

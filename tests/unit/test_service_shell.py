@@ -5,47 +5,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
-from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from fedge import wire
 from fedge.codecs import supported
 from fedge.config import updated
 from fedge.files import atomic_write
 from fedge.messages import RoundAnnouncement, Status
-from fedge.topics import JobTopics
 from fedge.transport import MemoryBroker
 
-JOB = "shell"
-TOPICS = JobTopics(JOB)
-
-
-def job(tmp: Path, **selection: object) -> AggregatorConfig:
-    # These tests speak the protocol by hand, unsigned (test_signing_shell signs).
-    return updated(AggregatorConfig(), job={"name": JOB, "rounds": 2, "state_dir": str(tmp / "agg")},
-                   selection={"min_clients": 1, "settle_s": 0.0, **selection}, identity={"signing": "off"})
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-@contextmanager
-def running(cfg: AggregatorConfig, broker: MemoryBroker) -> Iterator[AggregatorService]:
-    service = AggregatorService(cfg, link_factory=broker.link)
-    thread = threading.Thread(target=service.run, daemon=True)
-    thread.start()
-    try:
-        yield service
-    finally:
-        service.stop()
-        thread.join(10)
+from .builders import SHELL_JOB as JOB
+from .builders import TOPICS, job, running, wait_for
 
 
 def announcement(broker: MemoryBroker) -> RoundAnnouncement | None:

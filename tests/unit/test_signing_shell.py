@@ -13,7 +13,8 @@ from fedge.identity import Identity, check_signed
 from fedge.messages import Ack, RoundAnnouncement, Status, Update
 from fedge.transport import MemoryBroker
 
-from .test_service_shell import JOB, TOPICS, job, running, wait_for
+from .builders import SHELL_JOB as JOB
+from .builders import TOPICS, job, running, wait_for
 
 
 def signed_job(tmp_path):
