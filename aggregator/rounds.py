@@ -673,19 +673,27 @@ class RoundCore:
 
     # --- round lifecycle -------------------------------------------------------
 
+    def answered_without_update(self, op: _OpenRound) -> set[str]:
+        """Selected devices that answered the round with no update it
+        counted: a decline, a refused update (once the round has enough
+        without it: on a broker without ACL a forger can refuse a device's
+        update in its name, and must not close a round before the real one
+        arrives), or, in a secure round, no keys or shares in time. A device
+        that declined (for lack of the model, say) and then sent an update
+        that was accepted has answered once."""
+        enough = len(op.accepted) >= self.policy.min_updates
+        answered = op.declined | (op.refused if enough else set())
+        if self.secure is not None:
+            answered = answered | self.secure.out_of_round()
+        return answered - set(op.accepted)
+
     def _check_quorum(self, now: float) -> None:
         """Mark the round due once enough selected clients responded; the
         next tick closes it."""
         op = self.open
         assert op is not None
         enough = len(op.accepted) >= self.policy.min_updates
-        # A refused update is an answer once the round has enough without it:
-        # on a broker without ACL a forger can refuse a device's update in its
-        # name, and must not close a round before the real one arrives.
-        answered = op.declined | (op.refused - set(op.accepted) if enough else set())
-        if self.secure is not None:
-            # Devices that sent no keys or shares in time cannot add an input.
-            answered = answered | (self.secure.out_of_round() - set(op.accepted))
+        answered = self.answered_without_update(op)
         responded = len(op.accepted) + len(answered)
         if op.due is None and responded >= selection.quorum_size(len(op.selected), self.policy.quorum):
             op.due = now
@@ -899,7 +907,8 @@ class RoundCore:
             self.failures[failure] += 1
         record = RoundRecord(
             round=op.round, attempt=op.attempt, status="ok" if ok else "failed", closed_by=reason,
-            selected=len(op.selected), clients=len(op.accepted), declined=len(op.declined), late=op.late,
+            selected=len(op.selected), clients=len(op.accepted), declined=len(op.declined - set(op.accepted)),
+            late=op.late,
             rejected=dict(op.rejected), num_samples=op.num_samples,
             train_loss=self._train_loss(op), bytes_up=op.bytes_up,
             bytes_down=op.bytes_down, seconds=round(now - op.opened_at, 4), model_digest=self.model_digest,

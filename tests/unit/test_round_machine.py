@@ -146,6 +146,7 @@ class RoundMachine(RuleBasedStateMachine):
         # What the examples exercised: pytest --hypothesis-show-statistics counts these.
         event(f"a round closed: {record.failure or 'ok'} (by {record['closed_by']})")
         assert record["clients"] == len(record["accepted"]) <= record["selected"]
+        assert record["clients"] + record["declined"] <= record["selected"], record  # each device answers once
         assert record["status"] == ("ok" if record.failure is None else "failed"), record
         if not self.VARIANT.private:
             assert record["status"] == ("ok" if record["clients"] >= 1 and record.failure is None else "failed")
@@ -264,6 +265,15 @@ class RoundMachine(RuleBasedStateMachine):
             assert sec is not None and sec.stage == "unmask" and self.now < sec.deadline, (op, sec)
         if sec is not None and sec.stage in ("keys", "shares", "unmask"):
             assert self.now < sec.deadline, sec.stage
+
+    @invariant()
+    def each_selected_device_answers_once(self) -> None:
+        """A device that declined, or sent an update that was refused, and
+        then sent one that was accepted counts once towards the quorum."""
+        op = self.core.open
+        if op is not None:
+            answered = self.core.answered_without_update(op)
+            assert answered <= set(op.selected) and not answered & set(op.accepted), (answered, op)
 
     @invariant()
     def the_model_stays_finite(self) -> None:

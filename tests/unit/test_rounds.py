@@ -16,7 +16,7 @@ from aggregator.rounds import (
 from fedge import tensors, wire
 from fedge.codecs import make_codec
 from fedge.downlink import rebuild
-from fedge.messages import Decline, GlobalModel, ModelDelta
+from fedge.messages import MODEL_UNAVAILABLE, Decline, GlobalModel, ModelDelta
 from tests.unit.builders import (
     INITIAL,
     JOB,
@@ -239,6 +239,20 @@ def test_declines_count_as_responses():
     out = send(core, "b", Decline(JOB, 1, "b", "out of memory").encode())
     rec = finished(out)[0].record
     assert rec["clients"] == 1 and rec["declined"] == 1 and rec["status"] == "ok"
+
+
+def test_a_device_that_declines_and_then_answers_counts_once():
+    # A device that lacked the model declines, fetches it again and sends an
+    # update: one answer, not two, or the round closes before the others.
+    core = make_core(min_clients=3, quorum=1.0)
+    core.start(0)
+    online(core, "a", "b", "c")
+    send(core, "a", Decline(JOB, 1, "a", f"{MODEL_UNAVAILABLE}: delta lost").encode())
+    assert [x.status for x in acks(send(core, "a", update(core, "a"), now=2.0))] == ["accepted"]
+    assert not finished(send(core, "b", update(core, "b"), now=3.0))
+    assert core.state == "open"
+    rec = finished(send(core, "c", update(core, "c"), now=4.0))[0].record
+    assert rec["clients"] == 3 and rec["closed_by"] == "quorum"
 
 
 def test_the_job_ends_after_its_rounds():
