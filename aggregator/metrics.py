@@ -67,6 +67,17 @@ METRICS: MetricTable = {
 }
 
 
+def incident_counts(snap: dict[str, Any]) -> dict[str, int]:
+    """Everything else the core counted: what is not an outcome, a status, a
+    rejection or a failed round (a reason may be counted as more than one:
+    ``model_unavailable`` is a device's decline here and a round's failure in
+    ``fedge_round_failures_total``)."""
+    counters, rejections, failures = snap["counters"], snap["rejections"], snap["failures"]
+    own = set(_OUTCOMES) | set(_UPDATE_STATUSES)
+    incidents = {k: v - rejections.get(k, 0) - failures.get(k, 0) for k, v in counters.items() if k not in own}
+    return {k: v for k, v in incidents.items() if v > 0}
+
+
 def render(snap: dict[str, Any]) -> Iterator[Any]:
     """Metric families from a snapshot (``AggregatorService._metrics_snapshot``)."""
     f = Families(METRICS)
@@ -86,11 +97,7 @@ def render(snap: dict[str, Any]) -> Iterator[Any]:
     statuses["rejected"] = sum(v for k, v in rejections.items() if k != "late")
     yield counter("fedge_updates_total", statuses)
     yield counter("fedge_updates_rejected_total", {k: v for k, v in rejections.items() if k != "late"})
-    # Everything else the core counted: what is not an outcome, a status, a
-    # rejection or a failure (a reason may be counted as more than one).
-    own = set(_OUTCOMES) | set(_UPDATE_STATUSES)
-    incidents = {k: v - rejections.get(k, 0) - failures.get(k, 0) for k, v in counters.items() if k not in own}
-    yield counter("fedge_incidents_total", {k: v for k, v in incidents.items() if v > 0})
+    yield counter("fedge_incidents_total", incident_counts(snap))
     traffic_bytes, traffic_messages = snap["traffic"]
     yield counter("fedge_transport_bytes_total", traffic_bytes)
     yield counter("fedge_transport_messages_total", traffic_messages)

@@ -897,13 +897,15 @@ class RoundCore:
             extra["secagg"] = self._secure_summary()
         if not ok and failure is None and self.policy.secagg is not None and (sec is None or sec.stage == "failed"):
             failure = "secagg_failed"
-        if failure:
-            self.counters[failure] += 1
         if not ok and failure is None:
             # Named by its cause where the devices gave one: the model did
             # not reach them (the broker lost it), or too few answered.
             failure = MODEL_UNAVAILABLE if op.model_missing else "too_few_updates"
-        if failure is not None and not ok:
+        if failure is not None:
+            # Counted in both, as a rejection is: the metrics take a failed
+            # round out of the incidents (a model_unavailable incident is a
+            # device's decline, a failure a round's).
+            self.counters[failure] += 1
             self.failures[failure] += 1
         record = RoundRecord(
             round=op.round, attempt=op.attempt, status="ok" if ok else "failed", closed_by=reason,

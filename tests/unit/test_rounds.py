@@ -4,6 +4,7 @@ hostile updates, restarts. No network, no sleeps: time is an argument."""
 import numpy as np
 import pytest
 
+from aggregator.metrics import incident_counts
 from aggregator.rounds import (
     MessageArrived,
     PublishAnnouncement,
@@ -460,6 +461,9 @@ def test_a_device_lacking_the_model_makes_the_aggregator_publish_it_again_once_a
     # A failed round publishes the model again for the next one.
     assert any(isinstance(a, PublishModel) for a in acts) and any(isinstance(a, PublishDelta) for a in acts)
     assert core.failures["model_unavailable"] == 1
+    # The metrics show two devices' declines as incidents and one failed round.
+    snap = {"counters": dict(core.counters), "rejections": dict(core.rejections), "failures": dict(core.failures)}
+    assert incident_counts(snap)["model_unavailable"] == 2 and snap["failures"] == {"model_unavailable": 1}
 
 
 def test_every_failed_round_names_its_reason_and_republishes_the_delta():
