@@ -21,6 +21,9 @@ Attacks (the attackers are the last clients: c09, or c07-c09):
 * ``scale_x100`` / ``sign_flip``: the honest delta x 100 / x -1.
 * ``weight_scale``: 10**6 samples and the delta x 10 (the fault campaign's case).
 * ``label_flip_10`` / ``label_flip_30``: 1 / 3 of the ten train on y -> 9 - y.
+* ``absent``: the last device declines every round, which is what a
+  perfect defence would make of any attacker there: the model never sees
+  its data. Its drop is the floor for every other attack's.
 * ``nan`` / ``inf``: a body in the announced codec whose scales are NaN / Inf
   (crafted bytes: the honest encoder refuses non-finite deltas).
 
@@ -135,6 +138,7 @@ class Attack:
     scale: float = 1.0  # applied to the trained delta
     flip_labels: bool = False
     payload: float | None = None  # a non-finite value crafted into the body's scales
+    absent: bool = False  # declines every round: what a perfect defence would make of any attacker
 
 
 ATTACKS: dict[str, Attack] = {
@@ -142,6 +146,8 @@ ATTACKS: dict[str, Attack] = {
     "weight_1e6": Attack("an honest delta claiming num_samples = 10**6", samples=10**6),
     "scale_x100": Attack("the honest delta x 100", scale=100.0),
     "sign_flip": Attack("the honest delta x -1", scale=-1.0),
+    "absent": Attack("the attacker's device declines every round: a perfect defence's result, the floor of "
+                     "what any defence can do without the attacker's data", absent=True),
     "weight_scale": Attack("num_samples = 10**6 and the delta x 10 (the fault campaign's case)",
                            samples=10**6, scale=10.0),
     "label_flip_10": Attack("1 of 10 clients trains on labels y -> 9 - y", flip_labels=True),
@@ -208,6 +214,8 @@ class Fleet:
         from fedge.tensors import TensorSpec
         from fedge.torchkit import federated_arrays, load_federated
 
+        if hostile and attack.absent:
+            return Decline(ann.job, ann.round, client, "absent: takes no part").encode()
         data = self.flipped[index] if hostile and attack.flip_labels else self.data[index]
         try:
             load_federated(self.model, published)
@@ -469,13 +477,15 @@ def bar_verdicts(runs: list[dict[str, Any]], noise: dict[str, Any]) -> dict[str,
                         if (x["task"], x["defence"], x["attack"]) == (task, "defaults", attack))
             anywhere = [f"{x['defence']}" for x in runs if x["task"] == task and x["attack"] == attack
                         and (x["crashes"] or x["stalled"])]
-            one = ATTACKS[attack].attackers == 1
+            one = ATTACKS[attack].attackers == 1 and not ATTACKS[attack].absent
             meets = None if drop is None else (drop <= BAR_POINTS and not broke)
             v: dict[str, Any] = {"drop_points": drop, "drop_points_seed0": r["drop_points_vs_clean_same_defence"],
                                  "drop_points_per_seed": paired, "crashed": bool(r["crashes"]), "stalled": r["stalled"],
                                  "crashed_or_stalled_under": anywhere,
                                  "in_scope": one, "meets": meets}
-            if not one:
+            if ATTACKS[attack].absent:
+                v["note"] = "no attack: what a perfect defence leaves, the floor of every attack's drop"
+            elif not one:
                 v["note"] = f"{ATTACKS[attack].attackers} attackers: beyond the bar's one among ten; reported"
             if r["closed_by"].get("deadline"):
                 v["rounds_closed_by_deadline"] = r["closed_by"]["deadline"]
