@@ -45,6 +45,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from aggregator.pipeline import Combined, Partial
+from fedge.privacy import noise_rng
+
 if TYPE_CHECKING:
     from aggregator.config import PrivacySection
 
@@ -279,3 +284,84 @@ def noise_for_budget(target_epsilon: float, rounds: int, sampling_rate: float, d
         mid = math.sqrt(low * high)
         low, high = (low, mid) if fits(mid) else (mid, high)
     return high
+
+
+# --- a private round ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DpRound:
+    """A differentially private round: every update is clipped to ``clip``
+    and weighs one; Gaussian noise of ``noise_std`` per coordinate is added
+    to the sum, which is divided by ``denominator`` (fixed before the round:
+    the expected number of devices). ``distributed``: each device added a
+    share of ``noise_std / sqrt(denominator)`` and the aggregator adds only
+    what missing shares leave out; the aggregator cannot clip a noisy
+    update to ``clip``, so it bounds it at ``noisy_bound``. ``bit_std`` > 0:
+    adaptive clipping, whose count of updates within the clip carries noise
+    of ``bit_std``, shared the same way."""
+
+    clip: float
+    noise_std: float
+    denominator: float
+    distributed: bool = False
+    noisy_bound: float = 0.0
+    bit_std: float = 0.0
+
+    @property
+    def bound(self) -> float:
+        return self.noisy_bound if self.distributed else self.clip
+
+    @property
+    def share(self) -> float:
+        """A device's share of the noise, per coordinate (distributed)."""
+        return self.noise_std / math.sqrt(self.denominator) if self.distributed else 0.0
+
+    @property
+    def bit_share(self) -> float:
+        return self.bit_std / math.sqrt(self.denominator) if self.distributed else 0.0
+
+    @property
+    def bit_limit(self) -> float:
+        """The most one report may move the count: +-1/2, plus a wide margin
+        for its noise share (distributed)."""
+        return 0.5 + 8.0 * self.bit_share
+
+    def missing(self, shares: int) -> float:
+        """The fraction of the noise's standard deviation the aggregator
+        adds when ``shares`` updates are in the sum."""
+        if not self.distributed:
+            return 1.0
+        return math.sqrt(max(0.0, 1.0 - shares / self.denominator))
+
+
+@dataclass(frozen=True)
+class PrivateRelease:
+    """What a private round added to its sum, for the round's record."""
+
+    shares: int  # noise shares in the sum (distributed), else 0
+    noise_std: float  # the noise the aggregator itself added, per coordinate
+    unclipped: float | None  # adaptive clipping: the noised fraction of updates within the clip
+
+
+def release_private(partial: Partial, dp: DpRound, noise_scale: float = 1.0) -> Combined:
+    """A private round's one release: (the partial's sum of clipped updates +
+    Gaussian noise) / the fixed denominator, whatever arrived, none included
+    (the accountant counts every round; a round that released nothing when
+    nobody was sampled would tell who was). With distributed noise the sum
+    already holds one share per update, and the aggregator adds what the
+    missing ones would have: the released model always carries the full
+    noise. ``noise_scale``: the noise's standard deviation in units of
+    ``dp.noise_std`` (secure aggregation's integer shares are sized for the
+    sensitivity after rounding, ``aggregator.rounds``). The noise is fresh
+    randomness (``fedge.privacy.noise_rng``), never a job's seed."""
+    rng = noise_rng()
+    missing = dp.missing(len(partial.used))
+    noise_std, bit_std = dp.noise_std * noise_scale * missing, dp.bit_std * missing
+    delta = {name: ((a + rng.normal(0.0, noise_std, size=a.shape)) / dp.denominator).astype(np.float32)
+             for name, a in partial.sum.items()}
+    unclipped = None
+    if dp.bit_std > 0:
+        unclipped = (partial.bits + float(rng.normal(0.0, bit_std))) / dp.denominator + 0.5
+    shares = len(partial.used) if dp.distributed else 0
+    return Combined(delta, partial, PrivateRelease(shares, noise_std, unclipped))

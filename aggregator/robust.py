@@ -97,8 +97,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from aggregator.fold import Admitted, RoundUpdates, RunningSum
+from aggregator.pipeline import Combined, Partial, release
+from aggregator.privacy import DpRound, release_private
 from fedge.codecs import CodecError, UpdateCodec
-from fedge.privacy import noise_rng
 from fedge.tensors import ModelArrays, TensorSpec, dot, l2_norm
 
 if TYPE_CHECKING:
@@ -154,29 +155,6 @@ class Defences:
                    trim_fraction=server.trim_fraction, krum_f=server.krum_f, krum_m=server.krum_m,
                    direction=server.direction, direction_beta=server.direction_beta,
                    direction_tau=server.direction_tau)
-
-
-@dataclass(frozen=True)
-class Combined:
-    """One round's averaged delta and what the defences did to get it."""
-
-    delta: ModelArrays
-    used: tuple[str, ...]  # clients whose update is in the delta (krum leaves some out)
-    bound: float | None  # the norm bound applied, if any
-    clipped: int  # updates scaled down to the bound
-    capped: int  # updates whose weight was capped
-    median_norm: float  # of the round's updates, before clipping
-    median_samples: float  # claimed by the round's updates, before capping
-    private: PrivateRelease | None = None  # a differentially private round: what it added
-
-
-@dataclass(frozen=True)
-class PrivateRelease:
-    """What a private round added to its sum, for the round's record."""
-
-    shares: int  # noise shares in the sum (distributed), else 0
-    noise_std: float  # the noise the aggregator itself added, per coordinate
-    unclipped: float | None  # adaptive clipping: the noised fraction of updates within the clip
 
 
 def dense_bytes(spec: TensorSpec, updates: int) -> int:
@@ -391,107 +369,54 @@ class RoundAggregate:
                 self.sum.acc[name] += a
 
     def combine(self) -> Combined:
-        """The round's averaged delta (call once, at close)."""
+        """The round's result (call once, at close): the mean of its partial,
+        or a private round's release of it."""
+        partial = self.partial()
+        if self.dp is not None:
+            return release_private(partial, self.dp)
+        return release(partial)
+
+    def _sum(self) -> ModelArrays:
+        """The running sum, copied: the accumulators are the next round's."""
+        return {name: a.copy() for name, a in self.sum.acc.items()}
+
+    def partial(self) -> Partial:
+        """What the round's admitted updates add up to (call once, at
+        close); raises ``ValueError`` when nothing can be released: no update
+        admitted (or folded), or every one left out by the direction filter.
+        A private round's partial is whatever arrived, none included."""
         items = self.updates.items
         if self.dp is not None:
-            return self._private()
+            norms = [a.norm for a in items] or [0.0]
+            return Partial(sum=self._sum(), weight=self.weight, used=tuple(a.client for a in items),
+                           bound=self.dp.bound, clipped=int(self.clipped), median_norm=float(np.median(norms)),
+                           median_samples=float(np.median([a.samples for a in items] or [0])), bits=self.bits)
         if not items and self.left:
             raise ValueError(f"every update ({len(self.left)}) points away from the direction of recent rounds")
         if not items:
             raise ValueError("no updates admitted")
         if not self.stream:
-            pull: list[tuple[ModelArrays, float]] | None = [] if self.steering else None
-            combined = combine(self.updates, self.d, self.norm_history, self.sample_history, pull=pull)
-            self.pull = pull[0] if pull else None
-            return combined
+            partial, self.pull = dense(self.updates, self.d, self.norm_history, self.sample_history,
+                                       steering=self.steering)
+            return partial
         if not self.fixed:
             self._calibrate()
             items = self.updates.items
             if not items:
                 raise ValueError("no update could be folded")
-        scale = np.float32(1.0 / self.weight)
-        delta = {name: a * scale for name, a in self.sum.acc.items()}
-        return Combined(delta, tuple(a.client for a in items), self.bound, int(self.clipped), int(self.capped),
-                        float(np.median([a.norm for a in items])), float(np.median([a.samples for a in items])))
+        return Partial(sum=self._sum(), weight=self.weight, used=tuple(a.client for a in items), bound=self.bound,
+                       clipped=int(self.clipped), capped=int(self.capped),
+                       median_norm=float(np.median([a.norm for a in items])),
+                       median_samples=float(np.median([a.samples for a in items])))
 
 
-    def _private(self) -> Combined:
-        """(sum of clipped updates + Gaussian noise) / the fixed denominator:
-        released whatever arrived, none included (the accountant counts every
-        round; a round that released nothing when nobody was sampled would
-        tell who was). With distributed noise the sum already holds one
-        share per update, and the aggregator adds what the missing ones
-        would have (the released model always carries the full noise)."""
-        dp = self.dp
-        assert dp is not None
-        items = self.updates.items
-        rng = noise_rng()
-        missing = dp.missing(len(items))
-        scale = np.float32(1.0 / dp.denominator)
-        delta = {name: ((a + rng.normal(0.0, dp.noise_std * missing, size=a.shape)) * scale).astype(np.float32)
-                 for name, a in self.sum.acc.items()}
-        unclipped = None
-        if dp.bit_std > 0:
-            unclipped = (self.bits + float(rng.normal(0.0, dp.bit_std * missing))) / dp.denominator + 0.5
-        norms = [a.norm for a in items] or [0.0]
-        release = PrivateRelease(len(items) if dp.distributed else 0, dp.noise_std * missing, unclipped)
-        return Combined(delta, tuple(a.client for a in items), dp.bound, int(self.clipped), 0,
-                        float(np.median(norms)), float(np.median([a.samples for a in items] or [0])), release)
-
-
-@dataclass(frozen=True)
-class DpRound:
-    """A differentially private round: every update is clipped to ``clip``
-    and weighs one; Gaussian noise of ``noise_std`` per coordinate is added
-    to the sum, which is divided by ``denominator`` (fixed before the round:
-    the expected number of devices). ``distributed``: each device added a
-    share of ``noise_std / sqrt(denominator)`` and the aggregator adds only
-    what missing shares leave out; the aggregator cannot clip a noisy
-    update to ``clip``, so it bounds it at ``noisy_bound``. ``bit_std`` > 0:
-    adaptive clipping, whose count of updates within the clip carries noise
-    of ``bit_std``, shared the same way."""
-
-    clip: float
-    noise_std: float
-    denominator: float
-    distributed: bool = False
-    noisy_bound: float = 0.0
-    bit_std: float = 0.0
-
-    @property
-    def bound(self) -> float:
-        return self.noisy_bound if self.distributed else self.clip
-
-    @property
-    def share(self) -> float:
-        """A device's share of the noise, per coordinate (distributed)."""
-        return self.noise_std / math.sqrt(self.denominator) if self.distributed else 0.0
-
-    @property
-    def bit_share(self) -> float:
-        return self.bit_std / math.sqrt(self.denominator) if self.distributed else 0.0
-
-    @property
-    def bit_limit(self) -> float:
-        """The most one report may move the count: +-1/2, plus a wide margin
-        for its noise share (distributed)."""
-        return 0.5 + 8.0 * self.bit_share
-
-    def missing(self, shares: int) -> float:
-        """The fraction of the noise's standard deviation the aggregator
-        adds when ``shares`` updates are in the sum."""
-        if not self.distributed:
-            return 1.0
-        return math.sqrt(max(0.0, 1.0 - shares / self.denominator))
-
-
-def combine(updates: RoundUpdates, d: Defences, norm_history: Sequence[float],
-            sample_history: Sequence[float] = (), pull: list[tuple[ModelArrays, float]] | None = None) -> Combined:
-    """A dense rule's averaged delta over every kept body; the histories
-    hold the median norms and sample counts of recent rounds. ``pull``: a
-    list to append the updates' weighted sum (as the mean would weigh them)
-    and its mass (sum of weight x bounded norm) to, for the direction
-    filter's reference."""
+def dense(updates: RoundUpdates, d: Defences, norm_history: Sequence[float], sample_history: Sequence[float] = (),
+          steering: bool = False) -> tuple[Partial, tuple[ModelArrays, float] | None]:
+    """A dense rule's result over every kept body (a mean already: see
+    ``Partial.averaged``); the histories hold the median norms and sample
+    counts of recent rounds. With ``steering``, also the updates' weighted
+    sum (as the mean would weigh them) and its mass (sum of weight x bounded
+    norm), for the direction filter's reference; else None."""
     items = updates.items
     if not items:
         raise ValueError("no updates admitted")
@@ -505,10 +430,11 @@ def combine(updates: RoundUpdates, d: Defences, norm_history: Sequence[float],
     weights = np.array([n if cap is None else min(n, cap) for n in samples], dtype=np.float64)
     capped = int(np.count_nonzero(weights < samples))
     stacks = _dense(updates, factors)
-    if pull is not None:
+    pull = None
+    if steering:
         share = weights.astype(np.float32)
-        pull.append(({k: np.tensordot(share, v, axes=1).astype(np.float32) for k, v in stacks.items()},
-                     float(np.sum(weights * factors * norms))))
+        pull = ({k: np.tensordot(share, v, axes=1).astype(np.float32) for k, v in stacks.items()},
+                float(np.sum(weights * factors * norms)))
     used = tuple(a.client for a in items)
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result fails the round after
         if d.rule == "median":
@@ -520,8 +446,10 @@ def combine(updates: RoundUpdates, d: Defences, norm_history: Sequence[float],
             shares = (weights[keep] / weights[keep].sum()).astype(np.float32)
             delta = {k: np.tensordot(shares, v[keep], axes=1).astype(np.float32) for k, v in stacks.items()}
             used = tuple(items[i].client for i in keep)
-    return Combined(delta, used, bound, int(np.count_nonzero(factors < 1.0)), capped, float(np.median(norms)),
-                    float(np.median(samples)))
+    partial = Partial(sum=delta, weight=1.0, used=used, bound=bound, clipped=int(np.count_nonzero(factors < 1.0)),
+                      capped=capped, median_norm=float(np.median(norms)), median_samples=float(np.median(samples)),
+                      averaged=True)
+    return partial, pull
 
 
 def _dense(updates: RoundUpdates, factors: np.ndarray) -> dict[str, np.ndarray]:

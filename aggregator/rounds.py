@@ -67,14 +67,12 @@ from aggregator import selection
 from aggregator.config import AggregatorConfig
 from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
-from aggregator.privacy import DpPolicy, Ledger, epsilon
+from aggregator.pipeline import Combined, Partial, release
+from aggregator.privacy import DpPolicy, DpRound, Ledger, epsilon, release_private
 from aggregator.robust import (
     DENSE_RULES,
     HISTORY,
-    Combined,
     Defences,
-    DpRound,
-    PrivateRelease,
     RoundAggregate,
     dense_bytes,
     direction_cutoff,
@@ -96,11 +94,11 @@ from fedge.messages import (
     TrainingPlan,
     Update,
 )
-from fedge.privacy import DpPlan, noise_rng
+from fedge.privacy import DpPlan
 from fedge.records import RoundRecord
 from fedge.secagg import CAPABILITY as SECAGG_CAPABILITY
 from fedge.secagg import CODEC as SECAGG_CODEC
-from fedge.secagg import SecAggError, SecAggPlan, ddgauss_tau, dequantize, rounding_bound, unflatten
+from fedge.secagg import SecAggError, SecAggPlan, ddgauss_tau, dequantize, rounding_bound
 from fedge.tensors import ModelArrays, TensorError
 from fedge.wire import Envelope, Kind, WireError
 
@@ -266,6 +264,17 @@ class _OpenRound:
     closing: str | None = None  # secure aggregation: inputs closed (for this reason), unmasking
     model_missing: int = 0  # devices that declined for lack of the announced model
     republished: bool = False  # the model was published again this attempt (a device lacked it)
+
+
+def _shaped(flat: np.ndarray, entries: tuple[tuple[str, tuple[int, ...]], ...]) -> ModelArrays:
+    """A flat vector as the model's tensors, in its own dtype (an exact
+    float64 sum stays exact until it is divided)."""
+    out, at = {}, 0
+    for name, shape in entries:
+        size = int(np.prod(shape, dtype=np.int64))
+        out[name] = flat[at:at + size].reshape(shape)
+        at += size
+    return out
 
 
 def _finite(arrays: ModelArrays) -> bool:
@@ -1022,46 +1031,37 @@ class RoundCore:
 
     def _secure_combined(self) -> Combined:
         """The round's mean from the unmasked sum: every survivor's update
-        weighs one. A private round adds the aggregator's noise to the sum
-        and divides by the fixed denominator; it releases noise alone when
+        weighs one. A private round releases it with noise and the fixed
+        denominator (``release_private``); it releases noise alone when
         secure aggregation failed (as any private round with no updates).
         Raises ``SecAggError`` when there is no sum and no privacy."""
         sec, dp = self.secure, self.round_dp
         n = self.spec.num_params
-        total: np.ndarray | None = None
+        total: np.ndarray = np.zeros(n + (1 if dp is not None and dp.bit_std > 0 else 0))
         used: tuple[str, ...] = ()
         if sec is not None and sec.stage == "done":
             total = dequantize(sec.result(), sec.plan).astype(np.float64)
             used = tuple(sorted(sec.server.survivors))
         elif dp is None:
             raise SecAggError(sec.failure if sec is not None else self.secure_failure)
+        bits = float(total[n]) / sec.plan.bound if sec is not None and len(total) > n and used else 0.0
+        samples = float(self.open.num_samples) / max(len(used), 1) if self.open is not None else 0.0
+        partial = Partial(sum=_shaped(total[:n], self.spec.entries), weight=float(len(used)), used=used,
+                          # Devices clipped their updates, which no one can check (each coordinate was
+                          # clamped to secagg.bound: not a norm bound).
+                          bound=dp.clip if dp is not None else None, median_samples=samples, bits=bits)
         if dp is None:
-            assert total is not None
-            flat = total[:n] / len(used)
-            private, bound = None, None  # (each coordinate was clamped to secagg.bound: not a norm bound)
-        else:
-            rng = noise_rng()
-            summed = total[:n] if total is not None else np.zeros(n)
-            noise_std, bit_std = dp.noise_std, dp.bit_std
-            if dp.distributed:
-                # The devices' integer shares carry k / m of the variance
-                # (of the noise the conditional rounding's bound asks for):
-                # the aggregator adds the rest.
-                sa = self.policy.secagg
-                assert sa is not None
-                levels = 2 ** (sa.bits - 1) - 1
-                full = noise_std * rounding_bound(levels, n) / levels
-                noise_std, bit_std = full * dp.missing(len(used)), bit_std * dp.missing(len(used))
-            flat = (summed + rng.normal(0.0, noise_std, size=n)) / dp.denominator
-            unclipped = None
-            if dp.bit_std > 0:
-                assert sec is None or total is None or len(total) == n + 1
-                bits = float(total[n]) / sec.plan.bound if total is not None and sec is not None else 0.0
-                unclipped = (bits + float(rng.normal(0.0, bit_std))) / dp.denominator + 0.5
-            private = PrivateRelease(len(used) if dp.distributed else 0, noise_std, unclipped)
-            bound = dp.clip  # devices clipped their updates, which no one can check
-        samples = [float(self.open.num_samples) / max(len(used), 1)] if self.open is not None else [0.0]
-        return Combined(unflatten(flat, self.spec.entries), used, bound, 0, 0, float("nan"), samples[0], private)
+            return release(partial)
+        scale = 1.0
+        if dp.distributed:
+            # The devices' integer shares carry k / m of the variance (of the
+            # noise the conditional rounding's bound asks for): the
+            # aggregator adds the rest.
+            sa = self.policy.secagg
+            assert sa is not None
+            levels = 2 ** (sa.bits - 1) - 1
+            scale = rounding_bound(levels, n) / levels
+        return release_private(partial, dp, noise_scale=scale)
 
     def _secure_summary(self) -> dict[str, Any]:
         """What secure aggregation did this attempt, for the round's record."""

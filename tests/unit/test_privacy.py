@@ -13,13 +13,14 @@ from aggregator import selection
 from aggregator.config import AggregatorConfig
 from aggregator.privacy import (
     DpPolicy,
+    DpRound,
     PrivacySpec,
     adaptive_noise_multiplier,
     epsilon,
     noise_for_budget,
     rounds_within,
 )
-from aggregator.robust import Defences, DpRound, RoundAggregate
+from aggregator.robust import Defences, RoundAggregate
 from aggregator.rounds import TimerFired
 from aggregator.selection import poisson
 from fedge import config

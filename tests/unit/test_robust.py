@@ -12,7 +12,7 @@ from aggregator.robust import (
     CALIBRATION,
     Defences,
     RoundAggregate,
-    combine,
+    dense,
     dense_bytes,
     norm_bound,
     sample_cap,
@@ -139,11 +139,11 @@ def test_median_and_trimmed_mean_match_numpy():
     deltas = [rand() for _ in range(7)]
     stack = np.stack([flat(d) for d in deltas])
     ups = admitted(deltas)
-    med = combine(ups, Defences(rule="median", clip="off"), [])
-    np.testing.assert_allclose(flat(med.delta), np.median(stack, axis=0), rtol=1e-6)
-    trim = combine(ups, Defences(rule="trimmed_mean", clip="off", trim_fraction=0.2), [])
+    med = dense(ups, Defences(rule="median", clip="off"), [])[0]
+    np.testing.assert_allclose(flat(med.sum), np.median(stack, axis=0), rtol=1e-6)
+    trim = dense(ups, Defences(rule="trimmed_mean", clip="off", trim_fraction=0.2), [])[0]
     k = 1  # floor(0.2 * 7)
-    np.testing.assert_allclose(flat(trim.delta), np.sort(stack, axis=0)[k:7 - k].mean(axis=0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(flat(trim.sum), np.sort(stack, axis=0)[k:7 - k].mean(axis=0), rtol=1e-5, atol=1e-7)
 
 
 def test_krum_leaves_out_the_update_far_from_the_others():
@@ -151,16 +151,16 @@ def test_krum_leaves_out_the_update_far_from_the_others():
     honest = [{k: v + 0.05 * rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()} for _ in range(8)]
     attacker = {k: -v for k, v in base.items()}  # sign-flipped, same norm: the bound alone does not catch it
     ups = admitted([*honest, attacker])
-    out = combine(ups, Defences(rule="krum", clip="off", krum_f=1), [])
-    assert "c8" not in out.used and len(out.used) == 8
-    np.testing.assert_allclose(flat(out.delta), np.mean([flat(d) for d in honest], axis=0), rtol=1e-4, atol=1e-6)
+    out = dense(ups, Defences(rule="krum", clip="off", krum_f=1), [])[0]
+    assert "c8" not in out.used and len(out.used) == 8 and out.averaged
+    np.testing.assert_allclose(flat(out.sum), np.mean([flat(d) for d in honest], axis=0), rtol=1e-4, atol=1e-6)
 
 
 def test_robust_rules_survive_a_single_update():
     ups = admitted([rand()])
     for rule in ("median", "trimmed_mean", "krum"):
-        out = combine(ups, Defences(rule=rule), [])
-        np.testing.assert_allclose(flat(out.delta), flat(ups.decode(ups.items[0].body)), rtol=1e-6)
+        out = dense(ups, Defences(rule=rule), [])[0]
+        np.testing.assert_allclose(flat(out.sum), flat(ups.decode(ups.items[0].body)), rtol=1e-6)
 
 
 def test_dense_memory_is_four_bytes_per_parameter_per_update():
@@ -396,7 +396,7 @@ def test_a_dense_rules_reference_follows_every_update_as_the_mean_would_weigh_it
 def test_a_private_round_neither_filters_nor_moves_the_reference():
     """The reference and the cutoff are made of single updates, which the
     privacy accountant does not count: a private round must not use them."""
-    from aggregator.robust import DpRound
+    from aggregator.privacy import DpRound
 
     reference = rand()
     against = {k: -v for k, v in reference.items()}
