@@ -68,7 +68,8 @@ from aggregator.config import AggregatorConfig
 from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
 from aggregator.pipeline import Combined, Partial, release
-from aggregator.privacy import DpPolicy, DpRound, Ledger, epsilon, release_private
+from aggregator.privacy import DpPolicy, DpRound, Ledger, release_private
+from aggregator.private_rounds import PrivateRounds
 from aggregator.robust import (
     DENSE_RULES,
     HISTORY,
@@ -94,11 +95,10 @@ from fedge.messages import (
     TrainingPlan,
     Update,
 )
-from fedge.privacy import DpPlan
 from fedge.records import RoundRecord
 from fedge.secagg import CAPABILITY as SECAGG_CAPABILITY
 from fedge.secagg import CODEC as SECAGG_CODEC
-from fedge.secagg import SecAggError, SecAggPlan, ddgauss_tau, dequantize, rounding_bound
+from fedge.secagg import SecAggError, SecAggPlan, ddgauss_tau, dequantize
 from fedge.tensors import ModelArrays, TensorError
 from fedge.wire import Envelope, Kind, WireError
 
@@ -341,11 +341,9 @@ class RoundCore:
         # reference; and the cosines of the last round's updates to it, which set the next cutoff.
         self.direction_ref: ModelArrays | None = None
         self.direction_cosines: list[float] = []
-        # Private rounds that computed a noised sum (the accountant's state):
-        # released, or failed after it was looked at (still counted).
-        self.dp_rounds = 0
-        self.dp_ledger = Ledger()  # what each device spent, for the figures that do not assume a secret sample
-        self.dp_clip = policy.privacy.clip if policy.privacy is not None else 0.0  # moves with adaptive clipping
+        # A private job's state across rounds (clip, accountant's count, ledger).
+        self.private = (PrivateRounds(policy.privacy, self.spec.num_params, policy.secagg)
+                        if policy.privacy is not None else None)
         self.round_dp: DpRound | None = None  # the open round's privacy, fixed when it opens
         self.secure: SecureRound | None = None  # the open attempt's secure aggregation
         self.secure_failure = ""  # why the open attempt could not start secure aggregation
@@ -779,25 +777,24 @@ class RoundCore:
             if now < self._ready_since + self.policy.settle_s:
                 return []
         self._ready_since = None
-        if dp is not None and dp.target_epsilon > 0:
-            spend = epsilon(dp.spec, self.dp_rounds + 1)
-            if spend > dp.target_epsilon:
-                log.warning("privacy budget: round %d would bring epsilon to %.3f (delta %g), over "
-                            "privacy.target_epsilon = %g; the job stops after %d private rounds", self.next_round,
-                            spend, dp.spec.delta, dp.target_epsilon, self.dp_rounds,
-                            extra=fields(round=self.next_round, reason="budget_stop"))
-                self.counters["budget_stop"] += 1
-                return self._finish_job(now)
+        spend = self.private.over_budget() if self.private is not None else None
+        if dp is not None and spend is not None:
+            log.warning("privacy budget: round %d would bring epsilon to %.3f (delta %g), over "
+                        "privacy.target_epsilon = %g; the job stops after %d private rounds", self.next_round,
+                        spend, dp.spec.delta, dp.target_epsilon, self.private.rounds if self.private else 0,
+                        extra=fields(round=self.next_round, reason="budget_stop"))
+            self.counters["budget_stop"] += 1
+            return self._finish_job(now)
         return self._announce(now, self._select(candidates), 1)
 
     def _announce(self, now: float, selected: tuple[str, ...], attempt: int) -> list[Action]:
         self.attempt = attempt
-        self.round_dp = self._dp_round()
+        self.round_dp = self.private.open() if self.private is not None else None
         self.secure, self.secure_failure = None, ""
         if self.policy.secagg is not None:
             # Every attempt its own keys and masks: a restarted round is a new attempt.
             try:
-                noise, aux = self._integer_noise()
+                noise, aux = self.private.integer_noise() if self.private is not None else (0.0, 0.0)
                 plan = self.policy.secagg.plan(len(selected), self.round_dp.clip if self.round_dp else 0.0, noise,
                                                aux)
                 count = self.spec.num_params + (1 if self.round_dp is not None and self.round_dp.bit_std > 0 else 0)
@@ -825,53 +822,18 @@ class RoundCore:
                   "model_digest": self.model_digest}
         return [SaveRoundOpen(record), PublishAnnouncement(msg)]
 
-    def _dp_round(self) -> DpRound | None:
-        dp = self.policy.privacy
-        if dp is None:
-            return None
-        clip, m = self.dp_clip, dp.denominator
-        std = dp.noise_std(clip)
-        # A distributed round's update (float32: the config allows no other
-        # codec) is its clipped delta plus a share of standard deviation
-        # std / sqrt(m) per coordinate: its norm stays below
-        # clip + share x (sqrt(d) + 8) but with odds too small to matter.
-        share = std / math.sqrt(m)
-        noisy_bound = clip + share * (math.sqrt(self.spec.num_params) + 8.0)
-        return DpRound(clip, std, m, dp.noise == "distributed", noisy_bound,
-                       dp.clip_bit_noise if dp.adaptive else 0.0)
-
     def _announcement(self, state: RoundState, selected: tuple[str, ...], now: float) -> bytes:
         return RoundAnnouncement(
             job=self.job, round=self.next_round, attempt=self.attempt, state=state.value,
             model_digest=self.model_digest, selected=selected, deadline_s=self.policy.deadline_s,
             training=self.plan, codec=self.codec_params, issued_at=round(now, 3),
             key_digest=self.models.key_digest, key_round=self.models.key_round,
-            dp=self._plan() if state == RoundState.OPEN else None,
+            dp=self.private.plan() if self.private is not None and state == RoundState.OPEN else None,
             secagg=self._secure_plan() if state == RoundState.OPEN else None,
         ).encode()
 
-    def _integer_noise(self) -> tuple[float, float]:
-        """Distributed privacy with secure aggregation: each device's
-        discrete Gaussian share, in integers, for the model coordinates and
-        for adaptive clipping's report (DDGauss). The model's share is sized
-        for the sensitivity after conditional rounding, so that ``m`` shares
-        carry the round's noise multiplier exactly."""
-        dp, sa = self.round_dp, self.policy.secagg
-        if dp is None or not dp.distributed or sa is None:
-            return 0.0, 0.0
-        levels = 2 ** (sa.bits - 1) - 1
-        z = dp.noise_std / dp.clip
-        return (z * rounding_bound(levels, self.spec.num_params) / math.sqrt(dp.denominator),
-                dp.bit_share * levels)
-
     def _secure_plan(self) -> SecAggPlan | None:
         return None if self.secure is None else self.secure.plan
-
-    def _plan(self) -> DpPlan | None:
-        r = self.round_dp
-        if r is None:
-            return None
-        return DpPlan(r.clip, "distributed" if r.distributed else "central", r.share, r.bit_std > 0, r.bit_share)
 
     def _close(self, now: float, reason: str) -> list[Action]:
         op = self.open
@@ -900,8 +862,8 @@ class RoundCore:
             ok = failure is None
         self.counters["rounds_ok" if ok else "rounds_failed"] += 1
         extra: dict[str, Any] = {}
-        if dp is not None:
-            extra = self._spend(dp, combined)
+        if self.private is not None:
+            extra = self.private.spend(combined)
         if sec is not None or self.policy.secagg is not None:
             extra["secagg"] = self._secure_summary()
         if not ok and failure is None and self.policy.secagg is not None and (sec is None or sec.stage == "failed"):
@@ -954,42 +916,6 @@ class RoundCore:
         follow = self._finish_job(now) if last else self._try_open(now, settle=False)
         last = last or self.state == RoundState.DONE  # e.g. the privacy budget stopped the job
         return [*actions, *follow, RoundFinished(record, self.models.exact, last)]
-
-    def _spend(self, dp: DpPolicy, combined: Combined | None) -> dict[str, Any]:
-        """Count a private round that computed a release (also one that then
-        failed: its result was looked at), move an adaptive clip, and say
-        what the job has spent."""
-        r = self.round_dp
-        assert r is not None
-        private = None if combined is None else combined.private
-        if combined is not None and private is not None:
-            self.dp_rounds += 1
-            z = dp.spec.noise_multiplier
-            # The aggregator's own view: each update with its share alone, or
-            # with secure aggregation only their sum, with all of its shares;
-            # central noise protects nothing from it.
-            shares = len(combined.used) if self.policy.secagg is not None else 1
-            self.dp_ledger.add(combined.used, z, z * math.sqrt(shares / r.denominator) if r.distributed else None)
-            if private.unclipped is not None:
-                self.dp_clip = dp.next_clip(self.dp_clip, private.unclipped)
-        participant, aggregator = self.dp_ledger.worst(dp.spec.delta, dp.spec.accountant)
-        extra: dict[str, Any] = {
-            "epsilon": round(epsilon(dp.spec, self.dp_rounds), 4), "delta": dp.spec.delta,
-            "noise_multiplier": dp.spec.noise_multiplier, "sampling_rate": dp.spec.sampling_rate,
-            "dp_clip": float(f"{r.clip:.6g}"), "dp_rounds": self.dp_rounds, "accountant": dp.spec.accountant,
-            "dp_noise": "distributed" if r.distributed else "central",
-            "epsilon_participant": round(participant, 4),
-        }
-        if aggregator is not None:
-            extra["epsilon_aggregator"] = round(aggregator, 4) if math.isfinite(aggregator) else None
-        if private is not None:
-            extra["dp_noise_added"] = float(f"{private.noise_std:.6g}")
-            if r.distributed:
-                extra["dp_noise_shares"] = private.shares
-            if private.unclipped is not None:
-                extra["dp_unclipped"] = round(private.unclipped, 4)
-                extra["dp_next_clip"] = float(f"{self.dp_clip:.6g}")
-        return extra
 
     def _step(self, op: _OpenRound) -> tuple[Combined | None, bool, str | None]:
         """Combine the round's updates and advance the model: (what the
@@ -1052,16 +978,11 @@ class RoundCore:
                           bound=dp.clip if dp is not None else None, median_samples=samples, bits=bits)
         if dp is None:
             return release(partial)
-        scale = 1.0
-        if dp.distributed:
-            # The devices' integer shares carry k / m of the variance (of the
-            # noise the conditional rounding's bound asks for): the
-            # aggregator adds the rest.
-            sa = self.policy.secagg
-            assert sa is not None
-            levels = 2 ** (sa.bits - 1) - 1
-            scale = rounding_bound(levels, n) / levels
-        return release_private(partial, dp, noise_scale=scale)
+        # Distributed: the devices' integer shares carry k / m of the variance
+        # (of the noise the conditional rounding's bound asks for); the
+        # aggregator adds the rest, in the same units.
+        assert self.private is not None
+        return release_private(partial, dp, noise_scale=self.private.noise_scale())
 
     def _secure_summary(self) -> dict[str, Any]:
         """What secure aggregation did this attempt, for the round's record."""
@@ -1165,9 +1086,8 @@ class RoundCore:
             "norm_history": self.norm_history,
             "direction_cosines": self.direction_cosines,
             "sample_history": self.sample_history,
-            "dp_rounds": self.dp_rounds,
-            "dp_clip": self.dp_clip,
-            "dp_ledger": self.dp_ledger.to_json(),
+            **(self.private.state() if self.private is not None else {"dp_rounds": 0, "dp_clip": 0.0,
+                                                                      "dp_ledger": Ledger().to_json()}),
             "benched": {c: list(v) for c, v in self.benched.items()},
             "counters": dict(self.counters),
             "rejections": dict(self.rejections),
@@ -1195,10 +1115,8 @@ class RoundCore:
         self.known = set(meta.get("known", []))
         self.norm_history = [float(x) for x in meta.get("norm_history", [])][-HISTORY:]
         self.sample_history = [float(x) for x in meta.get("sample_history", [])][-HISTORY:]
-        self.dp_rounds = int(meta.get("dp_rounds", 0))
-        self.dp_ledger = Ledger.from_json(meta.get("dp_ledger"))
-        if self.policy.privacy is not None:
-            self.dp_clip = float(meta.get("dp_clip") or self.policy.privacy.clip)
+        if self.private is not None:
+            self.private.load_state(meta)
         ref = {k[len("dir/"):]: np.array(v, dtype=np.float32) for k, v in arrays.items() if k.startswith("dir/")}
         if ref:
             self.spec.check(ref, what="checkpoint direction reference")

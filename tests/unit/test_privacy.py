@@ -196,7 +196,7 @@ def test_a_restart_gives_the_same_epsilon_and_a_redone_round_is_not_counted_twic
     again = dp_core()
     again.restore(arrays, meta, {"round": 2, "attempt": 1, "selected": ["a", "b"],
                                  "model_digest": core.model_digest})
-    assert again.dp_rounds == 1
+    assert again.private.rounds == 1
     _, actions = run_round(again, ["a", "b"], 5000.0)
     [fin] = finished(actions)
     assert fin.record.round == 2 and fin.record.extra["dp_rounds"] == 2
@@ -321,13 +321,13 @@ def test_the_worst_devices_epsilon_with_known_participation_counts_only_its_roun
             actions += core.handle(TimerFired(now + 59.0))  # its deadline (60 s from its opening)
     rec = finished(actions)[-1].record
     assert rec.round == 3 and rec.accepted == ("a",)
-    assert core.dp_ledger.released == {"a": 3.0, "b": 2.0}  # sum of z^-2 over the rounds it was in
+    assert core.private.ledger.released == {"a": 3.0, "b": 2.0}  # sum of z^-2 over the rounds it was in
     assert rec.extra["epsilon_participant"] == pytest.approx(gaussian_reference(1.0, 3, 1e-5), abs=1e-3)
     assert "epsilon_aggregator" not in rec.extra  # central noise: the aggregator sees clipped updates
     arrays, meta = core.snapshot()
     again = dp_core(rate=1.0, rounds=4)
     again.restore(arrays, meta, None)
-    assert again.dp_ledger.to_json() == core.dp_ledger.to_json()
+    assert again.private.ledger.to_json() == core.private.ledger.to_json()
 
 
 # --- adaptive clipping ---------------------------------------------------------------
@@ -355,7 +355,7 @@ def test_adaptive_clipping_follows_the_quantile_and_its_cost_comes_out_of_the_mo
             actions = send(core, c, update(core, c, delta=d, clip_bit=0.5 if within else -0.5), now=now)
         rec = finished(actions)[-1].record
         assert rec.round == r + 1 and rec.extra["dp_clip"] == pytest.approx(clips[-1], rel=1e-5)
-        assert rec.extra["dp_next_clip"] == pytest.approx(core.dp_clip, rel=1e-5)
+        assert rec.extra["dp_next_clip"] == pytest.approx(core.private.clip, rel=1e-5)
     # up from 0.1 to about the median norm; the count's noise (std 1 over 4
     # devices) moves single steps either way, so only the trend is checked
     assert np.median(clips[10:20]) > clips[0] and 0.6 < np.median(clips[-10:]) < 2.5
