@@ -7,6 +7,9 @@
 #   make bench                the benchmarks in bench/ (JSON under bench/results)
 #   make bench-noniid         FedAvg on MNIST's pathological non-IID split (long)
 #
+# fedge ships no MNIST: the benchmarks (and the arm64 and systemd suites) read
+# $(FEDGE_DATA)/mnist.npz, keras' mnist.npz:  make bench FEDGE_DATA=/path/to/dir
+#
 # PyTorch is pinned through TORCH_SPEC; on a machine without a GPU, point
 # TORCH_INDEX at the CPU wheels to skip gigabytes of CUDA libraries:
 #   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -18,7 +21,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedge-installed
 
-.PHONY: install demo test lint unit integration test-no-vnni test-arm64 test-systemd bench bench-noniid clean
+.PHONY: install demo test lint unit integration test-no-vnni test-arm64 test-systemd bench bench-noniid need-mnist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,12 +62,18 @@ test-systemd: $(STAMP)
 test-no-vnni: $(STAMP)
 	$(BIN)/python tests/export/emulated_cpu.py suite
 
-bench: $(STAMP)
+# The MNIST the benchmarks read (FEDGE_DATA comes from the environment or
+# the command line, and make passes it on to them).
+need-mnist:
+	@test -n "$(FEDGE_DATA)" && test -f "$(FEDGE_DATA)/mnist.npz" || { echo "make: the benchmarks need \
+	MNIST: set FEDGE_DATA to the directory that holds mnist.npz (make bench FEDGE_DATA=/path/to/dir)" >&2; exit 2; }
+
+bench: need-mnist $(STAMP)
 	mkdir -p bench/results
 	$(BIN)/python bench/round_latency.py --out bench/results/round_latency.json
 	$(BIN)/python bench/aggregate.py --out bench/results/aggregate.json
 	$(BIN)/python bench/export.py --out bench/results/export.json
-	$(BIN)/python bench/fedavg_mnist.py --out bench/results/fedavg_mnist_iid.json
+	$(BIN)/python bench/fedavg_mnist.py --data "$(FEDGE_DATA)/mnist.npz" --out bench/results/fedavg_mnist_iid.json
 	$(BIN)/python bench/poisoning.py --out bench/results/poisoning.json
 	$(BIN)/python bench/privacy.py --out bench/results/privacy.json
 	$(BIN)/python bench/secagg.py --out bench/results/secagg_protocol.json
@@ -72,9 +81,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/secagg.py --mode accuracy --out bench/results/secagg_accuracy.json
 
 # The pathological non-IID split of the FedAvg paper: 800 rounds per codec, long.
-bench-noniid: $(STAMP)
+bench-noniid: need-mnist $(STAMP)
 	mkdir -p bench/results
-	$(BIN)/python bench/fedavg_mnist.py --split shards --codec none --codec default \
+	$(BIN)/python bench/fedavg_mnist.py --data "$(FEDGE_DATA)/mnist.npz" --split shards --codec none --codec default \
 		--out bench/results/fedavg_mnist_shards.json
 
 clean:

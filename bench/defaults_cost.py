@@ -27,7 +27,7 @@ Tasks:
 * ``mnist_shards``: MNIST's pathological non-IID split (McMahan et al.:
   sorted by label, two shards per device) over 10 devices keeping 1,000
   examples each, the 2NN, E=1, B=10, lr 0.1, to 85% (plain FedAvg reaches
-  about 87% in the 100 rounds).
+  about 87% in the 100 rounds). MNIST is ``$FEDGE_DATA/mnist.npz``.
 
 Bar (issue 26): with the defaults, rounds to the target within 15% of plain
 float32 FedAvg on the same plan.
@@ -39,6 +39,7 @@ float32 FedAvg on the same plan.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -49,7 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from poisoning import MNIST, Task, _worker_init, run_one
+from poisoning import Task, _worker_init, run_one
 
 from bench._common import emit, machine, note
 
@@ -64,8 +65,9 @@ TASKS: dict[str, tuple[Task, float]] = {
     ), 0.85),
     "mnist_shards": (Task(
         model="fedge.models:mnist_2nn", data="fedge.datasets:mnist",
-        data_args={"path": str(MNIST), "partition": "shards", "shards_per_client": 2, "limit": 1000},
-        test_args={"path": str(MNIST), "split": "test"},
+        # No path: fedge.datasets.mnist reads $FEDGE_DATA/mnist.npz (checked in main).
+        data_args={"partition": "shards", "shards_per_client": 2, "limit": 1000},
+        test_args={"split": "test"},
         rounds=100, training={"epochs": 1, "batch_size": 10, "lr": 0.1},
         note="MNIST, pathological non-IID (sorted by label, 2 shards per device) over 10 devices keeping 1,000 "
              "examples each, the 2NN (199,210 parameters), E=1, B=10, lr 0.1; the 10,000-image test set",
@@ -141,6 +143,11 @@ def main() -> None:
         unknown = [x for x in name if x not in known]
         if unknown:
             raise SystemExit(f"unknown {', '.join(unknown)}; use {', '.join(known)}")
+    data = os.environ.get("FEDGE_DATA")
+    if "mnist_shards" in tasks and not (data and os.path.isfile(os.path.join(data, "mnist.npz"))):
+        found = f" ({os.path.join(data, 'mnist.npz')} not found)" if data else ""
+        raise SystemExit(f"bench/defaults_cost.py needs MNIST for mnist_shards{found}: set FEDGE_DATA to the "
+                         "directory that holds mnist.npz (or --tasks digits)")
     jobs = [(t, c, s) for t in tasks for c in configs for s in range(args.seeds if t == "digits" else 1)]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_worker_init) as pool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -39,12 +40,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator.config import AggregatorConfig, CodecSection
-from bench._common import REPO, PrivateMosquitto, emit, machine, note
+from bench._common import PrivateMosquitto, emit, machine, note
 from fedge.codecs import parse_spec
 from fedge.config import BrokerSettings, updated
 from fedge.records import RoundRecord
 
-MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
+# fedge ships no copy of MNIST: --data, or $FEDGE_DATA/mnist.npz.
+MNIST = Path(os.environ["FEDGE_DATA"]) / "mnist.npz" if os.environ.get("FEDGE_DATA") else None
 PAPER = {"iid": 87, "shards": 664}
 CODECS: list[dict[str, Any]] = [
     {"name": "none"},
@@ -205,8 +207,9 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if not args.data.exists():
-        emit({"benchmark": "fedavg_mnist", "skipped": f"MNIST not found at {args.data}"}, args.out)
+    if args.data is None or not args.data.is_file():
+        emit({"benchmark": "fedavg_mnist", "skipped": f"MNIST not found ({args.data or 'FEDGE_DATA is not set'}): "
+              "pass --data PATH or set FEDGE_DATA to the directory that holds mnist.npz"}, args.out)
         return
     args.rounds = args.rounds or (80 if args.split == "iid" else 800)
     codecs = args.codec or CODECS

@@ -41,6 +41,8 @@ clip, devices per round, and time: wall seconds per round, the aggregator
 core's seconds per round, and the devices' seconds spent clipping and
 noising per update.
 
+MNIST is read from ``--mnist`` (default: ``$FEDGE_DATA/mnist.npz``).
+
     python bench/privacy.py --out bench/results/privacy.json
     python bench/privacy.py --quick          # 200 devices, 20 rounds: a smoke run
 """
@@ -51,6 +53,7 @@ import argparse
 import hashlib
 import logging
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -63,10 +66,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator.config import AggregatorConfig
-from bench._common import REPO, emit, machine, note
+from bench._common import emit, machine, note
 from fedge.config import updated
-
-MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
 
 
 def seed_of(*parts: object) -> int:
@@ -87,7 +88,7 @@ def job_config(args: argparse.Namespace, privacy: dict[str, Any] | None, seed: i
         server={"optimizer": "fedavgm" if args.server_momentum else "fedavg",
                 "lr": args.adaptive_server_lr if privacy and privacy.get("clip_quantile") else args.server_lr,
                 "momentum": args.server_momentum or 0.9, "direction": "off"},
-        evaluate={"data": "fedge.datasets:mnist", "args": {"path": str(MNIST), "split": "test"}},
+        evaluate={"data": "fedge.datasets:mnist", "args": {"path": args.mnist, "split": "test"}},
         limits={"max_devices": max(args.devices, 1000)},
         codec=codec_for(args, privacy),
         # A private round opens once the whole fleet is online and expects
@@ -111,10 +112,10 @@ class Fleet:
         from fedge.torchkit import build_model, load_data
 
         torch.set_num_threads(1)
-        self.data = [load_data("fedge.datasets:mnist", {"path": str(MNIST), "client": i, "clients": args.devices,
+        self.data = [load_data("fedge.datasets:mnist", {"path": args.mnist, "client": i, "clients": args.devices,
                                                           "partition": "iid", "seed": 0})
                      for i in range(args.devices)]
-        self.test = load_data("fedge.datasets:mnist", {"path": str(MNIST), "split": "test"})
+        self.test = load_data("fedge.datasets:mnist", {"path": args.mnist, "split": "test"})
         self.model = build_model("fedge.models:mnist_2nn", {"hidden": args.hidden})
         self.eval_model = build_model("fedge.models:mnist_2nn", {"hidden": args.hidden})
         self.privatize_seconds: list[float] = []
@@ -297,12 +298,17 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, one process each (times per round then share the cores)")
     p.add_argument("--codec", default="int8", help="uplink codec of the runs (with zlib); distributed: none")
+    p.add_argument("--mnist", default=os.path.join(os.environ["FEDGE_DATA"], "mnist.npz")
+                   if os.environ.get("FEDGE_DATA") else None,
+                   help="the MNIST .npz (default: $FEDGE_DATA/mnist.npz)")
     p.add_argument("--out")
     args = p.parse_args()
     if args.quick:
         args.devices, args.rounds, args.eval_every = 200, 20, 5
-    if not MNIST.is_file():
-        raise SystemExit(f"bench/privacy.py needs MNIST at {MNIST} (see ../shared/data/README.md)")
+    if not args.mnist or not os.path.isfile(args.mnist):
+        found = f" ({args.mnist} not found)" if args.mnist else ""
+        raise SystemExit(f"bench/privacy.py needs MNIST{found}: pass --mnist PATH or set FEDGE_DATA to the "
+                         "directory that holds mnist.npz")
     delta = args.delta
     seeds = [int(x) for x in args.seeds.split(",") if x]
     logging.getLogger("fedge").setLevel(logging.ERROR)

@@ -20,9 +20,11 @@ messages, real training in a pool of two workers), each job once with plain
 rounds (the job's default int2 + zlib uplink) and once with secure
 aggregation, and reports wall time per round (announcement to close, the
 median after the first round, which loads the workers) and MQTT payload
-bytes per device per round, up and down. ``--mode accuracy`` runs the demo
-workload (10 agents, digits, 30 rounds) with and without secure aggregation
-over several seeds: secure aggregation must not cost accuracy.
+bytes per device per round, up and down (the mnist_2nn job reads
+``--mnist``, by default ``$FEDGE_DATA/mnist.npz``). ``--mode accuracy``
+runs the demo workload (10 agents, digits, 30 rounds) with and without
+secure aggregation over several seeds: secure aggregation must not cost
+accuracy.
 
     python bench/secagg.py --out bench/results/secagg_protocol.json
     python bench/secagg.py --mode rounds --out bench/results/secagg_rounds.json
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -150,7 +153,7 @@ def one(n: int, count: int, bits: int, dropout: float, seed: int) -> dict[str, A
 
 
 JOBS = {
-    # model: (factory, data, data args, training, evaluation args)
+    # model: (factory, data, data args, training, evaluation args); MNIST's path is added from --mnist
     "digits_mlp": ("fedge.models:digits_mlp", "fedge.datasets:digits", {"partition": "iid"},
                    {"epochs": 2, "batch_size": 16, "lr": 0.1}, {"split": "test"}),
     "mnist_2nn": ("fedge.models:mnist_2nn", "fedge.datasets:mnist", {"partition": "iid"},
@@ -158,8 +161,10 @@ JOBS = {
 }
 
 
-def job_rounds(url: str, model: str, n: int, rounds: int, secure: bool, seed: int, tmp: Path) -> dict[str, Any]:
-    """One real job over ``url``: per-round seconds and bytes per device."""
+def job_rounds(url: str, model: str, n: int, rounds: int, secure: bool, seed: int, tmp: Path,
+               mnist: str | None = None) -> dict[str, Any]:
+    """One real job over ``url``: per-round seconds and bytes per device
+    (``mnist``: the MNIST file of the mnist_2nn job)."""
     import threading
 
     from aggregator.config import AggregatorConfig
@@ -170,6 +175,8 @@ def job_rounds(url: str, model: str, n: int, rounds: int, secure: bool, seed: in
     from fedge_cli.identity import provision
 
     factory, data, data_args, training, eval_args = JOBS[model]
+    if data == "fedge.datasets:mnist":
+        data_args, eval_args = {**data_args, "path": mnist}, {**eval_args, "path": mnist}
     state = tmp / f"{model}-{n}-{'secure' if secure else 'plain'}-{seed}"
     cfg = updated(AggregatorConfig(), job={"name": "bench-secagg", "model": factory, "rounds": rounds, "seed": seed,
                                             "state_dir": str(state / "aggregator")},
@@ -231,7 +238,7 @@ def rounds_mode(args: argparse.Namespace) -> dict[str, Any]:
                 for secure in (False, True):
                     mosq = PrivateMosquitto()
                     try:
-                        row = job_rounds(mosq.url, model, n, args.rounds, secure, args.seed, Path(tmp))
+                        row = job_rounds(mosq.url, model, n, args.rounds, secure, args.seed, Path(tmp), args.mnist)
                     finally:
                         mosq.close()
                     note(f"{model} n={n} {'secure' if secure else 'plain'}: {row['round_seconds_median']} s/round, "
@@ -281,9 +288,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds mode: rounds per job")
     p.add_argument("--seeds", type=int, default=3, help="accuracy mode: seeds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mnist", default=os.path.join(os.environ["FEDGE_DATA"], "mnist.npz")
+                   if os.environ.get("FEDGE_DATA") else None,
+                   help="rounds mode, mnist_2nn: the MNIST .npz (default: $FEDGE_DATA/mnist.npz)")
     p.add_argument("--out")
     args = p.parse_args()
     if args.mode == "rounds":
+        if "mnist_2nn" in args.models.split(",") and not (args.mnist and os.path.isfile(args.mnist)):
+            found = f" ({args.mnist} not found)" if args.mnist else ""
+            raise SystemExit(f"bench/secagg.py --mode rounds needs MNIST for mnist_2nn{found}: pass --mnist PATH or "
+                             "set FEDGE_DATA to the directory that holds mnist.npz (or --models digits_mlp)")
         emit(rounds_mode(args), args.out)
         return
     if args.mode == "accuracy":

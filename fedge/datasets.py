@@ -7,7 +7,8 @@ a simulated fleet computes the same split without talking to the others.
 
 - ``digits``: scikit-learn's 8x8 digits (1797 images, offline).
 - ``breast_cancer``: scikit-learn's tabular set (569 rows, 30 features).
-- ``mnist``: MNIST from a ``.npz`` with x_train/y_train/x_test/y_test.
+- ``mnist``: MNIST from a ``.npz`` with x_train/y_train/x_test/y_test
+  (``path``, else ``$FEDGE_DATA/mnist.npz``; fedge ships no copy).
 
 Partitions: ``iid`` (shuffled equal shares), ``dirichlet`` (label skew:
 each class is spread over clients by Dirichlet(alpha) proportions, Hsu et
@@ -18,6 +19,7 @@ al. 2019) and ``shards`` (McMahan et al. 2017: sort by label, cut into
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -146,31 +148,53 @@ def breast_cancer(split: str = "train", client: int | None = None, clients: int 
 
 # --- MNIST ----------------------------------------------------------------------
 
+_MNIST_ENV = "FEDGE_DATA"
+_MNIST_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_MNIST_FIX = (f'pass path = "/path/to/mnist.npz" in the data args or set {_MNIST_ENV} to the directory that holds '
+              f"mnist.npz (arrays {', '.join(_MNIST_KEYS)}, as in keras' mnist.npz)")
+
+
+def _mnist_file(path: str | os.PathLike[str] | None = None) -> Path:
+    """The file ``mnist`` reads: ``path``, else ``$FEDGE_DATA/mnist.npz``.
+    ValueError, naming both ways to give it, when neither is given or the
+    file is not there."""
+    if path is None or str(path) == "":
+        data = os.environ.get(_MNIST_ENV, "")
+        if not data:
+            raise ValueError(f"MNIST needs its file, and neither path nor {_MNIST_ENV} is set: {_MNIST_FIX}")
+        p, where = Path(data).expanduser() / "mnist.npz", f" (from {_MNIST_ENV})"
+    else:
+        p, where = Path(path).expanduser(), ""
+    if not p.is_file():
+        raise ValueError(f"MNIST file {str(p)!r}{where} not found: {_MNIST_FIX}")
+    return p
+
 
 @functools.lru_cache(maxsize=2)
 def _mnist_arrays(path: str) -> dict[str, np.ndarray]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"MNIST file {str(p)!r} not found; pass path= to a .npz with x_train/y_train/x_test/y_test"
-        )
-    with np.load(p, allow_pickle=False) as z:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+    with np.load(path, allow_pickle=False) as z:
+        missing = set(_MNIST_KEYS) - set(z.files)
         if missing:
-            raise ValueError(f"{p} lacks arrays {sorted(missing)}")
-        return {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            raise ValueError(f"{path} lacks arrays {sorted(missing)}; an MNIST file has {', '.join(_MNIST_KEYS)}")
+        return {k: z[k] for k in _MNIST_KEYS}
 
 
-def mnist(path: str = "../shared/data/mnist.npz", split: str = "train", client: int | None = None,
+def mnist(path: str | None = None, split: str = "train", client: int | None = None,
           clients: int = 100, partition: str = "iid", shards_per_client: int = 2, alpha: float = 0.5,
           seed: int = 0, shape: str = "flat", limit: int = 0) -> Arrays:
     """MNIST scaled to [0, 1]; ``shape='flat'`` gives (n, 784) for the 2NN,
     ``'image'`` gives (n, 1, 28, 28) for the CNN. ``limit`` keeps the first
-    rows of the split (after partitioning), for quick checks."""
+    rows of the split (after partitioning), for quick checks.
+
+    The data come from a ``.npz`` with arrays x_train (60000x28x28 uint8),
+    y_train, x_test (10000x28x28 uint8) and y_test, as keras' ``mnist.npz``:
+    ``path``, or when it is not given (or empty) ``$FEDGE_DATA/mnist.npz``.
+    fedge ships no copy; without either, or with no file there, this raises
+    ValueError saying so."""
     _split_check(split)
     if shape not in ("flat", "image"):
         raise ValueError("shape must be 'flat' or 'image'")
-    arrays = _mnist_arrays(str(path))
+    arrays = _mnist_arrays(str(_mnist_file(path)))
     x, y = arrays[f"x_{split}"], arrays[f"y_{split}"].astype(np.int64)
     if client is not None and split == "train":
         idx = _partition_cached(y.tobytes(), str(y.dtype), clients, partition, seed, alpha, shards_per_client)[client]

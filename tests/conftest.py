@@ -15,7 +15,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
+
+
+def mnist_file() -> Path:
+    """The MNIST file the tests read: ``$FEDGE_DATA/mnist.npz`` when
+    FEDGE_DATA is set, else this workplace's copy beside the checkout
+    (``../shared/data``: tests may look there, fedge itself may not). Skips
+    the calling test, saying how to give the file, when there is none."""
+    data = os.environ.get("FEDGE_DATA")
+    path = Path(data).expanduser() / "mnist.npz" if data else REPO.parent / "shared" / "data" / "mnist.npz"
+    if not path.is_file():
+        pytest.skip(f"MNIST file {path} not found: set FEDGE_DATA to the directory that holds mnist.npz")
+    return path
 
 
 def free_port() -> int:

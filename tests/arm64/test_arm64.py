@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from fedge.config import updated
-from tests.conftest import MNIST, REPO, free_port, require_root
+from tests.conftest import REPO, free_port, mnist_file, require_root
 
 from ..integration.support import devices, job_config, running_aggregator, running_fleet, wait_for
 
@@ -183,13 +183,14 @@ def _mnist_job(tmp_path: Path, url: str, rounds: int, min_clients: int):
     """A job on the MNIST 2NN, evaluated on this host, and the devices' own
     data: a file on each device read by a data factory (MNIST's here; the
     agent install has no scikit-learn)."""
+    mnist = mnist_file()
     data_dir = ROOT / "var" / "lib" / "fedge-data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "mnist.npz").write_bytes(MNIST.read_bytes())
+    (data_dir / "mnist.npz").write_bytes(mnist.read_bytes())
     return updated(job_config(tmp_path, url, job="arm", rounds=rounds, agents=min_clients),
                    job={"name": "arm", "model": "fedge.models:mnist_2nn", "rounds": rounds,
                         "state_dir": str(tmp_path / "aggregator")},
-                   evaluate={"data": "fedge.datasets:mnist", "args": {"path": str(MNIST), "split": "test",
+                   evaluate={"data": "fedge.datasets:mnist", "args": {"path": str(mnist), "split": "test",
                                                                        "limit": 2000}},
                    selection={"min_clients": min_clients, "deadline_s": 1800.0})
 
@@ -200,7 +201,8 @@ def test_the_arm64_agent_trains_rounds_that_are_folded(installed, mosquitto, tmp
 
     shared = {"clients": 2, "partition": "iid", "limit": 2000}
     cfg = _mnist_job(tmp_path, mosquitto.url, rounds=3, min_clients=2)
-    host = devices(tmp_path, "arm", 1, prefix="x86", data="fedge.datasets:mnist", path=str(MNIST), **shared)
+    host = devices(tmp_path, "arm", 1, prefix="x86", data="fedge.datasets:mnist", path=str(mnist_file()),
+                   **shared)
     aggregator_key = host[0].aggregator_key.to_text()
     registry = Registry(tmp_path / "aggregator")
     registry.reload()
@@ -400,11 +402,12 @@ def test_quantize_target_arm64_figures_hold_on_arm64(installed, tmp_path, model,
         factory, data, spec = "fedge.models:digits_mlp", "fedge.datasets:digits", "x:1x64:float32"
         train_args, cal_args, eval_args = {}, {"split": "train"}, {"split": "test"}
     else:
-        x, y = datasets.mnist(path=str(MNIST), split="test", shape="image", limit=2000)
+        mnist = str(mnist_file())
+        x, y = datasets.mnist(path=mnist, split="test", shape="image", limit=2000)
         factory, data, spec = "fedge.models:mnist_cnn", "fedge.datasets:mnist", "x:1x1x28x28:float32"
-        train_args = {"path": str(MNIST), "shape": "image", "limit": 10000}
-        cal_args = {"path": str(MNIST), "split": "train", "shape": "image", "limit": 512}
-        eval_args = {"path": str(MNIST), "split": "test", "shape": "image", "limit": 2000}
+        train_args = {"path": mnist, "shape": "image", "limit": 10000}
+        cal_args = {"path": mnist, "split": "train", "shape": "image", "limit": 512}
+        eval_args = {"path": mnist, "split": "test", "shape": "image", "limit": 2000}
     trained = work / "weights.pt"
     subprocess.run([sys.executable, "-m", "tests.arm64.train", factory, data, str(trained), json.dumps(train_args)],
                    env=cli_env, check=True, timeout=1800, cwd=REPO)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MNIST, REPO, require_root
+from tests.conftest import REPO, mnist_file, require_root
 
 from ..integration.support import wait_for
 from .nspawn import PATH, Booted, exposure, seccomp_filters, status_of
@@ -114,7 +114,7 @@ def test_both_units_run_a_job_under_their_sandboxes(installed, mosquitto, tmp_pa
     device, fedge = "box-systemd", "/opt/fedge/venv/bin/fedge"
     data = ROOT / "var" / "lib" / "fedge-data"
     data.mkdir(parents=True, exist_ok=True)
-    shutil.copy(MNIST, data / "mnist.npz")
+    shutil.copy(mnist_file(), data / "mnist.npz")
     # The operator's steps: the aggregator's key made and pinned on the
     # device, the job and the device's config edited, the device enrolled.
     aggregator_key = chroot(fedge, "keys", "new", "--out", "/etc/fedge/aggregator.key").stdout.split()[0]

@@ -55,6 +55,53 @@ def test_breast_cancer_is_standardised():
     assert abs(float(x.mean())) < 0.05
 
 
-def test_mnist_missing_file_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match="MNIST file"):
+def _tiny_mnist(directory, train=6, test=4):
+    """A synthetic mnist.npz with the real file's arrays and dtypes (uint8
+    28x28 images, uint8 labels), a few images each."""
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (train, 28, 28), dtype=np.uint8),
+              "y_train": (np.arange(train) % 10).astype(np.uint8),
+              "x_test": rng.integers(0, 256, (test, 28, 28), dtype=np.uint8),
+              "y_test": (np.arange(test) % 10).astype(np.uint8)}
+    np.savez(directory / "mnist.npz", **arrays)
+    return arrays
+
+
+def test_mnist_without_path_or_fedge_data_says_how_to_give_the_file(monkeypatch):
+    monkeypatch.delenv("FEDGE_DATA", raising=False)
+    with pytest.raises(ValueError, match="MNIST needs its file") as err:
+        datasets.mnist()
+    message = str(err.value)
+    assert "FEDGE_DATA" in message and 'path = "/path/to/mnist.npz"' in message
+    assert "x_train, y_train, x_test, y_test" in message and "\n" not in message
+
+
+def test_mnist_reads_fedge_data_when_no_path_is_given(monkeypatch, tmp_path):
+    arrays = _tiny_mnist(tmp_path)
+    monkeypatch.setenv("FEDGE_DATA", str(tmp_path))
+    x, y = datasets.mnist()
+    assert x.shape == (6, 784) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
+    assert y.dtype == np.int64 and np.array_equal(y, arrays["y_train"])
+    x, y = datasets.mnist(split="test", shape="image")
+    assert x.shape == (4, 1, 28, 28) and np.allclose(x[:, 0] * 255, arrays["x_test"])
+    # An explicit path wins over FEDGE_DATA.
+    other = tmp_path / "other"
+    other.mkdir()
+    _tiny_mnist(other, train=3)
+    assert len(datasets.mnist(path=str(other / "mnist.npz"))[0]) == 3
+
+
+def test_mnist_missing_file_is_explained(monkeypatch, tmp_path):
+    monkeypatch.delenv("FEDGE_DATA", raising=False)
+    with pytest.raises(ValueError, match=r"MNIST file .*none\.npz.* not found") as err:
         datasets.mnist(path=str(tmp_path / "none.npz"))
+    assert "FEDGE_DATA" in str(err.value) and "path" in str(err.value)
+    monkeypatch.setenv("FEDGE_DATA", str(tmp_path))  # a directory without mnist.npz
+    with pytest.raises(ValueError, match=r"mnist.npz' \(from FEDGE_DATA\) not found"):
+        datasets.mnist()
+
+
+def test_mnist_file_without_its_arrays_is_refused(tmp_path):
+    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((1, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match="lacks arrays"):
+        datasets.mnist(path=str(tmp_path / "mnist.npz"))
