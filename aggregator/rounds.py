@@ -67,7 +67,7 @@ from aggregator import selection
 from aggregator.config import AggregatorConfig
 from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
-from aggregator.pipeline import Combined, Partial, release
+from aggregator.pipeline import Combined, release
 from aggregator.privacy import DpPolicy, DpRound, Ledger, release_private
 from aggregator.private_rounds import PrivateRounds
 from aggregator.robust import (
@@ -79,7 +79,7 @@ from aggregator.robust import (
     direction_cutoff,
     sample_cap,
 )
-from aggregator.secure import SecAggPolicy, SecureRound
+from aggregator.secure import SecAggPolicy, SecureRound, secure_partial, secure_summary
 from fedge import wire
 from fedge.codecs import CodecError, make_codec, requirements
 from fedge.config import ConfigError
@@ -98,7 +98,7 @@ from fedge.messages import (
 from fedge.records import RoundRecord
 from fedge.secagg import CAPABILITY as SECAGG_CAPABILITY
 from fedge.secagg import CODEC as SECAGG_CODEC
-from fedge.secagg import SecAggError, SecAggPlan, ddgauss_tau, dequantize
+from fedge.secagg import SecAggError, SecAggPlan
 from fedge.tensors import ModelArrays, TensorError
 from fedge.wire import Envelope, Kind, WireError
 
@@ -264,17 +264,6 @@ class _OpenRound:
     closing: str | None = None  # secure aggregation: inputs closed (for this reason), unmasking
     model_missing: int = 0  # devices that declined for lack of the announced model
     republished: bool = False  # the model was published again this attempt (a device lacked it)
-
-
-def _shaped(flat: np.ndarray, entries: tuple[tuple[str, tuple[int, ...]], ...]) -> ModelArrays:
-    """A flat vector as the model's tensors, in its own dtype (an exact
-    float64 sum stays exact until it is divided)."""
-    out, at = {}, 0
-    for name, shape in entries:
-        size = int(np.prod(shape, dtype=np.int64))
-        out[name] = flat[at:at + size].reshape(shape)
-        at += size
-    return out
 
 
 def _finite(arrays: ModelArrays) -> bool:
@@ -865,7 +854,7 @@ class RoundCore:
         if self.private is not None:
             extra = self.private.spend(combined)
         if sec is not None or self.policy.secagg is not None:
-            extra["secagg"] = self._secure_summary()
+            extra["secagg"] = secure_summary(self.secure, self.secure_failure)
         if not ok and failure is None and self.policy.secagg is not None and (sec is None or sec.stage == "failed"):
             failure = "secagg_failed"
         if not ok and failure is None:
@@ -922,26 +911,19 @@ class RoundCore:
         defences did, whether a key was cut, why the round failed or None).
         A round whose result is not finite or cannot be published fails, and
         the model and the optimizer's state stay as they were."""
-        if self.policy.secagg is not None:
-            try:
-                combined = self._secure_combined()
-            except SecAggError as exc:
-                log.error("round %d: secure aggregation failed: %s; the round fails and the model stays", op.round,
-                          exc, extra=fields(round=op.round, reason="secagg_failed"))
-                return None, False, "secagg_failed"
-            except Exception:  # e.g. a share that PyCryptodome cannot combine
-                log.exception("round %d: unmasking the sum failed; the round fails and the model stays", op.round,
-                              extra=fields(round=op.round, reason="secagg_failed"))
-                return None, False, "secagg_failed"
-        else:
-            try:
-                combined = self.updates.combine()
-            except ValueError as exc:
+        secure = self.policy.secagg is not None
+        try:
+            combined = self._secure_combined() if secure else self.updates.combine()
+        except ValueError as exc:  # FedgeError: SecAggError, CodecError, ...
+            if not secure:
                 return self._combine_failed(op, exc)
-            except Exception:
-                log.exception("round %d: combining %d updates failed; the round fails and the model stays",
-                              op.round, len(self.updates), extra=fields(round=op.round, reason="aggregation_failed"))
-                return None, False, "aggregation_failed"
+            log.error("round %d: secure aggregation failed: %s; the round fails and the model stays", op.round,
+                      exc, extra=fields(round=op.round, reason="secagg_failed"))
+            return None, False, "secagg_failed"
+        except Exception:  # a bug: the round fails, the model stays and the job goes on
+            log.exception("round %d: combining %d updates failed; the round fails and the model stays",
+                          op.round, len(self.updates), extra=fields(round=op.round, reason="aggregation_failed"))
+            return None, False, "secagg_failed" if secure else "aggregation_failed"
         return self._apply(op, combined)
 
     def _combine_failed(self, op: _OpenRound, exc: ValueError) -> tuple[Combined | None, bool, str | None]:
@@ -956,52 +938,18 @@ class RoundCore:
         return None, False, "aggregation_failed"
 
     def _secure_combined(self) -> Combined:
-        """The round's mean from the unmasked sum: every survivor's update
-        weighs one. A private round releases it with noise and the fixed
-        denominator (``release_private``); it releases noise alone when
-        secure aggregation failed (as any private round with no updates).
-        Raises ``SecAggError`` when there is no sum and no privacy."""
-        sec, dp = self.secure, self.round_dp
-        n = self.spec.num_params
-        total: np.ndarray = np.zeros(n + (1 if dp is not None and dp.bit_std > 0 else 0))
-        used: tuple[str, ...] = ()
-        if sec is not None and sec.stage == "done":
-            total = dequantize(sec.result(), sec.plan).astype(np.float64)
-            used = tuple(sorted(sec.server.survivors))
-        elif dp is None:
-            raise SecAggError(sec.failure if sec is not None else self.secure_failure)
-        bits = float(total[n]) / sec.plan.bound if sec is not None and len(total) > n and used else 0.0
-        samples = float(self.open.num_samples) / max(len(used), 1) if self.open is not None else 0.0
-        partial = Partial(sum=_shaped(total[:n], self.spec.entries), weight=float(len(used)), used=used,
-                          # Devices clipped their updates, which no one can check (each coordinate was
-                          # clamped to secagg.bound: not a norm bound).
-                          bound=dp.clip if dp is not None else None, median_samples=samples, bits=bits)
+        """The round's mean from the unmasked sum (every survivor's update
+        weighs one), or a private round's release of it: noise alone when
+        secure aggregation failed. Raises ``SecAggError`` when there is no
+        sum and no privacy."""
+        dp = self.round_dp
+        samples = self.open.num_samples if self.open is not None else 0
+        partial = secure_partial(self.secure, self.secure_failure, self.spec.entries, samples,
+                                 clip=dp.clip if dp is not None else None, bit=dp is not None and dp.bit_std > 0)
         if dp is None:
             return release(partial)
-        # Distributed: the devices' integer shares carry k / m of the variance
-        # (of the noise the conditional rounding's bound asks for); the
-        # aggregator adds the rest, in the same units.
         assert self.private is not None
         return release_private(partial, dp, noise_scale=self.private.noise_scale())
-
-    def _secure_summary(self) -> dict[str, Any]:
-        """What secure aggregation did this attempt, for the round's record."""
-        sec = self.secure
-        if sec is None:
-            return {"stage": "failed", "failure": self.secure_failure}
-        s = sec.server
-        out: dict[str, Any] = {"stage": sec.stage, "keys": len(s.keys), "shared": len(s.sharers),
-                               "inputs": len(s.survivors), "revealed": len(s.revealed),
-                               "threshold": sec.plan.threshold, "degree": sec.plan.degree,
-                               "modulus_bits": sec.plan.modulus_bits}
-        if sec.failure:
-            out["failure"] = sec.failure
-        if sec.refusals:
-            out["refused"] = dict(sec.refusals)
-        if sec.plan.noise:
-            out["integer_noise"] = float(f"{sec.plan.noise:.6g}")
-            out["ddgauss_tau"] = float(f"{ddgauss_tau(sec.plan.noise, len(s.survivors)):.3g}")
-        return out
 
     def _apply(self, op: _OpenRound, combined: Combined) -> tuple[Combined | None, bool, str | None]:
         # A private round may release noise alone, and a secure one has no

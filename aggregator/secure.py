@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.pipeline import Partial
 from fedge.messages import SecAggStage
-from fedge.secagg import Context, SecAggError, SecAggPlan, SecAggServer, unpack
+from fedge.secagg import Context, SecAggError, SecAggPlan, SecAggServer, ddgauss_tau, dequantize, unpack
+from fedge.tensors import ModelArrays
 
 log = logging.getLogger("fedge.aggregator")
 
@@ -240,3 +242,59 @@ class SecureRound:
     def _refuse(self, reason: str) -> str:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
         return reason
+
+
+# --- what a secure round adds up to ---------------------------------------------------
+
+
+def secure_partial(sec: SecureRound | None, failure: str, entries: tuple[tuple[str, tuple[int, ...]], ...],
+                   num_samples: int, clip: float | None = None, bit: bool = False) -> Partial:
+    """The attempt's unmasked sum as a partial: every survivor's update
+    weighs one; the sum is exact (float64) until it is divided. ``clip``:
+    a private round's clip (its partial is released with noise even when
+    secure aggregation failed: the sum is then zeros, nobody's); ``bit``:
+    the masked inputs end with adaptive clipping's report. Raises
+    ``SecAggError`` when there is no sum and no privacy."""
+    n = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in entries)
+    total: np.ndarray = np.zeros(n + (1 if bit else 0))
+    used: tuple[str, ...] = ()
+    if sec is not None and sec.stage == "done":
+        total = dequantize(sec.result(), sec.plan).astype(np.float64)
+        used = tuple(sorted(sec.server.survivors))
+    elif clip is None:
+        raise SecAggError(sec.failure if sec is not None else failure)
+    bits = float(total[n]) / sec.plan.bound if sec is not None and bit and used else 0.0
+    # The devices clipped their updates, which no one can check (each
+    # coordinate was clamped to secagg.bound: not a norm bound).
+    return Partial(sum=_shaped(total[:n], entries), weight=float(len(used)), used=used, bound=clip,
+                   median_samples=float(num_samples) / max(len(used), 1), bits=bits)
+
+
+def _shaped(flat: np.ndarray, entries: tuple[tuple[str, tuple[int, ...]], ...]) -> ModelArrays:
+    """A flat vector as the model's tensors, in its own dtype."""
+    out, at = {}, 0
+    for name, shape in entries:
+        size = int(np.prod(shape, dtype=np.int64))
+        out[name] = flat[at:at + size].reshape(shape)
+        at += size
+    return out
+
+
+def secure_summary(sec: SecureRound | None, failure: str) -> dict[str, Any]:
+    """What secure aggregation did this attempt, for the round's record
+    (``failure``: why it could not start, when ``sec`` is None)."""
+    if sec is None:
+        return {"stage": "failed", "failure": failure}
+    s = sec.server
+    out: dict[str, Any] = {"stage": sec.stage, "keys": len(s.keys), "shared": len(s.sharers),
+                           "inputs": len(s.survivors), "revealed": len(s.revealed),
+                           "threshold": sec.plan.threshold, "degree": sec.plan.degree,
+                           "modulus_bits": sec.plan.modulus_bits}
+    if sec.failure:
+        out["failure"] = sec.failure
+    if sec.refusals:
+        out["refused"] = dict(sec.refusals)
+    if sec.plan.noise:
+        out["integer_noise"] = float(f"{sec.plan.noise:.6g}")
+        out["ddgauss_tau"] = float(f"{ddgauss_tau(sec.plan.noise, len(s.survivors)):.3g}")
+    return out

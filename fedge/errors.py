@@ -14,6 +14,7 @@ detail a person reads:
     +-- ConfigError     a config key with a bad value (fedge.config)
     +-- ImportSpecError a module:callable that cannot be found (fedge.imports)
     +-- OnnxModelError  an ONNX file that cannot be loaded or fed (fedge.onnxrt)
+    +-- SecAggError     a secure-aggregation step that cannot go on (fedge.secagg)
 
 Roles add their own below it (the export toolchain's ``ExportError``).
 ``one_line`` is what every boundary that turns a library's exception (ONNX

@@ -70,6 +70,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from fedge.errors import OneReasonError
+
 SEED_BYTES = 32
 # What a device advertises (among its codecs) to say it can take part, and
 # the codec a secure round announces and its updates echo: the body is the
@@ -96,9 +98,12 @@ ROUNDING_SLACK = 1.0
 MAX_ROUNDINGS = 1000
 
 
-class SecAggError(ValueError):
+class SecAggError(OneReasonError):
     """A protocol step that cannot go on: a bad message, too few devices or
-    shares, a request that would reveal too much. Names what and why."""
+    shares, a request that would reveal too much, shares that do not
+    combine. Names what and why."""
+
+    default_reason = "secagg_failed"
 
 
 # --- the plan ------------------------------------------------------------------
@@ -409,8 +414,11 @@ def _split(secret: bytes, threshold: int, holders: int) -> list[bytes]:
 def _combine(shares: Mapping[int, bytes]) -> bytes:
     from Crypto.Protocol.SecretSharing import Shamir
 
-    lo = Shamir.combine([(i, s[:SHARE_BYTES]) for i, s in shares.items()])
-    hi = Shamir.combine([(i, s[SHARE_BYTES:]) for i, s in shares.items()])
+    try:
+        lo = Shamir.combine([(i, s[:SHARE_BYTES]) for i, s in shares.items()])
+        hi = Shamir.combine([(i, s[SHARE_BYTES:]) for i, s in shares.items()])
+    except (ValueError, TypeError) as exc:  # PyCryptodome's: shares of unequal length, repeated holders, ...
+        raise SecAggError(f"the revealed shares do not combine: {exc}") from exc
     return bytes(lo) + bytes(hi)
 
 

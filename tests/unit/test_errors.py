@@ -29,6 +29,7 @@ def test_every_refusal_derives_from_one_root_with_a_reason():
     from fedge.imports import ImportSpecError
     from fedge.messages import ProtocolError
     from fedge.onnxrt import OnnxModelError
+    from fedge.secagg import SecAggError
     from fedge.tensors import TensorError
     from fedge.wire import WireError
 
@@ -37,7 +38,7 @@ def test_every_refusal_derives_from_one_root_with_a_reason():
         assert isinstance(err, FedgeError) and err.reason == "checksum"
         assert str(err) == "payload digest does not match"
     for cls, reason in ((ConfigError, "config"), (ImportSpecError, "import"), (OnnxModelError, "onnx_model"),
-                        (ExportError, "export")):
+                        (ExportError, "export"), (SecAggError, "secagg_failed")):
         err = cls("one line naming the fix")
         assert isinstance(err, FedgeError) and err.reason == reason and str(err) == "one line naming the fix"
     # Siblings, not parent and child: catching one never silently catches another.

@@ -317,3 +317,10 @@ def test_an_input_or_share_not_made_by_the_protocol_fails_the_sum_instead_of_cor
             shares["d00"] = (kind, index, bytes(b ^ 0x5A for b in share))
     with pytest.raises(SecAggError, match="beyond"):
         server.result()
+
+
+def test_shares_that_do_not_combine_are_a_secagg_error_not_a_library_one():
+    from fedge.secagg import SecAggError, _combine
+
+    with pytest.raises(SecAggError, match="do not combine"):
+        _combine({1: b"\x01" * 32, 2: b"\x02" * 31})  # PyCryptodome refuses shares of unequal length
