@@ -65,6 +65,7 @@ import numpy as np
 
 from aggregator import selection
 from aggregator.config import AggregatorConfig
+from aggregator.defences import DefenceHistory
 from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
 from aggregator.pipeline import Combined, release
@@ -72,12 +73,9 @@ from aggregator.privacy import DpPolicy, DpRound, Ledger, release_private
 from aggregator.private_rounds import PrivateRounds
 from aggregator.robust import (
     DENSE_RULES,
-    HISTORY,
     Defences,
     RoundAggregate,
     dense_bytes,
-    direction_cutoff,
-    sample_cap,
 )
 from aggregator.secure import SecAggPolicy, SecureRound, secure_partial, secure_summary
 from fedge import wire
@@ -324,12 +322,7 @@ class RoundCore:
                 f"server.aggregation = {rule!r} would hold {policy.max_clients} updates of this model dense "
                 f"({dense_bytes(self.spec, policy.max_clients) >> 20} MiB), over limits.aggregation_bytes "
                 f"({policy.aggregation_bytes >> 20} MiB): lower selection.max_clients or raise the limit")
-        self.norm_history: list[float] = []  # median update norm of recent rounds
-        self.sample_history: list[float] = []  # median sample count of recent rounds
-        # A momentum of the direction each round's devices agreed on: the direction filter's
-        # reference; and the cosines of the last round's updates to it, which set the next cutoff.
-        self.direction_ref: ModelArrays | None = None
-        self.direction_cosines: list[float] = []
+        self.defence_history = DefenceHistory(policy.defences, self.spec)
         # A private job's state across rounds (clip, accountant's count, ledger).
         self.private = (PrivateRounds(policy.privacy, self.spec.num_params, policy.secagg)
                         if policy.privacy is not None else None)
@@ -800,8 +793,7 @@ class RoundCore:
             deadline=now + self.policy.deadline_s,
             bytes_down=self._published_bytes + len(msg) * fanout,
         )
-        self.updates.reset(self.norm_history, self.sample_history, self.direction_ref, self.round_dp,
-                           direction_cutoff(self.policy.defences.direction_tau, self.direction_cosines))
+        self.defence_history.begin(self.updates, self.round_dp)
         self.state = RoundState.OPEN
         if self.policy.secagg is not None and self.secure is None:
             self.open.due = now  # too few devices to aggregate securely: close at the next tick
@@ -886,7 +878,7 @@ class RoundCore:
         self.last_selected = frozenset(op.selected)
         self.open = None
         self.secure = None
-        self.updates.reset(self.norm_history, self.sample_history, self.direction_ref)
+        self.defence_history.begin(self.updates)
         self.next_round = op.round + 1
         self.state = RoundState.WAITING
         actions: list[Action] = [SaveCheckpoint(*self.snapshot())]
@@ -931,10 +923,7 @@ class RoundCore:
         log.error("round %d: %s; the round fails and the model stays", op.round, exc,
                   extra=fields(round=op.round, reason="aggregation_failed"))
         if self.updates.left and not self.updates.items:
-            # Never let the filter stop a job: the next round is not filtered.
-            log.warning("round %d: the direction filter's reference is dropped", op.round)
-            self.direction_ref = None
-            self.direction_cosines = []
+            self.defence_history.drop_reference(op.round)
         return None, False, "aggregation_failed"
 
     def _secure_combined(self) -> Combined:
@@ -955,8 +944,7 @@ class RoundCore:
         # A private round may release noise alone, and a secure one has no
         # update norms: nothing to remember for the defences.
         if combined.used and self.policy.secagg is None:
-            self.norm_history = [*self.norm_history[-(HISTORY - 1):], combined.median_norm]
-            self.sample_history = [*self.sample_history[-(HISTORY - 1):], combined.median_samples]
+            self.defence_history.remember(combined)
         if not _finite(combined.delta):
             log.error("round %d: the averaged delta is not finite; the round fails and the model stays", op.round,
                       extra=fields(round=op.round, reason="nonfinite_model"))
@@ -973,35 +961,15 @@ class RoundCore:
             log.error("round %d: %s; the round fails and the model stays", op.round, exc,
                       extra=fields(round=op.round, reason="nonfinite_model"))
             return combined, False, "nonfinite_model"
-        self._steer()
+        self.defence_history.steer(self.updates)
         return combined, key_cut, None
-
-    def _steer(self) -> None:
-        """Fold the direction the round's devices agreed on (the mean unit
-        vector of every update, left out or not: see ``aggregator.robust``)
-        into the direction filter's reference, before the server's
-        optimizer (whose momentum can overshoot, so that honest devices
-        rightly pull back against the change it applied)."""
-        d = self.policy.defences
-        if d.direction == "off":
-            return
-        if self.updates.cosines:
-            self.direction_cosines = [float(f"{c:.6g}") for c in self.updates.cosines.values()]
-        delta = self.updates.agreed_direction()
-        if delta is None:
-            return
-        ref = self.direction_ref
-        self.direction_ref = {
-            k: (delta[k] if ref is None else np.float32(d.direction_beta) * ref[k] + delta[k]).astype(np.float32)
-            for k in delta}
 
     def _train_loss(self, op: _OpenRound) -> float | None:
         """Mean training loss the devices reported, weighted by their capped sample counts."""
         if not op.losses:
             return None
         losses = list(op.losses.values())
-        cap = sample_cap([n for _, n in losses], self.sample_history, self.policy.defences)
-        weights = [n if cap is None or cap <= 0 else min(n, cap) for _, n in losses]
+        weights = self.defence_history.weights([n for _, n in losses])
         return float(sum(w * loss for w, (loss, _) in zip(weights, losses, strict=True)) / max(sum(weights), 1e-12))
 
     @property
@@ -1023,17 +991,15 @@ class RoundCore:
         arrays, model_meta = self.models.snapshot()
         for slot, named in self.optimizer.state().items():
             arrays.update({f"opt/{slot}/{k}": v for k, v in named.items()})
-        if self.direction_ref is not None:
-            arrays.update({f"dir/{k}": v for k, v in self.direction_ref.items()})
+        defence_arrays, defence_meta = self.defence_history.state()
+        arrays.update(defence_arrays)
         meta = {
             "format": 2,
             "job": self.job,
             "next_round": self.next_round,
             **model_meta,
             "known": sorted(self.known),
-            "norm_history": self.norm_history,
-            "direction_cosines": self.direction_cosines,
-            "sample_history": self.sample_history,
+            **defence_meta,
             **(self.private.state() if self.private is not None else {"dp_rounds": 0, "dp_clip": 0.0,
                                                                       "dp_ledger": Ledger().to_json()}),
             "benched": {c: list(v) for c, v in self.benched.items()},
@@ -1061,15 +1027,9 @@ class RoundCore:
         self.optimizer.load_state(slots)
         self.next_round = int(meta["next_round"])
         self.known = set(meta.get("known", []))
-        self.norm_history = [float(x) for x in meta.get("norm_history", [])][-HISTORY:]
-        self.sample_history = [float(x) for x in meta.get("sample_history", [])][-HISTORY:]
+        self.defence_history.load_state(arrays, meta)
         if self.private is not None:
             self.private.load_state(meta)
-        ref = {k[len("dir/"):]: np.array(v, dtype=np.float32) for k, v in arrays.items() if k.startswith("dir/")}
-        if ref:
-            self.spec.check(ref, what="checkpoint direction reference")
-        self.direction_ref = ref or None
-        self.direction_cosines = [float(c) for c in meta.get("direction_cosines", [])][:100_000]
         self.benched = {c: (int(v[0]), int(v[1])) for c, v in meta.get("benched", {}).items()}
         self.counters = Counter(meta.get("counters", {}))
         self.rejections = Counter(meta.get("rejections", {}))

@@ -410,7 +410,8 @@ def run_one(task_name: str, task: Task, defence: str, server: dict[str, Any], at
             longest[c] = max(longest[c], streak[c])
         round_seconds.append(rec.seconds)
         bounds.append(rec.norm_bound)
-        medians.append(float(f"{core.norm_history[-1]:.4g}") if rec.clients and core.norm_history else None)
+        norms = core.defence_history.norms
+        medians.append(float(f"{norms[-1]:.4g}") if rec.clients and norms else None)
     wall = time.perf_counter() - started
     return {
         "task": task_name, "defence": defence, "attack": attack_name, "seed": seed,

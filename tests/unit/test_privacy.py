@@ -243,7 +243,7 @@ def test_a_round_with_nobody_sampled_releases_noise_and_the_next_round_is_unharm
     assert fin.record.status == "ok" and fin.record.clients == 0 and fin.record.extra["dp_rounds"] == 1
     while core.next_round < 5:  # rounds 2-4: empty too (their medians must not become the history)
         core.handle(TimerFired(1000.0 * core.next_round))
-    assert core.norm_history == [] and core.sample_history == []
+    assert core.defence_history.norms == [] and core.defence_history.samples == []
     monkeypatch.undo()
     actions = core.handle(TimerFired(5000.0))  # round 5 closes; round 6 samples everyone
     ann = announcement(actions)

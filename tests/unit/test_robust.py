@@ -260,11 +260,11 @@ def test_the_streaming_mean_refuses_an_update_that_would_overflow_its_sum():
 def test_the_norm_history_survives_a_restart():
     core = make_core()
     _round(core, {f"d{i}": (_honest(), 10) for i in range(4)})
-    assert len(core.norm_history) == 1
+    assert len(core.defence_history.norms) == 1
     arrays, meta = core.snapshot()
     again = make_core()
     again.restore(arrays, meta, None)
-    assert again.norm_history == core.norm_history
+    assert again.defence_history.norms == core.defence_history.norms
 
 
 # --- direction -------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_the_core_steers_by_the_changes_it_applied_and_a_sign_flipper_is_left_ou
 
     clients = ["d0", "d1", "d2", "d3", "flip"]
     _round(core, {c: (honest(), 10) for c in clients})  # honest in round 1: no reference yet
-    assert core.direction_ref is not None  # the change just applied
+    assert core.defence_history.reference is not None  # the change just applied
     flip = {k: -v for k, v in honest().items()}
     [fin] = finished(_round(core, {**{c: (honest(), 10) for c in clients[:4]}, "flip": (flip, 10)}))
     assert fin.record.status == "ok" and fin.record.round == 2 and fin.record.left_out == ("flip",)
@@ -313,7 +313,8 @@ def test_the_core_steers_by_the_changes_it_applied_and_a_sign_flipper_is_left_ou
     arrays, meta = core.snapshot()
     again = make_core()
     again.restore(arrays, meta, None)
-    assert all(np.array_equal(again.direction_ref[k], core.direction_ref[k]) for k in core.direction_ref)
+    ref, ref_again = core.defence_history.reference, again.defence_history.reference
+    assert all(np.array_equal(ref_again[k], ref[k]) for k in ref)
 
 
 def test_a_round_whose_every_update_points_away_fails_and_the_filter_forgets_its_reference():
@@ -323,7 +324,7 @@ def test_a_round_whose_every_update_points_away_fails_and_the_filter_forgets_its
     actions = _round(core, {f"d{i}": ({k: -v for k, v in direction.items()}, 10) for i in range(3)})
     [fin] = finished(actions)
     assert fin.record.status == "failed" and fin.record.failure == "aggregation_failed"
-    assert core.direction_ref is None  # the next round is not filtered: a filter never stops a job
+    assert core.defence_history.reference is None  # the next round is not filtered: a filter never stops a job
     [fin] = finished(_round(core, {f"d{i}": ({k: -v for k, v in direction.items()}, 10) for i in range(3)}))
     assert fin.record.status == "ok"
 
@@ -371,11 +372,11 @@ def test_the_cutoffs_cosines_survive_a_restart():
     for _ in range(2):
         _round(core, {f"d{i}": ({k: v + 0.002 * rng.normal(size=v.shape).astype(np.float32)
                                  for k, v in direction.items()}, 10) for i in range(4)})
-    assert len(core.direction_cosines) == 4
+    assert len(core.defence_history.cosines) == 4
     arrays, meta = core.snapshot()
     again = make_core()
     again.restore(arrays, meta, None)
-    assert again.direction_cosines == core.direction_cosines
+    assert again.defence_history.cosines == core.defence_history.cosines
 
 
 def test_a_dense_rules_reference_follows_every_update_as_the_mean_would_weigh_it():
