@@ -1,6 +1,8 @@
 """The aggregator's configuration: its sections, their defaults (the one
 source: the round core is built from these, never from defaults of its own)
-and their checks.
+and their checks. Policies built from it (``aggregator.policy.RoundPolicy``,
+``aggregator.robust.Defences``) declare their fields with ``configured``: the
+config key each one takes, and that key's default.
 
 ``AggregatorConfig.check`` runs whenever a config is loaded and whenever an
 ``AggregatorService`` is built, so a programmatic caller (the demo, a
@@ -11,9 +13,11 @@ line. Configs are immutable: build a changed copy with
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedge.config import (
@@ -462,3 +466,58 @@ def _checked_id(check_id: Any, value: str, what: str) -> None:
         check_id(value, what)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+# --- policies built from the config ----------------------------------------------
+
+
+def section_class(name: str) -> type:
+    """The dataclass of the ``[name]`` section."""
+    for f in dataclasses.fields(AggregatorConfig):
+        if f.name == name:
+            return f.default_factory  # type: ignore[return-value]  # section(cls, doc): the class itself
+    raise KeyError(f"the aggregator config has no section [{name}]")
+
+
+def _setting(section: str, key: str) -> dataclasses.Field[Any]:
+    for f in dataclasses.fields(section_class(section)):
+        if f.name == key:
+            return f
+    raise KeyError(f"the aggregator config has no key {section}.{key}")
+
+
+def configured(section: str, key: str, *, required: bool = False) -> Any:
+    """A field of a policy built from the config: ``from_config`` gives it
+    ``[section] key``, and its default is that key's (one source for it);
+    ``required``: no default. An unknown section or key raises ``KeyError``
+    when the policy class is defined."""
+    meta = {"config": (section, key)}
+    s = _setting(section, key)
+    if required:
+        return field(metadata=meta)
+    if s.default is not dataclasses.MISSING:
+        return field(default=s.default, metadata=meta)
+    return field(default_factory=s.default_factory, metadata=meta)  # a dict or list setting: a fresh copy
+
+
+def configured_keys(policy: type) -> dict[str, tuple[str, str]]:
+    """Each ``configured`` field of ``policy`` and the (section, key) it takes."""
+    return {f.name: f.metadata["config"] for f in dataclasses.fields(policy) if "config" in f.metadata}
+
+
+def check_configured(policy: type, built: Iterable[str] = ()) -> None:
+    """Raises ``LookupError`` unless every field of ``policy`` takes a config
+    key that exists or is one of ``built`` (made by its ``from_config``)."""
+    keys, built = configured_keys(policy), set(built)
+    names = {f.name for f in dataclasses.fields(policy)}
+    loose = sorted(names - keys.keys() - built)
+    if loose:
+        raise LookupError(f"{policy.__name__}: {', '.join(loose)} neither configured nor built")
+    odd = sorted(built & keys.keys()) + sorted(built - names)
+    if odd:
+        raise LookupError(f"{policy.__name__}: {', '.join(odd)} built but configured too, or not a field")
+    for name, (where, key) in keys.items():
+        try:
+            _setting(where, key)
+        except KeyError as exc:
+            raise LookupError(f"{policy.__name__}.{name}: {exc.args[0]}") from None

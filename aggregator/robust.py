@@ -96,6 +96,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from aggregator.config import configured, configured_keys
 from aggregator.fold import Admitted, RoundUpdates, RunningSum
 from aggregator.pipeline import Combined, Partial, release
 from aggregator.privacy import DpRound, release_private
@@ -132,29 +133,26 @@ def direction_cutoff(tau: float, cosines: Sequence[float]) -> float:
     return min(tau, med - DIRECTION_SPREAD * spread)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Defences:
-    """How a round's updates are bounded and combined (``[server]`` keys)."""
+    """How a round's updates are bounded and combined: ``[server]`` keys,
+    their defaults included."""
 
-    rule: str = "mean"
-    clip: str = "adaptive"
-    clip_norm: float = 0.0
-    clip_multiplier: float = 1.25
-    weight_cap: float = 2.0
-    trim_fraction: float = 0.1
-    krum_f: int = 1
-    krum_m: int = 0
-    direction: str = "momentum"
-    direction_beta: float = 0.9
-    direction_tau: float = 0.0
+    rule: str = configured("server", "aggregation")
+    clip: str = configured("server", "clip")
+    clip_norm: float = configured("server", "clip_norm")
+    clip_multiplier: float = configured("server", "clip_multiplier")
+    weight_cap: float = configured("server", "weight_cap")
+    trim_fraction: float = configured("server", "trim_fraction")
+    krum_f: int = configured("server", "krum_f")
+    krum_m: int = configured("server", "krum_m")
+    direction: str = configured("server", "direction")
+    direction_beta: float = configured("server", "direction_beta")
+    direction_tau: float = configured("server", "direction_tau")
 
     @classmethod
     def from_config(cls, server: ServerSection) -> Defences:
-        return cls(rule=server.aggregation, clip=server.clip, clip_norm=server.clip_norm,
-                   clip_multiplier=server.clip_multiplier, weight_cap=server.weight_cap,
-                   trim_fraction=server.trim_fraction, krum_f=server.krum_f, krum_m=server.krum_m,
-                   direction=server.direction, direction_beta=server.direction_beta,
-                   direction_tau=server.direction_tau)
+        return cls(**{name: getattr(server, key) for name, (_, key) in configured_keys(cls).items()})
 
 
 def dense_bytes(spec: TensorSpec, updates: int) -> int:

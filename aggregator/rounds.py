@@ -64,20 +64,19 @@ from typing import Any
 import numpy as np
 
 from aggregator import selection
-from aggregator.config import AggregatorConfig
 from aggregator.defences import DefenceHistory
 from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
 from aggregator.pipeline import Combined, release
-from aggregator.privacy import DpPolicy, DpRound, Ledger, release_private
+from aggregator.policy import RoundPolicy
+from aggregator.privacy import DpRound, Ledger, release_private
 from aggregator.private_rounds import PrivateRounds
 from aggregator.robust import (
     DENSE_RULES,
-    Defences,
     RoundAggregate,
     dense_bytes,
 )
-from aggregator.secure import SecAggPolicy, SecureRound, secure_partial, secure_summary
+from aggregator.secure import SecureRound, secure_partial, secure_summary
 from fedge import wire
 from fedge.codecs import CodecError, make_codec, requirements
 from fedge.config import ConfigError
@@ -103,42 +102,6 @@ from fedge.wire import Envelope, Kind, WireError
 log = logging.getLogger("fedge.aggregator")
 
 # --- configuration ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RoundPolicy:
-    """The numbers a round runs by; built from the job's config, the one
-    source of their defaults (``aggregator.config``)."""
-
-    rounds: int
-    fraction: float
-    min_clients: int
-    max_clients: int
-    quorum: float
-    min_updates: int
-    deadline_s: float
-    settle_s: float
-    max_samples: int
-    max_update_bytes: int
-    seed: int
-    defences: Defences = Defences()
-    aggregation_bytes: int = 1 << 30
-    max_devices: int = 100_000
-    offline_grace_s: float = 5.0
-    privacy: DpPolicy | None = None
-    secagg: SecAggPolicy | None = None
-
-    @classmethod
-    def from_config(cls, cfg: AggregatorConfig) -> RoundPolicy:
-        sel = cfg.selection
-        return cls(rounds=cfg.job.rounds, fraction=sel.fraction, min_clients=sel.min_clients,
-                   max_clients=sel.max_clients, quorum=sel.quorum, min_updates=sel.min_updates,
-                   deadline_s=sel.deadline_s, settle_s=sel.settle_s, max_samples=cfg.server.max_samples_per_update,
-                   max_update_bytes=cfg.limits.max_update_bytes, seed=cfg.job.seed,
-                   defences=Defences.from_config(cfg.server), aggregation_bytes=cfg.limits.aggregation_bytes,
-                   max_devices=cfg.limits.max_devices, offline_grace_s=sel.offline_grace_s,
-                   privacy=DpPolicy.from_config(cfg.privacy, sel.min_clients),
-                   secagg=SecAggPolicy.from_config(cfg.secagg))
 
 
 class RoundState(str, enum.Enum):

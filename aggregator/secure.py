@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.config import SecAggSection, configured, configured_keys
 from aggregator.pipeline import Partial
 from fedge.messages import SecAggStage
 from fedge.secagg import Context, SecAggError, SecAggPlan, SecAggServer, ddgauss_tau, dequantize, unpack
@@ -40,22 +41,23 @@ log = logging.getLogger("fedge.aggregator")
 STAGES = ("keys", "shares", "inputs", "unmask", "done", "failed")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SecAggPolicy:
-    """The job's secure aggregation settings (``[secagg]``); each round's
-    ``SecAggPlan`` is made from them for the devices it selected."""
+    """The job's secure aggregation settings (``[secagg]`` keys, their
+    defaults included); each round's ``SecAggPlan`` is made from them for
+    the devices it selected."""
 
-    threshold: int = 0  # 0: a majority of a device's share holders
-    degree: int = 0  # 0: min(n - 1, 2 ceil(log2 n) + 2)
-    bits: int = 16
-    bound: float = 0.0  # 0: the privacy clip of the round
-    stage_s: float = 20.0
+    threshold: int = configured("secagg", "threshold")  # 0: a majority of a device's share holders
+    degree: int = configured("secagg", "degree")  # 0: min(n - 1, 2 ceil(log2 n) + 2)
+    bits: int = configured("secagg", "bits")
+    bound: float = configured("secagg", "bound")  # 0: the privacy clip of the round
+    stage_s: float = configured("secagg", "stage_s")
 
     @classmethod
-    def from_config(cls, cfg: Any) -> SecAggPolicy | None:
-        if cfg.mode == "off":
+    def from_config(cls, section: SecAggSection) -> SecAggPolicy | None:
+        if section.mode == "off":
             return None
-        return cls(cfg.threshold, cfg.degree, cfg.bits, cfg.bound, cfg.stage_s)
+        return cls(**{name: getattr(section, key) for name, (_, key) in configured_keys(cls).items()})
 
     def plan(self, n: int, clip: float, noise: float = 0.0, aux_noise: float = 0.0) -> SecAggPlan:
         """The plan for a round of ``n`` selected devices (``clip``: the
