@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator import selection
+from aggregator import admission, selection
 from aggregator.defences import DefenceHistory
 from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
@@ -473,78 +473,50 @@ class RoundCore:
             return self._reject(exc.reason, str(exc), ev.client, None)
         except (WireError, ProtocolError) as exc:
             return self._reject(exc.reason, str(exc), ev.client, None, _named_in(env))
-        if upd.job != self.job:
-            return self._reject("wrong_job", f"update for job {upd.job!r}", ev.client, None)
-        if upd.sender != ev.client:
-            return self._reject("sender_mismatch", f"header says {upd.sender!r}", ev.client, upd)
-        selected = self.open.selected if self.open else ()
-        if ev.client not in self.known and ev.client not in selected:
-            return self._reject("unknown_sender", "client never announced itself", ev.client, upd)
+        return self._on_update(ev.client, upd, ev.now)
+
+    def _on_update(self, client: str, upd: Update, now: float) -> list[Action]:
+        """An update: admitted (``aggregator.admission``), then folded into
+        the round or taken as a masked input, and acknowledged."""
+        verdict = admission.admit(self, client, upd)
+        if verdict is not None:
+            return self._judged(client, upd, verdict)
         op = self.open
-        if op is None or upd.round < op.round:
-            self.benched.pop(ev.client, None)  # slow, but real
-            counted = next((r for r in reversed(self.history) if r.round == upd.round and ev.client in r.accepted),
-                           None)
-            if counted is not None:
-                # A resend of an update the closed round folded (its receipt
-                # was lost): "late" would make the device take it back into
-                # its residual, counting it twice.
-                self.counters["duplicate"] += 1
-                ack = Ack(self.job, counted.round, counted.attempt, ev.client, upd.update_id, "duplicate",
-                          f"round {counted.round} counted an update from this device")
-                return [SendAck(ev.client, ack.encode(), "duplicate", counted.round)]
-            return self._reject("late", f"round {upd.round} is closed", ev.client, upd)
-        if upd.round > op.round:
-            return self._reject("future_round", f"round {upd.round} is not open (round {op.round} is)", ev.client, upd)
-        if ev.client not in op.selected:
-            return self._reject("not_selected", f"not selected for round {op.round}", ev.client, upd)
-        if ev.client in op.accepted:
-            self.counters["duplicate"] += 1
-            ack = Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "duplicate",
-                      f"already counted update {op.accepted[ev.client]}")
-            return [SendAck(ev.client, ack.encode(), "duplicate", op.round)]
-        if upd.base_model != self.model_digest:
-            return self._reject("stale_base", "trained from another global model", ev.client, upd)
-        if upd.codec != self.codec_params:
-            return self._reject("wrong_codec", f"codec {upd.codec} but the round asked {self.codec_params}",
-                                ev.client, upd)
-        if not 1 <= upd.num_samples <= self.policy.max_samples:
-            return self._reject("bad_samples", f"num_samples={upd.num_samples} outside 1..{self.policy.max_samples}",
-                                ev.client, upd)
+        assert op is not None  # admission refuses an update when no round is open
+        refused: str | None = None
         if self.secure is not None:
-            if upd.attempt != op.attempt:
-                # Masked for another attempt of this round (delivered late
-                # across a restart): worthless here, and its sender has
-                # moved on to this attempt. No receipt.
-                self.counters["secagg_stale_attempt"] += 1
-                log.info("dropped %s's masked input for attempt %s of round %d (attempt %d is open)", ev.client,
-                         upd.attempt, op.round, op.attempt,
-                         extra=fields(device=ev.client, round=op.round, reason="secagg_stale_attempt"))
-                return []
-            if op.closing is not None:
-                return self._reject("late", "the round stopped taking masked inputs (unmasking)", ev.client, upd)
-            refused = self.secure.on_input(ev.client, upd.body)
-            if refused is not None:
-                return self._reject(refused, "the masked input was refused by secure aggregation", ev.client, upd)
-        elif self.policy.secagg is not None:
-            return self._reject("secagg_failed", f"secure aggregation could not start: {self.secure_failure}",
-                                ev.client, upd)
+            refused = self.secure.on_input(client, upd.body)
+            detail = "the masked input was refused by secure aggregation"
         else:
-            if self.round_dp is not None and self.round_dp.bit_std > 0 and upd.clip_bit is None:
-                return self._reject("missing_clip_bit", "this private round clips adaptively: the update must say "
-                                    "whether it was within the clip (clip_bit)", ev.client, upd)
             try:
-                self.updates.admit(ev.client, upd.body, upd.num_samples, upd.clip_bit)
+                self.updates.admit(client, upd.body, upd.num_samples, upd.clip_bit)
             except (CodecError, TensorError) as exc:
-                return self._reject(exc.reason, str(exc), ev.client, upd)
-        op.accepted[ev.client] = upd.update_id
+                refused, detail = exc.reason, str(exc)
+        if refused is not None:
+            return self._reject(refused, detail, client, upd)
+        op.accepted[client] = upd.update_id
         op.num_samples += upd.num_samples
         if math.isfinite(upd.loss):
-            op.losses[ev.client] = (upd.loss, upd.num_samples)
+            op.losses[client] = (upd.loss, upd.num_samples)
         self.counters["accepted"] += 1
-        self._check_quorum(ev.now)
-        ack = Ack(self.job, op.round, op.attempt, ev.client, upd.update_id, "accepted")
-        return [SendAck(ev.client, ack.encode(), "accepted", op.round)]
+        self._check_quorum(now)
+        ack = Ack(self.job, op.round, op.attempt, client, upd.update_id, "accepted")
+        return [SendAck(client, ack.encode(), "accepted", op.round)]
+
+    def _judged(self, client: str, upd: Update, verdict: admission.Verdict) -> list[Action]:
+        """What follows from an admission check's verdict."""
+        if isinstance(verdict, admission.Drop):
+            self.counters[verdict.counter] += 1
+            log.info("dropped %s's %s", client, verdict.detail,
+                     extra=fields(device=client, round=upd.round, reason=verdict.counter))
+            return []
+        if verdict.alive:
+            self.benched.pop(client, None)  # slow, but real
+        if isinstance(verdict, admission.Duplicate):
+            self.counters["duplicate"] += 1
+            ack = Ack(self.job, verdict.round, verdict.attempt, client, upd.update_id, "duplicate", verdict.detail)
+            return [SendAck(client, ack.encode(), "duplicate", verdict.round)]
+        return self._reject(verdict.reason, verdict.detail, client, upd if verdict.receipt else None)
 
     def _on_secagg(self, client: str, msg: SecAggStage, now: float) -> list[Action]:
         """A device's keys, shares or revealed shares for the open attempt."""
