@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from aggregator.lifecycle import Lifecycle, Phase
+
 if TYPE_CHECKING:
     from aggregator.policy import RoundPolicy
     from aggregator.privacy import DpRound
@@ -71,7 +73,6 @@ class OpenRound(Protocol):
     attempt: int
     selected: tuple[str, ...]
     accepted: dict[str, str]
-    closing: str | None
 
 
 class Gate(Protocol):
@@ -85,6 +86,7 @@ class Gate(Protocol):
     secure: SecureRound | None
     secure_failure: str
     round_dp: DpRound | None
+    life: Lifecycle
 
     @property
     def open(self) -> OpenRound | None: ...
@@ -197,7 +199,7 @@ def _secure_attempt(core: Gate, client: str, upd: Update) -> Verdict | None:
 def _unmasking(core: Gate, client: str, upd: Update) -> Verdict | None:
     op = core.open
     assert op is not None
-    if core.secure is not None and op.closing is not None:
+    if core.secure is not None and core.life.phase is not Phase.OPEN:
         return Refuse("late", "the round stopped taking masked inputs (unmasking)")
     return None
 

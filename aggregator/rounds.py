@@ -65,6 +65,7 @@ import numpy as np
 
 from aggregator import admission, selection
 from aggregator.defences import DefenceHistory
+from aggregator.lifecycle import Lifecycle, Phase
 from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
 from aggregator.pipeline import Combined, release
@@ -209,7 +210,6 @@ class _OpenRound:
     attempt: int
     selected: tuple[str, ...]
     opened_at: float
-    deadline: float
     bytes_down: int
     accepted: dict[str, str] = field(default_factory=dict)  # client -> update id
     declined: set[str] = field(default_factory=set)
@@ -220,9 +220,6 @@ class _OpenRound:
     bytes_up: int = 0
     num_samples: int = 0
     losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # client -> (loss, samples)
-    due: float | None = None  # quorum reached at this time: close on the next tick
-    grace_until: float | None = None  # only offline devices are awaited: close then
-    closing: str | None = None  # secure aggregation: inputs closed (for this reason), unmasking
     model_missing: int = 0  # devices that declined for lack of the announced model
     republished: bool = False  # the model was published again this attempt (a device lacked it)
 
@@ -302,7 +299,7 @@ class RoundCore:
         self.attempt = 0
         self.new_id = new_id
         self.verify = verify
-        self.state = RoundState.WAITING
+        self.life = Lifecycle()  # where the job's rounds are, and the phase's timers
         self.open: _OpenRound | None = None
         self.online: dict[str, dict[str, Any]] = {}
         self.known: set[str] = set()
@@ -319,7 +316,6 @@ class RoundCore:
         self.history: list[RoundRecord] = []  # the last few records, for restarts
         self._restored_open: dict[str, Any] | None = None
         self._waiting_announced = 0
-        self._ready_since: float | None = None
 
     # --- public --------------------------------------------------------------
 
@@ -360,21 +356,18 @@ class RoundCore:
         round, or for the one before (its late update gets a receipt)."""
         return (self.open is not None and client in self.open.selected) or client in self.last_selected
 
+    @property
+    def state(self) -> RoundState:
+        """What the announcements say: waiting (settling included), open
+        (unmasking and closing included) or done; ``life.phase`` has the rest."""
+        return RoundState(self.life.phase.announced)
+
     def next_deadline(self) -> float | None:
-        if self.open:
-            op = self.open
-            sec = self.secure
-            if op.closing is not None and sec is not None:
-                return sec.deadline  # unmasking
-            if op.due is not None:
-                return op.due
-            at = op.deadline if op.grace_until is None else min(op.grace_until, op.deadline)
-            if sec is not None and sec.stage in ("keys", "shares"):
-                at = min(at, sec.deadline)
-            return at
-        if self._ready_since is not None:
-            return self._ready_since + self.policy.settle_s
-        return None
+        sec = self.secure
+        stage_ends = None
+        if sec is not None and (self.life.phase is Phase.UNMASKING or sec.stage in ("keys", "shares")):
+            stage_ends = sec.deadline
+        return self.life.next_deadline(stage_ends)
 
     # --- events --------------------------------------------------------------
 
@@ -408,15 +401,13 @@ class RoundCore:
     def _on_timer(self, now: float) -> list[Action]:
         if self.open and self.secure is not None:
             moved = self._advance_secure(now)
-            if self.open is None or self.open.closing is not None:
+            if self.life.phase is not Phase.OPEN:
                 return moved  # closed, or still unmasking
             if moved:
                 return moved + self._on_timer(now)
-        if self.open and (self.open.due is not None
-                          or (self.open.grace_until is not None and now >= self.open.grace_until)):
-            return self._close(now, reason="quorum")
-        if self.open and now >= self.open.deadline:
-            return self._close(now, reason="deadline")
+        why = self.life.expired(now)
+        if why is not None:
+            return self._close(now, reason=why)
         if self.state == RoundState.WAITING:
             return self._try_open(now)
         return []
@@ -545,10 +536,11 @@ class RoundCore:
         actions: list[Action] = [SendAck(m.client, m.encode()) for m in sec.advance(now, inputs_closed)]
         if sec.stage != before:
             self._check_quorum(now)  # who can still send an input has changed
-            if sec.stage == "failed" and op.closing is None:
-                op.due = now  # nothing more can come of this attempt
-        if op.closing is not None and sec.stage in ("done", "failed"):
-            actions += self._close(now, op.closing)
+            if sec.stage == "failed" and self.life.phase is Phase.OPEN:
+                self.life.mark_due(now)  # nothing more can come of this attempt
+        closing = self.life.closing
+        if self.life.phase is Phase.UNMASKING and closing is not None and sec.stage in ("done", "failed"):
+            actions += self._close(now, closing)
         return actions
 
     def _on_decline(self, client: str, dec: Decline, now: float) -> list[Action]:
@@ -619,8 +611,8 @@ class RoundCore:
         enough = len(op.accepted) >= self.policy.min_updates
         answered = self.answered_without_update(op)
         responded = len(op.accepted) + len(answered)
-        if op.due is None and responded >= selection.quorum_size(len(op.selected), self.policy.quorum):
-            op.due = now
+        if self.life.due is None and responded >= selection.quorum_size(len(op.selected), self.policy.quorum):
+            self.life.mark_due(now)
             return
         # Only devices that went offline are left: close after a short grace
         # (a device that reconnects at once still makes it), not at the
@@ -628,10 +620,9 @@ class RoundCore:
         # fires, and the devices come back with their updates.
         awaited = len(op.selected) - len(op.gone - answered)
         if enough and responded >= awaited:
-            if op.grace_until is None:
-                op.grace_until = now + self.policy.offline_grace_s
+            self.life.await_offline(now, self.policy.offline_grace_s)
         else:
-            op.grace_until = None
+            self.life.await_all()
 
     def _eligible(self) -> list[str]:
         # A device must decode the downlink's deltas as well as encode updates.
@@ -680,20 +671,15 @@ class RoundCore:
         # min_devices devices: it never opens with fewer.
         needed = self._needed()
         if len(candidates) < needed:
-            self.state = RoundState.WAITING
-            self._ready_since = None
+            self.life.too_few()
             if self._waiting_announced != self.next_round:
                 self._waiting_announced = self.next_round
                 log.info("round %d waits for %d eligible clients online (%d now)%s", self.next_round, needed,
                          len(candidates), "" if needed == self.policy.min_clients else " (privacy.min_devices)")
                 return [PublishAnnouncement(self._announcement(RoundState.WAITING, (), now))]
             return []
-        if settle and self.policy.settle_s > 0:
-            if self._ready_since is None:
-                self._ready_since = now
-            if now < self._ready_since + self.policy.settle_s:
-                return []
-        self._ready_since = None
+        if settle and self.policy.settle_s > 0 and not self.life.settled(now, self.policy.settle_s):
+            return []
         spend = self.private.over_budget() if self.private is not None else None
         if dp is not None and spend is not None:
             log.warning("privacy budget: round %d would bring epsilon to %.3f (delta %g), over "
@@ -725,15 +711,14 @@ class RoundCore:
         fanout = max(len(self.online), len(selected))
         self.open = _OpenRound(
             round=self.next_round, attempt=attempt, selected=selected, opened_at=now,
-            deadline=now + self.policy.deadline_s,
             bytes_down=self._published_bytes + len(msg) * fanout,
         )
         self.defence_history.begin(self.updates, self.round_dp)
-        self.state = RoundState.OPEN
+        self.life.announce(now, self.policy.deadline_s)
         if self.policy.secagg is not None and self.secure is None:
-            self.open.due = now  # too few devices to aggregate securely: close at the next tick
+            self.life.mark_due(now)  # too few devices to aggregate securely: close at the next tick
         if not selected:
-            self.open.due = now  # an empty Poisson sample: nobody to wait for (a private round releases noise)
+            self.life.mark_due(now)  # an empty Poisson sample: nobody to wait for (a private round releases noise)
         record = {"round": self.next_round, "attempt": attempt, "selected": list(selected),
                   "model_digest": self.model_digest}
         return [SaveRoundOpen(record), PublishAnnouncement(msg)]
@@ -758,10 +743,11 @@ class RoundCore:
         if sec is not None and sec.stage not in ("done", "failed"):
             # Stop taking masked inputs and unmask the sum of those in hand;
             # the round closes when unmasking ends (``_advance_secure``).
-            op.closing = reason
+            self.life.close_inputs(reason)
             if sec.stage in ("keys", "shares"):
                 sec.fail(f"the round closed ({reason}) before the devices had shared their keys")
             return self._advance_secure(now, inputs_closed=True)
+        self.life.close()
         # A private round releases a model whatever arrived (noise alone, if
         # nothing did): the accountant counts it, and skipping it would tell.
         dp = self.policy.privacy
@@ -815,7 +801,7 @@ class RoundCore:
         self.secure = None
         self.defence_history.begin(self.updates)
         self.next_round = op.round + 1
-        self.state = RoundState.WAITING
+        self.life.next_round()
         actions: list[Action] = [SaveCheckpoint(*self.snapshot())]
         if key_cut:
             actions += [PublishModel(self.models.key_message), PublishDelta(None)]
@@ -914,9 +900,9 @@ class RoundCore:
         return len(self.models.key_message) + len(self.models.delta_message or b"")
 
     def _finish_job(self, now: float) -> list[Action]:
-        if self.state == RoundState.DONE:
+        if self.life.phase is Phase.DONE:
             return []
-        self.state = RoundState.DONE
+        self.life.finish()
         self.open = None
         return [PublishAnnouncement(self._announcement(RoundState.DONE, (), now))]
 

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from aggregator.lifecycle import Phase
 from aggregator.privacy import DpPolicy, PrivacySpec, epsilon
 from aggregator.robust import Defences
 from aggregator.rounds import (
@@ -256,12 +257,14 @@ class RoundMachine(RuleBasedStateMachine):
 
     @invariant()
     def an_open_round_closes_by_its_deadline(self) -> None:
-        op, sec = self.core.open, self.core.secure
+        op, sec, life = self.core.open, self.core.secure, self.core.life
         if op is None:
+            assert life.phase in (Phase.WAITING, Phase.SETTLING, Phase.DONE), life
             return
-        if op.closing is None:
-            assert self.now < op.deadline
+        if life.phase is Phase.OPEN:
+            assert self.now < life.deadline
         else:  # a secure round that stopped taking inputs: unmasking has its own deadline
+            assert life.phase is Phase.UNMASKING, life
             assert sec is not None and sec.stage == "unmask" and self.now < sec.deadline, (op, sec)
         if sec is not None and sec.stage in ("keys", "shares", "unmask"):
             assert self.now < sec.deadline, sec.stage
