@@ -36,6 +36,7 @@ from aggregator.lifecycle import Lifecycle, Phase
 if TYPE_CHECKING:
     from aggregator.policy import RoundPolicy
     from aggregator.privacy import DpRound
+    from aggregator.roster import Roster
     from aggregator.secure import SecureRound
     from fedge.messages import Update
     from fedge.records import RoundRecord
@@ -79,7 +80,7 @@ class Gate(Protocol):
     """What the checks read of the round core."""
 
     job: str
-    known: set[str]
+    roster: Roster
     history: list[RoundRecord]
     policy: RoundPolicy
     codec_params: dict[str, Any]
@@ -115,7 +116,7 @@ def _sender(core: Gate, client: str, upd: Update) -> Verdict | None:
 
 def _known(core: Gate, client: str, upd: Update) -> Verdict | None:
     op = core.open
-    if client not in core.known and (op is None or client not in op.selected):
+    if client not in core.roster.known and (op is None or client not in op.selected):
         return Refuse("unknown_sender", "client never announced itself")
     return None
 

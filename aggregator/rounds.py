@@ -77,6 +77,7 @@ from aggregator.robust import (
     RoundAggregate,
     dense_bytes,
 )
+from aggregator.roster import Roster
 from aggregator.secure import SecureRound, secure_partial, secure_summary
 from fedge import wire
 from fedge.codecs import CodecError, make_codec, requirements
@@ -301,12 +302,7 @@ class RoundCore:
         self.verify = verify
         self.life = Lifecycle()  # where the job's rounds are, and the phase's timers
         self.open: _OpenRound | None = None
-        self.online: dict[str, dict[str, Any]] = {}
-        self.known: set[str] = set()
-        # Selected devices that did not respond: client -> (strikes, first
-        # round it may be selected again). See ``_bench``.
-        self.benched: dict[str, tuple[int, int]] = {}
-        self.last_selected: frozenset[str] = frozenset()  # of the round that closed last
+        self.roster = Roster(policy.max_devices)  # devices known, online and benched
         self._now = 0.0  # the time of the event being handled
         self.counters: Counter[str] = Counter()
         # The same counts, by kind, for metrics: updates refused (by reason;
@@ -329,7 +325,7 @@ class RoundCore:
         actions: list[Action] = [PublishModel(self.models.key_message), PublishDelta(self.models.delta_message)]
         restored, self._restored_open = self._restored_open, None
         if restored and restored.get("round") == self.next_round and restored.get("model_digest") == self.model_digest:
-            self.known.update(restored.get("selected", []))
+            self.roster.known.update(restored.get("selected", []))
             actions += self._announce(now, tuple(restored["selected"]), int(restored.get("attempt", 0)) + 1)
         else:
             actions += self._try_open(now)
@@ -354,7 +350,7 @@ class RoundCore:
     def expects_update_from(self, client: str) -> bool:
         """Whether ``client`` may send an update now: selected for the open
         round, or for the one before (its late update gets a receipt)."""
-        return (self.open is not None and client in self.open.selected) or client in self.last_selected
+        return (self.open is not None and client in self.open.selected) or client in self.roster.last_selected
 
     @property
     def state(self) -> RoundState:
@@ -372,18 +368,15 @@ class RoundCore:
     # --- events --------------------------------------------------------------
 
     def _on_status(self, ev: ClientStatus) -> list[Action]:
-        if ev.client not in self.known and len(self.known) >= self.policy.max_devices:
+        if not self.roster.heard(ev.client, ev.online, ev.info):
             self.counters["too_many_devices"] += 1
             return []
-        self.known.add(ev.client)
         op = self.open
         if ev.online:
-            self.online[ev.client] = ev.info
             if op is not None and ev.client in op.gone:
                 op.gone.discard(ev.client)
                 self._check_quorum(ev.now)  # awaited again: no early close for it
         else:
-            self.online.pop(ev.client, None)
             if op is not None and ev.client in op.selected and ev.client not in op.accepted:
                 # A device that went away is not waited for: the round closes
                 # on the responses of the others after a short grace (an
@@ -502,7 +495,7 @@ class RoundCore:
                      extra=fields(device=client, round=upd.round, reason=verdict.counter))
             return []
         if verdict.alive:
-            self.benched.pop(client, None)  # slow, but real
+            self.roster.alive(client)
         if isinstance(verdict, admission.Duplicate):
             self.counters["duplicate"] += 1
             ack = Ack(self.job, verdict.round, verdict.attempt, client, upd.update_id, "duplicate", verdict.detail)
@@ -626,33 +619,16 @@ class RoundCore:
 
     def _eligible(self) -> list[str]:
         # A device must decode the downlink's deltas as well as encode updates.
-        needed = [SECAGG_CAPABILITY] if self.policy.secagg is not None else requirements(self.codec_params)
+        codecs = [SECAGG_CAPABILITY] if self.policy.secagg is not None else requirements(self.codec_params)
         if self.models.codec is not None:
-            needed += requirements(self.models.downlink_params)
-        candidates = selection.eligible(self.online, needed)
-        ready = [c for c in candidates if self.benched.get(c, (0, 0))[1] <= self.next_round]
-        # Benched devices fill in when the others are too few: a small fleet
-        # with a slow device must not wait for good.
-        return ready if len(ready) >= self._needed() else candidates
+            codecs += requirements(self.models.downlink_params)
+        return self.roster.eligible(codecs, self.next_round, self._needed())
 
     def _needed(self) -> int:
         """Eligible devices a round waits for: selection.min_clients, and a
         private round's privacy.min_devices."""
         dp = self.policy.privacy
         return max(self.policy.min_clients, dp.min_devices if dp is not None else 0)
-
-    def _bench(self, op: _OpenRound) -> None:
-        """Selected devices that neither sent an update (valid or refused) nor
-        declined (nor sent one late) sit out the next 1, 2, 4, ... rounds (at most 32), so that
-        devices that vanished, or presences that were never real, cost a
-        round's deadline once, not every round. A response clears the record."""
-        for client in op.selected:
-            if client in op.accepted or client in op.declined or client in op.refused:
-                self.benched.pop(client, None)
-                continue
-            strikes = self.benched.get(client, (0, 0))[0] + 1
-            self.benched[client] = (strikes, op.round + 1 + min(32, 2 ** (strikes - 1)))
-            self.counters["unresponsive"] += 1
 
     def _select(self, candidates: list[str]) -> tuple[str, ...]:
         p = self.policy
@@ -708,7 +684,7 @@ class RoundCore:
                 log.error("round %d: %s; the round fails", self.next_round, exc,
                           extra=fields(round=self.next_round, reason="secagg_failed"))
         msg = self._announcement(RoundState.OPEN, selected, now)
-        fanout = max(len(self.online), len(selected))
+        fanout = max(len(self.roster.online), len(selected))
         self.open = _OpenRound(
             round=self.next_round, attempt=attempt, selected=selected, opened_at=now,
             bytes_down=self._published_bytes + len(msg) * fanout,
@@ -795,8 +771,9 @@ class RoundCore:
             extra=extra,
         )
         self.history = [*self.history[-9:], record]
-        self._bench(op)
-        self.last_selected = frozenset(op.selected)
+        silent = self.roster.closed(op.round, op.selected, set(op.accepted) | op.declined | op.refused)
+        if silent:
+            self.counters["unresponsive"] += silent
         self.open = None
         self.secure = None
         self.defence_history.begin(self.updates)
@@ -919,11 +896,10 @@ class RoundCore:
             "job": self.job,
             "next_round": self.next_round,
             **model_meta,
-            "known": sorted(self.known),
+            **self.roster.state(),
             **defence_meta,
             **(self.private.state() if self.private is not None else {"dp_rounds": 0, "dp_clip": 0.0,
                                                                       "dp_ledger": Ledger().to_json()}),
-            "benched": {c: list(v) for c, v in self.benched.items()},
             "counters": dict(self.counters),
             "rejections": dict(self.rejections),
             "failures": dict(self.failures),
@@ -947,11 +923,10 @@ class RoundCore:
                 slots.setdefault(slot, {})[name] = v
         self.optimizer.load_state(slots)
         self.next_round = int(meta["next_round"])
-        self.known = set(meta.get("known", []))
+        self.roster.load_state(meta)
         self.defence_history.load_state(arrays, meta)
         if self.private is not None:
             self.private.load_state(meta)
-        self.benched = {c: (int(v[0]), int(v[1])) for c, v in meta.get("benched", {}).items()}
         self.counters = Counter(meta.get("counters", {}))
         self.rejections = Counter(meta.get("rejections", {}))
         self.failures = Counter(meta.get("failures", {}))

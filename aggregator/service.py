@@ -236,7 +236,7 @@ class AggregatorService:
         if changed:
             # Fed after the event being handled (this runs inside the core's
             # handling of a message): never a core call within a core call.
-            for client in [c for c in self.core.online if reg.key_of(c) is None]:
+            for client in [c for c in self.core.roster.online if reg.key_of(c) is None]:
                 log.warning("%s is no longer enrolled: it takes no further part", client)
                 self._later.append(ClientStatus(client, False, {}, monotonic()))
             self._later_held = [c for c in self._held if reg.key_of(c) is not None]
@@ -672,10 +672,10 @@ class AggregatorService:
             "traffic": self.traffic.copy(),
             # Through the CountingLink to the link's own attributes.
             "broker_connected": self.link.connected.is_set(), "broker_connect_failures": self.link.connect_failures,
-            "clients_online": len(core.online), "clients_known": len(core.known),
+            "clients_online": len(core.roster.online), "clients_known": len(core.roster.known),
             "clients_selected": len(op.selected) if op is not None else 0,
             "clients_responded": len(op.accepted) if op is not None else 0,
-            "clients_benched": sum(1 for _, until in core.benched.values() if until > core.next_round),
+            "clients_benched": core.roster.sitting_out(core.next_round),
             "reassembly_bytes": self.updates.held, "reassembly_limit_bytes": cfg.limits.reassembly_bytes,
             "inbox_messages": len(self.inbox),
             "last": {} if last is None else {"accuracy": last.accuracy, "loss": last.loss,

@@ -245,7 +245,7 @@ def _first_round(aggregator: Any, agents: int) -> str:
     core = aggregator.core
     op = core.open
     if op is None:
-        return f"{len(core.online)}/{agents} agents online"
+        return f"{len(core.roster.online)}/{agents} agents online"
     return f"{len(op.accepted)}/{len(op.selected)} updates in (the training workers start PyTorch)"
 
 

@@ -75,7 +75,7 @@ def test_a_device_killed_mid_round_does_not_stall_the_job(mosquitto, tmp_path, c
         assert first["closed_by"] == "quorum" and first["seconds"] < 40.0
         # Its last will marked it offline: later rounds select only the living.
         assert all(r["selected"] == 2 and r["clients"] == 2 for r in records[1:])
-        assert "dev-2" not in service.core.online
+        assert "dev-2" not in service.core.roster.online
     finally:
         for p in procs:
             p.kill()

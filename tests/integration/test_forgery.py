@@ -109,7 +109,7 @@ def test_forgeries_fail_and_the_job_trains_while_under_attack(mosquitto, tmp_pat
         # A forged "offline" for a real device, retained.
         forger.publish(TOPICS.status("dev-0"), Status("dev-0", "offline").encode(), retain=True)
         time.sleep(1.0)
-        still_online = "dev-0" in core.online  # the aggregator did not believe it
+        still_online = "dev-0" in core.roster.online  # the aggregator did not believe it
         # A forged key model (a zeroed model at a later round) and a forged,
         # well-formed delta from the real key, signed by the forger.
         key = GlobalModel.parse(wire.decode(core.models.key_message))

@@ -69,7 +69,7 @@ def test_benched_devices_fill_in_when_the_others_are_too_few():
     online(core, "a", "b")
     send(core, "a", update(core, "a"))
     closing = core.handle(TimerFired(61.0))  # b never answered: benched
-    assert "b" in core.benched
+    assert "b" in core.roster.benched
     ann = announcement(closing)
     assert ann.selected == ("a", "b")  # without b the round could never open
 
@@ -80,15 +80,15 @@ def test_a_late_update_clears_the_bench():
     late = update(core, "b")
     send(core, "a", update(core, "a"))
     core.handle(TimerFired(61.0))
-    assert "b" in core.benched
+    assert "b" in core.roster.benched
     [ack] = acks(send(core, "b", late, now=62.0))
-    assert ack.status == "late" and "b" not in core.benched
+    assert ack.status == "late" and "b" not in core.roster.benched
 
 
 def test_presence_from_ever_more_invented_ids_is_bounded():
     core = make_core(min_clients=2, max_devices=5)
     online(core, *[f"d{i}" for i in range(20)])
-    assert len(core.known) == 5 and core.counters["too_many_devices"] == 15
+    assert len(core.roster.known) == 5 and core.counters["too_many_devices"] == 15
 
 
 def test_a_refused_update_is_a_response_so_the_round_closes_on_quorum():
@@ -106,4 +106,4 @@ def test_a_refused_update_is_a_response_so_the_round_closes_on_quorum():
     send(core, "a", update(core, "a"))
     [fin] = finished(send(core, "b", update(core, "b"), now=2.0))
     assert fin.record.closed_by == "quorum" and fin.record.seconds == 2.0 and fin.record.clients == 2
-    assert "c" not in core.benched
+    assert "c" not in core.roster.benched

@@ -75,7 +75,7 @@ def test_only_enrolled_devices_signed_presence_and_updates_count(tmp_path):
         # A replayed older "online" is refused.
         broker.publish("forger", TOPICS.status("dev-1"), presence(dev, "dev-1", 3), retain=True)
         wait_for(lambda: counters["replayed_status"] == 1)
-        assert "dev-1" in service.core.online
+        assert "dev-1" in service.core.roster.online
         # dev-1's own update counts, and its receipt is signed by the aggregator.
         send_update(broker, "dev-1", "dev-1", signed_update(service, dev, "dev-1"))
         wait_for(lambda: counters["accepted"] == 1)
@@ -91,11 +91,11 @@ def test_a_revoked_device_is_refused_from_its_next_message(tmp_path):
     with running(cfg, broker) as service:
         wait_for(lambda: broker.retained.get(TOPICS.server))
         broker.publish("dev-1", TOPICS.status("dev-1"), presence(dev, "dev-1", 1), retain=True)
-        wait_for(lambda: "dev-1" in service.core.online)
+        wait_for(lambda: "dev-1" in service.core.roster.online)
         Registry(tmp_path / "agg").revoke("dev-1")  # the operator, from another process
         send_update(broker, "dev-1", "dev-1", signed_update(service, dev, "dev-1"))
         wait_for(lambda: service.core.counters["unknown_signer"] == 1)
-        assert service.core.counters["accepted"] == 0 and "dev-1" not in service.core.online
+        assert service.core.counters["accepted"] == 0 and "dev-1" not in service.core.roster.online
 
 
 def test_the_aggregator_key_is_made_once_and_kept(tmp_path):
@@ -136,10 +136,10 @@ def test_a_device_enrolled_while_the_job_runs_is_taken_within_seconds(tmp_path):
         broker.publish("dev-1", TOPICS.status("dev-1"), presence(early, "dev-1", 1), retain=True)
         broker.publish("dev-2", TOPICS.status("dev-2"), presence(late, "dev-2", 1), retain=True)
         wait_for(lambda: service.core.counters["unknown_signer"] == 1)
-        assert "dev-2" not in service.core.online and service.core.open is None
+        assert "dev-2" not in service.core.roster.online and service.core.open is None
         Registry(tmp_path / "agg").enroll("dev-2", late.public)  # the operator, from another process
         wait_for(lambda: (a := announcement(broker)[1]) is not None and a.state == "open")
         assert set(announcement(broker)[1].selected) == {"dev-1", "dev-2"}
         # Revoked while idle: offline within seconds, before it sends anything.
         Registry(tmp_path / "agg").revoke("dev-2")
-        wait_for(lambda: "dev-2" not in service.core.online)
+        wait_for(lambda: "dev-2" not in service.core.roster.online)
