@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from fedge.errors import OneReasonError
 
@@ -173,3 +174,25 @@ class Lifecycle:
         if self.phase is Phase.SETTLING:
             return self.settle_until
         return None
+
+
+@dataclass
+class OpenRound:
+    """The round in progress: whom it selected and what they answered."""
+
+    round: int
+    attempt: int
+    selected: tuple[str, ...]
+    opened_at: float
+    bytes_down: int
+    accepted: dict[str, str] = field(default_factory=dict)  # client -> update id
+    declined: set[str] = field(default_factory=set)
+    gone: set[str] = field(default_factory=set)  # selected, then went offline: no longer awaited
+    refused: set[str] = field(default_factory=set)  # selected, sent an update refused for good
+    rejected: Counter[str] = field(default_factory=Counter)
+    late: int = 0
+    bytes_up: int = 0
+    num_samples: int = 0
+    losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # client -> (loss, samples)
+    model_missing: int = 0  # devices that declined for lack of the announced model
+    republished: bool = False  # the model was published again this attempt (a device lacked it)

@@ -52,20 +52,34 @@ key (``PublishModel``) every ``key_every`` rounds and a delta from it
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from aggregator import admission, selection
 from aggregator.defences import DefenceHistory
-from aggregator.lifecycle import Lifecycle, Phase
+from aggregator.events import (
+    Action,
+    ClientStatus,
+    Event,
+    Incident,
+    MessageArrived,
+    PublishAnnouncement,
+    PublishDelta,
+    PublishModel,
+    RoundFinished,
+    RoundState,
+    SaveCheckpoint,
+    SaveRoundOpen,
+    SendAck,
+    TimerFired,
+)
+from aggregator.lifecycle import Lifecycle, OpenRound, Phase
 from aggregator.lineage import ModelLineage
 from aggregator.optimizers import ServerOptimizer
 from aggregator.pipeline import Combined, release
@@ -102,128 +116,6 @@ from fedge.tensors import ModelArrays, TensorError
 from fedge.wire import Envelope, Kind, WireError
 
 log = logging.getLogger("fedge.aggregator")
-
-# --- configuration ---------------------------------------------------------------
-
-
-class RoundState(str, enum.Enum):
-    """Where the round core is (see the theory of operation above)."""
-
-    WAITING = "waiting"
-    OPEN = "open"
-    DONE = "done"
-
-
-# --- events ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClientStatus:
-    client: str
-    online: bool
-    info: dict[str, Any]
-    now: float
-
-
-@dataclass(frozen=True)
-class MessageArrived:
-    """A whole (reassembled) message from ``fedge/v1/<job>/update/<client>``;
-    ``envelope``: the same bytes, already decoded by the shell (which checks
-    a signature before it charges the device's rate), so the body is not
-    hashed twice."""
-
-    client: str
-    message: bytes
-    now: float
-    envelope: Envelope | None = None
-
-
-@dataclass(frozen=True)
-class TimerFired:
-    now: float
-
-
-@dataclass(frozen=True)
-class Incident:
-    """Something the shell saw go wrong that the job's counters must show: a
-    chunk it dropped, a presence it could not parse, an export that failed."""
-
-    reason: str
-    client: str | None
-    now: float
-
-
-Event = ClientStatus | MessageArrived | TimerFired | Incident
-
-# --- actions ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PublishModel:
-    message: bytes  # a key model (GlobalModel envelope); the shell chunks it, retained
-
-
-@dataclass(frozen=True)
-class PublishDelta:
-    message: bytes | None  # a ModelDelta envelope, retained; None clears the retained delta
-
-
-@dataclass(frozen=True)
-class PublishAnnouncement:
-    message: bytes  # RoundAnnouncement envelope, retained
-
-
-@dataclass(frozen=True)
-class SendAck:
-    client: str
-    message: bytes
-    receipt: str = ""  # for an update's receipt: its status, and the reason of a refusal ("rejected: stale_base")
-    round: int = 0  # the receipt's round
-
-
-@dataclass(frozen=True)
-class SaveCheckpoint:
-    arrays: dict[str, np.ndarray]
-    meta: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class SaveRoundOpen:
-    record: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class RoundFinished:
-    """A round closed (ok or failed). ``record`` is what it did, without the
-    evaluation the shell adds; ``model`` is the global model after it."""
-
-    record: RoundRecord
-    model: ModelArrays
-    last: bool
-
-
-Action = PublishModel | PublishDelta | PublishAnnouncement | SendAck | SaveCheckpoint | SaveRoundOpen | RoundFinished
-
-
-@dataclass
-class _OpenRound:
-    round: int
-    attempt: int
-    selected: tuple[str, ...]
-    opened_at: float
-    bytes_down: int
-    accepted: dict[str, str] = field(default_factory=dict)  # client -> update id
-    declined: set[str] = field(default_factory=set)
-    gone: set[str] = field(default_factory=set)  # selected, then went offline: no longer awaited
-    refused: set[str] = field(default_factory=set)  # selected, sent an update refused for good
-    rejected: Counter[str] = field(default_factory=Counter)
-    late: int = 0
-    bytes_up: int = 0
-    num_samples: int = 0
-    losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # client -> (loss, samples)
-    model_missing: int = 0  # devices that declined for lack of the announced model
-    republished: bool = False  # the model was published again this attempt (a device lacked it)
-
 
 def _finite(arrays: ModelArrays) -> bool:
     return all(np.isfinite(a).all() for a in arrays.values())
@@ -301,7 +193,7 @@ class RoundCore:
         self.new_id = new_id
         self.verify = verify
         self.life = Lifecycle()  # where the job's rounds are, and the phase's timers
-        self.open: _OpenRound | None = None
+        self.open: OpenRound | None = None
         self.roster = Roster(policy.max_devices)  # devices known, online and benched
         self._now = 0.0  # the time of the event being handled
         self.counters: Counter[str] = Counter()
@@ -582,7 +474,7 @@ class RoundCore:
 
     # --- round lifecycle -------------------------------------------------------
 
-    def answered_without_update(self, op: _OpenRound) -> set[str]:
+    def answered_without_update(self, op: OpenRound) -> set[str]:
         """Selected devices that answered the round with no update it
         counted: a decline, a refused update (once the round has enough
         without it: on a broker without ACL a forger can refuse a device's
@@ -685,7 +577,7 @@ class RoundCore:
                           extra=fields(round=self.next_round, reason="secagg_failed"))
         msg = self._announcement(RoundState.OPEN, selected, now)
         fanout = max(len(self.roster.online), len(selected))
-        self.open = _OpenRound(
+        self.open = OpenRound(
             round=self.next_round, attempt=attempt, selected=selected, opened_at=now,
             bytes_down=self._published_bytes + len(msg) * fanout,
         )
@@ -796,7 +688,7 @@ class RoundCore:
         last = last or self.state == RoundState.DONE  # e.g. the privacy budget stopped the job
         return [*actions, *follow, RoundFinished(record, self.models.exact, last)]
 
-    def _step(self, op: _OpenRound) -> tuple[Combined | None, bool, str | None]:
+    def _step(self, op: OpenRound) -> tuple[Combined | None, bool, str | None]:
         """Combine the round's updates and advance the model: (what the
         defences did, whether a key was cut, why the round failed or None).
         A round whose result is not finite or cannot be published fails, and
@@ -816,7 +708,7 @@ class RoundCore:
             return None, False, "secagg_failed" if secure else "aggregation_failed"
         return self._apply(op, combined)
 
-    def _combine_failed(self, op: _OpenRound, exc: ValueError) -> tuple[Combined | None, bool, str | None]:
+    def _combine_failed(self, op: OpenRound, exc: ValueError) -> tuple[Combined | None, bool, str | None]:
         """E.g. every update left out as overflowing."""
         log.error("round %d: %s; the round fails and the model stays", op.round, exc,
                   extra=fields(round=op.round, reason="aggregation_failed"))
@@ -838,7 +730,7 @@ class RoundCore:
         assert self.private is not None
         return release_private(partial, dp, noise_scale=self.private.noise_scale())
 
-    def _apply(self, op: _OpenRound, combined: Combined) -> tuple[Combined | None, bool, str | None]:
+    def _apply(self, op: OpenRound, combined: Combined) -> tuple[Combined | None, bool, str | None]:
         # A private round may release noise alone, and a secure one has no
         # update norms: nothing to remember for the defences.
         if combined.used and self.policy.secagg is None:
@@ -862,7 +754,7 @@ class RoundCore:
         self.defence_history.steer(self.updates)
         return combined, key_cut, None
 
-    def _train_loss(self, op: _OpenRound) -> float | None:
+    def _train_loss(self, op: OpenRound) -> float | None:
         """Mean training loss the devices reported, weighted by their capped sample counts."""
         if not op.losses:
             return None
