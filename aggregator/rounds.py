@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator import admission, selection
+from aggregator import admission
 from aggregator.defences import DefenceHistory
 from aggregator.events import (
     Action,
@@ -81,10 +81,10 @@ from aggregator.events import (
 )
 from aggregator.lifecycle import Lifecycle, OpenRound, Phase
 from aggregator.lineage import ModelLineage
+from aggregator.modes import SynchronousRounds
 from aggregator.optimizers import ServerOptimizer
-from aggregator.pipeline import Combined, release
 from aggregator.policy import RoundPolicy
-from aggregator.privacy import DpRound, Ledger, release_private
+from aggregator.privacy import DpRound, Ledger
 from aggregator.private_rounds import PrivateRounds
 from aggregator.robust import (
     DENSE_RULES,
@@ -92,9 +92,9 @@ from aggregator.robust import (
     dense_bytes,
 )
 from aggregator.roster import Roster
-from aggregator.secure import SecureRound, secure_partial, secure_summary
+from aggregator.secure import SecureRound
 from fedge import wire
-from fedge.codecs import CodecError, make_codec, requirements
+from fedge.codecs import CodecError, make_codec
 from fedge.config import ConfigError
 from fedge.identity import IdentityError
 from fedge.logs import fields
@@ -109,11 +109,18 @@ from fedge.messages import (
     Update,
 )
 from fedge.records import RoundRecord
-from fedge.secagg import CAPABILITY as SECAGG_CAPABILITY
 from fedge.secagg import CODEC as SECAGG_CODEC
-from fedge.secagg import SecAggError, SecAggPlan
+from fedge.secagg import SecAggPlan
 from fedge.tensors import ModelArrays, TensorError
 from fedge.wire import Envelope, Kind, WireError
+
+# The round core's interface, for the shells and the tests (the events and
+# actions are defined in aggregator.events).
+__all__ = [
+    "Action", "ClientStatus", "Event", "Incident", "MessageArrived", "PublishAnnouncement", "PublishDelta",
+    "PublishModel", "RoundCore", "RoundFinished", "RoundPolicy", "RoundState", "SaveCheckpoint", "SaveRoundOpen",
+    "SendAck", "TimerFired",
+]
 
 log = logging.getLogger("fedge.aggregator")
 
@@ -193,6 +200,7 @@ class RoundCore:
         self.new_id = new_id
         self.verify = verify
         self.life = Lifecycle()  # where the job's rounds are, and the phase's timers
+        self.mode = SynchronousRounds(self)  # when rounds open and close (aggregator.modes)
         self.open: OpenRound | None = None
         self.roster = Roster(policy.max_devices)  # devices known, online and benched
         self._now = 0.0  # the time of the event being handled
@@ -203,7 +211,6 @@ class RoundCore:
         self.failures: Counter[str] = Counter()
         self.history: list[RoundRecord] = []  # the last few records, for restarts
         self._restored_open: dict[str, Any] | None = None
-        self._waiting_announced = 0
 
     # --- public --------------------------------------------------------------
 
@@ -218,9 +225,9 @@ class RoundCore:
         restored, self._restored_open = self._restored_open, None
         if restored and restored.get("round") == self.next_round and restored.get("model_digest") == self.model_digest:
             self.roster.known.update(restored.get("selected", []))
-            actions += self._announce(now, tuple(restored["selected"]), int(restored.get("attempt", 0)) + 1)
+            actions += self.mode.announce(now, tuple(restored["selected"]), int(restored.get("attempt", 0)) + 1)
         else:
-            actions += self._try_open(now)
+            actions += self.mode.try_open(now)
         return actions
 
     def handle(self, event: Event) -> list[Action]:
@@ -267,7 +274,7 @@ class RoundCore:
         if ev.online:
             if op is not None and ev.client in op.gone:
                 op.gone.discard(ev.client)
-                self._check_quorum(ev.now)  # awaited again: no early close for it
+                self.mode.check_quorum(ev.now)  # awaited again: no early close for it
         else:
             if op is not None and ev.client in op.selected and ev.client not in op.accepted:
                 # A device that went away is not waited for: the round closes
@@ -276,25 +283,25 @@ class RoundCore:
                 op.gone.add(ev.client)
                 if self.secure is not None:
                     self.secure.absent.add(ev.client)
-                self._check_quorum(ev.now)
+                self.mode.check_quorum(ev.now)
         if ev.online and self.secure is not None:
             self.secure.absent.discard(ev.client)
         if self.state == RoundState.WAITING:
-            return self._try_open(ev.now)
+            return self.mode.try_open(ev.now)
         return []
 
     def _on_timer(self, now: float) -> list[Action]:
         if self.open and self.secure is not None:
-            moved = self._advance_secure(now)
+            moved = self.advance_secure(now)
             if self.life.phase is not Phase.OPEN:
                 return moved  # closed, or still unmasking
             if moved:
                 return moved + self._on_timer(now)
         why = self.life.expired(now)
         if why is not None:
-            return self._close(now, reason=why)
+            return self.mode.close(now, reason=why)
         if self.state == RoundState.WAITING:
-            return self._try_open(now)
+            return self.mode.try_open(now)
         return []
 
     def _reject(self, reason: str, detail: str, client: str, upd: Update | None,
@@ -324,7 +331,7 @@ class RoundCore:
             # send another: a response, as for quorum, so a round does not
             # wait for its deadline on a device that answered with garbage.
             op.refused.add(client)
-            self._check_quorum(self._now)
+            self.mode.check_quorum(self._now)
         ack = Ack(self.job, named[0], self.open.attempt if self.open else self.attempt, client, named[1],
                   status, f"{reason}: {detail}"[:300])
         return [SendAck(client, ack.encode(), status if status == "late" else f"{status}: {reason}", named[0])]
@@ -375,7 +382,7 @@ class RoundCore:
         if math.isfinite(upd.loss):
             op.losses[client] = (upd.loss, upd.num_samples)
         self.counters["accepted"] += 1
-        self._check_quorum(now)
+        self.mode.check_quorum(now)
         ack = Ack(self.job, op.round, op.attempt, client, upd.update_id, "accepted")
         return [SendAck(client, ack.encode(), "accepted", op.round)]
 
@@ -408,9 +415,9 @@ class RoundCore:
             log.warning("dropped a secagg %s message from %s (%s)", msg.stage, client, refused,
                         extra=fields(device=client, round=msg.round, reason=refused))
             return []
-        return self._advance_secure(now)
+        return self.advance_secure(now)
 
-    def _advance_secure(self, now: float, inputs_closed: bool = False) -> list[Action]:
+    def advance_secure(self, now: float, inputs_closed: bool = False) -> list[Action]:
         """Move secure aggregation on (a stage whose devices all answered or
         whose deadline passed ends) and send each device its next message;
         close the round once unmasking has ended."""
@@ -420,12 +427,12 @@ class RoundCore:
         before = sec.stage
         actions: list[Action] = [SendAck(m.client, m.encode()) for m in sec.advance(now, inputs_closed)]
         if sec.stage != before:
-            self._check_quorum(now)  # who can still send an input has changed
+            self.mode.check_quorum(now)  # who can still send an input has changed
             if sec.stage == "failed" and self.life.phase is Phase.OPEN:
                 self.life.mark_due(now)  # nothing more can come of this attempt
         closing = self.life.closing
         if self.life.phase is Phase.UNMASKING and closing is not None and sec.stage in ("done", "failed"):
-            actions += self._close(now, closing)
+            actions += self.mode.close(now, closing)
         return actions
 
     def _on_decline(self, client: str, dec: Decline, now: float) -> list[Action]:
@@ -450,14 +457,14 @@ class RoundCore:
                         extra=fields(device=client, round=dec.round, reason=MODEL_UNAVAILABLE))
             if not op.republished:
                 op.republished = True
-                actions = self._model_messages()
+                actions = self.model_messages()
         else:
             log.info("%s declined round %d: %s", client, dec.round, dec.reason,
                      extra=fields(device=client, round=dec.round, reason="declined"))
-        self._check_quorum(now)
+        self.mode.check_quorum(now)
         return actions
 
-    def _model_messages(self) -> list[Action]:
+    def model_messages(self) -> list[Action]:
         """Publish the current key and delta again (counted)."""
         self.counters["model_republished"] += 1
         return [PublishModel(self.models.key_message), PublishDelta(self.models.delta_message)]
@@ -467,131 +474,14 @@ class RoundCore:
         key, the delta and the current announcement (for a broker that lost
         its retained messages, e.g. restarted without persistence)."""
         if self.state == RoundState.OPEN and self.open is not None:
-            announcement = self._announcement(RoundState.OPEN, self.open.selected, now)
+            announcement = self.announcement(RoundState.OPEN, self.open.selected, now)
         else:
-            announcement = self._announcement(self.state, (), now)
-        return [*self._model_messages(), PublishAnnouncement(announcement)]
+            announcement = self.announcement(self.state, (), now)
+        return [*self.model_messages(), PublishAnnouncement(announcement)]
 
     # --- round lifecycle -------------------------------------------------------
 
-    def answered_without_update(self, op: OpenRound) -> set[str]:
-        """Selected devices that answered the round with no update it
-        counted: a decline, a refused update (once the round has enough
-        without it: on a broker without ACL a forger can refuse a device's
-        update in its name, and must not close a round before the real one
-        arrives), or, in a secure round, no keys or shares in time. A device
-        that declined (for lack of the model, say) and then sent an update
-        that was accepted has answered once."""
-        enough = len(op.accepted) >= self.policy.min_updates
-        answered = op.declined | (op.refused if enough else set())
-        if self.secure is not None:
-            answered = answered | self.secure.out_of_round()
-        return answered - set(op.accepted)
-
-    def _check_quorum(self, now: float) -> None:
-        """Mark the round due once enough selected clients responded; the
-        next tick closes it."""
-        op = self.open
-        assert op is not None
-        enough = len(op.accepted) >= self.policy.min_updates
-        answered = self.answered_without_update(op)
-        responded = len(op.accepted) + len(answered)
-        if self.life.due is None and responded >= selection.quorum_size(len(op.selected), self.policy.quorum):
-            self.life.mark_due(now)
-            return
-        # Only devices that went offline are left: close after a short grace
-        # (a device that reconnects at once still makes it), not at the
-        # deadline. All gone is not enough: after a broker restart every will
-        # fires, and the devices come back with their updates.
-        awaited = len(op.selected) - len(op.gone - answered)
-        if enough and responded >= awaited:
-            self.life.await_offline(now, self.policy.offline_grace_s)
-        else:
-            self.life.await_all()
-
-    def _eligible(self) -> list[str]:
-        # A device must decode the downlink's deltas as well as encode updates.
-        codecs = [SECAGG_CAPABILITY] if self.policy.secagg is not None else requirements(self.codec_params)
-        if self.models.codec is not None:
-            codecs += requirements(self.models.downlink_params)
-        return self.roster.eligible(codecs, self.next_round, self._needed())
-
-    def _needed(self) -> int:
-        """Eligible devices a round waits for: selection.min_clients, and a
-        private round's privacy.min_devices."""
-        dp = self.policy.privacy
-        return max(self.policy.min_clients, dp.min_devices if dp is not None else 0)
-
-    def _select(self, candidates: list[str]) -> tuple[str, ...]:
-        p = self.policy
-        if p.privacy is not None:
-            return selection.poisson(candidates, rate=p.privacy.rate(len(candidates)), seed=p.seed,
-                                     round_=self.next_round)
-        return selection.select(candidates, fraction=p.fraction, min_clients=p.min_clients,
-                                max_clients=p.max_clients, seed=p.seed, round_=self.next_round)
-
-    def _try_open(self, now: float, settle: bool = True) -> list[Action]:
-        if self.next_round > self.policy.rounds:
-            return self._finish_job(now)
-        candidates = self._eligible()
-        dp = self.policy.privacy
-        # A private round divides its noised sum by the cohort it expects of
-        # min_devices devices: it never opens with fewer.
-        needed = self._needed()
-        if len(candidates) < needed:
-            self.life.too_few()
-            if self._waiting_announced != self.next_round:
-                self._waiting_announced = self.next_round
-                log.info("round %d waits for %d eligible clients online (%d now)%s", self.next_round, needed,
-                         len(candidates), "" if needed == self.policy.min_clients else " (privacy.min_devices)")
-                return [PublishAnnouncement(self._announcement(RoundState.WAITING, (), now))]
-            return []
-        if settle and self.policy.settle_s > 0 and not self.life.settled(now, self.policy.settle_s):
-            return []
-        spend = self.private.over_budget() if self.private is not None else None
-        if dp is not None and spend is not None:
-            log.warning("privacy budget: round %d would bring epsilon to %.3f (delta %g), over "
-                        "privacy.target_epsilon = %g; the job stops after %d private rounds", self.next_round,
-                        spend, dp.spec.delta, dp.target_epsilon, self.private.rounds if self.private else 0,
-                        extra=fields(round=self.next_round, reason="budget_stop"))
-            self.counters["budget_stop"] += 1
-            return self._finish_job(now)
-        return self._announce(now, self._select(candidates), 1)
-
-    def _announce(self, now: float, selected: tuple[str, ...], attempt: int) -> list[Action]:
-        self.attempt = attempt
-        self.round_dp = self.private.open() if self.private is not None else None
-        self.secure, self.secure_failure = None, ""
-        if self.policy.secagg is not None:
-            # Every attempt its own keys and masks: a restarted round is a new attempt.
-            try:
-                noise, aux = self.private.integer_noise() if self.private is not None else (0.0, 0.0)
-                plan = self.policy.secagg.plan(len(selected), self.round_dp.clip if self.round_dp else 0.0, noise,
-                                               aux)
-                count = self.spec.num_params + (1 if self.round_dp is not None and self.round_dp.bit_std > 0 else 0)
-                self.secure = SecureRound(self.job, self.next_round, attempt, selected, plan, count,
-                                          self.policy.secagg.stage_s, now)
-            except SecAggError as exc:
-                self.secure_failure = str(exc)
-                log.error("round %d: %s; the round fails", self.next_round, exc,
-                          extra=fields(round=self.next_round, reason="secagg_failed"))
-        msg = self._announcement(RoundState.OPEN, selected, now)
-        fanout = max(len(self.roster.online), len(selected))
-        self.open = OpenRound(
-            round=self.next_round, attempt=attempt, selected=selected, opened_at=now,
-            bytes_down=self._published_bytes + len(msg) * fanout,
-        )
-        self.defence_history.begin(self.updates, self.round_dp)
-        self.life.announce(now, self.policy.deadline_s)
-        if self.policy.secagg is not None and self.secure is None:
-            self.life.mark_due(now)  # too few devices to aggregate securely: close at the next tick
-        if not selected:
-            self.life.mark_due(now)  # an empty Poisson sample: nobody to wait for (a private round releases noise)
-        record = {"round": self.next_round, "attempt": attempt, "selected": list(selected),
-                  "model_digest": self.model_digest}
-        return [SaveRoundOpen(record), PublishAnnouncement(msg)]
-
-    def _announcement(self, state: RoundState, selected: tuple[str, ...], now: float) -> bytes:
+    def announcement(self, state: RoundState, selected: tuple[str, ...], now: float) -> bytes:
         return RoundAnnouncement(
             job=self.job, round=self.next_round, attempt=self.attempt, state=state.value,
             model_digest=self.model_digest, selected=selected, deadline_s=self.policy.deadline_s,
@@ -604,176 +494,11 @@ class RoundCore:
     def _secure_plan(self) -> SecAggPlan | None:
         return None if self.secure is None else self.secure.plan
 
-    def _close(self, now: float, reason: str) -> list[Action]:
-        op = self.open
-        assert op is not None
-        sec = self.secure
-        if sec is not None and sec.stage not in ("done", "failed"):
-            # Stop taking masked inputs and unmask the sum of those in hand;
-            # the round closes when unmasking ends (``_advance_secure``).
-            self.life.close_inputs(reason)
-            if sec.stage in ("keys", "shares"):
-                sec.fail(f"the round closed ({reason}) before the devices had shared their keys")
-            return self._advance_secure(now, inputs_closed=True)
-        self.life.close()
-        # A private round releases a model whatever arrived (noise alone, if
-        # nothing did): the accountant counts it, and skipping it would tell.
-        dp = self.policy.privacy
-        ok = len(op.accepted) >= self.policy.min_updates or dp is not None
-        if not ok:
-            log.warning("round %d fails: %d update(s), fewer than selection.min_updates (%d)", op.round,
-                        len(op.accepted), self.policy.min_updates, extra=fields(round=op.round,
-                                                                               reason="too_few_updates"))
-        key_cut = False
-        combined: Combined | None = None
-        failure = None
-        if ok:
-            combined, key_cut, failure = self._step(op)
-            ok = failure is None
-        self.counters["rounds_ok" if ok else "rounds_failed"] += 1
-        extra: dict[str, Any] = {}
-        if self.private is not None:
-            extra = self.private.spend(combined)
-        if sec is not None or self.policy.secagg is not None:
-            extra["secagg"] = secure_summary(self.secure, self.secure_failure)
-        if not ok and failure is None and self.policy.secagg is not None and (sec is None or sec.stage == "failed"):
-            failure = "secagg_failed"
-        if not ok and failure is None:
-            # Named by its cause where the devices gave one: the model did
-            # not reach them (the broker lost it), or too few answered.
-            failure = MODEL_UNAVAILABLE if op.model_missing else "too_few_updates"
-        if failure is not None:
-            # Counted in both, as a rejection is: the metrics take a failed
-            # round out of the incidents (a model_unavailable incident is a
-            # device's decline, a failure a round's).
-            self.counters[failure] += 1
-            self.failures[failure] += 1
-        record = RoundRecord(
-            round=op.round, attempt=op.attempt, status="ok" if ok else "failed", closed_by=reason,
-            selected=len(op.selected), clients=len(op.accepted), declined=len(op.declined - set(op.accepted)),
-            late=op.late,
-            rejected=dict(op.rejected), num_samples=op.num_samples,
-            train_loss=self._train_loss(op), bytes_up=op.bytes_up,
-            bytes_down=op.bytes_down, seconds=round(now - op.opened_at, 4), model_digest=self.model_digest,
-            accepted=tuple(sorted(op.accepted)), failure=failure,
-            norm_bound=None if combined is None or combined.bound is None else float(f"{combined.bound:.6g}"),
-            clipped=0 if combined is None else combined.clipped,
-            weight_capped=0 if combined is None else combined.capped,
-            left_out=() if combined is None else tuple(sorted(set(op.accepted) - set(combined.used))),
-            extra=extra,
-        )
-        self.history = [*self.history[-9:], record]
-        silent = self.roster.closed(op.round, op.selected, set(op.accepted) | op.declined | op.refused)
-        if silent:
-            self.counters["unresponsive"] += silent
-        self.open = None
-        self.secure = None
-        self.defence_history.begin(self.updates)
-        self.next_round = op.round + 1
-        self.life.next_round()
-        actions: list[Action] = [SaveCheckpoint(*self.snapshot())]
-        if key_cut:
-            actions += [PublishModel(self.models.key_message), PublishDelta(None)]
-        elif ok:
-            actions.append(PublishDelta(self.models.delta_message))
-        elif op.model_missing or not op.accepted:
-            # A failed round leaves the model as it was, but its retained
-            # copies may be what failed it (lost, or replaced on a broker
-            # without ACL): publish them again so the next round can run.
-            actions += self._model_messages()
-        else:
-            actions.append(PublishDelta(self.models.delta_message))
-        last = self.next_round > self.policy.rounds
-        follow = self._finish_job(now) if last else self._try_open(now, settle=False)
-        last = last or self.state == RoundState.DONE  # e.g. the privacy budget stopped the job
-        return [*actions, *follow, RoundFinished(record, self.models.exact, last)]
-
-    def _step(self, op: OpenRound) -> tuple[Combined | None, bool, str | None]:
-        """Combine the round's updates and advance the model: (what the
-        defences did, whether a key was cut, why the round failed or None).
-        A round whose result is not finite or cannot be published fails, and
-        the model and the optimizer's state stay as they were."""
-        secure = self.policy.secagg is not None
-        try:
-            combined = self._secure_combined() if secure else self.updates.combine()
-        except ValueError as exc:  # FedgeError: SecAggError, CodecError, ...
-            if not secure:
-                return self._combine_failed(op, exc)
-            log.error("round %d: secure aggregation failed: %s; the round fails and the model stays", op.round,
-                      exc, extra=fields(round=op.round, reason="secagg_failed"))
-            return None, False, "secagg_failed"
-        except Exception:  # a bug: the round fails, the model stays and the job goes on
-            log.exception("round %d: combining %d updates failed; the round fails and the model stays",
-                          op.round, len(self.updates), extra=fields(round=op.round, reason="aggregation_failed"))
-            return None, False, "secagg_failed" if secure else "aggregation_failed"
-        return self._apply(op, combined)
-
-    def _combine_failed(self, op: OpenRound, exc: ValueError) -> tuple[Combined | None, bool, str | None]:
-        """E.g. every update left out as overflowing."""
-        log.error("round %d: %s; the round fails and the model stays", op.round, exc,
-                  extra=fields(round=op.round, reason="aggregation_failed"))
-        if self.updates.left and not self.updates.items:
-            self.defence_history.drop_reference(op.round)
-        return None, False, "aggregation_failed"
-
-    def _secure_combined(self) -> Combined:
-        """The round's mean from the unmasked sum (every survivor's update
-        weighs one), or a private round's release of it: noise alone when
-        secure aggregation failed. Raises ``SecAggError`` when there is no
-        sum and no privacy."""
-        dp = self.round_dp
-        samples = self.open.num_samples if self.open is not None else 0
-        partial = secure_partial(self.secure, self.secure_failure, self.spec.entries, samples,
-                                 clip=dp.clip if dp is not None else None, bit=dp is not None and dp.bit_std > 0)
-        if dp is None:
-            return release(partial)
-        assert self.private is not None
-        return release_private(partial, dp, noise_scale=self.private.noise_scale())
-
-    def _apply(self, op: OpenRound, combined: Combined) -> tuple[Combined | None, bool, str | None]:
-        # A private round may release noise alone, and a secure one has no
-        # update norms: nothing to remember for the defences.
-        if combined.used and self.policy.secagg is None:
-            self.defence_history.remember(combined)
-        if not _finite(combined.delta):
-            log.error("round %d: the averaged delta is not finite; the round fails and the model stays", op.round,
-                      extra=fields(round=op.round, reason="nonfinite_model"))
-            return combined, False, "nonfinite_model"
-        saved = {slot: dict(named) for slot, named in self.optimizer.state().items()}
-        try:
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, not warned about
-                exact = self.optimizer.step(self.models.exact, combined.delta)
-            if not _finite(exact):
-                raise ValueError("the next model is not finite")
-            key_cut = self.models.advance(op.round, exact, op.num_samples)
-        except (ValueError, ArithmeticError, CodecError) as exc:
-            self.optimizer.load_state(saved)
-            log.error("round %d: %s; the round fails and the model stays", op.round, exc,
-                      extra=fields(round=op.round, reason="nonfinite_model"))
-            return combined, False, "nonfinite_model"
-        self.defence_history.steer(self.updates)
-        return combined, key_cut, None
-
-    def _train_loss(self, op: OpenRound) -> float | None:
-        """Mean training loss the devices reported, weighted by their capped sample counts."""
-        if not op.losses:
-            return None
-        losses = list(op.losses.values())
-        weights = self.defence_history.weights([n for _, n in losses])
-        return float(sum(w * loss for w, (loss, _) in zip(weights, losses, strict=True)) / max(sum(weights), 1e-12))
-
     @property
-    def _published_bytes(self) -> int:
+    def published_bytes(self) -> int:
         """Bytes of the model messages a device needs for this round's model:
         the delta, plus the key for a device that lacks it."""
         return len(self.models.key_message) + len(self.models.delta_message or b"")
-
-    def _finish_job(self, now: float) -> list[Action]:
-        if self.life.phase is Phase.DONE:
-            return []
-        self.life.finish()
-        self.open = None
-        return [PublishAnnouncement(self._announcement(RoundState.DONE, (), now))]
 
     # --- persistence -----------------------------------------------------------
 

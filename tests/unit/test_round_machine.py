@@ -275,7 +275,7 @@ class RoundMachine(RuleBasedStateMachine):
         then sent one that was accepted counts once towards the quorum."""
         op = self.core.open
         if op is not None:
-            answered = self.core.answered_without_update(op)
+            answered = self.core.mode.answered_without_update(op)
             assert answered <= set(op.selected) and not answered & set(op.accepted), (answered, op)
 
     @invariant()

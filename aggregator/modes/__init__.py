@@ -1,0 +1,20 @@
+"""Round modes: when a round opens, whom it invites, when it is due and
+what closing it does.
+
+The round core (``aggregator.rounds.RoundCore``) holds what every mode
+shares: the events and actions, admission, the aggregation pipeline
+(defences, privacy, secure aggregation), the model lineage, the roster of
+devices and the checkpoint. A mode decides the timing and the shape of a
+round on top of it. Today there is one:
+
+* ``synchronous`` (``SynchronousRounds``): a round selects devices, waits
+  for a quorum or its deadline, folds what arrived and publishes the next
+  model; nothing waits forever.
+
+A new round kind (buffered asynchronous aggregation, a relay's region) is a
+new module here with the same interface, chosen by ``[server] mode``.
+"""
+
+from aggregator.modes.synchronous import SynchronousRounds
+
+__all__ = ["SynchronousRounds"]

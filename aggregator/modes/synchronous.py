@@ -1,0 +1,359 @@
+"""Synchronous rounds: the mode every job runs today.
+
+A round opens once enough eligible devices are online (and have settled),
+selects a fraction of them (a Poisson sample in a private job), and takes
+their updates until a quorum responded (``selection.quorum``), only devices
+that went offline are still awaited (after a short grace), or its deadline
+passes. Reaching quorum only marks the round due: it closes on the next
+tick, so the receipt for the last update leaves before the close's
+optimizer step, downlink encoding and checkpoint. At close, with at least
+``min_updates`` updates (a private round: whatever arrived, noise alone if
+nothing did), the server optimizer turns the released mean into the next
+global model; with fewer, the round fails and the model stays. Either way
+the job moves on. A secure round first stops taking masked inputs and
+unmasks their sum (``unmasking``). The phases and their timers are
+``aggregator.lifecycle``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from aggregator import selection
+from aggregator.events import (
+    Action,
+    PublishAnnouncement,
+    PublishDelta,
+    PublishModel,
+    RoundFinished,
+    RoundState,
+    SaveCheckpoint,
+    SaveRoundOpen,
+)
+from aggregator.lifecycle import OpenRound, Phase
+from aggregator.pipeline import Combined, release
+from aggregator.privacy import release_private
+from aggregator.secure import SecureRound, secure_partial, secure_summary
+from fedge.codecs import CodecError, requirements
+from fedge.logs import fields
+from fedge.messages import MODEL_UNAVAILABLE
+from fedge.records import RoundRecord
+from fedge.secagg import CAPABILITY as SECAGG_CAPABILITY
+from fedge.secagg import SecAggError
+from fedge.tensors import ModelArrays
+
+if TYPE_CHECKING:
+    from aggregator.rounds import RoundCore
+
+log = logging.getLogger("fedge.aggregator")
+
+
+def _finite(arrays: ModelArrays) -> bool:
+    return all(np.isfinite(a).all() for a in arrays.values())
+
+
+class SynchronousRounds:
+    """Opens, waits for and closes the rounds of ``core``."""
+
+    def __init__(self, core: RoundCore) -> None:
+        self.core = core
+        self.waiting_announced = 0  # the round whose "waiting" announcement went out
+
+    def answered_without_update(self, op: OpenRound) -> set[str]:
+        """Selected devices that answered the round with no update it
+        counted: a decline, a refused update (once the round has enough
+        without it: on a broker without ACL a forger can refuse a device's
+        update in its name, and must not close a round before the real one
+        arrives), or, in a secure round, no keys or shares in time. A device
+        that declined (for lack of the model, say) and then sent an update
+        that was accepted has answered once."""
+        c = self.core
+        enough = len(op.accepted) >= c.policy.min_updates
+        answered = op.declined | (op.refused if enough else set())
+        if c.secure is not None:
+            answered = answered | c.secure.out_of_round()
+        return answered - set(op.accepted)
+
+    def check_quorum(self, now: float) -> None:
+        """Mark the round due once enough selected clients responded; the
+        next tick closes it."""
+        c = self.core
+        op = c.open
+        assert op is not None
+        enough = len(op.accepted) >= c.policy.min_updates
+        answered = self.answered_without_update(op)
+        responded = len(op.accepted) + len(answered)
+        if c.life.due is None and responded >= selection.quorum_size(len(op.selected), c.policy.quorum):
+            c.life.mark_due(now)
+            return
+        # Only devices that went offline are left: close after a short grace
+        # (a device that reconnects at once still makes it), not at the
+        # deadline. All gone is not enough: after a broker restart every will
+        # fires, and the devices come back with their updates.
+        awaited = len(op.selected) - len(op.gone - answered)
+        if enough and responded >= awaited:
+            c.life.await_offline(now, c.policy.offline_grace_s)
+        else:
+            c.life.await_all()
+
+    def eligible(self) -> list[str]:
+        c = self.core
+        # A device must decode the downlink's deltas as well as encode updates.
+        codecs = [SECAGG_CAPABILITY] if c.policy.secagg is not None else requirements(c.codec_params)
+        if c.models.codec is not None:
+            codecs += requirements(c.models.downlink_params)
+        return c.roster.eligible(codecs, c.next_round, self.needed())
+
+    def needed(self) -> int:
+        """Eligible devices a round waits for: selection.min_clients, and a
+        private round's privacy.min_devices."""
+        c = self.core
+        dp = c.policy.privacy
+        return max(c.policy.min_clients, dp.min_devices if dp is not None else 0)
+
+    def select(self, candidates: list[str]) -> tuple[str, ...]:
+        c = self.core
+        p = c.policy
+        if p.privacy is not None:
+            return selection.poisson(candidates, rate=p.privacy.rate(len(candidates)), seed=p.seed,
+                                     round_=c.next_round)
+        return selection.select(candidates, fraction=p.fraction, min_clients=p.min_clients,
+                                max_clients=p.max_clients, seed=p.seed, round_=c.next_round)
+
+    def try_open(self, now: float, settle: bool = True) -> list[Action]:
+        c = self.core
+        if c.next_round > c.policy.rounds:
+            return self.finish_job(now)
+        candidates = self.eligible()
+        dp = c.policy.privacy
+        # A private round divides its noised sum by the cohort it expects of
+        # min_devices devices: it never opens with fewer.
+        needed = self.needed()
+        if len(candidates) < needed:
+            c.life.too_few()
+            if self.waiting_announced != c.next_round:
+                self.waiting_announced = c.next_round
+                log.info("round %d waits for %d eligible clients online (%d now)%s", c.next_round, needed,
+                         len(candidates), "" if needed == c.policy.min_clients else " (privacy.min_devices)")
+                return [PublishAnnouncement(c.announcement(RoundState.WAITING, (), now))]
+            return []
+        if settle and c.policy.settle_s > 0 and not c.life.settled(now, c.policy.settle_s):
+            return []
+        spend = c.private.over_budget() if c.private is not None else None
+        if dp is not None and spend is not None:
+            log.warning("privacy budget: round %d would bring epsilon to %.3f (delta %g), over "
+                        "privacy.target_epsilon = %g; the job stops after %d private rounds", c.next_round,
+                        spend, dp.spec.delta, dp.target_epsilon, c.private.rounds if c.private else 0,
+                        extra=fields(round=c.next_round, reason="budget_stop"))
+            c.counters["budget_stop"] += 1
+            return self.finish_job(now)
+        return self.announce(now, self.select(candidates), 1)
+
+    def announce(self, now: float, selected: tuple[str, ...], attempt: int) -> list[Action]:
+        c = self.core
+        c.attempt = attempt
+        c.round_dp = c.private.open() if c.private is not None else None
+        c.secure, c.secure_failure = None, ""
+        if c.policy.secagg is not None:
+            # Every attempt its own keys and masks: a restarted round is a new attempt.
+            try:
+                noise, aux = c.private.integer_noise() if c.private is not None else (0.0, 0.0)
+                plan = c.policy.secagg.plan(len(selected), c.round_dp.clip if c.round_dp else 0.0, noise,
+                                               aux)
+                count = c.spec.num_params + (1 if c.round_dp is not None and c.round_dp.bit_std > 0 else 0)
+                c.secure = SecureRound(c.job, c.next_round, attempt, selected, plan, count,
+                                          c.policy.secagg.stage_s, now)
+            except SecAggError as exc:
+                c.secure_failure = str(exc)
+                log.error("round %d: %s; the round fails", c.next_round, exc,
+                          extra=fields(round=c.next_round, reason="secagg_failed"))
+        msg = c.announcement(RoundState.OPEN, selected, now)
+        fanout = max(len(c.roster.online), len(selected))
+        c.open = OpenRound(
+            round=c.next_round, attempt=attempt, selected=selected, opened_at=now,
+            bytes_down=c.published_bytes + len(msg) * fanout,
+        )
+        c.defence_history.begin(c.updates, c.round_dp)
+        c.life.announce(now, c.policy.deadline_s)
+        if c.policy.secagg is not None and c.secure is None:
+            c.life.mark_due(now)  # too few devices to aggregate securely: close at the next tick
+        if not selected:
+            c.life.mark_due(now)  # an empty Poisson sample: nobody to wait for (a private round releases noise)
+        record = {"round": c.next_round, "attempt": attempt, "selected": list(selected),
+                  "model_digest": c.model_digest}
+        return [SaveRoundOpen(record), PublishAnnouncement(msg)]
+
+    def close(self, now: float, reason: str) -> list[Action]:
+        c = self.core
+        op = c.open
+        assert op is not None
+        sec = c.secure
+        if sec is not None and sec.stage not in ("done", "failed"):
+            # Stop taking masked inputs and unmask the sum of those in hand;
+            # the round closes when unmasking ends (``_advance_secure``).
+            c.life.close_inputs(reason)
+            if sec.stage in ("keys", "shares"):
+                sec.fail(f"the round closed ({reason}) before the devices had shared their keys")
+            return c.advance_secure(now, inputs_closed=True)
+        c.life.close()
+        # A private round releases a model whatever arrived (noise alone, if
+        # nothing did): the accountant counts it, and skipping it would tell.
+        dp = c.policy.privacy
+        ok = len(op.accepted) >= c.policy.min_updates or dp is not None
+        if not ok:
+            log.warning("round %d fails: %d update(s), fewer than selection.min_updates (%d)", op.round,
+                        len(op.accepted), c.policy.min_updates, extra=fields(round=op.round,
+                                                                               reason="too_few_updates"))
+        key_cut = False
+        combined: Combined | None = None
+        failure = None
+        if ok:
+            combined, key_cut, failure = self._step(op)
+            ok = failure is None
+        c.counters["rounds_ok" if ok else "rounds_failed"] += 1
+        extra: dict[str, Any] = {}
+        if c.private is not None:
+            extra = c.private.spend(combined)
+        if sec is not None or c.policy.secagg is not None:
+            extra["secagg"] = secure_summary(c.secure, c.secure_failure)
+        if not ok and failure is None and c.policy.secagg is not None and (sec is None or sec.stage == "failed"):
+            failure = "secagg_failed"
+        if not ok and failure is None:
+            # Named by its cause where the devices gave one: the model did
+            # not reach them (the broker lost it), or too few answered.
+            failure = MODEL_UNAVAILABLE if op.model_missing else "too_few_updates"
+        if failure is not None:
+            # Counted in both, as a rejection is: the metrics take a failed
+            # round out of the incidents (a model_unavailable incident is a
+            # device's decline, a failure a round's).
+            c.counters[failure] += 1
+            c.failures[failure] += 1
+        record = RoundRecord(
+            round=op.round, attempt=op.attempt, status="ok" if ok else "failed", closed_by=reason,
+            selected=len(op.selected), clients=len(op.accepted), declined=len(op.declined - set(op.accepted)),
+            late=op.late,
+            rejected=dict(op.rejected), num_samples=op.num_samples,
+            train_loss=self._train_loss(op), bytes_up=op.bytes_up,
+            bytes_down=op.bytes_down, seconds=round(now - op.opened_at, 4), model_digest=c.model_digest,
+            accepted=tuple(sorted(op.accepted)), failure=failure,
+            norm_bound=None if combined is None or combined.bound is None else float(f"{combined.bound:.6g}"),
+            clipped=0 if combined is None else combined.clipped,
+            weight_capped=0 if combined is None else combined.capped,
+            left_out=() if combined is None else tuple(sorted(set(op.accepted) - set(combined.used))),
+            extra=extra,
+        )
+        c.history = [*c.history[-9:], record]
+        silent = c.roster.closed(op.round, op.selected, set(op.accepted) | op.declined | op.refused)
+        if silent:
+            c.counters["unresponsive"] += silent
+        c.open = None
+        c.secure = None
+        c.defence_history.begin(c.updates)
+        c.next_round = op.round + 1
+        c.life.next_round()
+        actions: list[Action] = [SaveCheckpoint(*c.snapshot())]
+        if key_cut:
+            actions += [PublishModel(c.models.key_message), PublishDelta(None)]
+        elif ok:
+            actions.append(PublishDelta(c.models.delta_message))
+        elif op.model_missing or not op.accepted:
+            # A failed round leaves the model as it was, but its retained
+            # copies may be what failed it (lost, or replaced on a broker
+            # without ACL): publish them again so the next round can run.
+            actions += c.model_messages()
+        else:
+            actions.append(PublishDelta(c.models.delta_message))
+        last = c.next_round > c.policy.rounds
+        follow = self.finish_job(now) if last else self.try_open(now, settle=False)
+        last = last or c.state == RoundState.DONE  # e.g. the privacy budget stopped the job
+        return [*actions, *follow, RoundFinished(record, c.models.exact, last)]
+
+    def _step(self, op: OpenRound) -> tuple[Combined | None, bool, str | None]:
+        """Combine the round's updates and advance the model: (what the
+        defences did, whether a key was cut, why the round failed or None).
+        A round whose result is not finite or cannot be published fails, and
+        the model and the optimizer's state stay as they were."""
+        c = self.core
+        secure = c.policy.secagg is not None
+        try:
+            combined = self._secure_combined() if secure else c.updates.combine()
+        except ValueError as exc:  # FedgeError: SecAggError, CodecError, ...
+            if not secure:
+                return self._combine_failed(op, exc)
+            log.error("round %d: secure aggregation failed: %s; the round fails and the model stays", op.round,
+                      exc, extra=fields(round=op.round, reason="secagg_failed"))
+            return None, False, "secagg_failed"
+        except Exception:  # a bug: the round fails, the model stays and the job goes on
+            log.exception("round %d: combining %d updates failed; the round fails and the model stays",
+                          op.round, len(c.updates), extra=fields(round=op.round, reason="aggregation_failed"))
+            return None, False, "secagg_failed" if secure else "aggregation_failed"
+        return self._apply(op, combined)
+
+    def _combine_failed(self, op: OpenRound, exc: ValueError) -> tuple[Combined | None, bool, str | None]:
+        """E.g. every update left out as overflowing."""
+        c = self.core
+        log.error("round %d: %s; the round fails and the model stays", op.round, exc,
+                  extra=fields(round=op.round, reason="aggregation_failed"))
+        if c.updates.left and not c.updates.items:
+            c.defence_history.drop_reference(op.round)
+        return None, False, "aggregation_failed"
+
+    def _secure_combined(self) -> Combined:
+        """The round's mean from the unmasked sum (every survivor's update
+        weighs one), or a private round's release of it: noise alone when
+        secure aggregation failed. Raises ``SecAggError`` when there is no
+        sum and no privacy."""
+        c = self.core
+        dp = c.round_dp
+        samples = c.open.num_samples if c.open is not None else 0
+        partial = secure_partial(c.secure, c.secure_failure, c.spec.entries, samples,
+                                 clip=dp.clip if dp is not None else None, bit=dp is not None and dp.bit_std > 0)
+        if dp is None:
+            return release(partial)
+        assert c.private is not None
+        return release_private(partial, dp, noise_scale=c.private.noise_scale())
+
+    def _apply(self, op: OpenRound, combined: Combined) -> tuple[Combined | None, bool, str | None]:
+        c = self.core
+        # A private round may release noise alone, and a secure one has no
+        # update norms: nothing to remember for the defences.
+        if combined.used and c.policy.secagg is None:
+            c.defence_history.remember(combined)
+        if not _finite(combined.delta):
+            log.error("round %d: the averaged delta is not finite; the round fails and the model stays", op.round,
+                      extra=fields(round=op.round, reason="nonfinite_model"))
+            return combined, False, "nonfinite_model"
+        saved = {slot: dict(named) for slot, named in c.optimizer.state().items()}
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, not warned about
+                exact = c.optimizer.step(c.models.exact, combined.delta)
+            if not _finite(exact):
+                raise ValueError("the next model is not finite")
+            key_cut = c.models.advance(op.round, exact, op.num_samples)
+        except (ValueError, ArithmeticError, CodecError) as exc:
+            c.optimizer.load_state(saved)
+            log.error("round %d: %s; the round fails and the model stays", op.round, exc,
+                      extra=fields(round=op.round, reason="nonfinite_model"))
+            return combined, False, "nonfinite_model"
+        c.defence_history.steer(c.updates)
+        return combined, key_cut, None
+
+    def _train_loss(self, op: OpenRound) -> float | None:
+        """Mean training loss the devices reported, weighted by their capped sample counts."""
+        c = self.core
+        if not op.losses:
+            return None
+        losses = list(op.losses.values())
+        weights = c.defence_history.weights([n for _, n in losses])
+        return float(sum(w * loss for w, (loss, _) in zip(weights, losses, strict=True)) / max(sum(weights), 1e-12))
+
+    def finish_job(self, now: float) -> list[Action]:
+        c = self.core
+        if c.life.phase is Phase.DONE:
+            return []
+        c.life.finish()
+        c.open = None
+        return [PublishAnnouncement(c.announcement(RoundState.DONE, (), now))]
