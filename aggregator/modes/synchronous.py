@@ -187,55 +187,71 @@ class SynchronousRounds:
         return [SaveRoundOpen(record), PublishAnnouncement(msg)]
 
     def close(self, now: float, reason: str) -> list[Action]:
+        """Close the open round (``reason``: quorum or deadline): a secure
+        round first unmasks; then the round's result is released and
+        stepped (or the round fails), recorded, checkpointed and published,
+        and the next round opens (or the job ends)."""
         c = self.core
-        op = c.open
+        op, sec = c.open, c.secure
         assert op is not None
-        sec = c.secure
         if sec is not None and sec.stage not in ("done", "failed"):
             # Stop taking masked inputs and unmask the sum of those in hand;
-            # the round closes when unmasking ends (``_advance_secure``).
+            # the round closes when unmasking ends (``advance_secure``).
             c.life.close_inputs(reason)
             if sec.stage in ("keys", "shares"):
                 sec.fail(f"the round closed ({reason}) before the devices had shared their keys")
             return c.advance_secure(now, inputs_closed=True)
         c.life.close()
-        # A private round releases a model whatever arrived (noise alone, if
-        # nothing did): the accountant counts it, and skipping it would tell.
-        dp = c.policy.privacy
-        ok = len(op.accepted) >= c.policy.min_updates or dp is not None
-        if not ok:
-            log.warning("round %d fails: %d update(s), fewer than selection.min_updates (%d)", op.round,
-                        len(op.accepted), c.policy.min_updates, extra=fields(round=op.round,
-                                                                               reason="too_few_updates"))
-        key_cut = False
-        combined: Combined | None = None
-        failure = None
-        if ok:
-            combined, key_cut, failure = self._step(op)
-            ok = failure is None
-        c.counters["rounds_ok" if ok else "rounds_failed"] += 1
-        extra: dict[str, Any] = {}
-        if c.private is not None:
-            extra = c.private.spend(combined)
+        combined, key_cut, failure = self._result(op)
+        extra: dict[str, Any] = c.private.spend(combined) if c.private is not None else {}
         if sec is not None or c.policy.secagg is not None:
-            extra["secagg"] = secure_summary(c.secure, c.secure_failure)
-        if not ok and failure is None and c.policy.secagg is not None and (sec is None or sec.stage == "failed"):
-            failure = "secagg_failed"
-        if not ok and failure is None:
-            # Named by its cause where the devices gave one: the model did
-            # not reach them (the broker lost it), or too few answered.
-            failure = MODEL_UNAVAILABLE if op.model_missing else "too_few_updates"
+            extra["secagg"] = secure_summary(sec, c.secure_failure)
+            if failure in ("too_few_updates", MODEL_UNAVAILABLE) and (sec is None or sec.stage == "failed"):
+                failure = "secagg_failed"
+        ok = failure is None
+        c.counters["rounds_ok" if ok else "rounds_failed"] += 1
         if failure is not None:
             # Counted in both, as a rejection is: the metrics take a failed
             # round out of the incidents (a model_unavailable incident is a
             # device's decline, a failure a round's).
             c.counters[failure] += 1
             c.failures[failure] += 1
-        record = RoundRecord(
-            round=op.round, attempt=op.attempt, status="ok" if ok else "failed", closed_by=reason,
+        record = self._record(op, now, reason, combined, failure, extra)
+        c.history = [*c.history[-9:], record]
+        silent = c.roster.closed(op.round, op.selected, set(op.accepted) | op.declined | op.refused)
+        if silent:
+            c.counters["unresponsive"] += silent
+        c.open, c.secure = None, None
+        c.defence_history.begin(c.updates)
+        c.next_round = op.round + 1
+        c.life.next_round()
+        actions = [SaveCheckpoint(*c.snapshot()), *self._model_after(op, ok, key_cut)]
+        last = c.next_round > c.policy.rounds
+        follow = self.finish_job(now) if last else self.try_open(now, settle=False)
+        last = last or c.state == RoundState.DONE  # e.g. the privacy budget stopped the job
+        return [*actions, *follow, RoundFinished(record, c.models.exact, last)]
+
+    def _result(self, op: OpenRound) -> tuple[Combined | None, bool, str | None]:
+        """The round's result, whether a key was cut, and why it failed (or
+        None). A private round releases a model whatever arrived (noise
+        alone, if nothing did): the accountant counts it, and skipping it
+        would tell."""
+        c = self.core
+        if len(op.accepted) >= c.policy.min_updates or c.policy.privacy is not None:
+            return self._step(op)
+        log.warning("round %d fails: %d update(s), fewer than selection.min_updates (%d)", op.round,
+                    len(op.accepted), c.policy.min_updates, extra=fields(round=op.round, reason="too_few_updates"))
+        # Named by its cause where the devices gave one: the model did not
+        # reach them (the broker lost it), or too few answered.
+        return None, False, MODEL_UNAVAILABLE if op.model_missing else "too_few_updates"
+
+    def _record(self, op: OpenRound, now: float, reason: str, combined: Combined | None, failure: str | None,
+                extra: dict[str, Any]) -> RoundRecord:
+        c = self.core
+        return RoundRecord(
+            round=op.round, attempt=op.attempt, status="ok" if failure is None else "failed", closed_by=reason,
             selected=len(op.selected), clients=len(op.accepted), declined=len(op.declined - set(op.accepted)),
-            late=op.late,
-            rejected=dict(op.rejected), num_samples=op.num_samples,
+            late=op.late, rejected=dict(op.rejected), num_samples=op.num_samples,
             train_loss=self._train_loss(op), bytes_up=op.bytes_up,
             bytes_down=op.bytes_down, seconds=round(now - op.opened_at, 4), model_digest=c.model_digest,
             accepted=tuple(sorted(op.accepted)), failure=failure,
@@ -245,31 +261,18 @@ class SynchronousRounds:
             left_out=() if combined is None else tuple(sorted(set(op.accepted) - set(combined.used))),
             extra=extra,
         )
-        c.history = [*c.history[-9:], record]
-        silent = c.roster.closed(op.round, op.selected, set(op.accepted) | op.declined | op.refused)
-        if silent:
-            c.counters["unresponsive"] += silent
-        c.open = None
-        c.secure = None
-        c.defence_history.begin(c.updates)
-        c.next_round = op.round + 1
-        c.life.next_round()
-        actions: list[Action] = [SaveCheckpoint(*c.snapshot())]
+
+    def _model_after(self, op: OpenRound, ok: bool, key_cut: bool) -> list[Action]:
+        """The model messages a closed round publishes."""
+        c = self.core
         if key_cut:
-            actions += [PublishModel(c.models.key_message), PublishDelta(None)]
-        elif ok:
-            actions.append(PublishDelta(c.models.delta_message))
-        elif op.model_missing or not op.accepted:
+            return [PublishModel(c.models.key_message), PublishDelta(None)]
+        if not ok and (op.model_missing or not op.accepted):
             # A failed round leaves the model as it was, but its retained
             # copies may be what failed it (lost, or replaced on a broker
             # without ACL): publish them again so the next round can run.
-            actions += c.model_messages()
-        else:
-            actions.append(PublishDelta(c.models.delta_message))
-        last = c.next_round > c.policy.rounds
-        follow = self.finish_job(now) if last else self.try_open(now, settle=False)
-        last = last or c.state == RoundState.DONE  # e.g. the privacy budget stopped the job
-        return [*actions, *follow, RoundFinished(record, c.models.exact, last)]
+            return c.model_messages()
+        return [PublishDelta(c.models.delta_message)]
 
     def _step(self, op: OpenRound) -> tuple[Combined | None, bool, str | None]:
         """Combine the round's updates and advance the model: (what the
