@@ -101,6 +101,7 @@ from aggregator.fold import Admitted, RoundUpdates, RunningSum
 from aggregator.pipeline import Combined, Partial, release
 from aggregator.privacy import DpRound, release_private
 from fedge.codecs import CodecError, UpdateCodec
+from fedge.config import ConfigError
 from fedge.tensors import ModelArrays, TensorSpec, dot, l2_norm
 
 if TYPE_CHECKING:
@@ -159,6 +160,16 @@ def dense_bytes(spec: TensorSpec, updates: int) -> int:
     """Memory a robust rule needs for ``updates`` dense float32 deltas."""
     params = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in spec.entries)
     return 4 * params * updates + 8 * updates * updates
+
+
+def check_dense_memory(d: Defences, spec: TensorSpec, max_clients: int, limit: int) -> None:
+    """``ConfigError`` when a dense rule would hold more than ``limit``
+    bytes of updates (``limits.aggregation_bytes``)."""
+    if d.rule in DENSE_RULES and dense_bytes(spec, max_clients) > limit:
+        raise ConfigError(
+            f"server.aggregation = {d.rule!r} would hold {max_clients} updates of this model dense "
+            f"({dense_bytes(spec, max_clients) >> 20} MiB), over limits.aggregation_bytes ({limit >> 20} MiB): "
+            "lower selection.max_clients or raise the limit")
 
 
 def norm_bound(norms: Sequence[float], history: Sequence[float], d: Defences) -> float | None:

@@ -86,16 +86,11 @@ from aggregator.optimizers import ServerOptimizer
 from aggregator.policy import RoundPolicy
 from aggregator.privacy import DpRound, Ledger
 from aggregator.private_rounds import PrivateRounds
-from aggregator.robust import (
-    DENSE_RULES,
-    RoundAggregate,
-    dense_bytes,
-)
+from aggregator.robust import RoundAggregate, check_dense_memory
 from aggregator.roster import Roster
-from aggregator.secure import SecureRound
+from aggregator.secure import SecureRound, warn_unseen_defences
 from fedge import wire
 from fedge.codecs import CodecError, make_codec
-from fedge.config import ConfigError
 from fedge.identity import IdentityError
 from fedge.logs import fields
 from fedge.messages import (
@@ -161,27 +156,40 @@ class RoundCore:
         that tests can make them deterministic. ``verify(client, envelope)``
         checks who made an update or decline (``fedge.identity``): it raises
         ``IdentityError`` to refuse it; None accepts unsigned messages."""
-        self.job = job
-        self.policy = policy
-        self.plan = plan
-        # A securely aggregated job's updates are masked integers (the round's
-        # SecAggPlan), announced as the "secagg" codec; the configured codec
-        # is then unused.
-        self.codec_params = dict(SECAGG_CODEC) if policy.secagg is not None else dict(codec)
-        self.codec = make_codec(codec)
+        self.job, self.policy, self.plan = job, policy, plan
         self.optimizer = optimizer
         self.models = ModelLineage(
             job=job, factory=model_factory, factory_args=model_args, initial=initial_model,
             downlink=downlink or {"name": "none"}, key_every=key_every, seed=policy.seed,
         )
         self.spec = self.models.spec
+        self._stages(policy, codec)
+        self.next_round, self.attempt = 1, 0
+        self.new_id, self.verify = new_id, verify
+        self.life = Lifecycle()  # where the job's rounds are, and the phase's timers
+        self.mode = SynchronousRounds(self)  # when rounds open and close (aggregator.modes)
+        self.open: OpenRound | None = None
+        self.roster = Roster(policy.max_devices)  # devices known, online and benched
+        self._now = 0.0  # the time of the event being handled
+        # What the job counted; and the same counts, by kind, for metrics:
+        # updates refused (by reason; "late" included) and rounds failed.
+        self.counters: Counter[str] = Counter()
+        self.rejections: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self.history: list[RoundRecord] = []  # the last few records, for restarts
+        self._restored_open: dict[str, Any] | None = None
+
+    def _stages(self, policy: RoundPolicy, codec: dict[str, Any]) -> None:
+        """The aggregation pipeline's stages (``aggregator.pipeline``)."""
+        # A securely aggregated job's updates are masked integers (the round's
+        # SecAggPlan), announced as the "secagg" codec; the configured codec
+        # is then unused.
+        self.codec_params = dict(SECAGG_CODEC) if policy.secagg is not None else dict(codec)
+        self.codec = make_codec(codec)
+        check_dense_memory(policy.defences, self.spec, policy.max_clients, policy.aggregation_bytes)
+        if policy.secagg is not None:
+            warn_unseen_defences(policy.defences)
         self.updates = RoundAggregate(self.spec, self.codec, policy.defences)
-        rule = policy.defences.rule
-        if rule in DENSE_RULES and dense_bytes(self.spec, policy.max_clients) > policy.aggregation_bytes:
-            raise ConfigError(
-                f"server.aggregation = {rule!r} would hold {policy.max_clients} updates of this model dense "
-                f"({dense_bytes(self.spec, policy.max_clients) >> 20} MiB), over limits.aggregation_bytes "
-                f"({policy.aggregation_bytes >> 20} MiB): lower selection.max_clients or raise the limit")
         self.defence_history = DefenceHistory(policy.defences, self.spec)
         # A private job's state across rounds (clip, accountant's count, ledger).
         self.private = (PrivateRounds(policy.privacy, self.spec.num_params, policy.secagg)
@@ -189,28 +197,6 @@ class RoundCore:
         self.round_dp: DpRound | None = None  # the open round's privacy, fixed when it opens
         self.secure: SecureRound | None = None  # the open attempt's secure aggregation
         self.secure_failure = ""  # why the open attempt could not start secure aggregation
-        if policy.secagg is not None and policy.defences.rule == "mean" and (
-                policy.defences.clip != "off" or policy.defences.direction != "off"
-                or policy.defences.weight_cap != 0):
-            log.warning("secure aggregation: the aggregator sees only each round's sum, so the per-update "
-                        "defences (server.clip, weight_cap, direction) do not run; every coordinate of an update "
-                        "is bounded by secagg.bound and every update weighs one")
-        self.next_round = 1
-        self.attempt = 0
-        self.new_id = new_id
-        self.verify = verify
-        self.life = Lifecycle()  # where the job's rounds are, and the phase's timers
-        self.mode = SynchronousRounds(self)  # when rounds open and close (aggregator.modes)
-        self.open: OpenRound | None = None
-        self.roster = Roster(policy.max_devices)  # devices known, online and benched
-        self._now = 0.0  # the time of the event being handled
-        self.counters: Counter[str] = Counter()
-        # The same counts, by kind, for metrics: updates refused (by reason;
-        # "late" included) and rounds failed (by failure).
-        self.rejections: Counter[str] = Counter()
-        self.failures: Counter[str] = Counter()
-        self.history: list[RoundRecord] = []  # the last few records, for restarts
-        self._restored_open: dict[str, Any] | None = None
 
     # --- public --------------------------------------------------------------
 
@@ -291,18 +277,7 @@ class RoundCore:
         return []
 
     def _on_timer(self, now: float) -> list[Action]:
-        if self.open and self.secure is not None:
-            moved = self.advance_secure(now)
-            if self.life.phase is not Phase.OPEN:
-                return moved  # closed, or still unmasking
-            if moved:
-                return moved + self._on_timer(now)
-        why = self.life.expired(now)
-        if why is not None:
-            return self.mode.close(now, reason=why)
-        if self.state == RoundState.WAITING:
-            return self.mode.try_open(now)
-        return []
+        return self.mode.on_timer(now)
 
     def _reject(self, reason: str, detail: str, client: str, upd: Update | None,
                 named: tuple[int, str] | None = None) -> list[Action]:
@@ -348,7 +323,7 @@ class RoundCore:
             if env.kind == Kind.DECLINE:
                 return self._on_decline(ev.client, Decline.parse(env), ev.now)
             if env.kind == Kind.SECAGG:
-                return self._on_secagg(ev.client, SecAggStage.parse(env), ev.now)
+                return self.mode.on_secagg(ev.client, SecAggStage.parse(env), ev.now)
             upd = Update.parse(env)
         except IdentityError as exc:
             # No receipt: the device whose id it carries did not send it, and
@@ -400,40 +375,6 @@ class RoundCore:
             ack = Ack(self.job, verdict.round, verdict.attempt, client, upd.update_id, "duplicate", verdict.detail)
             return [SendAck(client, ack.encode(), "duplicate", verdict.round)]
         return self._reject(verdict.reason, verdict.detail, client, upd if verdict.receipt else None)
-
-    def _on_secagg(self, client: str, msg: SecAggStage, now: float) -> list[Action]:
-        """A device's keys, shares or revealed shares for the open attempt."""
-        sec, op = self.secure, self.open
-        if sec is None or op is None or (msg.round, msg.attempt) < (op.round, op.attempt):
-            # Most often a reveal that came after unmasking had what it needed.
-            self.counters["secagg_late"] += 1
-            return []
-        refused = sec.on_stage(client, msg)
-        if refused is not None:
-            self.counters[refused] += 1
-            op.rejected[refused] += 1
-            log.warning("dropped a secagg %s message from %s (%s)", msg.stage, client, refused,
-                        extra=fields(device=client, round=msg.round, reason=refused))
-            return []
-        return self.advance_secure(now)
-
-    def advance_secure(self, now: float, inputs_closed: bool = False) -> list[Action]:
-        """Move secure aggregation on (a stage whose devices all answered or
-        whose deadline passed ends) and send each device its next message;
-        close the round once unmasking has ended."""
-        sec, op = self.secure, self.open
-        if sec is None or op is None:
-            return []
-        before = sec.stage
-        actions: list[Action] = [SendAck(m.client, m.encode()) for m in sec.advance(now, inputs_closed)]
-        if sec.stage != before:
-            self.mode.check_quorum(now)  # who can still send an input has changed
-            if sec.stage == "failed" and self.life.phase is Phase.OPEN:
-                self.life.mark_due(now)  # nothing more can come of this attempt
-        closing = self.life.closing
-        if self.life.phase is Phase.UNMASKING and closing is not None and sec.stage in ("done", "failed"):
-            actions += self.mode.close(now, closing)
-        return actions
 
     def _on_decline(self, client: str, dec: Decline, now: float) -> list[Action]:
         op = self.open

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from aggregator.pipeline import Partial
 from fedge.messages import SecAggStage
 from fedge.secagg import Context, SecAggError, SecAggPlan, SecAggServer, ddgauss_tau, dequantize, unpack
 from fedge.tensors import ModelArrays
+
+if TYPE_CHECKING:
+    from aggregator.robust import Defences
 
 log = logging.getLogger("fedge.aggregator")
 
@@ -244,6 +247,15 @@ class SecureRound:
     def _refuse(self, reason: str) -> str:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
         return reason
+
+
+def warn_unseen_defences(d: Defences) -> None:
+    """Secure aggregation hides every update: say which configured
+    defences cannot run."""
+    if d.rule == "mean" and (d.clip != "off" or d.direction != "off" or d.weight_cap != 0):
+        log.warning("secure aggregation: the aggregator sees only each round's sum, so the per-update "
+                    "defences (server.clip, weight_cap, direction) do not run; every coordinate of an update "
+                    "is bounded by secagg.bound and every update weighs one")
 
 
 # --- what a secure round adds up to ---------------------------------------------------

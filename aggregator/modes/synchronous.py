@@ -32,6 +32,7 @@ from aggregator.events import (
     RoundState,
     SaveCheckpoint,
     SaveRoundOpen,
+    SendAck,
 )
 from aggregator.lifecycle import OpenRound, Phase
 from aggregator.pipeline import Combined, release
@@ -39,7 +40,7 @@ from aggregator.privacy import release_private
 from aggregator.secure import SecureRound, secure_partial, secure_summary
 from fedge.codecs import CodecError, requirements
 from fedge.logs import fields
-from fedge.messages import MODEL_UNAVAILABLE
+from fedge.messages import MODEL_UNAVAILABLE, SecAggStage
 from fedge.records import RoundRecord
 from fedge.secagg import CAPABILITY as SECAGG_CAPABILITY
 from fedge.secagg import SecAggError
@@ -76,6 +77,59 @@ class SynchronousRounds:
         if c.secure is not None:
             answered = answered | c.secure.out_of_round()
         return answered - set(op.accepted)
+
+    def on_timer(self, now: float) -> list[Action]:
+        """What is due at ``now``: secure aggregation's next stage, the
+        round's close, or (waiting) a new round."""
+        c = self.core
+        if c.open and c.secure is not None:
+            moved = self.advance_secure(now)
+            if c.life.phase is not Phase.OPEN:
+                return moved  # closed, or still unmasking
+            if moved:
+                return moved + self.on_timer(now)
+        why = c.life.expired(now)
+        if why is not None:
+            return self.close(now, reason=why)
+        if c.state == RoundState.WAITING:
+            return self.try_open(now)
+        return []
+
+    def on_secagg(self, client: str, msg: SecAggStage, now: float) -> list[Action]:
+        """A device's keys, shares or revealed shares for the open attempt."""
+        c = self.core
+        sec, op = c.secure, c.open
+        if sec is None or op is None or (msg.round, msg.attempt) < (op.round, op.attempt):
+            # Most often a reveal that came after unmasking had what it needed.
+            c.counters["secagg_late"] += 1
+            return []
+        refused = sec.on_stage(client, msg)
+        if refused is not None:
+            c.counters[refused] += 1
+            op.rejected[refused] += 1
+            log.warning("dropped a secagg %s message from %s (%s)", msg.stage, client, refused,
+                        extra=fields(device=client, round=msg.round, reason=refused))
+            return []
+        return self.advance_secure(now)
+
+    def advance_secure(self, now: float, inputs_closed: bool = False) -> list[Action]:
+        """Move secure aggregation on (a stage whose devices all answered or
+        whose deadline passed ends) and send each device its next message;
+        close the round once unmasking has ended."""
+        c = self.core
+        sec, op = c.secure, c.open
+        if sec is None or op is None:
+            return []
+        before = sec.stage
+        actions: list[Action] = [SendAck(m.client, m.encode()) for m in sec.advance(now, inputs_closed)]
+        if sec.stage != before:
+            self.check_quorum(now)  # who can still send an input has changed
+            if sec.stage == "failed" and c.life.phase is Phase.OPEN:
+                c.life.mark_due(now)  # nothing more can come of this attempt
+        closing = c.life.closing
+        if c.life.phase is Phase.UNMASKING and closing is not None and sec.stage in ("done", "failed"):
+            actions += self.close(now, closing)
+        return actions
 
     def check_quorum(self, now: float) -> None:
         """Mark the round due once enough selected clients responded; the
@@ -200,7 +254,7 @@ class SynchronousRounds:
             c.life.close_inputs(reason)
             if sec.stage in ("keys", "shares"):
                 sec.fail(f"the round closed ({reason}) before the devices had shared their keys")
-            return c.advance_secure(now, inputs_closed=True)
+            return self.advance_secure(now, inputs_closed=True)
         c.life.close()
         combined, key_cut, failure = self._result(op)
         extra: dict[str, Any] = c.private.spend(combined) if c.private is not None else {}
