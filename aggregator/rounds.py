@@ -1,29 +1,40 @@
-"""The aggregator's round state machine. Everything that decides what a round
-does lives here; nothing here touches a socket, a file or a clock.
+"""The aggregator's round core: a state machine with no I/O. Everything that
+decides what a job's rounds do is reached from here; nothing here touches a
+socket, a file or a clock.
 
 Theory of operation
 -------------------
-The shell feeds events (``ClientStatus``, ``MessageArrived``,
-``TimerFired``) with the current monotonic time and carries out the actions
-returned, in order. The core is in one of three states:
+The shell (``aggregator.service``) feeds events (``ClientStatus``,
+``MessageArrived``, ``TimerFired``, ``Incident``; ``aggregator.events``)
+with the current monotonic time and carries out the actions returned, in
+order; ``next_deadline()`` says when to tick next.
 
-* ``waiting``: fewer than ``min_clients`` eligible clients are online. Once
-  enough are, the core waits ``settle_s`` more before selecting, because
-  presence arrives one retained message at a time after a (re)connect or a
-  power cut, and selecting at the first moment would pick only the first few.
-* ``open``: round r was announced to a selected set with a deadline. Each
-  update that passes every check is folded into the running sum at once and
-  acknowledged; anything else is dropped with a reason counted (and, when the
-  sender can be told, a ``rejected``/``late`` receipt). The round closes when
-  ``quorum`` of the selected clients have responded, or at the deadline.
-  Reaching quorum only marks the round due: it closes on the next
-  ``TimerFired`` (``next_deadline()`` is then "now"), so the receipt for the
-  last update leaves before the close's optimizer step, downlink encoding
-  and checkpoint, and that device is not kept waiting for them.
-  At close, with at least ``min_updates`` updates, the server optimizer turns
-  the average delta into the next global model; with fewer, the round fails
-  and the model stays. Either way the job moves on: nothing waits forever.
-* ``done``: all rounds ran.
+The core holds what every kind of round shares, each concern in a module of
+its own:
+
+* the **lifecycle** (``aggregator.lifecycle``): waiting, settling, open,
+  unmasking, closing, done; its transitions are a table;
+* the **mode** (``aggregator.modes``): when a round opens, whom it selects,
+  when it is due and what closing does (today: synchronous rounds);
+* **admission** (``aggregator.admission``): the ordered checks an update
+  passes before a round may count it; the core turns a refusal into a
+  counter and, when the sender can be told, a ``rejected``/``late``
+  receipt;
+* the **aggregation pipeline** (``aggregator.pipeline``): the defences and
+  rules folding each admitted update (``aggregator.robust``) and their
+  memory (``aggregator.defences``), secure aggregation
+  (``aggregator.secure``) and differential privacy
+  (``aggregator.private_rounds``), ending in a ``Partial`` that the round
+  releases as its mean;
+* the **roster** (``aggregator.roster``): devices known, online, benched;
+* the **model lineage** (``aggregator.lineage``): the exact server model,
+  the latest key and the published model devices train from; the core
+  publishes a key (``PublishModel``) every ``key_every`` rounds and a delta
+  from it (``PublishDelta``) in between.
+
+A device's decline (it cannot train, or cannot build the announced model)
+is an answer: it counts towards the quorum, and a decline for lack of the
+model makes the core publish the key and delta again.
 
 Exactly once
 ------------
@@ -42,12 +53,10 @@ the next round leaves: a crash after it resumes after that round, a crash
 before it redoes that round. When a round opens, ``SaveRoundOpen`` records
 its selection so a restart re-announces the same round to the same clients.
 
-Models
-------
-``ModelLineage`` (``aggregator.lineage``) holds the exact server model, the
-latest key and the published model devices train from; the core publishes a
-key (``PublishModel``) every ``key_every`` rounds and a delta from it
-(``PublishDelta``) in between.
+A checkpoint holds the model lineage, the optimizer's state and each
+stage's ``state()`` (roster, defence history, privacy), under keys that
+have not changed since format 2: checkpoints of older builds resume
+(``tests/unit/test_old_checkpoints.py``).
 """
 
 from __future__ import annotations
