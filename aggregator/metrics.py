@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedge.metrics import FAST_BUCKETS, SLOW_BUCKETS, Families, MetricsSettings, MetricTable, ServiceMetrics
+
+if TYPE_CHECKING:
+    from aggregator.config import AggregatorConfig
+    from aggregator.rounds import RoundCore
+    from fedge.records import RoundRecord
 
 # Counter keys of ``RoundCore.counters`` that have families of their own.
 _OUTCOMES = {"rounds_ok": "ok", "rounds_failed": "failed"}
@@ -131,3 +136,35 @@ class AggregatorMetrics(ServiceMetrics):
         self.close_seconds = self.histogram("fedge_round_close_seconds", FAST_BUCKETS)
         self.round_seconds = self.histogram("fedge_round_duration_seconds", SLOW_BUCKETS)
         self.eval_seconds = self.histogram("fedge_evaluation_seconds", SLOW_BUCKETS)
+
+
+def service_snapshot(cfg: AggregatorConfig, core: RoundCore, last: RoundRecord | None,
+                     traffic: Any, broker: tuple[bool, int], reassembly_bytes: int, inbox_messages: int,
+                     checkpoint_time: float | None) -> dict[str, Any]:
+    """The aggregator's state as plain data (copied on its loop's thread),
+    for ``render``: ``broker`` is (connected, failed connection attempts)."""
+    import fedge
+
+    op = core.open
+    snap: dict[str, Any] = {
+        "job": cfg.job.name, "model": cfg.job.model, "version": fedge.__version__,
+        "round": op.round if op is not None else core.next_round - 1,
+        "rounds_planned": cfg.job.rounds, "done": core.state == "done",
+        "counters": dict(core.counters), "rejections": dict(core.rejections), "failures": dict(core.failures),
+        "traffic": traffic, "broker_connected": broker[0], "broker_connect_failures": broker[1],
+        "clients_online": len(core.roster.online), "clients_known": len(core.roster.known),
+        "clients_selected": len(op.selected) if op is not None else 0,
+        "clients_responded": len(op.accepted) if op is not None else 0,
+        "clients_benched": core.roster.sitting_out(core.next_round),
+        "reassembly_bytes": reassembly_bytes, "reassembly_limit_bytes": cfg.limits.reassembly_bytes,
+        "inbox_messages": inbox_messages,
+        "last": {} if last is None else {"accuracy": last.accuracy, "loss": last.loss,
+                                         "train_loss": last.train_loss},
+        "checkpoint_time": checkpoint_time,
+    }
+    if cfg.privacy.mode != "off":
+        extra = {} if last is None else last.extra
+        snap["privacy"] = {"epsilon": extra.get("epsilon", 0.0),
+                           "epsilon_participant": extra.get("epsilon_participant"),
+                           "budget": cfg.privacy.target_epsilon, "delta": cfg.privacy.delta}
+    return snap

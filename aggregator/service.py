@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aggregator import fleet as fleet_file
 from aggregator.artifacts import ArtifactBuilt, ArtifactFailed, OnnxPublisher
 from aggregator.config import AggregatorConfig
+from aggregator.enrollment import Enrollment
+from aggregator.evaluation import Evaluator
 from aggregator.fleet import Fleet
+from aggregator.keys import AggregatorKeys
+from aggregator.metrics import service_snapshot
 from aggregator.optimizers import make_server_optimizer
 from aggregator.ratelimit import RateLimiter
-from aggregator.registry import Registry, RegistryError
 from aggregator.rounds import (
     Action,
-    ClientStatus,
     Event,
     Incident,
     MessageArrived,
@@ -43,18 +42,17 @@ from aggregator.rounds import (
     TimerFired,
 )
 from aggregator.state import StateDir
-from fedge import messages, wire
+from fedge import messages
 from fedge.chunks import ChunkError, Reassembler, parse_chunk
-from fedge.config import ConfigError
-from fedge.identity import Identity, IdentityError, check_signed, next_key_path, sign_link
+from fedge.identity import Identity
 from fedge.logs import fields
-from fedge.messages import KeyChain, KeyLink, ProtocolError, Status, TrainingPlan
+from fedge.messages import Status, TrainingPlan
 from fedge.metrics import CountingLink, Traffic
 from fedge.mqtt import Inbound, Inbox, LinkDown, LinkUp, MqttLink, monotonic
 from fedge.records import RoundRecord
 from fedge.topics import JobTopics
 from fedge.transport import LinkFactory
-from fedge.wire import Envelope, WireError
+from fedge.wire import Envelope
 
 if TYPE_CHECKING:
     from aggregator.metrics import AggregatorMetrics
@@ -90,20 +88,12 @@ class AggregatorService:
         self.state = StateDir(cfg.job.state_dir)
         self.core = build_core(cfg)
         self._restore()
-        self.identity, self.registry = self._identity(cfg)
-        if self.registry is not None:
+        self.keys = AggregatorKeys(cfg, self.state)
+        self.enrollment = Enrollment(self.state.root if self.keys.identity is not None else None,
+                                     cfg.limits.max_devices, cfg.limits.max_update_bytes)
+        if self.enrollment.signing:
             self.core.verify = self._verify_device
-        # The latest signed presence taken from each device: (seq, its signature).
-        self._presence_seq: dict[str, tuple[int, bytes]] = {}
         self._later: list[Event] = []  # events raised while the core handled another
-        self._session = uuid.uuid4().hex[:16]
-        self._registry_failed = False
-        self._verified: tuple[str, bytes] | None = None  # (device, signature) the shell checked last
-        # Presences refused for a key not (yet) enrolled, newest last: taken
-        # once the device is enrolled (fedge enroll while the job runs).
-        self._held: dict[str, bytes] = {}
-        self._later_held: list[str] = []  # held presences whose devices the registry now knows
-        self._registry_polled = 0.0
         self._connections = 0  # LinkUps so far: after the first, the broker may have lost what we published
         self._announced: list[bytes] = []  # the last announcements published, newest last
         self._announcement_repaired = -60.0
@@ -120,12 +110,11 @@ class AggregatorService:
             # Its own announcement too: one replaced or cleared on the broker
             # is published again (see _watch_announcement).
             subscriptions=[self.topics.update_filter, self.topics.status_filter, self.topics.round],
-            will=(self.topics.server, self._seal(Status(messages.AGGREGATOR, "offline").encode())),
+            will=(self.topics.server, self.keys.seal(Status(messages.AGGREGATOR, "offline").encode())),
             name="aggregator",
         )
         self.link = CountingLink(self.link, self.traffic, self.topics.channel)
-        self._eval_data: Any = None
-        self._eval_model: Any = None
+        self.evaluator = Evaluator(cfg)
         self.onnx = (OnnxPublisher(cfg, self.state.root / "onnx", self.inbox.put) if cfg.onnx.every > 0 else None)
         self._stop = threading.Event()
         self.done = threading.Event()
@@ -154,135 +143,22 @@ class AggregatorService:
 
     # --- identity ---------------------------------------------------------------
 
-    def _identity(self, cfg: AggregatorConfig) -> tuple[Identity | None, Registry | None]:
-        """The aggregator's key and the enrolled devices, when signing is on."""
-        if cfg.identity.signing != "required":
-            log.warning("identity.signing = \"off\": messages are not signed and any client of the broker is "
-                        "believed; set it to \"required\" and enroll devices (fedge enroll)")
-            return None, None
-        path = Path(cfg.identity.key_file) if cfg.identity.key_file else self.state.root / "aggregator.key"
-        try:
-            nxt = next_key_path(path)
-            if not path.exists() and nxt.exists():  # a rotation stopped between its two renames
-                os.replace(nxt, path)
-            if not path.exists() and not cfg.identity.key_file:
-                Identity.generate().save(path)
-                log.info("made the aggregator's key pair in %s", path)
-            identity = Identity.load(path)
-            if nxt.exists():
-                identity = self._rotate(path, identity, Identity.load(nxt))
-        except (IdentityError, OSError) as exc:
-            raise ConfigError(f"identity.key_file: {exc}") from None
-        log.info("aggregator key %s: devices pin it as identity.aggregator_key", identity.public.to_text())
-        return identity, Registry(self.state.root)
-
-    def _rotate(self, path: Path, old: Identity, new: Identity) -> Identity:
-        """Hand the job over from ``old`` to ``new`` (``fedge keys rotate``
-        left it in ``<key>.next``): the old key signs the new into the key
-        chain (persisted first), then the files move. Devices that pinned
-        any earlier key follow the chain (``KeyChain``, retained)."""
-        stored = self.state.load_json("identity.json")
-        chain = [list(link) for link in stored.get("chain", [])]
-        if not chain or chain[-1][1] != new.public.to_text():
-            chain.append(list(sign_link(self.cfg.job.name, old, new.public)))
-            self.state.save_json("identity.json", {**stored, "chain": chain})
-        retired = path.with_name(f"{path.name}.{old.public.fingerprint}.retired")
-        os.replace(path, retired)
-        os.replace(next_key_path(path), path)
-        log.warning("rotated the aggregator's key: %s signed its successor %s (the old key is in %s)",
-                    old.public.fingerprint, new.public.to_text(), retired)
-        return new
-
-    def _key_chain(self) -> bytes | None:
-        """The retained key chain, signed by the current key (None: never rotated)."""
-        links = self.state.load_json("identity.json").get("chain", [])
-        if self.identity is None or not links:
-            return None
-        chain = KeyChain(self.cfg.job.name, tuple(KeyLink(*link) for link in links))
-        return self._seal(chain.encode())
-
-    def _seal(self, message: bytes) -> bytes:
-        """``message`` signed by the aggregator (as it is when signing is off)."""
-        return message if self.identity is None else wire.seal(message, self.identity)
-
-    def _stamped(self, announcement: bytes) -> bytes:
-        """An announcement with this aggregator's session and a sequence number
-        that only grows, across restarts too (persisted before it is used):
-        devices refuse a signed announcement older than the newest they saw."""
-        if self.identity is None:
-            return announcement
-        env = wire.decode(announcement)
-        stored = self.state.load_json("identity.json")
-        seq = max(int(stored.get("seq", 0)) + 1, int(time.time() * 1000))
-        self.state.save_json("identity.json", {**stored, "seq": seq})
-        return wire.encode(env.kind, {**env.header, "session": self._session, "seq": seq}, env.body)
-
-    def _registry_current(self) -> Registry | None:
-        """The registry, re-read if the operator changed it (a revocation
-        takes effect on the next message); revoked devices go offline."""
-        reg = self.registry
-        if reg is None:
-            return None
-        try:
-            changed = reg.reload()
-            if self._registry_failed:
-                log.warning("the device registry %s is readable again", reg.path)
-            self._registry_failed = False
-        except RegistryError as exc:
-            if not self._registry_failed:
-                log.error("%s; keeping the devices read before", exc)
-            self._registry_failed = True
-            return reg
-        if changed:
-            # Fed after the event being handled (this runs inside the core's
-            # handling of a message): never a core call within a core call.
-            for client in [c for c in self.core.roster.online if reg.key_of(c) is None]:
-                log.warning("%s is no longer enrolled: it takes no further part", client)
-                self._later.append(ClientStatus(client, False, {}, monotonic()))
-            self._later_held = [c for c in self._held if reg.key_of(c) is not None]
-        return reg
-
-    def _poll_registry(self, now: float) -> None:
-        """Once a second: the registry, re-read if the operator changed it,
-        so that an enrollment or revocation takes effect within seconds
-        even for a device that sends nothing; a presence held for a key not
-        enrolled is taken once its device is."""
-        if self.registry is None or now - self._registry_polled < 1.0:
-            return
-        self._registry_polled = now
-        self._registry_current()
-        taken, self._later_held = self._later_held, []
-        for client in taken:
-            payload = self._held.pop(client, None)
-            if payload is None:
-                continue
-            log.info("%s is enrolled now: taking the presence it sent before", client,
-                     extra=fields(device=client, reason="enrolled"))
-            self._presence(client, payload, now)
+    @property
+    def identity(self) -> Identity | None:
+        """The aggregator's key (None: signing is off)."""
+        return self.keys.identity
 
     def _verify_device(self, client: str, env: Envelope) -> None:
-        if self._verified is not None and self._verified == (client, env.signature):
-            self._verified = None  # the shell checked this very message (_signed_by)
-            return
-        reg = self._registry_current()
-        assert reg is not None
-        check_signed(env, reg.key_of(client), f"{env.kind.name.lower()} from {client}")
+        """The core's check of who made an update or decline."""
+        self.enrollment.verify(client, env, self.core.roster.online, monotonic())
 
-    def _signed_by(self, client: str, message: bytes) -> Envelope | None:
-        """``message`` decoded, if it is signed by ``client``'s enrolled key
-        (any well-formed message when signing is off); None otherwise.
-        Checked before the device's rate is charged, so that an outsider
-        cannot spend a real device's budget on a broker without ACL; the
-        core takes the envelope and skips checking it again, and decodes
-        and checks again (and counts) one that failed."""
-        try:
-            env = wire.decode(message, max_body=self.cfg.limits.max_update_bytes)
-            if self.registry is not None:
-                self._verify_device(client, env)
-        except (WireError, IdentityError):
-            return None
-        self._verified = (client, env.signature)
-        return env
+    def _later_events(self) -> None:
+        """Feed what was raised while the core handled another event (a
+        revoked device going offline, for one)."""
+        self._later += self.enrollment.revoked
+        self.enrollment.revoked = []
+        while self._later:
+            self._feed(self._later.pop(0))
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -325,7 +201,7 @@ class AggregatorService:
         and serving metrics (``fedge_job_done`` 1) so that a scrape, a
         watcher and a late device all see how it ended."""
         now = monotonic()
-        chain = self._key_chain()
+        chain = self.keys.key_chain()
         if chain is not None:  # first, so that devices know the key before what it signed
             self.link.publish(self.topics.keys, chain, retain=True)
         if self.metrics is not None:
@@ -356,12 +232,11 @@ class AggregatorService:
                         self._dispatch(item, now)
                     except Exception as exc:  # one bad message must never stop the job
                         self._contained(exc, item, now)
-                while self._later:
-                    self._feed(self._later.pop(0))
+                self._later_events()
                 self.updates.expire(now)
-                self._poll_registry(now)
-                while self._later:
-                    self._feed(self._later.pop(0))
+                for client, payload in self.enrollment.poll(self.core.roster.online, now):
+                    self._presence(client, payload, now)
+                self._later_events()
                 self._feed(TimerFired(now))
                 if self.core.state == "done":  # however it ended (its last round, or a budget)
                     self.done.set()
@@ -374,7 +249,7 @@ class AggregatorService:
                 self._publish_fleet(monotonic())
                 if self.fleet.changed:
                     self.state.save_json(fleet_file.FILE, self.fleet.to_json())
-            self.link.stop(final=(self.topics.server, self._seal(Status(messages.AGGREGATOR, "offline").encode())))
+            self.link.stop(final=(self.topics.server, self.keys.seal(Status(messages.AGGREGATOR, "offline").encode())))
             if self.metrics is not None:
                 self.metrics.close()
         return 0
@@ -418,7 +293,7 @@ class AggregatorService:
             return
         if isinstance(item, LinkUp):
             log.info("connected to %s (session present: %s)", self.link.address, item.session_present)
-            self.link.publish(self.topics.server, self._seal(Status(messages.AGGREGATOR, "online").encode()),
+            self.link.publish(self.topics.server, self.keys.seal(Status(messages.AGGREGATOR, "online").encode()),
                               retain=True)
             self._connections += 1
             if self._connections > 1 and not item.session_present:
@@ -454,20 +329,21 @@ class AggregatorService:
                 return
             if message is None:
                 return
-            env = self._signed_by(client, message)
+            env = self.enrollment.signed_by(client, message, self.core.roster.online, now)
             if env is not None and self._limited(self.message_limit, client, "messages", now):
-                self._verified = None
+                self.enrollment.verified = None
                 return
             if env is not None:
                 self.fleet.heard(client, time.time())
             self._feed(MessageArrived(client, message, now, env))  # a forgery: the core refuses and counts it
-            self._verified = None
+            self.enrollment.verified = None
 
     def _presence(self, client: str, payload: bytes, now: float) -> None:
         """A device's presence: believed, charged to its rate (after the
         signature is checked: an outsider's forgeries cost only its own
         refusals) and fed."""
-        event = self._status_event(client, payload, now)
+        event = self.enrollment.presence(client, payload, now, self.core.roster.online,
+                                         lambda reason: self._feed(Incident(reason, client, now)), self._log_limit)
         if event is not None and not self._limited(self.status_limit, client, "presence", now):
             self._feed(event)
             self.fleet.presence(client, event.online, event.info, time.time())
@@ -480,7 +356,7 @@ class AggregatorService:
                     "publishing the key chain, model, delta, announcement and device records again",
                     self.link.address, extra=fields(reason="broker_repaired"))
         self._feed(Incident("broker_repaired", None, now))
-        chain = self._key_chain()
+        chain = self.keys.key_chain()
         if chain is not None:
             self.link.publish(self.topics.keys, chain, retain=True)
         self._execute(self.core.republish(now))
@@ -515,55 +391,6 @@ class AggregatorService:
                         client, what, extra=fields(device=client, reason="rate_limited"))
         return True
 
-    def _status_event(self, client: str, payload: bytes, now: float) -> ClientStatus | None:
-        """The presence ``payload`` says, or None when it is not believed (a
-        forged or replayed one must not even mark a device offline)."""
-        if not payload:
-            return None if self.registry is not None else ClientStatus(client, False, {}, now)
-        try:
-            env = wire.decode(payload, max_body=0)
-            if self.registry is not None:
-                self._verify_device(client, env)
-            status = Status.parse(env)
-        except IdentityError as exc:
-            self._feed(Incident(exc.reason, client, now))
-            hint = ""
-            if exc.reason in ("unknown_signer", "wrong_signer") and self.registry is not None:
-                # Held, bounded: taken as soon as the operator enrolls the device.
-                self._held.pop(client, None)
-                self._held[client] = payload
-                while len(self._held) > min(self.cfg.limits.max_devices, 4096):
-                    self._held.pop(next(iter(self._held)))
-                hint = (f"; once enrolled (fedge enroll --config <this job's config> {client} KEY) it is taken "
-                        "within seconds, with no restart")
-            if self._log_limit.allow((client, exc.reason), now):
-                log.warning("ignored presence of %s: %s%s", client, exc, hint,
-                            extra=fields(device=client, reason=exc.reason))
-            return None
-        except (WireError, ProtocolError) as exc:
-            self._feed(Incident("bad_status", client, now))
-            log.warning("ignored status of %s: %s", client, exc, extra=fields(device=client, reason="bad_status"))
-            return ClientStatus(client, False, {}, now)
-        if status.sender != client:
-            self._feed(Incident("bad_status", client, now))
-            return ClientStatus(client, False, {}, now)
-        # An "online" must be newer than the last taken from the device: an old
-        # one replayed must not bring back a device that left. An "offline"
-        # is taken when signed, whatever its number: a device's last will is
-        # signed when it connects, before the presence it then publishes, and
-        # a live device publishes "online" again when it sees itself offline.
-        if self.registry is not None and status.state == "online":
-            last, last_sig = self._presence_seq.get(client, (0, b""))
-            if status.seq == last and env.signature == last_sig:
-                return None  # the same message again (a redelivery, or retained on a new subscription)
-            if status.seq <= last:
-                self._feed(Incident("replayed_status", client, now))
-                log.warning("ignored presence of %s: sequence %d is not newer than %d (a replay)", client,
-                            status.seq, last, extra=fields(device=client, reason="replayed_status"))
-                return None
-            self._presence_seq[client] = (status.seq, env.signature)
-        return ClientStatus(client, status.state == "online", status.info, now)
-
     # --- actions ---------------------------------------------------------------
 
     def _execute(self, actions: list[Action]) -> None:
@@ -583,11 +410,11 @@ class AggregatorService:
                 if len(action.message) > self.link.max_packet_bytes - 1024:
                     log.error("round announcement is %d bytes, over the broker's packet limit (%d bytes); "
                               "lower selection.max_clients", len(action.message), self.link.max_packet_bytes)
-                message = self._seal(self._stamped(action.message))
+                message = self.keys.seal(self.keys.stamped(action.message))
                 self._announced = [*self._announced[-7:], message]
                 self.link.publish(self.topics.round, message, retain=True)
             elif isinstance(action, SendAck):
-                self.link.publish(self.topics.ack(action.client), self._seal(action.message))
+                self.link.publish(self.topics.ack(action.client), self.keys.seal(action.message))
                 if action.receipt:
                     self.fleet.receipt(action.client, action.receipt, action.round, time.time())
             elif isinstance(action, RoundFinished):
@@ -609,7 +436,7 @@ class AggregatorService:
         if ev.data and (fin.last or record.round % max(1, ev.every) == 0):
             started = time.perf_counter()
             try:
-                metrics = self._evaluate(fin.model)
+                metrics = self.evaluator.evaluate(fin.model)
             except Exception:  # the evaluation data or model code: the round itself stands
                 self._feed(Incident("eval_failed", None, monotonic()))
                 log.exception("evaluating the model of round %d failed; recorded without accuracy", record.round,
@@ -624,7 +451,8 @@ class AggregatorService:
                 self.metrics.eval_seconds.observe(record.eval_seconds)
             self._publish_metrics(monotonic())
         self.state.append_round(record.to_json())
-        self.link.publish(self.topics.events, self._seal(messages.encode_event(self.cfg.job.name, record.to_json())))
+        event = messages.encode_event(self.cfg.job.name, record.to_json())
+        self.link.publish(self.topics.events, self.keys.seal(event))
         log.info("round %d %s: %d/%d clients%s", record.round, record.status, record.clients, record.selected,
                  "" if record.accuracy is None else f", accuracy {record.accuracy:.4f}",
                  extra=fields(round=record.round, status=record.status, reason=record.failure))
@@ -643,7 +471,7 @@ class AggregatorService:
         self._fleet_flushed = now
         try:
             for record in self.fleet.take_dirty():
-                self.link.publish(self.topics.device(record.device), self._seal(record.encode()), retain=True)
+                self.link.publish(self.topics.device(record.device), self.keys.seal(record.encode()), retain=True)
         except Exception as exc:
             self._contained(exc, "fleet records", now)
 
@@ -658,42 +486,15 @@ class AggregatorService:
 
     def _metrics_snapshot(self) -> dict[str, Any]:
         """Plain data, copied on the loop's thread: what ``aggregator.metrics.render`` shows."""
-        import fedge
-
-        core = self.core
-        op = core.open
-        last = self._last_record
-        cfg = self.cfg
-        snap: dict[str, Any] = {
-            "job": cfg.job.name, "model": cfg.job.model, "version": fedge.__version__,
-            "round": op.round if op is not None else core.next_round - 1,
-            "rounds_planned": cfg.job.rounds, "done": core.state == "done",
-            "counters": dict(core.counters), "rejections": dict(core.rejections), "failures": dict(core.failures),
-            "traffic": self.traffic.copy(),
-            # Through the CountingLink to the link's own attributes.
-            "broker_connected": self.link.connected.is_set(), "broker_connect_failures": self.link.connect_failures,
-            "clients_online": len(core.roster.online), "clients_known": len(core.roster.known),
-            "clients_selected": len(op.selected) if op is not None else 0,
-            "clients_responded": len(op.accepted) if op is not None else 0,
-            "clients_benched": core.roster.sitting_out(core.next_round),
-            "reassembly_bytes": self.updates.held, "reassembly_limit_bytes": cfg.limits.reassembly_bytes,
-            "inbox_messages": len(self.inbox),
-            "last": {} if last is None else {"accuracy": last.accuracy, "loss": last.loss,
-                                             "train_loss": last.train_loss},
-            "checkpoint_time": self.checkpoint_time,
-        }
-        if cfg.privacy.mode != "off":
-            extra = {} if last is None else last.extra
-            snap["privacy"] = {"epsilon": extra.get("epsilon", 0.0),
-                               "epsilon_participant": extra.get("epsilon_participant"),
-                               "budget": cfg.privacy.target_epsilon, "delta": cfg.privacy.delta}
-        return snap
+        return service_snapshot(self.cfg, self.core, self._last_record, self.traffic.copy(),
+                                (self.link.connected.is_set(), self.link.connect_failures),
+                                self.updates.held, len(self.inbox), self.checkpoint_time)
 
     def _publish_retained(self, what: str, topic_for: Callable[[int], str], message: bytes | None) -> None:
         """Publish ``message`` retained as chunks (or clear it, for None), and
         clear chunks an earlier, longer message left behind: a device that
         subscribes must not receive a stale tail."""
-        count = len(self.link.publish_chunked(topic_for, self._seal(message), retain=True)) if message else 0
+        count = len(self.link.publish_chunked(topic_for, self.keys.seal(message), retain=True)) if message else 0
         chunks = self.state.load_json("published.json")
         for i in range(count, int(chunks.get(what, 0))):
             self.link.clear_retained(topic_for(i))
@@ -707,13 +508,3 @@ class AggregatorService:
         log.info("published ONNX %s of round %d: %d bytes%s", built.summary["variant"], built.round,
                  built.summary["bytes"], "" if built.summary.get("accuracy") is None
                  else f", accuracy {built.summary['accuracy']:.4f} (float32 {built.summary['float_accuracy']:.4f})")
-
-    def _evaluate(self, model_arrays: dict) -> dict[str, float]:
-        from fedge import torchkit
-
-        if self._eval_model is None:
-            self._eval_model = torchkit.build_model(self.cfg.job.model, self.cfg.job.model_args)
-            self._eval_data = torchkit.load_data(self.cfg.evaluate.data, self.cfg.evaluate.args)
-        torchkit.load_federated(self._eval_model, model_arrays)
-        return torchkit.evaluate(self._eval_model, self._eval_data, self.cfg.training.loss,
-                                 self.cfg.evaluate.batch_size)
