@@ -95,8 +95,31 @@ class OnnxPublisher:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         return lines[-1] if lines else f"`fedge {args[0]}` exited with {proc.returncode}"
 
-    def _build(self, round_: int, message: bytes) -> ArtifactBuilt | ArtifactFailed:
+    def _quantize(self, round_: int, float_path: Path) -> tuple[Path, str, dict] | ArtifactFailed:
+        """The float32 export quantized as ``onnx.quantize`` asks: (its file,
+        its variant, the quantizer's report)."""
         o, ev = self.cfg.onnx, self.cfg.evaluate
+        final = self.workdir / f"{o.name}.{o.quantize}.onnx"
+        report_path = self.workdir / "quantize.json"
+        q = ["quantize", "--model", str(float_path), "--out", str(final), "--mode", o.quantize,
+             "--target", o.target, "--json", str(report_path), "--no-latency", "--force"]
+        calibration, cal_args = (o.calibration, o.calibration_args) if o.calibration else (ev.data, ev.args)
+        if o.quantize == "static":
+            if not calibration:
+                return ArtifactFailed(round_, "static quantization needs onnx.calibration or [evaluate] data")
+            q += ["--calibration", calibration, "--calibration-args", json.dumps(cal_args)]
+        if ev.data:
+            q += ["--eval", ev.data, "--eval-args", json.dumps(ev.args)]
+            if o.max_accuracy_drop > 0:
+                q += ["--max-accuracy-drop", str(o.max_accuracy_drop)]
+        error = self._run(q)
+        if error:
+            return ArtifactFailed(round_, f"quantization failed: {error}")
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        return final, "fp16" if o.quantize == "fp16" else "int8", report
+
+    def _build(self, round_: int, message: bytes) -> ArtifactBuilt | ArtifactFailed:
+        o = self.cfg.onnx
         source = self.workdir / "global.fedge"
         atomic_write(source, message)
         float_path = self.workdir / f"{o.name}.float32.onnx"
@@ -109,24 +132,10 @@ class OnnxPublisher:
         final, variant = float_path, "float32"
         report: dict = {}
         if o.quantize != "none":
-            final = self.workdir / f"{o.name}.{o.quantize}.onnx"
-            report_path = self.workdir / "quantize.json"
-            q = ["quantize", "--model", str(float_path), "--out", str(final), "--mode", o.quantize,
-                 "--target", o.target, "--json", str(report_path), "--no-latency", "--force"]
-            calibration, cal_args = (o.calibration, o.calibration_args) if o.calibration else (ev.data, ev.args)
-            if o.quantize == "static":
-                if not calibration:
-                    return ArtifactFailed(round_, "static quantization needs onnx.calibration or [evaluate] data")
-                q += ["--calibration", calibration, "--calibration-args", json.dumps(cal_args)]
-            if ev.data:
-                q += ["--eval", ev.data, "--eval-args", json.dumps(ev.args)]
-                if o.max_accuracy_drop > 0:
-                    q += ["--max-accuracy-drop", str(o.max_accuracy_drop)]
-            error = self._run(q)
-            if error:
-                return ArtifactFailed(round_, f"quantization failed: {error}")
-            variant = "fp16" if o.quantize == "fp16" else "int8"
-            report = json.loads(report_path.read_text()) if report_path.exists() else {}
+            quantized = self._quantize(round_, float_path)
+            if isinstance(quantized, ArtifactFailed):
+                return quantized
+            final, variant, report = quantized
         body = final.read_bytes()
         manifest_file = final.with_name(final.stem + ".manifest.json")
         manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}

@@ -350,6 +350,33 @@ class AggregatorConfig:
         if isinstance(codec, dict) and "name" in codec and "params" not in codec:
             codec["params"] = {}
 
+    def _check_server(self) -> None:
+        from aggregator.optimizers import SERVER_OPTIMIZERS
+        from aggregator.robust import CLIPS, DIRECTIONS, RULES
+
+        srv = self.server
+        if srv.optimizer not in SERVER_OPTIMIZERS:
+            raise ConfigError(f"server.optimizer {srv.optimizer!r} is not known; "
+                              f"use one of {', '.join(SERVER_OPTIMIZERS)}")
+        if srv.aggregation not in RULES:
+            raise ConfigError(f"server.aggregation {srv.aggregation!r} is not known; use one of {', '.join(RULES)}")
+        if srv.clip not in CLIPS:
+            raise ConfigError(f"server.clip {srv.clip!r} is not known; use one of {', '.join(CLIPS)}")
+        if srv.clip == "fixed" and not srv.clip_norm > 0:
+            raise ConfigError("server.clip = \"fixed\" needs server.clip_norm > 0")
+        if srv.clip == "adaptive" and not srv.clip_multiplier > 0:
+            raise ConfigError("server.clip_multiplier must be positive (or set server.clip = \"off\")")
+        if srv.weight_cap != 0 and not srv.weight_cap >= 1:
+            raise ConfigError("server.weight_cap must be 0 (no cap) or at least 1 (the median sample count)")
+        if not 0 <= srv.trim_fraction < 0.5:
+            raise ConfigError("server.trim_fraction must be in [0, 0.5)")
+        if srv.krum_f < 0 or srv.krum_m < 0:
+            raise ConfigError("server.krum_f and server.krum_m must not be negative")
+        if srv.direction not in DIRECTIONS:
+            raise ConfigError(f"server.direction {srv.direction!r} is not known; use one of {', '.join(DIRECTIONS)}")
+        if not 0 <= srv.direction_beta < 1 or not -1 <= srv.direction_tau < 1:
+            raise ConfigError("server.direction_beta must be in [0, 1) and server.direction_tau in [-1, 1)")
+
     def _check_privacy(self) -> None:
         from aggregator.privacy import MODES, DpPolicy
 
@@ -404,7 +431,6 @@ class AggregatorConfig:
 
     def check(self) -> None:
         """Every value the service will use, checked now: one ``ConfigError`` line."""
-        from aggregator.optimizers import SERVER_OPTIMIZERS
         from fedge.codecs import CODECS, CodecError, make_codec
         from fedge.topics import check_id
 
@@ -422,35 +448,13 @@ class AggregatorConfig:
                 raise ConfigError(f"{what}: {exc}") from None
         if self.downlink.key_every < 1:
             raise ConfigError("downlink.key_every must be at least 1")
-        if self.server.optimizer not in SERVER_OPTIMIZERS:
-            raise ConfigError(f"server.optimizer {self.server.optimizer!r} is not known; "
-                              f"use one of {', '.join(SERVER_OPTIMIZERS)}")
-        srv = self.server
-        from aggregator.robust import CLIPS, DIRECTIONS, RULES
-
-        if srv.aggregation not in RULES:
-            raise ConfigError(f"server.aggregation {srv.aggregation!r} is not known; use one of {', '.join(RULES)}")
-        if srv.clip not in CLIPS:
-            raise ConfigError(f"server.clip {srv.clip!r} is not known; use one of {', '.join(CLIPS)}")
-        if srv.clip == "fixed" and not srv.clip_norm > 0:
-            raise ConfigError("server.clip = \"fixed\" needs server.clip_norm > 0")
-        if srv.clip == "adaptive" and not srv.clip_multiplier > 0:
-            raise ConfigError("server.clip_multiplier must be positive (or set server.clip = \"off\")")
-        if srv.weight_cap != 0 and not srv.weight_cap >= 1:
-            raise ConfigError("server.weight_cap must be 0 (no cap) or at least 1 (the median sample count)")
-        if not 0 <= srv.trim_fraction < 0.5:
-            raise ConfigError("server.trim_fraction must be in [0, 0.5)")
-        if srv.krum_f < 0 or srv.krum_m < 0:
-            raise ConfigError("server.krum_f and server.krum_m must not be negative")
-        if srv.direction not in DIRECTIONS:
-            raise ConfigError(f"server.direction {srv.direction!r} is not known; use one of {', '.join(DIRECTIONS)}")
-        if not 0 <= srv.direction_beta < 1 or not -1 <= srv.direction_tau < 1:
-            raise ConfigError("server.direction_beta must be in [0, 1) and server.direction_tau in [-1, 1)")
+        self._check_server()
         if not self.limits.messages_per_s > 0 or self.limits.message_burst < 1:
             raise ConfigError("limits.messages_per_s must be positive and limits.message_burst at least 1")
         sel = self.selection
-        if srv.aggregation != "mean" and sel.max_clients == 0:
-            raise ConfigError(f"server.aggregation = {srv.aggregation!r} holds every update of a round in memory: "
+        rule = self.server.aggregation
+        if rule != "mean" and sel.max_clients == 0:
+            raise ConfigError(f"server.aggregation = {rule!r} holds every update of a round in memory: "
                               "set selection.max_clients to bound it")
         if not 0 < sel.fraction <= 1 or not 0 < sel.quorum <= 1:
             raise ConfigError("selection.fraction and selection.quorum must be in (0, 1]")

@@ -24,7 +24,8 @@ from aggregator.fleet import Fleet
 from aggregator.keys import AggregatorKeys
 from aggregator.metrics import service_snapshot
 from aggregator.optimizers import make_server_optimizer
-from aggregator.ratelimit import RateLimiter
+from aggregator.ratelimit import DeviceLimits, RateLimiter
+from aggregator.retained import Retained
 from aggregator.rounds import (
     Action,
     Event,
@@ -76,6 +77,24 @@ def build_core(cfg: AggregatorConfig) -> RoundCore:
     )
 
 
+def restore(core: RoundCore, state: StateDir, job: str) -> None:
+    """Load the job's checkpoint (and open-round record) into ``core``, if
+    there is one. A crash between checkpoint and log append loses a log
+    line; the checkpoint keeps the last records, so write back what is
+    missing."""
+    loaded = state.load_checkpoint()
+    if loaded is None:
+        core.resume_round(state.load_open_round())
+        return
+    arrays, meta = loaded
+    core.restore(arrays, meta, state.load_open_round())
+    logged = state.logged_rounds()
+    for record in core.history:
+        if record.round not in logged:
+            state.append_round(record.replace(recovered=True).to_json())
+    log.info("resumed job %s from checkpoint: next round %d", job, core.next_round)
+
+
 class AggregatorService:
     def __init__(self, cfg: AggregatorConfig, on_record: RecordHook | None = None,
                  link_factory: LinkFactory = MqttLink) -> None:
@@ -87,7 +106,7 @@ class AggregatorService:
         self.topics = JobTopics(cfg.job.name)
         self.state = StateDir(cfg.job.state_dir)
         self.core = build_core(cfg)
-        self._restore()
+        restore(self.core, self.state, cfg.job.name)
         self.keys = AggregatorKeys(cfg, self.state)
         self.enrollment = Enrollment(self.state.root if self.keys.identity is not None else None,
                                      cfg.limits.max_devices, cfg.limits.max_update_bytes)
@@ -95,37 +114,15 @@ class AggregatorService:
             self.core.verify = self._verify_device
         self._later: list[Event] = []  # events raised while the core handled another
         self._connections = 0  # LinkUps so far: after the first, the broker may have lost what we published
-        self._announced: list[bytes] = []  # the last announcements published, newest last
-        self._announcement_repaired = -60.0
-        self._announcement_seen = False  # our own came back: what arrives from then on is the broker's copy
-        self.inbox = Inbox(maxsize=4096)
-        self.updates = Reassembler(
-            max_bytes=cfg.limits.reassembly_bytes, max_message_bytes=cfg.limits.max_update_bytes,
-            max_partials_per_stream=2, timeout_s=cfg.limits.reassembly_timeout_s,
-            check_ids=False,  # RoundCore verifies the envelope's sha256
-        )
-        self.traffic = Traffic()  # MQTT payload bytes by direction and channel
-        self.link = link_factory(
-            cfg.broker, f"fedge-aggregator-{cfg.job.name}", self.inbox.put,
-            # Its own announcement too: one replaced or cleared on the broker
-            # is published again (see _watch_announcement).
-            subscriptions=[self.topics.update_filter, self.topics.status_filter, self.topics.round],
-            will=(self.topics.server, self.keys.seal(Status(messages.AGGREGATOR, "offline").encode())),
-            name="aggregator",
-        )
-        self.link = CountingLink(self.link, self.traffic, self.topics.channel)
+        self._connect(cfg, link_factory)
+        self.retained = Retained(self.link, self.topics, self.keys, self.state)
         self.evaluator = Evaluator(cfg)
         self.onnx = (OnnxPublisher(cfg, self.state.root / "onnx", self.inbox.put) if cfg.onnx.every > 0 else None)
         self._stop = threading.Event()
         self.done = threading.Event()
         self.dropped_chunks = 0
         lim = cfg.limits
-        self.status_limit = RateLimiter(lim.messages_per_s, lim.message_burst, lim.max_devices)
-        self.message_limit = RateLimiter(lim.messages_per_s, lim.message_burst, lim.max_devices)
-        # Chunk bytes: two updates at once, one per ten seconds on average.
-        self.chunk_limit = RateLimiter(lim.max_update_bytes / 10, 2 * lim.max_update_bytes + (1 << 20),
-                                       lim.max_devices)
-        self._log_limit = RateLimiter(1 / 60, 1, 10_000)  # one line a minute per (device, kind)
+        self.limits = DeviceLimits(lim.messages_per_s, lim.message_burst, lim.max_update_bytes, lim.max_devices)
         self._failures_logged: set[tuple[str, str]] = set()
         self.artifacts: list[dict[str, Any]] = []
         self.metrics: AggregatorMetrics | None = None
@@ -140,6 +137,26 @@ class AggregatorService:
         self._fleet_flushed = 0.0
         self._handle_started = 0.0
         self._last_record: RoundRecord | None = self.core.history[-1] if self.core.history else None
+
+    def _connect(self, cfg: AggregatorConfig, link_factory: LinkFactory) -> None:
+        """The inbox, the reassembly of chunked updates and the broker link
+        (not started: ``run`` starts it once the checkpoint is restored)."""
+        self.inbox = Inbox(maxsize=4096)
+        self.updates = Reassembler(
+            max_bytes=cfg.limits.reassembly_bytes, max_message_bytes=cfg.limits.max_update_bytes,
+            max_partials_per_stream=2, timeout_s=cfg.limits.reassembly_timeout_s,
+            check_ids=False,  # RoundCore verifies the envelope's sha256
+        )
+        self.traffic = Traffic()  # MQTT payload bytes by direction and channel
+        link = link_factory(
+            cfg.broker, f"fedge-aggregator-{cfg.job.name}", self.inbox.put,
+            # Its own announcement too: one replaced or cleared on the broker
+            # is published again (see _watch_announcement).
+            subscriptions=[self.topics.update_filter, self.topics.status_filter, self.topics.round],
+            will=(self.topics.server, self.keys.seal(Status(messages.AGGREGATOR, "offline").encode())),
+            name="aggregator",
+        )
+        self.link = CountingLink(link, self.traffic, self.topics.channel)
 
     # --- identity ---------------------------------------------------------------
 
@@ -161,21 +178,6 @@ class AggregatorService:
             self._feed(self._later.pop(0))
 
     # --- lifecycle -------------------------------------------------------------
-
-    def _restore(self) -> None:
-        loaded = self.state.load_checkpoint()
-        if loaded is None:
-            self.core.resume_round(self.state.load_open_round())
-            return
-        arrays, meta = loaded
-        self.core.restore(arrays, meta, self.state.load_open_round())
-        # A crash between checkpoint and log append loses a log line; the
-        # checkpoint keeps the last records, so write back what is missing.
-        logged = self.state.logged_rounds()
-        for record in self.core.history:
-            if record.round not in logged:
-                self.state.append_round(record.replace(recovered=True).to_json())
-        log.info("resumed job %s from checkpoint: next round %d", self.cfg.job.name, self.core.next_round)
 
     def stop(self) -> None:
         self._stop.set()
@@ -201,9 +203,7 @@ class AggregatorService:
         and serving metrics (``fedge_job_done`` 1) so that a scrape, a
         watcher and a late device all see how it ended."""
         now = monotonic()
-        chain = self.keys.key_chain()
-        if chain is not None:  # first, so that devices know the key before what it signed
-            self.link.publish(self.topics.keys, chain, retain=True)
+        self.retained.key_chain()  # first, so that devices know the key before what it signed
         if self.metrics is not None:
             self.metrics.start()  # first: a port already taken is a ConfigError before anything is published
         self._handle_started = time.perf_counter()
@@ -223,27 +223,7 @@ class AggregatorService:
                         self.link.connected.is_set()
                         or monotonic() - done_at > self.cfg.job.linger_s + self.cfg.broker.keepalive_s):
                     break  # (the final state is out first, unless the broker stays away)
-                deadline = self.core.next_deadline()
-                wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - monotonic()))
-                item = self.inbox.get(timeout=wait)
-                now = monotonic()
-                if item is not None:
-                    try:
-                        self._dispatch(item, now)
-                    except Exception as exc:  # one bad message must never stop the job
-                        self._contained(exc, item, now)
-                self._later_events()
-                self.updates.expire(now)
-                for client, payload in self.enrollment.poll(self.core.roster.online, now):
-                    self._presence(client, payload, now)
-                self._later_events()
-                self._feed(TimerFired(now))
-                if self.core.state == "done":  # however it ended (its last round, or a budget)
-                    self.done.set()
-                if self.metrics is not None and self.metrics.collector.due(now):
-                    self._publish_metrics(now)
-                if self.fleet.dirty and now - self._fleet_flushed >= 1.0:
-                    self._publish_fleet(now)
+                self._turn()
         finally:
             with contextlib.suppress(Exception):  # what the fleet view last heard, out before we go
                 self._publish_fleet(monotonic())
@@ -253,6 +233,32 @@ class AggregatorService:
             if self.metrics is not None:
                 self.metrics.close()
         return 0
+
+    def _turn(self) -> None:
+        """One turn of the loop: the next message (or none, by the core's
+        next deadline), what it raised, the registry, the timer, and what is
+        published periodically."""
+        deadline = self.core.next_deadline()
+        wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - monotonic()))
+        item = self.inbox.get(timeout=wait)
+        now = monotonic()
+        if item is not None:
+            try:
+                self._dispatch(item, now)
+            except Exception as exc:  # one bad message must never stop the job
+                self._contained(exc, item, now)
+        self._later_events()
+        self.updates.expire(now)
+        for client, payload in self.enrollment.poll(self.core.roster.online, now):
+            self._presence(client, payload, now)
+        self._later_events()
+        self._feed(TimerFired(now))
+        if self.core.state == "done":  # however it ended (its last round, or a budget)
+            self.done.set()
+        if self.metrics is not None and self.metrics.collector.due(now):
+            self._publish_metrics(now)
+        if self.fleet.dirty and now - self._fleet_flushed >= 1.0:
+            self._publish_fleet(now)
 
     # --- events ----------------------------------------------------------------
 
@@ -311,40 +317,46 @@ class AggregatorService:
         elif channel == "status" and client:
             self._presence(client, item.payload, now)
         elif channel == "update" and client:
-            if self._limited(self.chunk_limit, client, "update bytes", now, cost=len(item.payload)):
-                return
-            try:
-                if not self.core.expects_update_from(client) and parse_chunk(item.payload).count > 1:
-                    # Reassembly space is for the devices a round waits for;
-                    # a one-chunk message (a decline, a stray update) still
-                    # gets its receipt.
-                    raise ChunkError("not_selected", "a multi-chunk message from a device no round waits for")
-                message = self.updates.feed(client, item.payload, now)
-            except ChunkError as exc:
-                self.dropped_chunks += 1
-                self._feed(Incident(f"chunk_{exc.reason}", client, now))
-                if self._log_limit.allow((client, exc.reason), now):
-                    log.warning("dropped a chunk from %s: %s", client, exc,
-                                extra=fields(device=client, reason=f"chunk_{exc.reason}"))
-                return
-            if message is None:
-                return
-            env = self.enrollment.signed_by(client, message, self.core.roster.online, now)
-            if env is not None and self._limited(self.message_limit, client, "messages", now):
-                self.enrollment.verified = None
-                return
-            if env is not None:
-                self.fleet.heard(client, time.time())
-            self._feed(MessageArrived(client, message, now, env))  # a forgery: the core refuses and counts it
+            self._update_chunk(client, item.payload, now)
+
+    def _update_chunk(self, client: str, payload: bytes, now: float) -> None:
+        """A chunk of a device's update (or decline, or secure-aggregation
+        message): charged to its rate, reassembled, its signature checked
+        and, once whole, fed."""
+        if self._limited(self.limits.chunk_bytes, client, "update bytes", now, cost=len(payload)):
+            return
+        try:
+            if not self.core.expects_update_from(client) and parse_chunk(payload).count > 1:
+                # Reassembly space is for the devices a round waits for; a
+                # one-chunk message (a decline, a stray update) still gets
+                # its receipt.
+                raise ChunkError("not_selected", "a multi-chunk message from a device no round waits for")
+            message = self.updates.feed(client, payload, now)
+        except ChunkError as exc:
+            self.dropped_chunks += 1
+            self._feed(Incident(f"chunk_{exc.reason}", client, now))
+            if self.limits.log.allow((client, exc.reason), now):
+                log.warning("dropped a chunk from %s: %s", client, exc,
+                            extra=fields(device=client, reason=f"chunk_{exc.reason}"))
+            return
+        if message is None:
+            return
+        env = self.enrollment.signed_by(client, message, self.core.roster.online, now)
+        if env is not None and self._limited(self.limits.messages, client, "messages", now):
             self.enrollment.verified = None
+            return
+        if env is not None:
+            self.fleet.heard(client, time.time())
+        self._feed(MessageArrived(client, message, now, env))  # a forgery: the core refuses and counts it
+        self.enrollment.verified = None
 
     def _presence(self, client: str, payload: bytes, now: float) -> None:
         """A device's presence: believed, charged to its rate (after the
         signature is checked: an outsider's forgeries cost only its own
         refusals) and fed."""
         event = self.enrollment.presence(client, payload, now, self.core.roster.online,
-                                         lambda reason: self._feed(Incident(reason, client, now)), self._log_limit)
-        if event is not None and not self._limited(self.status_limit, client, "presence", now):
+                                         lambda reason: self._feed(Incident(reason, client, now)), self.limits.log)
+        if event is not None and not self._limited(self.limits.presence, client, "presence", now):
             self._feed(event)
             self.fleet.presence(client, event.online, event.info, time.time())
 
@@ -356,24 +368,15 @@ class AggregatorService:
                     "publishing the key chain, model, delta, announcement and device records again",
                     self.link.address, extra=fields(reason="broker_repaired"))
         self._feed(Incident("broker_repaired", None, now))
-        chain = self.keys.key_chain()
-        if chain is not None:
-            self.link.publish(self.topics.keys, chain, retain=True)
+        self.retained.key_chain()
         self._execute(self.core.republish(now))
         self.fleet.dirty.update(self.fleet.entries)
 
     def _watch_announcement(self, payload: bytes, now: float) -> None:
-        """The retained announcement as the broker holds it (we subscribe to
-        our own): one we did not publish (replaced on a broker without ACL)
-        or none (cleared) is replaced by the current one, at most once every
-        5 seconds. Until the first of ours comes back, what arrives is the
-        copy retained before this process published (a restart)."""
-        if payload in self._announced:
-            self._announcement_seen = True
+        """The retained announcement as the broker holds it: replaced when it
+        is not ours (``Retained.foreign``)."""
+        if not self.retained.foreign(payload, now):
             return
-        if not self._announcement_seen or now - self._announcement_repaired < 5.0:
-            return
-        self._announcement_repaired = now
         self._feed(Incident("announcement_repaired", None, now))
         log.warning("the broker's retained announcement is %s; publishing the current one again",
                     "gone" if not payload else "not one this aggregator published",
@@ -381,14 +384,10 @@ class AggregatorService:
         self._execute([a for a in self.core.republish(now) if isinstance(a, PublishAnnouncement)])
 
     def _limited(self, limiter: RateLimiter, client: str, what: str, now: float, cost: float = 1.0) -> bool:
-        """True (counted as ``rate_limited``, logged at most once a minute per
-        device) when ``client`` is over its rate for ``what``."""
-        if limiter.allow(client, now, cost):
+        """Whether ``client`` is over its rate for ``what`` (counted)."""
+        if not self.limits.over(limiter, client, what, now, cost):
             return False
         self._feed(Incident("rate_limited", client, now))
-        if self._log_limit.allow((client, what), now):
-            log.warning("%s is over its rate of %s; dropping (counted as rate_limited, logged once a minute)",
-                        client, what, extra=fields(device=client, reason="rate_limited"))
         return True
 
     # --- actions ---------------------------------------------------------------
@@ -403,16 +402,11 @@ class AggregatorService:
             elif isinstance(action, SaveRoundOpen):
                 self.state.save_open_round(action.record)
             elif isinstance(action, PublishModel):
-                self._publish_retained("key", self.topics.key_chunk, action.message)
+                self.retained.chunked("key", self.topics.key_chunk, action.message)
             elif isinstance(action, PublishDelta):
-                self._publish_retained("delta", self.topics.delta_chunk, action.message)
+                self.retained.chunked("delta", self.topics.delta_chunk, action.message)
             elif isinstance(action, PublishAnnouncement):
-                if len(action.message) > self.link.max_packet_bytes - 1024:
-                    log.error("round announcement is %d bytes, over the broker's packet limit (%d bytes); "
-                              "lower selection.max_clients", len(action.message), self.link.max_packet_bytes)
-                message = self.keys.seal(self.keys.stamped(action.message))
-                self._announced = [*self._announced[-7:], message]
-                self.link.publish(self.topics.round, message, retain=True)
+                self.retained.announcement(action.message)
             elif isinstance(action, SendAck):
                 self.link.publish(self.topics.ack(action.client), self.keys.seal(action.message))
                 if action.receipt:
@@ -490,20 +484,9 @@ class AggregatorService:
                                 (self.link.connected.is_set(), self.link.connect_failures),
                                 self.updates.held, len(self.inbox), self.checkpoint_time)
 
-    def _publish_retained(self, what: str, topic_for: Callable[[int], str], message: bytes | None) -> None:
-        """Publish ``message`` retained as chunks (or clear it, for None), and
-        clear chunks an earlier, longer message left behind: a device that
-        subscribes must not receive a stale tail."""
-        count = len(self.link.publish_chunked(topic_for, self.keys.seal(message), retain=True)) if message else 0
-        chunks = self.state.load_json("published.json")
-        for i in range(count, int(chunks.get(what, 0))):
-            self.link.clear_retained(topic_for(i))
-        if chunks.get(what) != count:
-            self.state.save_json("published.json", {**chunks, what: count})
-
     def _publish_artifact(self, built: ArtifactBuilt) -> None:
         name = self.cfg.onnx.name
-        self._publish_retained(f"artifact/{name}", lambda i: self.topics.artifact_chunk(name, i), built.message)
+        self.retained.chunked(f"artifact/{name}", lambda i: self.topics.artifact_chunk(name, i), built.message)
         self.artifacts.append(built.summary)
         log.info("published ONNX %s of round %d: %d bytes%s", built.summary["variant"], built.round,
                  built.summary["bytes"], "" if built.summary.get("accuracy") is None
