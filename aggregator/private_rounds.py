@@ -20,8 +20,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from aggregator.privacy import DpPolicy, DpRound, Ledger, epsilon
+from fedge.ddgauss import rounding_bound
 from fedge.privacy import DpPlan
-from fedge.secagg import rounding_bound
 
 if TYPE_CHECKING:
     from aggregator.pipeline import Combined

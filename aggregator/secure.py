@@ -32,8 +32,9 @@ import numpy as np
 
 from aggregator.config import SecAggSection, configured, configured_keys
 from aggregator.pipeline import Partial
+from fedge.ddgauss import tau as ddgauss_tau
 from fedge.messages import SecAggStage
-from fedge.secagg import Context, SecAggError, SecAggPlan, SecAggServer, ddgauss_tau, dequantize, unpack
+from fedge.secagg import Context, SecAggError, SecAggPlan, SecAggServer, dequantize, unpack
 from fedge.tensors import ModelArrays
 
 if TYPE_CHECKING:

@@ -70,6 +70,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from fedge.ddgauss import MAX_ROUNDINGS, NOISE_TAIL, discrete_gaussian, round_within, rounding_bound
 from fedge.errors import OneReasonError
 
 SEED_BYTES = 32
@@ -87,15 +88,6 @@ MAX_DEVICES = 10_000  # in one secure round (the stage messages' id lists hold n
 # share: the sum is then uniform, out of range in 3 coordinates of 4), and
 # what passes moves each coordinate by at most the honest range.
 GUARD_BITS = 2
-# Distributed DP in integers: a device's noise is cut at this many standard
-# deviations (the mass beyond is below 1e-32), so that the modulus can hold
-# the noisy sum by construction, not just with high probability.
-NOISE_TAIL = 12.0
-# Conditional randomized rounding (Kairouz et al. 2021): sqrt(2 ln(1/beta))
-# with beta = exp(-1/2), their choice; a rounding is redrawn until the
-# rounded update's norm is within ``rounding_bound``.
-ROUNDING_SLACK = 1.0
-MAX_ROUNDINGS = 1000
 
 
 class SecAggError(OneReasonError):
@@ -247,40 +239,6 @@ def unflatten(flat: np.ndarray, entries: Iterable[tuple[str, tuple[int, ...]]]) 
     return out
 
 
-def rounding_bound(levels: int, count: int) -> float:
-    """The L2 bound on a clipped update of ``count`` coordinates after
-    conditional randomized rounding (Kairouz et al. 2021, the DDGauss
-    mechanism): the clip is ``levels`` in integers, and rounding each
-    coordinate up or down adds at most ``count / 4`` to the squared norm in
-    expectation; a rounding beyond the bound is redrawn. This is the
-    sensitivity the integer noise is sized for."""
-    c = float(levels)
-    return math.sqrt(c * c + count / 4 + ROUNDING_SLACK * (c + math.sqrt(count) / 2))
-
-
-def discrete_gaussian(sigma: float, size: int, rng: np.random.Generator, tail: float = NOISE_TAIL) -> np.ndarray:
-    """``size`` draws from the discrete Gaussian N_Z(0, sigma^2), cut at
-    ``tail`` deviations: Canonne, Kamath and Steinke's sampler (2020,
-    Algorithm 3), vectorized: a discrete Laplace draw (the difference of two
-    geometric draws) of scale ``t = floor(sigma) + 1``, kept with
-    probability ``exp(-(|y| - sigma^2 / t)^2 / (2 sigma^2))``."""
-    out = np.zeros(size, dtype=np.int64)
-    if sigma <= 0 or size == 0:
-        return out
-    t = math.floor(sigma) + 1
-    p = -math.expm1(-1.0 / t)
-    filled = 0
-    while filled < size:
-        k = int((size - filled) * 1.7) + 64
-        y = rng.geometric(p, k).astype(np.int64) - rng.geometric(p, k).astype(np.int64)
-        keep = rng.random(k) < np.exp(-((np.abs(y) - sigma * sigma / t) ** 2) / (2 * sigma * sigma))
-        y = y[keep & (np.abs(y) <= tail * sigma)]
-        take = min(len(y), size - filled)
-        out[filled:filled + take] = y[:take]
-        filled += take
-    return out
-
-
 def quantize_noisy(flat: np.ndarray, plan: SecAggPlan, rng: np.random.Generator, model: int) -> np.ndarray:
     """Distributed DP in integers (DDGauss): the first ``model`` coordinates
     (an update clipped to ``plan.bound`` in L2) are rounded conditionally,
@@ -288,31 +246,17 @@ def quantize_noisy(flat: np.ndarray, plan: SecAggPlan, rng: np.random.Generator,
     device's discrete Gaussian share ``plan.noise``; the coordinates after
     them (adaptive clipping's report) are rounded and get ``aux_noise``.
     Sums of such shares stay discrete Gaussian to within a distance the
-    record states (``ddgauss_tau``), so the sum is as private as the
+    record states (``fedge.ddgauss.tau``), so the sum is as private as the
     Gaussian mechanism at the noise it carries. Modulo ``2^modulus_bits``."""
     x = np.clip(np.asarray(flat, dtype=np.float64), -plan.bound, plan.bound) * plan.scale
     head, rest = x[:model], x[model:]
-    limit = rounding_bound(plan.levels, model) ** 2
-    for _ in range(MAX_ROUNDINGS):
-        q = np.floor(head + rng.random(head.shape))
-        if float(q @ q) <= limit:
-            break
-    else:
+    q = round_within(head, rounding_bound(plan.levels, model), rng)
+    if q is None:
         raise SecAggError(f"no rounding of the update within its norm bound in {MAX_ROUNDINGS} draws "
                           f"(was it clipped to {plan.bound:g}?)")
-    q = q.astype(np.int64) + discrete_gaussian(plan.noise, model, rng)
+    q = q + discrete_gaussian(plan.noise, model, rng)
     aux = np.floor(rest + rng.random(rest.shape)).astype(np.int64) + discrete_gaussian(plan.aux_noise, len(rest), rng)
     return (np.concatenate([q, aux]) & plan.mask).astype(np.uint32)
-
-
-def ddgauss_tau(sigma: float, devices: int) -> float:
-    """Kairouz et al.'s tau for a sum of ``devices`` discrete Gaussian
-    shares of deviation ``sigma``: how far the sum may be from one discrete
-    Gaussian (the concentrated-DP epsilon grows by at most ``tau x
-    sqrt(coordinates)``). Below 1e-30 once ``sigma`` is a few units."""
-    if sigma <= 0 or devices < 2:
-        return 0.0
-    return 10.0 * sum(math.exp(-2 * math.pi ** 2 * sigma ** 2 * k / (k + 1)) for k in range(1, devices))
 
 
 def dequantize(total: np.ndarray, plan: SecAggPlan) -> np.ndarray:

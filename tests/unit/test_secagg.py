@@ -5,6 +5,8 @@ it, masked inputs look uniform, and the integers cannot overflow."""
 import numpy as np
 import pytest
 
+from fedge.ddgauss import discrete_gaussian, rounding_bound
+from fedge.ddgauss import tau as ddgauss_tau
 from fedge.secagg import (
     Context,
     SecAggClient,
@@ -13,14 +15,11 @@ from fedge.secagg import (
     SecAggServer,
     _combine,
     _split,
-    ddgauss_tau,
     dequantize,
-    discrete_gaussian,
     neighbours,
     pack,
     quantize,
     quantize_noisy,
-    rounding_bound,
     unpack,
 )
 
