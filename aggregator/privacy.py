@@ -131,9 +131,11 @@ class DpPolicy:
         """``min_clients``: selection.min_clients, what privacy.min_devices = 0 means."""
         if s.mode == "off":
             return None
-        return cls(PrivacySpec(s.noise_multiplier, s.sampling_rate, s.delta, s.accountant), s.clip,
-                   s.target_epsilon, s.mode, s.clip_quantile, s.clip_learning_rate, s.clip_bit_noise,
-                   s.min_devices or max(1, min_clients))
+        spec = PrivacySpec(noise_multiplier=s.noise_multiplier, sampling_rate=s.sampling_rate, delta=s.delta,
+                           accountant=s.accountant)
+        return cls(spec, clip=s.clip, target_epsilon=s.target_epsilon, noise=s.mode, clip_quantile=s.clip_quantile,
+                   clip_learning_rate=s.clip_learning_rate, clip_bit_noise=s.clip_bit_noise,
+                   min_devices=s.min_devices or max(1, min_clients))
 
     @property
     def adaptive(self) -> bool:
