@@ -83,7 +83,13 @@ class DefenceHistory:
         cap = sample_cap(list(samples), self.samples, self.d)
         return [float(n if cap is None or cap <= 0 else min(n, cap)) for n in samples]
 
-    # --- checkpoint --------------------------------------------------------------
+    # --- the stage's interface (aggregator.pipeline.Stage) -----------------------
+
+    def announced(self) -> dict[str, Any]:
+        return {}  # devices need nothing of it
+
+    def recorded(self, combined: Combined | None) -> dict[str, Any]:
+        return {}  # the bound, the clipped and the left out are the record's own fields
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {f"dir/{k}": v for k, v in self.reference.items()} if self.reference is not None else {}

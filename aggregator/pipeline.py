@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -116,6 +116,21 @@ class Combined:
     @property
     def median_samples(self) -> float:
         return self.partial.median_samples
+
+
+class Stage(Protocol):
+    """What every stage that keeps state across rounds offers the round core,
+    beside its own work: the fields a round's announcement carries from it,
+    what a closed round's record says of it, and its state for the
+    checkpoint (arrays, and plain data under keys of its own)."""
+
+    def announced(self) -> dict[str, Any]: ...
+
+    def recorded(self, combined: Combined | None) -> dict[str, Any]: ...
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None: ...
 
 
 def release(partial: Partial) -> Combined:

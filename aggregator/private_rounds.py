@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from aggregator.privacy import DpPolicy, DpRound, Ledger, epsilon
 from fedge.ddgauss import rounding_bound
 from fedge.privacy import DpPlan
@@ -26,6 +28,11 @@ from fedge.privacy import DpPlan
 if TYPE_CHECKING:
     from aggregator.pipeline import Combined
     from aggregator.secure import SecAggPolicy
+
+
+# What a job without privacy writes in its checkpoint for them (they were
+# always there: checkpoints of every build carry them).
+NO_PRIVACY_STATE: dict[str, Any] = {"dp_rounds": 0, "dp_clip": 0.0, "dp_ledger": Ledger().to_json()}
 
 
 class PrivateRounds:
@@ -138,13 +145,19 @@ class PrivateRounds:
                 extra["dp_next_clip"] = float(f"{self.clip:.6g}")
         return extra
 
-    # --- checkpoint --------------------------------------------------------------
+    # --- the stage's interface (aggregator.pipeline.Stage) -----------------------
 
-    def state(self) -> dict[str, Any]:
+    def announced(self) -> dict[str, Any]:
+        return {"dp": self.plan()}
+
+    def recorded(self, combined: Combined | None) -> dict[str, Any]:
+        return self.spend(combined)
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """For the checkpoint's metadata (the keys it has always had)."""
-        return {"dp_rounds": self.rounds, "dp_clip": self.clip, "dp_ledger": self.ledger.to_json()}
+        return {}, {"dp_rounds": self.rounds, "dp_clip": self.clip, "dp_ledger": self.ledger.to_json()}
 
-    def load_state(self, meta: dict[str, Any]) -> None:
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self.rounds = int(meta.get("dp_rounds", 0))
         self.ledger = Ledger.from_json(meta.get("dp_ledger"))
         self.clip = float(meta.get("dp_clip") or self.policy.clip)

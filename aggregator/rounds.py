@@ -92,9 +92,10 @@ from aggregator.lifecycle import Lifecycle, OpenRound, Phase
 from aggregator.lineage import ModelLineage
 from aggregator.modes import SynchronousRounds
 from aggregator.optimizers import ServerOptimizer
+from aggregator.pipeline import Stage
 from aggregator.policy import RoundPolicy
-from aggregator.privacy import DpRound, Ledger
-from aggregator.private_rounds import PrivateRounds
+from aggregator.privacy import DpRound
+from aggregator.private_rounds import NO_PRIVACY_STATE, PrivateRounds
 from aggregator.robust import RoundAggregate, check_dense_memory
 from aggregator.roster import Roster
 from aggregator.secure import SecureRound, warn_unseen_defences
@@ -203,6 +204,8 @@ class RoundCore:
         # A private job's state across rounds (clip, accountant's count, ledger).
         self.private = (PrivateRounds(policy.privacy, self.spec.num_params, policy.secagg)
                         if policy.privacy is not None else None)
+        # The stages that keep state across rounds (aggregator.pipeline.Stage).
+        self.stages: list[Stage] = [self.defence_history, *([self.private] if self.private is not None else [])]
         self.round_dp: DpRound | None = None  # the open round's privacy, fixed when it opens
         self.secure: SecureRound | None = None  # the open attempt's secure aggregation
         self.secure_failure = ""  # why the open attempt could not start secure aggregation
@@ -432,12 +435,16 @@ class RoundCore:
     # --- round lifecycle -------------------------------------------------------
 
     def announcement(self, state: RoundState, selected: tuple[str, ...], now: float) -> bytes:
+        fields: dict[str, Any] = {}
+        if state == RoundState.OPEN:
+            for stage in self.stages:
+                fields.update(stage.announced())
         return RoundAnnouncement(
             job=self.job, round=self.next_round, attempt=self.attempt, state=state.value,
             model_digest=self.model_digest, selected=selected, deadline_s=self.policy.deadline_s,
             training=self.plan, codec=self.codec_params, issued_at=round(now, 3),
             key_digest=self.models.key_digest, key_round=self.models.key_round,
-            dp=self.private.plan() if self.private is not None and state == RoundState.OPEN else None,
+            dp=fields.get("dp"),
             secagg=self._secure_plan() if state == RoundState.OPEN else None,
         ).encode()
 
@@ -456,23 +463,23 @@ class RoundCore:
         arrays, model_meta = self.models.snapshot()
         for slot, named in self.optimizer.state().items():
             arrays.update({f"opt/{slot}/{k}": v for k, v in named.items()})
-        defence_arrays, defence_meta = self.defence_history.state()
-        arrays.update(defence_arrays)
         meta = {
             "format": 2,
             "job": self.job,
             "next_round": self.next_round,
             **model_meta,
             **self.roster.state(),
-            **defence_meta,
-            **(self.private.state() if self.private is not None else {"dp_rounds": 0, "dp_clip": 0.0,
-                                                                      "dp_ledger": Ledger().to_json()}),
+            **({} if self.private is not None else NO_PRIVACY_STATE),
             "counters": dict(self.counters),
             "rejections": dict(self.rejections),
             "failures": dict(self.failures),
             "history": [r.to_json() for r in self.history],
             "checkpoint_id": self.new_id(),
         }
+        for stage in self.stages:
+            stage_arrays, stage_meta = stage.state()
+            arrays.update(stage_arrays)
+            meta.update(stage_meta)
         return arrays, meta
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], open_round: dict[str, Any] | None) -> None:
@@ -491,9 +498,8 @@ class RoundCore:
         self.optimizer.load_state(slots)
         self.next_round = int(meta["next_round"])
         self.roster.load_state(meta)
-        self.defence_history.load_state(arrays, meta)
-        if self.private is not None:
-            self.private.load_state(meta)
+        for stage in self.stages:
+            stage.load_state(arrays, meta)
         self.counters = Counter(meta.get("counters", {}))
         self.rejections = Counter(meta.get("rejections", {}))
         self.failures = Counter(meta.get("failures", {}))

@@ -257,7 +257,9 @@ class SynchronousRounds:
             return self.advance_secure(now, inputs_closed=True)
         c.life.close()
         combined, key_cut, failure = self._result(op)
-        extra: dict[str, Any] = c.private.spend(combined) if c.private is not None else {}
+        extra: dict[str, Any] = {}
+        for stage in c.stages:
+            extra.update(stage.recorded(combined))
         if sec is not None or c.policy.secagg is not None:
             extra["secagg"] = secure_summary(sec, c.secure_failure)
             if failure in ("too_few_updates", MODEL_UNAVAILABLE) and (sec is None or sec.stage == "failed"):
