@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from fedge.tensors import ModelArrays
-
-if TYPE_CHECKING:
-    from aggregator.privacy import PrivateRelease
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +77,15 @@ class Partial:
 
 def _larger(a: float, b: float) -> float:
     return b if math.isnan(a) else a if math.isnan(b) else max(a, b)
+
+
+@dataclass(frozen=True)
+class PrivateRelease:
+    """What a private round added to its sum, for the round's record."""
+
+    shares: int  # noise shares in the sum (distributed), else 0
+    noise_std: float  # the noise the aggregator itself added, per coordinate
+    unclipped: float | None  # adaptive clipping: the noised fraction of updates within the clip
 
 
 @dataclass(frozen=True)

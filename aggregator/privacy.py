@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aggregator.pipeline import Combined, Partial
+from aggregator.pipeline import Combined, Partial, PrivateRelease
 from fedge.privacy import noise_rng
 
 if TYPE_CHECKING:
@@ -335,15 +335,6 @@ class DpRound:
         if not self.distributed:
             return 1.0
         return math.sqrt(max(0.0, 1.0 - shares / self.denominator))
-
-
-@dataclass(frozen=True)
-class PrivateRelease:
-    """What a private round added to its sum, for the round's record."""
-
-    shares: int  # noise shares in the sum (distributed), else 0
-    noise_std: float  # the noise the aggregator itself added, per coordinate
-    unclipped: float | None  # adaptive clipping: the noised fraction of updates within the clip
 
 
 def release_private(partial: Partial, dp: DpRound, noise_scale: float = 1.0) -> Combined:
