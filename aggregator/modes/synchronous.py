@@ -256,6 +256,32 @@ class SynchronousRounds:
                 sec.fail(f"the round closed ({reason}) before the devices had shared their keys")
             return self.advance_secure(now, inputs_closed=True)
         c.life.close()
+        try:
+            record, ok, key_cut = self._conclude(op, now, reason)
+        except Exception:  # a bug: the round is abandoned, never the job
+            log.exception("round %d: closing it failed; the round is abandoned (counted as internal_error) and the "
+                          "job goes on", op.round, extra=fields(round=op.round, reason="internal_error"))
+            c.counters["internal_error"] += 1
+            record, ok, key_cut = None, False, False
+        silent = c.roster.closed(op.round, op.selected, set(op.accepted) | op.declined | op.refused)
+        if silent:
+            c.counters["unresponsive"] += silent
+        c.open, c.secure = None, None
+        c.defence_history.begin(c.updates)
+        c.next_round = op.round + 1
+        c.life.next_round()
+        actions = [SaveCheckpoint(*c.snapshot()), *self._model_after(op, ok, key_cut)]
+        last = c.next_round > c.policy.rounds
+        follow = self.finish_job(now) if last else self.try_open(now, settle=False)
+        last = last or c.state == RoundState.DONE  # e.g. the privacy budget stopped the job
+        return [*actions, *follow, *([RoundFinished(record, c.models.exact, last)] if record is not None else [])]
+
+    def _conclude(self, op: OpenRound, now: float, reason: str) -> tuple[RoundRecord, bool, bool]:
+        """The round's result, released and stepped (or failed), spent,
+        counted and recorded: (its record, whether it succeeded, whether a
+        key was cut)."""
+        c = self.core
+        sec = c.secure
         combined, key_cut, failure = self._result(op)
         extra: dict[str, Any] = {}
         for stage in c.stages:
@@ -274,18 +300,7 @@ class SynchronousRounds:
             c.failures[failure] += 1
         record = self._record(op, now, reason, combined, failure, extra)
         c.history = [*c.history[-9:], record]
-        silent = c.roster.closed(op.round, op.selected, set(op.accepted) | op.declined | op.refused)
-        if silent:
-            c.counters["unresponsive"] += silent
-        c.open, c.secure = None, None
-        c.defence_history.begin(c.updates)
-        c.next_round = op.round + 1
-        c.life.next_round()
-        actions = [SaveCheckpoint(*c.snapshot()), *self._model_after(op, ok, key_cut)]
-        last = c.next_round > c.policy.rounds
-        follow = self.finish_job(now) if last else self.try_open(now, settle=False)
-        last = last or c.state == RoundState.DONE  # e.g. the privacy budget stopped the job
-        return [*actions, *follow, RoundFinished(record, c.models.exact, last)]
+        return record, ok, key_cut
 
     def _result(self, op: OpenRound) -> tuple[Combined | None, bool, str | None]:
         """The round's result, whether a key was cut, and why it failed (or

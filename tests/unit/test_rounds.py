@@ -485,3 +485,28 @@ def test_republish_gives_what_the_broker_should_hold():
     assert [type(a) for a in acts] == [PublishModel, PublishDelta, PublishAnnouncement]
     ann = announcement(acts)
     assert ann.state == "open" and set(ann.selected) == {"a", "b"} and ann.round == 1
+
+
+def test_a_close_that_raises_abandons_its_round_and_the_job_goes_on(monkeypatch):
+    core = make_core(min_clients=2)
+    core.start(0.0)
+    online(core, "a", "b")
+    history = core.defence_history
+    real = history.recorded
+    calls = []
+
+    def broken(combined):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in a stage")
+        return real(combined)
+
+    monkeypatch.setattr(history, "recorded", broken)
+    send(core, "a", update(core, "a"), now=1.0)
+    out = send(core, "b", update(core, "b"), now=2.0)  # closes round 1: the stage raises
+    assert not finished(out) and core.counters["internal_error"] == 1
+    assert core.next_round == 2 and core.open is not None and core.open.round == 2  # not stalled
+    assert announcement(out).round == 2
+    send(core, "a", update(core, "a"), now=3.0)
+    rec = finished(send(core, "b", update(core, "b"), now=4.0))[0].record
+    assert rec["round"] == 2 and rec["status"] == "ok"
