@@ -232,8 +232,9 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--model-args", default="{}", metavar="JSON", help="factory keyword arguments as a JSON object")
     e.add_argument("--weights", default=None, metavar="FILE",
                    help="state dict (torch.save), .safetensors, or a fedge global-model message")
-    e.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE[:DTYPE]", required=True,
-                   help="a model input, batch first, e.g. x:1x64:float32 (repeat for several; batch is dynamic)")
+    e.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE[:DTYPE[:LOW..HIGH]]", required=True,
+                   help="a model input, batch first, e.g. x:1x64:float32, or tokens:1x32:int64:0..9999 for the "
+                   "values an integer input may take (repeat for several; batch is dynamic)")
     e.add_argument("--output-name", action="append", default=[], metavar="NAME", help="name the outputs in order")
     e.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
     e.add_argument("--opset", type=int, default=17,
