@@ -3,12 +3,16 @@
 #
 #   make demo                 one command: broker + aggregator + 10 agents
 #   make test                 lint + the whole test suite (needs mosquitto)
+#   make docs                 the documentation site in site/ (mkdocs build --strict)
 #   make test-no-vnni         the export tests on an emulated x86 CPU without VNNI
 #   make bench                the benchmarks in bench/ (JSON under bench/results)
 #   make bench-noniid         FedAvg on MNIST's pathological non-IID split (long)
 #
-# fedge ships no MNIST: the benchmarks (and the arm64 and systemd suites) read
-# $(FEDGE_DATA)/mnist.npz, keras' mnist.npz:  make bench FEDGE_DATA=/path/to/dir
+# fedge ships no MNIST: keras' mnist.npz is read from $FEDGE_DATA when it is set
+# (in the environment or on the command line: make passes it on to the tests and
+# the benchmarks), else from the user cache (~/.cache/fedge), where
+# `fedge data fetch mnist` puts it. Tests that need MNIST read $FEDGE_DATA only
+# and skip without it:  make test FEDGE_DATA=/path/to/dir
 #
 # PyTorch is pinned through TORCH_SPEC; on a machine without a GPU, point
 # TORCH_INDEX at the CPU wheels to skip gigabytes of CUDA libraries:
@@ -20,8 +24,10 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedge-installed
+# Where the benchmarks find mnist.npz: as fedge.datasets looks for it.
+MNIST_DIR := $(or $(FEDGE_DATA),$(if $(filter /%,$(XDG_CACHE_HOME)),$(XDG_CACHE_HOME),$(HOME)/.cache)/fedge)
 
-.PHONY: install demo test lint unit integration test-no-vnni test-arm64 test-systemd bench bench-noniid need-mnist clean
+.PHONY: install demo docs test lint unit integration test-no-vnni test-arm64 test-systemd test-py313 bench bench-noniid need-mnist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +45,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy fedge fedge_cli aggregator edge_agent export
 
+# The documentation site in site/ (the reference pages are generated from the code).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# FEDGE_DATA, when set, reaches the tests through the environment.
 test: lint
 	$(BIN)/python -m pytest -q
 
@@ -59,21 +70,28 @@ test-systemd: $(STAMP)
 	FEDGE_SYSTEMD=1 $(BIN)/python -m pytest -v -x tests/systemd
 
 # The export suite on an emulated AMD EPYC without VNNI (qemu-x86_64; slow: ~4 min).
+# The suite on Python 3.13 (Raspberry Pi OS trixie's): a Debian trixie amd64 root
+# (cached in ~/.cache/fedge-py313), lint and pytest inside under chroot. Root,
+# debootstrap; about 3 minutes and 7 GB to build the root the first time, 15 to run.
+# MNIST from $(FEDGE_DATA) when set.
+test-py313: $(STAMP)
+	FEDGE_PY313=1 $(BIN)/python -m pytest -v -s -x tests/py313
+
 test-no-vnni: $(STAMP)
 	$(BIN)/python tests/export/emulated_cpu.py suite
 
-# The MNIST the benchmarks read (FEDGE_DATA comes from the environment or
-# the command line, and make passes it on to them).
+# The MNIST the benchmarks read: $(MNIST_DIR)/mnist.npz, passed on to them as FEDGE_DATA.
+need-mnist bench bench-noniid: export FEDGE_DATA := $(MNIST_DIR)
 need-mnist:
-	@test -n "$(FEDGE_DATA)" && test -f "$(FEDGE_DATA)/mnist.npz" || { echo "make: the benchmarks need \
-	MNIST: set FEDGE_DATA to the directory that holds mnist.npz (make bench FEDGE_DATA=/path/to/dir)" >&2; exit 2; }
+	@test -f "$(MNIST_DIR)/mnist.npz" || { echo "make: the benchmarks need MNIST, not found in $(MNIST_DIR): \
+	run $(BIN)/fedge data fetch mnist, or set FEDGE_DATA to the directory that holds mnist.npz" >&2; exit 2; }
 
 bench: need-mnist $(STAMP)
 	mkdir -p bench/results
 	$(BIN)/python bench/round_latency.py --out bench/results/round_latency.json
 	$(BIN)/python bench/aggregate.py --out bench/results/aggregate.json
 	$(BIN)/python bench/export.py --out bench/results/export.json
-	$(BIN)/python bench/fedavg_mnist.py --data "$(FEDGE_DATA)/mnist.npz" --out bench/results/fedavg_mnist_iid.json
+	$(BIN)/python bench/fedavg_mnist.py --data "$(MNIST_DIR)/mnist.npz" --out bench/results/fedavg_mnist_iid.json
 	$(BIN)/python bench/poisoning.py --out bench/results/poisoning.json
 	$(BIN)/python bench/privacy.py --out bench/results/privacy.json
 	$(BIN)/python bench/secagg.py --out bench/results/secagg_protocol.json
@@ -83,8 +101,8 @@ bench: need-mnist $(STAMP)
 # The pathological non-IID split of the FedAvg paper: 800 rounds per codec, long.
 bench-noniid: need-mnist $(STAMP)
 	mkdir -p bench/results
-	$(BIN)/python bench/fedavg_mnist.py --data "$(FEDGE_DATA)/mnist.npz" --split shards --codec none --codec default \
+	$(BIN)/python bench/fedavg_mnist.py --data "$(MNIST_DIR)/mnist.npz" --split shards --codec none --codec default \
 		--out bench/results/fedavg_mnist_shards.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build site *.egg-info

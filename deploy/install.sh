@@ -9,7 +9,7 @@
 # Options:
 #   --prefix DIR          where the virtualenv goes (default /opt/fedge)
 #   --etc DIR             where config files go (default /etc/fedge)
-#   --python PY           interpreter for the virtualenv (default python3; 3.10 or newer)
+#   --python PY           interpreter for the virtualenv (default python3; 3.11 or newer)
 #   --system-site-packages  let the virtualenv see the system's packages: on a Jetson,
 #                         JetPack's PyTorch is used and none comes from PyPI (agent: it
 #                         must be importable by the system Python, 2.3 or newer)
@@ -58,10 +58,6 @@ case "$role" in
     aggregator) extras=aggregator; config=job.toml; unit=fedge-aggregator.service ;;
     *) echo "install.sh: role must be agent, inference or aggregator, not '$role'" >&2; exit 2 ;;
 esac
-if [ "$service" = 1 ] && ! command -v systemctl >/dev/null; then
-    echo "install.sh: no systemd here (no systemctl): pass --no-service and run '$role' under your own supervisor" >&2
-    exit 2
-fi
 if [ -n "$worker_python" ]; then
     [ "$role" = agent ] || { echo "install.sh: --worker-python is for the agent role" >&2; exit 2; }
     case "$worker_python" in
@@ -78,6 +74,12 @@ if [ -n "$aggregator_key" ]; then
         *) echo "install.sh: --aggregator-key must be the key the aggregator logs (ed25519:...), not '$aggregator_key'" >&2
            exit 2 ;;
     esac
+fi
+
+# The options are checked; now the machine.
+if [ "$service" = 1 ] && ! command -v systemctl >/dev/null; then
+    echo "install.sh: no systemd here (no systemctl): pass --no-service and run '$role' under your own supervisor" >&2
+    exit 2
 fi
 
 # PyTorch and ONNX Runtime publish wheels for 64-bit ARM and x86-64 only: on a
@@ -100,9 +102,9 @@ if [ "$arch" = aarch64 ] && [ -z "$torch_spec" ] && [ "$role" = agent ] \
 fi
 
 src="$(cd "$(dirname "$0")/.." && pwd)"
-"$python" - <<'PY' || { echo "install.sh: fedge needs Python 3.10 or newer (--python to pick one)" >&2; exit 2; }
+"$python" - <<'PY' || { echo "install.sh: fedge needs Python 3.11 or newer (--python to pick one)" >&2; exit 2; }
 import sys
-sys.exit(0 if sys.version_info >= (3, 10) else 1)
+sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
 "$python" -c "import venv, ensurepip" 2>/dev/null || {
@@ -114,7 +116,8 @@ PY
 # (that interpreter trains) reuse it, and pip must not replace it with PyPI's:
 # its version, e.g. 2.5.0a0+872d972e41.nv24.08, is a pre-release pip would not
 # count as satisfying fedge[agent]'s torch>=2.3, so fedge goes in without that
-# extra. Checked before anything is made, with -s (the service user never
+# extra, with the rest of what it brings (fedge[secagg], for secure-aggregation
+# rounds). Checked before anything is made, with -s (the service user never
 # sees root's ~/.local); for --system-site-packages by the interpreter the
 # virtualenv is based on, whose packages it will see (not a virtualenv's).
 torch_of() {
@@ -147,7 +150,7 @@ fi
 if [ -n "$trainer" ]; then
     found="$(torch_of "$trainer")"
     case "$found" in
-        ok\ *) system_torch="${found#ok }"; extras_spec="" ;;
+        ok\ *) system_torch="${found#ok }"; extras_spec="[secagg]" ;;
         old\ *) old="${found#old }"
                 echo "install.sh: the system's PyTorch ${old% *} (${old#* }) is older than 2.3, which fedge's training" \
                      "worker needs: upgrade JetPack (6.x ships 2.3 or newer) or pass --torch with a newer wheel" >&2
@@ -214,7 +217,7 @@ if [ "$role" != aggregator ]; then
             chown fedge:fedge "$etc/device.key" 2>/dev/null || true
         fi
     fi
-    enroll="$("$prefix/venv/bin/fedge" keys show --key "$etc/device.key")"
+    enroll="$("$prefix/venv/bin/fedge" keys show "$etc/device.key")"
 fi
 
 if [ "$service" = 1 ]; then

@@ -4,6 +4,7 @@ Reads files and package metadata only; never imports PyTorch."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 from importlib import metadata
@@ -36,6 +37,16 @@ def _version(dist: str) -> str:
         return ""
 
 
+def _secagg_installed() -> bool:
+    """PyCryptodome (fedge[secagg]) is there: without it the device does not
+    offer secure aggregation, so it is never chosen for a secure round it
+    could not finish. Found, not imported: an idle agent does not load it."""
+    try:
+        return importlib.util.find_spec("Crypto") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def describe(role: str = "trainer") -> dict[str, Any]:
     return {
         "role": role,
@@ -48,5 +59,5 @@ def describe(role: str = "trainer") -> dict[str, Any]:
         "fedge": fedge.__version__,
         "torch": _version("torch"),
         "onnxruntime": _version("onnxruntime"),
-        "codecs": [*codecs.supported(), SECAGG],
+        "codecs": [*codecs.supported(), *([SECAGG] if _secagg_installed() else [])],
     }

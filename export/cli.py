@@ -176,13 +176,17 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     if min(batches) < 1 or min(threads) < 1:
         raise ExportError("--batch and --threads must be at least 1")
     rows = bench_models(args.models, batches=batches, threads=threads, runs=args.runs, warmup=args.warmup)
-    print(f"{'model':<40} {'batch':>5} {'threads':>7} {'p50 ms':>9} {'p90 ms':>9}")
+    # stdout holds one thing: the JSON with --json -, else the table.
+    table = sys.stderr if args.json == "-" else sys.stdout
+    print(f"{'model':<40} {'batch':>5} {'threads':>7} {'p50 ms':>9} {'p90 ms':>9}", file=table)
     for r in rows:
-        print(f"{Path(r['model']).name:<40} {r['batch']:>5} {r['threads']:>7} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f}")
+        print(f"{Path(r['model']).name:<40} {r['batch']:>5} {r['threads']:>7} {r['p50_ms']:>9.3f} "
+              f"{r['p90_ms']:>9.3f}", file=table)
     doc = {"graph_optimization": "ORT_ENABLE_ALL", "runs": max(args.runs, 50), "warmup": args.warmup, "results": rows}
-    _write_json(args.json, doc)
-    if not args.json:
-        print(json.dumps(doc))
+    if args.json == "-":
+        print(json.dumps(doc, indent=2))
+    else:
+        _write_json(args.json, doc)
     return 0
 
 
@@ -291,7 +295,9 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--threads", type=int, action="append", default=[], help="intra-op threads (repeat; default all)")
     b.add_argument("--runs", type=int, default=100, help="timed runs (at least 50)")
     b.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    b.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON (default: stdout)")
+    b.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the results as JSON to FILE; '-' writes the JSON to stdout and the table to "
+                        "stderr (fedge bench-model m.onnx --json - | jq). Without it, stdout is the table")
     b.set_defaults(func=_guarded("bench-model", cmd_bench_model), default_level="WARNING")
 
     p = sub.add_parser("predict", help="run an ONNX model on inputs from an .npz (ONNX Runtime only, no PyTorch)")

@@ -6,7 +6,8 @@ Each role owns its sections, their defaults and their checks
 becomes such a config. A config is a tree of small frozen dataclasses; each
 field is declared with ``setting(default, doc)`` so that ``render_defaults``
 can print a complete, commented file (``fedge config aggregator``) and the
-README can quote it. ``updated`` builds a changed copy. A number's setting
+documentation's configuration reference (docs/reference/config.md) can
+quote it. ``updated`` builds a changed copy. A number's setting
 also names the values it allows (``valid=POSITIVE``, a ``Range``), which
 ``check_ranges`` enforces for a whole config: one line naming the key, the
 value and the range.
@@ -25,7 +26,7 @@ import dataclasses
 import difflib
 import math
 import os
-import sys
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +34,6 @@ from typing import Any, TypeVar
 
 from fedge.chunks import CHUNK_HEADER, MIN_CHUNK_DATA, PACKET_OVERHEAD
 from fedge.errors import OneReasonError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 devices
-    import tomli as tomllib
 
 T = TypeVar("T")
 # The smallest MQTT packet a chunk of MIN_CHUNK_DATA bytes fits in (fedge.chunks).

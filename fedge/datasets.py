@@ -8,7 +8,12 @@ a simulated fleet computes the same split without talking to the others.
 - ``digits``: scikit-learn's 8x8 digits (1797 images, offline).
 - ``breast_cancer``: scikit-learn's tabular set (569 rows, 30 features).
 - ``mnist``: MNIST from a ``.npz`` with x_train/y_train/x_test/y_test
-  (``path``, else ``$FEDGE_DATA/mnist.npz``; fedge ships no copy).
+  (``path``, else ``mnist.npz`` in ``$FEDGE_DATA``, else in the user cache,
+  ``$XDG_CACHE_HOME/fedge`` or ``~/.cache/fedge``; fedge ships no copy).
+
+Files fedge does not ship are found, checked, fetched (``fetch``: keras'
+public URL, verified, written atomically) and imported (``import_file``)
+here; ``fedge data`` is their command line.
 
 Partitions: ``iid`` (shuffled equal shares), ``dirichlet`` (label skew:
 each class is spread over clients by Dirichlet(alpha) proportions, Hsu et
@@ -19,10 +24,19 @@ al. 2019) and ``shards`` (McMahan et al. 2017: sort by label, cut into
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from fedge.errors import OneReasonError
+from fedge.files import fsync_dir
 
 Arrays = tuple[np.ndarray, np.ndarray]
 
@@ -146,27 +160,304 @@ def breast_cancer(split: str = "train", client: int | None = None, clients: int 
     return _select(x, y, split, client, clients, partition, seed, alpha, shards_per_client)
 
 
+# --- files fedge does not ship: where they live, fetching and importing them ------------
+
+
+class DataError(OneReasonError):
+    """A data file that is missing, not what it claims, or cannot be fetched
+    or put in place: one line naming the problem and the fix."""
+
+    default_reason = "data"
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A built-in data set that lives in a file fedge does not ship."""
+
+    name: str
+    filename: str
+    title: str
+    url: str
+    # SHA-256 of the file as ``url`` publishes it.
+    sha256: str
+    size: int
+    arrays: tuple[str, ...]
+    # SHA-256 of the arrays themselves (``arrays_sha256``), so that the same
+    # data in another .npz container (another zlib, another zip writer) is
+    # recognised too.
+    arrays_digest: str
+
+
+MNIST_FILE = DataFile(
+    name="mnist", filename="mnist.npz", title="keras' mnist.npz",
+    url="https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz",
+    # The hash keras itself checks the download against (keras.datasets.mnist.load_data:
+    # get_file(..., file_hash="731c5ac6...")), for a file of 11,490,434 bytes.
+    sha256="731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1",
+    size=11_490_434,
+    arrays=("x_train", "y_train", "x_test", "y_test"),
+    # Pinned from a conversion of MNIST that is not keras' file (its file hash
+    # differs): the PNGs of the MIT-licensed rasbt/mnist-pngs repository, in
+    # the canonical order, uint8 arrays of keras' names, shapes and dtypes;
+    # its training pixels' mean is 0.1306604762738429, MNIST's well-known
+    # figure. Not checked against keras' own file, which could not be
+    # downloaded where this was written; keras' file is recognised by
+    # ``sha256`` above whatever its arrays hash to.
+    arrays_digest="e1ef5896629acb2fe08fb85a7a2e3fdf384add822d9b7c6bc876df48110a605e",
+)
+FILES: dict[str, DataFile] = {MNIST_FILE.name: MNIST_FILE}
+# Built-in sets that come with scikit-learn (no file to fetch).
+SKLEARN_SETS = ("digits", "breast_cancer")
+DATA_ENV = "FEDGE_DATA"
+_FETCH_HINT = f"run `fedge data fetch mnist` or set {DATA_ENV} to the directory that holds mnist.npz"
+
+
+def data_dir() -> tuple[Path, str]:
+    """The directory built-in data files are read from (and fetched into),
+    and where that came from: ``$FEDGE_DATA`` when set, else the user's
+    cache, ``$XDG_CACHE_HOME/fedge`` (an absolute XDG_CACHE_HOME only, as
+    the XDG spec says) or ``~/.cache/fedge``."""
+    data = os.environ.get(DATA_ENV, "")
+    if data:
+        return Path(data).expanduser(), DATA_ENV
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "fedge", "XDG_CACHE_HOME"
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME and no password entry
+        raise DataError(f"no home directory to keep data in (HOME is not set): set {DATA_ENV} to a data "
+                        "directory") from None
+    return home / ".cache" / "fedge", "the user cache"
+
+
+def data_file(name: str) -> Path:
+    """Where the built-in data set ``name`` is looked for."""
+    return data_dir()[0] / spec(name).filename
+
+
+def spec(name: str) -> DataFile:
+    """The file behind a built-in data set; DataError naming the known ones."""
+    key = name.replace("-", "_")
+    if key in FILES:
+        return FILES[key]
+    if key in SKLEARN_SETS:
+        raise DataError(f"{name} ships with scikit-learn and has no file to fetch or import (pip install "
+                        "'fedge[demo]' brings scikit-learn)")
+    raise DataError(f"no built-in data set is called {name!r}: the one kept in a file is "
+                    f"{', '.join(sorted(FILES))}")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def arrays_sha256(path: str | os.PathLike[str], names: Sequence[str]) -> str:
+    """SHA-256 over the named arrays of an ``.npz``: for each in order, a line
+    ``name dtype shape`` then its bytes in C order. Independent of how the
+    archive was compressed. Raises ValueError (or OSError) for a file that is
+    not an ``.npz`` holding those arrays."""
+    digest = hashlib.sha256()
+    if not zipfile.is_zipfile(path):
+        raise ValueError("it is not an .npz archive")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("it is a single .npy array, not an .npz archive")
+            missing = [n for n in names if n not in z.files]
+            if missing:
+                raise ValueError(f"it lacks arrays {', '.join(missing)}")
+            for n in names:
+                a = np.ascontiguousarray(z[n])
+                digest.update(f"{n} {a.dtype.str} {'x'.join(map(str, a.shape))}\n".encode())
+                digest.update(a.tobytes())
+    except (zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise ValueError(f"it is not a readable .npz ({exc})") from None
+    except ValueError as exc:
+        if str(exc).startswith("it "):
+            raise
+        raise ValueError(f"it is not a readable .npz ({exc})") from None
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """What ``check_file`` found at ``path``: state ``ok``, ``missing`` or
+    ``mismatch``, and a phrase saying how it knows."""
+
+    path: Path
+    state: str
+    detail: str
+    sha256: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+def check_file(f: DataFile, path: str | os.PathLike[str]) -> FileCheck:
+    """Is ``path`` the data ``f`` names? Its file hash is the published one,
+    or its arrays are the same (``arrays_digest``)."""
+    p = Path(path)
+    if not p.is_file():
+        return FileCheck(p, "missing", "not there")
+    try:
+        got = file_sha256(p)
+    except OSError as exc:
+        return FileCheck(p, "mismatch", f"cannot be read ({exc.strerror or exc})")
+    if got == f.sha256:
+        return FileCheck(p, "ok", f"{f.title}, sha256 {got}", got)
+    try:
+        arrays = arrays_sha256(p, f.arrays)
+    except (ValueError, OSError) as exc:
+        return FileCheck(p, "mismatch", f"sha256 {got} is not {f.title}'s and {exc}", got)
+    if arrays == f.arrays_digest:
+        return FileCheck(p, "ok", f"{f.name.upper()}'s arrays, in another .npz than {f.title} (sha256 {got})", got)
+    return FileCheck(p, "mismatch", f"sha256 {got} is not {f.title}'s ({f.sha256}), nor are its arrays "
+                     f"{f.name.upper()}'s", got)
+
+
+def _staging(dest: Path) -> Path:
+    """A temporary name beside ``dest`` (same file system: the rename is atomic),
+    after making its directory; DataError when it cannot be written."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise DataError(f"cannot write data into {str(dest.parent)!r}: {exc.strerror or exc}; set {DATA_ENV} to a "
+                        "directory this user can write") from None
+    return Path(tmp)
+
+
+def _install(f: DataFile, tmp: Path, dest: Path, what: str) -> FileCheck:
+    """Check the staged ``tmp`` and rename it over ``dest``, or remove it and
+    raise DataError naming ``what`` it came from."""
+    try:
+        check = check_file(f, tmp)
+        if not check.ok:
+            raise DataError(f"{what} is not {f.title}: {check.detail}; nothing was written")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(dest.parent)
+    return replace(check, path=dest)
+
+
+def _refuse_existing(f: DataFile, dest: Path, force: bool) -> FileCheck | None:
+    """The check of a file already at ``dest`` that is good (nothing to do);
+    None when there is none or ``force``; DataError when one is there and is
+    not the data, without ``force``."""
+    if force or not dest.exists():
+        return None
+    check = check_file(f, dest)
+    if check.ok:
+        return check
+    raise DataError(f"{dest} is already there and {check.detail}; pass --force to replace it")
+
+
+def fetch(name: str, url: str | None = None, force: bool = False, timeout: float = 30.0) -> tuple[FileCheck, bool]:
+    """Download a built-in data set's file into ``data_dir()``, checked
+    before it is renamed into place. Returns the check of the file and
+    whether it was downloaded (False: a good copy was already there).
+    A progress line is drawn on a terminal only."""
+    import urllib.error
+    import urllib.request
+
+    from fedge.progress import Progress
+
+    f = spec(name)
+    dest = data_dir()[0] / f.filename
+    present = _refuse_existing(f, dest, force)
+    if present is not None:
+        return present, False
+    source = url or f.url
+    tmp = _staging(dest)
+    limit = 4 * f.size  # a misbehaving server cannot fill the disk
+    try:
+        request = urllib.request.Request(source, headers={"User-Agent": "fedge"})
+        with (urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out,
+              Progress(f"downloading {f.filename}", total=f.size >> 10, unit="KiB") as progress):
+            got = 0
+            for block in iter(lambda: response.read(1 << 16), b""):
+                got += len(block)
+                if got > limit:
+                    raise DataError(f"{source} sent more than {limit} bytes, not {f.title}; nothing was written")
+                out.write(block)
+                progress.set(got >> 10)
+            out.flush()
+            os.fsync(out.fileno())
+    except urllib.error.HTTPError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot download {f.filename} from {source}: HTTP {exc.code} {exc.reason}; try again later, "
+                        f"or download it elsewhere and run `fedge data import {f.name} FILE`") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, DataError):
+            raise
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        reason = getattr(reason, "strerror", None) or reason
+        raise DataError(f"cannot download {f.filename} from {source} ({reason}): is this machine offline? Download it "
+                        f"where there is a network and run `fedge data import {f.name} FILE`, or set {DATA_ENV} to "
+                        "a directory that holds it") from None
+    return _install(f, tmp, dest, f"what {source} sent"), True
+
+
+def import_file(name: str, source: str | os.PathLike[str], force: bool = False) -> tuple[FileCheck, bool]:
+    """Copy a file the user has into ``data_dir()`` after checking it.
+    Returns the check and whether it was copied (False: the same data was
+    already there)."""
+    f = spec(name)
+    src = Path(source).expanduser()
+    if not src.is_file():
+        raise DataError(f"{str(src)!r} is not a file: give the path of the {f.filename} you have, or run "
+                        f"`fedge data fetch {f.name}`")
+    theirs = check_file(f, src)
+    if not theirs.ok:
+        raise DataError(f"{src} is not {f.title}: {theirs.detail}; get it with `fedge data fetch {f.name}`")
+    dest = data_dir()[0] / f.filename
+    if dest.exists() and dest.resolve() == src.resolve():
+        return replace(theirs, path=dest), False
+    present = _refuse_existing(f, dest, force)
+    if present is not None and present.sha256 == theirs.sha256:
+        return present, False
+    if present is not None:
+        raise DataError(f"{dest} already holds {present.detail}; pass --force to replace it with {src}")
+    tmp = _staging(dest)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as out:
+            os.fsync(out.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot copy {src} to {dest.parent}: {exc.strerror or exc}") from None
+    return _install(f, tmp, dest, str(src)), True
+
+
 # --- MNIST ----------------------------------------------------------------------
 
-_MNIST_ENV = "FEDGE_DATA"
-_MNIST_KEYS = ("x_train", "y_train", "x_test", "y_test")
-_MNIST_FIX = (f'pass path = "/path/to/mnist.npz" in the data args or set {_MNIST_ENV} to the directory that holds '
-              f"mnist.npz (arrays {', '.join(_MNIST_KEYS)}, as in keras' mnist.npz)")
+_MNIST_KEYS = MNIST_FILE.arrays
 
 
 def _mnist_file(path: str | os.PathLike[str] | None = None) -> Path:
-    """The file ``mnist`` reads: ``path``, else ``$FEDGE_DATA/mnist.npz``.
-    ValueError, naming both ways to give it, when neither is given or the
-    file is not there."""
+    """The file ``mnist`` reads: ``path``, else ``mnist.npz`` in
+    ``data_dir()`` ($FEDGE_DATA, else the user cache). DataError (a
+    ValueError) saying how to get it when the file is not there."""
     if path is None or str(path) == "":
-        data = os.environ.get(_MNIST_ENV, "")
-        if not data:
-            raise ValueError(f"MNIST needs its file, and neither path nor {_MNIST_ENV} is set: {_MNIST_FIX}")
-        p, where = Path(data).expanduser() / "mnist.npz", f" (from {_MNIST_ENV})"
-    else:
-        p, where = Path(path).expanduser(), ""
+        directory, origin = data_dir()
+        p = directory / MNIST_FILE.filename
+        if not p.is_file():
+            raise DataError(f"MNIST file {str(p)!r} (from {origin}) not found: {_FETCH_HINT}")
+        return p
+    p = Path(path).expanduser()
     if not p.is_file():
-        raise ValueError(f"MNIST file {str(p)!r}{where} not found: {_MNIST_FIX}")
+        raise DataError(f"MNIST file {str(p)!r} (the path given) not found: correct the path, or leave it out and "
+                        f"{_FETCH_HINT}")
     return p
 
 
@@ -188,9 +479,11 @@ def mnist(path: str | None = None, split: str = "train", client: int | None = No
 
     The data come from a ``.npz`` with arrays x_train (60000x28x28 uint8),
     y_train, x_test (10000x28x28 uint8) and y_test, as keras' ``mnist.npz``:
-    ``path``, or when it is not given (or empty) ``$FEDGE_DATA/mnist.npz``.
-    fedge ships no copy; without either, or with no file there, this raises
-    ValueError saying so."""
+    ``path``, or when it is not given (or empty) ``mnist.npz`` in
+    ``$FEDGE_DATA``, else in the user cache (``$XDG_CACHE_HOME/fedge`` or
+    ``~/.cache/fedge``), where ``fedge data fetch mnist`` puts it. fedge
+    ships no copy; with no file there, this raises ValueError saying how to
+    get one. The file's checksum is not checked here (``fedge data`` does)."""
     _split_check(split)
     if shape not in ("flat", "image"):
         raise ValueError("shape must be 'flat' or 'image'")

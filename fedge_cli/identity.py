@@ -41,10 +41,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
         elif args.action == "rotate":
             _rotate(args)
         else:
-            print(Identity.load(Path(args.key)).public.to_text())
+            print(Identity.load(Path(_shown_key(args))).public.to_text())
     except IdentityError as exc:
         _fail(exc)
     return 0
+
+
+def _shown_key(args: argparse.Namespace) -> str:
+    """``fedge keys show FILE``; ``--key FILE``, the old form, still works,
+    with a note on stderr."""
+    from fedge_cli.main import UsageError
+
+    if args.key is not None:
+        print("fedge keys show: --key is deprecated and will go: use `fedge keys show FILE`", file=sys.stderr)
+        if args.file is not None and args.file != args.key:
+            raise UsageError(f"two key files, {args.file} and --key {args.key}: give one, `fedge keys show FILE`")
+    path = args.file or args.key
+    if not path:
+        raise UsageError("which key? `fedge keys show FILE` prints the public key of the private key file FILE")
+    return str(path)
 
 
 def _rotate(args: argparse.Namespace) -> None:
@@ -155,7 +170,9 @@ def add_commands(sub: Any) -> None:
     new = kk.add_parser("new", help="make a key pair: the private key file (0600) and NAME.pub")
     new.add_argument("--out", required=True, help="private key file to create (never overwritten)")
     show = kk.add_parser("show", help="print the public key of a private key file")
-    show.add_argument("--key", required=True, help="private key file")
+    show.add_argument("file", nargs="?", default=None, metavar="FILE", help="the private key file")
+    # The old form, `fedge keys show --key FILE`: kept working, hidden, noted as deprecated.
+    show.add_argument("--key", default=None, help=argparse.SUPPRESS)
     rot = kk.add_parser("rotate", help="make the aggregator's next key (taken at its next start, signed over by "
                                        "the current one)")
     rot.add_argument("--config", required=True, help="the job's TOML config")

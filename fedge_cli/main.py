@@ -72,6 +72,38 @@ def _check_fleet_size(agents: int, embedded_broker: bool = False) -> None:
                          "run several processes with fewer agents each")
 
 
+# Optional features and the extra that installs each: (module imported, distribution, extra).
+EXTRAS = {
+    "secure aggregation": ("Crypto.Protocol.SecretSharing", "pycryptodome", "secagg"),
+    "metrics": ("prometheus_client", "prometheus-client", "metrics"),
+}
+
+
+def need_extra(feature: str, configured: str) -> None:
+    """At start, before anything runs: one line naming the extra to install
+    when ``feature`` is ``configured`` (the setting or flag that asks for it)
+    and its package is missing, instead of an ImportError mid-round."""
+    import importlib
+
+    module, dist, extra = EXTRAS[feature]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"{feature} ({configured}) needs {dist}, which is not installed: "
+                         f"pip install 'fedge[{extra}]'") from None
+
+
+def has_extra(feature: str) -> bool:
+    """``feature``'s package is installed: found, not imported (an idle agent
+    does not load what it may never run)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(EXTRAS[feature][0].split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _check_flag(flag: str, value: float, ok: bool, allowed: str) -> None:
     """One line naming the flag, its value and what it may be, when not ``ok``."""
     if not ok or not math.isfinite(value):
@@ -91,6 +123,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.target_epsilon is not None:
         _check_flag("--target-epsilon", args.target_epsilon, args.target_epsilon > 0,
                     "a number > 0 (the privacy budget), or leave the flag out for a demo without privacy")
+    if args.secure_aggregation:
+        need_extra("secure aggregation", "--secure-aggregation")
     if args.secure_aggregation and args.agents < 3:
         raise UsageError("--secure-aggregation needs --agents 3 or more (with two, each could subtract its own "
                          "update from the sum)")
@@ -121,6 +155,10 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, AggregatorConfig, args.set)  # checked as it loads
     cfg.broker.password()  # an unreadable password file is named now, not after start-up
+    if cfg.secagg.mode != "off":
+        need_extra("secure aggregation", f"secagg.mode = \"{cfg.secagg.mode}\"")
+    if cfg.metrics.enabled:
+        need_extra("metrics", "metrics.enabled = true")
     service = AggregatorService(cfg)
     _on_signals(service.stop)
     log.info("aggregator for job %s on %s (state in %s)", cfg.job.name, cfg.broker.url, cfg.job.state_dir)
@@ -178,6 +216,18 @@ def _signing(cfg: Any, client_id: str, state_dir: Any, count: int | None) -> dic
         raise UsageError(str(exc)) from None
 
 
+def _agent_extras(cfg: Any) -> None:
+    """What the agent's config asks for is installed: metrics, at once; a
+    device that trains and cannot mask its updates is told why it will not
+    be chosen for secure-aggregation rounds (it does not offer them)."""
+    if cfg.metrics.enabled:
+        need_extra("metrics", "metrics.enabled = true")
+    if cfg.agent.role != "inference" and not has_extra("secure aggregation"):
+        _, dist, extra = EXTRAS["secure aggregation"]
+        log.warning("%s is not installed: this device will not be chosen for secure-aggregation rounds "
+                    "(pip install 'fedge[%s]')", dist, extra)
+
+
 def _run_agents(cfg: Any, devices: list[Any], pool_size: int, mode: str, threads: int) -> int:
     from edge_agent.pool import TrainingPool
     from edge_agent.runtime import AgentRuntime
@@ -201,6 +251,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, AgentConfig, args.set)  # checked as it loads
     cfg.broker.password()  # an unreadable password file is named now, not after start-up
+    _agent_extras(cfg)
     devices = _devices(cfg, None)
     inference = cfg.agent.role == "inference"
     log.info("agent %s for job %s on %s (%s)", devices[0].client_id, cfg.agent.job, cfg.broker.url,
@@ -219,6 +270,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     _check_fleet_size(args.agents)
     cfg = config.load(args.config, AgentConfig, args.set)  # checked as it loads
     cfg.broker.password()  # an unreadable password file is named now, not after start-up
+    _agent_extras(cfg)
     devices = _devices(cfg, args.agents)
     log.info("simulated fleet of %d agents for job %s on %s, %d warm workers", args.agents, cfg.agent.job,
              cfg.broker.url, args.workers)
@@ -311,7 +363,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedge", description="Federated learning for fleets of small devices over MQTT.")
     p.add_argument("--version", action="version", version=f"fedge {__version__}")
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-level", default=None, metavar="LEVEL",
+                   help="DEBUG, INFO, WARNING or ERROR (default: INFO for aggregator, agent, fleet and watch, "
+                        "WARNING for the other commands)")
     p.add_argument("--log-format", default=None, choices=["text", "json"],
                    help="text (default) or json: one object per line with time, level, logger, message and, where "
                         "a line is about one, round, device, reason and status")
@@ -357,11 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=func, default_level="INFO")
 
     f = sub.add_parser("fleet", help="simulate N agents in one process (testing, benchmarks)")
-    f.add_argument("--config", default=None, help="agent TOML config (agent.id is the id prefix)")
-    f.add_argument("--agents", type=int, required=True,
-                   help="simulated agents, each with its own MQTT connection, id <agent.id>-000 on and state "
-                        "directory in agent.state_dir")
-    f.add_argument("--workers", type=int, default=2, help="shared training worker processes (default 2)")
+    f.add_argument("--config", default=None, metavar="FILE", help="agent TOML config (agent.id is the id prefix)")
+    f.add_argument("--agents", type=int, required=True, metavar="N",
+                   help="how many agents to simulate, each with its own MQTT connection, id (<agent.id>-000, "
+                        "-001, ...) and state directory under agent.state_dir")
+    f.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="training worker processes the agents share (default 2)")
     f.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key (not for secrets)")
     f.set_defaults(func=cmd_fleet, default_level="INFO")
@@ -373,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     from fedge_cli import identity as identity_cli
 
     identity_cli.add_commands(sub)
+
+    from fedge_cli import data as data_cli
+
+    data_cli.add_commands(sub)
 
     from fedge_cli import privacy as privacy_cli
 

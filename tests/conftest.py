@@ -18,12 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def mnist_file() -> Path:
-    """The MNIST file the tests read: ``$FEDGE_DATA/mnist.npz`` when
-    FEDGE_DATA is set, else this workplace's copy beside the checkout
-    (``../shared/data``: tests may look there, fedge itself may not). Skips
-    the calling test, saying how to give the file, when there is none."""
+    """The MNIST file the tests read: ``$FEDGE_DATA/mnist.npz`` (``.ci/run``
+    sets FEDGE_DATA). Skips the calling test, saying how to give the file,
+    when FEDGE_DATA is not set or holds no mnist.npz."""
     data = os.environ.get("FEDGE_DATA")
-    path = Path(data).expanduser() / "mnist.npz" if data else REPO.parent / "shared" / "data" / "mnist.npz"
+    if not data:
+        pytest.skip("MNIST: set FEDGE_DATA to the directory that holds mnist.npz (`fedge data fetch mnist` "
+                    "downloads it)")
+    path = Path(data).expanduser() / "mnist.npz"
     if not path.is_file():
         pytest.skip(f"MNIST file {path} not found: set FEDGE_DATA to the directory that holds mnist.npz")
     return path
@@ -132,6 +134,7 @@ def cli_env():
 OPT_IN = {
     "arm64": ("FEDGE_ARM64", "make test-arm64"),
     "systemd": ("FEDGE_SYSTEMD", "make test-systemd"),
+    "py313": ("FEDGE_PY313", "make test-py313"),
 }
 
 

@@ -46,7 +46,7 @@ def unpack_signed(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     for j in range(per):
         fields[:, j] = (packed >> (j * bits)) & mask
     values = fields.reshape(-1)[:count]
-    if values.size and values.max() > 2 * levels(bits):
+    if values.size and np.max(values) > 2 * levels(bits):
         raise CodecError("malformed", f"{bits}-bit code outside [-{levels(bits)}, {levels(bits)}]")
     return (values - np.uint8(levels(bits))).view(np.int8)  # wraps to [-L, L]
 
@@ -61,7 +61,7 @@ def varint_encode(values: np.ndarray) -> np.ndarray:
         rest >>= np.uint64(7)
     out = np.empty(int(n.sum()), np.uint8)
     starts = np.cumsum(n) - n
-    for j in range(int(n.max()) if len(n) else 0):
+    for j in range(int(np.max(n)) if len(n) else 0):
         sel = n > j
         byte = ((v[sel] >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8)
         more = (n[sel] > j + 1).astype(np.uint8) << 7

@@ -2,17 +2,12 @@
 
 import json
 import subprocess
-import sys
+import tomllib
 
 import pytest
 
 from fedge.identity import Identity
 from tests.conftest import fedge_cmd
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 pytestmark = pytest.mark.e2e
 KEY = Identity.generate().public.to_text()  # an aggregator key for agents to pin (nothing connects)
@@ -274,20 +269,31 @@ def test_a_state_directory_that_cannot_be_written_stops_each_role_in_one_line(tm
     assert (tmp_path / "file").read_text() == ""
 
 
-def test_every_flag_says_what_it_is_for():
+# Flags kept out of --help on purpose: the old form of `fedge keys show`, and
+# where `fedge data fetch` downloads from instead of the public URL (tests, mirrors).
+HIDDEN = {"fedge keys show --key", "fedge data fetch --url"}
+
+
+def test_every_flag_and_command_says_what_it_is_for():
     import argparse
 
     from fedge_cli.main import build_parser
 
-    def undocumented(parser, where):
+    def walk(parser, where):
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
+                helped = {a.dest for a in action._choices_actions if a.help}
                 for name, sub in action.choices.items():
-                    yield from undocumented(sub, f"{where} {name}")
-            elif not action.help and not isinstance(action, argparse._HelpAction):
-                yield f"{where} {'/'.join(action.option_strings) or action.dest}"
+                    if name not in helped:
+                        yield f"{where} {name} (the command)", None
+                    yield from walk(sub, f"{where} {name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                yield f"{where} {'/'.join(action.option_strings) or action.dest}", action.help
 
-    assert list(undocumented(build_parser(), "fedge")) == []
+    helps = dict(walk(build_parser(), "fedge"))
+    assert [flag for flag, text in helps.items() if not text] == []
+    assert {flag for flag, text in helps.items() if text == argparse.SUPPRESS} == HIDDEN
+    assert len(helps) > 100  # the walk reached every command's flags
 
 
 def test_version(cli_env):
@@ -301,8 +307,14 @@ def test_keys_enroll_revoke_and_devices_from_the_command_line(tmp_path, cli_env)
     made = run(cli_env, "keys", "new", "--out", str(tmp_path / "dev.key"))
     assert made.returncode == 0 and made.stdout.startswith("ed25519:")
     assert (tmp_path / "dev.key").stat().st_mode & 0o777 == 0o600
-    shown = run(cli_env, "keys", "show", "--key", str(tmp_path / "dev.key"))
-    assert shown.stdout == made.stdout
+    shown = run(cli_env, "keys", "show", str(tmp_path / "dev.key"))
+    assert shown.returncode == 0 and shown.stdout == made.stdout and shown.stderr == ""
+    # The old form still works, with a one-line note on stderr.
+    old = run(cli_env, "keys", "show", "--key", str(tmp_path / "dev.key"))
+    assert old.returncode == 0 and old.stdout == made.stdout
+    assert old.stderr.count("\n") == 1 and "--key is deprecated" in old.stderr and "fedge keys show FILE" in old.stderr
+    _one_line_error(run(cli_env, "keys", "show"), "fedge keys show FILE")
+    _one_line_error(run(cli_env, "keys", "show", str(tmp_path / "missing.key")), "missing.key")
     assert run(cli_env, "enroll", "--config", str(job), "dev-1", str(tmp_path / "dev.pub")).returncode == 0
     registry = (tmp_path / "state" / "devices.json").read_bytes()
     same = run(cli_env, "enroll", "--config", str(job), "dev-1", made.stdout.strip())  # the key it has: nothing to do

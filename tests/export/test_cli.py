@@ -165,6 +165,11 @@ def test_bench_model_json(run_cli, digits_model, tmp_path):
     rows = json.loads(report.read_text())["results"]
     assert {(row["batch"], row["threads"]) for row in rows} == {(1, 1), (8, 1)}
     assert all(row["runs"] >= 50 and row["p90_ms"] >= row["p50_ms"] > 0 for row in rows)
+    assert "p50 ms" in r.out and "{" not in r.out  # the table alone on stdout
+    # --json -: stdout is the JSON alone (for jq), the table goes to stderr.
+    piped = run_cli("bench-model", digits_model["onnx"], "--threads", "1", "--runs", "50", "--json", "-")
+    assert piped.code == 0, piped.err
+    assert json.loads(piped.out)["results"][0]["batch"] == 1 and "p50 ms" in piped.err
 
 
 def test_predict_runs_without_loading_torch(digits_model, tmp_path):

@@ -67,16 +67,43 @@ def _tiny_mnist(directory, train=6, test=4):
     return arrays
 
 
-def test_mnist_without_path_or_fedge_data_says_how_to_give_the_file(monkeypatch):
+@pytest.fixture
+def no_data(monkeypatch, tmp_path):
+    """No FEDGE_DATA, and a user cache of the test's own (XDG_CACHE_HOME)."""
     monkeypatch.delenv("FEDGE_DATA", raising=False)
-    with pytest.raises(ValueError, match="MNIST needs its file") as err:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "fedge"
+
+
+def test_the_data_directory_is_fedge_data_else_the_user_cache(monkeypatch, tmp_path, no_data):
+    assert datasets.data_dir() == (no_data, "XDG_CACHE_HOME")
+    assert datasets.data_file("mnist") == no_data / "mnist.npz"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored, as the XDG spec says
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert datasets.data_dir() == (tmp_path / "home" / ".cache" / "fedge", "the user cache")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert datasets.data_dir()[0] == tmp_path / "home" / ".cache" / "fedge"
+    monkeypatch.setenv("FEDGE_DATA", str(tmp_path / "data"))
+    assert datasets.data_dir() == (tmp_path / "data", "FEDGE_DATA")
+    with pytest.raises(datasets.DataError, match="ships with scikit-learn"):
+        datasets.data_file("digits")
+    with pytest.raises(datasets.DataError, match="no built-in data set is called 'cifar'"):
+        datasets.data_file("cifar")
+
+
+def test_mnist_without_its_file_says_how_to_get_it_in_one_line(no_data):
+    with pytest.raises(ValueError, match=r"MNIST file .* not found") as err:
         datasets.mnist()
     message = str(err.value)
-    assert "FEDGE_DATA" in message and 'path = "/path/to/mnist.npz"' in message
-    assert "x_train, y_train, x_test, y_test" in message and "\n" not in message
+    assert str(no_data / "mnist.npz") in message and "XDG_CACHE_HOME" in message
+    assert "run `fedge data fetch mnist` or set FEDGE_DATA" in message and "\n" not in message
 
 
-def test_mnist_reads_fedge_data_when_no_path_is_given(monkeypatch, tmp_path):
+def test_mnist_reads_fedge_data_else_the_user_cache(monkeypatch, tmp_path, no_data):
+    no_data.mkdir(parents=True)
+    cached = _tiny_mnist(no_data, train=5)
+    x, y = datasets.mnist()
+    assert x.shape == (5, 784) and np.array_equal(y, cached["y_train"])
     arrays = _tiny_mnist(tmp_path)
     monkeypatch.setenv("FEDGE_DATA", str(tmp_path))
     x, y = datasets.mnist()
@@ -91,14 +118,142 @@ def test_mnist_reads_fedge_data_when_no_path_is_given(monkeypatch, tmp_path):
     assert len(datasets.mnist(path=str(other / "mnist.npz"))[0]) == 3
 
 
-def test_mnist_missing_file_is_explained(monkeypatch, tmp_path):
-    monkeypatch.delenv("FEDGE_DATA", raising=False)
-    with pytest.raises(ValueError, match=r"MNIST file .*none\.npz.* not found") as err:
+def test_mnist_missing_file_is_explained(monkeypatch, tmp_path, no_data):
+    with pytest.raises(ValueError, match=r"MNIST file .*none\.npz.* \(the path given\) not found") as err:
         datasets.mnist(path=str(tmp_path / "none.npz"))
-    assert "FEDGE_DATA" in str(err.value) and "path" in str(err.value)
+    assert "correct the path" in str(err.value) and "fedge data fetch mnist" in str(err.value)
     monkeypatch.setenv("FEDGE_DATA", str(tmp_path))  # a directory without mnist.npz
     with pytest.raises(ValueError, match=r"mnist.npz' \(from FEDGE_DATA\) not found"):
         datasets.mnist()
+
+
+# --- fetch and import, on a synthetic "MNIST" whose checksums the test pins ------------
+
+
+@pytest.fixture
+def tiny_spec(monkeypatch, tmp_path):
+    """datasets.FILES["mnist"] pinned to a tiny synthetic file (the real one
+    is 11 MB and not here): its bytes, and the spec that accepts them."""
+    from dataclasses import replace
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _tiny_mnist(src)
+    path = src / "mnist.npz"
+    spec = replace(datasets.MNIST_FILE, sha256=datasets.file_sha256(path), size=path.stat().st_size,
+                   arrays_digest=datasets.arrays_sha256(path, datasets.MNIST_FILE.arrays))
+    monkeypatch.setitem(datasets.FILES, "mnist", spec)
+    return path
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A directory served over HTTP on 127.0.0.1 (a stand-in for keras' URL)."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_check_file_knows_the_published_file_and_the_same_arrays_in_another_archive(tiny_spec, tmp_path):
+    spec = datasets.FILES["mnist"]
+    assert datasets.check_file(spec, tiny_spec).detail.startswith("keras' mnist.npz, sha256 ")
+    with np.load(tiny_spec) as z:
+        np.savez_compressed(tmp_path / "again.npz", **{k: z[k] for k in z.files})  # same arrays, other bytes
+    again = datasets.check_file(spec, tmp_path / "again.npz")
+    assert again.ok and "MNIST's arrays, in another .npz" in again.detail
+    np.savez(tmp_path / "other.npz", x_train=np.zeros((1, 28, 28), np.uint8), y_train=np.zeros(1, np.uint8),
+             x_test=np.zeros((1, 28, 28), np.uint8), y_test=np.zeros(1, np.uint8))
+    other = datasets.check_file(spec, tmp_path / "other.npz")
+    assert other.state == "mismatch" and "nor are its arrays MNIST's" in other.detail
+    (tmp_path / "text.npz").write_text("not a zip")
+    assert "not an .npz archive" in datasets.check_file(spec, tmp_path / "text.npz").detail
+    assert datasets.check_file(spec, tmp_path / "none.npz").state == "missing"
+
+
+def test_the_pinned_mnist_checksums_are_keras_and_the_arrays_of_the_real_file():
+    assert datasets.MNIST_FILE.sha256 == "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+    assert datasets.MNIST_FILE.url == "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+    from tests.conftest import mnist_file
+
+    real = mnist_file()  # skips without FEDGE_DATA
+    assert datasets.check_file(datasets.MNIST_FILE, real).ok
+
+
+def test_fetch_downloads_checks_and_renames_into_place(tiny_spec, http_dir, no_data):
+    root, url = http_dir
+    (root / "mnist.npz").write_bytes(tiny_spec.read_bytes())
+    check, downloaded = datasets.fetch("mnist", url=f"{url}/mnist.npz")
+    assert downloaded and check.ok and check.path == no_data / "mnist.npz"
+    assert (no_data / "mnist.npz").read_bytes() == tiny_spec.read_bytes()
+    assert sorted(p.name for p in no_data.iterdir()) == ["mnist.npz"]  # no temporary file left
+    assert len(datasets.mnist()[0]) == 6
+    # A good copy is there: nothing downloaded (the server is not even asked).
+    assert datasets.fetch("mnist", url=f"{url}/gone.npz") == (check, False)
+
+
+def test_fetch_refuses_what_is_not_the_data_and_leaves_nothing(tiny_spec, http_dir, no_data):
+    root, url = http_dir
+    (root / "mnist.npz").write_bytes(b"PK not really" * 100)
+    with pytest.raises(datasets.DataError, match=r"is not keras' mnist\.npz") as err:
+        datasets.fetch("mnist", url=f"{url}/mnist.npz")
+    assert "nothing was written" in str(err.value)
+    assert list(no_data.iterdir()) == []
+    with pytest.raises(datasets.DataError, match="HTTP 404"):
+        datasets.fetch("mnist", url=f"{url}/missing.npz")
+    # Something else already there is kept unless --force.
+    (no_data / "mnist.npz").write_bytes(b"mine")
+    with pytest.raises(datasets.DataError, match="pass --force"):
+        datasets.fetch("mnist", url=f"{url}/mnist.npz")
+    (root / "mnist.npz").write_bytes(tiny_spec.read_bytes())
+    assert datasets.fetch("mnist", url=f"{url}/mnist.npz", force=True)[1]
+    assert (no_data / "mnist.npz").read_bytes() == tiny_spec.read_bytes()
+
+
+def test_fetch_without_a_network_is_one_line(tiny_spec, no_data):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(datasets.DataError, match=r"cannot download mnist\.npz") as err:
+        datasets.fetch("mnist", url=f"http://127.0.0.1:{port}/mnist.npz", timeout=5)
+    assert "fedge data import mnist FILE" in str(err.value) and "\n" not in str(err.value)
+    assert not no_data.exists() or list(no_data.iterdir()) == []
+
+
+def test_import_checks_the_file_and_copies_it_into_place(tiny_spec, tmp_path, no_data):
+    check, copied = datasets.import_file("mnist", tiny_spec)
+    assert copied and check.ok and (no_data / "mnist.npz").read_bytes() == tiny_spec.read_bytes()
+    assert datasets.import_file("mnist", tiny_spec)[1] is False  # the same data: nothing to do
+    assert datasets.import_file("mnist", no_data / "mnist.npz")[1] is False  # the file itself
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    with pytest.raises(datasets.DataError, match=r"bad\.npz is not keras' mnist\.npz"):
+        datasets.import_file("mnist", tmp_path / "bad.npz")
+    with pytest.raises(datasets.DataError, match="is not a file"):
+        datasets.import_file("mnist", tmp_path / "none.npz")
+    with np.load(tiny_spec) as z:
+        np.savez_compressed(tmp_path / "again.npz", **{k: z[k] for k in z.files})
+    with pytest.raises(datasets.DataError, match="pass --force"):  # other bytes over a good file: only asked
+        datasets.import_file("mnist", tmp_path / "again.npz")
+    assert datasets.import_file("mnist", tmp_path / "again.npz", force=True)[1]
+
+
+def test_a_data_directory_that_cannot_be_written_is_one_line(tiny_spec, monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("FEDGE_DATA", str(tmp_path / "file" / "data"))
+    with pytest.raises(datasets.DataError, match=r"cannot write data into .*set FEDGE_DATA"):
+        datasets.import_file("mnist", tiny_spec)
 
 
 def test_mnist_file_without_its_arrays_is_refused(tmp_path):
