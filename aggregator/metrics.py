@@ -5,9 +5,10 @@ default, so two services in one process do not mix), the latency
 histograms the service observes, and a ``SnapshotCollector`` that renders
 ``snapshot`` dicts the service's loop builds (``AggregatorService._metrics_snapshot``).
 
-Every metric and its labels are listed in ``METRICS`` and in the README
-("Metrics"); ``tests/unit/test_metrics.py`` checks that the two agree with
-what a scrape returns.
+Every metric and its labels are listed in ``METRICS`` and in the
+documentation's metrics reference (docs/reference/metrics.md);
+``tests/unit/test_metrics.py`` checks that they agree with what a scrape
+returns.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 _OUTCOMES = {"rounds_ok": "ok", "rounds_failed": "failed"}
 _UPDATE_STATUSES = ("accepted", "duplicate", "declined")
 
-# name -> (type, help, labels): the public surface, documented in the README.
+# name -> (type, help, labels): the public surface, documented in docs/reference/metrics.md.
 METRICS: MetricTable = {
     "fedge_job_info": ("gauge", "The job this aggregator runs (value 1).", ("job_name", "model", "version")),
     "fedge_round": ("gauge", "The round open now, or the last one closed.", ()),

@@ -15,7 +15,7 @@ Peak RSS is the
 aggregator process's VmHWM. Each size runs several rounds in one aggregator
 and reports the median.
 
-Bars (docs/architecture.md): >= 100 updates/s; peak RSS flat as N grows.
+Bars (docs/explanation/architecture.md): >= 100 updates/s; peak RSS flat as N grows.
 
     python bench/aggregate.py [--clients 20 100 200] [--publishers 8] [--signing off] [--out FILE]
 """

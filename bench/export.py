@@ -22,7 +22,7 @@ Models:
   a converged model. Skipped, with the reason in the JSON (and on stderr),
   if there is no such file.
 
-Bars (docs/architecture.md, "quantized ONNX against float32"): int8 <= 0.3x the float size,
+Bars (docs/explanation/architecture.md, "quantized ONNX against float32"): int8 <= 0.3x the float size,
 faster (p50, batch 1, on a host of the target's kind), <= 0.5 point accuracy
 loss, >= 99% top-1 agreement. The size and speed bars apply to models whose
 weights dominate the file (the MNIST CNN); the 4,810-parameter digits MLP's

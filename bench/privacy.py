@@ -25,7 +25,7 @@ norm bound and weight cap), then ``central`` at each ``--epsilons`` target;
 model carries the same noise) and ``adaptive`` (adaptive clipping at the
 median) at the middle target.
 
-The defaults are the setup of the DP bar in docs/architecture.md: the FedAvg paper's
+The defaults are the setup of the DP bar in docs/explanation/architecture.md: the FedAvg paper's
 2NN (199,210 parameters), 1,000 devices of 60 images, Poisson q = 0.1,
 delta 1e-5; and the best of a sweep at epsilon 8 on it (README): clip 0.1,
 E=1, B=10, lr 0.1, plain FedAvg on the server (lr 1), 400 rounds. The noise

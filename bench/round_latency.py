@@ -6,7 +6,7 @@ an aggregator folding updates in the job's default codec (int2 + zlib;
 `--codec` picks another), and a held-out evaluation per round.
 Round time is measured by the aggregator from announcement to close.
 
-Bar (docs/architecture.md): median < 1 s per round for 10 agents on 2 cores.
+Bar (docs/explanation/architecture.md): median < 1 s per round for 10 agents on 2 cores.
 
     python bench/round_latency.py [--broker mosquitto|embedded|mqtt://...] [--out FILE]
 """

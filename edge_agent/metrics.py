@@ -6,7 +6,8 @@ and this module renders it; the HTTP listener's thread never touches a
 device's state. A runtime that simulates several devices (``fedge fleet``)
 sums them, and says how many there are (``fedge_agent_devices``).
 
-Every metric is listed in ``METRICS`` and in the README ("Metrics").
+Every metric is listed in ``METRICS`` and in the documentation's metrics
+reference (docs/reference/metrics.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Writes deploy/grafana/fedge.json, the Grafana dashboard for fedge's
-Prometheus metrics (README: Observability). Edit the panels here and run
+Prometheus metrics (docs/how-to/monitoring.md). Edit the panels here and run
 
     python deploy/grafana/build_dashboard.py
 
@@ -149,7 +149,7 @@ def dashboard() -> dict[str, Any]:
     return {
         "title": "fedge: federated learning fleet",
         "uid": "fedge-fleet",
-        "description": "fedge's Prometheus metrics: one aggregator's job and its agents (README: Observability).",
+        "description": "fedge's Prometheus metrics: one aggregator's job and its agents (docs/how-to/monitoring.md).",
         "tags": ["fedge", "federated-learning", "mqtt"],
         "timezone": "browser",
         "schemaVersion": 39,

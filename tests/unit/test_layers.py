@@ -1,4 +1,4 @@
-"""Layers run one way (docs/architecture.md, "Layers"): the command line (``fedge_cli``)
+"""Layers run one way (docs/explanation/architecture.md, "Layers"): the command line (``fedge_cli``)
 may import the roles, the roles (``aggregator``, ``edge_agent``, ``export``)
 import the contract (``fedge``) and never each other, and the contract
 imports nothing above it. Every import is checked, those inside functions

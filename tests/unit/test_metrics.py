@@ -119,15 +119,33 @@ def test_no_snapshot_yet_serves_no_fedge_metrics():
     assert b"fedge_" not in generate_latest(registry)
 
 
-def test_every_metric_is_documented_in_the_readme():
+def test_every_metric_is_documented_on_the_generated_reference_page():
+    """The metrics reference (docs/reference/metrics.md) is generated from the
+    METRICS tables: each metric needs a help text to be worth a row, labels
+    that are valid names, and a row under its role with its type and help."""
+    import importlib.util
+    import re
     from pathlib import Path
 
     from aggregator.metrics import METRICS as AGGREGATOR
     from edge_agent.metrics import METRICS as AGENT
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    missing = [name for name in [*AGGREGATOR, *AGENT] if f"`{name}`" not in readme]
-    assert not missing, f"README (Observability) lacks {missing}"
-    for name, (kind, _, labels) in {**AGGREGATOR, **AGENT}.items():
-        assert name.startswith("fedge_") and (name.endswith("_total") == (kind == "counter")), name
-        assert "device" not in labels or name == "fedge_agent_info", f"{name}: one series per device"
+    path = Path(__file__).resolve().parents[2] / "docs" / "hooks" / "reference.py"
+    spec = importlib.util.spec_from_file_location("fedge_docs_reference", path)
+    assert spec is not None and spec.loader is not None
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    page = reference.metrics_page()
+    for role, table in (("aggregator", AGGREGATOR), ("agent", AGENT)):
+        section = page.split(f"{{#{role}}}", 1)[1].split("\n## ", 1)[0]
+        rows = {line.split(" | ")[0].strip("| `"): line for line in section.splitlines() if line.startswith("| `")}
+        assert set(rows) == set(table), f"{role}: the page's rows are not METRICS"
+        for name, (kind, helptext, labels) in table.items():
+            assert kind in ("gauge", "counter", "histogram"), name
+            assert helptext.strip().endswith("."), f"{name}: a help text, one sentence or more"
+            assert all(re.fullmatch(r"[a-z][a-z_]*", label) for label in labels), f"{name}: label names {labels}"
+            row = rows[name]
+            assert f"| {kind} |" in row and reference.md(helptext) in row, row
+            assert all(f"`{label}`" in row for label in labels), row
+            assert name.startswith("fedge_") and (name.endswith("_total") == (kind == "counter")), name
+            assert "device" not in labels or name == "fedge_agent_info", f"{name}: one series per device"

@@ -1,6 +1,6 @@
 """The aggregator stays in rooms a newcomer can read: no class over 400
 lines, no function over 50, the round lifecycle under 250 (issue 27's
-bar; ``docs/architecture.md`` says which module holds which concern)."""
+bar; ``docs/explanation/architecture.md`` says which module holds which concern)."""
 
 import ast
 from pathlib import Path
@@ -19,7 +19,7 @@ def sizes():
 def test_no_class_or_function_in_the_aggregator_outgrows_its_room():
     big = [f"{path}:{node.lineno} {node.name} ({n} lines)" for path, node, n in sizes()
            if n > (MAX_CLASS if isinstance(node, ast.ClassDef) else MAX_FUNCTION)]
-    assert not big, "split these (docs/architecture.md): " + "; ".join(big)
+    assert not big, "split these (docs/explanation/architecture.md): " + "; ".join(big)
 
 
 def test_the_lifecycle_module_stays_small():
