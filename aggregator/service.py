@@ -481,7 +481,7 @@ class AggregatorService:
     def _metrics_snapshot(self) -> dict[str, Any]:
         """Plain data, copied on the loop's thread: what ``aggregator.metrics.render`` shows."""
         return service_snapshot(self.cfg, self.core, self._last_record, self.traffic.copy(),
-                                (self.link.connected.is_set(), self.link.connect_failures),
+                                (self.link.connected.is_set(), self.link.connect_failures, self.link.messages_dropped),
                                 self.updates.held, len(self.inbox), self.checkpoint_time)
 
     def _publish_artifact(self, built: ArtifactBuilt) -> None:

@@ -482,6 +482,7 @@ class AgentRuntime:
             # The links' own state (through each CountingLink), as their network threads see it.
             "broker_connected": all(d.link.connected.is_set() for d in self.devices.values()),
             "broker_connect_failures": sum(d.link.connect_failures for d in self.devices.values()),
+            "broker_messages_dropped": sum(d.link.messages_dropped for d in self.devices.values()),
             "counters": {k: v for k, v in counters.items() if v},
             "traffic": self.bytes_by_channel.copy(),
             "last_training": dict(self.last_training),

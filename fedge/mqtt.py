@@ -390,6 +390,10 @@ class MqttLink:
         # start() to its first, from a drop to the next; None while connected.
         self.down_since: float | None = None
         self.connect_failures = 0  # connection attempts that failed
+        # Messages given up because the queue kept while disconnected was full
+        # (broker.max_queued_messages); warned about once per outage.
+        self.messages_dropped = 0
+        self._drop_warned = False
         self.last_error = ""  # why the last one failed, and what to do about it
         self._attempt_failed = False  # the attempt under way has failed (and was counted)
         self._report_outages = report_outages
@@ -412,7 +416,11 @@ class MqttLink:
         self._v5 = protocol == paho.MQTTv5
         self._persistent = persistent
         c = self.client
-        c.max_queued_messages_set(settings.max_queued_messages)
+        # broker.max_queued_messages bounds what is kept while disconnected (see
+        # _send); a live connection drains its queue, and a burst (a receipt for
+        # each of thousands of updates closing at once) must not be cut by a bound
+        # meant for outages, so paho's own bound, which counts both, is off.
+        c.max_queued_messages_set(0)
         c.max_inflight_messages_set(32)
         c.reconnect_delay_set(max(1, round(settings.reconnect_min_s)), max(1, round(settings.reconnect_max_s)))
         if settings.username:
@@ -506,7 +514,8 @@ class MqttLink:
             self._track(sent)
             info = self._send(topic, payload, retain)
             sent.infos.append(info)
-        self.bytes_out += len(payload)
+        if info.rc != paho.MQTT_ERR_QUEUE_SIZE:
+            self.bytes_out += len(payload)
         return info
 
     def publish_chunked(self, topic_for: Callable[[int], str], message: bytes, *, retain: bool = False
@@ -541,15 +550,39 @@ class MqttLink:
 
     # --- packet limits ----------------------------------------------------------
 
-    def _send(self, topic: str, payload: bytes | bytearray, retain: bool) -> paho.MQTTMessageInfo:
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
-            log.warning("%s: outgoing queue full; dropped a message to %s", self.name, topic)
-        return info
+    def _send(self, topic: str, payload: bytes | bytearray, retain: bool, bounded: bool = True
+              ) -> paho.MQTTMessageInfo:
+        """Hand one packet to paho. While disconnected, one past
+        ``broker.max_queued_messages`` packets waiting is given up (counted in
+        ``messages_dropped``, ``rc`` MQTT_ERR_QUEUE_SIZE); ``bounded=False``:
+        a packet already counted (chunked again on reconnect). Holds _lock."""
+        if bounded and self._over_queue():
+            return self._give_up(topic)[0]
+        return self.client.publish(topic, payload, qos=1, retain=retain)
 
-    def _send_chunks(self, sent: _Sent) -> int:
+    def _over_queue(self) -> bool:
+        """Disconnected, with more than ``broker.max_queued_messages`` packets
+        waiting, the one being published included (it is tracked first)."""
+        limit = self.settings.max_queued_messages
+        return bool(limit) and not self.connected.is_set() and sum(len(m.unacked_sizes()) for m in self._sent) > limit
+
+    def _give_up(self, topic: str, packets: int = 1) -> list[paho.MQTTMessageInfo]:
+        """A message not kept: counted, warned about once per outage."""
+        self.messages_dropped += 1
+        if not self._drop_warned:
+            self._drop_warned = True
+            log.warning("%s: broker unreachable and %d messages already queued (broker.max_queued_messages): "
+                        "dropping what is published until it is back, starting with a message to %s",
+                        self.name, self.settings.max_queued_messages, topic)
+        infos = [paho.MQTTMessageInfo(0) for _ in range(packets)]
+        for info in infos:
+            info.rc = paho.MQTT_ERR_QUEUE_SIZE
+        return infos
+
+    def _send_chunks(self, sent: _Sent, bounded: bool = True) -> int:
         """(Re)publish ``sent.message`` in chunks of the current size; returns
-        the payload bytes. Holds _lock."""
+        the payload bytes. ``bounded``: all of it is given up when it does not
+        fit the queue kept while disconnected (see ``_send``). Holds _lock."""
         topic_for = sent.topic_for
         if topic_for is None:
             raise TypeError("not a chunked message")
@@ -558,8 +591,11 @@ class MqttLink:
         sizes = [publish_packet_bytes(t, len(part), self._v5) for t, part in zip(topics, parts, strict=True)]
         infos: list[paho.MQTTMessageInfo] = []
         sent.topics, sent.sizes, sent.infos = topics, sizes, infos
+        if bounded and self._over_queue():
+            infos += self._give_up(topics[0], len(parts))
+            return 0
         for t, part in zip(topics, parts, strict=True):
-            infos.append(self._send(t, part, sent.retain))
+            infos.append(self._send(t, part, sent.retain, bounded=False))
         return sum(len(part) for part in parts)
 
     def _track(self, sent: _Sent) -> None:
@@ -657,19 +693,19 @@ class MqttLink:
                 for k, info in enumerate(m.infos):
                     msg = queued.pop(id(info), None)
                     if msg is not None:
-                        m.infos[k] = self._send(msg.topic, msg.payload, msg.retain)
+                        m.infos[k] = self._send(msg.topic, msg.payload, msg.retain, bounded=False)
                 kept.append(m)
             elif m.topic_for is not None and self.chunk_bytes:
                 for info in m.infos:
                     queued.pop(id(info), None)
-                self._send_chunks(m)
+                self._send_chunks(m, bounded=False)
                 kept.append(m)
             else:
                 for info in m.infos:
                     queued.pop(id(info), None)
                 self._refuse(f"a {len(m.message)}-byte message to {m.topics[0]} any more")
         for msg in queued.values():  # none: everything we publish is recorded
-            self._send(msg.topic, msg.payload, msg.retain)
+            self._send(msg.topic, msg.payload, msg.retain, bounded=False)
         self._sent = kept
 
     # --- paho callbacks (network thread) ------------------------------------------
@@ -703,6 +739,10 @@ class MqttLink:
                 self._failed(f"the broker refused the connection ({text}); see the broker's log", logging.ERROR)
             return
         with self._lock:
+            if self._drop_warned:
+                log.warning("%s: reconnected; %d messages were dropped while the broker was unreachable",
+                            self.name, self.messages_dropped)
+                self._drop_warned = False
             self._adopt_announced_limit(properties)
             self._fit_queue()
         if self.subscriptions:

@@ -66,6 +66,7 @@ class Link(Protocol):
     connected: threading.Event  # set while connected
     down_since: float | None  # monotonic time since which it has been without a connection; None while connected
     connect_failures: int  # connection attempts that failed
+    messages_dropped: int  # given up: the queue kept while disconnected was full
 
     @property
     def max_packet_bytes(self) -> int:
@@ -243,6 +244,7 @@ class MemoryLink:
         self.connected = threading.Event()
         self.down_since: float | None = None
         self.connect_failures = 0  # a memory broker never refuses
+        self.messages_dropped = 0  # nor gives up messages
 
     def start(self) -> None:
         self.connected.set()
