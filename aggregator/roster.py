@@ -30,6 +30,10 @@ class Roster:
         # round it may be selected again).
         self.benched: dict[str, tuple[int, int]] = {}
         self.last_selected: frozenset[str] = frozenset()  # of the round that closed last
+        # For each set of codecs asked about, the online devices able to train
+        # with them, kept as presences come and go: a fleet of N announcing
+        # itself costs O(N), not a scan of everyone online per presence.
+        self._able: dict[tuple[str, ...], set[str]] = {}
 
     def heard(self, client: str, online: bool, info: dict[str, Any]) -> bool:
         """A device's presence; False (and nothing changes) for a device the
@@ -41,15 +45,38 @@ class Roster:
             self.online[client] = info
         else:
             self.online.pop(client, None)
+        for codecs, able in self._able.items():
+            if online and selection.able(info, codecs):
+                able.add(client)
+            else:
+                able.discard(client)
         return True
 
     def eligible(self, codecs: Sequence[str], round_: int, needed: int) -> list[str]:
         """The online devices that can train this round (``codecs``: what
         they must encode and decode), the benched left out unless the others
         are fewer than ``needed``."""
-        candidates = selection.eligible(self.online, codecs)
+        able = self._able_with(codecs)
+        candidates = sorted(able)
         ready = [c for c in candidates if self.benched.get(c, (0, 0))[1] <= round_]
         return ready if len(ready) >= needed else candidates
+
+    def eligible_count(self, codecs: Sequence[str], round_: int, needed: int) -> int:
+        """``len(eligible(...))`` without listing them: what a round waiting
+        for devices asks at every presence."""
+        able = self._able_with(codecs)
+        if len(able) < needed:  # the benched cannot make it fewer than that
+            return len(able)
+        waiting = sum(1 for c, (_, until) in self.benched.items() if until > round_ and c in able)
+        ready = len(able) - waiting
+        return ready if ready >= needed else len(able)
+
+    def _able_with(self, codecs: Sequence[str]) -> set[str]:
+        key = tuple(codecs)
+        able = self._able.get(key)
+        if able is None:  # first asked: one scan, then kept up to date by heard()
+            able = self._able[key] = {c for c, info in self.online.items() if selection.able(info, key)}
+        return able
 
     def alive(self, client: str) -> None:
         """It sent something: slow, perhaps, but real."""

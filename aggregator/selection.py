@@ -24,18 +24,19 @@ from typing import Any
 import numpy as np
 
 
+def able(info: Mapping[str, Any], needed_codecs: Sequence[str]) -> bool:
+    """Whether a device whose presence says ``info`` can train with these codecs."""
+    if info.get("role", "trainer") != "trainer":
+        return False  # inference-only devices never train
+    codecs = info.get("codecs")
+    # An older build that cannot decode this job's codecs is not.
+    return not (isinstance(codecs, list) and not all(n in codecs for n in needed_codecs))
+
+
 def eligible(online: Mapping[str, Mapping[str, Any]], needed_codecs: Sequence[str]) -> list[str]:
     """Sorted ids of the online devices able to train: ``online`` maps a device
     id to the info of its presence message."""
-    out = []
-    for client, info in online.items():
-        if info.get("role", "trainer") != "trainer":
-            continue  # inference-only devices never train
-        codecs = info.get("codecs")
-        if isinstance(codecs, list) and not all(n in codecs for n in needed_codecs):
-            continue  # an older build that cannot decode this job's codecs
-        out.append(client)
-    return sorted(out)
+    return sorted(client for client, info in online.items() if able(info, needed_codecs))
 
 
 def select(candidates: Sequence[str], *, fraction: float, min_clients: int, max_clients: int, seed: int,

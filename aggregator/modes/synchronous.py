@@ -153,13 +153,17 @@ class SynchronousRounds:
         else:
             c.life.await_all()
 
-    def eligible(self) -> list[str]:
+    def codecs(self) -> list[str]:
+        """What a device must encode and decode to train this job's rounds:
+        the uplink codec and the downlink's deltas."""
         c = self.core
-        # A device must decode the downlink's deltas as well as encode updates.
         codecs = [SECAGG_CAPABILITY] if c.policy.secagg is not None else requirements(c.codec_params)
         if c.models.codec is not None:
             codecs += requirements(c.models.downlink_params)
-        return c.roster.eligible(codecs, c.next_round, self.needed())
+        return codecs
+
+    def eligible(self) -> list[str]:
+        return self.core.roster.eligible(self.codecs(), self.core.next_round, self.needed())
 
     def needed(self) -> int:
         """Eligible devices a round waits for: selection.min_clients, and a
@@ -181,21 +185,23 @@ class SynchronousRounds:
         c = self.core
         if c.next_round > c.policy.rounds:
             return self.finish_job(now)
-        candidates = self.eligible()
         dp = c.policy.privacy
         # A private round divides its noised sum by the cohort it expects of
         # min_devices devices: it never opens with fewer.
         needed = self.needed()
-        if len(candidates) < needed:
+        # Counted, not listed: asked at every presence while a round waits.
+        count = c.roster.eligible_count(self.codecs(), c.next_round, needed)
+        if count < needed:
             c.life.too_few()
             if self.waiting_announced != c.next_round:
                 self.waiting_announced = c.next_round
                 log.info("round %d waits for %d eligible clients online (%d now)%s", c.next_round, needed,
-                         len(candidates), "" if needed == c.policy.min_clients else " (privacy.min_devices)")
+                         count, "" if needed == c.policy.min_clients else " (privacy.min_devices)")
                 return [PublishAnnouncement(c.announcement(RoundState.WAITING, (), now))]
             return []
         if settle and c.policy.settle_s > 0 and not c.life.settled(now, c.policy.settle_s):
             return []
+        candidates = self.eligible()
         spend = c.private.over_budget() if c.private is not None else None
         if dp is not None and spend is not None:
             log.warning("privacy budget: round %d would bring epsilon to %.3f (delta %g), over "

@@ -107,3 +107,47 @@ def test_a_refused_update_is_a_response_so_the_round_closes_on_quorum():
     [fin] = finished(send(core, "b", update(core, "b"), now=2.0))
     assert fin.record.closed_by == "quorum" and fin.record.seconds == 2.0 and fin.record.clients == 2
     assert "c" not in core.roster.benched
+
+
+def test_the_roster_s_running_count_agrees_with_a_scan_through_any_churn():
+    # The round core asks at every presence how many devices could train; the
+    # roster keeps that set as presences come and go instead of scanning
+    # everyone online, which made a fleet of N announcing itself cost N^2.
+    import random
+
+    from aggregator import selection
+    from aggregator.roster import Roster
+
+    rng = random.Random(7)
+    roster = Roster(max_devices=10_000)
+    asks = (("int2",), ("int2", "delta4"), ())
+    for step in range(3000):
+        client = f"d{rng.randrange(400)}"
+        info = rng.choice([{}, {"codecs": ["int2"]}, {"codecs": ["int2", "delta4"]}, {"role": "inference"}])
+        roster.heard(client, rng.random() < 0.7, info)
+        if rng.random() < 0.05:
+            roster.closed(step, rng.sample(sorted(roster.online) or ["x"], 1), set())  # benched for silence
+        codecs = rng.choice(asks)
+        needed = rng.randrange(1, 200)
+        scan = selection.eligible(roster.online, codecs)
+        ready = [c for c in scan if roster.benched.get(c, (0, 0))[1] <= step]
+        expect = ready if len(ready) >= needed else scan
+        assert roster.eligible(codecs, step, needed) == expect
+        assert roster.eligible_count(codecs, step, needed) == len(expect)
+
+
+def test_a_fleet_announcing_itself_costs_linear_work(monkeypatch):
+    # A round waiting for 2,000 devices: each presence is one check, not a
+    # check of every device online (counted, not timed: deterministic).
+    from aggregator import selection
+
+    calls = []
+    real = selection.able
+    monkeypatch.setattr(selection, "able", lambda info, codecs: calls.append(1) or real(info, codecs))
+    n = 2000
+    core = make_core(min_clients=n)
+    for i in range(n - 1):
+        core.handle(ClientStatus(f"d{i:05d}", True, {}, 0.0))
+    assert len(calls) <= 2 * n
+    ann = announcement(core.handle(ClientStatus(f"d{n - 1:05d}", True, {}, 0.0)) + core.handle(TimerFired(100.0)))
+    assert len(ann.selected) == n
