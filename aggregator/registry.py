@@ -19,7 +19,7 @@ import contextlib
 import fcntl
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,16 +134,56 @@ class Registry:
         old = self.devices.get(device_id)
         if old is not None and old.active and old.key == key:
             return old  # enrolled with this very key already: nothing to change, nothing to replace
-        if old is not None and not replace:
-            state = "revoked" if not old.active else "enrolled"
-            raise RegistryError(f"{device_id} is already {state} (key {old.key.fingerprint}); "
-                                "pass --replace to give it a new key")
-        for other in self.devices.values():
-            if other.key == key and other.id != device_id and other.active:
-                raise RegistryError(f"that key is already enrolled as {other.id}; every device needs its own key")
-        dev = Device(device_id, key, round(time.time(), 3))
-        self._write({**self.devices, device_id: dev})
-        return dev
+        return self._enroll_all([(device_id, key)], replace)[0][0]
+
+    def enroll_many(self, entries: Iterable[tuple[str, PublicKey]], *, replace: bool = False
+                    ) -> tuple[list[Device], list[Device]]:
+        """Enroll a fleet in one write: all of ``entries`` or, on the first
+        that cannot be (an id twice, a key shared, an enrolled device without
+        ``replace``), none, raising ``RegistryError`` naming it. Returns
+        (the devices enrolled, those enrolled with that very key already).
+        O(N): one read, one key index, one write, however many devices."""
+        items = list(entries)
+        for device_id, _ in items:
+            try:
+                check_id(device_id, "device id")
+            except ValueError as exc:
+                raise RegistryError(str(exc)) from None
+        with self._locked():
+            return self._enroll_all(items, replace)
+
+    def _enroll_all(self, items: list[tuple[str, PublicKey]], replace: bool) -> tuple[list[Device], list[Device]]:
+        owner = {d.key: d.id for d in self.devices.values() if d.active}  # every active key's device
+        if replace:  # the keys of devices given new ones are free for others of the batch (a swap)
+            for device_id, key in items:
+                old = self.devices.get(device_id)
+                if old is not None and old.active and old.key != key and owner.get(old.key) == device_id:
+                    del owner[old.key]
+        seen: set[str] = set()
+        now = round(time.time(), 3)
+        new: dict[str, Device] = {}
+        unchanged: list[Device] = []
+        for device_id, key in items:
+            if device_id in seen:
+                raise RegistryError(f"{device_id} is listed twice; enroll each device once")
+            seen.add(device_id)
+            old = self.devices.get(device_id)
+            if old is not None and old.active and old.key == key:
+                unchanged.append(old)  # enrolled with this very key already: nothing to change
+                continue
+            if old is not None and not replace:
+                state = "revoked" if not old.active else "enrolled"
+                raise RegistryError(f"{device_id} is already {state} (key {old.key.fingerprint}); "
+                                    "pass --replace to give it a new key")
+            holder = owner.get(key)
+            if holder is not None and holder != device_id:
+                raise RegistryError(f"the key given for {device_id} is already enrolled as {holder}; every device "
+                                    "needs its own key")
+            owner[key] = device_id
+            new[device_id] = Device(device_id, key, now)
+        if new:
+            self._write({**self.devices, **new})
+        return [self.devices[d] for d in new], unchanged
 
     def revoke(self, device_id: str) -> Device:
         with self._locked():

@@ -92,10 +92,59 @@ def _registry(config_path: str, overrides: list[str], writes: bool = False) -> A
     return Registry(Path(cfg.job.state_dir))
 
 
+def read_fleet(path: str) -> list[tuple[str, Any]]:
+    """``fedge enroll --from FILE``: one device a line, ``<id> <key>`` (the
+    key as ``fedge keys`` prints it, or a ``.pub`` file), blank lines and
+    ``#`` comments skipped; ``-`` reads standard input. Raises
+    ``IdentityError`` naming the line of the first that is not."""
+    from fedge.identity import IdentityError, read_public_key
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IdentityError(f"cannot read the device list {path}: {exc}") from None
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) != 2:
+            raise IdentityError(f"{path}:{number}: expected '<device id> <public key>', got {line.strip()!r}")
+        try:
+            out.append((words[0], read_public_key(words[1])))
+        except IdentityError as exc:
+            raise IdentityError(f"{path}:{number}: {exc}") from None
+    if not out:
+        raise IdentityError(f"{path} lists no devices: one '<device id> <public key>' a line")
+    return out
+
+
+def _enroll_fleet(args: argparse.Namespace) -> int:
+    from aggregator.registry import RegistryError
+    from fedge.identity import IdentityError
+
+    try:
+        fleet = read_fleet(args.from_file)
+        enrolled, unchanged = _registry(args.config, args.set, writes=True).enroll_many(fleet, replace=args.replace)
+    except (IdentityError, RegistryError) as exc:
+        _fail(exc)
+    print(f"enrolled {len(enrolled)} devices" + (f"; {len(unchanged)} already enrolled with the same key, unchanged"
+                                                 if unchanged else ""))
+    return 0
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
     from aggregator.registry import RegistryError
     from fedge.identity import IdentityError, read_public_key
+    from fedge_cli.main import UsageError
 
+    if args.from_file is not None:
+        if args.device is not None or args.key is not None:
+            raise UsageError("give either a device and its key or --from FILE, not both")
+        return _enroll_fleet(args)
+    if args.device is None or args.key is None:
+        raise UsageError("give a device id and its public key (fedge enroll --config job.toml ID KEY), or a file "
+                         "of them with --from FILE")
     try:
         key = read_public_key(args.key)
         registry = _registry(args.config, args.set, writes=True)
@@ -159,8 +208,7 @@ def provision(state_dir: Path, device_ids: list[str], key_dir: Path, key_file: s
         if not path.exists():
             Identity.generate().save(path)
         identities[device] = Identity.load(path)
-        if registry.key_of(device) != identities[device].public:
-            registry.enroll(device, identities[device].public, replace=device in registry.devices)
+    registry.enroll_many([(d, identities[d].public) for d in device_ids], replace=True)  # one write for the fleet
     return Identity.load(agg_path).public, identities
 
 
@@ -189,10 +237,15 @@ def add_commands(sub: Any) -> None:
         s.add_argument("--config", required=True, help="the job's TOML config (its state directory holds them)")
         s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a key of the job's config (not for secrets)")
-        if name in ("enroll", "revoke"):
+        if name == "revoke":
             s.add_argument("device", help="device id (its agent.id)")
         if name == "enroll":
-            s.add_argument("key", help="its public key (ed25519:...) or a file holding it (NAME.pub)")
+            s.add_argument("device", nargs="?", default=None, help="device id (its agent.id)")
+            s.add_argument("key", nargs="?", default=None,
+                           help="its public key (ed25519:...) or a file holding it (NAME.pub)")
+            s.add_argument("--from", dest="from_file", default=None, metavar="FILE",
+                           help="enroll a fleet in one write: one '<device id> <public key>' a line (# comments), "
+                                "all or none; - reads standard input")
             s.add_argument("--replace", action="store_true",
                            help="give an enrolled (or revoked) device another key; enrolling it again with the "
                                 "key it has needs no flag and changes nothing")

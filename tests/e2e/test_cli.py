@@ -2,12 +2,17 @@
 
 import json
 import subprocess
-import tomllib
+import sys
 
 import pytest
 
 from fedge.identity import Identity
 from tests.conftest import fedge_cmd
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 pytestmark = pytest.mark.e2e
 KEY = Identity.generate().public.to_text()  # an aggregator key for agents to pin (nothing connects)
@@ -329,6 +334,25 @@ def test_keys_enroll_revoke_and_devices_from_the_command_line(tmp_path, cli_env)
     assert listed[0]["id"] == "dev-1" and "revoked_at" in listed[0]
     bad = run(cli_env, "enroll", "--config", str(job), "dev-2", "ed25519:shortkey")
     assert bad.returncode == 2 and "32 bytes" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+    # A fleet from a file, in one write: all or nothing, each bad line named.
+    keys = [run(cli_env, "keys", "new", "--out", str(tmp_path / f"pi-{i}.key")).stdout.strip() for i in range(3)]
+    fleet = tmp_path / "fleet.txt"
+    fleet.write_text(f"# the kitchen\npi-0 {keys[0]}\npi-1 {tmp_path / 'pi-1.pub'}\n\npi-2 {keys[2]}  # spare\n")
+    first = run(cli_env, "enroll", "--config", str(job), "--from", str(fleet))
+    assert first.returncode == 0 and first.stdout.strip() == "enrolled 3 devices", first.stderr
+    again = run(cli_env, "enroll", "--config", str(job), "--from", str(fleet))
+    assert again.returncode == 0 and "3 already enrolled with the same key, unchanged" in again.stdout
+    fleet.write_text(f"pi-3 {keys[0]}\npi-4 nokey\n")
+    for args, says in ((["--from", str(fleet)], "fleet.txt:2:"),
+                       (["--from", str(tmp_path / "none.txt")], "none.txt"),
+                       (["--from", str(fleet), "pi-9", keys[0]], "not both"),
+                       (["pi-9"], "--from FILE")):
+        _one_line_error(run(cli_env, "enroll", "--config", str(job), *args), says)
+    fleet.write_text(f"pi-3 {keys[0]}\n")  # pi-0's key
+    _one_line_error(run(cli_env, "enroll", "--config", str(job), "--from", str(fleet)), "already enrolled as pi-0")
+    assert {d["id"] for d in json.loads(run(cli_env, "devices", "--config", str(job), "--json").stdout)} == {
+        "dev-1", "pi-0", "pi-1", "pi-2"}
 
 
 def test_keys_rotate_makes_the_aggregators_next_key_once(tmp_path, cli_env):

@@ -74,3 +74,42 @@ def test_the_file_is_plain_json_an_operator_can_read(tmp_path):
     Registry(tmp_path).enroll("dev-1", Identity.generate().public)
     doc = json.loads((tmp_path / "devices.json").read_text())
     assert doc["format"] == 1 and doc["devices"]["dev-1"]["key"].startswith("ed25519:")
+
+
+def test_a_fleet_is_enrolled_in_one_write_all_or_nothing(tmp_path, monkeypatch):
+    reg = Registry(tmp_path)
+    keys = [Identity.generate().public for _ in range(3)]
+    reg.enroll("dev-0", keys[0])
+    writes = []
+    real = Registry._write
+    monkeypatch.setattr(Registry, "_write", lambda self, devices: writes.append(len(devices)) or real(self, devices))
+    enrolled, unchanged = reg.enroll_many([("dev-0", keys[0]), ("dev-1", keys[1]), ("dev-2", keys[2])])
+    assert [d.id for d in enrolled] == ["dev-1", "dev-2"] and [d.id for d in unchanged] == ["dev-0"]
+    assert writes == [3]
+    before = (tmp_path / "devices.json").read_bytes()
+    fresh = Identity.generate().public
+    for batch, why in (
+        ([("dev-3", fresh), ("dev-4", fresh)], "dev-4 is already enrolled as dev-3"),  # one key, two devices
+        ([("dev-3", fresh), ("dev-3", fresh)], "dev-3 is listed twice"),
+        ([("dev-3", fresh), ("dev-1", keys[0])], "dev-1 is already enrolled"),  # without --replace
+        ([("dev-3", fresh), ("dev-5", keys[2])], "already enrolled as dev-2"),  # another device's key
+        ([("dev-3", fresh), ("bad/id", Identity.generate().public)], "not valid"),
+    ):
+        with pytest.raises(RegistryError, match=why):
+            reg.enroll_many(batch)
+        assert (tmp_path / "devices.json").read_bytes() == before  # none of the batch
+    # --replace: dev-1 and dev-2 swap keys, which no device holds twice at the end
+    reg.enroll_many([("dev-1", keys[2]), ("dev-2", keys[1])], replace=True)
+    assert reg.key_of("dev-1") == keys[2] and reg.key_of("dev-2") == keys[1]
+
+
+def test_enrolling_two_thousand_devices_is_one_pass(tmp_path, monkeypatch):
+    # Enrolled one by one, each rewrote the file and scanned every key: N^2.
+    calls = []
+    reg = Registry(tmp_path)
+    real = Registry._write
+    monkeypatch.setattr(Registry, "_write", lambda self, devices: calls.append(1) or real(self, devices))
+    fleet = [(f"pi-{i:04d}", Identity.generate().public) for i in range(2000)]
+    enrolled, _ = reg.enroll_many(fleet)
+    assert len(enrolled) == 2000 and calls == [1]
+    assert len(Registry(tmp_path).active()) == 2000
