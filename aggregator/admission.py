@@ -73,6 +73,7 @@ class OpenRound(Protocol):
     round: int
     attempt: int
     selected: tuple[str, ...]
+    members: frozenset[str]  # selected, as a set
     accepted: dict[str, str]
 
 
@@ -116,7 +117,7 @@ def _sender(core: Gate, client: str, upd: Update) -> Verdict | None:
 
 def _known(core: Gate, client: str, upd: Update) -> Verdict | None:
     op = core.open
-    if client not in core.roster.known and (op is None or client not in op.selected):
+    if client not in core.roster.known and (op is None or client not in op.members):
         return Refuse("unknown_sender", "client never announced itself")
     return None
 
@@ -149,7 +150,7 @@ def _future_round(core: Gate, client: str, upd: Update) -> Verdict | None:
 def _selected(core: Gate, client: str, upd: Update) -> Verdict | None:
     op = core.open
     assert op is not None
-    if client not in op.selected:
+    if client not in op.members:
         return Refuse("not_selected", f"not selected for round {op.round}")
     return None
 

@@ -33,6 +33,7 @@ from fedge.config import (
     section,
     setting,
 )
+from fedge.messages import LIST_MAX
 from fedge.metrics import MetricsSettings
 
 
@@ -70,6 +71,11 @@ class SelectionSection:
     offline_grace_s: float = setting(
         5.0, "When only selected devices that went offline are still awaited, close the round this much later "
         "(a device that reconnects at once still makes it) instead of at the deadline.", NON_NEGATIVE
+    )
+    list_max: int = setting(
+        200, "A round that selects more devices than this does not list them in its announcement, which every "
+        f"device downloads; it sends each an invitation on its own receipt topic instead. 0 to {LIST_MAX}.",
+        Range(0, LIST_MAX)
     )
 
 

@@ -196,3 +196,8 @@ class OpenRound:
     losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # client -> (loss, samples)
     model_missing: int = 0  # devices that declined for lack of the announced model
     republished: bool = False  # the model was published again this attempt (a device lacked it)
+    # ``selected`` as a set: asked for every update and presence of a round of thousands.
+    members: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.members = frozenset(self.selected)

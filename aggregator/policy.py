@@ -46,6 +46,7 @@ class RoundPolicy:
     aggregation_bytes: int = configured("limits", "aggregation_bytes")
     max_devices: int = configured("limits", "max_devices")
     offline_grace_s: float = configured("selection", "offline_grace_s")
+    list_max: int = configured("selection", "list_max")
     privacy: DpPolicy | None = built(lambda cfg: DpPolicy.from_config(cfg.privacy, cfg.selection.min_clients))
     secagg: SecAggPolicy | None = built(lambda cfg: SecAggPolicy.from_config(cfg.secagg))
 

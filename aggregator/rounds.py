@@ -65,7 +65,7 @@ import logging
 import math
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -107,6 +107,7 @@ from fedge.messages import (
     MODEL_UNAVAILABLE,
     Ack,
     Decline,
+    Invite,
     ProtocolError,
     RoundAnnouncement,
     SecAggStage,
@@ -247,7 +248,7 @@ class RoundCore:
     def expects_update_from(self, client: str) -> bool:
         """Whether ``client`` may send an update now: selected for the open
         round, or for the one before (its late update gets a receipt)."""
-        return (self.open is not None and client in self.open.selected) or client in self.roster.last_selected
+        return (self.open is not None and client in self.open.members) or client in self.roster.last_selected
 
     @property
     def state(self) -> RoundState:
@@ -269,12 +270,17 @@ class RoundCore:
             self.counters["too_many_devices"] += 1
             return []
         op = self.open
-        if ev.online:
-            if op is not None and ev.client in op.gone:
+        actions: list[Action] = []
+        if ev.online and op is not None and ev.client in op.members:
+            if ev.client in op.gone:
                 op.gone.discard(ev.client)
                 self.mode.check_quorum(ev.now)  # awaited again: no early close for it
+            if ev.client not in op.accepted and ev.client not in op.declined and ev.client not in op.refused:
+                # Back (a new connection, perhaps to a broker that lost its
+                # session): invited again, in case the invite was lost.
+                actions = self.invitations([ev.client])
         else:
-            if op is not None and ev.client in op.selected and ev.client not in op.accepted:
+            if op is not None and ev.client in op.members and ev.client not in op.accepted:
                 # A device that went away is not waited for: the round closes
                 # on the responses of the others after a short grace (an
                 # "offline", true or forged, never holds a round open).
@@ -286,7 +292,7 @@ class RoundCore:
             self.secure.absent.discard(ev.client)
         if self.state == RoundState.WAITING:
             return self.mode.try_open(ev.now)
-        return []
+        return actions
 
     def _on_timer(self, now: float) -> list[Action]:
         return self.mode.on_timer(now)
@@ -313,7 +319,7 @@ class RoundCore:
         status = "late" if reason == "late" else "rejected"
         op = self.open
         if (op is not None and upd is not None and status == "rejected" and upd.round == op.round
-                and client in op.selected and client not in op.accepted):
+                and client in op.members and client not in op.accepted):
             # Its sender was told the update is refused for good and will not
             # send another: a response, as for quorum, so a round does not
             # wait for its deadline on a device that answered with garbage.
@@ -392,7 +398,7 @@ class RoundCore:
         op = self.open
         if dec.sender != client or dec.job != self.job:
             return self._reject("sender_mismatch", "decline for another client or job", client, None)
-        if op is None or dec.round != op.round or client not in op.selected or client in op.accepted:
+        if op is None or dec.round != op.round or client not in op.members or client in op.accepted:
             self.counters["stray_decline"] += 1
             return []
         op.declined.add(client)
@@ -428,9 +434,10 @@ class RoundCore:
         its retained messages, e.g. restarted without persistence)."""
         if self.state == RoundState.OPEN and self.open is not None:
             announcement = self.announcement(RoundState.OPEN, self.open.selected, now)
+            invites = self.invitations(self.unanswered())
         else:
-            announcement = self.announcement(self.state, (), now)
-        return [*self.model_messages(), PublishAnnouncement(announcement)]
+            announcement, invites = self.announcement(self.state, (), now), []
+        return [*self.model_messages(), PublishAnnouncement(announcement), *invites]
 
     # --- round lifecycle -------------------------------------------------------
 
@@ -439,14 +446,33 @@ class RoundCore:
         if state == RoundState.OPEN:
             for stage in self.stages:
                 fields.update(stage.announced())
+        # A round of thousands is not listed: every device downloads this (see invitations).
+        inline = selected if len(selected) <= self.policy.list_max else ()
         return RoundAnnouncement(
             job=self.job, round=self.next_round, attempt=self.attempt, state=state.value,
-            model_digest=self.model_digest, selected=selected, deadline_s=self.policy.deadline_s,
+            model_digest=self.model_digest, selected=inline, selected_count=len(selected),
+            deadline_s=self.policy.deadline_s,
             training=self.plan, codec=self.codec_params, issued_at=round(now, 3),
             key_digest=self.models.key_digest, key_round=self.models.key_round,
             dp=fields.get("dp"),
             secagg=self._secure_plan() if state == RoundState.OPEN else None,
         ).encode()
+
+    def invitations(self, clients: Iterable[str]) -> list[Action]:
+        """For a round too large for its announcement to list whom it
+        selected: an ``Invite`` to each of ``clients``, on its receipt topic
+        (none for a listed round)."""
+        op = self.open
+        if op is None or len(op.selected) <= self.policy.list_max:
+            return []
+        return [SendAck(c, Invite(self.job, op.round, op.attempt, c, self.model_digest).encode()) for c in clients]
+
+    def unanswered(self) -> list[str]:
+        """Devices of the open round that have sent nothing it counts."""
+        op = self.open
+        if op is None:
+            return []
+        return [c for c in op.selected if c not in op.accepted and c not in op.declined and c not in op.refused]
 
     def _secure_plan(self) -> SecAggPlan | None:
         return None if self.secure is None else self.secure.plan

@@ -155,7 +155,7 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
             while not ready(last_round):
                 absorb(*inbox.get(timeout=300)[1:])
             ann, spec = latest["ann"], latest["key"].spec
-            assert len(ann.selected) == n, f"selected {len(ann.selected)} of {n}"
+            assert ann.selected_count == n, f"selected {ann.selected_count} of {n}"
             last_round = ann.round
             rss_ready = rss_ready or vm(agg.pid, "VmRSS")
             # Every client's update, encoded before the clock starts.

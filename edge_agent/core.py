@@ -91,6 +91,7 @@ from fedge.messages import (
     Ack,
     Decline,
     GlobalModel,
+    Invite,
     ModelDelta,
     ProtocolError,
     RoundAnnouncement,
@@ -388,6 +389,10 @@ class AgentCore:
     session: SecureSession | None = None  # the secure aggregation of the open round's attempt
     secure_input: _SecureInput | None = None
     model_wait: _ModelWait | None = None
+    # The latest invitation to a round too large to list its devices:
+    # (round, attempt, model digest). Not kept over a restart: the
+    # aggregator invites a device again when its presence comes back.
+    invite: tuple[int, int, str] | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.downlink, DOWNLINKS, "agent.downlink")
@@ -598,6 +603,8 @@ class AgentCore:
             env = wire.decode(ev.message)
             if env.kind == Kind.SECAGG:
                 return self._on_secagg(SecAggStage.parse(env), ev.now)
+            if env.kind == Kind.INVITE:
+                return self._on_invite(Invite.parse(env), ev.now)
             ack = Ack.parse(env)
         except (WireError, ProtocolError) as exc:
             self._count("bad_ack")
@@ -621,6 +628,15 @@ class AgentCore:
         self.state.pending = replace(p, final=True)
         actions: list[Action] = [PersistState(self.state.to_json(), self.update_bytes)]
         return actions + self._restore_unsent()
+
+    def _on_invite(self, inv: Invite, now: float) -> list[Action]:
+        """Selected for a round whose announcement does not list its devices."""
+        if inv.job != self.job or inv.client != self.client_id:
+            self._count("bad_invite")
+            return []
+        self.invite = (inv.round, inv.attempt, inv.model_digest)
+        self._count("invited")
+        return self._consider(now)
 
     # --- secure aggregation ------------------------------------------------------
 
@@ -867,7 +883,13 @@ class AgentCore:
     # --- decisions -------------------------------------------------------------
 
     def _open_for_me(self, ann: RoundAnnouncement | None) -> bool:
-        return ann is not None and ann.state == "open" and self.client_id in ann.selected
+        """The round is open and selected this device: listed, or (a round
+        too large to list) an invitation to this very attempt of it."""
+        if ann is None or ann.state != "open":
+            return False
+        if ann.by_invitation:
+            return self.invite == (ann.round, ann.attempt, ann.model_digest)
+        return self.client_id in ann.selected
 
     def _needs_sending(self, p: Pending | None) -> bool:
         """The pending update belongs to the open round and has no receipt

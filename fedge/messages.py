@@ -25,6 +25,11 @@ from fedge.topics import check_id
 from fedge.wire import Envelope, Kind
 
 AGGREGATOR = "aggregator"
+# The most devices a round may list in its announcement (64-character ids:
+# 34 KB of the header's 64 KiB); one that selects more (beyond the job's
+# selection.list_max, at most this) invites each instead.
+LIST_MAX = 500
+MAX_SELECTED = 10_000_000  # what a selected_count may claim
 
 
 class ProtocolError(FedgeError):
@@ -212,7 +217,13 @@ class RoundAnnouncement:
     ``waiting`` while the aggregator waits for enough clients, ``done`` when
     the job has finished. ``model_digest`` is the state digest of the model
     to train from; ``key_digest``/``key_round`` name the key model the
-    retained delta builds on."""
+    retained delta builds on.
+
+    Who is selected: ``selected`` lists them when they are at most
+    ``selection.list_max`` (at most ``LIST_MAX``); a larger round lists none (every device downloads
+    the announcement, and a list of thousands would grow it past the
+    header's limit) and sends each selected device an ``Invite`` on its own
+    receipt topic. ``selected_count`` is how many were selected either way."""
 
     job: str
     round: int
@@ -228,6 +239,16 @@ class RoundAnnouncement:
     key_round: int = 0
     dp: DpPlan | None = None  # the round is differentially private: clip (and noise) as it says
     secagg: SecAggPlan | None = None  # the round is securely aggregated (codec {"name": "secagg"})
+    selected_count: int = -1  # -1: len(selected)
+
+    def __post_init__(self) -> None:
+        if self.selected_count < 0:
+            object.__setattr__(self, "selected_count", len(self.selected))
+
+    @property
+    def by_invitation(self) -> bool:
+        """Selected devices are told by an ``Invite`` each, not listed here."""
+        return self.selected_count > len(self.selected)
 
     def encode(self) -> bytes:
         header = {
@@ -241,6 +262,7 @@ class RoundAnnouncement:
             "key_digest": self.key_digest,
             "key_round": self.key_round,
             "selected": list(self.selected),
+            "selected_count": self.selected_count,
             "deadline_s": self.deadline_s,
             "training": self.training.to_json(),
             "codec": self.codec,
@@ -261,6 +283,10 @@ class RoundAnnouncement:
         selected = _field(h, "selected", list, "round")
         if not all(isinstance(s, str) for s in selected):
             raise ProtocolError("malformed", "round 'selected' must list client ids")
+        count = h.get("selected_count", len(selected))
+        if not isinstance(count, int) or isinstance(count, bool) or not len(selected) <= count <= MAX_SELECTED:
+            raise ProtocolError("malformed", f"round 'selected_count' {count!r} is not a count of at least "
+                                f"{len(selected)} and at most {MAX_SELECTED}")
         training = TrainingPlan.from_json(h.get("training"))
         try:
             dp = None if h.get("dp") is None else DpPlan.from_json(h["dp"])
@@ -285,6 +311,36 @@ class RoundAnnouncement:
             key_round=_field(h, "key_round", int, "round"),
             dp=dp,
             secagg=secagg,
+            selected_count=count,
+        )
+
+
+@dataclass(frozen=True)
+class Invite:
+    """Sent to one device on its receipt topic: it is selected for the
+    round ``round`` (attempt ``attempt``) of the model ``model_digest``,
+    which the retained announcement describes without listing who is."""
+
+    job: str
+    round: int
+    attempt: int
+    client: str
+    model_digest: str
+
+    def encode(self) -> bytes:
+        header = {"job": self.job, "round": self.round, "attempt": self.attempt, "sender": AGGREGATOR,
+                  "client": self.client, "model_digest": self.model_digest, "num_samples": 0, "codec": None}
+        return wire.encode(Kind.INVITE, header)
+
+    @classmethod
+    def parse(cls, env: Envelope) -> Invite:
+        h = _expect(env, Kind.INVITE)
+        return cls(
+            job=_id(h, "job", "invite"),
+            round=_field(h, "round", int, "invite"),
+            attempt=_field(h, "attempt", int, "invite"),
+            client=_id(h, "client", "invite"),
+            model_digest=_field(h, "model_digest", str, "invite"),
         )
 
 

@@ -62,6 +62,7 @@ class Kind(enum.IntEnum):
     KEYS = 10  # the aggregator's key rotations (fedge.messages.KeyChain)
     SECAGG = 11  # a secure-aggregation stage (fedge.messages.SecAggStage)
     DEVICE = 12  # the aggregator's record of one device (fedge.messages.DeviceRecord)
+    INVITE = 13  # a device selected for a round too large to list (fedge.messages.Invite)
     # Local only: between the agent and its training worker process.
     TRAIN_REQUEST = 32
     TRAIN_RESULT = 33

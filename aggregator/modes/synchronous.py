@@ -236,6 +236,8 @@ class SynchronousRounds:
             round=c.next_round, attempt=attempt, selected=selected, opened_at=now,
             bytes_down=c.published_bytes + len(msg) * fanout,
         )
+        invites = c.invitations(selected)  # a round too large to list in msg
+        c.open.bytes_down += sum(len(i.message) for i in invites if isinstance(i, SendAck))
         c.defence_history.begin(c.updates, c.round_dp)
         c.life.announce(now, c.policy.deadline_s)
         if c.policy.secagg is not None and c.secure is None:
@@ -244,7 +246,7 @@ class SynchronousRounds:
             c.life.mark_due(now)  # an empty Poisson sample: nobody to wait for (a private round releases noise)
         record = {"round": c.next_round, "attempt": attempt, "selected": list(selected),
                   "model_digest": c.model_digest}
-        return [SaveRoundOpen(record), PublishAnnouncement(msg)]
+        return [SaveRoundOpen(record), PublishAnnouncement(msg), *invites]
 
     def close(self, now: float, reason: str) -> list[Action]:
         """Close the open round (``reason``: quorum or deadline): a secure

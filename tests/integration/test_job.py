@@ -35,3 +35,23 @@ def test_job_survives_a_broker_restart(mosquitto, tmp_path):
     assert all(r["clients"] >= 1 for r in records)
     # Clients counted at most once per round, whatever was resent.
     assert all(len(set(r["accepted"])) == len(r["accepted"]) == r["clients"] for r in records)
+
+
+def test_a_job_whose_rounds_invite_their_devices(mosquitto_factory, tmp_path):
+    # selection.list_max = 1: every round selects more devices than its
+    # announcement lists, so each device learns it is selected from the
+    # invitation on its receipt topic (what a round of thousands does), and
+    # a broker restarted without persistence in the middle (sessions,
+    # retained messages and any invite in flight gone) does not stop the job.
+    from fedge.config import updated
+
+    broker = mosquitto_factory(persistence=False)
+    cfg = updated(job_config(tmp_path, broker.url, rounds=5, agents=3), selection={"list_max": 1})
+    with running_aggregator(cfg) as (service, records), running_fleet(devices(tmp_path, "itest", 3), cfg.broker):
+        wait_for(lambda: len(records) >= 2, 60, "two rounds")
+        broker.restart()
+        assert service.done.wait(120), f"job did not finish; records so far: {records}"
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+    assert all(r["status"] == "ok" for r in records)
+    assert sum(r["clients"] for r in records) >= 12  # nearly every invited device answered, all after the restart
+    assert records[-1]["clients"] == 3

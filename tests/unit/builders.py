@@ -129,10 +129,11 @@ def delta_msg(target, round_=1, key=KEY, tamper=False):
     return msg, digest
 
 
-def ann_msg(model_digest, round_=1, attempt=1, selected=(ME,), state="open", codec=None, key_digest=None, dp=None):
+def ann_msg(model_digest, round_=1, attempt=1, selected=(ME,), state="open", codec=None, key_digest=None, dp=None,
+            selected_count=-1):
     return RoundAnnouncement(job=JOB, round=round_, attempt=attempt, state=state, model_digest=model_digest,
                              selected=selected, training=TrainingPlan(), codec=codec or {"name": "int8"},
-                             key_digest=key_digest or state_digest(KEY), dp=dp).encode()
+                             key_digest=key_digest or state_digest(KEY), dp=dp, selected_count=selected_count).encode()
 
 
 def make(**kw):

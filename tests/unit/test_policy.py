@@ -21,7 +21,7 @@ from fedge.config import updated
 CHANGED = {
     "job": {"rounds": 7, "seed": 3},
     "selection": {"fraction": 0.5, "min_clients": 3, "max_clients": 8, "quorum": 0.75, "min_updates": 2,
-                  "deadline_s": 30.0, "settle_s": 0.5, "offline_grace_s": 1.5},
+                  "deadline_s": 30.0, "settle_s": 0.5, "offline_grace_s": 1.5, "list_max": 3},
     "server": {"max_samples_per_update": 5000, "aggregation": "trimmed_mean", "clip": "fixed", "clip_norm": 2.5,
                "clip_multiplier": 1.5, "weight_cap": 3.0, "trim_fraction": 0.2, "krum_f": 2, "krum_m": 3,
                "direction": "off", "direction_beta": 0.5, "direction_tau": -0.25},
