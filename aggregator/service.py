@@ -445,8 +445,11 @@ class AggregatorService:
                 self.metrics.eval_seconds.observe(record.eval_seconds)
             self._publish_metrics(monotonic())
         self.state.append_round(record.to_json())
-        event = messages.encode_event(self.cfg.job.name, record.to_json())
-        self.link.publish(self.topics.events, self.keys.seal(event))
+        try:  # observers' copy: whatever goes wrong with it, the round's log line and hooks follow
+            event = messages.encode_event(self.cfg.job.name, record.to_json())
+            self.link.publish(self.topics.events, self.keys.seal(event))
+        except Exception as exc:
+            self._contained(exc, fin, monotonic())
         log.info("round %d %s: %d/%d clients%s", record.round, record.status, record.clients, record.selected,
                  "" if record.accuracy is None else f", accuracy {record.accuracy:.4f}",
                  extra=fields(round=record.round, status=record.status, reason=record.failure))

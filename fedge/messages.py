@@ -11,6 +11,7 @@ Field names that appear in every header: ``job``, ``round``, ``sender``,
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -762,11 +763,21 @@ def _ids(h: dict[str, Any], key: str) -> tuple[str, ...]:
 
 
 def encode_event(job: str, record: dict[str, Any]) -> bytes:
-    header = {"job": job, "round": record.get("round", 0), "sender": AGGREGATOR, "num_samples": 0,
-              "codec": None, "record": record}
-    return wire.encode(Kind.EVENT, header)
+    """A closed round's record, as JSON in the body: a round of thousands
+    lists thousands of device ids, past the header's 64 KiB."""
+    header = {"job": job, "round": record.get("round", 0), "sender": AGGREGATOR, "num_samples": 0, "codec": None}
+    return wire.encode(Kind.EVENT, header, json.dumps(record, separators=(",", ":"), allow_nan=False).encode())
 
 
 def parse_event(env: Envelope) -> dict[str, Any]:
+    """The record of an event (in its body; in its header, from before)."""
     h = _expect(env, Kind.EVENT)
-    return _field(h, "record", dict, "event")
+    if "record" in h:
+        return _field(h, "record", dict, "event")
+    try:
+        record = json.loads(env.body)
+    except ValueError as exc:
+        raise ProtocolError("malformed", f"event record is not JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise ProtocolError("malformed", "event record is not a JSON object")
+    return record

@@ -42,3 +42,19 @@ def test_missing_fields_and_non_objects_are_refused():
         RoundRecord.from_json({k: v for k, v in LINE.items() if k != "clients"})
     with pytest.raises(RecordError):
         RoundRecord.from_json(["not", "a", "record"])
+
+
+def test_the_event_of_a_round_of_thousands_fits_and_reads_back():
+    # A round of 10,000 devices lists 10,000 accepted ids: 80 KB, past the
+    # header's limit, which stopped the round's event, log line and hooks.
+    from fedge import wire
+    from fedge.messages import encode_event, parse_event
+
+    record = RoundRecord(round=3, attempt=1, status="ok", closed_by="quorum", selected=10_000, clients=10_000,
+                         declined=0, late=0, rejected={}, num_samples=600_000, train_loss=0.2, bytes_up=1,
+                         bytes_down=1, seconds=30.0, model_digest="d" * 64,
+                         accepted=tuple(f"device-{i:06d}" for i in range(10_000))).to_json()
+    assert parse_event(wire.decode(encode_event("big", record))) == record
+    old = wire.encode(wire.Kind.EVENT, {"job": "j", "round": 1, "sender": "aggregator", "num_samples": 0,
+                                        "codec": None, "record": {"round": 1}})
+    assert parse_event(wire.decode(old)) == {"round": 1}  # as aggregators before this sent it
