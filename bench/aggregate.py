@@ -82,22 +82,24 @@ def toml_table(d: dict) -> str:
 
 
 def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict | None = None,
-            signing: str = "required", metrics: bool = False) -> dict:
+            signing: str = "required", metrics: bool = False, model: str = "fedge.models:mnist_cnn",
+            codec: dict | None = None) -> dict:
     mosq = PrivateMosquitto()
     metrics_port = free_port()
     topics = JobTopics(JOB)
     state = workdir / f"agg-{n}"
     conf = workdir / f"job-{n}.toml"
     conf.write_text(
-        f'[job]\nname = "{JOB}"\nmodel = "fedge.models:mnist_cnn"\nrounds = {rounds + 1}\nstate_dir = "{state}"\n'
+        f'[job]\nname = "{JOB}"\nmodel = "{model}"\nrounds = {rounds + 1}\nstate_dir = "{state}"\n'
         f'[selection]\nmin_clients = {n}\nfraction = 1.0\nquorum = 1.0\ndeadline_s = 600\nsettle_s = 1.0\n'
-        f'[codec]\nname = "int8"\n'
+        + (f'[codec]\nname = "{codec["name"]}"\n'
+           f'params = {toml_table({k: v for k, v in codec.items() if k != "name"})}\n' if codec else "")
         + (f"[downlink]\ncodec = {toml_table(downlink)}\n" if downlink else "")
         + f'[broker]\nurl = "{mosq.url}"\n'
         + f'[identity]\nsigning = "{signing}"\n'
         + (f"[metrics]\nenabled = true\nport = {metrics_port}\n" if metrics else "")
     )
-    clients = [f"c{i:04d}" for i in range(n)]
+    clients = [f"c{i:0{max(4, len(str(n - 1)))}d}" for i in range(n)]
     # Signed (the default): every client has its own key, enrolled; it signs
     # its presence and updates (before the clock starts, as it encodes them)
     # and the aggregator verifies each one.
@@ -187,6 +189,8 @@ def run_one(n: int, publishers: int, rounds: int, workdir: Path, downlink: dict 
             while record is None:
                 stamp, topic, payload = inbox.get(timeout=600)
                 if topics.parse(topic)[0] == "ack":
+                    if wire.decode(payload).kind != wire.Kind.ACK:
+                        continue  # a round of more than selection.list_max invites each device there
                     acked += 1
                     first_ack = stamp if acked == 1 else first_ack
                     last_ack = stamp
@@ -244,6 +248,10 @@ def main() -> None:
     ap.add_argument("--signing", default="required", choices=["required", "off"],
                     help="required (default): clients sign, the aggregator verifies; off: neither")
     ap.add_argument("--metrics", action="store_true", help="the aggregator serves Prometheus metrics while it folds")
+    ap.add_argument("--model", default="fedge.models:mnist_cnn", help="the job's model factory")
+    ap.add_argument("--codec", type=lambda t: {"name": "default"} if t == "default" else parse_spec(t),
+                    default={"name": "int8"},
+                    help="update codec: a name or JSON, or default (the job default, int2 with zlib)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedge-bench-agg-") as tmp:
@@ -251,14 +259,15 @@ def main() -> None:
         for n in args.clients:
             note(f"{n} clients, {args.rounds} rounds ...")
             runs.append(run_one(n, args.publishers, args.rounds, Path(tmp), args.downlink, args.signing,
-                                args.metrics))
+                                args.metrics, args.model, None if args.codec == {"name": "default"} else args.codec))
             note(f"{n} clients: {runs[-1]['updates_per_s']['median']} updates/s")
     peaks = [r["aggregator_peak_rss_mb"] for r in runs]
     slowest = min(r["updates_per_s"]["median"] for r in runs)
     growth = (max(peaks) - min(peaks)) / min(peaks)
     emit({
         "benchmark": "aggregate",
-        "workload": {"model": "fedge.models:mnist_cnn", "parameters": runs[0]["parameters"], "codec": "int8",
+        "workload": {"model": args.model, "parameters": runs[0]["parameters"],
+                     "codec": args.codec if args.codec != {"name": "default"} else AggregatorConfig().codec.spec,
                      "downlink": args.downlink or AggregatorConfig().downlink.codec,
                      "publishers": args.publishers, "broker": "mosquitto (private, loopback)",
                      "rounds_per_size": args.rounds,
