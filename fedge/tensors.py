@@ -13,6 +13,7 @@ NumPy only; the PyTorch side of model state is ``fedge.torch_state``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -59,46 +60,71 @@ def unpack_with_metadata(data: bytes | memoryview) -> tuple[ModelArrays, dict[st
     a model, or an aggregator folding updates at wire speed, keeps one copy).
     Every offset, length and shape is checked against the buffer first, as
     the format requires: the tensors tile the data region exactly, without
-    gaps or overlaps."""
+    gaps or overlaps. The checks are a function of the header's bytes and the
+    data's length: a header seen before with the same length (every update
+    of a model has the same) is not parsed again."""
     n = len(data)
     if n < 8:
         raise TensorError("malformed", "tensor payload is shorter than its 8-byte length prefix")
     hlen = int.from_bytes(bytes(data[:8]), "little")
     if hlen > min(n - 8, _MAX_HEADER):
         raise TensorError("malformed", f"tensor header claims {hlen} bytes; the payload has {n - 8}")
+    header = bytes(data[8 : 8 + hlen])
+    layout, metadata = (_layout_cached if hlen <= _CACHED_HEADER else _layout)(header, n - 8 - hlen)
+    base = 8 + hlen
+    out: ModelArrays = {}
+    for name, dtype, shape, count, begin in layout:
+        try:
+            out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=base + begin).reshape(shape)
+        except (ValueError, OverflowError):  # a shape NumPy cannot make (too many or too large dimensions)
+            raise TensorError("malformed", f"tensor {name!r} does not fit its {dtype} {shape} description") from None
+    return out, dict(metadata)
+
+
+# A tensor of a parsed header: name, dtype, shape, entries, offset in the data region.
+_Span = tuple[str, np.dtype, tuple[int, ...], int, int]
+# Headers up to this long are kept once parsed (a model's is about 1 KB); longer, parsed every time.
+_CACHED_HEADER = 1 << 16
+
+
+def _layout(header: bytes, size: int) -> tuple[tuple[_Span, ...], dict[str, str]]:
+    """The tensors a safetensors header describes (in its order) and its
+    metadata, checked against a data region of ``size`` bytes."""
     try:
-        header = json.loads(bytes(data[8 : 8 + hlen]))
+        parsed = json.loads(header)
     except (UnicodeDecodeError, ValueError) as exc:
         raise TensorError("malformed", f"tensor header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
+    if not isinstance(parsed, dict):
         raise TensorError("malformed", "tensor header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = parsed.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise TensorError("malformed", "tensor metadata must map names to strings")
-    base, size = 8 + hlen, n - 8 - hlen
-    spans: list[tuple[int, int, str, np.dtype, tuple[int, ...], int]] = []
-    for name, info in header.items():
+    spans: list[tuple[int, int]] = []
+    layout: list[_Span] = []
+    for name, info in parsed.items():
         try:
             dtype = _DTYPES[info["dtype"]]
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(v) for v in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
             raise TensorError("malformed", f"tensor {name!r} has a bad description: {info!r}") from None
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         if any(d < 0 for d in shape) or not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize:
             raise TensorError("malformed", f"tensor {name!r} does not fit its {dtype} {shape} description")
-        spans.append((begin, end, name, dtype, shape, count))
-    spans.sort(key=lambda s: (s[0], s[1]))
+        spans.append((begin, end))
+        layout.append((name, dtype, shape, count, begin))
+    spans.sort()
     cursor = 0
-    out: ModelArrays = {}
-    for begin, end, name, dtype, shape, count in spans:
+    for begin, end in spans:
         if begin != cursor:
             raise TensorError("malformed", "tensor data has gaps or overlaps")
         cursor = end
-        out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=base + begin).reshape(shape)
     if cursor != size:
         raise TensorError("malformed", "tensor data is not fully covered by its header")
-    return {name: out[name] for name in header}, metadata
+    return tuple(layout), metadata
+
+
+_layout_cached = functools.lru_cache(maxsize=32)(_layout)
 
 
 @dataclass(frozen=True)
@@ -135,9 +161,14 @@ class TensorSpec:
     def names(self) -> list[str]:
         return [n for n, _ in self.entries]
 
-    @property
+    @functools.cached_property
+    def counts(self) -> tuple[int, ...]:
+        """Entries of each tensor, in order."""
+        return tuple(math.prod(s) for _, s in self.entries)
+
+    @functools.cached_property
     def num_params(self) -> int:
-        return sum(int(np.prod(s, dtype=np.int64)) for _, s in self.entries)
+        return sum(self.counts)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return dict(self.entries)[name]
@@ -185,13 +216,13 @@ def dot(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
     again in float64 for a tensor whose float32 products overflow (a large
     but finite delta)."""
     total = 0.0
-    for name, x in a.items():
-        fx, fy = x.reshape(-1), b[name].reshape(-1)
-        with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, x in a.items():
+            fx, fy = x.reshape(-1), b[name].reshape(-1)
             part = float(np.dot(fx, fy))
-        if not math.isfinite(part):
-            part = float(np.dot(fx.astype(np.float64), fy.astype(np.float64)))
-        total += part
+            if not math.isfinite(part):
+                part = float(np.dot(fx.astype(np.float64), fy.astype(np.float64)))
+            total += part
     return total
 
 

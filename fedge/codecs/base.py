@@ -10,6 +10,7 @@ half of itself behind.
 
 from __future__ import annotations
 
+import functools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -19,6 +20,10 @@ import numpy as np
 
 from fedge.errors import FedgeError
 from fedge.tensors import ModelArrays, TensorSpec, zeros_like_spec
+
+# Shapes metadata up to this long is parsed once and kept (a model's is a few
+# hundred bytes); longer, every time.
+_CACHED_SHAPES = 1 << 16
 
 
 class CodecError(FedgeError):
@@ -43,6 +48,16 @@ class UpdateCodec(ABC):
         for name, arr in dense.items():
             acc_arr = acc[name]
             np.add(acc_arr, np.multiply(arr, weight, dtype=acc_arr.dtype), out=acc_arr)
+
+    def decode_into(self, body: bytes, spec: TensorSpec, out: Mapping[str, np.ndarray]) -> None:
+        """Overwrite ``out`` (arrays of ``spec``'s shapes) with the delta of
+        ``body``, bit for bit as ``fold`` with weight 1 into zeros: what the
+        aggregator's scratch model holds. Raises as ``fold`` does; ``out``'s
+        contents are then unspecified. Codecs that can write the delta
+        straight into ``out`` override it to save the zeroing."""
+        for a in out.values():
+            a.fill(0.0)
+        self.fold(body, spec, out, 1.0)
 
     def params(self) -> dict[str, Any]:
         """What goes into a round announcement to make this exact codec."""
@@ -71,10 +86,18 @@ def shapes_metadata(delta: Mapping[str, np.ndarray]) -> dict[str, str]:
     return {"shapes": json.dumps({k: list(np.shape(v)) for k, v in delta.items()}, separators=(",", ":"))}
 
 
+@functools.lru_cache(maxsize=32)
+def _declared_shapes(text: str) -> dict[str, tuple[Any, ...]]:
+    """The shapes metadata, parsed (the same text in every update of a
+    model: parsed once). Not to be changed: it is shared."""
+    return {k: tuple(v) for k, v in json.loads(text).items()}
+
+
 def check_shapes(metadata: Mapping[str, str], spec: TensorSpec, codec: str) -> None:
     try:
-        shapes = json.loads(metadata["shapes"])
-        got = {k: tuple(v) for k, v in shapes.items()}
+        text = metadata["shapes"]
+        cached = isinstance(text, str) and len(text) <= _CACHED_SHAPES
+        got = _declared_shapes(text) if cached else {k: tuple(v) for k, v in json.loads(text).items()}
     except (KeyError, ValueError, TypeError, AttributeError):
         raise CodecError("malformed", f"{codec} update does not say its tensor shapes") from None
     for name, shape in spec.entries:

@@ -74,3 +74,6 @@ class LosslessCodec(UpdateCodec):
 
     def fold(self, body: bytes, spec: TensorSpec, acc: Mapping[str, np.ndarray], weight: float) -> None:
         self.inner.fold(self._inflate(body, spec), spec, acc, weight)
+
+    def decode_into(self, body: bytes, spec: TensorSpec, out: Mapping[str, np.ndarray]) -> None:
+        self.inner.decode_into(self._inflate(body, spec), spec, out)

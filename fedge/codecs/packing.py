@@ -28,27 +28,99 @@ def pack_signed(q: np.ndarray, bits: int) -> np.ndarray:
     u = u.reshape(-1, per)
     out = np.zeros(len(u), np.uint8)
     for j in range(per):
-        out |= u[:, j] << (j * bits)
+        out |= u[:, j] << np.uint8(j * bits)
     return out
+
+
+def _tables(bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every byte value, its 8/bits fields (low bits first) as signed
+    codes: int8 and float32, each (256, 8/bits). A field outside [0, 2L]
+    (the all-ones one) is never used, ``check_codes`` refuses it first: it
+    maps to L + 1 in int8, to 0 in float32."""
+    if bits == 8:
+        codes = np.arange(256, dtype=np.uint8).view(np.int8).reshape(256, 1)
+    else:
+        per = 8 // bits
+        fields = (np.arange(256)[:, None] >> (np.arange(per) * bits)) & ((1 << bits) - 1)
+        codes = (fields - levels(bits)).astype(np.int8)
+    codes.flags.writeable = False
+    floats = codes.astype(np.float32)
+    floats[np.abs(floats) > levels(bits) + (bits == 8)] = 0.0  # never used: 0 cannot overflow when scaled
+    floats.flags.writeable = False
+    return codes, floats
+
+
+# bits -> (int8 codes, float32 codes) of every byte value: decoding is one gather.
+CODE_TABLES = {bits: _tables(bits) for bits in (2, 4, 8)}
+# Each field's low bit, for the all-ones test of check_codes.
+_LOW_BITS = {2: np.uint64(0x5555555555555555), 4: np.uint64(0x1111111111111111)}
+
+
+def check_length(packed: np.ndarray, bits: int, count: int) -> None:
+    """Raise ``CodecError`` unless ``packed`` (flat uint8) is exactly the
+    bytes of ``count`` ``bits``-bit codes."""
+    if bits == 8:
+        if len(packed) != count:
+            raise CodecError("shape", f"expected {count} int8 values, got {len(packed)}")
+        return
+    per = 8 // bits
+    if len(packed) != -(-count // per):
+        raise CodecError("shape", f"expected {-(-count // per)} packed bytes for {count} values, got {len(packed)}")
+
+
+def check_codes(packed: np.ndarray, bits: int, count: int) -> None:
+    """Raise ``CodecError`` unless ``packed`` (flat uint8) holds exactly
+    ``count`` ``bits``-bit codes, each within [-L, L] (the padding fields of
+    the last byte are not codes and are not looked at)."""
+    check_length(packed, bits, count)
+    if not codes_in_range([(packed, count)], bits):
+        raise CodecError("malformed", f"{bits}-bit code outside [-{levels(bits)}, {levels(bits)}]")
+
+
+def codes_in_range(tensors: list[tuple[np.ndarray, int]], bits: int) -> bool:
+    """Whether every code of every (packed, count) is within [-L, L] (the
+    lengths checked before), in one pass over all of them. 2L + 1 =
+    2^bits - 1 is the only field value outside [0, 2L]: all its bits set."""
+    if bits == 8:
+        return True
+    per = 8 // bits
+    used = [(p, count) for p, count in tensors if count]
+    if not used:
+        return True
+    total = sum(len(p) for p, _ in used)
+    # One buffer of whole 64-bit words (zero bytes after the codes: valid fields).
+    buf = np.zeros(-(-total // 8) * 8, np.uint8)
+    end = 0
+    for p, count in used:
+        buf[end : end + len(p)] = p
+        end += len(p)
+        rem = count % per
+        if rem:  # the last byte's padding fields are not codes: cleared (a zero field is a valid code)
+            buf[end - 1] &= (1 << (bits * rem)) - 1
+    words = buf.view(np.uint64)
+    ones = words >> np.uint64(1)
+    for shift in range(2, bits):
+        np.bitwise_and(ones, words >> np.uint64(shift), out=ones)
+    np.bitwise_and(ones, words, out=ones)
+    np.bitwise_and(ones, _LOW_BITS[bits], out=ones)
+    return not ones.any()
 
 
 def unpack_signed(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of ``pack_signed``; int8 values in [-L, L]."""
+    check_codes(packed, bits, count)
     if bits == 8:
-        if len(packed) != count:
-            raise CodecError("shape", f"expected {count} int8 values, got {len(packed)}")
         return packed.view(np.int8)
-    per = 8 // bits
-    if len(packed) != -(-count // per):
-        raise CodecError("shape", f"expected {-(-count // per)} packed bytes for {count} values, got {len(packed)}")
-    mask = (1 << bits) - 1
-    fields = np.empty((len(packed), per), np.uint8)
-    for j in range(per):
-        fields[:, j] = (packed >> (j * bits)) & mask
-    values = fields.reshape(-1)[:count]
-    if values.size and np.max(values) > 2 * levels(bits):
-        raise CodecError("malformed", f"{bits}-bit code outside [-{levels(bits)}, {levels(bits)}]")
-    return (values - np.uint8(levels(bits))).view(np.int8)  # wraps to [-L, L]
+    return unpack_checked(packed, bits, count)
+
+
+def unpack_checked(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """``unpack_signed`` of codes ``check_codes`` has passed: one gather of
+    every byte's fields."""
+    if bits == 8:
+        return packed.view(np.int8)
+    table = CODE_TABLES[bits][0]
+    return np.take(table, packed, axis=0, mode="wrap").reshape(-1)[:count]
 
 
 def varint_encode(values: np.ndarray) -> np.ndarray:
