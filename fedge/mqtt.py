@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -56,6 +56,9 @@ from paho.mqtt.properties import Properties
 from fedge import chunks
 from fedge.config import BrokerSettings, ConfigError
 from fedge.transport import Inbound, LinkDown, LinkEvent, LinkUp
+
+if TYPE_CHECKING:
+    from fedge.mqtt_loop import MqttLoop, Shaping
 
 __all__ = [
     "MIN_PACKET_BYTES",
@@ -78,8 +81,9 @@ log = logging.getLogger("fedge.mqtt")
 
 # paho waits on its sockets with select(), which cannot watch a descriptor
 # numbered 1024 or more, and every link holds three (its connection and a
-# wake-up pair). One process therefore runs at most this many links; larger
-# simulated fleets run as several processes.
+# wake-up pair). One process therefore runs at most this many links running
+# paho's own thread; links driven by a ``fedge.mqtt_loop.MqttLoop`` (epoll,
+# one descriptor each) are not bound by it.
 MAX_LINKS_PER_PROCESS = 300
 
 # The smallest packet limit chunking works with (``chunks.chunk_data_size``).
@@ -328,9 +332,18 @@ class _Client(paho.Client):
     even be encoded) would end that thread, and with it every retry, with a
     traceback nobody reads on a device. ``on_attempt`` hears None as an
     attempt starts and the exception when it fails, which is passed on as an
-    OSError so that paho keeps retrying."""
+    OSError so that paho keeps retrying.
+
+    Driven by an ``MqttLoop`` instead of paho's thread, the loop sets
+    ``socket_factory``, which opens the connection without blocking."""
 
     on_attempt: Callable[[BaseException | None], None] | None = None
+    socket_factory: Callable[[], Any] | None = None
+
+    def _create_socket(self) -> Any:
+        if self.socket_factory is not None:
+            return self.socket_factory()
+        return super()._create_socket()
 
     def reconnect(self) -> paho.MQTTErrorCode:
         if self.on_attempt is not None:
@@ -358,6 +371,12 @@ class MqttLink:
     ``report_outages`` is False: a one-shot command that gives up and says
     why itself (``fedge status``, with ``last_error``). ``connected``,
     ``down_since`` and ``connect_failures`` are for metrics.
+
+    With ``loop`` (a ``fedge.mqtt_loop.MqttLoop``), the loop's thread drives
+    the connection instead of a paho thread of its own, and ``sink`` runs on
+    that thread, shared by every link of the loop: it must not block.
+    ``shaping`` (``fedge.mqtt_loop.Shaping``, loop only) simulates the
+    network: rates and a delay.
     """
 
     def __init__(
@@ -371,6 +390,8 @@ class MqttLink:
         persistent: bool = True,
         name: str | None = None,
         report_outages: bool = True,
+        loop: MqttLoop | None = None,
+        shaping: Shaping | None = None,
     ) -> None:
         settings.check()  # the URL and protocol, as the config checks them
         self.settings = settings
@@ -378,6 +399,8 @@ class MqttLink:
         self.name = name or client_id
         self.sink = sink
         self.subscriptions = list(subscriptions)
+        self.loop = loop
+        self.shaping = shaping
         self.host, self.port, tls = parse_url(settings.url)
         self.address = f"{self.host}:{self.port}"
         self._limit = settings.max_packet_bytes
@@ -452,6 +475,8 @@ class MqttLink:
         return self._limit
 
     def start(self) -> None:
+        if self.loop is not None:
+            self.loop.reserve(1)  # too few descriptors: one line now, before anything started
         self._closing = False
         self.down_since = monotonic()
         if self._report_outages:
@@ -468,7 +493,10 @@ class MqttLink:
         self.client.connect_async(
             self.host, self.port, keepalive=self.settings.keepalive_s, clean_start=clean_start, properties=props
         )
-        self.client.loop_start()
+        if self.loop is not None:
+            self.loop.attach(self)
+        else:
+            self.client.loop_start()
         self._started = True
 
     def wait_connected(self, timeout: float) -> bool:
@@ -480,12 +508,18 @@ class MqttLink:
         trigger as a last will)."""
         if not self._started:
             return
+        on_loop = self.loop is not None and self.loop.in_loop_thread()
         if final is not None and self.connected.is_set():
             info = self.publish(final[0], final[1], retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
-                info.wait_for_publish(timeout)
+                info.wait_for_publish(0 if on_loop else timeout)  # the loop's thread would wait for itself
         self._closing = True
         OUTAGES.leave(self)
+        if self.loop is not None:
+            # DISCONNECT, then the loop closes the socket (no wake-up pair to close)
+            self.loop.detach(self, timeout)
+            self._started = False
+            return
         self.client.disconnect()
         self.client.loop_stop()
         # paho closes its wake-up socket pair (two loopback TCP sockets) only
