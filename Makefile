@@ -27,7 +27,7 @@ STAMP := $(VENV)/.fedge-installed
 # Where the benchmarks find mnist.npz: as fedge.datasets looks for it.
 MNIST_DIR := $(or $(FEDGE_DATA),$(if $(filter /%,$(XDG_CACHE_HOME)),$(XDG_CACHE_HOME),$(HOME)/.cache)/fedge)
 
-.PHONY: install demo docs test lint unit integration test-no-vnni test-arm64 test-systemd test-py313 bench bench-noniid need-mnist clean
+.PHONY: install demo docs test lint unit integration test-no-vnni test-arm64 test-systemd test-pyversions test-py310 test-py313 bench bench-noniid need-mnist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,14 +69,20 @@ test-arm64: $(STAMP)
 test-systemd: $(STAMP)
 	FEDGE_SYSTEMD=1 $(BIN)/python -m pytest -v -x tests/systemd
 
-# The export suite on an emulated AMD EPYC without VNNI (qemu-x86_64; slow: ~4 min).
-# The suite on Python 3.13 (Raspberry Pi OS trixie's): a Debian trixie amd64 root
-# (cached in ~/.cache/fedge-py313), lint and pytest inside under chroot. Root,
-# debootstrap; about 3 minutes and 7 GB to build the root the first time, 15 to run.
+# The suite on the other Pythons fedge supports, each in its distribution's amd64
+# root (cached in ~/.cache/fedge-pyversions), lint and pytest inside under chroot:
+# 3.10 in Ubuntu jammy (a Jetson's JetPack 6), 3.13 in Debian trixie (Raspberry
+# Pi OS's). Root, debootstrap; a few minutes and 7 GB to build a root the first
+# time, about 15 to run the suite in it. PYVERSION=3.10|3.13|all (default all).
 # MNIST from $(FEDGE_DATA) when set.
-test-py313: $(STAMP)
-	FEDGE_PY313=1 $(BIN)/python -m pytest -v -s -x tests/py313
+PYVERSION ?= all
+test-pyversions: $(STAMP)
+	FEDGE_PYVERSIONS=1 FEDGE_PYVERSION=$(PYVERSION) $(BIN)/python -m pytest -v -s -x tests/pyversions
 
+test-py310 test-py313: $(STAMP)
+	FEDGE_PYVERSIONS=1 FEDGE_PYVERSION=$(patsubst test-py3%,3.%,$@) $(BIN)/python -m pytest -v -s -x tests/pyversions
+
+# The export suite on an emulated AMD EPYC without VNNI (qemu-x86_64; slow: ~4 min).
 test-no-vnni: $(STAMP)
 	$(BIN)/python tests/export/emulated_cpu.py suite
 

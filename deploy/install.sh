@@ -9,7 +9,7 @@
 # Options:
 #   --prefix DIR          where the virtualenv goes (default /opt/fedge)
 #   --etc DIR             where config files go (default /etc/fedge)
-#   --python PY           interpreter for the virtualenv (default python3; 3.11 or newer)
+#   --python PY           interpreter for the virtualenv (default python3; 3.10 or newer)
 #   --system-site-packages  let the virtualenv see the system's packages: on a Jetson,
 #                         JetPack's PyTorch is used and none comes from PyPI (agent: it
 #                         must be importable by the system Python, 2.3 or newer)
@@ -102,9 +102,9 @@ if [ "$arch" = aarch64 ] && [ -z "$torch_spec" ] && [ "$role" = agent ] \
 fi
 
 src="$(cd "$(dirname "$0")/.." && pwd)"
-"$python" - <<'PY' || { echo "install.sh: fedge needs Python 3.11 or newer (--python to pick one)" >&2; exit 2; }
+"$python" - <<'PY' || { echo "install.sh: fedge needs Python 3.10 or newer (--python to pick one)" >&2; exit 2; }
 import sys
-sys.exit(0 if sys.version_info >= (3, 11) else 1)
+sys.exit(0 if sys.version_info >= (3, 10) else 1)
 PY
 
 "$python" -c "import venv, ensurepip" 2>/dev/null || {

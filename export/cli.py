@@ -262,8 +262,9 @@ def add_commands(sub: Any) -> None:
     q.add_argument("--calibration-size", type=int, default=512, help="calibration rows to use (default 512)")
     q.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="calibration method (default minmax)")
-    q.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
-                   help="per-channel weight scales (default on)")
+    # The help is set after: Python 3.10's BooleanOptionalAction appends " (default: %(default)s)" to one given.
+    q.add_argument("--per-channel", action=argparse.BooleanOptionalAction,
+                   default=True).help = "per-channel weight scales (default on)"
     q.add_argument("--target", default="arm64", choices=["arm64", "x86", "jetson"],
                    help="arm64: S8S8; x86: U8S8 (reduce_range unless --vnni); jetson: symmetric S8S8 + TensorRT "
                         "options file")

@@ -240,6 +240,45 @@ def _preprocess(src: Path, dst: Path, notes: list[str]) -> None:
                           f"{first_line(exc)}") from None
 
 
+def _untie_transposed_gemm_weights(path: Path) -> None:
+    """Give each Gemm with ``transB=1`` whose weight another node also reads a
+    copy of its own. Dynamic quantization turns such a Gemm into a MatMul by
+    transposing its weight initializer; ONNX Runtime 1.23 (the newest for
+    Python 3.10) does so in place, assuming no other node reads it, so a
+    weight two Gemms share (a Transformer's identical layers, deduplicated by
+    the exporter) was transposed twice, back to its old layout, and the
+    quantized model silently computed something else. Newer releases
+    transpose a copy; for them this only stores a shared weight twice."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    taken = set(inits) | {o for node in graph.node for o in node.output} | {i.name for i in graph.input}
+    for node in graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 2 or readers.get(node.input[1], 0) < 2:
+            continue
+        if node.input[1] not in inits or not any(a.name == "transB" and onnx.helper.get_attribute_value(a)
+                                                 for a in node.attribute):
+            continue
+        name, i = node.input[1], 1
+        while f"{name}_{i}" in taken:
+            i += 1
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[name])
+        copy.name = f"{name}_{i}"
+        taken.add(copy.name)
+        graph.initializer.append(copy)
+        readers[name] -= 1
+        node.input[1] = copy.name
+    if len(graph.initializer) > len(inits):
+        onnx.save_model(model, str(path))
+
+
 class _Reader:
     """Feeds calibration rows to ORT in batches of ``CALIBRATION_BATCH``."""
 
@@ -284,6 +323,7 @@ def _quantize_int8(src: Path, dst: Path, cfg: QuantConfig, calibration: Mapping[
     try:
         _preprocess(src, pre, notes)
         if cfg.mode == "dynamic":
+            _untie_transposed_gemm_weights(pre)
             with _quiet():
                 quantize_dynamic(str(pre), str(dst), weight_type=qtypes[cfg.weight_type or "int8"],
                                  per_channel=cfg.per_channel, reduce_range=cfg.reduce_range)

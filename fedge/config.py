@@ -26,7 +26,7 @@ import dataclasses
 import difflib
 import math
 import os
-import tomllib
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,11 @@ from typing import Any, TypeVar
 
 from fedge.chunks import CHUNK_HEADER, MIN_CHUNK_DATA, PACKET_OVERHEAD
 from fedge.errors import OneReasonError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (a Jetson's JetPack 6): the same parser, from PyPI
+    import tomli as tomllib
 
 T = TypeVar("T")
 # The smallest MQTT packet a chunk of MIN_CHUNK_DATA bytes fits in (fedge.chunks).

@@ -134,7 +134,7 @@ def cli_env():
 OPT_IN = {
     "arm64": ("FEDGE_ARM64", "make test-arm64"),
     "systemd": ("FEDGE_SYSTEMD", "make test-systemd"),
-    "py313": ("FEDGE_PY313", "make test-py313"),
+    "pyversions": ("FEDGE_PYVERSIONS", "make test-pyversions"),
 }
 
 

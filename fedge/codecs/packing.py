@@ -38,7 +38,7 @@ def _tables(bits: int) -> tuple[np.ndarray, np.ndarray]:
     (the all-ones one) is never used, ``check_codes`` refuses it first: it
     maps to L + 1 in int8, to 0 in float32."""
     if bits == 8:
-        codes = np.arange(256, dtype=np.uint8).view(np.int8).reshape(256, 1)
+        codes: np.ndarray = np.arange(256, dtype=np.uint8).view(np.int8).reshape(256, 1)
     else:
         per = 8 // bits
         fields = (np.arange(256)[:, None] >> (np.arange(per) * bits)) & ((1 << bits) - 1)

@@ -112,3 +112,25 @@ def test_fp16_runs_and_agrees_with_float32(exported_zoo, tmp_path, name):
 def test_static_quantization_without_calibration_is_a_user_error(exported_zoo, tmp_path):
     with pytest.raises(ExportError, match="calibration"):
         quantize_model(exported_zoo["mlp"], tmp_path / "q.onnx", mode="static")
+
+
+def test_a_weight_two_gemms_share_is_quantized_as_each_reads_it(tmp_path):
+    """ONNX Runtime 1.23 (the newest on Python 3.10) transposed a transB
+    weight in place once per Gemm: two Gemms sharing it got it back untransposed."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    gemm = {"transB": 1}
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["h"], **gemm), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "w"], ["y"], **gemm)], "tied",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save_model(model, str(tmp_path / "tied.onnx"))
+    quantize_model(tmp_path / "tied.onnx", tmp_path / "tied.int8.onnx", mode="dynamic")
+    x = np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32)
+    expected = np.maximum(x @ w.T, 0) @ w.T
+    got = OnnxPredictor(tmp_path / "tied.int8.onnx").predict(x)
+    assert np.max(np.abs(got - expected)) < 0.05 * np.max(np.abs(expected))

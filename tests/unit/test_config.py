@@ -3,7 +3,6 @@
 import dataclasses
 import os
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,11 @@ from edge_agent.config import AgentConfig
 from fedge import config
 from fedge.config import ConfigError
 from fedge.identity import Identity
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 KEY = Identity.generate().public.to_text()
 
