@@ -548,8 +548,10 @@ class MqttLink:
             self._track(sent)
             info = self._send(topic, payload, retain)
             sent.infos.append(info)
-        if info.rc != paho.MQTT_ERR_QUEUE_SIZE:
-            self.bytes_out += len(payload)
+            if info.rc == paho.MQTT_ERR_QUEUE_SIZE:  # given up: nothing to keep for a reconnect
+                self._sent.remove(sent)
+                return info
+        self.bytes_out += len(payload)
         return info
 
     def publish_chunked(self, topic_for: Callable[[int], str], message: bytes, *, retain: bool = False
@@ -563,6 +565,8 @@ class MqttLink:
             sent = _Sent(message, retain, topic_for, [], [], [])
             self._track(sent)
             payload_bytes = self._send_chunks(sent)
+            if sent.infos and all(i.rc == paho.MQTT_ERR_QUEUE_SIZE for i in sent.infos):
+                self._sent.remove(sent)  # given up whole: nothing to keep for a reconnect
         self.bytes_out += payload_bytes
         return list(sent.infos)
 

@@ -60,6 +60,7 @@ def test_the_queue_bound_holds_while_disconnected_and_never_cuts_a_burst(mosquit
         for i in range(80):  # the broker is down: 50 are kept, 30 given up and counted
             writer.publish("q/t", b"down-%d" % i)
         assert writer.messages_dropped == 30
+        assert len(writer._sent) == 50  # what was given up is not held either: an outage's memory is bounded
         mosquitto.start()
         assert writer.wait_connected(20) and reader.wait_connected(20)
         wait_for(lambda: {m for m in got if m.startswith(b"down-")} == {b"down-%d" % i for i in range(50)}, 20,
