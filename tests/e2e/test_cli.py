@@ -211,7 +211,10 @@ def test_a_secure_demo_with_dropouts_trains_on_the_sums_it_unmasks(tmp_path, cli
     assert any(r["status"] == "ok" for r in rounds)
 
 
-def test_user_mistakes_get_one_clear_line_and_exit_2(tmp_path, cli_env):
+def test_user_mistakes_get_one_clear_line_and_exit_2(tmp_path, cli_env, monkeypatch):
+    # In tmp_path: a config that names no state_dir means ./fedge-aggregator-state, which the
+    # aggregator's start-up check makes before a later check refuses the config.
+    monkeypatch.chdir(tmp_path)
     _one_line_error(run(cli_env, "aggregator", "--config", str(tmp_path / "missing.toml")), "does not exist")
     typo = tmp_path / "typo.toml"
     typo.write_text("[agent]\nidd = 'x'\n")
