@@ -507,6 +507,7 @@ class _Entry:
         self.connecting = False  # holds one
         self.posted = False  # in the loop's write queue
         self.stopping = False
+        self.suspended = False  # suspend(): no connection, no attempts until resume()
         self.detached = threading.Event()
 
 
@@ -654,6 +655,41 @@ class MqttLoop:
                 self._guard(entry, entry.client.loop_read)
 
         self._call_soon(cut)
+
+    def suspend(self, link: MqttLink) -> None:
+        """Take ``link`` off the network as a device losing power or coverage
+        would: the connection is broken without DISCONNECT (the broker
+        publishes its last will) and no attempt is made until ``resume``.
+        What the link publishes meanwhile is queued as while any outage."""
+
+        def cut() -> None:
+            entry = self._entries.get(link)
+            if entry is None or entry.suspended:
+                return
+            entry.suspended = True
+            if entry.retry is not None:
+                entry.retry.cancel()
+                entry.retry = None
+            if entry.conn is not None:
+                entry.conn.fail(ConnectionResetError(errno.ECONNRESET, "off the network (simulated)"))
+                entry.conn.error_told = True  # not a failed attempt
+                self._guard(entry, entry.client.loop_read)
+
+        self._call_soon(cut)
+
+    def resume(self, link: MqttLink) -> None:
+        """Back on the network after ``suspend``: it connects at once."""
+
+        def back() -> None:
+            entry = self._entries.get(link)
+            if entry is None or not entry.suspended:
+                return
+            entry.suspended = False
+            entry.backoff = None
+            entry.failed_attempts = 0
+            self._queue_attempt(entry)
+
+        self._call_soon(back)
 
     # --- called from other threads -------------------------------------------------------
 
@@ -804,7 +840,7 @@ class MqttLoop:
 
     def _queue_attempt(self, entry: _Entry) -> None:
         entry.retry = None
-        if entry.stopping or entry.queued or entry.conn is not None:
+        if entry.stopping or entry.suspended or entry.queued or entry.conn is not None:
             return
         entry.queued = True
         self._connect_queue.append(entry)
@@ -813,7 +849,7 @@ class MqttLoop:
         while self._connect_queue and self._connecting < self.max_connecting:
             entry = self._connect_queue.popleft()
             entry.queued = False
-            if entry.stopping or entry.conn is not None:
+            if entry.stopping or entry.suspended or entry.conn is not None:
                 continue
             self._attempt(entry)
 
@@ -841,7 +877,7 @@ class MqttLoop:
             self._connecting -= 1
 
     def _schedule_retry(self, entry: _Entry) -> None:
-        if entry.stopping or entry.retry is not None:
+        if entry.stopping or entry.suspended or entry.retry is not None:
             return
         settings = entry.link.settings
         lo, hi = settings.reconnect_min_s, settings.reconnect_max_s

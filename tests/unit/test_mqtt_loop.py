@@ -331,6 +331,27 @@ def test_a_dropped_connection_comes_back_after_the_shortest_backoff(broker, loop
         link.stop()
 
 
+def test_a_suspended_link_stays_off_until_resumed_and_then_sends_what_it_queued(broker, loop):
+    ev = Events()
+    link = MqttLink(settings(broker.url, reconnect_min_s=0.05, reconnect_max_s=0.1), "napping", ev,
+                    subscriptions=["t"], loop=loop)
+    link.start()
+    try:
+        assert link.wait_connected(5)
+        loop.suspend(link)
+        wait_for(lambda: len(ev.of(LinkDown)) == 1, 5, "the link down")
+        link.publish("out/napping", b"while away")  # queued, as in any outage
+        time.sleep(0.5)  # ten times the backoff: a link that was not held off would be back
+        assert len(ev.of(LinkUp)) == 1 and not link.connected.is_set()
+        assert not any(p[2] == "out/napping" for p in broker.published)
+        loop.resume(link)
+        wait_for(lambda: len(ev.of(LinkUp)) == 2, 5, "the link back after resume()")
+        wait_for(lambda: [p[3] for p in broker.published if p[2] == "out/napping"] == [b"while away"], 5,
+                 "the queued message")
+    finally:
+        link.stop()
+
+
 def test_an_unreachable_broker_is_retried_with_doubling_delays_and_the_failure_named(loop):
     broker = FakeBroker()
     broker.stop_listening()  # the port is free: connections are refused
