@@ -16,7 +16,7 @@ offline one heard from longest ago, or is not tracked.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedge.messages import DeviceRecord, device_info
@@ -105,7 +105,11 @@ class Fleet:
 
     def to_json(self) -> dict[str, Any]:
         self.changed = False
-        return {"job": self.job, "devices": {c: asdict(e) for c, e in self.entries.items()}}
+        # By hand, not dataclasses.asdict (which deep-copies): this runs at every checkpoint, for every device.
+        return {"job": self.job, "devices": {
+            c: {"online": e.online, "last_seen": e.last_seen, "rounds": e.rounds, "last_receipt": e.last_receipt,
+                "last_round": e.last_round, "info": e.info}
+            for c, e in self.entries.items()}}
 
     def load(self, data: dict[str, Any]) -> None:
         """Entries saved by ``to_json``; what is not well formed is skipped

@@ -51,9 +51,10 @@ class AgentSection:
     )
     resend_after_s: float = setting(20.0, "Resend an update not acknowledged after this long (doubling).", POSITIVE)
     model_wait_s: float = setting(
-        30.0, "Selected but lacking the announced model, with no model bytes arriving for this long: fetch the "
-        "key and delta again; after two such fetches, decline the round (model_unavailable), which makes the "
-        "aggregator publish them again. Above the time one chunk (broker.max_packet_bytes) takes on the "
+        30.0, "Selected but lacking the announced model, with no model bytes arriving for this long (up to a "
+        "quarter more, by device, so that a fleet does not fetch in step): fetch the key and delta again, and "
+        "again after twice that; after two such fetches, decline the round (model_unavailable), which makes "
+        "the aggregator publish them again. Above the time one chunk (broker.max_packet_bytes) takes on the "
         "device's link.", POSITIVE
     )
 

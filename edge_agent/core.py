@@ -72,11 +72,12 @@ as late and the residual takes it back.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -105,6 +106,7 @@ from fedge.secagg import flatten
 from fedge.tensors import ModelArrays, TensorError, TensorSpec
 from fedge.wire import Kind, WireError
 
+_T = TypeVar("_T")
 log = logging.getLogger("fedge.agent")
 
 BUILTIN_MODELS = "fedge.models:"
@@ -123,6 +125,7 @@ class Connected:
 class KeyArrived:
     message: bytes
     now: float
+    digest: bytes = b""  # its sha256, when the shell has it already (a simulated fleet's shared checks)
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,7 @@ class PersistResidual:
 @dataclass(frozen=True)
 class PersistKey:
     message: bytes  # the key model message, so a restart need not download it again
+    digest: bytes = b""  # its sha256, when known (a simulated fleet links identical files)
 
 
 @dataclass(frozen=True)
@@ -372,6 +376,9 @@ class AgentCore:
     update_bytes: bytes | None = None  # bytes of state.pending, restored by the shell
     residual: ModelArrays | None = None  # error-feedback memory, restored by the shell
     new_id: Callable[[], str] = field(default=lambda: uuid.uuid4().hex, repr=False)  # update and training ids
+    # Models decoded for other devices of this process (a simulated fleet):
+    # the same bytes give the same model, decoded once and held once.
+    memo: ModelMemo | None = field(default=None, repr=False)
 
     key: _Key | None = None
     current: _Current | None = None
@@ -396,6 +403,8 @@ class AgentCore:
 
     def __post_init__(self) -> None:
         check_choice(self.downlink, DOWNLINKS, "agent.downlink")
+        # 1 to 1.25, by device: a fleet selected together does not fetch a late model again in step.
+        self._spread = 1.0 + int.from_bytes(hashlib.sha256(self.client_id.encode()).digest()[:2], "big") / 262144
 
     # --- entry points ----------------------------------------------------------
 
@@ -414,7 +423,7 @@ class AgentCore:
             actions += [Unsubscribe(c) for c in CHANNELS if c not in self._wanted()]
             return actions + self._sync_subscriptions()
         if isinstance(event, KeyArrived):
-            actions = self._on_key(event.message)
+            actions = self._on_key(event.message, message_digest=event.digest)
         elif isinstance(event, DeltaArrived):
             actions = self._on_delta(event.message)
         elif isinstance(event, AnnouncementArrived):
@@ -449,11 +458,13 @@ class AgentCore:
     def _allowed(self, factory: str) -> bool:
         return factory == self.accepted_model if self.accepted_model else factory.startswith(BUILTIN_MODELS)
 
-    def _on_key(self, message: bytes, persist: bool = True) -> list[Action]:
+    def _on_key(self, message: bytes, persist: bool = True, message_digest: bytes = b"") -> list[Action]:
         try:
-            model = GlobalModel.parse(wire.decode(message))
-            arrays = tensors.unpack(model.body)
-            model.spec.check(arrays, what="key model")
+            if self.memo is None:
+                model, arrays = _decode_key(message)
+            else:
+                message_digest = message_digest or hashlib.sha256(message).digest()
+                model, arrays = self.memo.get(("key", message_digest), lambda: _decode_key(message))
         except (WireError, ProtocolError, TensorError) as exc:
             self._count("bad_model")
             log.warning("%s: ignored a key model: %s", self.client_id, exc, extra=fields(device=self.client_id))
@@ -484,7 +495,7 @@ class AgentCore:
         if self.announcement is None or self.announcement.model_digest == digest:
             self.current = _Current(arrays, digest, model.body)
         self._apply_delta()
-        return [PersistKey(message)] if persist else []
+        return [PersistKey(message, message_digest)] if persist else []
 
     def _on_delta(self, message: bytes) -> list[Action]:
         try:
@@ -512,17 +523,17 @@ class AgentCore:
         if self.current is not None and self.current.digest == d.target_digest:
             return
         try:
-            arrays = rebuild(key.arrays, make_codec(d.codec), d.body, key.model.spec)
+            if self.memo is None:
+                body, digest = _rebuild(key, d)
+            else:
+                memo_key = ("delta", key.digest, hashlib.sha256(d.body).digest(), json.dumps(d.codec, sort_keys=True))
+                body, digest = self.memo.get(memo_key, lambda: _rebuild(key, d))
         except (CodecError, TensorError) as exc:
             self._count("bad_delta")
             log.warning("%s: cannot apply the delta of round %d: %s", self.client_id, d.round, exc,
                         extra=fields(device=self.client_id))
             self.latest_delta = None
             return
-        # Packed once: the canonical bytes give the digest, the arrays (views
-        # into them) and the body a training job needs.
-        body = tensors.pack({n: arrays[n] for n in key.model.spec.names})
-        digest = hashlib.sha256(body).hexdigest()  # == tensors.state_digest(arrays)
         if digest != d.target_digest:
             # Never train on a model that is not the announced one: drop the
             # delta; the next key (or a re-subscription to it) resynchronises.
@@ -836,10 +847,12 @@ class AgentCore:
     def _watch_model(self, now: float) -> list[Action]:
         """A selected device whose announced model does not arrive (the
         broker lost, withheld or replaced a retained key or delta) fetches
-        it again after ``model_wait_s`` without model bytes; after
-        ``MODEL_REFETCHES`` fetches it declines the round, saying why, so
-        that the aggregator publishes the model again and the round need
-        not wait for it."""
+        it again after ``model_wait_s`` without model bytes, then after
+        twice that, and so on (on a broker that is only slow, a fetch queues
+        one more copy of the model for this device: a fleet fetching again
+        on a fixed period would bury it); after ``MODEL_REFETCHES`` fetches
+        it declines the round, saying why, so that the aggregator publishes
+        the model again and the round need not wait for it."""
         ann = self.announcement
         if ann is None or not self._awaits_model():
             self.model_wait = None
@@ -848,7 +861,7 @@ class AgentCore:
         if w is None or (w.round, w.attempt, w.model) != (ann.round, ann.attempt, ann.model_digest):
             self.model_wait = _ModelWait(ann.round, ann.attempt, ann.model_digest, now, now)
             return []
-        if now - w.progress < self.model_wait_s:
+        if now - w.progress < self.model_wait_s * self._spread * 2 ** w.fetches:
             return []
         gap = self._model_gap(ann)
         if w.fetches < MODEL_REFETCHES:
@@ -939,6 +952,50 @@ class AgentCore:
             plan=ann.training, seed=_seed(self.client_id, ann.round, "train"),
         )
         return [StartTraining(job)]
+
+
+def _decode_key(message: bytes) -> tuple[GlobalModel, ModelArrays]:
+    model = GlobalModel.parse(wire.decode(message))
+    arrays = tensors.unpack(model.body)
+    model.spec.check(arrays, what="key model")
+    return model, arrays
+
+
+def _rebuild(key: _Key, d: ModelDelta) -> tuple[bytes, str]:
+    """The model ``d`` builds from ``key``: its canonical bytes (packed once:
+    they give the digest, the arrays as views into them and the body a
+    training job needs) and their digest."""
+    arrays = rebuild(key.arrays, make_codec(d.codec), d.body, key.model.spec)
+    body = tensors.pack({n: arrays[n] for n in key.model.spec.names})
+    return body, hashlib.sha256(body).hexdigest()  # == tensors.state_digest(arrays)
+
+
+class ModelMemo:
+    """Decoded models shared by the devices of one process (a simulated
+    fleet): keyed by a digest of the bytes they were decoded from, so a
+    device gets exactly what decoding its own copy would give, and 10,000
+    devices hold one copy of the model, not 10,000. The newest ``size``
+    are kept. What is shared is never written to (arrays are read-only
+    views of immutable bytes). One thread: the runtime's."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._items: dict[Any, Any] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Any, make: Callable[[], _T]) -> _T:
+        if key in self._items:
+            self.hits += 1
+            value = self._items.pop(key)
+            self._items[key] = value  # the newest
+            return cast(_T, value)
+        self.misses += 1
+        value = make()  # an exception is not remembered: each device meets it
+        self._items[key] = value
+        while len(self._items) > self.size:
+            del self._items[next(iter(self._items))]
+        return value
 
 
 def _with_residual(delta: ModelArrays, residual: ModelArrays | None) -> ModelArrays:

@@ -39,6 +39,7 @@ from edge_agent.core import (
     Event,
     KeyArrived,
     ModelBytes,
+    ModelMemo,
     PersistKey,
     PersistResidual,
     PersistState,
@@ -79,6 +80,7 @@ log = logging.getLogger("fedge.agent")
 # or its revealed shares.
 DROPOUT_STAGES = ("keys", "shares", "update", "reveal")
 PRESENCE_REPAIR_S = 5.0  # at most one presence repair per device this often
+SHARED_CHECK_BYTES = 64 << 10  # a simulated fleet checks a signed message this large once for all its devices
 TRAFFIC_ROUNDS = 1024  # rounds of traffic counts kept for the demo and benchmarks
 
 
@@ -152,10 +154,12 @@ class _Trained:
 
 
 class _Device:
-    def __init__(self, spec: DeviceSpec, broker: BrokerSettings, inbox: Inbox, link_factory: LinkFactory) -> None:
+    def __init__(self, spec: DeviceSpec, broker: BrokerSettings, inbox: Inbox, link_factory: LinkFactory,
+                 memo: ModelMemo | None = None, blobs: Path | None = None) -> None:
         self.spec = spec
+        self.memo = memo
         self.topics = JobTopics(spec.job)
-        self.store = StateDir(spec.state_dir, durable=spec.durable)
+        self.store = StateDir(spec.state_dir, durable=spec.durable, blobs=blobs)
         info = spec.info or capabilities.describe(spec.role)
         self.core: AgentCore | InferenceCore
         self.served: ServedModel | None = None
@@ -169,7 +173,7 @@ class _Device:
                 client_id=spec.client_id, job=spec.job, info=info, accepted_model=spec.accepted_model,
                 resend_after_s=spec.resend_after_s, downlink=spec.downlink, model_wait_s=spec.model_wait_s,
                 state=state, update_bytes=update,
-                residual=self.store.load_residual(),
+                residual=self.store.load_residual(), memo=memo,
             )
             key = self.store.load_key()
             if key is not None:
@@ -217,7 +221,7 @@ class _Device:
         self.store.save_identity({**stored, "presence_seq": seq})
         return self.sign(Status(status.sender, status.state, status.info, seq).encode())
 
-    def believed(self, message: bytes, what: str, now: float) -> bool:
+    def believed(self, message: bytes, what: str, now: float, digest: bytes = b"") -> bool:
         """Whether ``message`` is signed by the aggregator this device pins
         (always, when signing is off); a refusal is counted and logged at
         most once a minute per reason. A signed announcement must not be
@@ -226,8 +230,12 @@ class _Device:
         if key is None:
             return True
         try:
-            env = wire.decode(message)
-            check_signed(env, key, what)
+            if self.memo is not None and len(message) >= SHARED_CHECK_BYTES:
+                # The same bytes under the same key: checked once for the devices of this process.
+                env = self.memo.get(("signed", digest or hashlib.sha256(message).digest(), key.to_text(), what),
+                                    lambda: _signed(message, key, what))
+            else:
+                env = _signed(message, key, what)
             if env.kind == Kind.ROUND:
                 seq = env.header.get("seq")
                 if isinstance(seq, bool) or not isinstance(seq, int):
@@ -371,6 +379,12 @@ class _Device:
                         quant.get("target"), extra=fields(device=self.spec.client_id))
 
 
+def _signed(message: bytes, key: PublicKey, what: str) -> wire.Envelope:
+    env = wire.decode(message)
+    check_signed(env, key, what)
+    return env
+
+
 def _served_by(dev: _Device) -> Callable[[], ServedModel | None]:
     return lambda: dev.served
 
@@ -378,18 +392,27 @@ def _served_by(dev: _Device) -> Callable[[], ServedModel | None]:
 class AgentRuntime:
     def __init__(self, devices: list[DeviceSpec], broker: BrokerSettings, pool: TrainingPool,
                  tick_s: float = 0.5, link_factory: LinkFactory = MqttLink,
-                 metrics: MetricsSettings | None = None) -> None:
+                 metrics: MetricsSettings | None = None, shared_models: bool = False,
+                 shared_files: Path | None = None) -> None:
         """``link_factory`` makes each device's broker connection (``MqttLink``;
         tests pass ``fedge.transport.MemoryBroker().link``); ``metrics``, when
-        enabled, serves Prometheus metrics from ``start()`` to ``close()``."""
+        enabled, serves Prometheus metrics from ``start()`` to ``close()``;
+        ``shared_models`` (a simulated fleet): devices that receive the same
+        model bytes decode them once and hold one copy (``ModelMemo``), and
+        with ``shared_files`` (a directory) store one copy of the key model
+        there, hard-linked into each device's state directory."""
         for d in devices:
             check_id(d.client_id, "agent id")
+        self.broker = broker
+        self.link_factory = link_factory
+        self.memo = ModelMemo() if shared_models else None
+        self.blobs = shared_files
+        if shared_files is not None:
+            shared_files.mkdir(parents=True, exist_ok=True)
         self.inbox = Inbox(maxsize=max(1024, 64 * len(devices)))
-        self.devices = {d.client_id: _Device(d, broker, self.inbox, link_factory) for d in devices}
         # MQTT payload bytes by direction and channel, for metrics.
         self.bytes_by_channel = Traffic()
-        for dev in self.devices.values():
-            dev.link = CountingLink(dev.link, self.bytes_by_channel, dev.topics.channel)
+        self.devices = {d.client_id: self._make_device(d) for d in devices}
         self.connected: set[str] = set()
         self.last_training: dict[str, Any] = {}  # the newest training run of any device
         self.metrics: AgentMetrics | None = None
@@ -414,6 +437,11 @@ class AgentRuntime:
                 dev.load()
                 if dev.spec.serve:
                     self.servers.append(PredictionServer(dev.spec.serve, _served_by(dev)))
+
+    def _make_device(self, spec: DeviceSpec) -> _Device:
+        dev = _Device(spec, self.broker, self.inbox, self.link_factory, self.memo, self.blobs)
+        dev.link = CountingLink(dev.link, self.bytes_by_channel, dev.topics.channel)
+        return dev
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -457,6 +485,10 @@ class AgentRuntime:
                     self._run(dev, Tick(now))
             if self.metrics is not None and self.metrics.collector.due(now):
                 self._publish_metrics(now)
+            self._idle(now)
+
+    def _idle(self, now: float) -> None:
+        """Called after each pass of ``run``'s loop (a simulated fleet's timers)."""
 
     def _publish_metrics(self, now: float) -> None:
         assert self.metrics is not None
@@ -528,9 +560,15 @@ class AgentRuntime:
                     self._run(dev, ModelBytes(now))
             else:
                 self._count_traffic(message, 1, self._partial_bytes.pop(stream, 0), serves_next=True)
-                if dev.believed(message, f"a {channel} message", now):
-                    arrived = {"key": KeyArrived, "delta": DeltaArrived, "artifact": ArtifactArrived}[channel]
-                    self._run(dev, arrived(message, now))
+                # Hashed once for the checks a simulated fleet shares and the key's shared file.
+                digest = hashlib.sha256(message).digest() if self.memo is not None and len(
+                    message) >= SHARED_CHECK_BYTES else b""
+                if dev.believed(message, f"a {channel} message", now, digest):
+                    if channel == "key":
+                        self._run(dev, KeyArrived(message, now, digest))
+                    else:
+                        arrived = {"delta": DeltaArrived, "artifact": ArtifactArrived}[channel]
+                        self._run(dev, arrived(message, now))
         elif channel == "keys":
             dev.follow_keys(item.payload, now)
         elif channel == "round":
@@ -621,7 +659,7 @@ class AgentRuntime:
         elif isinstance(action, PersistResidual):
             dev.store.save_residual(action.residual)
         elif isinstance(action, PersistKey):
-            dev.store.save_key(action.message)
+            dev.store.save_key(action.message, action.digest)
         elif isinstance(action, Subscribe):
             dev.link.subscribe(self._channel_filter(dev, action.channel))
         elif isinstance(action, Unsubscribe):

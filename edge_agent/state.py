@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from edge_agent.core import AgentState
@@ -28,9 +29,12 @@ class StateDir:
     ``aggregator.state.StateDir``); ``durable=False`` skips the fsyncs for
     simulated fleets that share one disk."""
 
-    def __init__(self, root: str | Path, durable: bool = True) -> None:
+    def __init__(self, root: str | Path, durable: bool = True, blobs: Path | None = None) -> None:
         self.root = Path(root)
         self.durable = durable
+        # A simulated fleet's store of files many devices hold the same
+        # bytes of (the key model), linked into each state directory.
+        self.blobs = blobs
         self._written_update: bytes | None = None
         writable_dir(self.root, "agent.state_dir")  # one ConfigError line, before the device starts
         self.state_file = self.root / "agent.json"
@@ -94,8 +98,19 @@ class StateDir:
             log.error("residual %s is unreadable (%s); starting error feedback afresh", self.residual_file, exc)
             return None
 
-    def save_key(self, message: bytes) -> None:
-        atomic_write(self.key_file, message, self.durable)
+    def save_key(self, message: bytes, digest: bytes = b"") -> None:
+        """``digest`` (the message's sha256), with ``blobs``: the file is a
+        hard link to the one copy of these bytes (written once)."""
+        if self.blobs is None or len(digest) != 32:
+            atomic_write(self.key_file, message, self.durable)
+            return
+        blob = self.blobs / f"{digest.hex()}.key"
+        if not blob.exists():
+            atomic_write(blob, message, self.durable)
+        temp = self.key_file.with_name(self.key_file.name + ".link")
+        temp.unlink(missing_ok=True)
+        os.link(blob, temp)
+        os.replace(temp, self.key_file)
 
     def load_key(self) -> bytes | None:
         try:

@@ -143,6 +143,13 @@ def parse_chunk(payload: bytes) -> Chunk:
     return Chunk(mid, index, count, total, data)
 
 
+def _kept(data: memoryview) -> bytes | memoryview:
+    """A chunk's data to hold until its message is whole: the view itself
+    when it is into immutable bytes (a received payload: no copy), else a
+    copy (a buffer its owner may reuse)."""
+    return data if isinstance(data.obj, bytes) else bytes(data)
+
+
 @dataclass(eq=False)
 class _Partial:
     stream: str
@@ -152,7 +159,7 @@ class _Partial:
     started: float
     stride: int = 0  # data bytes per chunk but the last, learnt from the first such chunk
     last_size: int = -1  # data bytes of the final chunk, once it arrived
-    pieces: dict[int, bytes] = field(default_factory=dict)
+    pieces: dict[int, bytes | memoryview] = field(default_factory=dict)
     data: int = 0  # data bytes in ``pieces``
     charge: int = 0  # what this message counts against the bounds (see the module docstring)
 
@@ -241,7 +248,7 @@ class Reassembler:
         if len(part.pieces) + 1 == part.count:
             # Completing releases what the message held, so it needs no room.
             self._drop(key)
-            part.pieces[chunk.index] = bytes(chunk.data)
+            part.pieces[chunk.index] = _kept(chunk.data)
             message = b"".join([part.pieces[i] for i in range(part.count)])
             if self.check_ids and message_id(message) != chunk.message_id:
                 self.counters["bad_message_id"] += 1
@@ -359,7 +366,7 @@ class Reassembler:
             part.last_size = size
         else:
             part.stride = size
-        part.pieces[chunk.index] = bytes(chunk.data)
+        part.pieces[chunk.index] = _kept(chunk.data)
         part.data += size
         extra = charge - part.charge
         part.charge = charge

@@ -400,6 +400,7 @@ class MqttLink:
         self.sink = sink
         self.subscriptions = list(subscriptions)
         self.loop = loop
+        self.detached = threading.Event()  # a loop-driven link: set once stop() is done
         self.shaping = shaping
         self.host, self.port, tls = parse_url(settings.url)
         self.address = f"{self.host}:{self.port}"
@@ -502,22 +503,23 @@ class MqttLink:
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
 
-    def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+    def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0, wait: bool = True) -> None:
         """Disconnect cleanly; ``final`` (topic, payload) is published retained
         first (e.g. an 'offline' status, which a clean disconnect does not
-        trigger as a last will)."""
+        trigger as a last will). A link on an ``MqttLoop`` with ``wait``
+        false returns at once; ``detached`` is set once it is done."""
         if not self._started:
             return
         on_loop = self.loop is not None and self.loop.in_loop_thread()
         if final is not None and self.connected.is_set():
             info = self.publish(final[0], final[1], retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
-                info.wait_for_publish(0 if on_loop else timeout)  # the loop's thread would wait for itself
+                info.wait_for_publish(0 if on_loop or not wait else timeout)  # the loop's thread would wait for itself
         self._closing = True
         OUTAGES.leave(self)
         if self.loop is not None:
             # DISCONNECT, then the loop closes the socket (no wake-up pair to close)
-            self.loop.detach(self, timeout)
+            self.detached = self.loop.detach(self, timeout, wait=wait)
             self._started = False
             return
         self.client.disconnect()
@@ -829,7 +831,13 @@ class Inbox:
         self.max_bytes = max_bytes
         self._items: collections.deque[object] = collections.deque()
         self._bytes = 0
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        # Woken only when someone waits on them: a busy inbox passes items
+        # at a notify per wait, not per item.
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+        self._getters = 0
+        self._putters = 0
 
     @staticmethod
     def _size(item: object) -> int:
@@ -837,22 +845,32 @@ class Inbox:
 
     def put(self, item: object) -> None:
         size = self._size(item)
-        with self._cond:
+        with self._lock:
             while self._items and (len(self._items) >= self.maxsize or self._bytes + size > self.max_bytes):
-                self._cond.wait()
+                self._putters += 1
+                try:
+                    self._not_full.wait()
+                finally:
+                    self._putters -= 1
             self._items.append(item)
             self._bytes += size
-            self._cond.notify_all()
+            if self._getters:
+                self._not_empty.notify()
 
     def get(self, timeout: float | None) -> object | None:
-        with self._cond:
+        with self._lock:
             if not self._items:
-                self._cond.wait(None if timeout is None else max(0.0, timeout))
+                self._getters += 1
+                try:
+                    self._not_empty.wait(None if timeout is None else max(0.0, timeout))
+                finally:
+                    self._getters -= 1
             if not self._items:
                 return None
             item = self._items.popleft()
             self._bytes -= self._size(item)
-            self._cond.notify_all()
+            if self._putters:
+                self._not_full.notify_all()  # several may wait; each checks its own room
             return item
 
     def __len__(self) -> int:

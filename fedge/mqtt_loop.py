@@ -561,9 +561,15 @@ class MqttLoop:
             self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop every link still attached (cleanly, within ``timeout``) and the thread."""
-        for link in list(self._entries):
-            link.stop(timeout=timeout)
+        """Stop every link still attached (cleanly, all at once, within
+        ``timeout``) and the thread."""
+        links = list(self._entries)
+        for link in links:
+            link.stop(timeout=timeout, wait=False)
+        deadline = time.monotonic() + timeout + 5.0
+        for link in links:
+            if not self.in_loop_thread():
+                link.detached.wait(max(0.0, deadline - time.monotonic()))
         with self._lock:
             thread, self._thread = self._thread, None
             self._running = False
@@ -615,14 +621,16 @@ class MqttLoop:
         c.socket_factory = lambda: self._open(entry)  # type: ignore[attr-defined]
         c.loop_entry = entry  # type: ignore[attr-defined]
 
-    def detach(self, link: MqttLink, timeout: float = 5.0) -> None:
+    def detach(self, link: MqttLink, timeout: float = 5.0, wait: bool = True) -> threading.Event:
         """Disconnect ``link`` cleanly (its DISCONNECT sent within
         ``timeout``, else the connection is just closed) and forget it.
-        Waits for that unless called on the loop's thread."""
+        Waits for that (unless called on the loop's thread or ``wait`` is
+        false); the event returned is set once it is done."""
         done = threading.Event()
         self._call_soon(lambda: self._detach(link, time.monotonic() + timeout, done))
-        if not self.in_loop_thread():
+        if wait and not self.in_loop_thread():
             done.wait(timeout + 5.0)
+        return done
 
     def shape(self, link: MqttLink, shaping: Shaping) -> None:
         """Change ``link``'s simulated network (rates now, delay from its next connection)."""
@@ -690,6 +698,10 @@ class MqttLoop:
             self._queue_attempt(entry)
 
         self._call_soon(back)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop's thread (soon, in order with other calls)."""
+        self._call_soon(fn)
 
     # --- called from other threads -------------------------------------------------------
 

@@ -67,6 +67,7 @@ class Kind(enum.IntEnum):
     TRAIN_REQUEST = 32
     TRAIN_RESULT = 33
     TRAIN_ERROR = 34
+    TRAIN_BATCH = 35  # many devices' rounds from one global model, answered item by item (edge_agent.worker)
 
 
 class WireError(FedgeError):

@@ -260,23 +260,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return _run_agents(cfg, devices, 1, "per_round" if inference else cfg.worker.mode, cfg.worker.threads)
 
 
-def cmd_fleet(args: argparse.Namespace) -> int:
-    from edge_agent.config import AgentConfig
-    from fedge import config
-
-    if args.agents < 1:
-        raise UsageError("--agents must be at least 1")
-    _check_flag("--workers", args.workers, args.workers >= 1, "at least 1")
-    _check_fleet_size(args.agents)
-    cfg = config.load(args.config, AgentConfig, args.set)  # checked as it loads
-    cfg.broker.password()  # an unreadable password file is named now, not after start-up
-    _agent_extras(cfg)
-    devices = _devices(cfg, args.agents)
-    log.info("simulated fleet of %d agents for job %s on %s, %d warm workers", args.agents, cfg.agent.job,
-             cfg.broker.url, args.workers)
-    return _run_agents(cfg, devices, args.workers, "warm", cfg.worker.threads or 1)
-
-
 def cmd_config(args: argparse.Namespace) -> int:
     from aggregator.config import AggregatorConfig
     from edge_agent.config import AgentConfig
@@ -410,16 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key (not for secrets)")
         s.set_defaults(func=func, default_level="INFO")
 
-    f = sub.add_parser("fleet", help="simulate N agents in one process (testing, benchmarks)")
-    f.add_argument("--config", default=None, metavar="FILE", help="agent TOML config (agent.id is the id prefix)")
-    f.add_argument("--agents", type=int, required=True, metavar="N",
-                   help="how many agents to simulate, each with its own MQTT connection, id (<agent.id>-000, "
-                        "-001, ...) and state directory under agent.state_dir")
-    f.add_argument("--workers", type=int, default=2, metavar="N",
-                   help="training worker processes the agents share (default 2)")
-    f.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config key (not for secrets)")
-    f.set_defaults(func=cmd_fleet, default_level="INFO")
+    from fedge_cli import simulate
+
+    simulate.add_parser(sub)
 
     c = sub.add_parser("config", help="print a complete config file with every default, documented")
     c.add_argument("role", choices=["aggregator", "agent"], help="whose config: aggregator or agent")

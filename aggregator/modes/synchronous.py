@@ -76,7 +76,7 @@ class SynchronousRounds:
         answered = op.declined | (op.refused if enough else set())
         if c.secure is not None:
             answered = answered | c.secure.out_of_round()
-        return answered - set(op.accepted)
+        return {client for client in answered if client not in op.accepted}  # O(answered): this runs per update
 
     def on_timer(self, now: float) -> list[Action]:
         """What is due at ``now``: secure aggregation's next stage, the

@@ -12,6 +12,7 @@ from edge_agent.core import (
     Connected,
     DeltaArrived,
     KeyArrived,
+    ModelMemo,
     PersistKey,
     PersistResidual,
     PersistState,
@@ -91,6 +92,28 @@ def test_never_trains_on_a_model_that_does_not_match_its_digest():
     assert core.counters["corrupt_delta"] == 1
     good, _ = delta_msg(target)
     assert only(core.handle(DeltaArrived(good, 3)), StartTraining)
+
+
+def test_devices_sharing_a_memo_decode_each_model_once_and_train_what_each_would_alone():
+    target = {k: v + 0.1 for k, v in KEY.items()}
+    dmsg, digest = delta_msg(target)
+    memo = ModelMemo()
+    alone, shared = make(), [make(memo=memo) for _ in range(3)]
+    jobs = []
+    for core in [alone, *shared]:
+        core.handle(AnnouncementArrived(ann_msg(digest), 0))
+        core.handle(KeyArrived(key_msg()[0], 1))
+        jobs.append(only(core.handle(DeltaArrived(bytes(dmsg), 2)), StartTraining)[0].job)  # each its own copy
+    assert {j.base_model for j in jobs} == {digest}
+    assert len({j.model_body for j in jobs}) == 1  # the same bytes as decoding alone
+    assert len({id(j.model_body) for j in jobs[1:]}) == 1  # held once by the devices sharing the memo
+    assert (memo.misses, memo.hits) == (2, 4)  # the key and the delta: decoded once each
+    # A corrupt delta is not remembered as a model: every device refuses it.
+    bad, bad_digest = delta_msg({k: v + 0.2 for k, v in KEY.items()}, round_=2, tamper=True)
+    for core in shared:
+        core.handle(AnnouncementArrived(ann_msg(bad_digest, round_=2), 3))
+        assert not only(core.handle(DeltaArrived(bad, 4)), StartTraining)
+        assert core.counters["corrupt_delta"] == 1
 
 
 def test_on_demand_devices_fetch_nothing_while_not_selected():
@@ -302,19 +325,22 @@ def test_a_model_that_never_arrives_is_fetched_again_then_the_round_is_declined_
     from edge_agent.core import Refetch
 
     core, _ = _lacking_core()
+    w = 5.0 * core._spread  # model_wait_s, up to a quarter more by device
+    assert 5.0 <= w <= 6.25
     assert core.handle(Tick(2.0)) == []  # the wait starts
-    assert core.handle(Tick(6.9)) == []
-    acts = core.handle(Tick(7.0))
+    assert core.handle(Tick(1.99 + w)) == []
+    acts = core.handle(Tick(2.01 + w))
     assert acts == [Refetch("delta")]  # subscribed again: the broker resends what it retains
-    assert core.handle(Tick(11.9)) == []
-    assert core.handle(Tick(12.0)) == [Refetch("delta")]
-    acts = core.handle(Tick(17.0))
+    assert core.handle(Tick(1.99 + 3 * w)) == []  # each wait twice the last: a slow broker is not buried
+    assert core.handle(Tick(2.02 + 3 * w)) == [Refetch("delta")]
+    assert core.handle(Tick(1.99 + 7 * w)) == []
+    acts = core.handle(Tick(2.03 + 7 * w))
     declines = [Decline.parse(wire.decode(a.message)) for a in only(acts, PublishUpdate)]
     assert len(declines) == 1 and declines[0].round == 2
     assert declines[0].code == "model_unavailable" and "no delta from key round 0" in declines[0].reason
     assert only(acts, Unsubscribe) == [Unsubscribe("delta")]  # nothing more to fetch for this round
     assert core.counters["model_refetch"] == 2 and core.counters["model_unavailable"] == 1
-    assert core.handle(Tick(40.0)) == []  # once per round
+    assert core.handle(Tick(80.0)) == []  # once per round
 
 
 def test_model_bytes_in_flight_hold_the_refetch_and_a_late_model_is_trained():
@@ -337,7 +363,7 @@ def test_a_replaced_delta_that_does_not_rebuild_is_fetched_again_and_declined():
     # Carries the right target's digest? No: a tampered target; the device
     # waits for one that names the announced model.
     core.handle(DeltaArrived(bad, 3.0))
-    acts = core.handle(Tick(7.0)) + core.handle(Tick(12.0)) + core.handle(Tick(17.0))
+    acts = core.handle(Tick(9.0)) + core.handle(Tick(22.0)) + core.handle(Tick(48.0))
     assert len(only(acts, PublishUpdate)) == 1 and core.counters["model_unavailable"] == 1
 
 

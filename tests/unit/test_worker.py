@@ -52,6 +52,7 @@ def test_a_round_of_training_returns_a_delta(warm_pool, global_model):
     assert any(np.abs(d).max() > 0 for d in delta.values())
     h = out.result.header
     assert h["num_samples"] > 0 and h["loss"] > 0 and h["steps"] >= 1
+    assert h["reference_seconds"] == h["seconds"] > 0  # alone, as a batch's items are compared with
 
 
 def test_training_is_reproducible_for_a_seed(warm_pool, global_model):

@@ -1,0 +1,319 @@
+"""A simulated fleet against a real aggregator and a real broker: scale and
+time to accuracy under a fleet profile.
+
+Everything runs as the operator would run it, as separate processes: a
+private Mosquitto, ``fedge aggregator --config job.toml``, the devices'
+keys made and enrolled in bulk (``fedge simulate --make-keys``, ``fedge
+enroll --from``), then ``fedge simulate`` (N devices, each with its own
+MQTT connection, key, data shard and state, over ``--processes``
+processes). The job is MNIST 2NN, IID.
+
+Two uses:
+
+    # scale: every device in every round
+    python bench/fleet.py --devices 10000 --rounds 5 --preset lab --out bench/results/fleet_10k.json
+    # time to accuracy under a profile (100 devices of 600 examples, 10 a round, as in the FedAvg paper)
+    python bench/fleet.py --devices 100 --fraction 0.1 --rounds 80 --target 0.97 --preset cellular-mixed \\
+        --time-scale 10 --codec default --out bench/results/fleet_tta_cellular.json
+
+The JSON has, per round, the devices selected, folded and refused (by
+reason), the accuracy, and the aggregator process's CPU seconds (read from
+/proc when the round's record appears); for the run, the aggregator's CPU
+per folded update, the peak RSS of the aggregator and of the broker, the
+bytes per device, the devices that never contributed, the wall clock to
+the target accuracy (fleet time = wall x time scale) and what the
+simulator counted (crashes, connections lost, sessions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import REPO, PrivateMosquitto, emit, machine, note
+
+CODECS = {"default": {"name": "int2", "params": {"lossless": "zlib"}}, "float32": {"name": "none", "params": {}}}
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK  # utime + stime
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of ``pid`` (by thread id and name)."""
+    out = {}
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*"), key=lambda p: int(p.name)):
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        out[f"{task.name} {name}"] = round((int(fields[11]) + int(fields[12])) / CLK, 2)
+    return {k: v for k, v in out.items() if v > 0}
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def toml(sections: dict[str, dict[str, Any]]) -> str:
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in body.items()) + "\n"
+                   for name, body in sections.items())
+
+
+def fedge(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedge_cli", *args]
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from fedge_cli.identity import provision
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    mosq = PrivateMosquitto()
+    k = args.time_scale
+    job = "fleet"
+    agg_state = tmp / "aggregator"
+    aggregator_key, _ = provision(agg_state, [], tmp / "keys")
+    per_round = max(1, round(args.devices * args.fraction))
+    data_args: dict[str, Any] = {"split": "train"}
+    if args.data:
+        data_args["path"] = args.data
+    job_toml = tmp / "job.toml"
+    job_toml.write_text(toml({
+        "job": {"name": job, "model": "fedge.models:mnist_2nn", "seed": args.seed, "rounds": args.rounds,
+                "state_dir": str(agg_state), "linger_s": 0.0},  # stopped by the bench once done
+        "selection": {"fraction": args.fraction, "min_clients": per_round if args.fraction < 1 else args.devices,
+                      "quorum": args.quorum, "deadline_s": args.deadline / k, "settle_s": args.settle / k,
+                      "offline_grace_s": 5.0 / k},
+        "training": {"epochs": 1, "batch_size": 10, "lr": args.lr},
+        "codec": CODECS[args.codec],
+        "evaluate": {"data": "fedge.datasets:mnist", "args": {**({"path": args.data} if args.data else {}),
+                                                               "split": "test"}},
+        "limits": {"max_devices": max(100000, args.devices), "messages_per_s": 20.0},
+        "broker": {"url": mosq.url, "reconnect_min_s": 1.0, "reconnect_max_s": 5.0},
+    }))
+    agent_toml = tmp / "agent.toml"
+    agent_toml.write_text(toml({
+        "agent": {"id": "sim", "job": job, "state_dir": str(tmp / "devices"), "model": "fedge.models:mnist_2nn",
+                  "resend_after_s": max(5.0, args.resend / k), "model_wait_s": max(5.0, args.model_wait / k)},
+        "data": {"factory": "fedge.datasets:mnist", "args": {**data_args, "partition": "iid"}},
+        "identity": {"aggregator_key": aggregator_key.to_text()},
+        "worker": {"threads": 1},
+        "broker": {"url": mosq.url, "reconnect_min_s": 1.0, "reconnect_max_s": 10.0, "keepalive_s": 60},
+    }))
+    sim_args = ["--log-level", "WARNING", "simulate", "--config", str(agent_toml), "--devices", str(args.devices),
+                "--profile", args.preset,
+                "--time-scale", str(k), "--seed", str(args.seed), "--processes", str(args.processes)]
+    t = time.monotonic()
+    subprocess.run(fedge(*sim_args, "--make-keys"), env=env, check=True)
+    subprocess.run(fedge("--log-level", "WARNING", "enroll", "--config", str(job_toml), "--from",
+                         str(tmp / "devices" / "fleet-keys.txt")), env=env, check=True, stdout=subprocess.DEVNULL)
+    setup_s = time.monotonic() - t
+
+    logs = tmp / "logs"
+    logs.mkdir()
+    agg_cmd = fedge("--log-level", "WARNING", "aggregator", "--config", str(job_toml))
+    if args.profile_aggregator:  # cProfile of the aggregator's main thread, for finding where its CPU goes
+        # The main thread's CPU time (time.thread_time), not wall time: its waits for the GIL are not its cost.
+        agg_cmd[1:3] = ["-c", "import cProfile, runpy, sys, time\n"
+                        "p = cProfile.Profile(time.thread_time)\np.enable()\n"
+                        "try:\n    runpy.run_module('fedge_cli', run_name='__main__')\n"
+                        f"finally:\n    p.disable()\n    p.dump_stats({args.profile_aggregator!r})\n"]
+    agg = subprocess.Popen(agg_cmd, env=env,
+                           stderr=(logs / "aggregator.log").open("wb"))
+    start = time.monotonic()
+    sim = subprocess.Popen(fedge(*sim_args, "--summary", str(tmp / "sim.json")),
+                           env=env, stderr=(logs / "simulate.log").open("wb"), start_new_session=True)
+    records: list[dict[str, Any]] = []
+    cpu_at: list[float | None] = []
+    rounds_file = agg_state / "rounds.jsonl"
+    cpu0 = cpu_seconds(agg.pid) or 0.0
+    deadline = start + args.timeout
+    reached: dict[str, Any] | None = None
+    done = False
+    try:
+        while agg.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            lines = rounds_file.read_text().splitlines() if rounds_file.exists() else []
+            for line in lines[len(records):]:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    break
+                records.append(rec)
+                cpu_at.append(cpu_seconds(agg.pid))
+                rec["_wall_s"] = time.monotonic() - start
+                note(f"round {rec['round']}: {rec['clients']}/{rec['selected']} folded, "
+                     f"accuracy {rec.get('accuracy')}, {rec['_wall_s']:.0f} s")
+                if args.target and reached is None and (rec.get("accuracy") or 0) >= args.target:
+                    reached = {"round": rec["round"], "wall_s": round(rec["_wall_s"], 2),
+                               "fleet_s": round(rec["_wall_s"] * k, 1)}
+                if (args.stop_at_target and reached is not None) or (
+                        rec["round"] >= args.rounds and rec["status"] == "ok"):
+                    done = True
+            if done:
+                break
+        timed_out = not done
+        agg_peak = peak_rss_mb(agg.pid)
+        broker_peak = peak_rss_mb(mosq.proc.pid)
+        agg_cpu_end = cpu_seconds(agg.pid)
+        agg_threads = thread_cpu(agg.pid)
+    finally:
+        if agg.poll() is None:
+            agg.send_signal(signal.SIGTERM)
+        try:
+            agg.wait(30)
+        except subprocess.TimeoutExpired:
+            agg.kill()
+        if sim.poll() is None:
+            os.killpg(sim.pid, signal.SIGTERM)
+        try:
+            sim.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(sim.pid, signal.SIGKILL)
+            sim.wait()
+        mosq.close()
+    wall = time.monotonic() - start
+    try:
+        sim_summary = json.loads((tmp / "sim.json").read_text())
+    except (OSError, ValueError):
+        sim_summary = None
+
+    out_rounds = []
+    prev = cpu0
+    contributed: set[str] = set()
+    for rec, cpu in zip(records, cpu_at, strict=True):
+        refused = dict(rec.get("rejected") or {})
+        if rec.get("declined"):
+            refused["declined"] = rec["declined"]
+        if rec.get("late"):
+            refused["late"] = rec["late"]
+        contributed.update(rec.get("accepted") or [])
+        out_rounds.append({
+            "round": rec["round"], "attempt": rec.get("attempt"), "status": rec["status"],
+            "closed_by": rec.get("closed_by"), "selected": rec["selected"], "folded": rec["clients"],
+            "not_folded": rec["selected"] - rec["clients"], "refused": refused, "failure": rec.get("failure"),
+            "accuracy": rec.get("accuracy"), "seconds": rec.get("seconds"), "wall_s": round(rec["_wall_s"], 2),
+            "bytes_up": rec.get("bytes_up"), "bytes_down": rec.get("bytes_down"),
+            "aggregator_cpu_s": None if cpu is None or prev is None else round(cpu - prev, 3),
+        })
+        prev = cpu if cpu is not None else prev
+    folded = sum(r["folded"] for r in out_rounds)
+    cpu_rounds = [r["aggregator_cpu_s"] for r in out_rounds if r["aggregator_cpu_s"] is not None]
+    # Round 1's CPU includes the aggregator's start (imports, the model, the
+    # evaluation data): the steady figure is over the later rounds.
+    later = out_rounds[1:]
+    later_cpu = sum(r["aggregator_cpu_s"] or 0 for r in later)
+    later_folded = sum(r["folded"] for r in later)
+    ok = [r for r in out_rounds if r["status"] == "ok"]
+    return {
+        "rounds": out_rounds,
+        "rounds_ok": len(ok),
+        "rounds_run": len(out_rounds),
+        "timed_out": timed_out,
+        "every_selected_device_folded_or_counted": all(
+            r["folded"] + sum(r["refused"].values()) <= r["selected"] for r in out_rounds),
+        "devices_folded_total": folded,
+        "devices_that_never_contributed": args.devices - len(contributed),
+        "aggregator_cpu_s_total": round(sum(cpu_rounds), 3),
+        "aggregator_cpu_ms_per_update_after_round_1": round(1000 * later_cpu / later_folded, 3) if later_folded
+        else None,
+        "aggregator_cpu_ms_per_update_all_rounds": round(1000 * sum(cpu_rounds) / folded, 3) if folded else None,
+        "aggregator_cpu_s_at_end": None if agg_cpu_end is None else round(agg_cpu_end - cpu0, 3),
+        "aggregator_cpu_s_by_thread": agg_threads,
+        "aggregator_peak_rss_mb": agg_peak,
+        "broker_peak_rss_mb": broker_peak,
+        "uplink_bytes_per_update": round(sum(r["bytes_up"] or 0 for r in ok) / max(1, sum(r["folded"] for r in ok))),
+        "downlink_bytes_per_device_round": round(sum(r["bytes_down"] or 0 for r in ok) /
+                                                 max(1, sum(r["selected"] for r in ok))),
+        "target": args.target or None,
+        "reached_target": reached,
+        "final_accuracy": out_rounds[-1]["accuracy"] if out_rounds else None,
+        "best_accuracy": max((r["accuracy"] or 0 for r in out_rounds), default=None),
+        "wall_s": round(wall, 1),
+        "setup_s": round(setup_s, 1),
+        "simulator": sim_summary,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=int, required=True)
+    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--preset", default="lab", help="fleet profile: a preset name or a TOML file")
+    p.add_argument("--out", default=None)
+    p.add_argument("--fraction", type=float, default=1.0, help="share of the online devices selected a round")
+    p.add_argument("--quorum", type=float, default=1.0)
+    p.add_argument("--deadline", type=float, default=600.0, help="round deadline in fleet seconds")
+    p.add_argument("--settle", type=float, default=2.0, help="selection settle time in fleet seconds")
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--resend", type=float, default=20.0, help="agent.resend_after_s in fleet seconds")
+    p.add_argument("--model-wait", type=float, default=30.0,
+                   help="agent.model_wait_s in fleet seconds (raise it where the first download of every device "
+                        "takes the broker and the simulator longer than that)")
+    p.add_argument("--codec", default="default", choices=sorted(CODECS))
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--target", type=float, default=0.0, help="accuracy whose first round is reported (0: none)")
+    p.add_argument("--stop-at-target", action="store_true")
+    p.add_argument("--processes", type=int, default=0, help="simulator processes (default: one per core)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=3600.0, help="wall seconds before the job is stopped")
+    p.add_argument("--data", default=None, help="mnist.npz (default: $FEDGE_DATA/mnist.npz)")
+    p.add_argument("--profile-aggregator", default=None, metavar="FILE",
+                   help="run the aggregator under cProfile and write its profile here (slows it)")
+    args = p.parse_args()
+    if not args.data and not os.environ.get("FEDGE_DATA"):
+        raise SystemExit("MNIST: pass --data PATH or set FEDGE_DATA to the directory holding mnist.npz")
+    setup = {"devices": args.devices, "rounds": args.rounds, "preset": args.preset, "fraction": args.fraction,
+             "quorum": args.quorum, "deadline_fleet_s": args.deadline, "time_scale": args.time_scale,
+             "codec": CODECS[args.codec], "model": "fedge.models:mnist_2nn", "split": "iid",
+             "examples_per_device": 60000 // args.devices, "E": 1, "B": 10, "lr": args.lr,
+             "processes": args.processes or os.cpu_count(), "broker": "mosquitto (private, loopback)",
+             "agent": {"resend_after_fleet_s": args.resend, "model_wait_fleet_s": args.model_wait},
+             "trust": "signatures on, default defences"}
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-fleet-") as tmp:
+        result = run(args, Path(tmp))
+        if result["rounds_run"] < args.rounds and not (args.stop_at_target and result["reached_target"]):
+            for name in ("aggregator.log", "simulate.log"):
+                text = (Path(tmp) / "logs" / name).read_text(errors="replace")
+                result.setdefault("log_tails", {})[name] = text.splitlines()[-30:]
+    emit({"benchmark": "fleet", "setup": setup, "machine": machine(), **result}, args.out)
+
+
+if __name__ == "__main__":
+    main()
