@@ -23,10 +23,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aggregator.config import AggregatorConfig
 from fedge.files import atomic_write
 from fedge.messages import Artifact
+
+if TYPE_CHECKING:
+    from aggregator.retained import Retained
+    from fedge.topics import JobTopics
 
 log = logging.getLogger("fedge.aggregator.onnx")
 
@@ -157,3 +162,11 @@ class OnnxPublisher:
                 # this one computes with the file.
                 summary["host_accuracy"] = host["accuracy"]
         return ArtifactBuilt(round_, artifact.encode(), summary)
+
+
+def publish_artifact(retained: Retained, topics: JobTopics, name: str, built: ArtifactBuilt) -> None:
+    """Publish a built artifact, retained and chunked, for inference devices."""
+    retained.chunked(f"artifact/{name}", lambda i: topics.artifact_chunk(name, i), built.message)
+    log.info("published ONNX %s of round %d: %d bytes%s", built.summary["variant"], built.round,
+             built.summary["bytes"], "" if built.summary.get("accuracy") is None
+             else f", accuracy {built.summary['accuracy']:.4f} (float32 {built.summary['float_accuracy']:.4f})")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aggregator import fleet as fleet_file
-from aggregator.artifacts import ArtifactBuilt, ArtifactFailed, OnnxPublisher
+from aggregator.artifacts import ArtifactBuilt, ArtifactFailed, OnnxPublisher, publish_artifact
 from aggregator.config import AggregatorConfig
 from aggregator.enrollment import Enrollment
 from aggregator.evaluation import Evaluator
@@ -97,19 +97,23 @@ def restore(core: RoundCore, state: StateDir, job: str) -> None:
     log.info("resumed job %s from checkpoint: next round %d", job, core.next_round)
 
 
+def _own_loop() -> tuple[MqttLoop, LinkFactory]:
+    """The aggregator's link on one epoll thread of its own, not paho's:
+    paho wakes its thread through a socket pair for every packet queued (a
+    receipt, a device record, an invitation)."""
+    loop = MqttLoop(name="fedge-aggregator-mqtt")
+    return loop, functools.partial(MqttLink, loop=loop)
+
+
 class AggregatorService:
     def __init__(self, cfg: AggregatorConfig, on_record: RecordHook | None = None,
                  link_factory: LinkFactory | None = None) -> None:
         """``link_factory`` makes the broker connection (default: an
-        ``MqttLink`` driven by an ``MqttLoop`` of its own; tests pass
-        ``fedge.transport.MemoryBroker().link``)."""
-        # One epoll thread for the link, not paho's: paho wakes its thread
-        # through a socket pair for every packet queued (a receipt, a device
-        # record), which cost more CPU per update than folding it.
+        ``MqttLink`` on an ``MqttLoop`` of its own, ``_own_loop``; tests
+        pass ``fedge.transport.MemoryBroker().link``)."""
         self.loop: MqttLoop | None = None
         if link_factory is None:
-            self.loop = MqttLoop(name="fedge-aggregator-mqtt")
-            link_factory = functools.partial(MqttLink, loop=self.loop)
+            self.loop, link_factory = _own_loop()
         cfg.check()  # the same one-line ConfigError for every caller, not only the command line
         self.cfg = cfg
         self.on_record = on_record
@@ -233,7 +237,8 @@ class AggregatorService:
                         self.link.connected.is_set()
                         or monotonic() - done_at > self.cfg.job.linger_s + self.cfg.broker.keepalive_s):
                     break  # (the final state is out first, unless the broker stays away)
-                self._turn()
+                with self.loop.held_writes() if self.loop is not None else contextlib.nullcontext():
+                    self._turn()  # what it publishes goes out together at its end
         finally:
             with contextlib.suppress(Exception):  # what the fleet view last heard, out before we go
                 self._publish_fleet(monotonic())
@@ -302,7 +307,8 @@ class AggregatorService:
 
     def _dispatch(self, item: object, now: float) -> None:
         if isinstance(item, ArtifactBuilt):
-            self._publish_artifact(item)
+            publish_artifact(self.retained, self.topics, self.cfg.onnx.name, item)
+            self.artifacts.append(item.summary)
             return
         if isinstance(item, ArtifactFailed):
             self._feed(Incident("onnx_failed", None, now))
@@ -499,10 +505,3 @@ class AggregatorService:
                                 (self.link.connected.is_set(), self.link.connect_failures, self.link.messages_dropped),
                                 self.updates.held, len(self.inbox), self.checkpoint_time)
 
-    def _publish_artifact(self, built: ArtifactBuilt) -> None:
-        name = self.cfg.onnx.name
-        self.retained.chunked(f"artifact/{name}", lambda i: self.topics.artifact_chunk(name, i), built.message)
-        self.artifacts.append(built.summary)
-        log.info("published ONNX %s of round %d: %d bytes%s", built.summary["variant"], built.round,
-                 built.summary["bytes"], "" if built.summary.get("accuracy") is None
-                 else f", accuracy {built.summary['accuracy']:.4f} (float32 {built.summary['float_accuracy']:.4f})")

@@ -67,6 +67,49 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return {k: v for k, v in out.items() if v > 0}
 
 
+class ReceiptWatch:
+    """The aggregator's receipts, as a device sees them (``ack/+``, QoS 0):
+    per round, the aggregator's CPU seconds at its first receipt and at its
+    latest. Between them the aggregator does what each update costs
+    (decode, checks, fold, its signed receipt, the device records it
+    publishes meanwhile) and nothing of the round's opening (the
+    announcement, the invitations) or its close (the model step, the
+    checkpoint, the evaluation)."""
+
+    def __init__(self, url: str, job: str, pid: int) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from fedge.topics import JobTopics
+
+        self.pid = pid
+        self.rounds: dict[int, dict[str, float]] = {}
+        host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-receipts-{os.getpid()}")
+        self.client.on_message = self._message
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(JobTopics(job).ack("+"), qos=0)
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+
+    def _message(self, client: Any, userdata: Any, msg: Any) -> None:
+        from fedge import wire
+        from fedge.wire import Kind
+
+        peeked = wire.peek(msg.payload)
+        if peeked is None or peeked[0] != Kind.ACK or not isinstance(peeked[1].get("round"), int):
+            return
+        cpu = cpu_seconds(self.pid)
+        if cpu is None:
+            return
+        r = self.rounds.setdefault(peeked[1]["round"], {"first_cpu": cpu, "receipts": 0})
+        r["last_cpu"] = cpu
+        r["receipts"] += 1
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
 def peak_rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -157,6 +200,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     agg = subprocess.Popen(agg_cmd, env=env,
                            stderr=(logs / "aggregator.log").open("wb"))
     start = time.monotonic()
+    watch = ReceiptWatch(mosq.url, job, agg.pid)
     sim = subprocess.Popen(fedge(*sim_args, "--summary", str(tmp / "sim.json")),
                            env=env, stderr=(logs / "simulate.log").open("wb"), start_new_session=True)
     records: list[dict[str, Any]] = []
@@ -194,6 +238,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         agg_cpu_end = cpu_seconds(agg.pid)
         agg_threads = thread_cpu(agg.pid)
     finally:
+        watch.close()
         if agg.poll() is None:
             agg.send_signal(signal.SIGTERM)
         try:
@@ -231,6 +276,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "accuracy": rec.get("accuracy"), "seconds": rec.get("seconds"), "wall_s": round(rec["_wall_s"], 2),
             "bytes_up": rec.get("bytes_up"), "bytes_down": rec.get("bytes_down"),
             "aggregator_cpu_s": None if cpu is None or prev is None else round(cpu - prev, 3),
+            **window(watch.rounds.get(rec["round"])),
         })
         prev = cpu if cpu is not None else prev
     folded = sum(r["folded"] for r in out_rounds)
@@ -238,6 +284,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     # Round 1's CPU includes the aggregator's start (imports, the model, the
     # evaluation data): the steady figure is over the later rounds.
     later = out_rounds[1:]
+    windows = [r for r in later if r.get("receipts_watched", 0) > 1]
+    window_cpu = sum(r["update_window_cpu_s"] for r in windows)
+    window_updates = sum(r["receipts_watched"] - 1 for r in windows)
     later_cpu = sum(r["aggregator_cpu_s"] or 0 for r in later)
     later_folded = sum(r["folded"] for r in later)
     ok = [r for r in out_rounds if r["status"] == "ok"]
@@ -253,6 +302,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "aggregator_cpu_s_total": round(sum(cpu_rounds), 3),
         "aggregator_cpu_ms_per_update_after_round_1": round(1000 * later_cpu / later_folded, 3) if later_folded
         else None,
+        "aggregator_cpu_ms_per_update_while_updates_arrive": round(1000 * window_cpu / window_updates, 3)
+        if window_updates else None,
         "aggregator_cpu_ms_per_update_all_rounds": round(1000 * sum(cpu_rounds) / folded, 3) if folded else None,
         "aggregator_cpu_s_at_end": None if agg_cpu_end is None else round(agg_cpu_end - cpu0, 3),
         "aggregator_cpu_s_by_thread": agg_threads,
@@ -261,6 +312,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "uplink_bytes_per_update": round(sum(r["bytes_up"] or 0 for r in ok) / max(1, sum(r["folded"] for r in ok))),
         "downlink_bytes_per_device_round": round(sum(r["bytes_down"] or 0 for r in ok) /
                                                  max(1, sum(r["selected"] for r in ok))),
+        "device_payload_bytes": device_bytes(sim_summary, args.devices),
         "target": args.target or None,
         "reached_target": reached,
         "final_accuracy": out_rounds[-1]["accuracy"] if out_rounds else None,
@@ -269,6 +321,26 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "setup_s": round(setup_s, 1),
         "simulator": sim_summary,
     }
+
+
+def device_bytes(summary: dict[str, Any] | None, devices: int) -> dict[str, Any] | None:
+    """MQTT payload bytes the simulated devices sent and received (their own counts), in all and per device."""
+    if not summary or not summary.get("payload_bytes"):
+        return None
+    by = summary["payload_bytes"]
+    sent = sum(v for k, v in by.items() if k.startswith("out_"))
+    received = sum(v for k, v in by.items() if k.startswith("in_"))
+    return {"sent": sent, "received": received, "sent_per_device": round(sent / devices),
+            "received_per_device": round(received / devices), "by_channel": by}
+
+
+def window(r: dict[str, float] | None) -> dict[str, Any]:
+    """A round's receipts window: the aggregator's CPU from its first receipt to its last."""
+    if r is None:
+        return {}
+    return {"receipts_watched": int(r["receipts"]), "update_window_cpu_s": round(r["last_cpu"] - r["first_cpu"], 3),
+            "update_window_cpu_ms_per_update": round(1000 * (r["last_cpu"] - r["first_cpu"]) / (r["receipts"] - 1), 3)
+            if r["receipts"] > 1 else None}
 
 
 def main() -> None:

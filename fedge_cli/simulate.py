@@ -34,7 +34,8 @@ def _usage_error(message: str) -> Exception:
 
 def add_parser(sub: Any) -> None:
     s = sub.add_parser("simulate", aliases=["fleet"],
-                       help="simulate N devices, each with its own connection, on real brokers (tests, benchmarks)")
+                       help="simulate N devices, each with its own connection, on real brokers (tests, benchmarks; "
+                            "also: fedge fleet)")
     s.add_argument("--config", default=None, metavar="FILE", help="agent TOML config (agent.id is the id prefix)")
     s.add_argument("--devices", "--agents", dest="devices", type=int, required=True, metavar="N",
                    help="number of simulated devices, each with its own MQTT connection, key and state")
@@ -88,6 +89,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedge_cli.main import _agent_extras
 
     _check(args)
+    processes = max(1, min(args.processes or os.cpu_count() or 1, args.devices))
+    if args.part is None:  # before anything else: nothing starts that cannot finish
+        _check_descriptors(math.ceil(args.devices / processes), processes)
     profile = _profile(args.profile)
     if args.show_profile:
         from edge_agent.sim.profiles import PRESETS
@@ -99,12 +103,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise _usage_error(f"agent.role = \"{cfg.agent.role}\": fedge simulate runs devices that train; "
                          "set agent.role = \"trainer\"")
     cfg.broker.password()  # an unreadable password file is named now, not after start-up
-    processes = args.processes or os.cpu_count() or 1
-    processes = max(1, min(processes, args.devices))
     if args.part is not None:
         return _run_part(args, cfg, profile, processes)
     _agent_extras(cfg)
-    _check_descriptors(math.ceil(args.devices / processes), processes)
     ids = device_ids(cfg.client_id(), args.devices)
     enroll = _make_keys(cfg, ids)
     if args.make_keys:
@@ -213,7 +214,9 @@ def merge(parts: list[dict[str, Any] | None]) -> dict[str, Any]:
         for key, value in p.items():
             if isinstance(value, bool):
                 continue
-            if isinstance(value, (int, float)) and key != "time_scale":
+            if key == "wall_s" and isinstance(value, (int, float)):
+                totals[key] = max(totals.get(key, 0), value)  # the processes ran side by side
+            elif isinstance(value, (int, float)) and key != "time_scale":
                 totals[key] = totals.get(key, 0) + value
             elif isinstance(value, dict):
                 d = totals.setdefault(key, {})

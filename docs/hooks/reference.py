@@ -160,8 +160,11 @@ def commands(parser: argparse.ArgumentParser) -> Iterator[tuple[argparse.Argumen
         for action in p._actions:
             if isinstance(action, argparse._SubParsersAction):
                 helps = {a.dest: a.help or "" for a in action._choices_actions}
+                seen: set[int] = set()
                 for name, child in action.choices.items():
-                    yield from walk(child, helps.get(name, ""))
+                    if id(child) not in seen:  # an alias (fedge fleet) names a parser listed already
+                        seen.add(id(child))
+                        yield from walk(child, helps.get(name, ""))
 
     yield from walk(parser, parser.description or "")
 
@@ -308,7 +311,7 @@ def config_roles() -> list[tuple[str, str, type, str]]:
          "Read by `fedge aggregator --config job.toml`; the other commands that act on a job take the same file "
          "([command line](cli.md)). `fedge config aggregator` prints it whole."),
         ("agent", "Agent: a device's config", AgentConfig,
-         "Read by `fedge agent --config agent.toml` and `fedge fleet --config agent.toml`. "
+         "Read by `fedge agent --config agent.toml` and `fedge simulate --config agent.toml`. "
          "`fedge config agent` prints it whole."),
     ]
 
@@ -461,8 +464,8 @@ Update statuses match the receipts devices get. The reasons of
 """
 
 AGENT_NOTES = """\
-A process that runs a simulated fleet (`fedge fleet`) sums its devices and
-says how many there are (`fedge_agent_devices`).
+A process that runs several devices sums them and says how many there
+are (`fedge_agent_devices`).
 """
 
 

@@ -186,6 +186,8 @@ class SimulatedFleet(AgentRuntime):
             "model_memo": {"hits": self.memo.hits, "misses": self.memo.misses} if self.memo else None,
             "loop": self.loop_counts,
             "groups": Counter(c.group for c in self.conditions.values() if c is not None),
+            # MQTT payload bytes the devices sent ("out") and received ("in"), by channel
+            "payload_bytes": {f"{d}_{ch}": n for (d, ch), n in sorted(self.bytes_by_channel.bytes.items())},
         }
 
     # --- the run loop's timers -----------------------------------------------------

@@ -238,8 +238,18 @@ def test_user_mistakes_get_one_clear_line_and_exit_2(tmp_path, cli_env, monkeypa
     _one_line_error(run(cli_env, "demo", "--codec", '{"name": int8}'), "not valid JSON")
     _one_line_error(run(cli_env, "demo", "--dropout", "1.5"), "--dropout 1.5 must be in [0, 1)")
     _one_line_error(run(cli_env, "demo", "--agents", "2", "--secure-aggregation"), "--agents 3 or more")
-    _one_line_error(run(cli_env, "fleet", "--agents", "400", "--config", str(tmp_path / "none.toml")),
-                    "--agents 400", "several processes")
+    # More devices than descriptors: said before anything starts (even before the config is read).
+    _one_line_error(run(cli_env, "simulate", "--devices", "10000000", "--processes", "1", "--config",
+                        str(tmp_path / "none.toml")), "ulimit -n", "10000064")
+    bad_profile = tmp_path / "fleet.toml"
+    bad_profile.write_text("[[group]]\nname = 'pi'\nshare = 1.0\n[group.network]\nuplink_kbit_s = -5\n")
+    _one_line_error(run(cli_env, "simulate", "--devices", "3", "--profile", str(bad_profile)),
+                    "group \"pi\"", "network.uplink_kbit_s")
+    bad_profile.write_text("[[group]]\nname = 'pi'\nshare = 1.0\ncompute.sped = 2\n")
+    _one_line_error(run(cli_env, "simulate", "--devices", "3", "--profile", str(bad_profile)),
+                    "compute.sped is not a known key")
+    _one_line_error(run(cli_env, "simulate", "--devices", "3", "--time-scale", "0"), "--time-scale 0")
+    _one_line_error(run(cli_env, "simulate", "--devices", "3", "--profile", "lunar"), "lunar")
     deadline = tmp_path / "deadline.toml"
     deadline.write_text("[selection]\ndeadline_s = -5\n")
     _one_line_error(run(cli_env, "aggregator", "--config", str(deadline)),
@@ -277,9 +287,10 @@ def test_a_state_directory_that_cannot_be_written_stops_each_role_in_one_line(tm
     assert (tmp_path / "file").read_text() == ""
 
 
-# Flags kept out of --help on purpose: the old form of `fedge keys show`, and
-# where `fedge data fetch` downloads from instead of the public URL (tests, mirrors).
-HIDDEN = {"fedge keys show --key", "fedge data fetch --url"}
+# Flags kept out of --help on purpose: the old form of `fedge keys show`,
+# where `fedge data fetch` downloads from instead of the public URL (tests,
+# mirrors), and the slice of the fleet a `fedge simulate` child process runs.
+HIDDEN = {"fedge keys show --key", "fedge data fetch --url", "fedge simulate --part"}
 
 
 def test_every_flag_and_command_says_what_it_is_for():
@@ -291,7 +302,11 @@ def test_every_flag_and_command_says_what_it_is_for():
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 helped = {a.dest for a in action._choices_actions if a.help}
+                seen = set()
                 for name, sub in action.choices.items():
+                    if id(sub) in seen:
+                        continue  # an alias (fedge fleet) of a command walked already
+                    seen.add(id(sub))
                     if name not in helped:
                         yield f"{where} {name} (the command)", None
                     yield from walk(sub, f"{where} {name}")

@@ -85,7 +85,7 @@ def test_a_simulated_fleet_on_a_real_broker_runs_two_rounds_and_counts_what_it_d
     for r in records:
         # every selected device is folded or counted with its reason
         answered = r.clients + r.declined + r.late + sum(r.rejected.values())
-        assert r.clients >= 0.9 * r.selected * 0.5 and answered <= r.selected, r
+        assert r.clients >= r.selected // 2 and answered <= r.selected, r
         assert r.selected >= DEVICES // 2
     logged = read_log(tmp_path / "aggregator")
     assert [rec["round"] for rec in logged] == [1, 2]
@@ -99,7 +99,7 @@ def test_a_simulated_fleet_on_a_real_broker_runs_two_rounds_and_counts_what_it_d
     assert counts["went_offline"] >= 1 and counts["came_online"] >= 1, counts
     assert counts["trained"] >= sum(r.clients for r in records), counts
     # One copy of each model for all the devices of a process.
-    assert s["model_memo"]["misses"] <= 2 * 8 and s["model_memo"]["hits"] >= DEVICES, s["model_memo"]
+    assert s["model_memo"]["misses"] <= 2 * 8 and s["model_memo"]["hits"] >= DEVICES // 2, s["model_memo"]
 
 
 def _job_toml(tmp_path, mosquitto):

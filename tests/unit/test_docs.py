@@ -90,8 +90,8 @@ def test_a_required_flag_and_a_default_are_shown_as_such():
     section = _section(reference.cli_page(), "fedge-demo")
     row = next(line for line in section.splitlines() if line.startswith("| `--agents` |"))
     assert "`10`" in row and "(integer)" in row
-    fleet = _section(reference.cli_page(), "fedge-fleet")
-    assert "**required**" in next(line for line in fleet.splitlines() if line.startswith("| `--agents` |"))
+    fleet = _section(reference.cli_page(), "fedge-simulate")
+    assert "**required**" in next(line for line in fleet.splitlines() if line.startswith("| `--devices`, `--agents` |"))
 
 
 # --- the config --------------------------------------------------------------------
