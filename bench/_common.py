@@ -109,3 +109,86 @@ class PrivateMosquitto:
         self.proc.terminate()
         self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class NatsCluster:
+    """A NATS JetStream cluster of ``nodes`` servers on loopback, each with
+    its MQTT gateway on a free port (``urls``), like ``PrivateMosquitto``."""
+
+    def __init__(self, nodes: int = 3) -> None:
+        if shutil.which("nats-server") is None:
+            raise SystemExit("this benchmark needs nats-server (apt-get install nats-server)")
+        self.dir = Path(tempfile.mkdtemp(prefix="fedge-bench-nats-"))
+        client, cluster, mqtt = ([free_port() for _ in range(nodes)] for _ in range(3))
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in cluster)
+        self.mqtt_ports = mqtt
+        self.procs = []
+        for i in range(nodes):
+            conf = self.dir / f"n{i}.conf"
+            conf.write_text(
+                f'server_name: "n{i}"\nlisten: "127.0.0.1:{client[i]}"\n'
+                f'jetstream {{ store_dir: "{self.dir / f"js{i}"}" }}\n'
+                f'cluster {{ name: "fedge", listen: "127.0.0.1:{cluster[i]}", routes: [{routes}] }}\n'
+                f'mqtt {{ listen: "127.0.0.1:{mqtt[i]}" }}\n'
+                "max_payload: 4MB\n")
+            log = (self.dir / f"n{i}.log").open("wb")
+            self.procs.append(subprocess.Popen(["nats-server", "-c", str(conf)], stdout=log, stderr=log))
+        deadline = time.monotonic() + 30
+        for port in mqtt:
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+
+        self._wait_ready(deadline + 60)
+
+    def _wait_ready(self, deadline: float) -> None:
+        """Until a retained QoS 1 message published on the first node reaches
+        a subscriber on the last (JetStream elects its stream leaders some
+        seconds after the ports open)."""
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        got: list[bytes] = []
+        while time.monotonic() < deadline:
+            pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-ready-pub")
+            sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-ready-sub")
+            sub.on_message = lambda c, u, m: got.append(m.payload)
+            try:
+                pub.connect("127.0.0.1", self.mqtt_ports[0])
+                pub.loop_start()
+                pub.publish("bench/ready", b"1", qos=1, retain=True).wait_for_publish(5)
+                sub.connect("127.0.0.1", self.mqtt_ports[-1])
+                sub.subscribe("bench/ready", qos=1)
+                sub.loop_start()
+                end = time.monotonic() + 5
+                while not got and time.monotonic() < end:
+                    time.sleep(0.1)
+            except (OSError, RuntimeError, ValueError):
+                pass
+            finally:
+                for c in (pub, sub):
+                    c.loop_stop()
+                    c.disconnect()
+            if got:
+                return
+            time.sleep(1)
+        raise SystemExit("the NATS cluster did not carry a retained message from one node to another in time")
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"mqtt://127.0.0.1:{p}" for p in self.mqtt_ports]
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -40,7 +40,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import REPO, PrivateMosquitto, emit, machine, note
+from bench._common import REPO, NatsCluster, PrivateMosquitto, emit, machine, note
+from fedge_cli.simulate import merge
 
 CODECS = {"default": {"name": "int2", "params": {"lossless": "zlib"}}, "float32": {"name": "none", "params": {}}}
 CLK = os.sysconf("SC_CLK_TCK")
@@ -147,7 +148,14 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from fedge_cli.identity import provision
 
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    mosq = PrivateMosquitto()
+    if args.broker == "nats3":
+        nats = NatsCluster(3)
+        # the aggregator on the first node; the devices, half and half, on the other two
+        agg_url, device_urls, broker_pids, close_broker = nats.urls[0], nats.urls[1:], [p.pid for p in nats.procs], \
+            nats.close
+    else:
+        mosq = PrivateMosquitto()
+        agg_url, device_urls, broker_pids, close_broker = mosq.url, [mosq.url], [mosq.proc.pid], mosq.close
     k = args.time_scale
     job = "fleet"
     agg_state = tmp / "aggregator"
@@ -168,24 +176,34 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "evaluate": {"data": "fedge.datasets:mnist", "args": {**({"path": args.data} if args.data else {}),
                                                                "split": "test"}},
         "limits": {"max_devices": max(100000, args.devices), "messages_per_s": 20.0},
-        "broker": {"url": mosq.url, "reconnect_min_s": 1.0, "reconnect_max_s": 5.0},
+        "broker": {"url": agg_url, "reconnect_min_s": 1.0, "reconnect_max_s": 5.0},
     }))
-    agent_toml = tmp / "agent.toml"
-    agent_toml.write_text(toml({
-        "agent": {"id": "sim", "job": job, "state_dir": str(tmp / "devices"), "model": "fedge.models:mnist_2nn",
-                  "resend_after_s": max(5.0, args.resend / k), "model_wait_s": max(5.0, args.model_wait / k)},
-        "data": {"factory": "fedge.datasets:mnist", "args": {**data_args, "partition": "iid"}},
-        "identity": {"aggregator_key": aggregator_key.to_text()},
-        "worker": {"threads": 1},
-        "broker": {"url": mosq.url, "reconnect_min_s": 1.0, "reconnect_max_s": 10.0, "keepalive_s": 60},
-    }))
-    sim_args = ["--log-level", "WARNING", "simulate", "--config", str(agent_toml), "--devices", str(args.devices),
-                "--profile", args.preset,
-                "--time-scale", str(k), "--seed", str(args.seed), "--processes", str(args.processes)]
+    # One `fedge simulate` per broker node the devices use (one in all on Mosquitto), each a share of the fleet
+    # with its own id prefix; the data shards are split between them.
+    sims_args = []
+    n_groups = len(device_urls)
+    processes = args.processes or os.cpu_count() or 1
+    for g, url in enumerate(device_urls):
+        share = args.devices // n_groups + (1 if g < args.devices % n_groups else 0)
+        agent_toml = tmp / f"agent-{g}.toml"
+        agent_toml.write_text(toml({
+            "agent": {"id": f"sim{g}" if n_groups > 1 else "sim", "job": job, "state_dir": str(tmp / f"devices-{g}"),
+                      "model": "fedge.models:mnist_2nn", "resend_after_s": max(5.0, args.resend / k),
+                      "model_wait_s": max(5.0, args.model_wait / k)},
+            "data": {"factory": "fedge.datasets:mnist", "args": {**data_args, "partition": "iid"}},
+            "identity": {"aggregator_key": aggregator_key.to_text()},
+            "worker": {"threads": 1},
+            "broker": {"url": url, "reconnect_min_s": 1.0, "reconnect_max_s": 10.0, "keepalive_s": 60},
+        }))
+        sims_args.append(["--log-level", "WARNING", "simulate", "--config", str(agent_toml), "--devices", str(share),
+                          "--profile", args.preset, "--time-scale", str(k), "--seed", str(args.seed + g),
+                          "--processes", str(max(1, processes // n_groups))])
     t = time.monotonic()
-    subprocess.run(fedge(*sim_args, "--make-keys"), env=env, check=True)
-    subprocess.run(fedge("--log-level", "WARNING", "enroll", "--config", str(job_toml), "--from",
-                         str(tmp / "devices" / "fleet-keys.txt")), env=env, check=True, stdout=subprocess.DEVNULL)
+    for g, sim_args in enumerate(sims_args):
+        subprocess.run(fedge(*sim_args, "--make-keys"), env=env, check=True)
+        subprocess.run(fedge("--log-level", "WARNING", "enroll", "--config", str(job_toml), "--from",
+                             str(tmp / f"devices-{g}" / "fleet-keys.txt")), env=env, check=True,
+                       stdout=subprocess.DEVNULL)
     setup_s = time.monotonic() - t
 
     logs = tmp / "logs"
@@ -200,9 +218,10 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     agg = subprocess.Popen(agg_cmd, env=env,
                            stderr=(logs / "aggregator.log").open("wb"))
     start = time.monotonic()
-    watch = ReceiptWatch(mosq.url, job, agg.pid)
-    sim = subprocess.Popen(fedge(*sim_args, "--summary", str(tmp / "sim.json")),
-                           env=env, stderr=(logs / "simulate.log").open("wb"), start_new_session=True)
+    watch = ReceiptWatch(agg_url, job, agg.pid)
+    sims = [subprocess.Popen(fedge(*sim_args, "--summary", str(tmp / f"sim-{g}.json")), env=env,
+                             stderr=(logs / f"simulate-{g}.log").open("wb"), start_new_session=True)
+            for g, sim_args in enumerate(sims_args)]
     records: list[dict[str, Any]] = []
     cpu_at: list[float | None] = []
     rounds_file = agg_state / "rounds.jsonl"
@@ -234,7 +253,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 break
         timed_out = not done
         agg_peak = peak_rss_mb(agg.pid)
-        broker_peak = peak_rss_mb(mosq.proc.pid)
+        broker_peak = sum(peak_rss_mb(pid) or 0 for pid in broker_pids)
         agg_cpu_end = cpu_seconds(agg.pid)
         agg_threads = thread_cpu(agg.pid)
     finally:
@@ -245,19 +264,24 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             agg.wait(30)
         except subprocess.TimeoutExpired:
             agg.kill()
-        if sim.poll() is None:
-            os.killpg(sim.pid, signal.SIGTERM)
-        try:
-            sim.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(sim.pid, signal.SIGKILL)
-            sim.wait()
-        mosq.close()
+        for sim in sims:
+            if sim.poll() is None:
+                os.killpg(sim.pid, signal.SIGTERM)
+        for sim in sims:
+            try:
+                sim.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(sim.pid, signal.SIGKILL)
+                sim.wait()
+        close_broker()
     wall = time.monotonic() - start
-    try:
-        sim_summary = json.loads((tmp / "sim.json").read_text())
-    except (OSError, ValueError):
-        sim_summary = None
+    parts = []
+    for g in range(len(sims)):
+        try:
+            parts.append(json.loads((tmp / f"sim-{g}.json").read_text()))
+        except (OSError, ValueError):
+            parts.append(None)
+    sim_summary = (parts[0] if len(parts) == 1 else merge(parts)) if any(parts) else None
 
     out_rounds = []
     prev = cpu0
@@ -359,6 +383,10 @@ def main() -> None:
                    help="agent.model_wait_s in fleet seconds (raise it where the first download of every device "
                         "takes the broker and the simulator longer than that)")
     p.add_argument("--codec", default="default", choices=sorted(CODECS))
+    p.add_argument("--broker", default="mosquitto", choices=["mosquitto", "nats3"],
+                   help="a private Mosquitto, or a 3-node NATS JetStream cluster with its MQTT gateway (the "
+                        "aggregator on node 0, the devices half and half on nodes 1 and 2; no round has opened on it "
+                        "yet: see docs/explanation/benchmarks.md)")
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--target", type=float, default=0.0, help="accuracy whose first round is reported (0: none)")
     p.add_argument("--stop-at-target", action="store_true")
@@ -375,14 +403,17 @@ def main() -> None:
              "quorum": args.quorum, "deadline_fleet_s": args.deadline, "time_scale": args.time_scale,
              "codec": CODECS[args.codec], "model": "fedge.models:mnist_2nn", "split": "iid",
              "examples_per_device": 60000 // args.devices, "E": 1, "B": 10, "lr": args.lr,
-             "processes": args.processes or os.cpu_count(), "broker": "mosquitto (private, loopback)",
+             "processes": args.processes or os.cpu_count(),
+             "broker": "mosquitto (private, loopback)" if args.broker == "mosquitto" else
+             "NATS JetStream cluster of 3 nodes (MQTT gateway, loopback): aggregator on node 0, devices on 1 and 2",
              "agent": {"resend_after_fleet_s": args.resend, "model_wait_fleet_s": args.model_wait},
              "trust": "signatures on, default defences"}
     with tempfile.TemporaryDirectory(prefix="fedge-bench-fleet-") as tmp:
         result = run(args, Path(tmp))
         if result["rounds_run"] < args.rounds and not (args.stop_at_target and result["reached_target"]):
-            for name in ("aggregator.log", "simulate.log"):
-                text = (Path(tmp) / "logs" / name).read_text(errors="replace")
+            for log_file in sorted((Path(tmp) / "logs").glob("*.log")):
+                name = log_file.name
+                text = log_file.read_text(errors="replace")
                 result.setdefault("log_tails", {})[name] = text.splitlines()[-30:]
     emit({"benchmark": "fleet", "setup": setup, "machine": machine(), **result}, args.out)
 
