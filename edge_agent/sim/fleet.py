@@ -39,7 +39,6 @@ import itertools
 import json
 import logging
 import random
-import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -200,7 +199,11 @@ class SimulatedFleet(AgentRuntime):
             except Exception as exc:  # a simulation bug must not stop the other devices
                 self._contained(str(payload if isinstance(payload, str) else "fleet"), exc, what)
         if self._pending and (not len(self.inbox) or now - self._pending[0][2] >= BATCH_WINDOW_S):
-            self._send_batches(now)
+            try:
+                self._send_batches(now)
+            except Exception as exc:  # counted; those devices' rounds go unanswered, the fleet goes on
+                self._pending = []
+                self._contained("fleet", exc, "a training batch")
 
     def _fire(self, what: str, payload: Any, now: float) -> None:
         if what == "availability":
@@ -336,6 +339,3 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
 
     atomic_write(path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode(), False)
 
-
-def wall_clock() -> float:
-    return time.time()
