@@ -108,9 +108,12 @@ class StateDir:
         if not blob.exists():
             atomic_write(blob, message, self.durable)
         temp = self.key_file.with_name(self.key_file.name + ".link")
-        temp.unlink(missing_ok=True)
-        os.link(blob, temp)
-        os.replace(temp, self.key_file)
+        try:
+            temp.unlink(missing_ok=True)
+            os.link(blob, temp)
+            os.replace(temp, self.key_file)
+        except OSError:  # a file system without hard links, or one inode's link limit reached: a copy
+            atomic_write(self.key_file, message, self.durable)
 
     def load_key(self) -> bytes | None:
         try:

@@ -38,3 +38,23 @@ def test_an_unreadable_state_file_does_not_brick_the_device(tmp_path):
     store = StateDir(tmp_path)
     assert store.load() == (AgentState(), None)
     assert store.load_residual() is None
+
+
+def test_a_simulated_fleet_keeps_one_copy_of_a_key_model_linked_into_each_device(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    message = b"a key model" * 1000
+    digest = hashlib.sha256(message).digest()
+    blobs = tmp_path / "shared"
+    blobs.mkdir()
+    a, b = StateDir(tmp_path / "a", durable=False, blobs=blobs), StateDir(tmp_path / "b", durable=False, blobs=blobs)
+    a.save_key(message, digest)
+    b.save_key(message, digest)
+    assert a.load_key() == b.load_key() == message
+    assert os.stat(a.key_file).st_ino == os.stat(b.key_file).st_ino == os.stat(blobs / f"{digest.hex()}.key").st_ino
+    # Where a link cannot be made (no hard links, an inode's link limit), each device gets a copy.
+    monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError(31, "Too many links")))
+    c = StateDir(tmp_path / "c", durable=False, blobs=blobs)
+    c.save_key(message, digest)
+    assert c.load_key() == message and os.stat(c.key_file).st_ino != os.stat(a.key_file).st_ino
