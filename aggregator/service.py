@@ -237,8 +237,7 @@ class AggregatorService:
                         self.link.connected.is_set()
                         or monotonic() - done_at > self.cfg.job.linger_s + self.cfg.broker.keepalive_s):
                     break  # (the final state is out first, unless the broker stays away)
-                with self.loop.held_writes() if self.loop is not None else contextlib.nullcontext():
-                    self._turn()  # what it publishes goes out together at its end
+                self._turn()
         finally:
             with contextlib.suppress(Exception):  # what the fleet view last heard, out before we go
                 self._publish_fleet(monotonic())

@@ -64,7 +64,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -528,7 +528,6 @@ class MqttLoop:
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, READ, None)
         self._woken = False
-        self._held = 0  # held_writes() depth: writes wait for its end to wake the loop
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._writes: collections.deque[_Entry] = collections.deque()
         self._timers: list[tuple[float, int, _Timer]] = []
@@ -724,22 +723,8 @@ class MqttLoop:
             return
         entry.posted = True
         self._writes.append(entry)
-        if not self.in_loop_thread() and not self._held:
+        if not self.in_loop_thread():
             self._wake()
-
-    @contextlib.contextmanager
-    def held_writes(self) -> Iterator[None]:
-        """What is published inside goes out together at the end: the loop's
-        thread is woken once, not once per packet (each wake-up hands it the
-        GIL; a role that publishes a receipt, a device record and an
-        invitation per update paid more for those than for the packets)."""
-        self._held += 1
-        try:
-            yield
-        finally:
-            self._held -= 1
-            if not self._held and self._writes:
-                self._wake()
 
     def _unregistered_write(self, entry: _Entry) -> None:
         # paho clears its "registered" flag after it checked its queue: a
