@@ -40,7 +40,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,11 @@ from fedge.wire import Kind
 log = logging.getLogger("fedge.sim")
 
 BATCH_WINDOW_S = 0.2  # training requests are gathered this long at most before a batch goes out
-MAX_BATCH = 512  # devices in one batched request (its list must fit a header: 64 KiB)
+MAX_BATCH = 512  # devices in one batched request
+# What a batched request's list of devices may take of its header (whose
+# limit is ``wire.MAX_HEADER_BYTES``): a batch is cut where its list would
+# pass it (long data paths and arguments make fewer devices a batch).
+BATCH_HEADER_BUDGET = wire.MAX_HEADER_BYTES - 8192  # the rest: model, model arguments, plan
 TICK_S = 1.0  # the cores' timers (resends, model waits): often enough for a fleet
 
 
@@ -244,17 +248,23 @@ class SimulatedFleet(AgentRuntime):
             groups.setdefault(key, []).append((dev, job))
         self._pending = []
         for members in groups.values():
-            for start in range(0, len(members), MAX_BATCH):
-                self._submit(members[start:start + MAX_BATCH], now)
+            for batch in _batches(members):
+                self._submit(batch, now)
 
-    def _submit(self, members: list[tuple[_Device, TrainJob]], now: float) -> None:
+    def _submit(self, batch: list[tuple[_Member, dict[str, Any]]], now: float) -> None:
+        members = [m for m, _ in batch]
         first = members[0][1]
-        header = {
-            "model": first.model, "model_args": first.model_args, "plan": first.plan.to_json(),
-            "items": [{"data": d.spec.data, "data_args": d.spec.data_args, "seed": j.seed} for d, j in members],
-        }
-        request = wire.encode(Kind.TRAIN_BATCH, header, first.model_body)
+        header = {"model": first.model, "model_args": first.model_args, "plan": first.plan.to_json(),
+                  "items": [item for _, item in batch]}
         who = [(d.spec.client_id, j.job_id) for d, j in members]
+        try:
+            request = wire.encode(Kind.TRAIN_BATCH, header, first.model_body)
+        except ValueError as exc:  # a header the budget misjudged: these devices' training fails, counted
+            self.stats["training_batches_failed"] += 1
+            self._contained("fleet", exc, "a training batch")
+            for cid, job_id in who:
+                self.inbox.put(_Held(_Trained(cid, job_id, Outcome(None, f"batch not sent: {exc}"))))
+            return
         for w in who:
             self._submitted[w] = now
         self.stats["training_batches"] += 1
@@ -332,6 +342,27 @@ class SimulatedFleet(AgentRuntime):
         if cid in self.online:
             self.online.discard(cid)
             self._go_online(cid, now)
+
+
+_Member = tuple[_Device, TrainJob]
+
+
+def _batches(members: list[_Member]) -> Iterator[list[tuple[_Member, dict[str, Any]]]]:
+    """``members`` (devices holding the same model and plan) in batches of at
+    most ``MAX_BATCH`` devices whose list of items stays within
+    ``BATCH_HEADER_BUDGET`` bytes of JSON; each member with its item."""
+    batch: list[tuple[_Member, dict[str, Any]]] = []
+    size = 0
+    for dev, job in members:
+        item = {"data": dev.spec.data, "data_args": dev.spec.data_args, "seed": job.seed}
+        cost = len(json.dumps(item)) + 2
+        if batch and (len(batch) >= MAX_BATCH or size + cost > BATCH_HEADER_BUDGET):
+            yield batch
+            batch, size = [], 0
+        batch.append(((dev, job), item))
+        size += cost
+    if batch:
+        yield batch
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
