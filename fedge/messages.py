@@ -510,12 +510,14 @@ class DeviceRecord:
     rounds: int  # updates of this device the aggregator accepted
     last_receipt: str  # "accepted", "duplicate", "late", "rejected: <reason>"; "" before any
     last_round: int  # the round of that receipt, or the last one the device was selected for
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # as ``device_info`` returns it
 
     def encode(self) -> bytes:
+        # ``info`` is not filtered again here: the aggregator keeps it as
+        # ``device_info`` returned it, and a reader's ``parse`` filters it.
         header = {"job": self.job, "round": self.last_round, "sender": AGGREGATOR, "device": self.device,
                   "online": self.online, "last_seen": round(self.last_seen, 3), "rounds": self.rounds,
-                  "last_receipt": self.last_receipt[:200], "info": device_info(self.info)}
+                  "last_receipt": self.last_receipt[:200], "info": self.info}
         return wire.encode(Kind.DEVICE, header)
 
     @classmethod
