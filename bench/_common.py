@@ -111,14 +111,24 @@ class PrivateMosquitto:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# What a fleet needs of NATS's MQTT gateway (docs/how-to/nats-emqx.md): each
+# QoS 1 subscription is a JetStream consumer, replicated like its stream (3
+# nodes: a Raft group each) unless told otherwise; a fleet subscribes several
+# a device and creates them in a burst at start.
+MQTT_FLEET_SETTINGS = "  consumer_replicas: 1\n  consumer_memory_storage: true\n"
+
+
 class NatsCluster:
     """A NATS JetStream cluster of ``nodes`` servers on loopback, each with
     its MQTT gateway on a free port (``urls``), like ``PrivateMosquitto``."""
 
-    def __init__(self, nodes: int = 3) -> None:
+    def __init__(self, nodes: int = 3, keep: Path | None = None) -> None:
         if shutil.which("nats-server") is None:
             raise SystemExit("this benchmark needs nats-server (apt-get install nats-server)")
-        self.dir = Path(tempfile.mkdtemp(prefix="fedge-bench-nats-"))
+        self.keep = keep is not None  # the directory (configurations, logs, JetStream stores) stays
+        if keep is not None:
+            keep.mkdir(parents=True)
+        self.dir = keep if keep is not None else Path(tempfile.mkdtemp(prefix="fedge-bench-nats-"))
         client, cluster, mqtt = ([free_port() for _ in range(nodes)] for _ in range(3))
         routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in cluster)
         self.mqtt_ports = mqtt
@@ -129,7 +139,7 @@ class NatsCluster:
                 f'server_name: "n{i}"\nlisten: "127.0.0.1:{client[i]}"\n'
                 f'jetstream {{ store_dir: "{self.dir / f"js{i}"}" }}\n'
                 f'cluster {{ name: "fedge", listen: "127.0.0.1:{cluster[i]}", routes: [{routes}] }}\n'
-                f'mqtt {{ listen: "127.0.0.1:{mqtt[i]}" }}\n'
+                f'mqtt {{ listen: "127.0.0.1:{mqtt[i]}"\n{MQTT_FLEET_SETTINGS}}}\n'
                 "max_payload: 4MB\n")
             log = (self.dir / f"n{i}.log").open("wb")
             self.procs.append(subprocess.Popen(["nats-server", "-c", str(conf)], stdout=log, stderr=log))
@@ -191,4 +201,5 @@ class NatsCluster:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -28,6 +28,7 @@ simulator counted (crashes, connections lost, sessions).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     if args.broker == "nats3":
-        nats = NatsCluster(3)
+        nats = NatsCluster(3, keep=tmp / "nats" if args.keep else None)
         # the aggregator on the first node; the devices, half and half, on the other two
         agg_url, device_urls, broker_pids, close_broker = nats.urls[0], nats.urls[1:], [p.pid for p in nats.procs], \
             nats.close
@@ -195,8 +196,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "worker": {"threads": 1},
             "broker": {"url": url, "reconnect_min_s": 1.0, "reconnect_max_s": 10.0, "keepalive_s": 60},
         }))
-        sims_args.append(["--log-level", "WARNING", "simulate", "--config", str(agent_toml), "--devices", str(share),
-                          "--profile", args.preset, "--time-scale", str(k), "--seed", str(args.seed + g),
+        sims_args.append(["--log-level", args.log_level, "simulate", "--config", str(agent_toml),
+                          "--devices", str(share), "--profile", args.preset, "--time-scale", str(k),
+                          "--seed", str(args.seed + g),
                           "--processes", str(max(1, processes // n_groups))])
     t = time.monotonic()
     for g, sim_args in enumerate(sims_args):
@@ -208,7 +210,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     logs = tmp / "logs"
     logs.mkdir()
-    agg_cmd = fedge("--log-level", "WARNING", "aggregator", "--config", str(job_toml))
+    agg_cmd = fedge("--log-level", args.log_level, "aggregator", "--config", str(job_toml))
     if args.profile_aggregator:  # cProfile of the aggregator's main thread, for finding where its CPU goes
         # The main thread's CPU time (time.thread_time), not wall time: its waits for the GIL are not its cost.
         agg_cmd[1:3] = ["-c", "import cProfile, runpy, sys, time\n"
@@ -394,6 +396,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600.0, help="wall seconds before the job is stopped")
     p.add_argument("--data", default=None, help="mnist.npz (default: $FEDGE_DATA/mnist.npz)")
+    p.add_argument("--keep", default=None, metavar="DIR",
+                   help="work in DIR (new) and keep it: state, logs and the brokers' logs")
+    p.add_argument("--log-level", default="WARNING", help="the aggregator's and the simulators' log level")
     p.add_argument("--profile-aggregator", default=None, metavar="FILE",
                    help="run the aggregator under cProfile and write its profile here (slows it)")
     args = p.parse_args()
@@ -408,7 +413,12 @@ def main() -> None:
              "NATS JetStream cluster of 3 nodes (MQTT gateway, loopback): aggregator on node 0, devices on 1 and 2",
              "agent": {"resend_after_fleet_s": args.resend, "model_wait_fleet_s": args.model_wait},
              "trust": "signatures on, default defences"}
-    with tempfile.TemporaryDirectory(prefix="fedge-bench-fleet-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.keep:  # the work directory (state, logs, the brokers' logs) stays for a look afterwards
+            Path(args.keep).mkdir(parents=True, exist_ok=False)
+            tmp = args.keep
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedge-bench-fleet-"))
         result = run(args, Path(tmp))
         if result["rounds_run"] < args.rounds and not (args.stop_at_target and result["reached_target"]):
             for log_file in sorted((Path(tmp) / "logs").glob("*.log")):
