@@ -50,6 +50,9 @@ METRICS: MetricTable = {
                                             "host name not resolved, TLS, credentials refused).", ()),
     "fedge_broker_messages_dropped_total": ("counter", "Messages given up because the broker was unreachable and "
                                             "broker.max_queued_messages were already queued.", ()),
+    "fedge_broker_subscriptions_refused_total": ("counter", "Subscriptions the broker refused in its SUBACK (its "
+                                                 "ACL, or a broker that could not set one up); each is asked "
+                                                 "for again.", ()),
     "fedge_clients_online": ("gauge", "Devices whose presence says online.", ()),
     "fedge_clients_known": ("gauge", "Devices that ever announced themselves to this job.", ()),
     "fedge_clients_selected": ("gauge", "Devices selected for the open round (0 between rounds).", ()),
@@ -112,6 +115,7 @@ def render(snap: dict[str, Any]) -> Iterator[Any]:
     yield gauge("fedge_broker_connected", 1 if snap["broker_connected"] else 0)
     yield counter("fedge_broker_connect_failures_total", {"": snap["broker_connect_failures"]})
     yield counter("fedge_broker_messages_dropped_total", {"": snap.get("broker_messages_dropped", 0)})
+    yield counter("fedge_broker_subscriptions_refused_total", {"": snap.get("broker_subscriptions_refused", 0)})
     for name in ("clients_online", "clients_known", "clients_selected", "clients_responded", "clients_benched",
                  "reassembly_bytes", "reassembly_limit_bytes", "inbox_messages"):
         yield gauge(f"fedge_{name}", snap[name])
@@ -143,7 +147,7 @@ class AggregatorMetrics(ServiceMetrics):
 
 
 def service_snapshot(cfg: AggregatorConfig, core: RoundCore, last: RoundRecord | None,
-                     traffic: Any, broker: tuple[bool, int, int], reassembly_bytes: int, inbox_messages: int,
+                     traffic: Any, broker: tuple[bool, int, int, int], reassembly_bytes: int, inbox_messages: int,
                      checkpoint_time: float | None) -> dict[str, Any]:
     """The aggregator's state as plain data (copied on its loop's thread),
     for ``render``: ``broker`` is (connected, failed connection attempts,
@@ -157,7 +161,7 @@ def service_snapshot(cfg: AggregatorConfig, core: RoundCore, last: RoundRecord |
         "rounds_planned": cfg.job.rounds, "done": core.state == "done",
         "counters": dict(core.counters), "rejections": dict(core.rejections), "failures": dict(core.failures),
         "traffic": traffic, "broker_connected": broker[0], "broker_connect_failures": broker[1],
-        "broker_messages_dropped": broker[2],
+        "broker_messages_dropped": broker[2], "broker_subscriptions_refused": broker[3],
         "clients_online": len(core.roster.online), "clients_known": len(core.roster.known),
         "clients_selected": len(op.selected) if op is not None else 0,
         "clients_responded": len(op.accepted) if op is not None else 0,

@@ -501,6 +501,7 @@ class AggregatorService:
     def _metrics_snapshot(self) -> dict[str, Any]:
         """Plain data, copied on the loop's thread: what ``aggregator.metrics.render`` shows."""
         return service_snapshot(self.cfg, self.core, self._last_record, self.traffic.copy(),
-                                (self.link.connected.is_set(), self.link.connect_failures, self.link.messages_dropped),
+                                (self.link.connected.is_set(), self.link.connect_failures, self.link.messages_dropped,
+                                 getattr(self.link, "subscribe_refused", 0)),
                                 self.updates.held, len(self.inbox), self.checkpoint_time)
 

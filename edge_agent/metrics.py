@@ -42,6 +42,9 @@ METRICS: MetricTable = {
     "fedge_broker_messages_dropped_total": ("counter", "Messages given up because the broker was unreachable and "
                                             "broker.max_queued_messages were already queued, all devices "
                                             "together.", ()),
+    "fedge_broker_subscriptions_refused_total": ("counter", "Subscriptions the broker refused in its SUBACK (its "
+                                                 "ACL, or a broker that could not set one up), all devices "
+                                                 "together; each is asked for again.", ()),
     "fedge_agent_rounds_trained_total": ("counter", "Updates trained and sent (one per round taken part in).", ()),
     "fedge_agent_declines_total": ("counter", "Rounds declined (training failed, or its update could not be "
                                    "made).", ()),
@@ -74,6 +77,7 @@ def render(snap: dict[str, Any]) -> Iterator[Any]:
     yield gauge("fedge_broker_connected", 1 if snap["broker_connected"] else 0)
     yield counter("fedge_broker_connect_failures_total", {"": snap["broker_connect_failures"]})
     yield counter("fedge_broker_messages_dropped_total", {"": snap.get("broker_messages_dropped", 0)})
+    yield counter("fedge_broker_subscriptions_refused_total", {"": snap.get("broker_subscriptions_refused", 0)})
     counters: dict[str, int] = snap["counters"]
     yield counter("fedge_agent_rounds_trained_total", {"": counters.get("updates_sent", 0)})
     yield counter("fedge_agent_declines_total", {"": counters.get("declined", 0)})

@@ -515,6 +515,7 @@ class AgentRuntime:
             "broker_connected": all(d.link.connected.is_set() for d in self.devices.values()),
             "broker_connect_failures": sum(d.link.connect_failures for d in self.devices.values()),
             "broker_messages_dropped": sum(d.link.messages_dropped for d in self.devices.values()),
+            "broker_subscriptions_refused": sum(getattr(d.link, "subscribe_refused", 0) for d in self.devices.values()),
             "counters": {k: v for k, v in counters.items() if v},
             "traffic": self.bytes_by_channel.copy(),
             "last_training": dict(self.last_training),

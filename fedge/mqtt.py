@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import random
 import socket
 import ssl
 import threading
@@ -93,6 +94,14 @@ MIN_PACKET_BYTES = chunks.MIN_CHUNK_DATA + chunks.PACKET_OVERHEAD + chunks.CHUNK
 # message or a receipt.
 BLAMELESS_PACKET_BYTES = chunks.MIN_CHUNK_DATA
 PACKET_TOO_LARGE = 0x95  # MQTT 5 reason code of a DISCONNECT
+# A subscription the broker refused is asked for again after the first
+# delay, doubled at each refusal in a row up to the second (plus up to a
+# quarter, so that a fleet refused at once does not ask again at once).
+SUBSCRIBE_RETRY_S = (2.0, 60.0)
+
+
+def _jitter() -> float:
+    return random.random()
 
 
 def publish_packet_bytes(topic: str, payload_len: int, v5: bool) -> int:
@@ -464,6 +473,11 @@ class MqttLink:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
+        self.subscribe_refused = 0  # subscriptions the broker refused (each asked for again later)
+        self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE packet id -> its topics, until the SUBACK
+        self._refusals: dict[str, int] = {}  # topic -> refusals in a row
+        self._generation = 0  # connections so far
         self.client.on_attempt = self._on_attempt
         self._started = False
 
@@ -579,7 +593,62 @@ class MqttLink:
         if topic not in self.subscriptions:
             self.subscriptions.append(topic)
         if self.connected.is_set():
-            self.client.subscribe(topic, qos=1)
+            self._subscribe([topic])
+
+    def _subscribe(self, topics: list[str]) -> None:
+        """SUBSCRIBE ``topics`` (QoS 1), remembering which packet asked for
+        them so that a refusal in the SUBACK is told (``_on_subscribe``)."""
+        with self._lock:
+            rc, mid = self.client.subscribe([(t, 1) for t in topics])
+            if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+                self._subscribing[mid] = list(topics)
+
+    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reasons: list[paho.ReasonCode],
+                      properties: Properties | None) -> None:
+        """A SUBACK: a subscription the broker refused (its ACL, or a broker
+        that could not set it up, as NATS's MQTT gateway under load) is
+        logged, counted in ``subscribe_refused`` and asked for again later,
+        with a growing delay (``SUBSCRIBE_RETRY_S``): never left silently
+        missing, which would leave the service deaf to that topic."""
+        with self._lock:
+            topics = self._subscribing.pop(mid, [])
+            refused = [(t, r) for t, r in zip(topics, reasons, strict=False) if r.is_failure]
+            for topic, _ in zip(topics, reasons, strict=False):
+                if topic not in (t for t, _ in refused):
+                    self._refusals.pop(topic, None)
+            if not refused or self._closing:
+                return
+            self.subscribe_refused += len(refused)
+            delays = []
+            for topic, reason in refused:
+                streak = self._refusals.get(topic, 0)
+                self._refusals[topic] = streak + 1
+                delay = min(SUBSCRIBE_RETRY_S[1], SUBSCRIBE_RETRY_S[0] * 2 ** streak)
+                delays.append(delay)
+                if streak == 0 or streak % 10 == 0:
+                    log.warning("%s: the broker refused the subscription to %s (%s, %d time%s); asking again in "
+                                "%.3g s: check the broker's ACL for this client and the broker's log", self.name,
+                                topic, reason, streak + 1, "" if streak == 0 else "s", delay)
+            generation = self._generation
+            retry = [t for t, _ in refused]
+        self._later(max(delays) * (1 + 0.25 * _jitter()), lambda: self._resubscribe(retry, generation))
+
+    def _resubscribe(self, topics: list[str], generation: int) -> None:
+        """Ask again for refused subscriptions still wanted (a reconnect in
+        between asked for every one already)."""
+        if self._closing or generation != self._generation or not self.connected.is_set():
+            return
+        wanted = [t for t in topics if t in self.subscriptions]
+        if wanted:
+            self._subscribe(wanted)
+
+    def _later(self, delay: float, fn: Callable[[], None]) -> None:
+        if self.loop is not None:
+            self.loop.call_later(delay, fn)
+            return
+        timer = threading.Timer(delay, fn)
+        timer.daemon = True
+        timer.start()
 
     def unsubscribe(self, topic: str) -> None:
         """Stop receiving ``topic``; also forgets a subscription the broker
@@ -785,8 +854,9 @@ class MqttLink:
                 self._drop_warned = False
             self._adopt_announced_limit(properties)
             self._fit_queue()
+        self._generation += 1  # refused subscriptions waiting to be asked again: asked for now
         if self.subscriptions:
-            client.subscribe([(t, 1) for t in self.subscriptions])
+            self._subscribe(list(self.subscriptions))
         self.down_since = None
         self.connected.set()
         if self._report_outages:

@@ -703,6 +703,18 @@ class MqttLoop:
         """Run ``fn`` on the loop's thread (soon, in order with other calls)."""
         self._call_soon(fn)
 
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop's thread ``delay`` seconds from now."""
+        when = time.monotonic() + delay
+
+        def schedule() -> None:
+            self._call_at(when, fn)
+
+        if self.in_loop_thread():
+            schedule()
+        else:
+            self._call_soon(schedule)
+
     # --- called from other threads -------------------------------------------------------
 
     def _call_soon(self, fn: Callable[[], None]) -> None:

@@ -1,5 +1,6 @@
 """Shared fixtures: a real Mosquitto per test, on a free loopback port, with
-its own config (limits, ACLs, TLS), which a test may restart or kill."""
+its own config (limits, ACLs, TLS), which a test may restart or kill; a real
+nats-server (JetStream and its MQTT gateway) the same way."""
 
 from __future__ import annotations
 
@@ -116,6 +117,71 @@ def mosquitto_factory(tmp_path):
 @pytest.fixture
 def mosquitto(mosquitto_factory):
     return mosquitto_factory()
+
+
+class Nats:
+    """One nats-server with JetStream and its MQTT gateway on free loopback
+    ports; ``extra`` goes into its configuration (``authorization``, ...),
+    ``mqtt`` into its ``mqtt`` block."""
+
+    def __init__(self, workdir: Path, extra: str = "", mqtt: str = "") -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port, self.mqtt_port = free_port(), free_port()
+        self.conf = workdir / "nats.conf"
+        self.log = workdir / "nats.log"
+        self.proc: subprocess.Popen | None = None
+        self.mqtt = mqtt  # lines of its ``mqtt`` block
+        self.write(extra)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+
+    def write(self, extra: str) -> None:
+        self.conf.write_text(
+            f'server_name: "fedge-test"\nlisten: "127.0.0.1:{self.port}"\n'
+            f'jetstream {{ store_dir: "{self.workdir / "js"}" }}\n'
+            f'mqtt {{ listen: "127.0.0.1:{self.mqtt_port}"\n{self.mqtt}\n}}\n{extra}')
+
+    def start(self) -> Nats:
+        log = self.log.open("ab")
+        self.proc = subprocess.Popen(["nats-server", "-c", str(self.conf)], stdout=log, stderr=log)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited: {self.log.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.mqtt_port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nats-server did not open its MQTT port")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def nats_factory(tmp_path):
+    if shutil.which("nats-server") is None:
+        pytest.skip("nats-server is not installed: apt-get install nats-server")
+    servers: list[Nats] = []
+
+    def make(extra: str = "", name: str = "nats", mqtt: str = "") -> Nats:
+        n = Nats(tmp_path / name, extra, mqtt)
+        servers.append(n)
+        return n.start()
+
+    yield make
+    for n in servers:
+        n.stop()
 
 
 def fedge_cmd(*args: str) -> list[str]:

@@ -186,6 +186,7 @@ class SimulatedFleet(AgentRuntime):
             "devices_that_never_sent_an_update": never,
             "updates_sent": sum(self.updates_sent.values()),
             "internal_errors": sum(self.failures.values()),
+            "subscriptions_refused": sum(getattr(raw, "subscribe_refused", 0) for raw in self.raw.values()),
             "model_memo": {"hits": self.memo.hits, "misses": self.memo.misses} if self.memo else None,
             "loop": self.loop_counts,
             "groups": Counter(c.group for c in self.conditions.values() if c is not None),

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
+
+import pytest
 
 from fedge.mqtt import MqttLink
+from fedge.transport import Inbound
 from tests.integration.support import broker_settings
 
 
@@ -73,3 +77,47 @@ def test_the_queue_bound_holds_while_disconnected_and_never_cuts_a_burst(mosquit
     finally:
         writer.stop()
         reader.stop()
+
+
+@pytest.mark.parametrize("driver", ["paho", "loop"])
+def test_a_refused_subscription_is_said_and_asked_for_again_until_granted(nats_factory, monkeypatch, caplog, driver):
+    # A broker may refuse a subscription in its SUBACK (0x80): its permissions,
+    # or NATS's MQTT gateway failing to create the JetStream consumer under
+    # load. A link that took no notice stayed deaf to that topic for good,
+    # silently. Here NATS refuses a QoS 1 subscription that would take a
+    # session's unacknowledged messages past 65,535 (``max_ack_pending`` a
+    # subscription): the second of two, until the first is given up.
+    from fedge import mqtt
+    from fedge.mqtt_loop import MqttLoop
+    from tests.integration.support import wait_for
+
+    monkeypatch.setattr(mqtt, "SUBSCRIBE_RETRY_S", (0.2, 0.4))
+    nats = nats_factory("", mqtt="max_ack_pending: 40000")
+    admin = MqttLink(broker_settings(nats.url), "admin", lambda ev: None, persistent=False)
+    admin.start()
+    assert admin.wait_connected(20)
+    admin.publish("t/second", b"retained", retain=True).wait_for_publish(20)
+    admin.stop()
+    got: list[str] = []
+    loop = MqttLoop() if driver == "loop" else None
+    if loop is not None:
+        loop.start()
+    link = MqttLink(broker_settings(nats.url), "dev", lambda ev: got.append(ev.topic) if isinstance(ev, Inbound)
+                    else None, subscriptions=["t/first", "t/second"], persistent=False, loop=loop)
+    try:
+        with caplog.at_level("WARNING", logger="fedge.mqtt"):
+            link.start()
+            wait_for(lambda: link.subscribe_refused >= 3, 20, "the refusal to be seen, and asked again")
+        assert "t/second" not in got
+        said = [r.getMessage() for r in caplog.records if "refused the subscription to t/second" in r.getMessage()]
+        assert said and "ACL" in said[0]
+        assert len(said) < link.subscribe_refused  # one line for a streak, not one per refusal
+        link.unsubscribe("t/first")  # room for the second: the next time it is asked for, it is granted
+        wait_for(lambda: "t/second" in got, 20, "the retained message once the subscription is granted")
+        refused = link.subscribe_refused
+        time.sleep(1.0)
+        assert link.subscribe_refused == refused  # granted: not asked for again
+    finally:
+        link.stop()
+        if loop is not None:
+            loop.close()
