@@ -51,7 +51,7 @@ docs: $(STAMP)
 
 # FEDGE_DATA, when set, reaches the tests through the environment.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

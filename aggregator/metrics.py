@@ -50,6 +50,10 @@ METRICS: MetricTable = {
                                             "host name not resolved, TLS, credentials refused).", ()),
     "fedge_broker_messages_dropped_total": ("counter", "Messages given up because the broker was unreachable and "
                                             "broker.max_queued_messages were already queued.", ()),
+    "fedge_aggregator_cpu_seconds_total": ("counter", "The aggregator's CPU time by stage: its main thread's "
+                                           "(receive, verify, update, presence, round, publish, records, save, "
+                                           "evaluate, other), its MQTT thread's (mqtt) and the rest of the "
+                                           "process's (other_threads).", ("stage",)),
     "fedge_broker_subscriptions_refused_total": ("counter", "Subscriptions the broker refused in its SUBACK (its "
                                                  "ACL, or a broker that could not set one up); each is asked "
                                                  "for again.", ()),
@@ -116,6 +120,7 @@ def render(snap: dict[str, Any]) -> Iterator[Any]:
     yield counter("fedge_broker_connect_failures_total", {"": snap["broker_connect_failures"]})
     yield counter("fedge_broker_messages_dropped_total", {"": snap.get("broker_messages_dropped", 0)})
     yield counter("fedge_broker_subscriptions_refused_total", {"": snap.get("broker_subscriptions_refused", 0)})
+    yield counter("fedge_aggregator_cpu_seconds_total", snap.get("cpu_seconds", {}))
     for name in ("clients_online", "clients_known", "clients_selected", "clients_responded", "clients_benched",
                  "reassembly_bytes", "reassembly_limit_bytes", "inbox_messages"):
         yield gauge(f"fedge_{name}", snap[name])

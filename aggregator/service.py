@@ -13,12 +13,12 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aggregator import fleet as fleet_file
 from aggregator.artifacts import ArtifactBuilt, ArtifactFailed, OnnxPublisher, publish_artifact
 from aggregator.config import AggregatorConfig
+from aggregator.cpu import StageClock, staged
 from aggregator.enrollment import Enrollment
 from aggregator.evaluation import Evaluator
 from aggregator.fleet import Fleet
@@ -26,9 +26,11 @@ from aggregator.keys import AggregatorKeys
 from aggregator.metrics import service_snapshot
 from aggregator.optimizers import make_server_optimizer
 from aggregator.ratelimit import DeviceLimits, RateLimiter
+from aggregator.reporting import RecordHook, RoundReporter
 from aggregator.retained import Retained
 from aggregator.rounds import (
     Action,
+    ClientStatus,
     Event,
     Incident,
     MessageArrived,
@@ -62,7 +64,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedge.aggregator")
 
-RecordHook = Callable[[RoundRecord], None]
+# The stage of the core's handling of each event (aggregator.cpu).
+FEED_STAGES: dict[type, str] = {MessageArrived: "update", ClientStatus: "presence", TimerFired: "round"}
+
+# A program embedding the service hears each round's record (aggregator.reporting).
+__all__ = ["AggregatorService", "RecordHook"]
 
 
 def build_core(cfg: AggregatorConfig) -> RoundCore:
@@ -130,6 +136,7 @@ class AggregatorService:
         self._connections = 0  # LinkUps so far: after the first, the broker may have lost what we published
         self._connect(cfg, link_factory)
         self.retained = Retained(self.link, self.topics, self.keys, self.state)
+        self.cpu = StageClock(lambda: self.loop.thread_ident if self.loop is not None else None)
         self.evaluator = Evaluator(cfg)
         self.onnx = (OnnxPublisher(cfg, self.state.root / "onnx", self.inbox.put) if cfg.onnx.every > 0 else None)
         self._stop = threading.Event()
@@ -151,6 +158,10 @@ class AggregatorService:
         self._fleet_flushed = 0.0
         self._handle_started = 0.0
         self._last_record: RoundRecord | None = self.core.history[-1] if self.core.history else None
+        self.reporter = RoundReporter(
+            cfg, self.evaluator, self.state, self.link, self.topics, self.keys, self.cpu, self.metrics, on_record,
+            incident=lambda reason: self._feed(Incident(reason, None, monotonic())),
+            contained=lambda exc, item: self._contained(exc, item, monotonic()), recorded=self._recorded)
 
     def _connect(self, cfg: AggregatorConfig, link_factory: LinkFactory) -> None:
         """The inbox, the reassembly of chunked updates and the broker link
@@ -217,6 +228,7 @@ class AggregatorService:
         and serving metrics (``fedge_job_done`` 1) so that a scrape, a
         watcher and a late device all see how it ended."""
         now = monotonic()
+        self.cpu.start()
         self.retained.key_chain()  # first, so that devices know the key before what it signed
         if self.metrics is not None:
             self.metrics.start()  # first: a port already taken is a ConfigError before anything is published
@@ -284,7 +296,9 @@ class AggregatorService:
         started = self._handle_started = time.perf_counter()
         accepted = self.core.counters["accepted"]
         try:
-            self._execute(self.core.handle(event))
+            with self.cpu.stage(FEED_STAGES.get(type(event), "other")):
+                actions = self.core.handle(event)
+            self._execute(actions)
         except Exception as exc:
             self._contained(exc, event, getattr(event, "now", monotonic()))
         if (self.metrics is not None and isinstance(event, MessageArrived)
@@ -304,6 +318,7 @@ class AggregatorService:
     def _exporting(self) -> bool:
         return self.onnx is not None and self.onnx.busy
 
+    @staged("receive")
     def _dispatch(self, item: object, now: float) -> None:
         if isinstance(item, ArtifactBuilt):
             publish_artifact(self.retained, self.topics, self.cfg.onnx.name, item)
@@ -358,7 +373,8 @@ class AggregatorService:
             return
         if message is None:
             return
-        env = self.enrollment.signed_by(client, message, self.core.roster.online, now)
+        with self.cpu.stage("verify"):
+            env = self.enrollment.signed_by(client, message, self.core.roster.online, now)
         if env is not None and self._limited(self.limits.messages, client, "messages", now):
             self.enrollment.verified = None
             return
@@ -409,15 +425,14 @@ class AggregatorService:
 
     # --- actions ---------------------------------------------------------------
 
+    @staged("publish")
     def _execute(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, SaveCheckpoint):
-                self.state.save_checkpoint(action.arrays, action.meta)
-                self.checkpoint_time = time.time()
-                if self.fleet.changed:
-                    self.state.save_json(fleet_file.FILE, self.fleet.to_json())
+                self._save(action)
             elif isinstance(action, SaveRoundOpen):
-                self.state.save_open_round(action.record)
+                with self.cpu.stage("save"):
+                    self.state.save_open_round(action.record)
             elif isinstance(action, PublishModel):
                 self.retained.chunked("key", self.topics.key_chunk, action.message)
             elif isinstance(action, PublishDelta):
@@ -431,6 +446,14 @@ class AggregatorService:
             elif isinstance(action, RoundFinished):
                 self._finish_round(action)
 
+    @staged("save")
+    def _save(self, action: SaveCheckpoint) -> None:
+        self.state.save_checkpoint(action.arrays, action.meta)
+        self.checkpoint_time = time.time()
+        if self.fleet.changed:
+            self.state.save_json(fleet_file.FILE, self.fleet.to_json())
+
+    @staged("other")  # the round's record and its evaluation, below: stages of their own
     def _finish_round(self, fin: RoundFinished) -> None:
         try:
             self._record_round(fin)
@@ -439,46 +462,16 @@ class AggregatorService:
                 self.done.set()
 
     def _record_round(self, fin: RoundFinished) -> None:
-        record = fin.record
-        if self.metrics is not None:  # the close: its checkpoint and model are out; evaluation is not counted
-            self.metrics.close_seconds.observe(time.perf_counter() - self._handle_started)
-            self.metrics.round_seconds.observe(record.seconds)
-        ev = self.cfg.evaluate
-        if ev.data and (fin.last or record.round % max(1, ev.every) == 0):
-            started = time.perf_counter()
-            try:
-                metrics = self.evaluator.evaluate(fin.model)
-            except Exception:  # the evaluation data or model code: the round itself stands
-                self._feed(Incident("eval_failed", None, monotonic()))
-                log.exception("evaluating the model of round %d failed; recorded without accuracy", record.round,
-                              extra=fields(round=record.round, reason="eval_failed"))
-                metrics = {}
-            record = record.replace(accuracy=metrics.get("accuracy"), loss=metrics.get("loss"),
-                                    eval_seconds=round(time.perf_counter() - started, 4))
-        record = record.replace(dropped_chunks=self.dropped_chunks, time=round(time.time(), 3))
-        self._last_record = record
-        if self.metrics is not None:
-            if record.eval_seconds is not None:
-                self.metrics.eval_seconds.observe(record.eval_seconds)
-            self._publish_metrics(monotonic())
-        self.state.append_round(record.to_json())
-        try:  # observers' copy: whatever goes wrong with it, the round's log line and hooks follow
-            event = messages.encode_event(self.cfg.job.name, record.to_json())
-            self.link.publish(self.topics.events, self.keys.seal(event))
-        except Exception as exc:
-            self._contained(exc, fin, monotonic())
-        log.info("round %d %s: %d/%d clients%s", record.round, record.status, record.clients, record.selected,
-                 "" if record.accuracy is None else f", accuracy {record.accuracy:.4f}",
-                 extra=fields(round=record.round, status=record.status, reason=record.failure))
-        if self.on_record is not None:
-            try:
-                self.on_record(record)
-            except Exception:  # an embedding program's bug must not stop the job
-                self._feed(Incident("on_record_failed", None, monotonic()))
-                log.exception("the on_record callback failed for round %d", record.round)
+        record = self.reporter.report(fin, self._handle_started, self.dropped_chunks)
         if self.onnx is not None and record.status == "ok" and self.onnx.due(record.round, fin.last):
             self.onnx.submit(record.round, self.core.exact_model_message())
 
+    def _recorded(self, record: RoundRecord) -> None:
+        self._last_record = record
+        if self.metrics is not None:
+            self._publish_metrics(monotonic())
+
+    @staged("records")
     def _publish_fleet(self, now: float) -> None:
         """Publish the device records that changed, retained, signed; a
         failure is counted (``internal_error``), never the loop's end."""
@@ -500,8 +493,10 @@ class AggregatorService:
 
     def _metrics_snapshot(self) -> dict[str, Any]:
         """Plain data, copied on the loop's thread: what ``aggregator.metrics.render`` shows."""
-        return service_snapshot(self.cfg, self.core, self._last_record, self.traffic.copy(),
+        snap = service_snapshot(self.cfg, self.core, self._last_record, self.traffic.copy(),
                                 (self.link.connected.is_set(), self.link.connect_failures, self.link.messages_dropped,
                                  getattr(self.link, "subscribe_refused", 0)),
                                 self.updates.held, len(self.inbox), self.checkpoint_time)
+        snap["cpu_seconds"] = self.cpu.current()
+        return snap
 

@@ -18,7 +18,8 @@ Two uses:
 
 The JSON has, per round, the devices selected, folded and refused (by
 reason), the accuracy, and the aggregator process's CPU seconds (read from
-/proc when the round's record appears); for the run, the aggregator's CPU
+/proc when the round's record appears, and by stage as the aggregator
+itself counts them in the record); for the run, the aggregator's CPU
 per folded update, the peak RSS of the aggregator and of the broker, the
 bytes per device, the devices that never contributed, the wall clock to
 the target accuracy (fleet time = wall x time scale) and what the
@@ -302,6 +303,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "accuracy": rec.get("accuracy"), "seconds": rec.get("seconds"), "wall_s": round(rec["_wall_s"], 2),
             "bytes_up": rec.get("bytes_up"), "bytes_down": rec.get("bytes_down"),
             "aggregator_cpu_s": None if cpu is None or prev is None else round(cpu - prev, 3),
+            # the aggregator's own account, by stage, since the previous round's record (aggregator.cpu)
+            "aggregator_cpu_by_stage_s": rec.get("cpu_seconds") or None,
             **window(watch.rounds.get(rec["round"])),
         })
         prev = cpu if cpu is not None else prev
@@ -315,6 +318,10 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     window_updates = sum(r["receipts_watched"] - 1 for r in windows)
     later_cpu = sum(r["aggregator_cpu_s"] or 0 for r in later)
     later_folded = sum(r["folded"] for r in later)
+    stages: dict[str, float] = {}
+    for r in later:
+        for stage, seconds in (r.get("aggregator_cpu_by_stage_s") or {}).items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
     ok = [r for r in out_rounds if r["status"] == "ok"]
     return {
         "rounds": out_rounds,
@@ -331,6 +338,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "aggregator_cpu_ms_per_update_while_updates_arrive": round(1000 * window_cpu / window_updates, 3)
         if window_updates else None,
         "aggregator_cpu_ms_per_update_all_rounds": round(1000 * sum(cpu_rounds) / folded, 3) if folded else None,
+        # Whole rounds after the first, by stage, as the aggregator counted them (each round's record)
+        "aggregator_cpu_ms_per_update_by_stage_after_round_1": {
+            stage: round(1000 * seconds / later_folded, 4)
+            for stage, seconds in sorted(stages.items(), key=lambda kv: -kv[1])} if later_folded and stages
+        else None,
         "aggregator_cpu_s_at_end": None if agg_cpu_end is None else round(agg_cpu_end - cpu0, 3),
         "aggregator_cpu_s_by_thread": agg_threads,
         "aggregator_peak_rss_mb": agg_peak,

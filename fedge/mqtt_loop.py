@@ -582,6 +582,11 @@ class MqttLoop:
         self._wake_r.close()
         self._wake_w.close()
 
+    @property
+    def thread_ident(self) -> int | None:
+        """The loop thread's id (None before it started)."""
+        return self._thread.ident if self._thread is not None else None
+
     def in_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
 

@@ -60,6 +60,9 @@ class RoundRecord:
     dropped_chunks: int = 0
     time: float | None = None
     recovered: bool = False  # written back from a checkpoint after a crash
+    # The aggregator's CPU seconds since the previous record, by stage
+    # (aggregator.cpu): its main thread's stages, "mqtt", "other_threads".
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # keys a newer build added
 
     def to_json(self) -> dict[str, Any]:
@@ -75,6 +78,10 @@ class RoundRecord:
                 del out[key]
         if not self.recovered:
             del out["recovered"]
+        if self.cpu_seconds:
+            out["cpu_seconds"] = dict(self.cpu_seconds)
+        else:
+            del out["cpu_seconds"]
         for key in ("clipped", "weight_capped", "left_out"):
             if not out[key]:
                 del out[key]
@@ -137,6 +144,10 @@ def _typed(name: str, value: Any) -> Any:
         return value
     if name in ("accepted", "left_out") and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
+    if name == "cpu_seconds" and isinstance(value, dict) and len(value) <= 64 and all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v) and v >= 0 for k, v in value.items()):
+        return {k: float(v) for k, v in value.items()}
     if name == "rejected" and isinstance(value, dict) and all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items()):
         return dict(value)
