@@ -11,6 +11,7 @@ worker) and, when they are done, writes their summaries together.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import math
@@ -24,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("fedge.sim")
+
+# A part of the fleet stops within this many seconds of being told to (its
+# links' and training pool's own timeouts add up to well under it).
+STOP_WITHIN_S = 60.0
 
 
 def _usage_error(message: str) -> Exception:
@@ -275,6 +280,10 @@ def _run_part(args: argparse.Namespace, cfg: Any, profile: Any, processes: int) 
     try:
         fleet.run()
     finally:
+        # Stopping is bounded: every wait below has a timeout, and should one
+        # not hold, every thread's stack goes to the log and the process
+        # ends (exit 1) rather than outlive whoever is waiting for it.
+        faulthandler.dump_traceback_later(STOP_WITHIN_S, exit=True)
         fleet.close()
         pool.close()
         if args.summary:
@@ -282,4 +291,5 @@ def _run_part(args: argparse.Namespace, cfg: Any, profile: Any, processes: int) 
             summary["wall_s"] = round(time.monotonic() - started, 3)
             summary["profile"] = profile.name
             write_summary(Path(args.summary), summary)
+        faulthandler.cancel_dump_traceback_later()
     return 0
