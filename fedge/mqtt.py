@@ -855,6 +855,10 @@ class MqttLink:
             self._adopt_announced_limit(properties)
             self._fit_queue()
         self._generation += 1  # refused subscriptions waiting to be asked again: asked for now
+        with self._lock:
+            # SUBACKs owed on the last connection never come: their packet ids
+            # are paho's to reuse, and must not name those topics.
+            self._subscribing.clear()
         if self.subscriptions:
             self._subscribe(list(self.subscriptions))
         self.down_since = None
