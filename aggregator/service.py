@@ -122,7 +122,6 @@ class AggregatorService:
             self.loop, link_factory = _own_loop()
         cfg.check()  # the same one-line ConfigError for every caller, not only the command line
         self.cfg = cfg
-        self.on_record = on_record
         self.topics = JobTopics(cfg.job.name)
         self.state = StateDir(cfg.job.state_dir)
         self.core = build_core(cfg)
