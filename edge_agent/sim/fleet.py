@@ -263,8 +263,8 @@ class SimulatedFleet(AgentRuntime):
         except ValueError as exc:  # a header the budget misjudged: these devices' training fails, counted
             self.stats["training_batches_failed"] += 1
             self._contained("fleet", exc, "a training batch")
-            for cid, job_id in who:
-                self.inbox.put(_Held(_Trained(cid, job_id, Outcome(None, f"batch not sent: {exc}"))))
+            for cid, job_id in who:  # at once, on this thread (its own inbox could be full)
+                self._hold(_Trained(cid, job_id, Outcome(None, f"batch not sent: {exc}")), now)
             return
         for w in who:
             self._submitted[w] = now
