@@ -7,7 +7,7 @@ on. ``StageClock`` charges the main thread's CPU time
 (``time.thread_time``) to the stage it is in: entering a stage charges the
 time so far to the stage it interrupts, so stages nest without counting
 anything twice, and whatever runs outside every stage is ``other``. The
-MQTT network thread's CPU is ``mqtt`` (read from its thread CPU clock), and
+MQTT network thread's CPU is ``mqtt`` (read from /proc, in clock ticks), and
 the rest of the process (the metrics listener, the ONNX exporter,
 PyTorch's threads during an evaluation) ``other_threads``.
 
@@ -21,6 +21,7 @@ stages.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -45,13 +46,21 @@ class _Stage:
         self.clock.leave()
 
 
-def _thread_cpu(ident: int | None) -> float:
-    """CPU seconds of the thread ``ident`` (0 when it is gone or unknown)."""
-    if ident is None:
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _thread_cpu(native_id: int | None) -> float:
+    """CPU seconds of the thread whose kernel id is ``native_id``, from
+    /proc (0 when it is gone, unknown, or there is no /proc). Read from the
+    kernel, never through the thread's pthread handle, which is not safe to
+    use once the thread has ended."""
+    if native_id is None:
         return 0.0
     try:
-        return time.clock_gettime(time.pthread_getcpuclockid(ident))
-    except (OSError, AttributeError):  # the thread ended; a platform without per-thread clocks
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+    except (OSError, IndexError, ValueError):
         return 0.0
 
 

@@ -135,7 +135,7 @@ class AggregatorService:
         self._connections = 0  # LinkUps so far: after the first, the broker may have lost what we published
         self._connect(cfg, link_factory)
         self.retained = Retained(self.link, self.topics, self.keys, self.state)
-        self.cpu = StageClock(lambda: self.loop.thread_ident if self.loop is not None else None)
+        self.cpu = StageClock(lambda: self.loop.thread_native_id if self.loop is not None else None)
         self.evaluator = Evaluator(cfg)
         self.onnx = (OnnxPublisher(cfg, self.state.root / "onnx", self.inbox.put) if cfg.onnx.every > 0 else None)
         self._stop = threading.Event()

@@ -583,9 +583,10 @@ class MqttLoop:
         self._wake_w.close()
 
     @property
-    def thread_ident(self) -> int | None:
-        """The loop thread's id (None before it started)."""
-        return self._thread.ident if self._thread is not None else None
+    def thread_native_id(self) -> int | None:
+        """The loop thread's kernel id (None before it started or once it stopped)."""
+        thread = self._thread
+        return thread.native_id if thread is not None and thread.is_alive() else None
 
     def in_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread

@@ -76,3 +76,26 @@ def test_a_record_carries_its_cpu_and_refuses_a_bad_one():
                 {f"s{i}": 0.0 for i in range(65)}):
         with pytest.raises(RecordError):
             RoundRecord.from_json({**data, "cpu_seconds": bad})
+
+
+def test_another_threads_cpu_is_read_from_the_kernel_and_is_zero_once_it_ended():
+    import threading
+
+    from aggregator.cpu import _thread_cpu
+
+    ids: list[int | None] = []
+    burned, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        ids.append(threading.get_native_id())
+        burn(0.05)
+        burned.set()
+        release.wait(30)
+
+    t = threading.Thread(target=work)
+    t.start()
+    assert burned.wait(30)
+    assert _thread_cpu(ids[0]) >= 0.03  # in clock ticks: 0.01 s
+    release.set()
+    t.join()
+    assert _thread_cpu(ids[0]) == 0.0 and _thread_cpu(None) == 0.0
