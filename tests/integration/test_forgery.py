@@ -26,6 +26,7 @@ aggregator, which watches its own, publishes the real one again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import Counter
@@ -71,6 +72,8 @@ class Forger:
         self.client.loop_stop()
         self.client.disconnect()
 
+    close = stop  # contextlib.closing: stopped however the test ends
+
 
 def forged_update(core, sender: str, update_id: str) -> bytes:
     """An update naming the open round and the real model, pulling hard."""
@@ -82,7 +85,10 @@ def forged_update(core, sender: str, update_id: str) -> bytes:
 
 
 def test_forgeries_fail_and_the_job_trains_while_under_attack(mosquitto, tmp_path):
-    cfg = job_config(tmp_path, mosquitto.url, job=JOB, rounds=16, agents=3)
+    # The job runs until the test has seen what it needs and stops it: with a
+    # fixed number of rounds, a fast machine finished them while the test was
+    # still forging, and the late device joined a job at its last round.
+    cfg = job_config(tmp_path, mosquitto.url, job=JOB, rounds=10_000, agents=3)
     # A 60 s deadline: a loaded machine's first training (a cold worker) can
     # take longer than 20 s, and the test wants every round to train.
     cfg = dataclasses.replace(cfg, selection=dataclasses.replace(cfg.selection, min_clients=3, deadline_s=60.0,
@@ -94,7 +100,8 @@ def test_forgeries_fail_and_the_job_trains_while_under_attack(mosquitto, tmp_pat
     specs = [dataclasses.replace(s, downlink="follow")
              for s in [*devices(tmp_path, JOB, 3), *devices(tmp_path, JOB, 1, prefix="spare")]]
     forger = Forger(mosquitto.port)
-    with running_aggregator(cfg) as (service, records), running_fleet(specs, cfg.broker) as fleet:
+    with contextlib.closing(forger), running_aggregator(cfg) as (service, records), \
+            running_fleet(specs, cfg.broker) as fleet:
         wait_for(lambda: len(records) >= 1, 120, "round 1")
         core = service.core
         first = mosquitto_retained(mosquitto.port, TOPICS.round)  # signed by the aggregator: replayed below
@@ -137,13 +144,17 @@ def test_forgeries_fail_and_the_job_trains_while_under_attack(mosquitto, tmp_pat
             forger.publish(TOPICS.round, first, retain=True)
             Registry(tmp_path / "aggregator").revoke("spare-0")
             revoked_at = len(records)
-            wait_for(lambda: service.done.is_set(), 600, "the job")
+            # Three rounds after the revocation, and at least the 16 rounds the
+            # accuracy below is reached in.
+            wait_for(lambda: len(records) >= max(16, revoked_at + 4), 600, "the rounds after the revocation")
+            # What the job did until now: the round open as the devices stop
+            # below may still close, short of its devices, and is not judged.
+            records = records[:]
             late_device = late.devices["late-0"]
         counters = dict(core.counters)
         refused = sum((dev.refused for dev in fleet.devices.values()), start=Counter())
-    forger.stop()
 
-    assert [r["status"] for r in records] == ["ok"] * 16, [
+    assert [r["status"] for r in records] == ["ok"] * len(records), [
         (r["status"], r["rejected"], r.get("selected"), r.get("accepted"), r.get("closed_by"), r.get("failure"),
          r.get("left_out")) for r in records]
     # Nothing forged was folded: every accepted update came from a real,
