@@ -170,6 +170,8 @@ def _run_parts(args: argparse.Namespace, processes: int, enroll: Path | None) ->
     log.info("simulated fleet of %d devices in %d processes", args.devices, processes)
 
     def forward(signum: int, frame: Any) -> None:
+        # The children stop within STOP_WITHIN_S; this process, a little after them.
+        faulthandler.dump_traceback_later(STOP_WITHIN_S + 30, exit=True)
         for proc, _ in children:
             if proc.poll() is None:
                 proc.send_signal(signum)
@@ -274,16 +276,21 @@ def _run_part(args: argparse.Namespace, cfg: Any, profile: Any, processes: int) 
     fleet = SimulatedFleet(specs, {s.client_id: conditions[lo + k] for k, s in enumerate(specs)}, cfg.broker, pool,
                            profile, loop=loop, time_scale=args.time_scale, seed=args.seed,
                            shared_files=root / "shared" / f"part-{i}")
-    _on_signals(fleet.stop)
+    def stop() -> None:
+        # Stopping is bounded: every wait in it has a timeout, and should one
+        # not hold (or the loop not return), every thread's stack goes to the
+        # log and the process ends (exit 1) rather than outlive whoever is
+        # waiting for it.
+        faulthandler.dump_traceback_later(STOP_WITHIN_S, exit=True)
+        fleet.stop()
+
+    _on_signals(stop)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # every thread's stack on demand, the run goes on
     started = time.monotonic()
     fleet.start()
     try:
         fleet.run()
     finally:
-        # Stopping is bounded: every wait below has a timeout, and should one
-        # not hold, every thread's stack goes to the log and the process
-        # ends (exit 1) rather than outlive whoever is waiting for it.
-        faulthandler.dump_traceback_later(STOP_WITHIN_S, exit=True)
         fleet.close()
         pool.close()
         if args.summary:
