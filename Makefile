@@ -2,7 +2,7 @@
 # Both create .venv on first use and install what they need into it.
 #
 #   make demo                 one command: broker + aggregator + 10 agents
-#   make test                 lint + the whole test suite (needs mosquitto)
+#   make test                 lint + the whole test suite (needs mosquitto, nats-server)
 #   make docs                 the documentation site in site/ (mkdocs build --strict)
 #   make test-no-vnni         the export tests on an emulated x86 CPU without VNNI
 #   make bench                the benchmarks in bench/ (JSON under bench/results)

@@ -276,6 +276,7 @@ def _run_part(args: argparse.Namespace, cfg: Any, profile: Any, processes: int) 
     fleet = SimulatedFleet(specs, {s.client_id: conditions[lo + k] for k, s in enumerate(specs)}, cfg.broker, pool,
                            profile, loop=loop, time_scale=args.time_scale, seed=args.seed,
                            shared_files=root / "shared" / f"part-{i}")
+
     def stop() -> None:
         # Stopping is bounded: every wait in it has a timeout, and should one
         # not hold (or the loop not return), every thread's stack goes to the

@@ -38,6 +38,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def await_port(proc: subprocess.Popen, port: int, timeout: float, what: str, log: Path) -> None:
+    """Until ``proc`` accepts connections on ``port``; RuntimeError (with its
+    log) when it exits or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log.read_text() if log.exists() else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not open its port")
+
+
+def terminate(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Mosquitto:
     def __init__(self, workdir: Path, extra: str = "", port: int | None = None, tls: bool = False,
                  persistence: bool = True) -> None:
@@ -68,25 +94,11 @@ class Mosquitto:
         )
         self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log.read_text() if self.log.exists() else ''}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not open its port")
+        await_port(self.proc, self.port, 10, "mosquitto", self.log)
+        return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 5)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -145,33 +157,19 @@ class Nats:
             f'mqtt {{ listen: "127.0.0.1:{self.mqtt_port}"\n{self.mqtt}\n}}\n{extra}')
 
     def start(self) -> Nats:
-        log = self.log.open("ab")
-        self.proc = subprocess.Popen(["nats-server", "-c", str(self.conf)], stdout=log, stderr=log)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {self.log.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.mqtt_port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nats-server did not open its MQTT port")
+        with self.log.open("ab") as log:  # the server keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(["nats-server", "-c", str(self.conf)], stdout=log, stderr=log)
+        await_port(self.proc, self.mqtt_port, 20, "nats-server", self.log)
+        return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 10)
 
 
 @pytest.fixture
 def nats_factory(tmp_path):
     if shutil.which("nats-server") is None:
-        pytest.skip("nats-server is not installed: apt-get install nats-server")
+        pytest.fail("nats-server is not installed: apt-get install nats-server")
     servers: list[Nats] = []
 
     def make(extra: str = "", name: str = "nats", mqtt: str = "") -> Nats:
