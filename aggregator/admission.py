@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aggregator.lifecycle import Lifecycle, Phase
 
@@ -89,6 +89,8 @@ class Gate(Protocol):
     secure_failure: str
     round_dp: DpRound | None
     life: Lifecycle
+    attempt: int
+    mode: Any  # the mode's own checks read it (a buffered job's: Tasks)
 
     @property
     def open(self) -> OpenRound | None: ...
@@ -238,10 +240,84 @@ CHECKS: tuple[tuple[str, Check], ...] = (
 )
 
 
-def admit(core: Gate, client: str, upd: Update) -> Verdict | None:
-    """The first verdict of ``CHECKS`` on ``upd`` from ``client``, or None:
-    the round's aggregation may take it."""
-    for _, check in CHECKS:
+# --- a buffered job (aggregator.modes.buffered) -------------------------------------
+
+
+class Tasks(Protocol):
+    """What the buffered checks read of a buffered job's mode."""
+
+    max_staleness: int
+
+    def counted_task(self, client: str) -> tuple[str, int] | None:
+        """The task (and the version it went into) of ``client``'s last
+        counted update: in a published version or in the buffer."""
+
+    def task_of(self, client: str) -> str | None:
+        """The task ``client`` was asked for and has not answered."""
+
+    def digest_of(self, version: int) -> str | None:
+        """The model digest announced for ``version`` (None: not kept)."""
+
+
+def _tasks(core: Gate) -> Tasks:
+    return cast(Tasks, core.mode)  # a buffered job's mode (BufferedRounds)
+
+
+def _task_counted(core: Gate, client: str, upd: Update) -> Verdict | None:
+    counted = _tasks(core).counted_task(client)
+    if counted is not None and upd.task == counted[0]:
+        # A resend of a counted update (its receipt was lost, or the
+        # aggregator restarted): never folded twice, never refused.
+        return Duplicate(upd.round, core.attempt, f"task {upd.task} was counted in version {counted[1]}",
+                         alive=True)
+    return None
+
+
+def _task(core: Gate, client: str, upd: Update) -> Verdict | None:
+    asked = _tasks(core).task_of(client)
+    if not upd.task or upd.task != asked:
+        return Refuse("no_task", f"task {upd.task!r} is not one this device was asked for"
+                      + ("" if asked is None else f" (it was asked for {asked!r})"), alive=True)
+    return None
+
+
+def _staleness(core: Gate, client: str, upd: Update) -> Verdict | None:
+    open_ = core.open
+    assert open_ is not None
+    version, most = open_.round, _tasks(core).max_staleness
+    if upd.round > version:
+        return Refuse("future_round", f"version {upd.round} is not published (version {version} is being built)")
+    if version - upd.round > most:
+        return Refuse("late", f"trained from version {upd.round}, {version - upd.round} behind version {version} "
+                      f"(buffered.max_staleness = {most})", alive=True)
+    return None
+
+
+def _version_model(core: Gate, client: str, upd: Update) -> Verdict | None:
+    if upd.base_model != _tasks(core).digest_of(upd.round):
+        return Refuse("stale_base", f"base model is not the one announced for version {upd.round}")
+    return None
+
+
+BUFFERED_CHECKS: tuple[tuple[str, Check], ...] = (
+    ("job", _job),
+    ("sender", _sender),
+    ("known", _known),
+    ("task_counted", _task_counted),  # a counted update's resend hears "duplicate", open or not
+    ("open", lambda core, client, upd: None if core.open is not None else Refuse("late", "the job is not open")),
+    ("task", _task),
+    ("staleness", _staleness),
+    ("version_model", _version_model),
+    ("codec", _codec),
+    ("samples", _samples),
+)
+
+
+def admit(core: Gate, client: str, upd: Update, checks: tuple[tuple[str, Check], ...] = CHECKS) -> Verdict | None:
+    """The first verdict of ``checks`` (``CHECKS``; a buffered job's
+    ``BUFFERED_CHECKS``) on ``upd`` from ``client``, or None: the round's
+    aggregation may take it."""
+    for _, check in checks:
         verdict = check(core, client, upd)
         if verdict is not None:
             return verdict

@@ -126,6 +126,12 @@ class DownlinkSection:
 
 @dataclass(frozen=True)
 class ServerSection:
+    mode: str = setting(
+        "synchronous", "synchronous: rounds (select, wait for a quorum or the deadline, step); buffered: buffered "
+        "asynchronous aggregation (FedBuff, Nguyen et al. 2022): [buffered] concurrency devices train at once, "
+        "each update is folded as it arrives, and every [buffered] buffer_size updates make a model version "
+        "(job.rounds counts versions)."
+    )
     optimizer: str = setting("fedavg", "Server optimizer: fedavg, fedavgm, fedadam or fedyogi.")
     lr: float = setting(1.0, "Server learning rate (1.0 with fedavg is plain FedAvg).", POSITIVE)
     momentum: float = setting(0.9, "Server momentum for fedavgm.", DECAY)
@@ -165,6 +171,24 @@ class ServerSection:
                                    "below it is left out, the cutoff lowered to the previous round's median cosine "
                                    "less three robust deviations where honest devices spread wider; in [-1, 1).",
                                    Range(-1, 1, hi_open=True))
+
+
+@dataclass(frozen=True)
+class BufferedSection:
+    concurrency: int = setting(
+        10, "Devices training at once: the aggregator invites available devices as others finish.", at_least(1))
+    buffer_size: int = setting(
+        10, "K: updates folded into each model version; a device adds at most one update to a version. The "
+        "job waits for this many eligible devices online.", at_least(1))
+    max_staleness: int = setting(
+        10, "An update trained from a version more than this many versions old is refused (a late receipt).",
+        NON_NEGATIVE)
+    staleness: str = setting(
+        "polynomial", "How an update trained s versions ago is weighed: polynomial (1 / (1 + s)^staleness_exponent), "
+        "constant (1) or hinge (1 up to hinge_after, then 1 / (1 + hinge_slope x (s - hinge_after))).")
+    staleness_exponent: float = setting(0.5, "polynomial: the exponent a of 1 / (1 + s)^a.", NON_NEGATIVE)
+    hinge_after: int = setting(4, "hinge: staleness weighed fully.", NON_NEGATIVE)
+    hinge_slope: float = setting(1.0, "hinge: how fast the weight falls after hinge_after.", NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -337,6 +361,7 @@ class AggregatorConfig:
     codec: CodecSection = section(CodecSection, "How clients compress their deltas (uplink).")
     downlink: DownlinkSection = section(DownlinkSection, "How the global model reaches devices (downlink).")
     server: ServerSection = section(ServerSection, "Server-side optimizer applied to the averaged delta.")
+    buffered: BufferedSection = section(BufferedSection, "Buffered asynchronous aggregation (server.mode = buffered).")
     evaluate: EvaluateSection = section(EvaluateSection, "Held-out evaluation of each new global model.")
     onnx: OnnxSection = section(OnnxSection, "ONNX exports of the global model for inference-only devices.")
     limits: LimitsSection = section(LimitsSection, "Bounds that protect the aggregator from bad input.")
@@ -361,6 +386,10 @@ class AggregatorConfig:
         from aggregator.robust import CLIPS, DIRECTIONS, RULES
 
         srv = self.server
+        if srv.mode not in ("synchronous", "buffered"):
+            raise ConfigError(f"server.mode {srv.mode!r} is not known; use synchronous or buffered")
+        if srv.mode == "buffered":
+            self._check_buffered()
         if srv.optimizer not in SERVER_OPTIMIZERS:
             raise ConfigError(f"server.optimizer {srv.optimizer!r} is not known; "
                               f"use one of {', '.join(SERVER_OPTIMIZERS)}")
@@ -382,6 +411,21 @@ class AggregatorConfig:
             raise ConfigError(f"server.direction {srv.direction!r} is not known; use one of {', '.join(DIRECTIONS)}")
         if not 0 <= srv.direction_beta < 1 or not -1 <= srv.direction_tau < 1:
             raise ConfigError("server.direction_beta must be in [0, 1) and server.direction_tau in [-1, 1)")
+
+    def _check_buffered(self) -> None:
+        from aggregator.staleness import STALENESS
+
+        buf = self.buffered
+        if buf.staleness not in STALENESS:
+            raise ConfigError(f"buffered.staleness {buf.staleness!r} is not known; use one of {', '.join(STALENESS)}")
+        if self.secagg.mode != "off":
+            raise ConfigError("secagg.mode = \"on\" cannot run with server.mode = \"buffered\": SecAgg+ masks a "
+                              "cohort fixed before anyone trains, and a buffer's cohort is whoever finishes first; "
+                              "use server.mode = \"synchronous\"")
+        if self.privacy.mode != "off":
+            raise ConfigError(f"privacy.mode = {self.privacy.mode!r} with server.mode = \"buffered\" is not "
+                              "supported yet (noise per version without a sampling assumption); use "
+                              "server.mode = \"synchronous\"")
 
     def _check_privacy(self) -> None:
         from aggregator.privacy import MODES, DpPolicy

@@ -102,6 +102,9 @@ class SaveCheckpoint:
 @dataclass(frozen=True)
 class SaveRoundOpen:
     record: dict[str, Any]
+    # False: safe against a killed process, not a power cut (no fsync): a
+    # buffered job saves its tasks after every update.
+    durable: bool = True
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class Admitted:
     body: bytes | None  # as received, while the rule needs it; None once folded
     samples: int
     norm: float  # L2 norm of the decoded delta
+    scale: float = 1.0  # a buffered job's staleness weight: scales the update in the sum, not the denominator
 
 
 class RoundUpdates:

@@ -18,6 +18,7 @@ from aggregator.config import AggregatorConfig, check_configured, configured, co
 from aggregator.privacy import DpPolicy
 from aggregator.robust import Defences
 from aggregator.secure import SecAggPolicy
+from aggregator.staleness import BufferedPolicy
 
 
 def built(build: Callable[[AggregatorConfig], Any]) -> Any:
@@ -49,6 +50,7 @@ class RoundPolicy:
     list_max: int = configured("selection", "list_max")
     privacy: DpPolicy | None = built(lambda cfg: DpPolicy.from_config(cfg.privacy, cfg.selection.min_clients))
     secagg: SecAggPolicy | None = built(lambda cfg: SecAggPolicy.from_config(cfg.secagg))
+    buffered: BufferedPolicy | None = built(BufferedPolicy.from_config)  # None: synchronous rounds
 
     @classmethod
     def from_config(cls, cfg: AggregatorConfig) -> RoundPolicy:

@@ -262,28 +262,30 @@ class RoundAggregate:
     def items(self) -> list[Admitted]:
         return self.updates.items
 
-    def admit(self, client: str, body: bytes, samples: int, bit: float | None = None) -> Admitted:
+    def admit(self, client: str, body: bytes, samples: int, bit: float | None = None, scale: float = 1.0) -> Admitted:
         """Check ``body`` (``RoundUpdates.measure``) and fold or keep it.
         Raises ``CodecError``/``TensorError`` and keeps nothing for a body
         that is not a finite delta of the model's shape, or one whose weight
         and norm would overflow the round's sum. ``bit``: adaptive
         clipping's report, counted with the update (bounded to what an
-        honest device could send)."""
+        honest device could send). ``scale``: a stale update's weight in a
+        buffered job (``aggregator.staleness``), applied to the update after
+        the defences bound it, never to the mean's denominator."""
         norm = self.updates.measure(body)  # the delta is now in the scratch model
         if self._points_away(client, norm):
             self._fold_left(samples, norm)
-            item = Admitted(client, None, int(samples), norm)
+            item = Admitted(client, None, int(samples), norm, scale)
             self.left.append(item)
             return item
         if self.stream and self.fixed:
-            self._fold_scratch(samples, norm)  # raises before anything is kept
-            item = Admitted(client, None, int(samples), norm)
+            self._fold_scratch(samples, norm, scale)  # raises before anything is kept
+            item = Admitted(client, None, int(samples), norm, scale)
             self.updates.items.append(item)
             if self.dp is not None and self.dp.bit_std > 0:
                 limit = self.dp.bit_limit
                 self.bits += min(limit, max(-limit, 0.0 if bit is None else bit))
             return item
-        item = Admitted(client, bytes(body), int(samples), norm)
+        item = Admitted(client, bytes(body), int(samples), norm, scale)
         self.updates.items.append(item)
         if self.stream and len(self.updates) >= CALIBRATION:
             self._calibrate()
@@ -352,18 +354,19 @@ class RoundAggregate:
         for a in kept:
             self.updates.decode(a.body or b"")
             try:
-                self._fold_scratch(a.samples, a.norm)
+                self._fold_scratch(a.samples, a.norm, a.scale)
             except CodecError as exc:  # admitted before the bound was known; left out
                 log.warning("update from %s left out of the round: %s", a.client, exc)
                 continue
-            items.append(Admitted(a.client, None, a.samples, a.norm))
+            items.append(Admitted(a.client, None, a.samples, a.norm, a.scale))
 
-    def _fold_scratch(self, samples: int, norm: float) -> None:
-        """Add the update in the scratch model, bounded and capped, to the sum."""
+    def _fold_scratch(self, samples: int, norm: float, scale: float = 1.0) -> None:
+        """Add the update in the scratch model, bounded, capped and scaled
+        (``admit``), to the sum."""
         weight, factor = _weighing(samples, norm, self.bound, self.cap)
         if self.dp is not None:
             weight = 1.0
-        coef = weight * factor
+        coef = weight * factor * scale
         if self.mass + coef * norm > SUM_LIMIT:
             raise CodecError("overflow", f"an update of norm {norm:.3g} x weight {weight:.3g} would overflow "
                              "the round's sum")
@@ -434,7 +437,8 @@ def dense(updates: RoundUpdates, d: Defences, norm_history: Sequence[float], sam
     norms = np.array([a.norm for a in items])
     samples = [a.samples for a in items]
     bound = norm_bound(norms.tolist(), norm_history, d)
-    factors = np.ones(len(items)) if bound is None else np.minimum(1.0, bound / np.maximum(norms, 1e-30))
+    clip = np.ones(len(items)) if bound is None else np.minimum(1.0, bound / np.maximum(norms, 1e-30))
+    factors = clip * np.array([a.scale for a in items])  # and a buffered job's staleness weights
     cap = sample_cap(samples, sample_history, d)
     weights = np.array([n if cap is None else min(n, cap) for n in samples], dtype=np.float64)
     capped = int(np.count_nonzero(weights < samples))
@@ -455,7 +459,7 @@ def dense(updates: RoundUpdates, d: Defences, norm_history: Sequence[float], sam
             shares = (weights[keep] / weights[keep].sum()).astype(np.float32)
             delta = {k: np.tensordot(shares, v[keep], axes=1).astype(np.float32) for k, v in stacks.items()}
             used = tuple(items[i].client for i in keep)
-    partial = Partial(sum=delta, weight=1.0, used=used, bound=bound, clipped=int(np.count_nonzero(factors < 1.0)),
+    partial = Partial(sum=delta, weight=1.0, used=used, bound=bound, clipped=int(np.count_nonzero(clip < 1.0)),
                       capped=capped, median_norm=float(np.median(norms)), median_samples=float(np.median(samples)),
                       averaged=True)
     return partial, pull

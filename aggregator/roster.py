@@ -91,11 +91,15 @@ class Roster:
             if client in responded:
                 self.benched.pop(client, None)
                 continue
-            strikes = self.benched.get(client, (0, 0))[0] + 1
-            self.benched[client] = (strikes, round_ + 1 + min(BENCH_MAX_ROUNDS, 2 ** (strikes - 1)))
+            self.strike(client, round_)
             silent += 1
         self.last_selected = frozenset(chosen)
         return silent
+
+    def strike(self, client: str, round_: int) -> None:
+        """``client`` stayed silent in ``round_``: benched for the next 1, 2, 4, ... rounds."""
+        strikes = self.benched.get(client, (0, 0))[0] + 1
+        self.benched[client] = (strikes, round_ + 1 + min(BENCH_MAX_ROUNDS, 2 ** (strikes - 1)))
 
     def sitting_out(self, round_: int) -> int:
         return sum(1 for _, until in self.benched.values() if until > round_)

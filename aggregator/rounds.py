@@ -90,7 +90,7 @@ from aggregator.events import (
 )
 from aggregator.lifecycle import Lifecycle, OpenRound, Phase
 from aggregator.lineage import ModelLineage
-from aggregator.modes import SynchronousRounds
+from aggregator.modes import BufferedRounds, SynchronousRounds
 from aggregator.optimizers import ServerOptimizer
 from aggregator.pipeline import Stage
 from aggregator.policy import RoundPolicy
@@ -178,7 +178,11 @@ class RoundCore:
         self.next_round, self.attempt = 1, 0
         self.new_id, self.verify = new_id, verify
         self.life = Lifecycle()  # where the job's rounds are, and the phase's timers
-        self.mode = SynchronousRounds(self)  # when rounds open and close (aggregator.modes)
+        # When rounds open and close (aggregator.modes).
+        self.mode: SynchronousRounds | BufferedRounds = (
+            BufferedRounds(self, policy.buffered) if policy.buffered is not None else SynchronousRounds(self))
+        if isinstance(self.mode, BufferedRounds):
+            self.stages.append(self.mode)  # its tasks counted and versions kept, checkpointed
         self.open: OpenRound | None = None
         self.roster = Roster(policy.max_devices)  # devices known, online and benched
         self._now = 0.0  # the time of the event being handled
@@ -222,12 +226,7 @@ class RoundCore:
         """Publish the current key and delta, then open (or re-open) a round."""
         actions: list[Action] = [PublishModel(self.models.key_message), PublishDelta(self.models.delta_message)]
         restored, self._restored_open = self._restored_open, None
-        if restored and restored.get("round") == self.next_round and restored.get("model_digest") == self.model_digest:
-            self.roster.known.update(restored.get("selected", []))
-            actions += self.mode.announce(now, tuple(restored["selected"]), int(restored.get("attempt", 0)) + 1)
-        else:
-            actions += self.mode.try_open(now)
-        return actions
+        return actions + self.mode.start(now, restored)
 
     def handle(self, event: Event) -> list[Action]:
         if isinstance(event, ClientStatus):
@@ -246,9 +245,9 @@ class RoundCore:
         return self.models.exact_message()
 
     def expects_update_from(self, client: str) -> bool:
-        """Whether ``client`` may send an update now: selected for the open
-        round, or for the one before (its late update gets a receipt)."""
-        return (self.open is not None and client in self.open.members) or client in self.roster.last_selected
+        """Whether ``client`` may send an update now (the mode says: selected
+        for the open round or the one before; a buffered job's task)."""
+        return self.mode.expects_update_from(client)
 
     @property
     def state(self) -> RoundState:
@@ -261,7 +260,7 @@ class RoundCore:
         stage_ends = None
         if sec is not None and (self.life.phase is Phase.UNMASKING or sec.stage in ("keys", "shares")):
             stage_ends = sec.deadline
-        return self.life.next_deadline(stage_ends)
+        return self.mode.next_deadline(stage_ends)
 
     # --- events --------------------------------------------------------------
 
@@ -269,30 +268,7 @@ class RoundCore:
         if not self.roster.heard(ev.client, ev.online, ev.info):
             self.counters["too_many_devices"] += 1
             return []
-        op = self.open
-        actions: list[Action] = []
-        if ev.online and op is not None and ev.client in op.members:
-            if ev.client in op.gone:
-                op.gone.discard(ev.client)
-                self.mode.check_quorum(ev.now)  # awaited again: no early close for it
-            if ev.client not in op.accepted and ev.client not in op.declined and ev.client not in op.refused:
-                # Back (a new connection, perhaps to a broker that lost its
-                # session): invited again, in case the invite was lost.
-                actions = self.invitations([ev.client])
-        else:
-            if op is not None and ev.client in op.members and ev.client not in op.accepted:
-                # A device that went away is not waited for: the round closes
-                # on the responses of the others after a short grace (an
-                # "offline", true or forged, never holds a round open).
-                op.gone.add(ev.client)
-                if self.secure is not None:
-                    self.secure.absent.add(ev.client)
-                self.mode.check_quorum(ev.now)
-        if ev.online and self.secure is not None:
-            self.secure.absent.discard(ev.client)
-        if self.state == RoundState.WAITING:
-            return self.mode.try_open(ev.now)
-        return actions
+        return self.mode.on_status(ev)
 
     def _on_timer(self, now: float) -> list[Action]:
         return self.mode.on_timer(now)
@@ -317,17 +293,10 @@ class RoundCore:
         if named is None:
             return []
         status = "late" if reason == "late" else "rejected"
-        op = self.open
-        if (op is not None and upd is not None and status == "rejected" and upd.round == op.round
-                and client in op.members and client not in op.accepted):
-            # Its sender was told the update is refused for good and will not
-            # send another: a response, as for quorum, so a round does not
-            # wait for its deadline on a device that answered with garbage.
-            op.refused.add(client)
-            self.mode.check_quorum(self._now)
+        more = self.mode.refused(client, upd, status, self._now) if upd is not None else []
         ack = Ack(self.job, named[0], self.open.attempt if self.open else self.attempt, client, named[1],
                   status, f"{reason}: {detail}"[:300])
-        return [SendAck(client, ack.encode(), status if status == "late" else f"{status}: {reason}", named[0])]
+        return [SendAck(client, ack.encode(), status if status == "late" else f"{status}: {reason}", named[0]), *more]
 
     def _on_message(self, ev: MessageArrived) -> list[Action]:
         self._now = ev.now
@@ -354,7 +323,7 @@ class RoundCore:
     def _on_update(self, client: str, upd: Update, now: float) -> list[Action]:
         """An update: admitted (``aggregator.admission``), then folded into
         the round or taken as a masked input, and acknowledged."""
-        verdict = admission.admit(self, client, upd)
+        verdict = admission.admit(self, client, upd, self.mode.checks)
         if verdict is not None:
             return self._judged(client, upd, verdict)
         op = self.open
@@ -365,7 +334,7 @@ class RoundCore:
             detail = "the masked input was refused by secure aggregation"
         else:
             try:
-                self.updates.admit(client, upd.body, upd.num_samples, upd.clip_bit)
+                self.updates.admit(client, upd.body, upd.num_samples, upd.clip_bit, self.mode.weight(upd))
             except (CodecError, TensorError) as exc:
                 refused, detail = exc.reason, str(exc)
         if refused is not None:
@@ -375,9 +344,10 @@ class RoundCore:
         if math.isfinite(upd.loss):
             op.losses[client] = (upd.loss, upd.num_samples)
         self.counters["accepted"] += 1
-        self.mode.check_quorum(now)
-        ack = Ack(self.job, op.round, op.attempt, client, upd.update_id, "accepted")
-        return [SendAck(client, ack.encode(), "accepted", op.round)]
+        # The receipt names the round the update names (a buffered job's: the version it trained from).
+        ack = Ack(self.job, upd.round, op.attempt, client, upd.update_id, "accepted")
+        more = self.mode.accepted(client, upd, now)
+        return [SendAck(client, ack.encode(), "accepted", op.round), *more]
 
     def _judged(self, client: str, upd: Update, verdict: admission.Verdict) -> list[Action]:
         """What follows from an admission check's verdict."""
@@ -398,12 +368,11 @@ class RoundCore:
         op = self.open
         if dec.sender != client or dec.job != self.job:
             return self._reject("sender_mismatch", "decline for another client or job", client, None)
-        if op is None or dec.round != op.round or client not in op.members or client in op.accepted:
+        if op is None or not self.mode.takes_decline(client, dec):
             self.counters["stray_decline"] += 1
             return []
-        op.declined.add(client)
         self.counters["declined"] += 1
-        actions: list[Action] = []
+        actions: list[Action] = self.mode.declined(client, now)
         if dec.code == MODEL_UNAVAILABLE:
             # The broker lost, withheld or replaced a retained key or delta:
             # publish both again (once an attempt) for the devices still
@@ -416,7 +385,7 @@ class RoundCore:
                         extra=fields(device=client, round=dec.round, reason=MODEL_UNAVAILABLE))
             if not op.republished:
                 op.republished = True
-                actions = self.model_messages()
+                actions += self.model_messages()
         else:
             log.info("%s declined round %d: %s", client, dec.round, dec.reason,
                      extra=fields(device=client, round=dec.round, reason="declined"))
@@ -434,7 +403,7 @@ class RoundCore:
         its retained messages, e.g. restarted without persistence)."""
         if self.state == RoundState.OPEN and self.open is not None:
             announcement = self.announcement(RoundState.OPEN, self.open.selected, now)
-            invites = self.invitations(self.unanswered())
+            invites = self.mode.reinvite()
         else:
             announcement, invites = self.announcement(self.state, (), now), []
         return [*self.model_messages(), PublishAnnouncement(announcement), *invites]
@@ -456,6 +425,7 @@ class RoundCore:
             key_digest=self.models.key_digest, key_round=self.models.key_round,
             dp=fields.get("dp"),
             secagg=self._secure_plan() if state == RoundState.OPEN else None,
+            **self.mode.announcement_fields(),
         ).encode()
 
     def invitations(self, clients: Iterable[str]) -> list[Action]:

@@ -431,7 +431,7 @@ class AggregatorService:
                 self._save(action)
             elif isinstance(action, SaveRoundOpen):
                 with self.cpu.stage("save"):
-                    self.state.save_open_round(action.record)
+                    self.state.save_open_round(action.record, action.durable)
             elif isinstance(action, PublishModel):
                 self.retained.chunked("key", self.topics.key_chunk, action.message)
             elif isinstance(action, PublishDelta):

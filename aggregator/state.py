@@ -64,16 +64,16 @@ class StateDir:
 
     # open round ----------------------------------------------------------------
 
-    def save_open_round(self, record: dict[str, Any]) -> None:
-        self.save_json(OPEN_ROUND, record)
+    def save_open_round(self, record: dict[str, Any], durable: bool = True) -> None:
+        self.save_json(OPEN_ROUND, record, durable)
 
     def load_open_round(self) -> dict[str, Any] | None:
         return self.load_json(OPEN_ROUND) or None
 
     # small JSON state ------------------------------------------------------------
 
-    def save_json(self, name: str, data: dict[str, Any]) -> None:
-        atomic_write(self.root / name, json.dumps(data).encode())
+    def save_json(self, name: str, data: dict[str, Any], durable: bool = True) -> None:
+        atomic_write(self.root / name, json.dumps(data).encode(), durable)
 
     def load_json(self, name: str) -> dict[str, Any]:
         try:

@@ -174,6 +174,10 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                       "quorum": args.quorum, "deadline_s": args.deadline / k, "settle_s": args.settle / k,
                       "offline_grace_s": 5.0 / k},
         "training": {"epochs": 1, "batch_size": 10, "lr": args.lr},
+        "server": {"mode": args.mode},
+        **({"buffered": {"concurrency": args.concurrency or per_round, "buffer_size": args.buffer_size or per_round,
+                         "max_staleness": args.max_staleness, "staleness": args.staleness}}
+           if args.mode == "buffered" else {}),
         "codec": CODECS[args.codec],
         "evaluate": {"data": "fedge.datasets:mnist", "args": {**({"path": args.data} if args.data else {}),
                                                                "split": "test"}},
@@ -296,10 +300,14 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         if rec.get("late"):
             refused["late"] = rec["late"]
         contributed.update(rec.get("accepted") or [])
+        buffered = rec.get("buffered")
+        # A buffered version selects nobody: its updates answer tasks asked in this version or before.
+        asked = rec["selected"] if buffered is None else rec["clients"] + sum(refused.values())
         out_rounds.append({
             "round": rec["round"], "attempt": rec.get("attempt"), "status": rec["status"],
-            "closed_by": rec.get("closed_by"), "selected": rec["selected"], "folded": rec["clients"],
-            "not_folded": rec["selected"] - rec["clients"], "refused": refused, "failure": rec.get("failure"),
+            "closed_by": rec.get("closed_by"), "selected": asked, "folded": rec["clients"],
+            "not_folded": asked - rec["clients"], "refused": refused, "failure": rec.get("failure"),
+            **({"buffered": buffered} if buffered is not None else {}),
             "accuracy": rec.get("accuracy"), "seconds": rec.get("seconds"), "wall_s": round(rec["_wall_s"], 2),
             "bytes_up": rec.get("bytes_up"), "bytes_down": rec.get("bytes_down"),
             "aggregator_cpu_s": None if cpu is None or prev is None else round(cpu - prev, 3),
@@ -397,6 +405,12 @@ def main() -> None:
                    help="agent.model_wait_s in fleet seconds (raise it where the first download of every device "
                         "takes the broker and the simulator longer than that)")
     p.add_argument("--codec", default="default", choices=sorted(CODECS))
+    p.add_argument("--mode", default="synchronous", choices=["synchronous", "buffered"], help="server.mode")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="buffered: devices training at once (default: devices x fraction, as a round selects)")
+    p.add_argument("--buffer-size", type=int, default=0, help="buffered: updates a version (default: as concurrency)")
+    p.add_argument("--max-staleness", type=int, default=10, help="buffered: the stalest update taken, in versions")
+    p.add_argument("--staleness", default="polynomial", help="buffered: polynomial, constant or hinge")
     p.add_argument("--broker", default="mosquitto", choices=["mosquitto", "nats3"],
                    help="a private Mosquitto, or a 3-node NATS JetStream cluster with its MQTT gateway (the "
                         "aggregator on node 0, the devices half and half on nodes 1 and 2; no round has opened on it "

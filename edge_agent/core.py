@@ -259,6 +259,7 @@ class Pending:
     sent_attempt: int = 0  # the announcement attempt we last sent it for
     acked_attempt: int = 0  # 0: no receipt yet
     final: bool = False  # a receipt said late/rejected: never resend
+    task: str = ""  # buffered: the task it answers (``round``: the version it was trained from)
 
 
 HANDLED_KEPT = 32  # (round, model) pairs remembered; covers re-announcements and stale copies
@@ -275,9 +276,16 @@ class AgentState:
     last_round: int = 0
     pending: Pending | None = None
     handled: tuple[tuple[int, str], ...] = ()
+    tasks: tuple[str, ...] = ()  # buffered: the tasks trained or declined, newest last
 
     def has_handled(self, round_: int, model: str) -> bool:
         return any(r == round_ and m in (model, ANY_MODEL) for r, m in self.handled)
+
+    def has_task(self, task: str) -> bool:
+        return task in self.tasks
+
+    def record_task(self, task: str) -> None:
+        self.tasks = (*[t for t in self.tasks if t != task], task)[-HANDLED_KEPT:]
 
     def record(self, round_: int, model: str) -> None:
         kept = [h for h in self.handled if h != (round_, model)]
@@ -286,7 +294,7 @@ class AgentState:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": 2, "last_round": self.last_round, "handled": [list(h) for h in self.handled],
-                "pending": None if self.pending is None else dict(self.pending.__dict__)}
+                "tasks": list(self.tasks), "pending": None if self.pending is None else dict(self.pending.__dict__)}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> AgentState:
@@ -303,7 +311,8 @@ class AgentState:
             handled = ((last, model),)
         else:
             handled = ()
-        return cls(last_round=last, pending=pending, handled=handled[-HANDLED_KEPT:])
+        tasks = tuple(str(t) for t in obj.get("tasks", []))
+        return cls(last_round=last, pending=pending, handled=handled[-HANDLED_KEPT:], tasks=tasks[-HANDLED_KEPT:])
 
 
 @dataclass
@@ -325,6 +334,7 @@ class _Training:
     job_id: str
     round: int
     base_model: str
+    task: str = ""  # buffered: the task it is for
 
 
 @dataclass
@@ -400,6 +410,9 @@ class AgentCore:
     # (round, attempt, model digest). Not kept over a restart: the
     # aggregator invites a device again when its presence comes back.
     invite: tuple[int, int, str] | None = None
+    # Buffered: the latest task the aggregator asked of this device (task
+    # id, the version it was issued at); likewise not kept over a restart.
+    task: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.downlink, DOWNLINKS, "agent.downlink")
@@ -556,8 +569,9 @@ class AgentCore:
         key_ok = self.key is not None and self.key.digest == ann.key_digest
         if self.downlink == "follow":
             return {"delta"} | (set() if key_ok else {"key"})
-        needed = (self._open_for_me(ann) and not self.state.has_handled(ann.round, ann.model_digest)
-                  and self.training is None and not self._has_announced_model())
+        due = self._due_task(ann) is not None if ann.buffered else (
+            self._open_for_me(ann) and not self.state.has_handled(ann.round, ann.model_digest))
+        needed = due and self.training is None and not self._has_announced_model()
         if not needed:
             return set()
         return (set() if key_ok else {"key"}) | ({"delta"} if ann.model_digest != ann.key_digest else set())
@@ -645,6 +659,10 @@ class AgentCore:
         if inv.job != self.job or inv.client != self.client_id:
             self._count("bad_invite")
             return []
+        if inv.task:
+            self.task = (inv.task, inv.round)
+            self._count("invited")
+            return self._consider(now)
         self.invite = (inv.round, inv.attempt, inv.model_digest)
         self._count("invited")
         return self._consider(now)
@@ -756,11 +774,19 @@ class AgentCore:
             return []
         self.training = None
         ann = self.announcement
-        if not self._open_for_me(ann) or ann is None or ann.round != t.round or ann.model_digest != t.base_model:
+        if t.task:
+            stale = self._buffered_gone(ann, t.round)
+            if stale is not None:
+                self._count("stale_training")
+                log.info("%s: task %s: %s; declining it", self.client_id, t.task, stale,
+                         extra=fields(device=self.client_id, round=t.round, reason="stale_training"))
+                return self._decline(t, f"stale: {stale}") + self._consider(ev.now)
+        elif not self._open_for_me(ann) or ann is None or ann.round != t.round or ann.model_digest != t.base_model:
             self._count("stale_training")
             log.info("%s: round %d closed before training finished; result dropped", self.client_id, t.round,
                      extra=fields(device=self.client_id, round=t.round, reason="stale_training"))
             return self._consider(ev.now)
+        assert ann is not None  # (a buffered task's: _buffered_gone says so)
         if ann.secagg is not None:
             return self._secure_done(t, ev, ann)
         try:
@@ -787,11 +813,13 @@ class AgentCore:
         update = Update(
             job=self.job, round=t.round, sender=self.client_id, update_id=self.new_id()[:16],
             num_samples=ev.num_samples, codec=ann.codec, base_model=t.base_model, body=body,
-            loss=ev.loss, train_seconds=round(ev.seconds, 4), clip_bit=bit,
+            loss=ev.loss, train_seconds=round(ev.seconds, 4), clip_bit=bit, task=t.task,
         )
         message = update.encode()
         self.state.record(t.round, t.base_model)
-        self.state.pending = Pending(t.round, update.update_id, t.base_model, sent_attempt=ann.attempt)
+        if t.task:
+            self.state.record_task(t.task)
+        self.state.pending = Pending(t.round, update.update_id, t.base_model, sent_attempt=ann.attempt, task=t.task)
         self.update_bytes = message
         self.residual = residual
         self.resend = _Resend(ev.now + self.resend_after_s, self.resend_after_s)
@@ -807,16 +835,20 @@ class AgentCore:
         log.error("%s: training for round %d failed: %s", self.client_id, t.round, ev.reason,
                   extra=fields(device=self.client_id, round=t.round, reason="training_failed"))
         ann = self.announcement
-        if ann is not None and ann.round == t.round and self._open_for_me(ann):
+        if t.task and self._buffered_gone(ann, t.round) is None:
+            return self._decline(t, ev.reason) + self._consider(ev.now)
+        if not t.task and ann is not None and ann.round == t.round and self._open_for_me(ann):
             return self._decline(t, ev.reason)
         return self._consider(ev.now)
 
     def _decline(self, t: _Training, reason: str) -> list[Action]:
-        return self._decline_round(t.round, t.base_model, reason)
+        return self._decline_round(t.round, t.base_model, reason, t.task)
 
-    def _decline_round(self, round_: int, model: str, reason: str) -> list[Action]:
+    def _decline_round(self, round_: int, model: str, reason: str, task: str = "") -> list[Action]:
         self._count("declined")
         self.state.record(round_, model)
+        if task:
+            self.state.record_task(task)
         self.state.pending = None
         self.update_bytes = None
         message = Decline(self.job, round_, self.client_id, reason).encode()
@@ -828,6 +860,8 @@ class AgentCore:
     def _awaits_model(self) -> bool:
         """Selected for the open round, due to train, and lacking its model."""
         ann = self.announcement
+        if ann is not None and ann.buffered:
+            return self._due_task(ann) is not None and self.training is None and not self._has_announced_model()
         if ann is None or not self._open_for_me(ann) or self.training is not None or self._has_announced_model():
             return False
         if self.state.has_handled(ann.round, ann.model_digest):
@@ -876,7 +910,8 @@ class AgentCore:
         log.error("%s: round %d: %s after %d fetches in %.0f s; declining the round (the aggregator publishes the "
                   "model again)", self.client_id, ann.round, gap, w.fetches + 1, now - w.since,
                   extra=fields(device=self.client_id, round=ann.round, reason=MODEL_UNAVAILABLE))
-        return self._decline_round(ann.round, ann.model_digest, f"{MODEL_UNAVAILABLE}: {gap}")
+        task = self._due_task(ann) or ""
+        return self._decline_round(ann.round, ann.model_digest, f"{MODEL_UNAVAILABLE}: {gap}", task)
 
     def _resend_due(self, now: float) -> list[Action]:
         r = self.resend
@@ -904,10 +939,31 @@ class AgentCore:
             return self.invite == (ann.round, ann.attempt, ann.model_digest)
         return self.client_id in ann.selected
 
+    def _due_task(self, ann: RoundAnnouncement | None) -> str | None:
+        """Buffered: the task this device is asked to train for and has not
+        handled, if the job is open."""
+        if ann is None or ann.state != "open" or not ann.buffered or self.task is None:
+            return None
+        return None if self.state.has_task(self.task[0]) else self.task[0]
+
+    def _buffered_gone(self, ann: RoundAnnouncement | None, version: int) -> str | None:
+        """Buffered: why an update trained from ``version`` would not be
+        taken now (the job is not open, or the version is too stale), or None."""
+        if ann is None or not ann.buffered or ann.state != "open":
+            return "the job is not open"
+        if ann.round - version > ann.max_staleness:
+            return (f"trained from version {version}, {ann.round - version} behind version {ann.round} "
+                    f"(at most {ann.max_staleness})")
+        return None
+
     def _needs_sending(self, p: Pending | None) -> bool:
         """The pending update belongs to the open round and has no receipt
-        for the announcement's current attempt."""
+        for the announcement's current attempt (buffered: it may still be
+        taken, and has no receipt for the aggregator's current start)."""
         ann = self.announcement
+        if p is not None and p.task:
+            return (not p.final and self.update_bytes is not None and ann is not None and p.acked_attempt < ann.attempt
+                    and self._buffered_gone(ann, p.round) is None)
         return (
             p is not None and self._open_for_me(ann) and ann is not None and ann.round == p.round
             and not p.final and self.update_bytes is not None and p.base_model == ann.model_digest
@@ -918,6 +974,8 @@ class AgentCore:
 
     def _consider(self, now: float) -> list[Action]:
         ann = self.announcement
+        if ann is not None and ann.buffered:
+            return self._consider_buffered(ann, now)
         if not self._open_for_me(ann):
             return []
         assert ann is not None
@@ -941,11 +999,28 @@ class AgentCore:
             return []
         return self._start_training(ann)
 
-    def _start_training(self, ann: RoundAnnouncement) -> list[Action]:
+    def _consider_buffered(self, ann: RoundAnnouncement, now: float) -> list[Action]:
+        """Buffered: send again a pending update the aggregator may have lost
+        (it restarted: a higher ``attempt``), and train for a task, on the
+        newest version announced."""
+        p = self.state.pending
+        if p is not None and p.task and self._needs_sending(p) and (
+                self.resend is None or p.sent_attempt < ann.attempt):
+            self.state.pending = replace(p, sent_attempt=ann.attempt)
+            self.resend = _Resend(now + self.resend_after_s, self.resend_after_s)
+            self._count("resent")
+            assert self.update_bytes is not None
+            return [PersistState(self.state.to_json(), self.update_bytes), PublishUpdate(self.update_bytes)]
+        task = self._due_task(ann)
+        if task is None or self.training is not None:
+            return []
+        return self._start_training(ann, task)
+
+    def _start_training(self, ann: RoundAnnouncement, task: str = "") -> list[Action]:
         if not self._has_announced_model() or self.key is None or self.current is None:
             return []  # the model for this round is still on its way
         cur = self.current
-        self.training = _Training(self.new_id(), ann.round, cur.digest)
+        self.training = _Training(self.new_id(), ann.round, cur.digest, task)
         job = TrainJob(
             job_id=self.training.job_id, round=ann.round, base_model=cur.digest,
             model=self.key.model.model, model_args=self.key.model.model_args, model_body=cur.body,

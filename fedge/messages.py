@@ -31,6 +31,9 @@ AGGREGATOR = "aggregator"
 # selection.list_max, at most this) invites each instead.
 LIST_MAX = 500
 MAX_SELECTED = 10_000_000  # what a selected_count may claim
+SYNCHRONOUS, BUFFERED = "synchronous", "buffered"  # a job's modes, as announcements name them
+MAX_STALENESS = 1_000_000
+TASK_MAX = 64
 
 
 class ProtocolError(FedgeError):
@@ -83,6 +86,15 @@ def _id(h: dict[str, Any], key: str, what: str) -> str:
         return check_id(value, f"{what} {key}")
     except ValueError as exc:
         raise ProtocolError("malformed", str(exc)) from None
+
+
+def _task(h: dict[str, Any], what: str) -> str:
+    """A buffered job's task id: optional, short, printable."""
+    task = h.get("task", "")
+    if not isinstance(task, str) or len(task) > TASK_MAX or not task.isprintable():
+        raise ProtocolError("malformed", f"{what} 'task' must be a printable string of at most {TASK_MAX} "
+                            "characters")
+    return task
 
 
 def _expect(env: Envelope, kind: Kind) -> dict[str, Any]:
@@ -224,7 +236,14 @@ class RoundAnnouncement:
     ``selection.list_max`` (at most ``LIST_MAX``); a larger round lists none (every device downloads
     the announcement, and a list of thousands would grow it past the
     header's limit) and sends each selected device an ``Invite`` on its own
-    receipt topic. ``selected_count`` is how many were selected either way."""
+    receipt topic. ``selected_count`` is how many were selected either way.
+
+    ``mode`` is ``synchronous`` (rounds, above) or ``buffered``
+    (buffered asynchronous aggregation): then ``round`` is the model version
+    being built, nobody is listed, a device trains only on an ``Invite``
+    naming a ``task``, it keeps training when the version moves on, and its
+    update is taken if it was trained at most ``max_staleness`` versions
+    ago."""
 
     job: str
     round: int
@@ -241,6 +260,8 @@ class RoundAnnouncement:
     dp: DpPlan | None = None  # the round is differentially private: clip (and noise) as it says
     secagg: SecAggPlan | None = None  # the round is securely aggregated (codec {"name": "secagg"})
     selected_count: int = -1  # -1: len(selected)
+    mode: str = SYNCHRONOUS  # or BUFFERED
+    max_staleness: int = 0  # buffered: the oldest version an update may be trained from is round - this
 
     def __post_init__(self) -> None:
         if self.selected_count < 0:
@@ -250,6 +271,10 @@ class RoundAnnouncement:
     def by_invitation(self) -> bool:
         """Selected devices are told by an ``Invite`` each, not listed here."""
         return self.selected_count > len(self.selected)
+
+    @property
+    def buffered(self) -> bool:
+        return self.mode == BUFFERED
 
     def encode(self) -> bytes:
         header = {
@@ -273,6 +298,9 @@ class RoundAnnouncement:
             header["dp"] = self.dp.to_json()
         if self.secagg is not None:
             header["secagg"] = self.secagg.to_json()
+        if self.mode != SYNCHRONOUS:  # a synchronous job's announcement is as older builds read it
+            header["mode"] = self.mode
+            header["max_staleness"] = self.max_staleness
         return wire.encode(Kind.ROUND, header)
 
     @classmethod
@@ -289,6 +317,13 @@ class RoundAnnouncement:
             raise ProtocolError("malformed", f"round 'selected_count' {count!r} is not a count of at least "
                                 f"{len(selected)} and at most {MAX_SELECTED}")
         training = TrainingPlan.from_json(h.get("training"))
+        mode = h.get("mode", SYNCHRONOUS)
+        if mode not in (SYNCHRONOUS, BUFFERED):
+            raise ProtocolError("malformed", f"unknown round mode {mode!r}")
+        staleness = h.get("max_staleness", 0)
+        if not isinstance(staleness, int) or isinstance(staleness, bool) or not 0 <= staleness <= MAX_STALENESS:
+            raise ProtocolError("malformed", f"round 'max_staleness' {staleness!r} is not a count of versions "
+                                f"from 0 to {MAX_STALENESS}")
         try:
             dp = None if h.get("dp") is None else DpPlan.from_json(h["dp"])
         except ValueError as exc:
@@ -313,6 +348,8 @@ class RoundAnnouncement:
             dp=dp,
             secagg=secagg,
             selected_count=count,
+            mode=mode,
+            max_staleness=staleness,
         )
 
 
@@ -320,17 +357,25 @@ class RoundAnnouncement:
 class Invite:
     """Sent to one device on its receipt topic: it is selected for the
     round ``round`` (attempt ``attempt``) of the model ``model_digest``,
-    which the retained announcement describes without listing who is."""
+    which the retained announcement describes without listing who is.
+
+    In a buffered job, ``task`` names one training the aggregator asks of
+    the device (``round``: the version at the time): the device trains
+    once for it, on the newest version it can build, and its update names
+    the task."""
 
     job: str
     round: int
     attempt: int
     client: str
     model_digest: str
+    task: str = ""
 
     def encode(self) -> bytes:
         header = {"job": self.job, "round": self.round, "attempt": self.attempt, "sender": AGGREGATOR,
                   "client": self.client, "model_digest": self.model_digest, "num_samples": 0, "codec": None}
+        if self.task:
+            header["task"] = self.task
         return wire.encode(Kind.INVITE, header)
 
     @classmethod
@@ -342,6 +387,7 @@ class Invite:
             attempt=_field(h, "attempt", int, "invite"),
             client=_id(h, "client", "invite"),
             model_digest=_field(h, "model_digest", str, "invite"),
+            task=_task(h, "invite"),
         )
 
 
@@ -364,6 +410,7 @@ class Update:
     # Secure aggregation: the round attempt whose masks the body carries (a
     # masked input is worth nothing to another attempt).
     attempt: int | None = None
+    task: str = ""  # buffered: the invitation's task it answers ("round" is then the version it trained from)
 
     def encode(self) -> bytes:
         header = {
@@ -381,6 +428,8 @@ class Update:
             header["clip_bit"] = self.clip_bit
         if self.attempt is not None:
             header["attempt"] = self.attempt
+        if self.task:
+            header["task"] = self.task
         return wire.encode(Kind.UPDATE, header, self.body)
 
     @classmethod
@@ -399,6 +448,7 @@ class Update:
             train_seconds=_optional_number(h, "train_seconds", "update", 0.0),
             clip_bit=_clip_bit(h),
             attempt=None if h.get("attempt") is None else _field(h, "attempt", int, "update"),
+            task=_task(h, "update"),
         )
 
 
