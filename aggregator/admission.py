@@ -248,9 +248,9 @@ class Tasks(Protocol):
 
     max_staleness: int
 
-    def counted_task(self, client: str) -> tuple[str, int] | None:
-        """The task (and the version it went into) of ``client``'s last
-        counted update: in a published version or in the buffer."""
+    def counted_version(self, client: str, task: str) -> int | None:
+        """The version ``client``'s update for ``task`` went into, if it was
+        counted (its last in a published version, or the buffer's)."""
 
     def task_of(self, client: str) -> str | None:
         """The task ``client`` was asked for and has not answered."""
@@ -264,12 +264,11 @@ def _tasks(core: Gate) -> Tasks:
 
 
 def _task_counted(core: Gate, client: str, upd: Update) -> Verdict | None:
-    counted = _tasks(core).counted_task(client)
-    if counted is not None and upd.task == counted[0]:
+    version = _tasks(core).counted_version(client, upd.task) if upd.task else None
+    if version is not None:
         # A resend of a counted update (its receipt was lost, or the
         # aggregator restarted): never folded twice, never refused.
-        return Duplicate(upd.round, core.attempt, f"task {upd.task} was counted in version {counted[1]}",
-                         alive=True)
+        return Duplicate(upd.round, core.attempt, f"task {upd.task} was counted in version {version}", alive=True)
     return None
 
 
@@ -305,8 +304,8 @@ BUFFERED_CHECKS: tuple[tuple[str, Check], ...] = (
     ("known", _known),
     ("task_counted", _task_counted),  # a counted update's resend hears "duplicate", open or not
     ("open", lambda core, client, upd: None if core.open is not None else Refuse("late", "the job is not open")),
+    ("staleness", _staleness),  # before the task: a counted update too old to be kept hears "late"
     ("task", _task),
-    ("staleness", _staleness),
     ("version_model", _version_model),
     ("codec", _codec),
     ("samples", _samples),

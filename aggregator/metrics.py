@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 # Counter keys of ``RoundCore.counters`` that have families of their own.
 _OUTCOMES = {"rounds_ok": "ok", "rounds_failed": "failed"}
 _UPDATE_STATUSES = ("accepted", "duplicate", "declined")
+STALENESS_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
+# Histograms rendered from the snapshot (counts by value), not observed into the registry: (unit, buckets).
+SNAPSHOT_HISTOGRAMS = {"fedge_buffered_staleness": ("versions", STALENESS_BUCKETS)}
 
 # name -> (type, help, labels): the public surface, documented in docs/reference/metrics.md.
 METRICS: MetricTable = {
@@ -72,6 +75,14 @@ METRICS: MetricTable = {
     "fedge_privacy_epsilon_participant": ("gauge", "The worst device's epsilon, no secret sampling assumed.", ()),
     "fedge_privacy_epsilon_budget": ("gauge", "privacy.target_epsilon; the job stops before it (0: none).", ()),
     "fedge_privacy_delta": ("gauge", "The delta of (epsilon, delta).", ()),
+    "fedge_buffered_concurrency": ("gauge", "A buffered job: devices it keeps training at once "
+                                   "(buffered.concurrency).", ()),
+    "fedge_buffered_training": ("gauge", "A buffered job: devices asked to train that hold a place now (not "
+                                "expired, not offline).", ()),
+    "fedge_buffered_buffer_updates": ("gauge", "A buffered job: updates in the version being built "
+                                      "(buffered.buffer_size make a version).", ()),
+    "fedge_buffered_staleness": ("histogram", "A buffered job: versions between the model an update was trained "
+                                 "from and the version it was folded into, per folded update.", ()),
     "fedge_checkpoint_timestamp_seconds": ("gauge", "Unix time of the last checkpoint written.", ()),
     "fedge_checkpoint_age_seconds": ("gauge", "Seconds since the last checkpoint written.", ()),
     "fedge_update_fold_seconds": ("histogram", "Time to check and fold one accepted update.", ()),
@@ -134,10 +145,21 @@ def render(snap: dict[str, Any]) -> Iterator[Any]:
         yield gauge("fedge_privacy_epsilon_participant", privacy.get("epsilon_participant"))
         yield gauge("fedge_privacy_epsilon_budget", privacy["budget"])
         yield gauge("fedge_privacy_delta", privacy["delta"])
+    yield from _buffered(f, snap.get("buffered"))
     checkpoint = snap["checkpoint_time"]
     if checkpoint is not None:
         yield gauge("fedge_checkpoint_timestamp_seconds", checkpoint)
         yield gauge("fedge_checkpoint_age_seconds", max(0.0, time.time() - checkpoint))
+
+
+def _buffered(f: Families, buffered: dict[str, Any] | None) -> Iterator[Any]:
+    """A buffered job's families (none for rounds)."""
+    if buffered is None:
+        return
+    yield f.gauge("fedge_buffered_concurrency", buffered["concurrency"])
+    yield f.gauge("fedge_buffered_training", buffered["training"])
+    yield f.gauge("fedge_buffered_buffer_updates", buffered["buffer"])
+    yield f.histogram("fedge_buffered_staleness", buffered["staleness"], STALENESS_BUCKETS)
 
 
 class AggregatorMetrics(ServiceMetrics):
@@ -177,6 +199,9 @@ def service_snapshot(cfg: AggregatorConfig, core: RoundCore, last: RoundRecord |
                                          "train_loss": last.train_loss},
         "checkpoint_time": checkpoint_time,
     }
+    buffered = getattr(core.mode, "figures", None)
+    if buffered is not None:
+        snap["buffered"] = buffered()
     if cfg.privacy.mode != "off":
         extra = {} if last is None else last.extra
         snap["privacy"] = {"epsilon": extra.get("epsilon", 0.0),

@@ -389,7 +389,8 @@ def window(r: dict[str, float] | None) -> dict[str, Any]:
             if r["receipts"] > 1 else None}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The bench's options (``bench/buffered.py`` runs it with its own)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, required=True)
     p.add_argument("--rounds", type=int, required=True)
@@ -427,7 +428,11 @@ def main() -> None:
     p.add_argument("--log-level", default="WARNING", help="the aggregator's and the simulators' log level")
     p.add_argument("--profile-aggregator", default=None, metavar="FILE",
                    help="run the aggregator under cProfile and write its profile here (slows it)")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if not args.data and not os.environ.get("FEDGE_DATA"):
         raise SystemExit("MNIST: pass --data PATH or set FEDGE_DATA to the directory holding mnist.npz")
     setup = {"devices": args.devices, "rounds": args.rounds, "preset": args.preset, "fraction": args.fraction,

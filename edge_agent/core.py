@@ -851,7 +851,7 @@ class AgentCore:
             self.state.record_task(task)
         self.state.pending = None
         self.update_bytes = None
-        message = Decline(self.job, round_, self.client_id, reason).encode()
+        message = Decline(self.job, round_, self.client_id, reason, task=task).encode()
         return [PersistState(self.state.to_json(), None), PublishUpdate(message)]
 
     def _on_tick(self, now: float) -> list[Action]:

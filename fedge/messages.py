@@ -467,6 +467,7 @@ class Decline:
     round: int
     sender: str
     reason: str  # "<code>: <words>" for the reasons an aggregator acts on (MODEL_UNAVAILABLE)
+    task: str = ""  # buffered: the task it declines
 
     @property
     def code(self) -> str:
@@ -477,6 +478,8 @@ class Decline:
     def encode(self) -> bytes:
         header = {"job": self.job, "round": self.round, "sender": self.sender, "num_samples": 0,
                   "codec": None, "reason": self.reason[:500]}
+        if self.task:
+            header["task"] = self.task
         return wire.encode(Kind.DECLINE, header)
 
     @classmethod
@@ -487,6 +490,7 @@ class Decline:
             round=_field(h, "round", int, "decline"),
             sender=_id(h, "sender", "decline"),
             reason=str(h.get("reason", ""))[:500],
+            task=_task(h, "decline"),
         )
 
 

@@ -212,6 +212,17 @@ class Families:
             family.add_metric(values, float(value))
         return family
 
+    def histogram(self, name: str, counts: dict[int, int], bounds: Iterable[float]) -> Any:
+        """A histogram of whole-number observations counted by value
+        (``counts``), in buckets up to each of ``bounds``."""
+        from prometheus_client.core import HistogramMetricFamily
+
+        _kind, doc, _names = self.table[name]
+        buckets = [(f"{b:g}", float(sum(n for v, n in counts.items() if v <= b))) for b in bounds]
+        buckets.append(("+Inf", float(sum(counts.values()))))
+        return HistogramMetricFamily(name, doc, buckets=buckets,
+                                     sum_value=float(sum(v * n for v, n in counts.items())))
+
     def counter(self, name: str, values: dict[Any, int]) -> Any:
         """A counter ``name`` (ending in ``_total``) with a sample per key: a
         label value, a tuple of them, or anything for an unlabelled one."""

@@ -57,6 +57,14 @@ class DemoOptions:
     target_epsilon: float = 0.0  # > 0: differentially private, with this budget (see DEMO_PRIVACY)
     secure_aggregation: bool = False  # the aggregator learns only each round's sum (see DEMO_SECAGG)
     dropout: float = 0.0  # each selected agent silently drops out of a round with this probability
+    mode: str = "synchronous"  # or "buffered" (see buffered_settings)
+    profile: str = ""  # a fleet profile: the agents run as a simulated fleet of its devices ("": none)
+
+
+def buffered_settings(agents: int) -> dict[str, int]:
+    """A buffered demo: half the agents train at once, a version takes the
+    updates of a quarter of them (at least two)."""
+    return {"concurrency": max(2, agents // 2), "buffer_size": max(2, agents // 4), "max_staleness": 10}
 
 
 # Secure aggregation for the digits MLP: its updates' coordinates stay well
@@ -100,6 +108,12 @@ def job_config(opts: DemoOptions, broker_url: str, state_dir: Path) -> Aggregato
                       server={"clip": "off", "direction": "off", "weight_cap": 0.0})
     if opts.dropout > 0:
         cfg = updated(cfg, selection={"deadline_s": DROPOUT_DEADLINE_S})
+    if opts.mode == "buffered":
+        # A version waits for buffer_size devices online, not the whole fleet (a profile's devices come and go).
+        cfg = updated(cfg, server={"mode": "buffered"}, buffered=buffered_settings(opts.agents),
+                      selection={"min_clients": 1})
+    elif opts.profile:
+        cfg = updated(cfg, selection={"min_clients": max(1, opts.agents // 2), "settle_s": 2.0})
     if opts.target_epsilon > 0:
         cfg = updated(cfg, privacy={**DEMO_PRIVACY, "target_epsilon": opts.target_epsilon})
         if not opts.codec:  # int2's rounding makes a clipped update twice as long: the clip would halve it
@@ -124,7 +138,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     state_dir = Path(opts.state_dir or tempfile.mkdtemp(prefix="fedge-demo-"))
     if not own_state and (state_dir / "aggregator").exists():
         shutil.rmtree(state_dir / "aggregator")
-    table = RoundTable(out, privacy=opts.target_epsilon > 0, bytes_by="agents")
+    table = RoundTable(out, privacy=opts.target_epsilon > 0, bytes_by="agents", buffered=opts.mode == "buffered")
     records: list[RoundRecord] = []
     agent_bytes: dict[int, tuple[int, int]] = {}  # round -> (sent, received) by all agents
     fleet_ref: list[Any] = []
@@ -168,11 +182,20 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     aggregator = AggregatorService(cfg, on_record=on_record)
     broker = BrokerSettings(url=url, protocol=opts.protocol)
     pool = TrainingPool(size=opts.workers, mode="warm", threads=1)
-    fleet = AgentRuntime(devices, broker, pool)
+    fleet = simulated(devices, broker, pool, opts) if opts.profile else AgentRuntime(devices, broker, pool)
     fleet_ref.append(fleet)
     codec = {"name": "secagg"} if opts.secure_aggregation else opts.codec or cfg.codec.spec
-    out.write(f"fedge demo: {opts.agents} agents, {opts.rounds} rounds, {opts.data} (Dirichlet alpha={opts.alpha}), "
-              f"codec {json.dumps(codec)}, broker {url}{' (embedded)' if embedded else ''}\n")
+    out.write(f"fedge demo: {opts.agents} agents, {opts.rounds} {'versions' if opts.mode == 'buffered' else 'rounds'}, "
+              f"{opts.data} (Dirichlet alpha={opts.alpha}), codec {json.dumps(codec)}, broker {url}"
+              f"{' (embedded)' if embedded else ''}\n")
+    if opts.profile:
+        out.write(f"fleet profile {opts.profile}: each agent is a simulated device of it (its training speed, links "
+                  f"and sessions; fedge simulate --profile does the same at scale)\n")
+    if opts.mode == "buffered":
+        b = cfg.buffered
+        out.write(f"buffered asynchronous aggregation: {b.concurrency} agents train at once, each update is folded "
+                  f"as it arrives (weighed down by its staleness), every {b.buffer_size} updates make a version; "
+                  f"fast agents never wait for slow ones\n")
     if opts.target_epsilon > 0:
         from aggregator.privacy import DpPolicy, rounds_within
 
@@ -238,6 +261,19 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     if not finished:
         raise TimeoutError(f"the demo did not finish within {opts.timeout_s:.0f} s")
     return summary
+
+
+def simulated(devices: list[Any], broker: BrokerSettings, pool: Any, opts: DemoOptions) -> Any:
+    """The agents as a simulated fleet of ``opts.profile``'s devices, on
+    real time (``edge_agent.sim``)."""
+    from edge_agent.sim.fleet import SimulatedFleet
+    from edge_agent.sim.profiles import load
+    from fedge.mqtt_loop import MqttLoop
+
+    profile = load(opts.profile)
+    conditions = profile.devices(len(devices), opts.seed)
+    return SimulatedFleet(devices, {d.client_id: conditions[i] for i, d in enumerate(devices)}, broker, pool,
+                          profile, loop=MqttLoop(name="fedge-demo-fleet"), seed=opts.seed)
 
 
 def _first_round(aggregator: Any, agents: int) -> str:

@@ -130,12 +130,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          "update from the sum)")
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout {args.dropout:g} must be in [0, 1): the probability an agent drops out of a round")
+    if args.mode == "buffered" and (args.secure_aggregation or args.target_epsilon):
+        raise UsageError("--mode buffered runs without --secure-aggregation and --target-epsilon (a buffered job "
+                         "cannot run them yet); leave them out or use --mode synchronous")
+    if args.mode == "buffered" and args.agents < 4:
+        raise UsageError("--mode buffered needs --agents 4 or more: half of them train at once, and a version "
+                         "takes the updates of a quarter (at least two)")
+    profile = args.profile if args.profile is not None else ("home-wifi" if args.mode == "buffered" else "")
+    if profile:
+        from edge_agent.sim.profiles import ProfileError, load
+
+        try:
+            load(profile)
+        except ProfileError as exc:
+            raise UsageError(f"--profile: {exc}") from None
     _check_fleet_size(args.agents, embedded_broker=args.broker is None)
     opts = DemoOptions(
         agents=args.agents, rounds=args.rounds, data=args.data, broker=args.broker, protocol=args.protocol,
         codec=_codec_arg(args.codec), seed=args.seed, alpha=args.alpha, workers=args.workers, json_path=args.json,
         state_dir=args.state_dir, signing=args.signing, target_epsilon=args.target_epsilon or 0.0,
-        secure_aggregation=args.secure_aggregation, dropout=args.dropout,
+        secure_aggregation=args.secure_aggregation, dropout=args.dropout, mode=args.mode, profile=profile,
     )
     try:
         check_split(opts)
@@ -333,7 +347,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from fedge_cli.table import RoundTable
 
     cfg = config.load(args.config, AggregatorConfig, args.set)
-    table = RoundTable(sys.stdout, privacy=cfg.privacy.mode != "off")
+    table = RoundTable(sys.stdout, privacy=cfg.privacy.mode != "off", buffered=cfg.server.mode == "buffered")
     table.header()
     for record in round_events(cfg, "watch"):
         table.row(record)
@@ -380,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--signing", default="required", choices=["required", "off"],
                    help="required (default): every agent has its own key, enrolled with the aggregator, and "
                         "all messages are signed; off: nothing is signed (logged)")
+    d.add_argument("--mode", default="synchronous", choices=["synchronous", "buffered"],
+                   help="synchronous rounds (default), or buffered asynchronous aggregation (FedBuff): half the "
+                        "agents train at once, a version every quarter of them, nobody waits for the slowest")
+    d.add_argument("--profile", default=None, metavar="NAME",
+                   help="run the agents as a simulated fleet with this profile's devices, links and sessions (lab, "
+                        "home-wifi, cellular-mixed or a TOML file; default: none, or home-wifi with --mode "
+                        "buffered); '' for none")
     d.set_defaults(func=cmd_demo, default_level="WARNING")
 
     for name, func, helptext in (

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import io
 import json
@@ -69,9 +70,31 @@ def _epsilon(r: RoundRecord) -> float | None:
     return float(eps) if isinstance(eps, (int, float)) and math.isfinite(eps) else None
 
 
+def _buffered(r: RoundRecord) -> dict[str, Any] | None:
+    """A buffered version's figures (``aggregator.modes.buffered``), if it is one."""
+    b = r.extra.get("buffered")
+    return b if isinstance(b, dict) else None
+
+
+def staleness_counts(records: list[RoundRecord]) -> dict[int, int]:
+    """Every folded update of a buffered job's versions, by staleness."""
+    counts: dict[int, int] = {}
+    for r in records:
+        b = _buffered(r) or {}
+        for s, n in (b.get("staleness") or {}).items():
+            with contextlib.suppress(TypeError, ValueError):
+                counts[int(s)] = counts.get(int(s), 0) + int(n)
+    return dict(sorted(counts.items()))
+
+
 def summarize(records: list[RoundRecord], job: str) -> dict[str, Any]:
     evaluated = [r for r in records if r.accuracy is not None]
     eps = [e for e in (_epsilon(r) for r in records) if e is not None]
+    stale = staleness_counts(records)
+    folded = sum(stale.values())
+    buffered = {"mode": "buffered", "staleness": stale,
+                "staleness_mean": round(sum(s * n for s, n in stale.items()) / folded, 3) if folded else None,
+                "staleness_max": max(stale) if stale else None} if any(_buffered(r) for r in records) else {}
     return {
         "job": job,
         "rounds": len(records),
@@ -84,6 +107,7 @@ def summarize(records: list[RoundRecord], job: str) -> dict[str, Any]:
         "bytes_down": sum(r.bytes_down for r in records),
         "median_round_seconds": statistics.median(r.seconds for r in records),
         "epsilon": eps[-1] if eps else None,
+        **buffered,
     }
 
 
@@ -98,7 +122,8 @@ def render_png(records: list[RoundRecord], job: str) -> bytes:
 
     rounds = [r.round for r in records]
     private = any(_epsilon(r) is not None for r in records)
-    rows = 4 if private else 3
+    buffered = any(_buffered(r) for r in records)
+    rows = 3 + private + buffered
     fig, axes = plt.subplots(rows, 2, figsize=(13, 3.4 * rows), constrained_layout=True)
     fig.suptitle(f"fedge job {job}: rounds {rounds[0]}-{rounds[-1]}", fontsize=14)
 
@@ -135,7 +160,8 @@ def render_png(records: list[RoundRecord], job: str) -> bytes:
             ax.bar(rounds, values, bottom=bottom, label=label, color=color, width=0.8)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     selected = [r.selected for r in records]
-    ax.scatter(rounds, selected, marker="_", s=300, color="black", label="selected", zorder=3)
+    if any(selected):  # a buffered version selects nobody
+        ax.scatter(rounds, selected, marker="_", s=300, color="black", label="selected", zorder=3)
     ax.set_ylim(0, 1.35 * max([*selected, *bottom, 1]))
     ax.set_ylabel("devices")
     ax.set_title("participation")
@@ -182,6 +208,9 @@ def render_png(records: list[RoundRecord], job: str) -> bytes:
         ax.legend(loc="upper left", fontsize=8)
         axes[3][1].axis("off")
 
+    if buffered:
+        _staleness_row(axes[3 + private], records)
+
     for row in axes:
         for a in row:
             if a.axison:
@@ -191,6 +220,22 @@ def render_png(records: list[RoundRecord], job: str) -> bytes:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _staleness_row(row: Any, records: list[RoundRecord]) -> None:
+    """A buffered job's staleness: of every folded update, and per version."""
+    ax = row[0]
+    counts = staleness_counts(records)
+    ax.bar(list(counts), list(counts.values()), color="tab:purple", width=0.8)
+    ax.set_ylabel("updates")
+    ax.set_title("staleness of the folded updates (versions behind)")
+    ax = row[1]
+    pts = [(r.round, b["staleness_mean"], b.get("staleness_max")) for r in records
+           if (b := _buffered(r)) is not None and b.get("staleness_mean") is not None]
+    ax.plot([x for x, _, _ in pts], [m for _, m, _ in pts], color="tab:purple", label="mean")
+    ax.plot([x for x, _, _ in pts], [m for _, _, m in pts], color="tab:gray", linestyle="--", label="largest")
+    ax.set_title("staleness per version")
+    ax.legend(loc="upper left", fontsize=8)
 
 
 def _fmt(value: Any, spec: str = "") -> str:
@@ -213,6 +258,10 @@ def render_html(records: list[RoundRecord], summary: dict[str, Any], png: bytes)
     ]
     if s["epsilon"] is not None:
         facts.append(("epsilon spent", f"{s['epsilon']:.3f}"))
+    if s.get("mode") == "buffered":
+        facts.append(("mode", "buffered asynchronous aggregation: rounds are model versions"))
+        facts.append(("staleness", f"mean {_fmt(s['staleness_mean'])}, largest {_fmt(s['staleness_max'])} "
+                                   "versions behind"))
     head = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts)
     cols = ("round", "status", "selected", "responded", "declined", "late", "rejected", "accuracy", "loss",
             "up KiB (updates received)", "down KiB (published)", "seconds", "epsilon")

@@ -50,7 +50,7 @@ def collect(cfg: Any, key: Any, wait_s: float, quiet_s: float = 0.7) -> dict[str
     "skipped": n, "unverified": n}``."""
     from fedge import wire
     from fedge.identity import IdentityError, check_signed
-    from fedge.messages import AGGREGATOR, DeviceRecord, ProtocolError, Status, device_info
+    from fedge.messages import AGGREGATOR, DeviceRecord, ProtocolError, RoundAnnouncement, Status, device_info
     from fedge.mqtt import Inbound, LinkUp, MqttLink
     from fedge.topics import JobTopics
 
@@ -58,11 +58,13 @@ def collect(cfg: Any, key: Any, wait_s: float, quiet_s: float = 0.7) -> dict[str
     inbox: queue.Queue[object] = queue.Queue()
     # It gives up with one line of its own, naming why (the link's last_error), rather than log retries.
     link = MqttLink(cfg.broker, f"fedge-status-{id(inbox):x}", inbox.put,
-                    subscriptions=[topics.status_filter, topics.device_filter, topics.server], persistent=False,
+                    subscriptions=[topics.status_filter, topics.device_filter, topics.server, topics.round],
+                    persistent=False,
                     report_outages=False)
     presence: dict[str, Any] = {}
     records: dict[str, Any] = {}
     aggregator = "unknown"
+    job: dict[str, Any] = {}  # what the retained announcement says
     skipped = unverified = 0
     started = time.monotonic()
     link.start()
@@ -103,6 +105,12 @@ def collect(cfg: Any, key: Any, wait_s: float, quiet_s: float = 0.7) -> dict[str
                     status = Status.parse(env)
                     if status.sender == AGGREGATOR:
                         aggregator = status.state
+                elif channel == "round":
+                    if key is not None:
+                        check_signed(env, key, "the announcement")
+                    ann = RoundAnnouncement.parse(env)
+                    job = {"state": ann.state, "round": ann.round, "attempt": ann.attempt, "mode": ann.mode,
+                           "max_staleness": ann.max_staleness if ann.buffered else None}
             except (FedgeError, IdentityError) as exc:
                 skipped += 1
                 log.warning("left out a message on %s: %s", item.topic, exc)
@@ -131,7 +139,7 @@ def collect(cfg: Any, key: Any, wait_s: float, quiet_s: float = 0.7) -> dict[str
             "last_receipt": r.last_receipt if r else "",
             "last_round": r.last_round if r else 0,
         }
-    return {"job": cfg.job.name, "aggregator": aggregator, "devices": devices, "skipped": skipped,
+    return {"job": cfg.job.name, "aggregator": aggregator, "round": job, "devices": devices, "skipped": skipped,
             "unverified": unverified if key is None else 0, "time": now}
 
 
@@ -147,10 +155,24 @@ def _ago(then: float | None, now: float, online: bool) -> str:
     return f"{s:.0f}s ago"
 
 
+def _job_state(r: dict[str, Any]) -> str:
+    """What the announcement says: the round (a buffered job's version) and its state."""
+    if not r:
+        return ""
+    if r["mode"] == "buffered":
+        what = (f"version {r['round']} being built (buffered; updates up to {r['max_staleness']} versions old)"
+                if r["state"] == "open" else f"buffered, {r['state']}")
+        return f", {what}"
+    if r["state"] == "done":
+        return ", job done"
+    return f", round {r['round']} {r['state']}"
+
+
 def print_table(view: dict[str, Any], out: Any = sys.stdout) -> None:
     devices = list(view["devices"].values())
     online = sum(1 for d in devices if d["online"])
-    out.write(f"job {view['job']}: aggregator {view['aggregator']}, {online}/{len(devices)} devices online\n")
+    out.write(f"job {view['job']}: aggregator {view['aggregator']}{_job_state(view.get('round') or {})}, "
+              f"{online}/{len(devices)} devices online\n")
     cols = ("device", "role", "state", "last seen", "fedge", "arch", "board", "RAM", "cores", "rounds",
             "last receipt")
     rows = [cols]

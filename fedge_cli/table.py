@@ -26,16 +26,21 @@ class RoundTable:
     carry ("aggregator": the records' own; "agents": measured on the
     devices, passed to ``row``), and the header says what they count."""
 
-    def __init__(self, out: TextIO, privacy: bool = False, bytes_by: str = "aggregator") -> None:
+    def __init__(self, out: TextIO, privacy: bool = False, bytes_by: str = "aggregator",
+                 buffered: bool = False) -> None:
         self.out = out
         self.privacy = privacy  # an epsilon column: the job is differentially private
         self.bytes_by = bytes_by
-        self.columns = ("round", "clients", "accuracy", "loss", *BYTES[bytes_by][0], "seconds")
+        # A buffered job's rows are versions: updates folded (nobody is selected) and their staleness.
+        self.buffered = buffered
+        first = ("version", "updates") if buffered else ("round", "clients")
+        self.columns = (*first, "accuracy", "loss", *BYTES[bytes_by][0], "seconds")
 
     def header(self) -> None:
         """What the byte columns count, then the column names."""
-        line = "{:>5} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8}".format(*self.columns)
-        self.out.write(BYTES[self.bytes_by][1] + "\n" + line + (f" {'epsilon':>8}" if self.privacy else "") + "\n")
+        line = "{:>7} {:>8} {:>9} {:>8} {:>9} {:>9} {:>8}".format(*self.columns)
+        extra = (f" {'staleness mean/max':>18}" if self.buffered else "") + (f" {'epsilon':>8}" if self.privacy else "")
+        self.out.write(BYTES[self.bytes_by][1] + "\n" + line + extra + "\n")
         self.out.flush()
 
     def row(self, r: RoundRecord, measured: tuple[int, int] | None = None) -> None:
@@ -43,12 +48,22 @@ class RoundTable:
         acc = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
         loss = "-" if r.loss is None else f"{r.loss:.4f}"
         up, down = measured if measured is not None else (r.bytes_up, r.bytes_down)
+        clients = str(r.clients) if self.buffered else f"{r.clients}/{r.selected}"
         self.out.write(
-            f"{r.round:>5} {f'{r.clients}/{r.selected}':>8} {acc:>9} {loss:>8} "
+            f"{r.round:>7} {clients:>8} {acc:>9} {loss:>8} "
             f"{up / 1024:>9.1f} {down / 1024:>9.1f} {r.seconds:>8.3f}"
+            + (f" {_staleness(r):>18}" if self.buffered else "")
             + (f" {_epsilon(r):>8}" if self.privacy else "") + "\n"
         )
         self.out.flush()
+
+
+def _staleness(r: RoundRecord) -> str:
+    """A buffered version's updates: mean and largest staleness."""
+    b = r.extra.get("buffered")
+    if not isinstance(b, dict) or b.get("staleness_mean") is None:
+        return "-"
+    return f"{b['staleness_mean']:.2f}/{b.get('staleness_max')}"
 
 
 def _epsilon(r: RoundRecord) -> str:

@@ -20,8 +20,9 @@ Rules first.
   updates the server optimizer steps on their mean and the next version is
   published: ``job.rounds`` counts versions. A version has no deadline: it
   waits for its buffer, and tasks keep being handed out.
-* **Exactly once.** An update is counted once across versions: the task of
-  each device's last counted update is kept (``counted``, checkpointed with
+* **Exactly once.** An update is counted once across versions: the tasks
+  folded into each of the last ``max_staleness`` + 2 versions are kept
+  (``counted``, checkpointed with
   every version), and a copy of it hears ``duplicate``. The tasks not yet
   in a published version (asked, or in the buffer) are saved after every
   change (``SaveRoundOpen``, not fsynced: safe against a killed process).
@@ -83,20 +84,23 @@ class BufferedRounds(RoundMode):
         self.max_staleness = policy.max_staleness
         self.tasks: dict[str, Task] = {}  # asked and not answered
         self.in_buffer: dict[str, tuple[str, int]] = {}  # client -> (task, staleness) of the buffer's updates
-        self.counted: dict[str, tuple[str, int]] = {}  # client -> (task, version) of its last published update
+        # version -> {client: task} of the updates it folded, for the versions an update may still come from.
+        self.counted: dict[int, dict[str, str]] = {}
         self.digests: dict[int, str] = {}  # version -> the model announced for it (the last max_staleness + 1)
         self.issued = 0  # tasks asked since the job began
+        self.declined_at: dict[str, float] = {}  # a device that declined is not asked again for deadline_s
         self.waiting_announced = 0
         self.version_stats: Counter[str] = Counter()  # this version's tasks issued, expired, declined
         self.staleness_seen: Counter[int] = Counter()  # this version's updates by staleness
+        self.staleness_total: Counter[int] = Counter()  # every update folded since the start, by staleness
 
     # --- what the round core and admission read ----------------------------------------
 
-    def counted_task(self, client: str) -> tuple[str, int] | None:
+    def counted_version(self, client: str, task: str) -> int | None:
         buffered = self.in_buffer.get(client)
-        if buffered is not None and self.core.open is not None:
-            return buffered[0], self.core.open.round
-        return self.counted.get(client)
+        if buffered is not None and buffered[0] == task and self.core.open is not None:
+            return self.core.open.round
+        return next((v for v, folded in self.counted.items() if folded.get(client) == task), None)
 
     def task_of(self, client: str) -> str | None:
         task = self.tasks.get(client)
@@ -119,8 +123,13 @@ class BufferedRounds(RoundMode):
     def expects_update_from(self, client: str) -> bool:
         if client in self.tasks or client in self.in_buffer:
             return True
-        counted = self.counted.get(client)  # a resend of a counted update hears "duplicate"
-        return counted is not None and counted[1] >= self.core.next_round - self.max_staleness - 1
+        return any(client in folded for folded in self.counted.values())  # a resend hears "duplicate"
+
+    def figures(self) -> dict[str, Any]:
+        """What the metrics show of this mode (``aggregator.metrics``)."""
+        op = self.core.open
+        return {"concurrency": self.policy.concurrency, "training": self.active(),
+                "buffer": 0 if op is None else len(op.accepted), "staleness": dict(self.staleness_total)}
 
     def active(self) -> int:
         """Tasks holding a place: devices training now, as far as we know."""
@@ -132,6 +141,7 @@ class BufferedRounds(RoundMode):
             if c.life.due is not None:
                 return c.life.due
             ends = [t.issued_at + c.policy.deadline_s for t in self.tasks.values() if t.holds]
+            ends += [at + c.policy.deadline_s for at in self.declined_at.values()]
             return min(ends) if ends else None
         return c.life.next_deadline(None)
 
@@ -143,14 +153,15 @@ class BufferedRounds(RoundMode):
         c = self.core
         if not restored or restored.get("mode") != BUFFERED:
             return self.try_open(now)
-        for client, (task, version) in dict(restored.get("tasks", {})).items():
-            if self.counted.get(client, ("", 0))[0] != task:
-                self.tasks[str(client)] = Task(str(task), int(version), now)
+        for client, (task, version, *holds) in dict(restored.get("tasks", {})).items():
+            if self.counted_version(str(client), str(task)) is None:
+                # A fresh deadline; a place only if it held one (the in-buffer's did not).
+                self.tasks[str(client)] = Task(str(task), int(version), now, holds=bool(holds and holds[0]))
         c.roster.known.update(self.tasks)
         self.issued = max(self.issued, int(restored.get("issued", 0)))
         if c.next_round > c.policy.rounds:
             return self.finish_job(now)
-        return self.announce(now, int(restored.get("attempt", 0)) + 1) + self.reinvite()
+        return self.announce(now, max(int(restored.get("attempt", 0)) + 1, c.attempt)) + self.reinvite()
 
     def on_status(self, ev: ClientStatus) -> list[Action]:
         c = self.core
@@ -180,7 +191,10 @@ class BufferedRounds(RoundMode):
             self.version_stats["tasks_expired"] += 1
             c.counters["task_expired"] += 1
             c.roster.strike(client, c.next_round)  # benched for silence, like a round's silent device
-        return self.top_up(now) if expired else []
+        rested = [d for d, at in self.declined_at.items() if now - at >= c.policy.deadline_s]
+        for client in rested:
+            del self.declined_at[client]
+        return self.top_up(now) if expired or rested else []
 
     def on_secagg(self, client: str, msg: SecAggStage, now: float) -> list[Action]:
         self.core.counters["secagg_late"] += 1  # no secure aggregation here (refused by the config)
@@ -199,6 +213,7 @@ class BufferedRounds(RoundMode):
         staleness = op.round - upd.round
         self.in_buffer[client] = (task.id, staleness)
         self.staleness_seen[staleness] += 1
+        self.staleness_total[staleness] += 1
         c.roster.alive(client)
         self.check_quorum(now)
         return self.top_up(now, saved=True)
@@ -211,10 +226,13 @@ class BufferedRounds(RoundMode):
         return self.top_up(now, saved=True)
 
     def takes_decline(self, client: str, dec: Decline) -> bool:
-        return client in self.tasks
+        """A decline of the device's task (one naming none: of whatever it was asked)."""
+        task = self.tasks.get(client)
+        return task is not None and dec.task in ("", task.id)
 
     def declined(self, client: str, now: float) -> list[Action]:
         del self.tasks[client]
+        self.declined_at[client] = now  # (out of memory, no data, too slow: asked at once, it would decline again)
         self.version_stats["tasks_declined"] += 1
         if self.core.open is not None:
             self.core.open.declined.add(client)
@@ -277,7 +295,9 @@ class BufferedRounds(RoundMode):
         op = self.core.open
         assert op is not None
         for client, (task, _) in self.in_buffer.items():
-            self.counted[client] = (task, op.round)
+            self.counted.setdefault(op.round, {})[client] = task
+        for old in [v for v in self.counted if v < op.round - self.max_staleness - 1]:
+            del self.counted[old]  # an update of an older version is too stale: refused before its task is asked
         self.in_buffer.clear()
         return super().close(now, reason)
 
@@ -304,7 +324,7 @@ class BufferedRounds(RoundMode):
         if free > 0 and c.open is not None and c.life.phase is Phase.OPEN:
             busy = len(self.tasks) + len(self.in_buffer)
             candidates = [d for d in c.roster.eligible(self.codecs(), c.next_round, free + busy)
-                          if d not in self.tasks and d not in self.in_buffer]
+                          if d not in self.tasks and d not in self.in_buffer and d not in self.declined_at]
             rng = random.Random(f"{c.policy.seed}/{c.next_round}/{self.issued}")
             for client in rng.sample(candidates, min(free, len(candidates))):
                 self.issued += 1
@@ -325,8 +345,8 @@ class BufferedRounds(RoundMode):
     def _tasks_record(self) -> dict[str, Any]:
         """What a restart needs of the tasks not yet in a published version."""
         c = self.core
-        tasks = {client: [t.id, t.version] for client, t in self.tasks.items()}
-        tasks.update({client: [task, c.next_round] for client, (task, _) in self.in_buffer.items()})
+        tasks = {client: [t.id, t.version, t.holds] for client, t in self.tasks.items()}
+        tasks.update({client: [task, c.next_round, False] for client, (task, _) in self.in_buffer.items()})
         return {"mode": BUFFERED, "round": c.next_round, "attempt": c.attempt, "model_digest": c.model_digest,
                 "issued": self.issued, "tasks": tasks}
 
@@ -336,13 +356,17 @@ class BufferedRounds(RoundMode):
         return {}  # round_extra has the version's figures
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        return {}, {"buffered": {"counted": {k: list(v) for k, v in self.counted.items()},
-                                 "digests": {str(v): d for v, d in self.digests.items()}, "issued": self.issued}}
+        return {}, {"buffered": {"counted": {str(v): folded for v, folded in self.counted.items()},
+                                 "digests": {str(v): d for v, d in self.digests.items()}, "issued": self.issued,
+                                 "attempt": self.core.attempt}}
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         saved = meta.get("buffered") or {}
-        self.counted = {str(k): (str(v[0]), int(v[1])) for k, v in saved.get("counted", {}).items()}
+        self.counted = {int(v): {str(c): str(t) for c, t in dict(folded).items()}
+                        for v, folded in dict(saved.get("counted", {})).items()}
         self.digests = {int(v): str(d) for v, d in saved.get("digests", {}).items()}
         self.issued = int(saved.get("issued", 0))
-        log.debug("buffered: %d devices counted, versions %s kept", len(self.counted), sorted(self.digests),
+        # Whatever starts next is a new attempt: receipts of the last one do not stop a resend.
+        self.core.attempt = int(saved.get("attempt", 0)) + 1
+        log.debug("buffered: versions %s counted, %s kept", sorted(self.counted), sorted(self.digests),
                   extra=fields(reason="restored"))

@@ -481,10 +481,15 @@ def metrics_page() -> str:
     notes = {"aggregator": AGGREGATOR_NOTES, "agent": AGENT_NOTES}
     for role, title, module, metrics, cls in metric_tables():
         buckets = histogram_buckets(cls)
+        # Histograms built from the service's snapshot, not its registry: (unit, bounds).
+        built = getattr(sys.modules[cls.__module__], "SNAPSHOT_HISTOGRAMS", {})
         rows = []
         for name, (kind, helptext, labels) in metrics.items():
             what = md(helptext)
-            if kind == "histogram":
+            if kind == "histogram" and name in built:
+                unit, bounds = built[name]
+                what += f" Buckets ({unit}): " + ", ".join(f"{b:g}" for b in bounds) + "."
+            elif kind == "histogram":
                 what += " Buckets (s): " + ", ".join(buckets.get(name, [])) + "."
             rows.append([code(name), kind, ", ".join(code(label) for label in labels) or "", what])
         out += [f"## {title} {{#{role}}}", "", f"From `{module}`.", "",

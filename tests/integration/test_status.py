@@ -54,6 +54,8 @@ def test_status_shows_each_device_its_hardware_rounds_and_receipts(mosquitto, tm
     view = json.loads(proc.stdout)
     # The job is done, and its aggregator still serves its final state until stopped (job.linger_s).
     assert view["aggregator"] == "online"
+    assert view["round"] == {"state": "done", "round": 3, "attempt": view["round"]["attempt"], "mode": "synchronous",
+                             "max_staleness": None}
     assert sorted(view["devices"]) == ["dev-0", "dev-1", "dev-2"]
     assert view["skipped"] == 2 and view["unverified"] == 0
     for name, d in view["devices"].items():
@@ -76,7 +78,8 @@ def test_status_shows_each_device_its_hardware_rounds_and_receipts(mosquitto, tm
                            capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].startswith("job itest: aggregator offline, 0/3 devices online")  # stopped; the fleets closed too
+    # Stopped, the fleets closed too; the retained announcement says how the job ended.
+    assert lines[0].startswith("job itest: aggregator offline, job done, 0/3 devices online")
     assert lines[1].split()[:3] == ["device", "role", "state"]
     assert any(line.startswith("dev-2") and "offline" in line and
                ("accepted (round 2)" in line or "duplicate (round 2)" in line) for line in lines)
