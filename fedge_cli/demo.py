@@ -138,7 +138,10 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     state_dir = Path(opts.state_dir or tempfile.mkdtemp(prefix="fedge-demo-"))
     if not own_state and (state_dir / "aggregator").exists():
         shutil.rmtree(state_dir / "aggregator")
-    table = RoundTable(out, privacy=opts.target_epsilon > 0, bytes_by="agents", buffered=opts.mode == "buffered")
+    # A simulated fleet shapes its links: what a device sends leaves later, not in the round that sent it, so
+    # the rows carry the aggregator's own counts and the summary the agents' totals.
+    table = RoundTable(out, privacy=opts.target_epsilon > 0, bytes_by="aggregator" if opts.profile else "agents",
+                       buffered=opts.mode == "buffered")
     records: list[RoundRecord] = []
     agent_bytes: dict[int, tuple[int, int]] = {}  # round -> (sent, received) by all agents
     fleet_ref: list[Any] = []
@@ -156,7 +159,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         agent_bytes[record.round] = (sent, received)
         records.append(record)
         try:
-            table.row(record, (sent, received))
+            table.row(record, None if opts.profile else (sent, received))
         except BrokenPipeError:  # `fedge demo | head`: the reader is gone, so stop
             aggregator.stop()
 
@@ -246,13 +249,20 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         if own_state:
             shutil.rmtree(state_dir, ignore_errors=True)
     wall = time.perf_counter() - started
-    summary = summarize(records, wall, finished, agent_bytes)
+    totals = None
+    if opts.profile:
+        counted = fleet.bytes_by_channel.bytes
+        totals = (sum(n for (d, _), n in counted.items() if d == "out"),
+                  sum(n for (d, _), n in counted.items() if d == "in"))
+    summary = summarize(records, wall, finished, agent_bytes, totals)
     final = summary["final_accuracy"]
     failed = f" ({summary['failed_rounds']} failed)" if summary["failed_rounds"] else ""
     out.write(
-        f"done: {len(records)} rounds{failed} in {wall:.1f} s; final accuracy "
+        f"done: {len(records)} {'versions' if opts.mode == 'buffered' else 'rounds'}{failed} in {wall:.1f} s; "
+        "final accuracy "
         f"{'- (no round was evaluated)' if final is None else f'{final:.4f}'}; "
-        f"median round {summary['median_round_seconds']:.3f} s; the agents sent "
+        f"median {'version' if opts.mode == 'buffered' else 'round'} {summary['median_round_seconds']:.3f} s; the "
+        "agents sent "
         f"{summary['agents_bytes_sent'] / 2**20:.2f} MiB and received {summary['agents_bytes_received'] / 2**20:.2f} "
         "MiB\n"
     )
@@ -286,13 +296,15 @@ def _first_round(aggregator: Any, agents: int) -> str:
 
 
 def summarize(records: list[RoundRecord], wall: float, finished: bool,
-              agent_bytes: dict[int, tuple[int, int]] | None = None) -> dict[str, Any]:
+              agent_bytes: dict[int, tuple[int, int]] | None = None,
+              totals: tuple[int, int] | None = None) -> dict[str, Any]:
     """The demo's results. ``bytes_up``/``bytes_down`` are the aggregator's
     count, as in its round records (``rounds.jsonl``, ``fedge report``):
     the update messages it received; each model message it published once
     plus the announcement once per online device. ``agents_bytes_sent`` and
     ``agents_bytes_received`` are what all agents sent and received as MQTT
-    payloads, every copy of the model included."""
+    payloads, every copy of the model included (``totals``: as counted for
+    the whole run, when the rounds' shares are not known)."""
     agent_bytes = agent_bytes or {}
     keys = ("round", "accuracy", "loss", "clients", "bytes_up", "bytes_down", "seconds")
     private = ("epsilon", "delta", "noise_multiplier", "sampling_rate")
@@ -309,8 +321,8 @@ def summarize(records: list[RoundRecord], wall: float, finished: bool,
         "median_round_seconds": secs[len(secs) // 2],
         "bytes_up": sum(r.bytes_up for r in records),
         "bytes_down": sum(r.bytes_down for r in records),
-        "agents_bytes_sent": sum(r["agents_bytes_sent"] for r in rounds),
-        "agents_bytes_received": sum(r["agents_bytes_received"] for r in rounds),
+        "agents_bytes_sent": totals[0] if totals else sum(r["agents_bytes_sent"] for r in rounds),
+        "agents_bytes_received": totals[1] if totals else sum(r["agents_bytes_received"] for r in rounds),
         "wall_seconds": round(wall, 3),
         "finished": finished,
     }

@@ -85,6 +85,32 @@ def test_a_private_demo_stops_at_its_budget_and_reports_epsilon(tmp_path, cli_en
     assert all(r["delta"] == 1e-3 and r["sampling_rate"] == 0.5 and r["noise_multiplier"] == 1.5 for r in rounds)
 
 
+def test_a_buffered_demo_on_a_simulated_fleet_and_its_report(tmp_path, cli_env):
+    """`fedge demo --mode buffered`: versions, not rounds, on a home Wi-Fi
+    fleet profile; the report draws their staleness."""
+    state = tmp_path / "state"
+    out = tmp_path / "b.json"
+    proc = run(cli_env, "demo", "--mode", "buffered", "--rounds", "12", "--state-dir", str(state), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "version  updates" in proc.stdout and "staleness mean/max" in proc.stdout
+    assert "fleet profile home-wifi" in proc.stdout and "done: 12 versions" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [r["round"] for r in result["rounds"]] == list(range(1, 13))
+    assert all(r["clients"] == 2 and r["status"] == "ok" for r in result["rounds"])  # 10 agents: a version of 2
+    assert result["agents_bytes_sent"] > 0 and "Traceback" not in proc.stderr
+    records = [json.loads(line) for line in (state / "aggregator" / "rounds.jsonl").read_text().splitlines()]
+    assert all(r["buffered"]["version"] == r["round"] and sum(r["buffered"]["staleness"].values()) == 2
+               for r in records)
+    proc = run(cli_env, "report", "--state-dir", str(state), "--out", str(tmp_path / "r" / "job"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["mode"] == "buffered" and sum(summary["staleness"].values()) == 24
+    assert (tmp_path / "r" / "job.png").stat().st_size > 0
+    assert "buffered asynchronous aggregation" in (tmp_path / "r" / "job.html").read_text()
+    # What a buffered job cannot run yet is one line and exit 2.
+    _one_line_error(run(cli_env, "demo", "--mode", "buffered", "--secure-aggregation"), "--mode synchronous")
+
+
 def test_report_draws_a_real_private_job_as_png_and_self_contained_html(tmp_path, cli_env):
     import base64
     import re
