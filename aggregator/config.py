@@ -422,10 +422,31 @@ class AggregatorConfig:
             raise ConfigError("secagg.mode = \"on\" cannot run with server.mode = \"buffered\": SecAgg+ masks a "
                               "cohort fixed before anyone trains, and a buffer's cohort is whoever finishes first; "
                               "use server.mode = \"synchronous\"")
-        if self.privacy.mode != "off":
-            raise ConfigError(f"privacy.mode = {self.privacy.mode!r} with server.mode = \"buffered\" is not "
-                              "supported yet (noise per version without a sampling assumption); use "
-                              "server.mode = \"synchronous\"")
+        dp = self.privacy
+        if dp.mode == "off":
+            return
+        # Noise per version on at most one clipped update per device, divided by buffer_size, and no
+        # sampling assumption: devices are invited as they become available, no secret random sample.
+        if dp.mode != "central":
+            raise ConfigError(f"privacy.mode = {dp.mode!r} with server.mode = \"buffered\" is not supported: use "
+                              "central (the aggregator adds each version's noise)")
+        if dp.sampling_rate != 1:
+            raise ConfigError(f"privacy.sampling_rate = {dp.sampling_rate:g} with server.mode = \"buffered\": set it "
+                              "to 1. A buffered job invites devices as they become available, which is no secret "
+                              "random sample, so the accountant counts every version as a release of every device "
+                              "(no amplification by sampling)")
+        if dp.clip_quantile != 0:
+            raise ConfigError("privacy.clip_quantile with server.mode = \"buffered\" is not supported yet: set it to "
+                              "0 (a fixed clip)")
+        if dp.min_devices not in (0, self.buffered.buffer_size):
+            raise ConfigError(f"privacy.min_devices = {dp.min_devices} with server.mode = \"buffered\": leave it 0; "
+                              f"each version's noised sum is divided by buffered.buffer_size "
+                              f"({self.buffered.buffer_size}), the updates it folds")
+
+    def dp_devices(self) -> int:
+        """What ``privacy.min_devices = 0`` stands for: selection.min_clients,
+        or a buffered job's buffer_size (the updates each version folds)."""
+        return self.buffered.buffer_size if self.server.mode == "buffered" else self.selection.min_clients
 
     def _check_privacy(self) -> None:
         from aggregator.privacy import MODES, DpPolicy
@@ -436,7 +457,7 @@ class AggregatorConfig:
         if dp.mode == "off":
             return
         try:
-            DpPolicy.from_config(dp, self.selection.min_clients)
+            DpPolicy.from_config(dp, self.dp_devices())
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if self.server.aggregation != "mean":

@@ -48,7 +48,7 @@ class RoundPolicy:
     max_devices: int = configured("limits", "max_devices")
     offline_grace_s: float = configured("selection", "offline_grace_s")
     list_max: int = configured("selection", "list_max")
-    privacy: DpPolicy | None = built(lambda cfg: DpPolicy.from_config(cfg.privacy, cfg.selection.min_clients))
+    privacy: DpPolicy | None = built(lambda cfg: DpPolicy.from_config(cfg.privacy, cfg.dp_devices()))
     secagg: SecAggPolicy | None = built(lambda cfg: SecAggPolicy.from_config(cfg.secagg))
     buffered: BufferedPolicy | None = built(BufferedPolicy.from_config)  # None: synchronous rounds
 

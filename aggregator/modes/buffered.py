@@ -32,9 +32,20 @@ Rules first.
   is folded once. A published version is never lost: its checkpoint is
   written before it is published.
 
+* **Privacy** (``privacy.mode = "central"``): every update is clipped on
+  the device and again here and weighs one (its staleness weight, at most
+  one, only shrinks it); each version adds Gaussian noise of
+  ``noise_multiplier x clip`` to its sum and divides by ``buffer_size``. A
+  device adds at most one update to a version. Devices are invited as they
+  become available, which is no secret random sample: the accountant
+  counts every version as a release of every device (``sampling_rate`` 1,
+  no amplification), and the budget stops the job before a version that
+  would pass it.
+
 What this mode does not do: secure aggregation (a SecAgg+ cohort is fixed
-before anyone trains; a buffer's is whoever finishes first) and, for now,
-differential privacy; ``AggregatorConfig.check`` refuses both in one line.
+before anyone trains; a buffer's is whoever finishes first), distributed
+noise and adaptive clipping; ``AggregatorConfig.check`` refuses each in one
+line.
 """
 
 from __future__ import annotations
@@ -93,6 +104,7 @@ class BufferedRounds(RoundMode):
         self.version_stats: Counter[str] = Counter()  # this version's tasks issued, expired, declined
         self.staleness_seen: Counter[int] = Counter()  # this version's updates by staleness
         self.staleness_total: Counter[int] = Counter()  # every update folded since the start, by staleness
+        self.folded: dict[str, str] = {}  # client -> task of the version being closed
 
     # --- what the round core and admission read ----------------------------------------
 
@@ -255,6 +267,14 @@ class BufferedRounds(RoundMode):
         c = self.core
         if c.next_round > c.policy.rounds:
             return self.finish_job(now)
+        spend = c.private.over_budget() if c.private is not None else None
+        if spend is not None and c.policy.privacy is not None:
+            log.warning("privacy budget: version %d would bring epsilon to %.3f (delta %g), over "
+                        "privacy.target_epsilon = %g; the job stops after %d versions", c.next_round, spend,
+                        c.policy.privacy.spec.delta, c.policy.privacy.target_epsilon, c.next_round - 1,
+                        extra=fields(round=c.next_round, reason="budget_stop"))
+            c.counters["budget_stop"] += 1
+            return self.finish_job(now)
         if settle:  # the first version: wait for a fleet that can fill a buffer, as a round waits
             needed = self.needed()
             count = c.roster.eligible_count(self.codecs(), c.next_round, needed)
@@ -275,7 +295,9 @@ class BufferedRounds(RoundMode):
         asked go on, and free places are filled."""
         c = self.core
         c.attempt = attempt
-        c.round_dp, c.secure, c.secure_failure = None, None, ""
+        # A private version: every update clipped and weighing one, noise on the sum, divided by buffer_size.
+        c.round_dp = c.private.open() if c.private is not None else None
+        c.secure, c.secure_failure = None, ""
         version = c.next_round
         self.digests[version] = c.model_digest
         for old in [v for v in self.digests if v < version - self.max_staleness]:
@@ -284,7 +306,7 @@ class BufferedRounds(RoundMode):
         msg = c.announcement(RoundState.OPEN, (), now)
         c.open = OpenRound(round=version, attempt=attempt, selected=(), opened_at=now,
                            bytes_down=c.published_bytes + len(msg) * len(c.roster.online))
-        c.defence_history.begin(c.updates)
+        c.defence_history.begin(c.updates, c.round_dp)
         c.life.announce(now, math.inf)  # a version waits for its buffer, however long
         return [PublishAnnouncement(msg), *self.top_up(now, saved=True)]
 
@@ -294,7 +316,8 @@ class BufferedRounds(RoundMode):
         their devices may be asked again."""
         op = self.core.open
         assert op is not None
-        for client, (task, _) in self.in_buffer.items():
+        self.folded = {client: task for client, (task, _) in self.in_buffer.items()}  # for the version's record
+        for client, task in self.folded.items():
             self.counted.setdefault(op.round, {})[client] = task
         for old in [v for v in self.counted if v < op.round - self.max_staleness - 1]:
             del self.counted[old]  # an update of an older version is too stale: refused before its task is asked
@@ -309,6 +332,7 @@ class BufferedRounds(RoundMode):
             "training": self.active(), "staleness": {str(s): n for s, n in sorted(seen.items())},
             "staleness_mean": round(float(np.mean(values)), 3) if values else None,
             "staleness_max": values[-1] if values else None,
+            "tasks": dict(sorted(self.folded.items())),  # whose update, for which task: each is in one version
             **{k: v for k, v in sorted(self.version_stats.items())},
         }}
 

@@ -134,6 +134,57 @@ def test_aggregator_sigkilled_at_random_moments_loses_no_round_and_counts_no_upd
     assert any(r.get("attempt", 1) > 1 for r in log), "some round was re-announced after a crash"
 
 
+def test_a_buffered_job_sigkilled_at_random_moments_loses_no_version_and_folds_each_task_once(
+        mosquitto, tmp_path, cli_env):
+    """The same for buffered asynchronous aggregation: every version logged
+    once, each device's update for a task in at most one version, the
+    devices whose updates a crash lost sending them again."""
+    versions = 12
+    conf = tmp_path / "job.toml"
+    state = tmp_path / "aggregator"
+    conf.write_text(
+        f'[job]\nname = "crashy"\nrounds = {versions}\nstate_dir = "{state}"\nlinger_s = 1\n'
+        f'[server]\nmode = "buffered"\n'
+        f'[buffered]\nconcurrency = 3\nbuffer_size = 2\nmax_staleness = 4\n'
+        f'[selection]\nmin_clients = 2\ndeadline_s = 20\n'
+        f'[training]\nepochs = 1\nbatch_size = 16\nlr = 0.1\n'
+        f'[evaluate]\ndata = "fedge.datasets:digits"\nargs = {{ split = "test" }}\n'
+        f'[broker]\nurl = "{mosquitto.url}"\nreconnect_min_s = 1\nreconnect_max_s = 2\n'
+    )
+    rng = random.Random(11)
+    kills = 0
+    from .support import broker_settings
+
+    procs: list[subprocess.Popen] = []
+    with running_fleet(devices(tmp_path, "crashy", 4), broker_settings(mosquitto.url)), _reaped(procs):
+        while True:
+            proc = subprocess.Popen(fedge_cmd("aggregator", "--config", str(conf)), env=cli_env,
+                                    stderr=subprocess.DEVNULL)
+            procs.append(proc)
+            done = {r["round"] for r in read_log(state)}
+            if len(done) >= versions or kills >= 5:
+                assert proc.wait(120) == 0
+                break
+            before = len(done)
+            wait_for(lambda p=proc, n=before: p.poll() is not None or len(read_log(state)) > n, 120, "progress")
+            time.sleep(rng.uniform(0.0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    log = read_log(state)
+    assert kills >= 3
+    assert sorted(r["round"] for r in log) == list(range(1, versions + 1)), "every version logged exactly once"
+    folded = []
+    for r in log:
+        assert r["status"] == "ok" and r["clients"] == 2 and r["buffered"]["version"] == r["round"]
+        assert sorted(r["buffered"]["tasks"]) == sorted(r["accepted"])
+        folded += list(r["buffered"]["tasks"].items())
+    assert len(folded) == len(set(folded)) == 2 * versions, "a device's update for a task folded twice"
+    assert len({task for _, task in folded}) == len(folded)
+    assert any(r["attempt"] > 1 for r in log), "some version was built again after a crash"
+    assert log[-1]["accuracy"] > 0.5
+
+
 @contextlib.contextmanager
 def _reaped(procs):
     """Whatever happens in the test, no aggregator outlives it."""

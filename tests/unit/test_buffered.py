@@ -350,7 +350,10 @@ def test_staleness_weights():
 
 @pytest.mark.parametrize(("change", "words"), [
     ({"secagg": {"mode": "on", "bound": 0.1}, "selection": {"min_clients": 3}}, "SecAgg+"),
-    ({"privacy": {"mode": "central", "min_devices": 100}}, "not supported yet"),
+    ({"privacy": {"mode": "central"}}, "privacy.sampling_rate = 0.1 .*set it to 1.*no amplification"),
+    ({"privacy": {"mode": "distributed", "sampling_rate": 1.0}, "codec": {"name": "none"}}, "use central"),
+    ({"privacy": {"mode": "central", "sampling_rate": 1.0, "clip_quantile": 0.5}}, "clip_quantile"),
+    ({"privacy": {"mode": "central", "sampling_rate": 1.0, "min_devices": 7}}, "leave it 0"),
     ({"buffered": {"staleness": "cubic"}}, "buffered.staleness"),
     ({"server": {"mode": "async"}}, "server.mode"),
 ])
@@ -360,6 +363,33 @@ def test_settings_a_buffered_job_cannot_run_are_one_line(change, words):
         cfg = updated(AggregatorConfig(), **change)
     with pytest.raises(ConfigError, match=words):
         cfg.check()
+
+
+def test_a_private_buffered_job_noises_each_version_and_counts_it_without_amplification():
+    from aggregator.privacy import DpPolicy, PrivacySpec, epsilon
+
+    spec = PrivacySpec(1.0, sampling_rate=1.0, delta=1e-5)
+    budget = epsilon(spec, 3)
+    dp = DpPolicy(spec, clip=0.5, target_epsilon=budget, min_devices=2)
+    j = Job(buffered_core(BufferedPolicy(concurrency=3, buffer_size=2, max_staleness=2), privacy=dp))
+    j.online(*FLEET)
+    assert j.ann.dp is not None and j.ann.dp.clip == 0.5  # the devices clip to it
+    for _ in range(6):
+        before = {k: v.copy() for k, v in j.core.models.exact.items()}
+        a, b = sorted(j.core.mode.tasks)[:2]
+        big = {k: v * 100 for k, v in delta_for(a).items()}  # clipped to 0.5 whatever it says
+        j.answer(a, version=j.core.next_round, delta=big)
+        if j.core.state == "done":
+            break
+        j.answer(b, version=j.core.next_round)
+        rec = j.records[-1]
+        assert rec.extra["dp_noise_added"] == pytest.approx(0.5) and rec.extra["sampling_rate"] == 1.0
+        assert rec.extra["epsilon"] == pytest.approx(epsilon(spec, len(j.records)), abs=1e-4)
+        moved = np.sqrt(sum(float(np.sum((j.core.models.exact[k] - before[k]) ** 2)) for k in INITIAL))
+        assert moved < 10  # the clipped mean plus noise of 0.5 / 2 per coordinate, never the 100x update
+    # The budget stops the job before the version that would pass it.
+    assert [r.round for r in j.records] == [1, 2, 3] and j.core.state == "done"
+    assert j.core.counters["budget_stop"] == 1 and j.records[-1].extra["epsilon"] <= budget + 1e-4
 
 
 # --- a whole job ------------------------------------------------------------------------
