@@ -416,3 +416,23 @@ def test_a_buffered_job_runs_over_the_memory_broker_through_redelivery(tmp_path)
                  if s.name.endswith("_bucket")}
     assert staleness["+Inf"] == 8 and staleness["0"] <= staleness["1"] <= staleness["+Inf"]
     assert families["fedge_buffered_concurrency"].samples[0].value == 3
+
+
+def test_a_private_buffered_job_runs_over_the_memory_broker(tmp_path):
+    """The devices clip to the announced clip and the versions carry what
+    the job spent (no sampling assumed)."""
+    broker = MemoryBroker()
+    cfg = updated(job(tmp_path, min_clients=1, deadline_s=60.0), job={"rounds": 3},
+                  server={"mode": "buffered"}, buffered={"concurrency": 3, "buffer_size": 2, "max_staleness": 3},
+                  privacy={"mode": "central", "clip": 0.5, "noise_multiplier": 0.5, "sampling_rate": 1.0},
+                  codec={"name": "int8"}, training={"epochs": 1, "batch_size": 32, "lr": 0.1})
+    records = []
+    with job_and_fleet(cfg, broker, devices(tmp_path, 4), TrainingPool(size=1, mode="warm", threads=1),
+                       on_record=records.append) as (service, fleet):
+        assert service.done.wait(120), (records, service.core.counters)
+        clipped = sum(d.core.counters.get("dp_clipped", 0) + d.core.counters.get("dp_within_clip", 0)
+                      for d in fleet.devices.values())
+    assert [r.status for r in records] == ["ok"] * 3
+    assert [r.extra["dp_rounds"] for r in records] == [1, 2, 3] and records[-1].extra["sampling_rate"] == 1.0
+    assert records[0].extra["epsilon"] < records[1].extra["epsilon"] < records[2].extra["epsilon"]
+    assert clipped >= 6  # every update was clipped on its device before it was sent

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from aggregator.privacy import DpPolicy, PrivacySpec
 from aggregator.rounds import (
     ClientStatus,
     MessageArrived,
@@ -42,11 +43,17 @@ VERSIONS = 5
 DEADLINE_S = 10.0
 
 
-def core():
-    return make_core(buffered=POLICY, defences=PLAIN, rounds=VERSIONS, deadline_s=DEADLINE_S, min_clients=1)
+DP = DpPolicy(PrivacySpec(1.0, sampling_rate=1.0, delta=1e-5), clip=0.5, min_devices=POLICY.buffer_size)
+
+
+def core(private: bool = False):
+    return make_core(buffered=POLICY, defences=PLAIN, rounds=VERSIONS, deadline_s=DEADLINE_S, min_clients=1,
+                     privacy=DP if private else None)
 
 
 class BufferedMachine(RuleBasedStateMachine):
+    PRIVATE = False  # central differential privacy per version (PrivateMachine)
+
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
@@ -62,7 +69,8 @@ class BufferedMachine(RuleBasedStateMachine):
         self.published: dict[str, int] = {}  # update id -> the published version it is in
         self.versions: list[int] = []
         self.lost: set[str] = set()  # update ids folded into a buffer a crash lost
-        self.core = core()
+        self.spent = 0.0  # epsilon of the last private version
+        self.core = core(self.PRIVATE)
         self.run(self.core.start(self.now))
 
     # --- the harness ------------------------------------------------------------------
@@ -98,6 +106,10 @@ class BufferedMachine(RuleBasedStateMachine):
                         self.published[uid] = version
                         del self.in_version[uid]
                 assert all(np.isfinite(v).all() for v in a.model.values())
+                if self.PRIVATE:  # noised, counted, and never less spent than before
+                    assert rec.extra["dp_noise_added"] > 0 and rec.extra["dp_rounds"] == rec.round
+                    assert rec.extra["epsilon"] >= self.spent
+                    self.spent = rec.extra["epsilon"]
 
     def deliver(self, client: str, message: bytes) -> list[Ack]:
         self.sent.append((client, message))
@@ -205,7 +217,7 @@ class BufferedMachine(RuleBasedStateMachine):
         (one draw in five: hypothesis weighs rules alike)."""
         if not now:
             return
-        restarted = core()
+        restarted = core(self.PRIVATE)
         if self.checkpoint is not None:
             restarted.restore(*self.checkpoint, self.open_record)
         elif self.open_record is not None:
@@ -245,6 +257,13 @@ class BufferedMachine(RuleBasedStateMachine):
         assert self.versions == list(range(1, VERSIONS + 1))
 
 
+class PrivateMachine(BufferedMachine):
+    PRIVATE = True
+
+
 TestBuffered = BufferedMachine.TestCase
 TestBuffered.settings = settings(max_examples=300, stateful_step_count=50, deadline=None,
                                  suppress_health_check=[HealthCheck.too_slow])
+TestPrivateBuffered = PrivateMachine.TestCase
+TestPrivateBuffered.settings = settings(max_examples=100, stateful_step_count=50, deadline=None,
+                                        suppress_health_check=[HealthCheck.too_slow])
