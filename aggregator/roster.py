@@ -34,6 +34,7 @@ class Roster:
         # with them, kept as presences come and go: a fleet of N announcing
         # itself costs O(N), not a scan of everyone online per presence.
         self._able: dict[tuple[str, ...], set[str]] = {}
+        self._sorted: dict[tuple[str, ...], list[str]] = {}  # the same, sorted, until one changes
 
     def heard(self, client: str, online: bool, info: dict[str, Any]) -> bool:
         """A device's presence; False (and nothing changes) for a device the
@@ -46,20 +47,32 @@ class Roster:
         else:
             self.online.pop(client, None)
         for codecs, able in self._able.items():
+            was = client in able
             if online and selection.able(info, codecs):
                 able.add(client)
             else:
                 able.discard(client)
+            if (client in able) != was:
+                self._sorted.pop(codecs, None)
         return True
 
     def eligible(self, codecs: Sequence[str], round_: int, needed: int) -> list[str]:
         """The online devices that can train this round (``codecs``: what
         they must encode and decode), the benched left out unless the others
         are fewer than ``needed``."""
-        able = self._able_with(codecs)
-        candidates = sorted(able)
+        candidates = self.sorted_able(codecs)
         ready = [c for c in candidates if self.benched.get(c, (0, 0))[1] <= round_]
-        return ready if len(ready) >= needed else candidates
+        return ready if len(ready) >= needed else list(candidates)
+
+    def sorted_able(self, codecs: Sequence[str]) -> list[str]:
+        """The online devices able to train with ``codecs``, sorted (kept
+        until one comes or goes: a buffered job asks after every update).
+        Not to be changed by the caller."""
+        key = tuple(codecs)
+        cached = self._sorted.get(key)
+        if cached is None:
+            cached = self._sorted[key] = sorted(self._able_with(codecs))
+        return cached
 
     def eligible_count(self, codecs: Sequence[str], round_: int, needed: int) -> int:
         """``len(eligible(...))`` without listing them: what a round waiting

@@ -346,11 +346,7 @@ class BufferedRounds(RoundMode):
         actions: list[Action] = []
         free = self.policy.concurrency - self.active()
         if free > 0 and c.open is not None and c.life.phase is Phase.OPEN:
-            busy = len(self.tasks) + len(self.in_buffer)
-            candidates = [d for d in c.roster.eligible(self.codecs(), c.next_round, free + busy)
-                          if d not in self.tasks and d not in self.in_buffer and d not in self.declined_at]
-            rng = random.Random(f"{c.policy.seed}/{c.next_round}/{self.issued}")
-            for client in rng.sample(candidates, min(free, len(candidates))):
+            for client in self._pick(free):
                 self.issued += 1
                 task = self.tasks[client] = Task(c.new_id()[:16], c.next_round, now)
                 self.version_stats["tasks_issued"] += 1
@@ -358,6 +354,38 @@ class BufferedRounds(RoundMode):
         if actions or saved:
             actions.append(SaveRoundOpen(self._tasks_record(), durable=False))
         return actions
+
+    def _pick(self, k: int) -> list[str]:
+        """Up to ``k`` idle, eligible devices at random (seeded): a few
+        random draws in a large fleet (an update must not cost a scan of
+        10,000 devices); else every idle one, the benched (silent on a
+        task) filling in last, as in a round."""
+        c = self.core
+        able = c.roster.sorted_able(self.codecs())
+        rng = random.Random(f"{c.policy.seed}/{c.next_round}/{self.issued}")
+
+        def idle(d: str) -> bool:
+            return d not in self.tasks and d not in self.in_buffer and d not in self.declined_at
+
+        def ready(d: str) -> bool:
+            return c.roster.benched.get(d, (0, 0))[1] <= c.next_round
+
+        picked: list[str] = []
+        tried: set[str] = set()
+        for _ in range(4 * k + 8):
+            if len(picked) == k or len(tried) == len(able):
+                break
+            d = able[rng.randrange(len(able))]
+            if d not in tried:
+                tried.add(d)
+                if idle(d) and ready(d):
+                    picked.append(d)
+        if len(picked) < k:
+            chosen = set(picked)
+            rest = [d for d in able if d not in chosen and idle(d)]
+            for group in ([d for d in rest if ready(d)], [d for d in rest if not ready(d)]):
+                picked += rng.sample(group, min(k - len(picked), len(group)))
+        return picked
 
     def _invite(self, client: str, task: Task) -> list[Action]:
         c = self.core

@@ -189,10 +189,12 @@ def test_updates_staler_than_max_staleness_get_a_late_receipt_and_free_the_task(
     j.answer(old)  # version 1
     j.answer(sorted(set(j.tasks) - {old, stuck})[0], version=2)  # version 2
     assert j.core.next_round == 3
+    task = j.tasks[stuck].task
     acts = j.answer(stuck, version=1)  # two versions behind
     [ack] = receipts(acts)
     assert ack.status == "late" and "max_staleness" in ack.reason
-    assert stuck not in j.core.mode.tasks and j.core.counters["late"] == 1
+    # Its task is over (the device may be asked again, for a new one).
+    assert j.core.mode.task_of(stuck) != task and j.core.counters["late"] == 1
 
 
 def test_what_is_refused_before_folding():
@@ -240,6 +242,24 @@ def test_a_decline_an_offline_device_and_a_silent_one_each_free_a_place():
     assert j.core.counters["task_expired"] == 2 and all(c in j.core.roster.benched for c in silent)
     j.online(b)
     assert receipts(j.answer(b))[0].status == "accepted"  # late, but within staleness
+
+
+def test_a_large_fleet_is_asked_at_random_from_a_sorted_list_kept_until_presence_changes():
+    fleet = [f"dev-{i:05d}" for i in range(3000)]
+    j = Job(buffered_core(BufferedPolicy(concurrency=20, buffer_size=5, max_staleness=2), min_clients=1))
+    j.online(*fleet)
+    assert len(j.tasks) == 20 and len(set(j.tasks)) == 20
+    roster, codecs = j.core.roster, j.core.mode.codecs()
+    listed = roster.sorted_able(codecs)
+    assert listed is roster.sorted_able(codecs) and listed == sorted(fleet)  # kept, not sorted again
+    j.online("dev-00007", up=False)
+    assert "dev-00007" not in roster.sorted_able(codecs) and len(roster.sorted_able(codecs)) == 2999
+    # Silent devices are benched; the others are asked first.
+    silent = set(j.core.mode.tasks)
+    j.tick(j.core.policy.deadline_s + 1)
+    assert j.core.counters["task_expired"] == 20
+    asked = {c for c, t in j.core.mode.tasks.items() if t.holds}
+    assert len(asked) == 20 and not asked & silent
 
 
 def test_a_copy_of_an_old_decline_does_not_end_the_next_task():
@@ -436,3 +456,27 @@ def test_a_private_buffered_job_runs_over_the_memory_broker(tmp_path):
     assert [r.extra["dp_rounds"] for r in records] == [1, 2, 3] and records[-1].extra["sampling_rate"] == 1.0
     assert records[0].extra["epsilon"] < records[1].extra["epsilon"] < records[2].extra["epsilon"]
     assert clipped >= 6  # every update was clipped on its device before it was sent
+
+
+def test_fedge_status_and_watch_say_versions():
+    import io
+
+    from fedge.records import RoundRecord
+    from fedge_cli.status import print_table
+    from fedge_cli.table import RoundTable
+
+    out = io.StringIO()
+    print_table({"job": "j", "aggregator": "online", "devices": {}, "skipped": 0, "unverified": 0, "time": 0.0,
+                 "round": {"state": "open", "round": 7, "attempt": 2, "mode": "buffered", "max_staleness": 10}}, out)
+    assert out.getvalue().startswith("job j: aggregator online, version 7 being built (buffered; updates up to 10 "
+                                     "versions old), 0/0 devices online")
+    out = io.StringIO()
+    table = RoundTable(out, buffered=True)
+    table.header()
+    table.row(RoundRecord(round=3, attempt=1, status="ok", closed_by="buffer_full", selected=0, clients=5,
+                          declined=0, late=0, rejected={}, num_samples=50, train_loss=None, bytes_up=10, bytes_down=20,
+                          seconds=0.5, model_digest="d", extra={"buffered": {"staleness_mean": 1.2,
+                                                                             "staleness_max": 3}}))
+    lines = out.getvalue().splitlines()
+    assert lines[1].split()[:2] == ["version", "updates"] and lines[2].split()[:2] == ["3", "5"]
+    assert lines[2].split()[-1] == "1.20/3"
