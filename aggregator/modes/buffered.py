@@ -352,7 +352,8 @@ class BufferedRounds(RoundMode):
                 self.version_stats["tasks_issued"] += 1
                 actions += self._invite(client, task)
         if actions or saved:
-            actions.append(SaveRoundOpen(self._tasks_record(), durable=False))
+            # Saved before the invitations leave: a device never trains for a task a restart would not know.
+            actions.insert(0, SaveRoundOpen(self._tasks_record(), durable=False))
         return actions
 
     def _pick(self, k: int) -> list[str]:
