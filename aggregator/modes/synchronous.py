@@ -33,7 +33,7 @@ from aggregator.lifecycle import OpenRound, Phase
 from aggregator.modes.base import RoundMode
 from aggregator.secure import SecureRound
 from fedge.logs import fields
-from fedge.messages import Decline, SecAggStage, Update
+from fedge.messages import SYNCHRONOUS, Decline, SecAggStage, Update
 from fedge.secagg import SecAggError
 
 if TYPE_CHECKING:
@@ -57,9 +57,14 @@ class SynchronousRounds(RoundMode):
         """Re-open the round a restart interrupted (same selection, next
         attempt), or open the next one."""
         c = self.core
+        if restored and restored.get("mode", SYNCHRONOUS) != SYNCHRONOUS:
+            # The job ran buffered before this start (server.mode changed): its tasks mean nothing to a round.
+            log.warning("the saved open round is a buffered job's; server.mode is synchronous now, so the next "
+                        "round opens afresh", extra=fields(reason="mode_changed"))
+            restored = None
         if restored and restored.get("round") == c.next_round and restored.get("model_digest") == c.model_digest:
             c.roster.known.update(restored.get("selected", []))
-            return self.announce(now, tuple(restored["selected"]), int(restored.get("attempt", 0)) + 1)
+            return self.announce(now, tuple(restored.get("selected", ())), int(restored.get("attempt", 0)) + 1)
         return self.try_open(now)
 
     def announcement_fields(self) -> dict[str, Any]:

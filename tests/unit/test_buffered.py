@@ -480,3 +480,26 @@ def test_fedge_status_and_watch_say_versions():
     lines = out.getvalue().splitlines()
     assert lines[1].split()[:2] == ["version", "updates"] and lines[2].split()[:2] == ["3", "5"]
     assert lines[2].split()[-1] == "1.20/3"
+
+
+def test_a_job_switched_between_modes_at_a_restart_goes_on():
+    """An operator's change of server.mode mid-job: whatever the saved state
+    holds, the restarted job opens afresh and publishes the checkpoint's model."""
+    j = Job()
+    j.online(*FLEET)
+    a, b = sorted(j.tasks)[:2]
+    j.answer(a)
+    j.answer(b)
+    arrays, meta = j.checkpoint
+    sync = make_core(defences=PLAIN)
+    sync.restore(arrays, meta, j.open_record)
+    acts = sync.start(50.0)
+    for c in FLEET:
+        acts += sync.handle(ClientStatus(c, True, {}, 50.0))
+    ann = announced(acts)
+    assert ann is not None and ann.state == "open" and not ann.buffered and ann.round == 2
+    back = buffered_core()
+    back.restore(*sync.snapshot(), {"round": 2, "attempt": 1, "selected": list(FLEET), "model_digest": "x"})
+    j2 = Job(back, now=60.0)
+    j2.online(*FLEET)
+    assert j2.ann.buffered and j2.ann.round == 2 and len(j2.core.mode.tasks) == 3
