@@ -15,7 +15,8 @@ its own:
 * the **lifecycle** (``aggregator.lifecycle``): waiting, settling, open,
   unmasking, closing, done; its transitions are a table;
 * the **mode** (``aggregator.modes``): when a round opens, whom it selects,
-  when it is due and what closing does (today: synchronous rounds);
+  when it is due (synchronous rounds, or buffered asynchronous
+  aggregation, whose rounds are model versions); closing is shared;
 * **admission** (``aggregator.admission``): the ordered checks an update
   passes before a round may count it; the core turns a refusal into a
   counter and, when the sender can be told, a ``rejected``/``late``

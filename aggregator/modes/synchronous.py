@@ -1,4 +1,4 @@
-"""Synchronous rounds: the mode every job runs today.
+"""Synchronous rounds: the default mode (`server.mode = "synchronous"`).
 
 A round opens once enough eligible devices are online (and have settled),
 selects a fraction of them (a Poisson sample in a private job), and takes
