@@ -1004,17 +1004,18 @@ class AgentCore:
         (it restarted: a higher ``attempt``), and train for a task, on the
         newest version announced."""
         p = self.state.pending
+        actions: list[Action] = []
         if p is not None and p.task and self._needs_sending(p) and (
                 self.resend is None or p.sent_attempt < ann.attempt):
             self.state.pending = replace(p, sent_attempt=ann.attempt)
             self.resend = _Resend(now + self.resend_after_s, self.resend_after_s)
             self._count("resent")
             assert self.update_bytes is not None
-            return [PersistState(self.state.to_json(), self.update_bytes), PublishUpdate(self.update_bytes)]
+            actions = [PersistState(self.state.to_json(), self.update_bytes), PublishUpdate(self.update_bytes)]
         task = self._due_task(ann)
         if task is None or self.training is not None:
-            return []
-        return self._start_training(ann, task)
+            return actions
+        return actions + self._start_training(ann, task)  # and a new task trains meanwhile
 
     def _start_training(self, ann: RoundAnnouncement, task: str = "") -> list[Action]:
         if not self._has_announced_model() or self.key is None or self.current is None:

@@ -503,3 +503,20 @@ def test_a_job_switched_between_modes_at_a_restart_goes_on():
     j2 = Job(back, now=60.0)
     j2.online(*FLEET)
     assert j2.ann.buffered and j2.ann.round == 2 and len(j2.core.mode.tasks) == 3
+
+
+def test_a_device_that_sends_an_update_again_also_trains_for_its_new_task():
+    core = make()
+    k, digest = key_msg()
+    core.handle(KeyArrived(k, 0.0))
+    core.handle(AnnouncementArrived(buffered_ann(digest, 1), 1.0))
+    core.handle(AckArrived(Invite(JOB, 1, 1, ME, digest, task="t1").encode(), 2.0))
+    [sent] = only(train(core, now=3.0), PublishUpdate)
+    u = Update.parse(wire.decode(sent.message))
+    core.handle(AckArrived(Ack(JOB, u.round, 1, ME, u.update_id, "accepted").encode(), 4.0))
+    core.handle(AckArrived(Invite(JOB, 2, 1, ME, digest, task="t2").encode(), 5.0))
+    assert core.training is not None and core.training.task == "t2"
+    core.training = None  # (its worker died: the task is due again)
+    acts = core.handle(AnnouncementArrived(buffered_ann(digest, 2, attempt=2), 7.0))  # the aggregator restarted
+    assert only(acts, PublishUpdate) and only(acts, PublishUpdate)[0].message == sent.message  # sent again
+    assert only(acts, StartTraining) and core.training.task == "t2"  # and the new task trains meanwhile
