@@ -280,6 +280,10 @@ def _task(core: Gate, client: str, upd: Update) -> Verdict | None:
     return None
 
 
+def _job_open(core: Gate, client: str, upd: Update) -> Verdict | None:
+    return None if core.open is not None else Refuse("late", "the job is not open")
+
+
 def _staleness(core: Gate, client: str, upd: Update) -> Verdict | None:
     open_ = core.open
     assert open_ is not None
@@ -303,7 +307,7 @@ BUFFERED_CHECKS: tuple[tuple[str, Check], ...] = (
     ("sender", _sender),
     ("known", _known),
     ("task_counted", _task_counted),  # a counted update's resend hears "duplicate", open or not
-    ("open", lambda core, client, upd: None if core.open is not None else Refuse("late", "the job is not open")),
+    ("open", _job_open),
     ("staleness", _staleness),  # before the task: a counted update too old to be kept hears "late"
     ("task", _task),
     ("version_model", _version_model),

@@ -66,6 +66,21 @@ class RoundMode:
 
     # --- shared ----------------------------------------------------------------------
 
+    def budget_stop(self, now: float, what: str = "round") -> list[Action] | None:
+        """End the job when one more private ``what`` (a round, a buffered
+        job's version) would take it past ``privacy.target_epsilon``; None
+        to go on."""
+        c = self.core
+        dp, private = c.policy.privacy, c.private
+        spend = private.over_budget() if private is not None else None
+        if dp is None or private is None or spend is None:
+            return None
+        log.warning("privacy budget: %s %d would bring epsilon to %.3f (delta %g), over privacy.target_epsilon = "
+                    "%g; the job stops after %d private %ss", what, c.next_round, spend, dp.spec.delta,
+                    dp.target_epsilon, private.rounds, what, extra=fields(round=c.next_round, reason="budget_stop"))
+        c.counters["budget_stop"] += 1
+        return self.finish_job(now)
+
     def codecs(self) -> list[str]:
         """What a device must encode and decode to train this job's rounds:
         the uplink codec and the downlink's deltas."""

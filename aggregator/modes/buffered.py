@@ -84,6 +84,23 @@ class Task:
     holds: bool = True  # it counts towards concurrency (not once expired or its device went offline)
 
 
+def _saved_tasks(record: dict[str, Any], now: float) -> dict[str, Task]:
+    """The tasks a restart resumes, from the saved record (``_tasks_record``):
+    each with a fresh deadline, and a place only if it held one (the
+    buffer's did not). An entry that is not [task, version, holds] is left
+    out, and said."""
+    saved = record.get("tasks")
+    out: dict[str, Task] = {}
+    for client, entry in (saved.items() if isinstance(saved, dict) else ()):
+        if (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and isinstance(entry[1], int) and isinstance(entry[2], bool)):
+            out[str(client)] = Task(entry[0], entry[1], now, holds=entry[2])
+        else:
+            log.warning("left out a saved task of %s that is not [task, version, holds]: %r", client, entry,
+                        extra=fields(device=str(client), reason="bad_saved_task"))
+    return out
+
+
 class BufferedRounds(RoundMode):
     """The versions of a buffered job (see the module's docstring)."""
 
@@ -165,10 +182,9 @@ class BufferedRounds(RoundMode):
         c = self.core
         if not restored or restored.get("mode") != BUFFERED:
             return self.try_open(now)
-        for client, (task, version, *holds) in dict(restored.get("tasks", {})).items():
-            if self.counted_version(str(client), str(task)) is None:
-                # A fresh deadline; a place only if it held one (the in-buffer's did not).
-                self.tasks[str(client)] = Task(str(task), int(version), now, holds=bool(holds and holds[0]))
+        for client, task in _saved_tasks(restored, now).items():
+            if self.counted_version(client, task.id) is None:
+                self.tasks[client] = task
         c.roster.known.update(self.tasks)
         self.issued = max(self.issued, int(restored.get("issued", 0)))
         if c.next_round > c.policy.rounds:
@@ -267,14 +283,9 @@ class BufferedRounds(RoundMode):
         c = self.core
         if c.next_round > c.policy.rounds:
             return self.finish_job(now)
-        spend = c.private.over_budget() if c.private is not None else None
-        if spend is not None and c.policy.privacy is not None:
-            log.warning("privacy budget: version %d would bring epsilon to %.3f (delta %g), over "
-                        "privacy.target_epsilon = %g; the job stops after %d versions", c.next_round, spend,
-                        c.policy.privacy.spec.delta, c.policy.privacy.target_epsilon, c.next_round - 1,
-                        extra=fields(round=c.next_round, reason="budget_stop"))
-            c.counters["budget_stop"] += 1
-            return self.finish_job(now)
+        stop = self.budget_stop(now, "version")
+        if stop is not None:
+            return stop
         if settle:  # the first version: wait for a fleet that can fill a buffer, as a round waits
             needed = self.needed()
             count = c.roster.eligible_count(self.codecs(), c.next_round, needed)

@@ -244,7 +244,6 @@ class SynchronousRounds(RoundMode):
         c = self.core
         if c.next_round > c.policy.rounds:
             return self.finish_job(now)
-        dp = c.policy.privacy
         # A private round divides its noised sum by the cohort it expects of
         # min_devices devices: it never opens with fewer.
         needed = self.needed()
@@ -261,14 +260,9 @@ class SynchronousRounds(RoundMode):
         if settle and c.policy.settle_s > 0 and not c.life.settled(now, c.policy.settle_s):
             return []
         candidates = self.eligible()
-        spend = c.private.over_budget() if c.private is not None else None
-        if dp is not None and spend is not None:
-            log.warning("privacy budget: round %d would bring epsilon to %.3f (delta %g), over "
-                        "privacy.target_epsilon = %g; the job stops after %d private rounds", c.next_round,
-                        spend, dp.spec.delta, dp.target_epsilon, c.private.rounds if c.private else 0,
-                        extra=fields(round=c.next_round, reason="budget_stop"))
-            c.counters["budget_stop"] += 1
-            return self.finish_job(now)
+        stop = self.budget_stop(now)
+        if stop is not None:
+            return stop
         return self.announce(now, self.select(candidates), 1)
 
     def announce(self, now: float, selected: tuple[str, ...], attempt: int) -> list[Action]:

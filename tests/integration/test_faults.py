@@ -95,27 +95,12 @@ def test_aggregator_sigkilled_at_random_moments_loses_no_round_and_counts_no_upd
         f'[broker]\nurl = "{mosquitto.url}"\nreconnect_min_s = 1\nreconnect_max_s = 2\n'
     )
     rng = random.Random(7)
-    kills = 0
     fleet_specs = devices(tmp_path, "crashy", 4)
     from .support import broker_settings
 
     procs: list[subprocess.Popen] = []
     with running_fleet(fleet_specs, broker_settings(mosquitto.url)), _reaped(procs):
-        while True:
-            proc = subprocess.Popen(fedge_cmd("aggregator", "--config", str(conf)), env=cli_env,
-                                    stderr=subprocess.DEVNULL)
-            procs.append(proc)
-            done_rounds = {r["round"] for r in read_log(state)}
-            if len(done_rounds) >= rounds or kills >= 5:
-                assert proc.wait(120) == 0
-                break
-            # Let it run into a round (or two), then kill it without warning.
-            before = len(done_rounds)
-            wait_for(lambda p=proc, n=before: p.poll() is not None or len(read_log(state)) > n, 120, "progress")
-            time.sleep(rng.uniform(0.0, 0.4))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
+        kills = _kill_until_done(conf, state, rounds, rng, 0.4, procs, cli_env)
         # Started again after the last round, it republishes the final state and exits.
         again = subprocess.run(fedge_cmd("aggregator", "--config", str(conf)), env=cli_env, timeout=60,
                                capture_output=True, text=True)
@@ -152,25 +137,11 @@ def test_a_buffered_job_sigkilled_at_random_moments_loses_no_version_and_folds_e
         f'[broker]\nurl = "{mosquitto.url}"\nreconnect_min_s = 1\nreconnect_max_s = 2\n'
     )
     rng = random.Random(11)
-    kills = 0
     from .support import broker_settings
 
     procs: list[subprocess.Popen] = []
     with running_fleet(devices(tmp_path, "crashy", 4), broker_settings(mosquitto.url)), _reaped(procs):
-        while True:
-            proc = subprocess.Popen(fedge_cmd("aggregator", "--config", str(conf)), env=cli_env,
-                                    stderr=subprocess.DEVNULL)
-            procs.append(proc)
-            done = {r["round"] for r in read_log(state)}
-            if len(done) >= versions or kills >= 5:
-                assert proc.wait(120) == 0
-                break
-            before = len(done)
-            wait_for(lambda p=proc, n=before: p.poll() is not None or len(read_log(state)) > n, 120, "progress")
-            time.sleep(rng.uniform(0.0, 0.3))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
+        kills = _kill_until_done(conf, state, versions, rng, 0.3, procs, cli_env)
     log = read_log(state)
     assert kills >= 3
     assert sorted(r["round"] for r in log) == list(range(1, versions + 1)), "every version logged exactly once"
@@ -183,6 +154,26 @@ def test_a_buffered_job_sigkilled_at_random_moments_loses_no_version_and_folds_e
     assert len({task for _, task in folded}) == len(folded)
     assert any(r["attempt"] > 1 for r in log), "some version was built again after a crash"
     assert log[-1]["accuracy"] > 0.5
+
+
+def _kill_until_done(conf, state, rounds, rng, within_s, procs, cli_env, most=5):
+    """Start the aggregator, let it log a round (or two), SIGKILL it up to
+    ``within_s`` later, and again, ``most`` times or until ``rounds`` are
+    logged; the last start runs the job to its end. Returns the kills."""
+    kills = 0
+    while True:
+        proc = subprocess.Popen(fedge_cmd("aggregator", "--config", str(conf)), env=cli_env,
+                                stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        done = len({r["round"] for r in read_log(state)})
+        if done >= rounds or kills >= most:
+            assert proc.wait(120) == 0
+            return kills
+        wait_for(lambda p=proc, n=done: p.poll() is not None or len(read_log(state)) > n, 120, "progress")
+        time.sleep(rng.uniform(0.0, within_s))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
 
 
 @contextlib.contextmanager

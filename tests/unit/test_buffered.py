@@ -520,3 +520,14 @@ def test_a_device_that_sends_an_update_again_also_trains_for_its_new_task():
     acts = core.handle(AnnouncementArrived(buffered_ann(digest, 2, attempt=2), 7.0))  # the aggregator restarted
     assert only(acts, PublishUpdate) and only(acts, PublishUpdate)[0].message == sent.message  # sent again
     assert only(acts, StartTraining) and core.training.task == "t2"  # and the new task trains meanwhile
+
+
+def test_a_saved_task_record_that_is_not_well_formed_is_left_out_not_a_crash():
+    restarted = buffered_core()
+    restarted.resume_round({"mode": "buffered", "round": 1, "attempt": 1, "model_digest": "x",
+                            "tasks": {"a": ["t1", 1, True], "b": "junk", "c": ["t2", "one", True], "d": ["t3", 1]}})
+    r = Job(restarted, now=5.0)
+    assert r.ann.buffered and r.ann.attempt == 2 and set(restarted.mode.tasks) == {"a"}
+    other = buffered_core()
+    other.resume_round({"mode": "buffered", "attempt": 1, "tasks": ["not", "a", "dict"]})
+    assert Job(other, now=6.0).ann.attempt == 2 and not other.mode.tasks
