@@ -192,6 +192,21 @@ class BufferedSection:
 
 
 @dataclass(frozen=True)
+class RelaysSection:
+    min_relays: int = setting(
+        0, "0: devices talk to this aggregator. N >= 1: this aggregator is the root of a relayed job: each region's "
+        "relay (fedge relay --region NAME, with this same config) runs the round among its devices and sends the "
+        "root one sum; a round opens once N relays are online.", NON_NEGATIVE)
+    margin_s: float = setting(
+        5.0, "A relay closes its region's round this many seconds before the root's selection.deadline_s, so that "
+        "its sum reaches the root in time.", NON_NEGATIVE)
+    root_key: str = setting(
+        "", "A relay's pin of the root's public key (ed25519:..., logged when the root starts): it believes only "
+        "the root's announcements and receipts signed with it. Required for a relay when identity.signing = "
+        "\"required\"; the root ignores it.")
+
+
+@dataclass(frozen=True)
 class EvaluateSection:
     data: str = setting("", "Held-out data as module:callable (arrays or torch Dataset); empty: no evaluation.")
     args: dict = setting({}, "Keyword arguments for the evaluation data callable.")
@@ -362,6 +377,7 @@ class AggregatorConfig:
     downlink: DownlinkSection = section(DownlinkSection, "How the global model reaches devices (downlink).")
     server: ServerSection = section(ServerSection, "Server-side optimizer applied to the averaged delta.")
     buffered: BufferedSection = section(BufferedSection, "Buffered asynchronous aggregation (server.mode = buffered).")
+    relays: RelaysSection = section(RelaysSection, "A job relayed through regions: the root's side (fedge relay).")
     evaluate: EvaluateSection = section(EvaluateSection, "Held-out evaluation of each new global model.")
     onnx: OnnxSection = section(OnnxSection, "ONNX exports of the global model for inference-only devices.")
     limits: LimitsSection = section(LimitsSection, "Bounds that protect the aggregator from bad input.")
@@ -390,6 +406,8 @@ class AggregatorConfig:
             raise ConfigError(f"server.mode {srv.mode!r} is not known; use synchronous or buffered")
         if srv.mode == "buffered":
             self._check_buffered()
+        if self.relays.min_relays:
+            self._check_relays()
         if srv.optimizer not in SERVER_OPTIMIZERS:
             raise ConfigError(f"server.optimizer {srv.optimizer!r} is not known; "
                               f"use one of {', '.join(SERVER_OPTIMIZERS)}")
@@ -442,6 +460,21 @@ class AggregatorConfig:
             raise ConfigError(f"privacy.min_devices = {dp.min_devices} with server.mode = \"buffered\": leave it 0; "
                               f"each version's noised sum is divided by buffered.buffer_size "
                               f"({self.buffered.buffer_size}), the updates it folds")
+
+    def _check_relays(self) -> None:
+        """What a relayed job cannot do yet, or cannot do at all, in one line each."""
+        rel, mode = self.relays, "relays.min_relays > 0"
+        if self.server.mode != "synchronous":
+            raise ConfigError(f"{mode} runs synchronous rounds only (for now): set server.mode = \"synchronous\"")
+        if self.server.aggregation != "mean":
+            raise ConfigError(f"{mode} needs server.aggregation = \"mean\": each relay sends the root its region's "
+                              f"sum, and a {self.server.aggregation} of each region is no sum the root can add up")
+        if self.privacy.mode != "off" or self.secagg.mode != "off":
+            raise ConfigError(f"{mode} does not run with privacy or secure aggregation yet: set privacy.mode and "
+                              "secagg.mode to \"off\", or let the devices talk to one aggregator (min_relays = 0)")
+        if not rel.margin_s < self.selection.deadline_s:
+            raise ConfigError(f"relays.margin_s ({rel.margin_s:g}) must be less than selection.deadline_s "
+                              f"({self.selection.deadline_s:g}): a relay closes its region's round that much sooner")
 
     def dp_devices(self) -> int:
         """What ``privacy.min_devices = 0`` stands for: selection.min_clients,

@@ -65,7 +65,17 @@ class Incident:
     now: float
 
 
-Event = ClientStatus | MessageArrived | TimerFired | Incident
+@dataclass(frozen=True)
+class FromRoot:
+    """A relay heard its root (``aggregator.modes.relay``): the root's
+    announcement, or its receipt for the region's sum; the signature, if
+    the job signs, was checked against the root's key."""
+
+    envelope: Envelope
+    now: float
+
+
+Event = ClientStatus | MessageArrived | TimerFired | Incident | FromRoot
 
 # --- actions ---------------------------------------------------------------------
 
@@ -94,6 +104,16 @@ class SendAck:
 
 
 @dataclass(frozen=True)
+class SendToRoot:
+    """A relay's message for its root: its region's sum of a round, or a
+    decline when its region could not make one; the shell signs and sends
+    it on the relay's update channel at the job's level."""
+
+    message: bytes
+    round: int
+
+
+@dataclass(frozen=True)
 class SaveCheckpoint:
     arrays: dict[str, np.ndarray]
     meta: dict[str, Any]
@@ -117,4 +137,5 @@ class RoundFinished:
     last: bool
 
 
-Action = PublishModel | PublishDelta | PublishAnnouncement | SendAck | SaveCheckpoint | SaveRoundOpen | RoundFinished
+Action = (PublishModel | PublishDelta | PublishAnnouncement | SendAck | SendToRoot | SaveCheckpoint | SaveRoundOpen
+          | RoundFinished)

@@ -51,11 +51,19 @@ class RoundPolicy:
     privacy: DpPolicy | None = built(lambda cfg: DpPolicy.from_config(cfg.privacy, cfg.dp_devices()))
     secagg: SecAggPolicy | None = built(lambda cfg: SecAggPolicy.from_config(cfg.secagg))
     buffered: BufferedPolicy | None = built(BufferedPolicy.from_config)  # None: synchronous rounds
+    # A relayed job: "root" (its rounds are answered by relays' region sums), "relay" (set by the relay
+    # for its region's rounds: aggregator.relay), or "" (devices talk to this aggregator).
+    tree: str = built(lambda cfg: "root" if cfg.relays.min_relays else "")
 
     @classmethod
     def from_config(cls, cfg: AggregatorConfig) -> RoundPolicy:
         values = {name: getattr(getattr(cfg, section), key) for name, (section, key) in configured_keys(cls).items()}
         values.update({name: build(cfg) for name, build in _builders(cls).items()})
+        if cfg.relays.min_relays:
+            # A relayed job's root: its members are its relays; it asks every one online (once min_relays
+            # are) and waits for them all, or its deadline. selection.* is the regions' (fedge relay).
+            values.update(fraction=1.0, min_clients=cfg.relays.min_relays, max_clients=0, quorum=1.0,
+                          min_updates=1)
         return cls(**values)
 
 

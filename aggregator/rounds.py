@@ -77,6 +77,7 @@ from aggregator.events import (
     Action,
     ClientStatus,
     Event,
+    FromRoot,
     Incident,
     MessageArrived,
     PublishAnnouncement,
@@ -92,6 +93,7 @@ from aggregator.events import (
 from aggregator.lifecycle import Lifecycle, OpenRound, Phase
 from aggregator.lineage import ModelLineage
 from aggregator.modes import BufferedRounds, SynchronousRounds
+from aggregator.modes.root import RootRounds
 from aggregator.optimizers import ServerOptimizer
 from aggregator.pipeline import Stage
 from aggregator.policy import RoundPolicy
@@ -110,6 +112,7 @@ from fedge.messages import (
     Decline,
     Invite,
     ProtocolError,
+    RegionSum,
     RoundAnnouncement,
     SecAggStage,
     TrainingPlan,
@@ -181,7 +184,8 @@ class RoundCore:
         self.life = Lifecycle()  # where the job's rounds are, and the phase's timers
         # When rounds open and close (aggregator.modes).
         self.mode: SynchronousRounds | BufferedRounds = (
-            BufferedRounds(self, policy.buffered) if policy.buffered is not None else SynchronousRounds(self))
+            BufferedRounds(self, policy.buffered) if policy.buffered is not None
+            else RootRounds(self) if policy.tree == "root" else SynchronousRounds(self))
         if isinstance(self.mode, BufferedRounds):
             self.stages.append(self.mode)  # its tasks counted and versions kept, checkpointed
         self.open: OpenRound | None = None
@@ -216,12 +220,22 @@ class RoundCore:
         self.secure: SecureRound | None = None  # the open attempt's secure aggregation
         self.secure_failure = ""  # why the open attempt could not start secure aggregation
 
+    def relay_region(self, relay: str) -> None:
+        """Make this core a relay's (``aggregator.modes.relay``): its rounds
+        are its region's, opened by the root and answered with a sum. Call
+        before ``restore``."""
+        from aggregator.modes.relay import RelayRounds
+
+        self.mode = RelayRounds(self, relay)
+        self.stages.append(self.mode)  # the region's answer, kept until the root's receipt
+
     # --- public --------------------------------------------------------------
 
     @property
     def model_digest(self) -> str:
-        """State digest of the model devices train from this round."""
-        return self.models.digest
+        """State digest of the model devices train from this round (a
+        relay's: its root's)."""
+        return self.mode.model_digest
 
     def start(self, now: float) -> list[Action]:
         """Publish the current key and delta, then open (or re-open) a round."""
@@ -239,6 +253,9 @@ class RoundCore:
         if isinstance(event, Incident):
             self.counters[event.reason] += 1
             return []
+        if isinstance(event, FromRoot):
+            self._now = event.now
+            return self.mode.from_root(event)
         raise TypeError(f"unknown event {event!r}")
 
     def exact_model_message(self) -> bytes:
@@ -312,6 +329,8 @@ class RoundCore:
                 return self._on_decline(ev.client, Decline.parse(env), ev.now)
             if env.kind == Kind.SECAGG:
                 return self.mode.on_secagg(ev.client, SecAggStage.parse(env), ev.now)
+            if env.kind == Kind.PARTIAL:
+                return self.mode.on_region_sum(ev.client, RegionSum.parse(env), ev.now)
             upd = Update.parse(env)
         except IdentityError as exc:
             # No receipt: the device whose id it carries did not send it, and
@@ -423,7 +442,7 @@ class RoundCore:
             model_digest=self.model_digest, selected=inline, selected_count=len(selected),
             deadline_s=self.policy.deadline_s,
             training=self.plan, codec=self.codec_params, issued_at=round(now, 3),
-            key_digest=self.models.key_digest, key_round=self.models.key_round,
+            key_digest=self.mode.model_key()[0], key_round=self.mode.model_key()[1],
             dp=fields.get("dp"),
             secagg=self._secure_plan() if state == RoundState.OPEN else None,
             **self.mode.announcement_fields(),

@@ -23,9 +23,14 @@ from typing import Any
 
 import numpy as np
 
+RELAY = "relay"  # a relay's presence role; what a relayed job's root asks of its members
+
 
 def able(info: Mapping[str, Any], needed_codecs: Sequence[str]) -> bool:
-    """Whether a device whose presence says ``info`` can train with these codecs."""
+    """Whether a device whose presence says ``info`` can train with these
+    codecs; for a relayed job's root (``RELAY`` needed), whether it is a relay."""
+    if RELAY in needed_codecs:
+        return info.get("role") == RELAY
     if info.get("role", "trainer") != "trainer":
         return False  # inference-only devices never train
     codecs = info.get("codecs")

@@ -71,11 +71,12 @@ FEED_STAGES: dict[type, str] = {MessageArrived: "update", ClientStatus: "presenc
 __all__ = ["AggregatorService", "RecordHook"]
 
 
-def build_core(cfg: AggregatorConfig) -> RoundCore:
+def build_core(cfg: AggregatorConfig, policy: RoundPolicy | None = None) -> RoundCore:
+    """The round core of ``cfg`` (``policy``: the numbers it runs by, if not ``cfg``'s)."""
     from fedge import torchkit
 
     model = torchkit.build_model(cfg.job.model, cfg.job.model_args, seed=cfg.job.seed)
-    policy = RoundPolicy.from_config(cfg)
+    policy = policy or RoundPolicy.from_config(cfg)
     plan = TrainingPlan.from_json(dict(cfg.training.__dict__))
     return RoundCore(
         job=cfg.job.name, policy=policy, plan=plan, codec=cfg.codec.spec,
@@ -122,9 +123,9 @@ class AggregatorService:
             self.loop, link_factory = _own_loop()
         cfg.check()  # the same one-line ConfigError for every caller, not only the command line
         self.cfg = cfg
-        self.topics = JobTopics(cfg.job.name)
+        self.topics = self.job_topics(cfg)
         self.state = StateDir(cfg.job.state_dir)
-        self.core = build_core(cfg)
+        self.core = self.make_core(cfg)
         restore(self.core, self.state, cfg.job.name)
         self.keys = AggregatorKeys(cfg, self.state)
         self.enrollment = Enrollment(self.state.root if self.keys.identity is not None else None,
@@ -162,6 +163,13 @@ class AggregatorService:
             incident=lambda reason: self._feed(Incident(reason, None, monotonic())),
             contained=lambda exc, item: self._contained(exc, item, monotonic()), recorded=self._recorded)
 
+    def job_topics(self, cfg: AggregatorConfig) -> JobTopics:
+        """The channels this aggregator serves (a relay's: its region's)."""
+        return JobTopics(cfg.job.name)
+
+    def make_core(self, cfg: AggregatorConfig) -> RoundCore:
+        return build_core(cfg)
+
     def _connect(self, cfg: AggregatorConfig, link_factory: LinkFactory) -> None:
         """The inbox, the reassembly of chunked updates and the broker link
         (not started: ``run`` starts it once the checkpoint is restored)."""
@@ -173,14 +181,20 @@ class AggregatorService:
         )
         self.traffic = Traffic()  # MQTT payload bytes by direction and channel
         link = link_factory(
-            cfg.broker, f"fedge-aggregator-{cfg.job.name}", self.inbox.put,
-            # Its own announcement too: one replaced or cleared on the broker
-            # is published again (see _watch_announcement).
-            subscriptions=[self.topics.update_filter, self.topics.status_filter, self.topics.round],
-            will=(self.topics.server, self.keys.seal(Status(messages.AGGREGATOR, "offline").encode())),
-            name="aggregator",
+            cfg.broker, self.client_id(cfg), self.inbox.put, subscriptions=self.subscriptions(),
+            will=self.goodbye(), name="aggregator",
         )
         self.link = CountingLink(link, self.traffic, self.topics.channel)
+
+    def client_id(self, cfg: AggregatorConfig) -> str:
+        return f"fedge-aggregator-{cfg.job.name}"
+
+    def subscriptions(self) -> list[str]:  # its own announcement too: see _watch_announcement
+        return [self.topics.update_filter, self.topics.status_filter, self.topics.round]
+
+    def goodbye(self) -> tuple[str, bytes]:
+        """Its presence once gone: its last will, and its last message."""
+        return self.topics.server, self.keys.seal(Status(messages.AGGREGATOR, "offline").encode())
 
     # --- identity ---------------------------------------------------------------
 
@@ -254,7 +268,7 @@ class AggregatorService:
                 self._publish_fleet(monotonic())
                 if self.fleet.changed:
                     self.state.save_json(fleet_file.FILE, self.fleet.to_json())
-            self.link.stop(final=(self.topics.server, self.keys.seal(Status(messages.AGGREGATOR, "offline").encode())))
+            self.link.stop(final=self.goodbye())
             if self.loop is not None:
                 self.loop.close()
             if self.metrics is not None:

@@ -41,6 +41,9 @@ class AgentSection:
     id: str = setting("", "Device id, its own topic level; empty: the host name.")
     role: str = setting("trainer", "trainer (trains rounds) or inference (serves the published ONNX model only).")
     job: str = setting("default", "Job to take part in.")
+    region: str = setting(
+        "", "A relayed job's region: the device talks to that region's relay (fedge relay --region), on "
+        "fedge/v1/<job>/region/<region>/, and takes the model from the root; empty: the job has no relays.")
     state_dir: str = setting("fedge-agent-state", "Where the agent keeps its state between restarts.")
     model: str = setting(
         "", "Model factory this device accepts; empty: only the built-in fedge.models factories."
@@ -99,6 +102,11 @@ class IdentitySection:
     aggregator_key: str = setting(
         "", "The aggregator's public key (ed25519:..., logged when it starts), pinned at install time."
     )
+    root_key: str = setting(
+        "", "A relayed job (agent.region set): the root aggregator's public key, which signs the model; "
+        "aggregator_key is then the region's relay's, which signs the announcements and receipts. Empty: "
+        "aggregator_key signs both."
+    )
 
     def check(self) -> None:
         from fedge.identity import SIGNING_MODES, IdentityError, read_public_key
@@ -108,10 +116,12 @@ class IdentitySection:
             if not self.aggregator_key:
                 raise ConfigError("identity.aggregator_key is empty: copy the key the aggregator logs at its start "
                                   "(or `fedge keys show --key <its state_dir>/aggregator.key`)")
-            try:
-                read_public_key(self.aggregator_key)
-            except IdentityError as exc:
-                raise ConfigError(f"identity.aggregator_key: {exc}") from None
+            for name in ("aggregator_key", "root_key"):
+                try:
+                    if name == "aggregator_key" or self.root_key:
+                        read_public_key(getattr(self, name))
+                except IdentityError as exc:
+                    raise ConfigError(f"identity.{name}: {exc}") from None
 
 
 @dataclass(frozen=True)

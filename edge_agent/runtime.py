@@ -108,6 +108,10 @@ class DeviceSpec:
     # everything it acts on must be signed by that aggregator.
     identity: Identity | None = None
     aggregator_key: PublicKey | None = None
+    # A relayed job: the region whose relay this device talks to, and the
+    # root's key, which signs the model (aggregator_key is then the relay's).
+    region: str = ""
+    root_key: PublicKey | None = None
     # Simulation only (the demo, tests, benchmarks): in each round, with this
     # probability, the device goes silent at one of ``dropout_stages``
     # (chosen at random) and sends nothing more for that round.
@@ -158,7 +162,7 @@ class _Device:
                  memo: ModelMemo | None = None, blobs: Path | None = None) -> None:
         self.spec = spec
         self.memo = memo
-        self.topics = JobTopics(spec.job)
+        self.topics = JobTopics(spec.job, spec.region)
         self.store = StateDir(spec.state_dir, durable=spec.durable, blobs=blobs)
         info = spec.info or capabilities.describe(spec.role)
         self.core: AgentCore | InferenceCore
@@ -221,12 +225,15 @@ class _Device:
         self.store.save_identity({**stored, "presence_seq": seq})
         return self.sign(Status(status.sender, status.state, status.info, seq).encode())
 
-    def believed(self, message: bytes, what: str, now: float, digest: bytes = b"") -> bool:
+    def believed(self, message: bytes, what: str, now: float, digest: bytes = b"", model: bool = False) -> bool:
         """Whether ``message`` is signed by the aggregator this device pins
-        (always, when signing is off); a refusal is counted and logged at
-        most once a minute per reason. A signed announcement must not be
-        older than the newest one taken (a replay)."""
+        (always, when signing is off; a relayed job's ``model`` messages: by
+        the root); a refusal is counted and logged at most once a minute per
+        reason. A signed announcement must not be older than the newest one
+        taken (a replay)."""
         key = self.aggregator_key
+        if model and self.spec.root_key is not None:
+            key = self.spec.root_key  # a relay cannot forge the model
         if key is None:
             return True
         try:
@@ -564,7 +571,7 @@ class AgentRuntime:
                 # Hashed once for the checks a simulated fleet shares and the key's shared file.
                 digest = hashlib.sha256(message).digest() if self.memo is not None and len(
                     message) >= SHARED_CHECK_BYTES else b""
-                if dev.believed(message, f"a {channel} message", now, digest):
+                if dev.believed(message, f"a {channel} message", now, digest, model=True):
                     if channel == "key":
                         self._run(dev, KeyArrived(message, now, digest))
                     else:

@@ -117,6 +117,9 @@ def section(cls: type, doc: str) -> Any:
 @dataclass(frozen=True)
 class BrokerSettings:
     url: str = setting("mqtt://127.0.0.1:1883", "Broker address: mqtt://host:port, or mqtts://host:port for TLS.")
+    failover_urls: list = setting(
+        [], "More nodes of a clustered broker (NATS, EMQX, ...), as url: when the node connected to cannot be "
+        "reached, the next is tried, in turn, and back to url after the last.")
     protocol: str = setting("3.1.1", "MQTT protocol version: \"3.1.1\" or \"5\".")
     username: str = setting("", "User name for the broker; empty for none.")
     password_env: str = setting(
@@ -147,7 +150,15 @@ class BrokerSettings:
         ``password()``, on the machine that connects."""
         from fedge.mqtt import parse_url
 
-        parse_url(self.url)
+        tls = parse_url(self.url)[2]
+        for url in self.failover_urls:
+            try:
+                same = isinstance(url, str) and parse_url(url)[2] == tls
+            except ConfigError:
+                same = False
+            if not same:
+                raise ConfigError(f"broker.failover_urls: {url!r} must be a broker address like broker.url, with "
+                                  "the same scheme (mqtt:// or mqtts://)")
         if self.protocol not in ("3.1.1", "311", "5"):
             raise ConfigError(f"broker.protocol {self.protocol!r} is not supported; use \"3.1.1\" or \"5\"")
         check_ranges(self, "broker.")

@@ -623,6 +623,101 @@ class Ack:
         )
 
 
+MAX_COUNT = 10_000_000  # what a count in a region's sum may claim
+
+
+def _count(h: dict[str, Any], key: str, what: str) -> int:
+    value = _field(h, key, int, what)
+    if not 0 <= value <= MAX_COUNT:
+        raise ProtocolError("malformed", f"{what} header field {key!r} must be in [0, {MAX_COUNT}]")
+    return int(value)
+
+
+def _non_negative(h: dict[str, Any], key: str, what: str, default: float = 0.0) -> float:
+    value = _optional_number(h, key, what, default)
+    if not (math.isfinite(value) and value >= 0) and not (math.isnan(value) and math.isnan(default)):
+        raise ProtocolError("malformed", f"{what} header field {key!r} must be a finite number >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class RegionSum:
+    """A relay's answer to one round of the root (``fedge relay``): the
+    exact weighted sum of the updates its region's round counted, before
+    anything is divided or noised (``aggregator.pipeline.Partial``), with its
+    weight and counts. Identified by (job, round, relay, attempt) and folded
+    at most once; ``partial_id`` names the region round that made it.
+
+    ``body`` is the float32 sum (safetensors, the model's tensor names and
+    shapes). A region whose round counted nothing sends no sum: it declines.
+    """
+
+    job: str
+    round: int
+    attempt: int  # the root's attempt it answers
+    sender: str  # the relay
+    partial_id: str
+    base_model: str  # state digest of the global model the updates were trained from
+    weight: float  # the mean's denominator: the sum of the updates' weights
+    num_samples: int
+    devices: int  # updates in the sum
+    selected: int  # devices the region's round asked
+    declined: int = 0
+    late: int = 0
+    rejected: int = 0
+    loss: float = math.nan  # the devices' mean training loss, weighted as the sum is
+    bound: float | None = None  # the norm bound the relay applied, if any
+    clipped: int = 0
+    capped: int = 0
+    median_norm: float = math.nan
+    median_samples: float = 0.0
+    bits: float = 0.0  # adaptive clipping's reports, summed
+    body: bytes = b""
+
+    @property
+    def update_id(self) -> str:
+        """What its receipt names (``Ack.update_id``)."""
+        return self.partial_id
+
+    def encode(self) -> bytes:
+        header = {
+            "job": self.job, "round": self.round, "attempt": self.attempt, "sender": self.sender,
+            "partial_id": self.partial_id, "base_model": self.base_model, "weight": self.weight,
+            "num_samples": self.num_samples, "codec": None, "devices": self.devices, "selected": self.selected,
+            "declined": self.declined, "late": self.late, "rejected": self.rejected,
+            "loss": self.loss if math.isfinite(self.loss) else None, "bound": self.bound, "clipped": self.clipped,
+            "capped": self.capped, "median_norm": self.median_norm if math.isfinite(self.median_norm) else None,
+            "median_samples": self.median_samples, "bits": self.bits,
+        }
+        return wire.encode(Kind.PARTIAL, header, self.body)
+
+    @classmethod
+    def parse(cls, env: Envelope) -> RegionSum:
+        h = _expect(env, Kind.PARTIAL)
+        what = "region sum"
+        weight = _non_negative(h, "weight", what)
+        if not weight > 0:
+            raise ProtocolError("malformed", "region sum header field 'weight' must be positive")
+        bound = h.get("bound")
+        partial_id = _field(h, "partial_id", str, what)
+        if not 0 < len(partial_id) <= TASK_MAX or not partial_id.isprintable():
+            raise ProtocolError("malformed", f"region sum 'partial_id' must be 1-{TASK_MAX} printable characters")
+        return cls(
+            job=_id(h, "job", what), round=_count(h, "round", what), attempt=_count(h, "attempt", what),
+            sender=_id(h, "sender", what), partial_id=partial_id,
+            base_model=_field(h, "base_model", str, what), weight=weight,
+            num_samples=_count(h, "num_samples", what), devices=_count(h, "devices", what),
+            selected=_count(h, "selected", what), declined=_count(h, "declined", what),
+            late=_count(h, "late", what), rejected=_count(h, "rejected", what),
+            loss=_optional_number(h, "loss", what, math.nan),
+            bound=None if bound is None else _non_negative(h, "bound", what),
+            clipped=_count(h, "clipped", what), capped=_count(h, "capped", what),
+            median_norm=_non_negative(h, "median_norm", what, math.nan),
+            median_samples=_non_negative(h, "median_samples", what), bits=_non_negative(h, "bits", what),
+            body=env.body,
+        )
+
+
 MAX_KEY_LINKS = 64
 
 

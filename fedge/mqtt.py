@@ -413,6 +413,9 @@ class MqttLink:
         self.shaping = shaping
         self.host, self.port, tls = parse_url(settings.url)
         self.address = f"{self.host}:{self.port}"
+        # A clustered broker's nodes: url first, then each of broker.failover_urls in turn when one cannot be reached.
+        self.nodes = [(self.host, self.port), *(parse_url(u)[:2] for u in settings.failover_urls)]
+        self._node = 0
         self._limit = settings.max_packet_bytes
         self.chunk_bytes = chunks.chunk_data_size(settings.max_packet_bytes)
         self.bytes_out = 0
@@ -824,6 +827,19 @@ class MqttLink:
             self._attempt_failed = False
         else:
             self._failed(describe_failure(exc, self.host, self.port, self.client.connect_timeout), logging.WARNING)
+            self._next_node()
+
+    def _next_node(self) -> None:
+        """The node to try next, after one that could not be reached (a
+        clustered broker: ``broker.failover_urls``)."""
+        if len(self.nodes) < 2:
+            return
+        self._node = (self._node + 1) % len(self.nodes)
+        self.host, self.port = self.nodes[self._node]
+        self.address = f"{self.host}:{self.port}"
+        # paho's own fields: its setters refuse while the failed socket is not yet released.
+        self.client._host, self.client._port = self.host, self.port
+        log.info("%s: trying the broker node at %s next", self.name, self.address)
 
     def _failed(self, error: str, level: int) -> None:
         """The attempt under way failed: counted and reported once, however

@@ -13,6 +13,19 @@ own topics with a pattern (Mosquitto ``%c``/``%u``)::
     fedge/v1/<job>/events                      one record per closed round
     fedge/v1/<job>/server            retained  the aggregator's presence
     fedge/v1/<job>/artifact/<name>/<i> retained chunk i of a published artifact
+
+A job relayed through regions (``fedge relay``) keeps the model channels
+(``model/``, ``artifact/``) at the job's level, published and signed by the
+root aggregator for every device, and moves every channel a device talks to
+its aggregator on under its region, where the region's relay answers it::
+
+    fedge/v1/<job>/region/<region>/round           the relay's announcement
+    fedge/v1/<job>/region/<region>/update/<client> ... status/, ack/, device/,
+    fedge/v1/<job>/region/<region>/events          events, server, keys as above
+
+A relay talks to the root as a device does, on the job's own channels: its
+presence on ``status/<relay>``, its region's partial sum of each round on
+``update/<relay>``, the root's receipts on ``ack/<relay>``.
 """
 
 from __future__ import annotations
@@ -36,13 +49,22 @@ def check_id(value: str, what: str) -> str:
 @dataclass(frozen=True)
 class JobTopics:
     job: str
+    region: str = ""  # a relayed job's region: the device channels live under it
 
     def __post_init__(self) -> None:
         check_id(self.job, "job name")
+        if self.region:
+            check_id(self.region, "region")
 
     @property
     def base(self) -> str:
+        """The job's level: the model channels (and, unrelayed, everything)."""
         return f"{ROOT}/{self.job}"
+
+    @property
+    def site(self) -> str:
+        """Where the device channels live: the job's level, or its region's."""
+        return f"{self.base}/region/{self.region}" if self.region else self.base
 
     def key_chunk(self, index: int) -> str:
         return f"{self.base}/model/key/{index}"
@@ -60,45 +82,45 @@ class JobTopics:
 
     @property
     def round(self) -> str:
-        return f"{self.base}/round"
+        return f"{self.site}/round"
 
     def update(self, client: str) -> str:
-        return f"{self.base}/update/{client}"
+        return f"{self.site}/update/{client}"
 
     @property
     def update_filter(self) -> str:
-        return f"{self.base}/update/+"
+        return f"{self.site}/update/+"
 
     def status(self, client: str) -> str:
-        return f"{self.base}/status/{client}"
+        return f"{self.site}/status/{client}"
 
     @property
     def status_filter(self) -> str:
-        return f"{self.base}/status/+"
+        return f"{self.site}/status/+"
 
     def device(self, client: str) -> str:
         """The aggregator's record of a device, retained (``messages.DeviceRecord``)."""
-        return f"{self.base}/device/{client}"
+        return f"{self.site}/device/{client}"
 
     @property
     def device_filter(self) -> str:
-        return f"{self.base}/device/+"
+        return f"{self.site}/device/+"
 
     def ack(self, client: str) -> str:
-        return f"{self.base}/ack/{client}"
+        return f"{self.site}/ack/{client}"
 
     @property
     def events(self) -> str:
-        return f"{self.base}/events"
+        return f"{self.site}/events"
 
     @property
     def server(self) -> str:
-        return f"{self.base}/server"
+        return f"{self.site}/server"
 
     @property
     def keys(self) -> str:
         """The aggregator's key rotations, retained (``messages.KeyChain``)."""
-        return f"{self.base}/keys"
+        return f"{self.site}/keys"
 
     def artifact_chunk(self, name: str, index: int) -> str:
         return f"{self.base}/artifact/{name}/{index}"
@@ -122,12 +144,18 @@ class JobTopics:
             return "", None
         parts = topic[len(prefix) :].split("/")
         head = parts[0]
-        if head in ("round", "events", "server", "keys") and len(parts) == 1:
-            return head, None
         if head == "model" and len(parts) == 3 and parts[1] in ("key", "delta"):
             return parts[1], None
-        if head in ("update", "status", "ack", "device") and len(parts) == 2 and _ID.match(parts[1]):
-            return head, parts[1]
         if head == "artifact" and len(parts) == 3:
             return "artifact", parts[1]
+        if self.region:
+            # Only our region's device channels are ours.
+            if parts[:2] != ["region", self.region]:
+                return "", None
+            parts = parts[2:]
+            head = parts[0] if parts else ""
+        if head in ("round", "events", "server", "keys") and len(parts) == 1:
+            return head, None
+        if head in ("update", "status", "ack", "device") and len(parts) == 2 and _ID.match(parts[1]):
+            return head, parts[1]
         return "", None

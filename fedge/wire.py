@@ -63,6 +63,7 @@ class Kind(enum.IntEnum):
     SECAGG = 11  # a secure-aggregation stage (fedge.messages.SecAggStage)
     DEVICE = 12  # the aggregator's record of one device (fedge.messages.DeviceRecord)
     INVITE = 13  # a device selected for a round too large to list (fedge.messages.Invite)
+    PARTIAL = 14  # a relay's sum of its region's updates for one round (fedge.messages.RegionSum)
     # Local only: between the agent and its training worker process.
     TRAIN_REQUEST = 32
     TRAIN_RESULT = 33

@@ -179,6 +179,27 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     return service.run()
 
 
+def cmd_relay(args: argparse.Namespace) -> int:
+    from aggregator.config import AggregatorConfig
+    from aggregator.relay import RelayService, relay_config
+    from fedge import config
+    from fedge.config import ConfigError
+    from fedge.files import writable_dir
+
+    cfg = config.load(args.config, AggregatorConfig, args.set)  # the root's config, checked as it loads
+    try:
+        region_cfg = relay_config(cfg, args.region, args.state_dir)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    writable_dir(region_cfg.job.state_dir, "--state-dir")
+    region_cfg.broker.password()
+    service = RelayService(region_cfg, args.region)
+    _on_signals(service.stop)
+    log.info("relay %s of job %s on %s (state in %s)", args.region, cfg.job.name, cfg.broker.url,
+             region_cfg.job.state_dir)
+    return service.run()
+
+
 def _devices(cfg: Any, count: int | None) -> list[Any]:
     from pathlib import Path
 
@@ -189,7 +210,7 @@ def _devices(cfg: Any, count: int | None) -> list[Any]:
     # device's StateDir checks its own directory again).
     writable_dir(cfg.agent.state_dir, "agent.state_dir")
     base = cfg.client_id()
-    common = dict(job=cfg.agent.job, data=cfg.data.factory, accepted_model=cfg.agent.model,
+    common = dict(job=cfg.agent.job, region=cfg.agent.region, data=cfg.data.factory, accepted_model=cfg.agent.model,
                   max_model_bytes=cfg.agent.max_model_bytes, resend_after_s=cfg.agent.resend_after_s,
                   role=cfg.agent.role, artifact=cfg.inference.artifact, threads=cfg.inference.threads,
                   downlink=cfg.agent.downlink, model_wait_s=cfg.agent.model_wait_s)
@@ -225,7 +246,8 @@ def _signing(cfg: Any, client_id: str, state_dir: Any, count: int | None) -> dic
             made = Identity.load(path)
             log.warning("made this device's key pair in %s; enroll it on the aggregator's host: "
                         "fedge enroll --config job.toml %s %s", path, client_id, made.public.to_text())
-        return {"identity": Identity.load(path), "aggregator_key": read_public_key(ident.aggregator_key)}
+        return {"identity": Identity.load(path), "aggregator_key": read_public_key(ident.aggregator_key),
+                "root_key": read_public_key(ident.root_key) if ident.root_key else None}
     except IdentityError as exc:
         raise UsageError(str(exc)) from None
 
@@ -413,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config key (not for secrets)")
         s.set_defaults(func=func, default_level="INFO")
+
+    r = sub.add_parser("relay", help="run one region's relay of a relayed job (beside its broker node or site)")
+    r.add_argument("--config", required=True, help="the job's TOML config (the root's: relays.min_relays > 0)")
+    r.add_argument("--region", required=True, help="the region's name: its devices set agent.region to it")
+    r.add_argument("--state-dir", required=True,
+                   help="the relay's own state: its key, checkpoint, and its region's enrolled devices")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (not for secrets)")
+    r.set_defaults(func=cmd_relay, default_level="INFO")
 
     from fedge_cli import simulate
 

@@ -258,14 +258,15 @@ def _run_part(args: argparse.Namespace, cfg: Any, profile: Any, processes: int) 
     signing = cfg.identity.signing == "required"
     try:
         aggregator_key = read_public_key(cfg.identity.aggregator_key) if signing else None
+        root_key = read_public_key(cfg.identity.root_key) if signing and cfg.identity.root_key else None
         specs = [
-            DeviceSpec(client_id=ids[k], job=cfg.agent.job, data=cfg.data.factory,
+            DeviceSpec(client_id=ids[k], job=cfg.agent.job, region=cfg.agent.region, data=cfg.data.factory,
                        data_args={**cfg.data.args, "client": k, "clients": n}, state_dir=root / ids[k],
                        accepted_model=cfg.agent.model, max_model_bytes=cfg.agent.max_model_bytes,
                        resend_after_s=cfg.agent.resend_after_s, downlink=cfg.agent.downlink,
                        model_wait_s=cfg.agent.model_wait_s, info=info, durable=False,
                        identity=Identity.load(root / ids[k] / "device.key") if signing else None,
-                       aggregator_key=aggregator_key)
+                       aggregator_key=aggregator_key, root_key=root_key)
             for k in range(lo, hi)
         ]
     except IdentityError as exc:

@@ -17,6 +17,7 @@ import numpy as np
 
 from aggregator.events import (
     Action,
+    FromRoot,
     PublishAnnouncement,
     PublishDelta,
     PublishModel,
@@ -30,7 +31,7 @@ from aggregator.privacy import release_private
 from aggregator.secure import secure_partial, secure_summary
 from fedge.codecs import CodecError, requirements
 from fedge.logs import fields
-from fedge.messages import MODEL_UNAVAILABLE
+from fedge.messages import MODEL_UNAVAILABLE, RegionSum
 from fedge.records import RoundRecord
 from fedge.secagg import CAPABILITY as SECAGG_CAPABILITY
 from fedge.tensors import ModelArrays
@@ -63,6 +64,25 @@ class RoundMode:
     def round_extra(self, op: OpenRound) -> dict[str, Any]:
         """What the mode adds to a closed round's record (``extra``)."""
         return {}
+
+    @property
+    def model_digest(self) -> str:
+        """The model devices train from (a relay's: its root's)."""
+        return self.core.models.digest
+
+    def model_key(self) -> tuple[str, int]:
+        """The digest and round of the key model the retained delta builds on."""
+        return self.core.models.key_digest, self.core.models.key_round
+
+    def on_region_sum(self, client: str, msg: RegionSum, now: float) -> list[Action]:
+        """A relay's sum: only the root of a relayed job takes one."""
+        return self.core._reject("not_relayed", "a region sum, but this job has no relays (relays.min_relays = 0)",
+                                 client, None)
+
+    def from_root(self, event: FromRoot) -> list[Action]:
+        """What a relay's root said: only a relay listens to one."""
+        self.core.counters["root_stray"] += 1
+        return []
 
     # --- shared ----------------------------------------------------------------------
 

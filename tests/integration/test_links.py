@@ -121,3 +121,38 @@ def test_a_refused_subscription_is_said_and_asked_for_again_until_granted(nats_f
         link.stop()
         if loop is not None:
             loop.close()
+
+
+@pytest.mark.parametrize("driver", ["paho", "loop"])
+def test_a_link_fails_over_to_the_next_broker_node_and_back_when_one_cannot_be_reached(mosquitto_factory, driver):
+    # A clustered broker (broker.failover_urls): a node that is down is
+    # skipped for the next, and a link whose node goes down moves on.
+    from fedge.mqtt_loop import MqttLoop
+    from tests.conftest import free_port
+    from tests.integration.support import wait_for
+
+    first, second = mosquitto_factory(name="node-a"), mosquitto_factory(name="node-b")
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    loop = MqttLoop(name="failover") if driver == "loop" else None
+    settings = broker_settings(dead, failover_urls=[first.url, second.url])
+    link = MqttLink(settings, "roamer", lambda ev: None, persistent=False, loop=loop)
+    try:
+        link.start()
+        assert link.wait_connected(20), "no node reached"
+        assert link.address == f"127.0.0.1:{first.port}" and link.connect_failures >= 1
+        first.kill()
+        wait_for(lambda: link.connected.is_set() and link.address == f"127.0.0.1:{second.port}", 30,
+                 "the link on the second node")
+    finally:
+        link.stop()
+        if loop is not None:
+            loop.close()
+
+
+def test_failover_urls_must_be_broker_addresses_of_the_same_scheme():
+    from fedge.config import BrokerSettings, ConfigError
+
+    for bad in (["http://x:1"], ["mqtts://x:8883"], [3]):
+        with pytest.raises(ConfigError, match=r"broker\.failover_urls"):
+            BrokerSettings(url="mqtt://a:1883", failover_urls=bad).check()
+    BrokerSettings(url="mqtt://a:1883", failover_urls=["mqtt://b:1883", "tcp://c"]).check()
