@@ -122,16 +122,19 @@ class NatsCluster:
     """A NATS JetStream cluster of ``nodes`` servers on loopback, each with
     its MQTT gateway on a free port (``urls``), like ``PrivateMosquitto``."""
 
-    def __init__(self, nodes: int = 3, keep: Path | None = None) -> None:
+    def __init__(self, nodes: int = 3, keep: Path | None = None, mqtt: str = MQTT_FLEET_SETTINGS) -> None:
+        """``mqtt``: lines of each node's ``mqtt`` block (default: a fleet's,
+        one in-memory replica a consumer; "" for NATS's defaults, which keep
+        a session's consumers on three nodes and so outlive one)."""
         if shutil.which("nats-server") is None:
             raise SystemExit("this benchmark needs nats-server (apt-get install nats-server)")
         self.keep = keep is not None  # the directory (configurations, logs, JetStream stores) stays
         if keep is not None:
             keep.mkdir(parents=True)
         self.dir = keep if keep is not None else Path(tempfile.mkdtemp(prefix="fedge-bench-nats-"))
-        client, cluster, mqtt = ([free_port() for _ in range(nodes)] for _ in range(3))
+        client, cluster, mqtt_ports = ([free_port() for _ in range(nodes)] for _ in range(3))
         routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in cluster)
-        self.mqtt_ports = mqtt
+        self.mqtt_ports = mqtt_ports
         self.procs = []
         for i in range(nodes):
             conf = self.dir / f"n{i}.conf"
@@ -139,12 +142,12 @@ class NatsCluster:
                 f'server_name: "n{i}"\nlisten: "127.0.0.1:{client[i]}"\n'
                 f'jetstream {{ store_dir: "{self.dir / f"js{i}"}" }}\n'
                 f'cluster {{ name: "fedge", listen: "127.0.0.1:{cluster[i]}", routes: [{routes}] }}\n'
-                f'mqtt {{ listen: "127.0.0.1:{mqtt[i]}"\n{MQTT_FLEET_SETTINGS}}}\n'
+                f'mqtt {{ listen: "127.0.0.1:{mqtt_ports[i]}"\n{mqtt}}}\n'
                 "max_payload: 4MB\n")
             log = (self.dir / f"n{i}.log").open("wb")
             self.procs.append(subprocess.Popen(["nats-server", "-c", str(conf)], stdout=log, stderr=log))
         deadline = time.monotonic() + 30
-        for port in mqtt:
+        for port in mqtt_ports:
             while True:
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -192,6 +195,11 @@ class NatsCluster:
     @property
     def urls(self) -> list[str]:
         return [f"mqtt://127.0.0.1:{p}" for p in self.mqtt_ports]
+
+    def kill(self, node: int) -> None:
+        """SIGKILL one node (its MQTT clients lose their connection)."""
+        self.procs[node].kill()
+        self.procs[node].wait(10)
 
     def close(self) -> None:
         for p in self.procs:

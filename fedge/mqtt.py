@@ -90,9 +90,13 @@ MAX_LINKS_PER_PROCESS = 300
 # The smallest packet limit chunking works with (``chunks.chunk_data_size``).
 MIN_PACKET_BYTES = chunks.MIN_CHUNK_DATA + chunks.PACKET_OVERHEAD + chunks.CHUNK_HEADER.size
 # A dropped connection is never blamed on a publish this small: no broker
-# fedge can work with refuses it, and a network blip must not cost a status
-# message or a receipt.
-BLAMELESS_PACKET_BYTES = chunks.MIN_CHUNK_DATA
+# fedge can work with refuses it (broker.max_packet_bytes is at least this),
+# and a network blip, or a clustered broker's node failing over, must not
+# cost a status message, a receipt or an update. Blamed, a small publish
+# outstanding at two drops in a row (an update sent again for want of a
+# receipt) took the limit below what chunking needs, and the device gave up
+# every update from then on.
+BLAMELESS_PACKET_BYTES = MIN_PACKET_BYTES
 PACKET_TOO_LARGE = 0x95  # MQTT 5 reason code of a DISCONNECT
 # A subscription the broker refused is asked for again after the first
 # delay, doubled at each refusal in a row up to the second (plus up to a

@@ -156,3 +156,23 @@ def test_the_limit_is_halved_never_below_what_fits_and_then_gives_up():
     assert lowered_limit(65536, 3000, 0) == MIN_PACKET_BYTES  # chunks cannot be smaller
     assert lowered_limit(MIN_PACKET_BYTES, 1500, 0) == 1499  # even a small chunk was refused: give up
     assert lowered_limit(MIN_PACKET_BYTES, 1500, 1400) == 1499
+
+
+def test_drops_with_a_small_publish_outstanding_never_lower_the_limit_below_what_chunking_needs():
+    # Found on a NATS cluster whose node was killed: the gateway dropped a
+    # device twice while its 1,143-byte update (sent again for want of a
+    # receipt) was outstanding, the link took that as the broker's packet
+    # limit, and the device gave up every update from then on.
+    link = MqttLink(broker_settings("mqtt://127.0.0.1:9"), "flaky", lambda ev: None, persistent=False)
+    link.publish("t/update", b"u" * 1100)  # queued: never acknowledged
+    for _ in range(3):
+        assert link._blame_packet_size() == ""
+    assert link._limit == CONFIGURED_DEFAULT and link.chunk_bytes > 0
+    # Above it, the same evidence still lowers the limit (and chunking goes on below it).
+    link.publish("t/big", b"b" * 20000)
+    link._blame_packet_size()
+    link._blame_packet_size()
+    assert MIN_PACKET_BYTES <= link._limit < 20000 and link.chunk_bytes > 0
+
+
+CONFIGURED_DEFAULT = 262144
