@@ -161,8 +161,14 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     k = args.time_scale
     job = "fleet"
     agg_state = tmp / "aggregator"
-    aggregator_key, _ = provision(agg_state, [], tmp / "keys")
+    relay_ids = [f"r{g}" for g in range(args.relays)]
+    aggregator_key, relay_keys = provision(agg_state, relay_ids, tmp / "keys")
+    for g, rid in enumerate(relay_ids):  # each relay's key, enrolled with the root, in its own state directory
+        (tmp / f"relay-{g}").mkdir()
+        relay_keys[rid].save(tmp / f"relay-{g}" / "aggregator.key")
     per_round = max(1, round(args.devices * args.fraction))
+    # A relayed job's selection is each region's: a round waits for the smallest region's share.
+    per_region = max(1, round(args.devices // max(1, args.relays) * args.fraction))
     data_args: dict[str, Any] = {"split": "train"}
     if args.data:
         data_args["path"] = args.data
@@ -170,7 +176,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     job_toml.write_text(toml({
         "job": {"name": job, "model": "fedge.models:mnist_2nn", "seed": args.seed, "rounds": args.rounds,
                 "state_dir": str(agg_state), "linger_s": 0.0},  # stopped by the bench once done
-        "selection": {"fraction": args.fraction, "min_clients": per_round if args.fraction < 1 else args.devices,
+        "selection": {"fraction": args.fraction, "min_clients": per_region if args.relays else
+                      per_round if args.fraction < 1 else args.devices,
                       "quorum": args.quorum, "deadline_s": args.deadline / k, "settle_s": args.settle / k,
                       "offline_grace_s": 5.0 / k},
         "training": {"epochs": 1, "batch_size": 10, "lr": args.lr},
@@ -182,22 +189,38 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "evaluate": {"data": "fedge.datasets:mnist", "args": {**({"path": args.data} if args.data else {}),
                                                                "split": "test"}},
         "limits": {"max_devices": max(100000, args.devices), "messages_per_s": 20.0},
+        **({"relays": {"min_relays": args.relays, "margin_s": args.deadline / k / 10,
+                       "root_key": aggregator_key.to_text()}} if args.relays else {}),
         "broker": {"url": agg_url, "reconnect_min_s": 1.0, "reconnect_max_s": 5.0},
     }))
+    # A relay per region, on the node of its devices (its copy of the job's config names that node).
+    relay_cmds = []
+    for g, rid in enumerate(relay_ids):
+        url = device_urls[g % len(device_urls)]
+        relay_toml = tmp / f"relay-{g}.toml"
+        relay_toml.write_text(job_toml.read_text().replace(f'url = "{agg_url}"', f'url = "{url}"'))
+        relay_cmds.append(fedge("--log-level", args.log_level, "relay", "--config", str(relay_toml), "--region",
+                                rid, "--state-dir", str(tmp / f"relay-{g}")))
     # One `fedge simulate` per broker node the devices use (one in all on Mosquitto), each a share of the fleet
     # with its own id prefix; the data shards are split between them.
     sims_args = []
-    n_groups = len(device_urls)
+    n_groups = args.relays or len(device_urls)  # relayed: a region a simulator
     processes = args.processes or os.cpu_count() or 1
-    for g, url in enumerate(device_urls):
+    for g in range(n_groups):
+        url = device_urls[g % len(device_urls)]
         share = args.devices // n_groups + (1 if g < args.devices % n_groups else 0)
+        region = {"region": relay_ids[g]} if args.relays else {}
+        trusted = ({"aggregator_key": relay_keys[relay_ids[g]].public.to_text(),
+                    "root_key": aggregator_key.to_text()} if args.relays else
+                   {"aggregator_key": aggregator_key.to_text()})
         agent_toml = tmp / f"agent-{g}.toml"
         agent_toml.write_text(toml({
             "agent": {"id": f"sim{g}" if n_groups > 1 else "sim", "job": job, "state_dir": str(tmp / f"devices-{g}"),
+                      **region,
                       "model": "fedge.models:mnist_2nn", "resend_after_s": max(5.0, args.resend / k),
                       "model_wait_s": max(5.0, args.model_wait / k)},
             "data": {"factory": "fedge.datasets:mnist", "args": {**data_args, "partition": "iid"}},
-            "identity": {"aggregator_key": aggregator_key.to_text()},
+            "identity": trusted,
             "worker": {"threads": 1},
             "broker": {"url": url, "reconnect_min_s": 1.0, "reconnect_max_s": 10.0, "keepalive_s": 60},
         }))
@@ -205,10 +228,13 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                           "--devices", str(share), "--profile", args.preset, "--time-scale", str(k),
                           "--seed", str(args.seed + g),
                           "--processes", str(max(1, processes // n_groups))])
+    # The devices' keys are enrolled where their messages are checked: with their region's relay, or the root.
+    enrolled_at = [tmp / f"relay-{g}" for g in range(n_groups)] if args.relays else [agg_state] * n_groups
     t = time.monotonic()
     for g, sim_args in enumerate(sims_args):
         subprocess.run(fedge(*sim_args, "--make-keys"), env=env, check=True)
-        subprocess.run(fedge("--log-level", "WARNING", "enroll", "--config", str(job_toml), "--from",
+        subprocess.run(fedge("--log-level", "WARNING", "enroll", "--config", str(job_toml), "--set",
+                             f"job.state_dir={enrolled_at[g]}", "--from",
                              str(tmp / f"devices-{g}" / "fleet-keys.txt")), env=env, check=True,
                        stdout=subprocess.DEVNULL)
     setup_s = time.monotonic() - t
@@ -224,6 +250,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         f"finally:\n    p.disable()\n    p.dump_stats({args.profile_aggregator!r})\n"]
     agg = subprocess.Popen(agg_cmd, env=env,
                            stderr=(logs / "aggregator.log").open("wb"))
+    relays = [subprocess.Popen(cmd, env=env, stderr=(logs / f"relay-{g}.log").open("wb"))
+              for g, cmd in enumerate(relay_cmds)]
     start = time.monotonic()
     watch = ReceiptWatch(agg_url, job, agg.pid)
     sims = [subprocess.Popen(fedge(*sim_args, "--summary", str(tmp / f"sim-{g}.json")), env=env,
@@ -231,6 +259,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             for g, sim_args in enumerate(sims_args)]
     records: list[dict[str, Any]] = []
     cpu_at: list[float | None] = []
+    relay_cpu_at: list[list[float | None]] = []
     rounds_file = agg_state / "rounds.jsonl"
     cpu0 = cpu_seconds(agg.pid) or 0.0
     deadline = start + args.timeout
@@ -247,8 +276,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     break
                 records.append(rec)
                 cpu_at.append(cpu_seconds(agg.pid))
+                relay_cpu_at.append([cpu_seconds(r.pid) for r in relays])
                 rec["_wall_s"] = time.monotonic() - start
-                note(f"round {rec['round']}: {rec['clients']}/{rec['selected']} folded, "
+                devices_in = rec["relayed"] if rec.get("relayed") else {"devices": rec["clients"],
+                                                                        "selected": rec["selected"]}
+                note(f"round {rec['round']}: {devices_in['devices']}/{devices_in['selected']} folded, "
                      f"accuracy {rec.get('accuracy')}, {rec['_wall_s']:.0f} s")
                 if args.target and reached is None and (rec.get("accuracy") or 0) >= args.target:
                     reached = {"round": rec["round"], "wall_s": round(rec["_wall_s"], 2),
@@ -263,8 +295,17 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         broker_peak = sum(peak_rss_mb(pid) or 0 for pid in broker_pids)
         agg_cpu_end = cpu_seconds(agg.pid)
         agg_threads = thread_cpu(agg.pid)
+        relays_peak = [peak_rss_mb(r.pid) for r in relays]
     finally:
         watch.close()
+        for r in relays:
+            if r.poll() is None:
+                r.send_signal(signal.SIGTERM)
+        for r in relays:
+            try:
+                r.wait(30)
+            except subprocess.TimeoutExpired:
+                r.kill()
         if agg.poll() is None:
             agg.send_signal(signal.SIGTERM)
         try:
@@ -292,21 +333,40 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     out_rounds = []
     prev = cpu0
+    prev_relays: float | None = None
     contributed: set[str] = set()
-    for rec, cpu in zip(records, cpu_at, strict=True):
+    for g in range(args.relays):  # a relayed job's devices: in their relays' records
+        for line in (tmp / f"relay-{g}" / "rounds.jsonl").read_text().splitlines() \
+                if (tmp / f"relay-{g}" / "rounds.jsonl").exists() else []:
+            with contextlib.suppress(ValueError):
+                contributed.update(json.loads(line).get("accepted") or [])
+    for rec, cpu, relay_cpu in zip(records, cpu_at, relay_cpu_at, strict=True):
+        relays_now = None if not relay_cpu or None in relay_cpu else sum(c for c in relay_cpu if c is not None)
+        relayed = rec.get("relayed")
         refused = dict(rec.get("rejected") or {})
         if rec.get("declined"):
             refused["declined"] = rec["declined"]
         if rec.get("late"):
             refused["late"] = rec["late"]
-        contributed.update(rec.get("accepted") or [])
+        if relayed is None:
+            contributed.update(rec.get("accepted") or [])
         buffered = rec.get("buffered")
         # A buffered version selects nobody: its updates answer tasks asked in this version or before.
         asked = rec["selected"] if buffered is None else rec["clients"] + sum(refused.values())
+        folded_n = rec["clients"]
+        if relayed is not None:  # the root's record counts relays; its regions, the devices
+            asked, folded_n = relayed["selected"], relayed["devices"]
+            for region in relayed["regions"].values():
+                for why in ("declined", "late", "rejected"):
+                    if region.get(why):
+                        refused[f"{why}_in_regions"] = refused.get(f"{why}_in_regions", 0) + region[why]
         out_rounds.append({
             "round": rec["round"], "attempt": rec.get("attempt"), "status": rec["status"],
-            "closed_by": rec.get("closed_by"), "selected": asked, "folded": rec["clients"],
-            "not_folded": asked - rec["clients"], "refused": refused, "failure": rec.get("failure"),
+            "closed_by": rec.get("closed_by"), "selected": asked, "folded": folded_n,
+            "not_folded": asked - folded_n, "refused": refused, "failure": rec.get("failure"),
+            **({"relays_folded": rec["clients"],
+                "relays_cpu_s": None if relays_now is None or prev_relays is None
+                else round(relays_now - prev_relays, 3)} if relayed is not None else {}),
             **({"buffered": buffered} if buffered is not None else {}),
             "accuracy": rec.get("accuracy"), "seconds": rec.get("seconds"), "wall_s": round(rec["_wall_s"], 2),
             "bytes_up": rec.get("bytes_up"), "bytes_down": rec.get("bytes_down"),
@@ -316,6 +376,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             **window(watch.rounds.get(rec["round"])),
         })
         prev = cpu if cpu is not None else prev
+        prev_relays = relays_now if relays_now is not None else prev_relays
     folded = sum(r["folded"] for r in out_rounds)
     cpu_rounds = [r["aggregator_cpu_s"] for r in out_rounds if r["aggregator_cpu_s"] is not None]
     # Round 1's CPU includes the aggregator's start (imports, the model, the
@@ -331,7 +392,20 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for stage, seconds in (r.get("aggregator_cpu_by_stage_s") or {}).items():
             stages[stage] = stages.get(stage, 0.0) + seconds
     ok = [r for r in out_rounds if r["status"] == "ok"]
+    relayed_summary = {}
+    if args.relays:
+        relay_later = [r["relays_cpu_s"] for r in later if r.get("relays_cpu_s") is not None]
+        relayed_summary = {
+            "relays": args.relays,
+            # The bar: the root's CPU a round, whatever the devices behind its relays.
+            "root_cpu_s_per_round_after_round_1": round(later_cpu / len(later), 4) if later else None,
+            "relays_cpu_ms_per_update_after_round_1": round(1000 * sum(relay_later) / later_folded, 3)
+            if later_folded and relay_later else None,
+            "relays_peak_rss_mb": relays_peak,
+            "every_round_every_region": all(r.get("relays_folded") == args.relays for r in out_rounds),
+        }
     return {
+        **relayed_summary,
         "rounds": out_rounds,
         "rounds_ok": len(ok),
         "rounds_run": len(out_rounds),
@@ -412,6 +486,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer-size", type=int, default=0, help="buffered: updates a version (default: as concurrency)")
     p.add_argument("--max-staleness", type=int, default=10, help="buffered: the stalest update taken, in versions")
     p.add_argument("--staleness", default="polynomial", help="buffered: polynomial, constant or hinge")
+    p.add_argument("--relays", type=int, default=0,
+                   help="a relayed job: this many relays (fedge relay), a region each with its share of the devices "
+                        "and its own simulator, on its devices' node; the aggregator is their root")
     p.add_argument("--broker", default="mosquitto", choices=["mosquitto", "nats3"],
                    help="a private Mosquitto, or a 3-node NATS JetStream cluster with its MQTT gateway (the "
                         "aggregator on node 0, the devices half and half on nodes 1 and 2; no round has opened on it "
@@ -442,6 +519,7 @@ def main() -> None:
              "processes": args.processes or os.cpu_count(),
              "broker": "mosquitto (private, loopback)" if args.broker == "mosquitto" else
              "NATS JetStream cluster of 3 nodes (MQTT gateway, loopback): aggregator on node 0, devices on 1 and 2",
+             "relays": args.relays or None,
              "agent": {"resend_after_fleet_s": args.resend, "model_wait_fleet_s": args.model_wait},
              "trust": "signatures on, default defences"}
     with contextlib.ExitStack() as stack:

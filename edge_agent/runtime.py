@@ -208,6 +208,7 @@ class _Device:
             spec.broker or broker, spec.client_id, inbox.put, subscriptions=subscriptions,
             will=(self.topics.status(spec.client_id), self.presence(self.core.status("offline"))),
         )
+        self.link.qos_of = self.topics.subscription_qos  # retained state at QoS 0 (no session state for it)
 
     # --- signing -------------------------------------------------------------------
 

@@ -445,6 +445,9 @@ class MqttLink:
         # a place that holds its own locks (on_disconnect can be such a place).
         self._lock = threading.RLock()
         self._closing = False
+        # The QoS of each subscription: 1, unless the owner says a topic needs
+        # less (a device's retained state: fedge.topics.JobTopics.subscription_qos).
+        self.qos_of: Callable[[str], int] = lambda topic: 1
         if settings.protocol == "5":
             protocol = paho.MQTTv5
             self.client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
@@ -603,10 +606,11 @@ class MqttLink:
             self._subscribe([topic])
 
     def _subscribe(self, topics: list[str]) -> None:
-        """SUBSCRIBE ``topics`` (QoS 1), remembering which packet asked for
-        them so that a refusal in the SUBACK is told (``_on_subscribe``)."""
+        """SUBSCRIBE ``topics`` (at ``qos_of`` each: QoS 1 unless told),
+        remembering which packet asked for them so that a refusal in the
+        SUBACK is told (``_on_subscribe``)."""
         with self._lock:
-            rc, mid = self.client.subscribe([(t, 1) for t in topics])
+            rc, mid = self.client.subscribe([(t, self.qos_of(t)) for t in topics])
             if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
                 self._subscribing[mid] = list(topics)
 

@@ -128,6 +128,16 @@ class JobTopics:
     def artifact_filter(self, name: str) -> str:
         return f"{self.base}/artifact/{name}/+"
 
+    def subscription_qos(self, topic: str) -> int:
+        """The QoS a device subscribes to ``topic`` (or filter) with: 0 for
+        retained state (announcement, key chain, model and artifact chunks,
+        its own presence), whose latest copy the broker sends again at every
+        subscription and a link subscribes at every connection; 1 for its
+        receipts and invitations, which are not retained. A QoS 1
+        subscription is session state the broker keeps (on NATS's MQTT
+        gateway, a JetStream consumer each); retained state needs none."""
+        return 1 if self.channel(topic) == "ack" else 0
+
     def channel(self, topic: str) -> str:
         """The channel of a topic of this job (``parse``'s first part)."""
         return self.parse(topic)[0]

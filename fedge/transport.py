@@ -57,7 +57,8 @@ Sink = Callable[[LinkEvent], None]
 
 
 class Link(Protocol):
-    """One connection to the broker, as the shells use it (QoS 1 throughout)."""
+    """One connection to the broker, as the shells use it (QoS 1, but for
+    subscriptions ``qos_of`` says need less)."""
 
     name: str
     address: str  # host:port, for log lines
@@ -67,6 +68,7 @@ class Link(Protocol):
     down_since: float | None  # monotonic time since which it has been without a connection; None while connected
     connect_failures: int  # connection attempts that failed
     messages_dropped: int  # given up: the queue kept while disconnected was full
+    qos_of: Callable[[str], int]  # the QoS each subscription asks for (a memory broker has one kind)
 
     @property
     def max_packet_bytes(self) -> int:
@@ -245,6 +247,7 @@ class MemoryLink:
         self.down_since: float | None = None
         self.connect_failures = 0  # a memory broker never refuses
         self.messages_dropped = 0  # nor gives up messages
+        self.qos_of: Callable[[str], int] = lambda topic: 1  # delivers every subscription alike
 
     def start(self) -> None:
         self.connected.set()

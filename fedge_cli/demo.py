@@ -59,6 +59,7 @@ class DemoOptions:
     dropout: float = 0.0  # each selected agent silently drops out of a round with this probability
     mode: str = "synchronous"  # or "buffered" (see buffered_settings)
     profile: str = ""  # a fleet profile: the agents run as a simulated fleet of its devices ("": none)
+    relays: int = 0  # a relayed job: this many relays, the agents split between their regions
 
 
 def buffered_settings(agents: int) -> dict[str, int]:
@@ -114,6 +115,10 @@ def job_config(opts: DemoOptions, broker_url: str, state_dir: Path) -> Aggregato
                       selection={"min_clients": 1})
     elif opts.profile:
         cfg = updated(cfg, selection={"min_clients": max(1, opts.agents // 2), "settle_s": 2.0})
+    if opts.relays:
+        # Each region's round waits for its own agents (the regions differ by one at most).
+        cfg = updated(cfg, relays={"min_relays": opts.relays, "margin_s": 5.0},
+                      selection={"min_clients": max(1, opts.agents // opts.relays)})
     if opts.target_epsilon > 0:
         cfg = updated(cfg, privacy={**DEMO_PRIVACY, "target_epsilon": opts.target_epsilon})
         if not opts.codec:  # int2's rounding makes a clipped update twice as long: the clip would halve it
@@ -126,7 +131,6 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     from edge_agent.pool import TrainingPool
     from edge_agent.runtime import DROPOUT_STAGES, AgentRuntime, DeviceSpec
     from fedge_cli.broker import EmbeddedBroker
-    from fedge_cli.identity import provision
 
     embedded = None
     if opts.broker:
@@ -167,22 +171,30 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     data, _, job = DATASETS[opts.data]
     ids = [f"agent-{i:02d}" for i in range(opts.agents)]
     # Signed as a real fleet is: each agent has its own key, enrolled with the
-    # aggregator, and pins the aggregator's key.
-    aggregator_key, identities = (provision(Path(cfg.job.state_dir), ids, state_dir / "keys")
-                                  if opts.signing == "required" else (None, {}))
+    # aggregator, and pins the aggregator's key. Relayed: each relay's key is
+    # enrolled with the root, each agent's with its region's relay, and an
+    # agent pins its relay's key and the root's (which signs the model).
+    regions = {cid: f"region-{i % opts.relays}" for i, cid in enumerate(ids)} if opts.relays else {}
+    relays, trust = _relay_keys(cfg, opts, ids, regions, state_dir)
+    if relays:
+        cfg = updated(cfg, relays={"root_key": trust["root"].to_text() if trust.get("root") else ""})
     devices = [
         DeviceSpec(
-            client_id=cid, job=job, data=data,
+            client_id=cid, job=job, data=data, region=regions.get(cid, ""),
             data_args={"client": i, "clients": opts.agents, "partition": "dirichlet", "alpha": opts.alpha,
                        "seed": opts.seed},
             state_dir=state_dir / "agents" / cid, downlink=opts.downlink, durable=False,
-            identity=identities.get(cid), aggregator_key=aggregator_key, dropout=opts.dropout,
+            identity=trust.get(cid), aggregator_key=trust.get(f"trusts:{cid}"),
+            root_key=trust.get("root") if relays else None, dropout=opts.dropout,
             # a plain round has one stage to drop out before: the update
             dropout_stages=DROPOUT_STAGES if opts.secure_aggregation else ("update",),
         )
         for i, cid in enumerate(ids)
     ]
     aggregator = AggregatorService(cfg, on_record=on_record)
+    from aggregator.relay import RelayService, relay_config
+
+    relay_services = [RelayService(relay_config(cfg, region, state_dir / region), region) for region in relays]
     broker = BrokerSettings(url=url, protocol=opts.protocol)
     pool = TrainingPool(size=opts.workers, mode="warm", threads=1)
     fleet = simulated(devices, broker, pool, opts) if opts.profile else AgentRuntime(devices, broker, pool)
@@ -199,6 +211,10 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         out.write(f"buffered asynchronous aggregation: {b.concurrency} agents train at once, each update is folded "
                   f"as it arrives (weighed down by its staleness), every {b.buffer_size} updates make a version; "
                   f"fast agents never wait for slow ones\n")
+    if opts.relays:
+        out.write(f"relays: {opts.relays} regions; each region's relay runs the round among its agents and sends the "
+                  f"root one sum; the root steps and signs the model every agent checks (the clients column counts "
+                  f"agents)\n")
     if opts.target_epsilon > 0:
         from aggregator.privacy import DpPolicy, rounds_within
 
@@ -226,7 +242,8 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     table.header()
     started = time.perf_counter()
     threads = [threading.Thread(target=aggregator.run, name="aggregator", daemon=True),
-               threading.Thread(target=fleet.run, name="fleet", daemon=True)]
+               threading.Thread(target=fleet.run, name="fleet", daemon=True),
+               *(threading.Thread(target=r.run, name=f"relay-{r.region}", daemon=True) for r in relay_services)]
     try:
         fleet.start()
         for t in threads:
@@ -239,6 +256,8 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     finally:
         progress.close()
         aggregator.stop()
+        for relay in relay_services:
+            relay.stop()
         fleet.stop()
         for t in threads:
             t.join(timeout=10)
@@ -271,6 +290,30 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     if not finished:
         raise TimeoutError(f"the demo did not finish within {opts.timeout_s:.0f} s")
     return summary
+
+
+def _relay_keys(cfg: AggregatorConfig, opts: DemoOptions, ids: list[str], regions: dict[str, str],
+                state_dir: Path) -> tuple[list[str], dict[str, Any]]:
+    """The regions, and who holds and trusts which key: ``trust[cid]`` is an
+    agent's identity, ``trust["trusts:" + cid]`` the key it pins (the
+    aggregator's, or its relay's), ``trust["root"]`` the root's."""
+    from fedge_cli.identity import provision
+
+    names = sorted(set(regions.values()))
+    if opts.signing != "required":
+        return names, {}
+    keys = state_dir / "keys"
+    root, relay_ids = provision(Path(cfg.job.state_dir), names, keys)
+    trust: dict[str, Any] = {"root": root}
+    for region, identity in relay_ids.items():
+        (state_dir / region).mkdir(parents=True, exist_ok=True)
+        identity.save(state_dir / region / "aggregator.key")
+    for region in names or [""]:
+        members = [cid for cid in ids if regions.get(cid, "") == region]
+        pinned, identities = provision(state_dir / region if region else Path(cfg.job.state_dir), members, keys)
+        trust.update(identities)
+        trust.update({f"trusts:{cid}": pinned for cid in members})
+    return names, trust
 
 
 def simulated(devices: list[Any], broker: BrokerSettings, pool: Any, opts: DemoOptions) -> Any:
@@ -310,7 +353,10 @@ def summarize(records: list[RoundRecord], wall: float, finished: bool,
     private = ("epsilon", "delta", "noise_multiplier", "sampling_rate")
     rounds = [{k: r.get(k) for k in keys} | {"status": r.status}
               | dict(zip(("agents_bytes_sent", "agents_bytes_received"), agent_bytes.get(r.round, (0, 0)), strict=True))
-              | {k: r.extra[k] for k in (*private, "secagg") if k in r.extra} for r in records]
+              | {k: r.extra[k] for k in (*private, "secagg") if k in r.extra}
+              # A relayed job: the agents folded (the root's record counts relays), and the relays.
+              | ({"clients": r.extra["relayed"]["devices"], "relays": r.clients} if "relayed" in r.extra else {})
+              for r in records]
     secs = sorted(r.seconds for r in records) or [0.0]
     accs = [r.accuracy for r in records if r.accuracy is not None]
     return {

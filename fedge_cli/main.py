@@ -133,6 +133,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.mode == "buffered" and (args.secure_aggregation or args.target_epsilon):
         raise UsageError("--mode buffered runs without --secure-aggregation and --target-epsilon (a buffered job "
                          "cannot run them yet); leave them out or use --mode synchronous")
+    if args.relays and (args.mode == "buffered" or args.secure_aggregation or args.target_epsilon):
+        raise UsageError("--relays runs synchronous rounds without --secure-aggregation and --target-epsilon (a "
+                         "relayed job cannot run them yet); leave them out, or leave out --relays")
+    if args.relays < 0 or args.relays > args.agents:
+        raise UsageError(f"--relays {args.relays}: give 1 to --agents ({args.agents}) relays, a region each, or 0")
     if args.mode == "buffered" and args.agents < 4:
         raise UsageError("--mode buffered needs --agents 4 or more: half of them train at once, and a version "
                          "takes the updates of a quarter (at least two)")
@@ -150,6 +155,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         codec=_codec_arg(args.codec), seed=args.seed, alpha=args.alpha, workers=args.workers, json_path=args.json,
         state_dir=args.state_dir, signing=args.signing, target_epsilon=args.target_epsilon or 0.0,
         secure_aggregation=args.secure_aggregation, dropout=args.dropout, mode=args.mode, profile=profile,
+        relays=args.relays,
     )
     try:
         check_split(opts)
@@ -423,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the agents as a simulated fleet with this profile's devices, links and sessions (lab, "
                         "home-wifi, cellular-mixed or a TOML file; default: none, or home-wifi with --mode "
                         "buffered); '' for none")
+    d.add_argument("--relays", type=int, default=0, metavar="N",
+                   help="a relayed job: N relays (fedge relay), the agents split between their regions; each relay "
+                        "runs its region's round and sends the root one sum (default 0: no relays)")
     d.set_defaults(func=cmd_demo, default_level="WARNING")
 
     for name, func, helptext in (

@@ -49,6 +49,9 @@ class RoundTable:
         loss = "-" if r.loss is None else f"{r.loss:.4f}"
         up, down = measured if measured is not None else (r.bytes_up, r.bytes_down)
         clients = str(r.clients) if self.buffered else f"{r.clients}/{r.selected}"
+        relayed = r.extra.get("relayed")
+        if isinstance(relayed, dict):  # a relayed job's root counts relays; its regions count the devices
+            clients = f"{relayed.get('devices', 0)}/{relayed.get('selected', 0)}"
         self.out.write(
             f"{r.round:>7} {clients:>8} {acc:>9} {loss:>8} "
             f"{up / 1024:>9.1f} {down / 1024:>9.1f} {r.seconds:>8.3f}"

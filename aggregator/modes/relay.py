@@ -146,7 +146,8 @@ class RelayRounds(SynchronousRounds):
                 and self._chosen(ann)):
             c.roster.known.update(restored.get("selected", []))
             return self.announce(now, tuple(restored.get("selected", ())), int(restored.get("attempt", 0)) + 1)
-        return self.try_open(now)
+        # Settling (selection.settle_s) is for presence arriving in a burst at the start, not before every round.
+        return self.try_open(now, settle=not c.history)
 
     _sent_attempt = -1  # the root attempt the kept answer was last sent for
 

@@ -47,6 +47,21 @@ def test_demo_against_an_external_broker_over_mqtt5(mosquitto, tmp_path, cli_env
     assert len(json.loads(out.read_text())["rounds"]) == 3
 
 
+def test_a_relayed_demo_folds_every_agent_through_its_regions_relay(mosquitto, tmp_path, cli_env):
+    out = tmp_path / "d.json"
+    proc = run(cli_env, "demo", "--broker", mosquitto.url, "--agents", "5", "--relays", "2", "--rounds", "3",
+               "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "relays: 2 regions" in proc.stdout
+    rounds = json.loads(out.read_text())["rounds"]
+    assert [(r["clients"], r["relays"], r["status"]) for r in rounds] == [(5, 2, "ok")] * 3
+    # What a relayed job cannot run yet, or a relay count that makes no regions: one line and exit 2.
+    for bad in (["--relays", "2", "--mode", "buffered"], ["--relays", "2", "--secure-aggregation"],
+                ["--relays", "6", "--agents", "5"]):
+        proc = run(cli_env, "demo", *bad)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (bad, proc.stderr)
+
+
 def test_demo_stops_quietly_when_its_reader_goes_away(cli_env):
     # `fedge demo | head -3`: the demo must end, not hang or print a traceback.
     proc = subprocess.Popen(fedge_cmd("demo", "--agents", "3", "--rounds", "200"), env=cli_env,

@@ -19,7 +19,7 @@ from .support import broker_settings, devices, job_config, running_aggregator, r
 
 pytestmark = pytest.mark.integration
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
-USERS = ["aggregator", "dev-0", "dev-1", "observer"]
+USERS = ["aggregator", "dev-0", "dev-1", "observer", "east", "west"]  # east, west: relays
 
 
 def make_pki(d: Path) -> None:
@@ -95,7 +95,7 @@ def test_a_job_runs_over_tls_with_passwords_and_acls_and_devices_stay_in_their_l
         time.sleep(0.5)
         impostor.loop_stop()
         counters = dict(service.core.counters)
-    assert [r["clients"] for r in records] == [2, 2, 2]
+    assert [r["clients"] for r in records] == [2, 2, 2], records
     assert not any(k.startswith("chunk_") for k in counters), counters  # the forged chunk never arrived
     assert got == [], "a device read receipts or updates that are not its own"
     # The retained key model is still the aggregator's.
@@ -145,3 +145,39 @@ def test_wrong_credentials_and_unknown_cas_are_refused(secure_broker):
     ok.start()
     assert ok.wait_connected(5)
     ok.stop()
+
+
+def test_the_shipped_acl_confines_each_relay_to_its_region_and_each_device_to_its_own_topics(secure_broker):
+    broker, pki, _ = secure_broker
+    east, west = JobTopics("j", "east"), JobTopics("j", "west")
+
+    def client(user: str, subscribe: list[str]) -> tuple[paho.Client, list[tuple[str, bytes]]]:
+        got: list[tuple[str, bytes]] = []
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"acl-{user}")
+        c.username_pw_set(user, f"pw-{user}")
+        c.tls_set(ca_certs=str(pki / "ca.crt"))
+        c.on_message = lambda cl, u, m: got.append((m.topic, m.payload))
+        c.connect("127.0.0.1", broker.port)
+        for topic in subscribe:
+            c.subscribe(topic, qos=1)
+        c.loop_start()
+        return c, got
+
+    relay_east, heard_east = client("east", [east.update_filter, east.round])
+    relay_west, heard_west = client("west", [west.round])
+    device, _ = client("dev-0", [])
+    time.sleep(0.5)  # the subscriptions are in
+    for c, topic, payload in (
+        (relay_east, east.round, b"east's announcement"),  # its own region: allowed
+        (relay_east, west.round, b"east in west"),  # another region: refused
+        (device, east.round, b"a device's announcement"),  # a device announces nothing
+        (device, east.update("dev-0"), b"dev-0's update"),  # its own update, to its region: allowed
+        (device, east.update("dev-1"), b"dev-0 as dev-1"),  # another device's: refused
+    ):
+        c.publish(topic, payload, qos=1).wait_for_publish(5)
+    wait_for(lambda: (east.update("dev-0"), b"dev-0's update") in heard_east, 10, "the device's update")
+    time.sleep(0.5)
+    for c in (relay_east, relay_west, device):
+        c.loop_stop()
+    assert sorted(heard_east) == [(east.round, b"east's announcement"), (east.update("dev-0"), b"dev-0's update")]
+    assert heard_west == []
