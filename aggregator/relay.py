@@ -51,8 +51,9 @@ log = logging.getLogger("fedge.aggregator")
 
 def relay_config(cfg: AggregatorConfig, region: str, state_dir: Path | str) -> AggregatorConfig:
     """The config a relay runs its region by: the root's job, with the
-    relay's state directory and key, no evaluation, export or metrics of
-    its own (the root has them), and ``selection`` for the region's devices."""
+    relay's state directory and key, no evaluation or export of its own
+    (the root's), and ``selection`` for the region's devices. Its metrics
+    are as the config says (give a relay beside the root a port of its own)."""
     try:
         check_id(region, "region")
     except ValueError as exc:
@@ -75,7 +76,6 @@ def relay_config(cfg: AggregatorConfig, region: str, state_dir: Path | str) -> A
         identity=dataclasses.replace(cfg.identity, key_file=""),
         evaluate=dataclasses.replace(cfg.evaluate, data=""),
         onnx=dataclasses.replace(cfg.onnx, every=0),
-        metrics=dataclasses.replace(cfg.metrics, enabled=False),
     )
 
 

@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import REPO, NatsCluster, PrivateMosquitto, emit, machine, note
+from bench._common import MQTT_FLEET_SETTINGS, REPO, NatsCluster, PrivateMosquitto, emit, machine, note
 from fedge_cli.simulate import merge
 
 CODECS = {"default": {"name": "int2", "params": {"lossless": "zlib"}}, "float32": {"name": "none", "params": {}}}
@@ -151,7 +151,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     if args.broker == "nats3":
-        nats = NatsCluster(3, keep=tmp / "nats" if args.keep else None)
+        streams = f"  stream_replicas: {args.nats_stream_replicas}\n" if args.nats_stream_replicas else ""
+        nats = NatsCluster(3, keep=tmp / "nats" if args.keep else None, mqtt=MQTT_FLEET_SETTINGS + streams)
         # the aggregator on the first node; the devices, half and half, on the other two
         agg_url, device_urls, broker_pids, close_broker = nats.urls[0], nats.urls[1:], [p.pid for p in nats.procs], \
             nats.close
@@ -489,6 +490,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--relays", type=int, default=0,
                    help="a relayed job: this many relays (fedge relay), a region each with its share of the devices "
                         "and its own simulator, on its devices' node; the aggregator is their root")
+    p.add_argument("--nats-stream-replicas", type=int, default=0, metavar="N",
+                   help="nats3: the MQTT gateway's streams (sessions, retained and QoS 1 messages) on N nodes "
+                        "(mqtt.stream_replicas; default 0: NATS's own, 3 on three nodes)")
     p.add_argument("--broker", default="mosquitto", choices=["mosquitto", "nats3"],
                    help="a private Mosquitto, or a 3-node NATS JetStream cluster with its MQTT gateway (the "
                         "aggregator on node 0, the devices half and half on nodes 1 and 2; no round has opened on it "
@@ -520,6 +524,9 @@ def main() -> None:
              "broker": "mosquitto (private, loopback)" if args.broker == "mosquitto" else
              "NATS JetStream cluster of 3 nodes (MQTT gateway, loopback): aggregator on node 0, devices on 1 and 2",
              "relays": args.relays or None,
+             **({"nats_mqtt_settings": MQTT_FLEET_SETTINGS.split() + (
+                 [f"stream_replicas: {args.nats_stream_replicas}"] if args.nats_stream_replicas else [])}
+                if args.broker == "nats3" else {}),
              "agent": {"resend_after_fleet_s": args.resend, "model_wait_fleet_s": args.model_wait},
              "trust": "signatures on, default defences"}
     with contextlib.ExitStack() as stack:

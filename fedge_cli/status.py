@@ -44,17 +44,19 @@ def aggregator_key(text: str | None, cfg: Any) -> Any:
         return None  # not the aggregator's host, or not readable by this user
 
 
-def collect(cfg: Any, key: Any, wait_s: float, quiet_s: float = 0.7) -> dict[str, Any]:
+def collect(cfg: Any, key: Any, wait_s: float, quiet_s: float = 0.7, region: str = "") -> dict[str, Any]:
     """Read the retained messages until ``quiet_s`` pass without one (or
     ``wait_s`` in all): ``{"devices": {id: row}, "aggregator": state,
-    "skipped": n, "unverified": n}``."""
+    "skipped": n, "unverified": n}``. ``region``: a relayed job's region,
+    as its relay sees it (without it: the root's view, whose members are
+    relays)."""
     from fedge import wire
     from fedge.identity import IdentityError, check_signed
     from fedge.messages import AGGREGATOR, DeviceRecord, ProtocolError, RoundAnnouncement, Status, device_info
     from fedge.mqtt import Inbound, LinkUp, MqttLink
     from fedge.topics import JobTopics
 
-    topics = JobTopics(cfg.job.name)
+    topics = JobTopics(cfg.job.name, region)
     inbox: queue.Queue[object] = queue.Queue()
     # It gives up with one line of its own, naming why (the link's last_error), rather than log retries.
     link = MqttLink(cfg.broker, f"fedge-status-{id(inbox):x}", inbox.put,
@@ -196,6 +198,7 @@ def print_table(view: dict[str, Any], out: Any = sys.stdout) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from aggregator.config import AggregatorConfig
     from fedge import config
+    from fedge.topics import check_id
     from fedge_cli.main import UsageError
 
     if not args.wait > 0:
@@ -206,7 +209,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     except FedgeError as exc:
         raise UsageError(f"--aggregator-key: {exc}") from None
     try:
-        view = collect(cfg, key, args.wait)
+        view = collect(cfg, key, args.wait, region=check_id(args.region, "--region") if args.region else "")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     except ConnectionError as exc:
         raise UsageError(f"{exc} ([broker] in {args.config or 'the defaults'})") from None
     if args.json:
@@ -224,6 +229,9 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--aggregator-key", default=None, metavar="KEY",
                    help="the aggregator's public key (ed25519:... or a file) to verify its device records; "
                         "default: the job's key file, when readable here")
+    s.add_argument("--region", default="", metavar="NAME",
+                   help="a relayed job's region: its devices, as its relay sees them (give --aggregator-key the "
+                        "relay's key, or --set job.state_dir=<the relay's state dir>); default: the root's view")
     s.add_argument("--wait", type=float, default=5.0, help="read retained messages for at most this long (s)")
     s.add_argument("--json", action="store_true", help="print JSON for scripts")
     s.set_defaults(func=cmd_status, default_level="WARNING")

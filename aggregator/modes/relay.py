@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedge.aggregator")
 
+RECEIPTS = ("accepted", "duplicate", "late", "rejected")  # what the root's receipt for a sum may say
+
 
 @dataclasses.dataclass
 class Sent:
@@ -158,6 +160,9 @@ class RelayRounds(SynchronousRounds):
     def _root_receipt(self, ack: Ack) -> list[Action]:
         c = self.core
         sent = self.sent
+        if ack.status not in RECEIPTS:
+            c.counters["root_malformed"] += 1
+            return []
         if sent is None or ack.client != self.relay or ack.round != sent.round or ack.update_id != sent.id:
             c.counters["root_stray_receipt"] += 1
             return []

@@ -13,6 +13,7 @@ relays (``fedge relay``) and their regions' devices, signed end to end.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import signal
 import subprocess
@@ -158,6 +159,16 @@ def test_a_root_and_relays_sigkilled_at_random_moments_count_every_regions_sum_o
     assert log[-1]["accuracy"] > 0.6
     attempts = [r["attempt"] for g in regions for r in read_log(tree.relay_state(g))] + [r["attempt"] for r in log]
     assert max(attempts) > 1, "some round was re-opened after a crash"
+    # `fedge status`: the root's view has its relays, a region's its devices (records signed by its relay).
+    views = {}
+    east = ["--region", "east", "--set", f"job.state_dir={tree.relay_state('east')}"]
+    for region, extra in (("", []), ("east", east)):
+        proc = subprocess.run(fedge_cmd("status", "--config", str(conf), "--json", "--wait", "3", *extra),
+                              env=cli_env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        views[region] = json.loads(proc.stdout)
+    assert sorted(views[""]["devices"]) == ["east", "west"]
+    assert sorted(views["east"]["devices"]) == ["east-0", "east-1", "east-2"] and views["east"]["unverified"] == 0
 
 
 @pytest.fixture

@@ -98,8 +98,8 @@ def test_a_relayed_round_folds_each_regions_sum_once_and_every_device_trains_the
     regions = {"north": 3, "south": 2}
     cfg = signed_tree(tmp_path, regions) if signed else relayed(tmp_path)
     with tree(cfg, broker, tmp_path, regions) as (root, relays, fleet):
-        wait_for(root.done.is_set, timeout=60)
-        wait_for(lambda: all(r.done.is_set() for r in relays.values()), timeout=20)
+        wait_for(root.done.is_set, timeout=180)
+        wait_for(lambda: all(r.done.is_set() for r in relays.values()), timeout=60)
         history = root.core.history
         assert [r.round for r in history] == [1, 2]
         for record in history:
@@ -142,11 +142,7 @@ def _cores(regions: tuple[str, ...] = ("north", "south")):
     from .builders import PLAIN, make_core
 
     root = make_core(defences=PLAIN, tree="root", min_clients=len(regions), fraction=1.0, quorum=1.0)
-    relays = {}
-    for name in regions:
-        relays[name] = make_core(defences=PLAIN, min_clients=1)
-        relays[name].relay_region(name)
-    return root, relays
+    return root, {name: make_relay(name) for name in regions}
 
 
 def _to_relay(relay, actions, now=1.0):
@@ -251,7 +247,7 @@ def test_a_region_sum_is_folded_once_whatever_attempt_sent_it_and_a_late_one_is_
 def test_a_restarted_root_gets_the_kept_sum_again_and_a_restarted_relay_resends_it_from_its_checkpoint():
     from aggregator.rounds import ClientStatus, MessageArrived
 
-    from .builders import acks, delta_for, make_core
+    from .builders import acks, delta_for
 
     root, relays = _cores(("north",))
     out = root.handle(ClientStatus("north", True, {"role": "relay"}, 0.0))
@@ -264,10 +260,7 @@ def test_a_restarted_root_gets_the_kept_sum_again_and_a_restarted_relay_resends_
     (save,) = [a for a in answer_out if isinstance(a, SaveCheckpoint)]
     at = answer_out.index(save)
     assert answer_out.index(next(a for a in answer_out if a.__class__.__name__ == "SendToRoot")) == at + 1
-    from .builders import PLAIN
-
-    reborn = make_core(defences=PLAIN, min_clients=1)
-    reborn.relay_region("north")
+    reborn = make_relay("north")
     reborn.restore(save.arrays, save.meta, None)
     started = reborn.start(5.0)
     assert not _sent(started) and reborn.open is None  # it waits for the root
@@ -321,3 +314,69 @@ def test_a_regions_device_channels_live_under_it_and_the_model_channels_stay_the
     assert north.parse("fedge/v1/j/region/south/round") == ("", None)
     assert north.parse("fedge/v1/j/round") == ("", None)
     assert job.parse("fedge/v1/j/region/north/round") == ("", None)
+
+
+def test_a_region_that_counts_nothing_declines_a_relay_left_behind_abandons_and_the_roots_end_is_the_relays():
+    from aggregator.rounds import ClientStatus, MessageArrived, TimerFired
+    from fedge import wire
+    from fedge.wire import Kind
+
+    from .builders import online
+
+    root, relays = _cores()
+    out = []
+    for name in relays:
+        out += root.handle(ClientStatus(name, True, {"role": "relay"}, 0.0))
+    north, south = relays["north"], relays["south"]
+    # The north's one device never answers: at its deadline the region declines the root's round.
+    online(north, "a")
+    _to_relay(north, out)
+    assert north.open is not None
+    declined = _sent(north.handle(TimerFired(1000.0)))
+    assert [wire.decode(m).kind for m in declined] == [Kind.DECLINE]
+    assert north.history[-1].status == "failed"
+    root.handle(MessageArrived("north", declined[0], 1000.0))
+    assert root.counters["declined"] == 1 and "north" in root.open.declined
+    # The south is still gathering round 1 when the root, at its deadline, moves on: it abandons round 1.
+    online(south, "d")
+    _to_relay(south, out)
+    assert south.open is not None and south.open.round == 1
+    moved_on = root.handle(TimerFired(2000.0))
+    assert root.history[-1].status == "failed" and root.next_round == 2
+    _to_relay(south, moved_on, now=2000.0)
+    assert south.counters["region_abandoned"] == 1 and south.open is not None and south.open.round == 2
+    # The root's job ends (its announcement says done): so do its relays', an open region round abandoned.
+    from aggregator.events import PublishAnnouncement, RoundState
+
+    done = [PublishAnnouncement(root.announcement(RoundState.DONE, (), 2001.0))]
+    _to_relay(south, done, now=2001.0)
+    _to_relay(north, done, now=2001.0)
+    assert south.state == "done" and north.state == "done" and south.open is None
+
+
+def test_a_relay_not_asked_by_the_roots_round_waits_and_a_receipt_it_cannot_read_is_counted():
+    from aggregator.events import FromRoot
+    from aggregator.rounds import ClientStatus
+    from fedge import wire
+    from fedge.messages import Ack
+
+    from .builders import online
+
+    root, _ = _cores(("north", "south"))
+    out = root.handle(ClientStatus("north", True, {"role": "relay"}, 0.0))
+    out += root.handle(ClientStatus("south", True, {"role": "relay"}, 0.0))
+    late = make_relay("west")
+    online(late, "w1")
+    _to_relay(late, out)
+    assert late.open is None and late.state == "waiting"  # the root's round asked north and south only
+    bogus = Ack(root.job, 1, 1, "west", "1.1", "maybe")
+    assert late.handle(FromRoot(wire.decode(bogus.encode()), 1.0)) == []
+    assert late.counters["root_malformed"] == 1
+
+
+def make_relay(name: str):
+    from .builders import PLAIN, make_core
+
+    core = make_core(defences=PLAIN, min_clients=1)
+    core.relay_region(name)
+    return core
