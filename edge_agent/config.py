@@ -148,10 +148,16 @@ class AgentConfig:
             check_id(self.agent.job, "agent.job")
             if self.agent.role == "inference":
                 check_id(self.inference.artifact, "inference.artifact")
+            if self.agent.region:
+                check_id(self.agent.region, "agent.region")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         check_choice(self.agent.role, ROLES, "agent.role")
         self.identity.check()
+        if self.agent.region and self.identity.signing == "required" and not self.identity.root_key:
+            raise ConfigError("agent.region is set but identity.root_key is empty: a relayed job's model is signed "
+                              "by the root; copy the key the root logs at its start (identity.aggregator_key is "
+                              "the region's relay's)")
         self.metrics.check()
         check_choice(self.agent.downlink, DOWNLINKS, "agent.downlink")
         if self.worker.python and not shutil.which(self.worker.python):

@@ -291,6 +291,21 @@ def test_user_mistakes_get_one_clear_line_and_exit_2(tmp_path, cli_env, monkeypa
                     "compute.sped is not a known key")
     _one_line_error(run(cli_env, "simulate", "--devices", "3", "--time-scale", "0"), "--time-scale 0")
     _one_line_error(run(cli_env, "simulate", "--devices", "3", "--profile", "lunar"), "lunar")
+    # A relayed job's mistakes: a device of a region with no root key to check the model; a relay for a job with
+    # no relays, or without the root's key to believe it by; a root whose rule cannot be summed over regions.
+    no_root = tmp_path / "region.toml"
+    no_root.write_text(f"[agent]\nregion = 'east'\n[identity]\naggregator_key = '{KEY}'\n")
+    _one_line_error(run(cli_env, "agent", "--config", str(no_root)), "identity.root_key is empty")
+    relay_job = tmp_path / "relayed.toml"
+    relay_job.write_text("[relays]\nmin_relays = 0\n")
+    _one_line_error(run(cli_env, "relay", "--config", str(relay_job), "--region", "east", "--state-dir",
+                        str(tmp_path / "r")), "relays.min_relays = 0")
+    relay_job.write_text("[relays]\nmin_relays = 2\n")
+    _one_line_error(run(cli_env, "relay", "--config", str(relay_job), "--region", "east", "--state-dir",
+                        str(tmp_path / "r")), "relays.root_key is empty")
+    relay_job.write_text("[relays]\nmin_relays = 2\n[server]\naggregation = 'median'\n[selection]\n"
+                         "max_clients = 10\n")
+    _one_line_error(run(cli_env, "aggregator", "--config", str(relay_job)), "server.aggregation = \"mean\"")
     deadline = tmp_path / "deadline.toml"
     deadline.write_text("[selection]\ndeadline_s = -5\n")
     _one_line_error(run(cli_env, "aggregator", "--config", str(deadline)),
