@@ -217,7 +217,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         agent_toml = tmp / f"agent-{g}.toml"
         agent_toml.write_text(toml({
             "agent": {"id": f"sim{g}" if n_groups > 1 else "sim", "job": job, "state_dir": str(tmp / f"devices-{g}"),
-                      **region,
+                      **region, "receipts_qos": args.receipts_qos,
                       "model": "fedge.models:mnist_2nn", "resend_after_s": max(5.0, args.resend / k),
                       "model_wait_s": max(5.0, args.model_wait / k)},
             "data": {"factory": "fedge.datasets:mnist", "args": {**data_args, "partition": "iid"}},
@@ -490,6 +490,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--relays", type=int, default=0,
                    help="a relayed job: this many relays (fedge relay), a region each with its share of the devices "
                         "and its own simulator, on its devices' node; the aggregator is their root")
+    p.add_argument("--receipts-qos", type=int, default=1, choices=[0, 1],
+                   help="agent.receipts_qos: 0 leaves a device no QoS 1 subscription (none a JetStream consumer)")
     p.add_argument("--nats-stream-replicas", type=int, default=0, metavar="N",
                    help="nats3: the MQTT gateway's streams (sessions, retained and QoS 1 messages) on N nodes "
                         "(mqtt.stream_replicas; default 0: NATS's own, 3 on three nodes)")
@@ -523,7 +525,7 @@ def main() -> None:
              "processes": args.processes or os.cpu_count(),
              "broker": "mosquitto (private, loopback)" if args.broker == "mosquitto" else
              "NATS JetStream cluster of 3 nodes (MQTT gateway, loopback): aggregator on node 0, devices on 1 and 2",
-             "relays": args.relays or None,
+             "relays": args.relays or None, "receipts_qos": args.receipts_qos,
              **({"nats_mqtt_settings": MQTT_FLEET_SETTINGS.split() + (
                  [f"stream_replicas: {args.nats_stream_replicas}"] if args.nats_stream_replicas else [])}
                 if args.broker == "nats3" else {}),

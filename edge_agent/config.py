@@ -19,6 +19,7 @@ from fedge.config import (
     POSITIVE,
     BrokerSettings,
     ConfigError,
+    Range,
     at_least,
     check_ranges,
     section,
@@ -53,6 +54,11 @@ class AgentSection:
         "on_demand", "on_demand: fetch the model only when selected (fewest bytes); follow: keep every model."
     )
     resend_after_s: float = setting(20.0, "Resend an update not acknowledged after this long (doubling).", POSITIVE)
+    receipts_qos: int = setting(
+        1, "QoS of the device's subscription to its receipts and invitations (its one QoS 1 subscription; "
+        "retained state is QoS 0). 0 on a broker where a QoS 1 subscription is costly (NATS's MQTT gateway makes "
+        "each a JetStream consumer): a receipt missed while away is made up by sending the update again "
+        "(agent.resend_after_s), an invitation by the aggregator's when the device is back.", Range(0, 1))
     model_wait_s: float = setting(
         30.0, "Selected but lacking the announced model, with no model bytes arriving for this long (up to a "
         "quarter more, by device, so that a fleet does not fetch in step): fetch the key and delta again, and "

@@ -112,6 +112,7 @@ class DeviceSpec:
     # root's key, which signs the model (aggregator_key is then the relay's).
     region: str = ""
     root_key: PublicKey | None = None
+    receipts_qos: int = 1  # agent.receipts_qos
     # Simulation only (the demo, tests, benchmarks): in each round, with this
     # probability, the device goes silent at one of ``dropout_stages``
     # (chosen at random) and sends nothing more for that round.
@@ -208,7 +209,8 @@ class _Device:
             spec.broker or broker, spec.client_id, inbox.put, subscriptions=subscriptions,
             will=(self.topics.status(spec.client_id), self.presence(self.core.status("offline"))),
         )
-        self.link.qos_of = self.topics.subscription_qos  # retained state at QoS 0 (no session state for it)
+        # Retained state at QoS 0 (no session state for it); receipts at agent.receipts_qos.
+        self.link.qos_of = lambda topic: min(self.topics.subscription_qos(topic), spec.receipts_qos)
 
     # --- signing -------------------------------------------------------------------
 

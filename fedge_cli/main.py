@@ -216,7 +216,8 @@ def _devices(cfg: Any, count: int | None) -> list[Any]:
     # device's StateDir checks its own directory again).
     writable_dir(cfg.agent.state_dir, "agent.state_dir")
     base = cfg.client_id()
-    common = dict(job=cfg.agent.job, region=cfg.agent.region, data=cfg.data.factory, accepted_model=cfg.agent.model,
+    common = dict(job=cfg.agent.job, region=cfg.agent.region, receipts_qos=cfg.agent.receipts_qos,
+                  data=cfg.data.factory, accepted_model=cfg.agent.model,
                   max_model_bytes=cfg.agent.max_model_bytes, resend_after_s=cfg.agent.resend_after_s,
                   role=cfg.agent.role, artifact=cfg.inference.artifact, threads=cfg.inference.threads,
                   downlink=cfg.agent.downlink, model_wait_s=cfg.agent.model_wait_s)

@@ -260,7 +260,8 @@ def _run_part(args: argparse.Namespace, cfg: Any, profile: Any, processes: int) 
         aggregator_key = read_public_key(cfg.identity.aggregator_key) if signing else None
         root_key = read_public_key(cfg.identity.root_key) if signing and cfg.identity.root_key else None
         specs = [
-            DeviceSpec(client_id=ids[k], job=cfg.agent.job, region=cfg.agent.region, data=cfg.data.factory,
+            DeviceSpec(client_id=ids[k], job=cfg.agent.job, region=cfg.agent.region,
+                       receipts_qos=cfg.agent.receipts_qos, data=cfg.data.factory,
                        data_args={**cfg.data.args, "client": k, "clients": n}, state_dir=root / ids[k],
                        accepted_model=cfg.agent.model, max_model_bytes=cfg.agent.max_model_bytes,
                        resend_after_s=cfg.agent.resend_after_s, downlink=cfg.agent.downlink,

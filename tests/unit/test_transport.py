@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from fedge.config import BrokerSettings
 from fedge.transport import Inbound, LinkDown, LinkUp, MemoryBroker, topic_matches
 
 
@@ -86,3 +87,23 @@ def test_unsubscribing_stops_delivery_and_chunked_publishes_split_below_the_pack
     assert len(inbound(events)) == len(parts)
     with pytest.raises(ValueError):
         pub.publish("job/+/x", b"")
+
+
+def test_a_device_asks_qos_1_only_for_its_receipts_and_none_with_receipts_qos_0(tmp_path):
+    # Retained state comes again with every subscription: QoS 0 keeps it out of the broker's session state
+    # (on NATS's MQTT gateway, a JetStream consumer for every QoS 1 subscription).
+    from edge_agent.runtime import DeviceSpec, _Device
+    from fedge.mqtt import Inbox
+    from fedge.topics import JobTopics
+
+    topics = JobTopics("j", "east")
+    wanted = (topics.round, topics.keys, topics.ack("pi"), topics.status("pi"), topics.key_filter,
+              topics.delta_filter, topics.artifact_filter("m"))
+    asked = {t: topics.subscription_qos(t) for t in wanted}
+    assert [t for t, q in asked.items() if q == 1] == [topics.ack("pi")]
+    broker = MemoryBroker()
+    for receipts_qos in (1, 0):
+        spec = DeviceSpec(client_id="pi", job="j", region="east", data="fedge.datasets:digits", data_args={},
+                          state_dir=tmp_path / f"pi{receipts_qos}", receipts_qos=receipts_qos)
+        dev = _Device(spec, BrokerSettings(), Inbox(), broker.link)
+        assert dev.link.qos_of(topics.ack("pi")) == receipts_qos and dev.link.qos_of(topics.round) == 0
