@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from aggregator.config import AggregatorConfig
 from aggregator.events import FromRoot, PublishDelta, PublishModel, SendToRoot
@@ -35,18 +36,22 @@ from aggregator.policy import RoundPolicy
 from aggregator.reporting import RecordHook
 from aggregator.rounds import Action, RoundCore
 from aggregator.selection import RELAY
-from aggregator.service import AggregatorService, build_core
+from aggregator.service import AggregatorService, _own_loop, build_core
 from fedge import wire
 from fedge.config import ConfigError
 from fedge.identity import IdentityError, PublicKey, check_signed, read_public_key
 from fedge.logs import fields
 from fedge.messages import Status
-from fedge.mqtt import Inbound, LinkUp
+from fedge.mqtt import Inbound, LinkUp, monotonic
 from fedge.topics import JobTopics, check_id
 from fedge.transport import LinkFactory
 from fedge.wire import WireError
 
 log = logging.getLogger("fedge.aggregator")
+
+# A relay waiting on its root that has heard nothing from it for this long
+# subscribes to the root's announcement again (its retained copy comes back).
+ROOT_REFRESH_S = 30.0
 
 
 def relay_config(cfg: AggregatorConfig, region: str, state_dir: Path | str) -> AggregatorConfig:
@@ -90,7 +95,19 @@ class RelayService(AggregatorService):
         self.root_key: PublicKey | None = (read_public_key(cfg.relays.root_key) if cfg.relays.root_key
                                            and cfg.identity.signing == "required" else None)
         self.margin_s = cfg.relays.margin_s
-        super().__init__(cfg, on_record, link_factory)
+        self._root_heard = monotonic()  # when the root last said anything (see _turn)
+        loop = None
+        if link_factory is None:
+            loop, link_factory = _own_loop()
+        made = link_factory
+
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            link = made(*args, **kwargs)
+            link.qos_of = self._subscription_qos
+            return link
+
+        super().__init__(cfg, on_record, factory)
+        self.loop = loop
         log.info("relay %s of job %s: region channels %s/, root key %s", region, cfg.job.name, self.topics.site,
                  "not checked (identity.signing = \"off\")" if self.root_key is None else self.root_key.fingerprint,
                  extra=fields(device=region))
@@ -123,6 +140,24 @@ class RelayService(AggregatorService):
         """Gone, as the root sees it (a relay's last will)."""
         return self.root_topics.status(self.region), self._relay_presence("offline")
 
+    def _subscription_qos(self, topic: str) -> int:
+        """The announcements (the root's, and its own it watches) are
+        retained state, at QoS 0: sent again at every subscription, and on
+        NATS's gateway no JetStream consumer that can stall. Updates,
+        presence and receipts stay QoS 1."""
+        return 0 if topic in (self.root_topics.round, self.topics.round) else 1
+
+    def _turn(self) -> None:
+        super()._turn()
+        now = monotonic()
+        if self.core.open is None and now - self._root_heard > ROOT_REFRESH_S and self.link.connected.is_set():
+            # Waiting on the root, and nothing heard from it for a while: its
+            # announcement may have been lost on the way (a broker node under
+            # load); subscribing again brings the retained copy.
+            self._root_heard = now
+            self._feed_incident("root_refreshed")
+            self.link.subscribe(self.root_topics.round)
+
     def _relay_presence(self, state: str) -> bytes:
         # Numbered (signed presence: the root refuses an older one replayed).
         return self.keys.seal(Status(self.region, state, {"role": RELAY}, int(time.time() * 1000)).encode())
@@ -140,6 +175,7 @@ class RelayService(AggregatorService):
 
     def _from_root(self, payload: bytes, now: float) -> None:
         """The root's announcement or receipt, believed when signed with its key."""
+        self._root_heard = now
         if not payload:
             return  # a retained announcement cleared: the root publishes it again
         try:
@@ -156,7 +192,6 @@ class RelayService(AggregatorService):
 
     def _feed_incident(self, reason: str) -> None:
         from aggregator.events import Incident
-        from fedge.mqtt import monotonic
 
         self._feed(Incident(reason, None, monotonic()))
 

@@ -380,3 +380,43 @@ def make_relay(name: str):
     core = make_core(defences=PLAIN, min_clients=1)
     core.relay_region(name)
     return core
+
+
+def test_a_relay_that_missed_the_roots_announcement_asks_for_it_again(tmp_path, monkeypatch):
+    # On a broker node under load, a message can fail to reach a subscriber. A relay waiting on the root's
+    # round would wait for the root's deadline; it subscribes again after ROOT_REFRESH_S of silence and the
+    # retained announcement comes back.
+    from aggregator import relay as relay_module
+    from fedge.transport import Inbound
+
+    monkeypatch.setattr(relay_module, "ROOT_REFRESH_S", 1.0)
+    broker = MemoryBroker()
+    cfg = relayed(tmp_path, relays=1, rounds=2, deadline_s=120.0)
+    dropped: list[str] = []
+
+    def lossy(settings, client_id, sink, **kw):
+        def deaf_once(event):
+            if (client_id.startswith("fedge-relay") and isinstance(event, Inbound) and not dropped
+                    and event.topic.endswith(f"{SHELL_JOB}/round") and b"open" in event.payload):
+                dropped.append(event.topic)  # the root's first open round never arrives
+                return
+            sink(event)
+        return broker.link(settings, client_id, deaf_once, **kw)
+
+    root = AggregatorService(cfg, link_factory=broker.link)
+    north = RelayService(relay_config(cfg, "north", tmp_path / "relay-north"), "north", link_factory=lossy)
+    pool = TrainingPool(size=1, mode="warm", threads=1)
+    fleet = AgentRuntime(region_devices(tmp_path, {"north": 2}), cfg.broker, pool, link_factory=broker.link)
+    fleet.start()
+    threads = [_thread(s.run) for s in (root, north, fleet)]
+    try:
+        wait_for(root.done.is_set, timeout=60)  # well before the root's 120 s deadline
+    finally:
+        for s in (root, north, fleet):
+            s.stop()
+        for t in threads:
+            t.join(10)
+        fleet.close()
+        pool.close()
+    assert dropped and north.core.counters["root_refreshed"] >= 1
+    assert [r.extra["relayed"]["devices"] for r in root.core.history] == [2, 2]
