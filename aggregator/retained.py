@@ -21,6 +21,9 @@ log = logging.getLogger("fedge.aggregator")
 PUBLISHED_FILE = "published.json"  # chunks each retained message took, so a shorter one clears the rest
 ANNOUNCEMENTS_KEPT = 8
 REPAIR_EVERY_S = 5.0
+# A job waiting for devices that has heard no presence for this long reads
+# the retained presence again (doubling each time, up to the second).
+PRESENCE_REFRESH_S = (30.0, 900.0)
 
 
 class Retained:
@@ -29,6 +32,8 @@ class Retained:
         self.announced: list[bytes] = []  # the last announcements published, newest last
         self.seen = False  # our own came back: what arrives from then on is the broker's copy
         self.repaired_at = -60.0
+        self.presence_at = 0.0  # when a presence last arrived (the shell sets it)
+        self._presence_wait = PRESENCE_REFRESH_S[0]
 
     def chunked(self, what: str, topic_for: Callable[[int], str], message: bytes | None) -> None:
         """Publish ``message`` retained as chunks (or clear it, for None), and
@@ -67,3 +72,23 @@ class Retained:
             return False
         self.repaired_at = now
         return True
+
+    def refresh_presence(self, now: float, awaits_devices: bool) -> bool:
+        """Subscribe to the devices' presence again when the job waits for
+        devices and none has been heard for a while: a presence a broker
+        failed to deliver (a clustered broker's node under load, a stalled
+        subscription) would otherwise keep a job waiting for good. The
+        retained copies come back with the subscription. Returns whether it
+        did."""
+        if not awaits_devices:
+            self._presence_wait = PRESENCE_REFRESH_S[0]
+            return False
+        if now - self.presence_at < self._presence_wait or not self.link.connected.is_set():
+            return False
+        log.info("waiting for devices and no presence heard for %.0f s: reading the retained presence again",
+                 now - self.presence_at)
+        self.presence_at = now
+        self._presence_wait = min(2 * self._presence_wait, PRESENCE_REFRESH_S[1])
+        self.link.subscribe(self.topics.status_filter)
+        return True
+

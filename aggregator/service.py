@@ -163,8 +163,7 @@ class AggregatorService:
             incident=lambda reason: self._feed(Incident(reason, None, monotonic())),
             contained=lambda exc, item: self._contained(exc, item, monotonic()), recorded=self._recorded)
 
-    def job_topics(self, cfg: AggregatorConfig) -> JobTopics:
-        """The channels this aggregator serves (a relay's: its region's)."""
+    def job_topics(self, cfg: AggregatorConfig) -> JobTopics:  # a relay's: its region's
         return JobTopics(cfg.job.name)
 
     def make_core(self, cfg: AggregatorConfig) -> RoundCore:
@@ -292,6 +291,8 @@ class AggregatorService:
         self.updates.expire(now)
         for client, payload in self.enrollment.poll(self.core.roster.online, now):
             self._presence(client, payload, now)
+        if self.retained.refresh_presence(now, self.core.mode.awaits_devices()):
+            self._feed(Incident("presence_refreshed", None, now))
         self._later_events()
         self._feed(TimerFired(now))
         if self.core.state == "done":  # however it ended (its last round, or a budget)
@@ -365,9 +366,8 @@ class AggregatorService:
             self._update_chunk(client, item.payload, now)
 
     def _update_chunk(self, client: str, payload: bytes, now: float) -> None:
-        """A chunk of a device's update (or decline, or secure-aggregation
-        message): charged to its rate, reassembled, its signature checked
-        and, once whole, fed."""
+        """A chunk of a device's update (or decline, or secure-aggregation message):
+        charged to its rate, reassembled, its signature checked and, once whole, fed."""
         if self._limited(self.limits.chunk_bytes, client, "update bytes", now, cost=len(payload)):
             return
         try:
@@ -397,11 +397,11 @@ class AggregatorService:
         self.enrollment.verified = None
 
     def _presence(self, client: str, payload: bytes, now: float) -> None:
-        """A device's presence: believed, charged to its rate (after the
-        signature is checked: an outsider's forgeries cost only its own
-        refusals) and fed."""
+        """A device's presence: believed, charged to its rate (after the signature
+        is checked: an outsider's forgeries cost only its own refusals), fed."""
         event = self.enrollment.presence(client, payload, now, self.core.roster.online,
                                          lambda reason: self._feed(Incident(reason, client, now)), self.limits.log)
+        self.retained.presence_at = now
         if event is not None and not self._limited(self.limits.presence, client, "presence", now):
             self._feed(event)
             self.fleet.presence(client, event.online, event.info, time.time())

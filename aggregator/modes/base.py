@@ -65,6 +65,12 @@ class RoundMode:
         """What the mode adds to a closed round's record (``extra``)."""
         return {}
 
+    def awaits_devices(self) -> bool:
+        """Whether the job waits for devices to come online (a round, or a
+        version, that cannot open for too few)."""
+        c = self.core
+        return c.life.phase in (Phase.WAITING, Phase.SETTLING) and c.next_round <= c.policy.rounds
+
     @property
     def model_digest(self) -> str:
         """The model devices train from (a relay's: its root's)."""

@@ -153,6 +153,13 @@ class RelayRounds(SynchronousRounds):
 
     _sent_attempt = -1  # the root attempt the kept answer was last sent for
 
+    def awaits_devices(self) -> bool:
+        """Only while the root's round waits for this region's answer."""
+        root, sent, c = self.root, self.sent, self.core
+        return (super().awaits_devices() and root is not None and root.state == "open"
+                and root.round == c.next_round and self._chosen(root)
+                and not (sent is not None and sent.round >= c.next_round))
+
     def _chosen(self, ann: RoundAnnouncement) -> bool:
         """Whether the root's round asks this relay (listed, or too many to list)."""
         return self.relay in ann.selected or ann.by_invitation
