@@ -152,6 +152,7 @@ class RelayRounds(SynchronousRounds):
         return self.try_open(now, settle=not c.history)
 
     _sent_attempt = -1  # the root attempt the kept answer was last sent for
+    root_waited = 0  # the round whose wait for the root was announced
 
     def awaits_devices(self) -> bool:
         """Only while the root's round waits for this region's answer."""
@@ -215,9 +216,10 @@ class RelayRounds(SynchronousRounds):
         if c.life.phase not in (Phase.WAITING, Phase.SETTLING):
             return []
         c.life.too_few()
-        if self.waiting_announced == c.next_round or self.root is None:
+        # Its own marker: the round's wait for devices, once the root opens it, is logged and announced too.
+        if self.root_waited == c.next_round or self.root is None:
             return []
-        self.waiting_announced = c.next_round
+        self.root_waited = c.next_round
         return [PublishAnnouncement(c.announcement(RoundState.WAITING, (), now))]
 
     # --- closing: a sum for the root, not a model -------------------------------------
