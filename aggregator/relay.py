@@ -28,7 +28,6 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 from aggregator.config import AggregatorConfig
 from aggregator.events import FromRoot, PublishDelta, PublishModel, SendToRoot
@@ -36,7 +35,7 @@ from aggregator.policy import RoundPolicy
 from aggregator.reporting import RecordHook
 from aggregator.rounds import Action, RoundCore
 from aggregator.selection import RELAY
-from aggregator.service import AggregatorService, _own_loop, build_core
+from aggregator.service import AggregatorService, build_core
 from fedge import wire
 from fedge.config import ConfigError
 from fedge.identity import IdentityError, PublicKey, check_signed, read_public_key
@@ -96,18 +95,7 @@ class RelayService(AggregatorService):
                                            and cfg.identity.signing == "required" else None)
         self.margin_s = cfg.relays.margin_s
         self._root_heard = monotonic()  # when the root last said anything (see _turn)
-        loop = None
-        if link_factory is None:
-            loop, link_factory = _own_loop()
-        made = link_factory
-
-        def factory(*args: Any, **kwargs: Any) -> Any:
-            link = made(*args, **kwargs)
-            link.qos_of = self._subscription_qos
-            return link
-
-        super().__init__(cfg, on_record, factory)
-        self.loop = loop
+        super().__init__(cfg, on_record, link_factory)
         log.info("relay %s of job %s: region channels %s/, root key %s", region, cfg.job.name, self.topics.site,
                  "not checked (identity.signing = \"off\")" if self.root_key is None else self.root_key.fingerprint,
                  extra=fields(device=region))
@@ -140,12 +128,11 @@ class RelayService(AggregatorService):
         """Gone, as the root sees it (a relay's last will)."""
         return self.root_topics.status(self.region), self._relay_presence("offline")
 
-    def _subscription_qos(self, topic: str) -> int:
-        """The announcements (the root's, and its own it watches) are
-        retained state, at QoS 0: sent again at every subscription, and on
-        NATS's gateway no JetStream consumer that can stall. Updates,
-        presence and receipts stay QoS 1."""
-        return 0 if topic in (self.root_topics.round, self.topics.round) else 1
+    def subscription_qos(self, topic: str) -> int:
+        """The root's announcement is retained state, at QoS 0 as the
+        aggregator's own (sent again at every subscription; on NATS's
+        gateway no JetStream consumer that can stall); its receipts QoS 1."""
+        return 0 if topic == self.root_topics.round else super().subscription_qos(topic)
 
     def _turn(self) -> None:
         super()._turn()
@@ -156,6 +143,7 @@ class RelayService(AggregatorService):
             # load); subscribing again brings the retained copy.
             self._root_heard = now
             self._feed_incident("root_refreshed")
+            self.link.unsubscribe(self.root_topics.round)  # a broker may take the same subscription again as a no-op
             self.link.subscribe(self.root_topics.round)
 
     def _relay_presence(self, state: str) -> bytes:

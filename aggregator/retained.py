@@ -89,6 +89,8 @@ class Retained:
                  now - self.presence_at)
         self.presence_at = now
         self._presence_wait = min(2 * self._presence_wait, PRESENCE_REFRESH_S[1])
+        # Anew: a broker may take the same subscription again as a no-op (NATS's gateway, found at 10,000 devices).
+        self.link.unsubscribe(self.topics.status_filter)
         self.link.subscribe(self.topics.status_filter)
         return True
 

@@ -176,13 +176,11 @@ class AggregatorService:
         self.updates = Reassembler(
             max_bytes=cfg.limits.reassembly_bytes, max_message_bytes=cfg.limits.max_update_bytes,
             max_partials_per_stream=2, timeout_s=cfg.limits.reassembly_timeout_s,
-            check_ids=False,  # RoundCore verifies the envelope's sha256
-        )
+            check_ids=False)  # RoundCore verifies the envelope's sha256
         self.traffic = Traffic()  # MQTT payload bytes by direction and channel
-        link = link_factory(
-            cfg.broker, self.client_id(cfg), self.inbox.put, subscriptions=self.subscriptions(),
-            will=self.goodbye(), name="aggregator",
-        )
+        link = link_factory(cfg.broker, self.client_id(cfg), self.inbox.put, subscriptions=self.subscriptions(),
+                            will=self.goodbye(), name="aggregator")
+        link.qos_of = self.subscription_qos
         self.link = CountingLink(link, self.traffic, self.topics.channel)
 
     def client_id(self, cfg: AggregatorConfig) -> str:
@@ -190,6 +188,9 @@ class AggregatorService:
 
     def subscriptions(self) -> list[str]:  # its own announcement too: see _watch_announcement
         return [self.topics.update_filter, self.topics.status_filter, self.topics.round]
+
+    def subscription_qos(self, topic: str) -> int:  # updates QoS 1; presence and its announcement: retained state
+        return 1 if topic == self.topics.update_filter else 0
 
     def goodbye(self) -> tuple[str, bytes]:
         """Its presence once gone: its last will, and its last message."""
@@ -275,9 +276,8 @@ class AggregatorService:
         return 0
 
     def _turn(self) -> None:
-        """One turn of the loop: the next message (or none, by the core's
-        next deadline), what it raised, the registry, the timer, and what is
-        published periodically."""
+        """One turn of the loop: the next message (or none, by the core's next deadline),
+        what it raised, the registry, the timer, and what is published periodically."""
         deadline = self.core.next_deadline()
         wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - monotonic()))
         item = self.inbox.get(timeout=wait)
