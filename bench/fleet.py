@@ -526,7 +526,7 @@ def main() -> None:
              "broker": "mosquitto (private, loopback)" if args.broker == "mosquitto" else
              "NATS JetStream cluster of 3 nodes (MQTT gateway, loopback): aggregator on node 0, devices on 1 and 2",
              "relays": args.relays or None, "receipts_qos": args.receipts_qos,
-             **({"nats_mqtt_settings": MQTT_FLEET_SETTINGS.split() + (
+             **({"nats_mqtt_settings": [line.strip() for line in MQTT_FLEET_SETTINGS.splitlines() if line.strip()] + (
                  [f"stream_replicas: {args.nats_stream_replicas}"] if args.nats_stream_replicas else [])}
                 if args.broker == "nats3" else {}),
              "agent": {"resend_after_fleet_s": args.resend, "model_wait_fleet_s": args.model_wait},
