@@ -121,6 +121,15 @@ class RelayRounds(SynchronousRounds):
         if ann.job != c.job:
             c.counters["root_malformed"] += 1
             return []
+        if self._older(ann):
+            # A replay (signed by the root, but of a round it has left), or a
+            # root restarted from older state: its model is not the one trained now.
+            c.counters["root_stale"] += 1
+            log.warning("ignored the root's announcement of round %d (attempt %d): older than round %d (attempt %d), "
+                        "taken already", ann.round, ann.attempt, *self._newest, extra=fields(reason="root_stale"))
+            return []
+        if ann.state == "open":
+            self._newest = (ann.round, ann.attempt)
         self.root = ann
         self.digest, self.key = ann.model_digest, (ann.key_digest, ann.key_round)
         sent = self.sent
@@ -152,6 +161,16 @@ class RelayRounds(SynchronousRounds):
         return self.try_open(now, settle=not c.history)
 
     _sent_attempt = -1  # the root attempt the kept answer was last sent for
+    _newest = (0, 0)  # the newest open round of the root taken: (round, attempt)
+
+    def _older(self, ann: RoundAnnouncement) -> bool:
+        """An announcement of a round before the newest open one taken, or an
+        earlier attempt of it. (A waiting or done announcement names the
+        next round with the last attempt: only its round is compared.)"""
+        newest_round, newest_attempt = self._newest
+        if ann.round != newest_round:
+            return ann.round < newest_round
+        return ann.state == "open" and ann.attempt < newest_attempt
     root_waited = 0  # the round whose wait for the root was announced
 
     def awaits_devices(self) -> bool:

@@ -457,3 +457,24 @@ def test_a_region_that_missed_a_devices_presence_reads_the_retained_presence_aga
         pool.close()
     assert dropped and north.core.counters["presence_refreshed"] >= 1
     assert root.core.history[-1].extra["relayed"]["devices"] == 2
+
+
+def test_a_replayed_older_announcement_of_the_root_changes_nothing_in_the_region():
+    from aggregator.events import FromRoot
+    from aggregator.rounds import ClientStatus, MessageArrived, TimerFired
+    from fedge import wire
+
+    from .builders import announcement, delta_for
+
+    root, relays = _cores(("north",))
+    north = relays["north"]
+    first = root.handle(ClientStatus("north", True, {"role": "relay"}, 0.0))
+    old = announcement(first)
+    (msg,) = _sent(_region_round(first, north, ["a"], [(delta_for("a"), 10)]))
+    closed = root.handle(MessageArrived("north", msg, 2.0)) + root.handle(TimerFired(2.1))
+    _to_relay(north, closed, now=3.0)
+    assert north.open is not None and north.open.round == 2 and north.model_digest == root.model_digest
+    # Round 1's announcement again (signed by the root, so believed, but old): ignored, the model kept.
+    assert north.handle(FromRoot(wire.decode(old.encode()), 4.0)) == []
+    assert north.counters["root_stale"] == 1 and north.model_digest == root.model_digest
+    assert north.open is not None and north.open.round == 2
