@@ -110,6 +110,8 @@ class RelayRounds(SynchronousRounds):
                 return self._root_round(RoundAnnouncement.parse(env), event.now)
             if env.kind == Kind.ACK:
                 return self._root_receipt(Ack.parse(env))
+            if env.kind == Kind.INVITE:
+                return []  # a root of more relays than it lists: its announcement says so (_chosen)
             raise ProtocolError("kind", f"a {env.kind.name} message on the root's channels")
         except (WireError, ProtocolError) as exc:
             c.counters["root_malformed"] += 1
