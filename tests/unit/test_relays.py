@@ -369,6 +369,12 @@ def test_a_relay_not_asked_by_the_roots_round_waits_and_a_receipt_it_cannot_read
     bogus = Ack(root.job, 1, 1, "west", "1.1", "maybe")
     assert late.handle(FromRoot(wire.decode(bogus.encode()), 1.0)) == []
     assert late.counters["root_malformed"] == 1
+    # A root of more relays than it lists invites each: nothing malformed about it.
+    from fedge.messages import Invite
+
+    invite = Invite(root.job, 1, 1, "west", root.model_digest)
+    assert late.handle(FromRoot(wire.decode(invite.encode()), 1.0)) == []
+    assert late.counters["root_malformed"] == 1
 
 
 def make_relay(name: str):
