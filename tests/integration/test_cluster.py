@@ -127,12 +127,13 @@ def _reaped(procs: dict[str, subprocess.Popen]):
 
 def test_a_root_and_relays_sigkilled_at_random_moments_count_every_regions_sum_once(mosquitto, tmp_path, cli_env):
     regions = {"east": 3, "west": 3}
-    tree = Tree(tmp_path, regions, rounds=12)
+    # Enough rounds that the kills, each after a new round is logged, all land before the job's end.
+    tree = Tree(tmp_path, regions, rounds=16)
     conf = tree.config("job", [mosquitto.url])
     cmds = {"root": tree.root_cmd(conf), **{g: tree.relay_cmd(conf, g) for g in regions}}
     procs: dict[str, subprocess.Popen] = {}
     rng = random.Random(5)
-    victims = ["east", "root", "west", "root", "east"]  # each role at least once
+    victims = ["east", "root", "west"]  # each role once
     kills: list[str] = []
     with running_fleet(tree.devices({g: [mosquitto.url] for g in regions}), broker_settings(mosquitto.url)), \
             _reaped(procs):
@@ -145,7 +146,7 @@ def test_a_root_and_relays_sigkilled_at_random_moments_count_every_regions_sum_o
                      "the root's progress")
             if procs["root"].poll() is not None:
                 break  # the job ended before the last kill
-            time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(rng.uniform(0.0, 0.3))  # within the round under way (rounds here take about 0.3 s)
             victim = victims[len(kills)]
             procs[victim].send_signal(signal.SIGKILL)
             procs[victim].wait()
@@ -154,7 +155,7 @@ def test_a_root_and_relays_sigkilled_at_random_moments_count_every_regions_sum_o
         assert procs["root"].wait(180) == 0
         for g in regions:
             assert procs[g].wait(60) == 0, f"relay {g} did not end with the job"
-    assert "root" in kills and len(kills) >= 3, kills
+    assert kills == victims, kills
     log = tree.check_counted_once()
     assert log[-1]["accuracy"] > 0.6
     attempts = [r["attempt"] for g in regions for r in read_log(tree.relay_state(g))] + [r["attempt"] for r in log]
