@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from aggregator.config import AggregatorConfig
-from aggregator.events import FromRoot, PublishDelta, PublishModel, SendToRoot
+from aggregator.events import FromRoot, Incident, PublishDelta, PublishModel, SendToRoot
 from aggregator.policy import RoundPolicy
 from aggregator.reporting import RecordHook
 from aggregator.rounds import Action, RoundCore
@@ -179,8 +179,6 @@ class RelayService(AggregatorService):
         self._feed(FromRoot(env, now))
 
     def _feed_incident(self, reason: str) -> None:
-        from aggregator.events import Incident
-
         self._feed(Incident(reason, None, monotonic()))
 
     def _execute(self, actions: list[Action]) -> None:

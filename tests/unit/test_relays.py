@@ -385,63 +385,21 @@ def make_relay(name: str):
     return core
 
 
-def test_a_relay_that_missed_the_roots_announcement_asks_for_it_again(tmp_path, monkeypatch):
-    # On a broker node under load, a message can fail to reach a subscriber. A relay waiting on the root's
-    # round would wait for the root's deadline; it subscribes again after ROOT_REFRESH_S of silence and the
-    # retained announcement comes back.
-    from aggregator import relay as relay_module
+def _with_one_lost_message(tmp_path: Path, cfg: AggregatorConfig, lost) -> tuple[AggregatorService, RelayService,
+                                                                                  list[str]]:
+    """A job of one relay (north, two devices) whose relay never gets the
+    first message ``lost(topic, payload)`` picks; run to its end (60 s at
+    most). Returns the root, the relay and the topic of what was lost."""
     from fedge.transport import Inbound
 
-    monkeypatch.setattr(relay_module, "ROOT_REFRESH_S", 1.0)
     broker = MemoryBroker()
-    cfg = relayed(tmp_path, relays=1, rounds=2, deadline_s=120.0)
     dropped: list[str] = []
 
     def lossy(settings, client_id, sink, **kw):
         def deaf_once(event):
             if (client_id.startswith("fedge-relay") and isinstance(event, Inbound) and not dropped
-                    and event.topic.endswith(f"{SHELL_JOB}/round") and b"open" in event.payload):
-                dropped.append(event.topic)  # the root's first open round never arrives
-                return
-            sink(event)
-        return broker.link(settings, client_id, deaf_once, **kw)
-
-    root = AggregatorService(cfg, link_factory=broker.link)
-    north = RelayService(relay_config(cfg, "north", tmp_path / "relay-north"), "north", link_factory=lossy)
-    pool = TrainingPool(size=1, mode="warm", threads=1)
-    fleet = AgentRuntime(region_devices(tmp_path, {"north": 2}), cfg.broker, pool, link_factory=broker.link)
-    fleet.start()
-    threads = [_thread(s.run) for s in (root, north, fleet)]
-    try:
-        wait_for(root.done.is_set, timeout=60)  # well before the root's 120 s deadline
-    finally:
-        for s in (root, north, fleet):
-            s.stop()
-        for t in threads:
-            t.join(10)
-        fleet.close()
-        pool.close()
-    assert dropped and north.core.counters["root_refreshed"] >= 1
-    assert [r.extra["relayed"]["devices"] for r in root.core.history] == [2, 2]
-
-
-def test_a_region_that_missed_a_devices_presence_reads_the_retained_presence_again(tmp_path, monkeypatch):
-    # Found at 10,000 devices on a NATS cluster: the broker held every device of three regions online, and
-    # their relays waited for devices for good. A job waiting for devices, with no presence heard for a
-    # while, subscribes to the presence again and the retained copies come back.
-    from aggregator import retained
-    from fedge.transport import Inbound
-
-    monkeypatch.setattr(retained, "PRESENCE_REFRESH_S", (1.0, 4.0))
-    broker = MemoryBroker()
-    cfg = relayed(tmp_path, relays=1, rounds=1, min_clients=2)
-    dropped: list[str] = []
-
-    def lossy(settings, client_id, sink, **kw):
-        def deaf_once(event):
-            if (client_id.startswith("fedge-relay") and isinstance(event, Inbound) and not dropped
-                    and event.topic.endswith("/status/dev-1")):
-                dropped.append(event.topic)  # dev-1's presence never reaches the relay
+                    and lost(event.topic, event.payload)):
+                dropped.append(event.topic)
                 return
             sink(event)
         return broker.link(settings, client_id, deaf_once, **kw)
@@ -461,6 +419,33 @@ def test_a_region_that_missed_a_devices_presence_reads_the_retained_presence_aga
             t.join(10)
         fleet.close()
         pool.close()
+    return root, north, dropped
+
+
+def test_a_relay_that_missed_the_roots_announcement_asks_for_it_again(tmp_path, monkeypatch):
+    # On a broker node under load, a message can fail to reach a subscriber. A relay waiting on the root's
+    # round would wait for the root's deadline; it subscribes again after ROOT_REFRESH_S of silence and the
+    # retained announcement comes back.
+    from aggregator import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "ROOT_REFRESH_S", 1.0)
+    cfg = relayed(tmp_path, relays=1, rounds=2, deadline_s=120.0)  # the job ends well before this deadline
+    root, north, dropped = _with_one_lost_message(  # the root's first open round never arrives
+        tmp_path, cfg, lambda topic, payload: topic.endswith(f"{SHELL_JOB}/round") and b"open" in payload)
+    assert dropped and north.core.counters["root_refreshed"] >= 1
+    assert [r.extra["relayed"]["devices"] for r in root.core.history] == [2, 2]
+
+
+def test_a_region_that_missed_a_devices_presence_reads_the_retained_presence_again(tmp_path, monkeypatch):
+    # Found at 10,000 devices on a NATS cluster: the broker held every device of three regions online, and
+    # their relays waited for devices for good. A job waiting for devices, with no presence heard for a
+    # while, subscribes to the presence again and the retained copies come back.
+    from aggregator import retained
+
+    monkeypatch.setattr(retained, "PRESENCE_REFRESH_S", (1.0, 4.0))
+    cfg = relayed(tmp_path, relays=1, rounds=1, min_clients=2)
+    root, north, dropped = _with_one_lost_message(  # dev-1's presence never reaches the relay
+        tmp_path, cfg, lambda topic, payload: topic.endswith("/status/dev-1"))
     assert dropped and north.core.counters["presence_refreshed"] >= 1
     assert root.core.history[-1].extra["relayed"]["devices"] == 2
 
